@@ -1,0 +1,1 @@
+//! IPU image service: pull, verify, decrypt, unpack and build the rootfs.

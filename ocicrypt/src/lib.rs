@@ -1,0 +1,1 @@
+//! OCI layer encryption, compatible with Go ocicrypt. See the crate README.
