@@ -1,1 +1,125 @@
-//! OCI layer encryption, compatible with Go ocicrypt. See the crate README.
+//! OCI image layer encryption, byte-compatible with Go ocicrypt (skopeo, containerd imgcrypt).
+//!
+//! An encrypted layer has the plain media type plus `+encrypted`, the same size as its
+//! plaintext, and two annotations: `org.opencontainers.image.enc.keys.jwe` (the private options,
+//! wrapped to each recipient as JWE) and `org.opencontainers.image.enc.pubopts` (cipher name and
+//! the HMAC of the ciphertext). See `README.md` for the format.
+//!
+//! The rule this crate enforces in its types: [`LayerDecryptor`] hands out plaintext that is not
+//! yet authenticated; only [`LayerDecryptor::finish`] returns an [`AuthenticatedLayer`], after
+//! the HMAC over the whole ciphertext and the plaintext digest were checked. Callers keep the
+//! plaintext private until they hold that proof.
+
+mod cipher;
+mod hw;
+pub mod jwe;
+pub mod keys;
+mod options;
+
+use std::collections::BTreeMap;
+
+pub use cipher::{decrypt_layer, AuthenticatedLayer, LayerDecryptor, LayerEncryptor, StaleDigest};
+pub use hw::{hardware_acceleration, HwAccel};
+pub use options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
+
+pub(crate) use hw::log_hardware_once;
+
+pub const ANNOTATION_KEYS_JWE: &str = "org.opencontainers.image.enc.keys.jwe";
+pub const ANNOTATION_PUBOPTS: &str = "org.opencontainers.image.enc.pubopts";
+pub const ANNOTATION_KEYS_PROVIDER_PREFIX: &str = "org.opencontainers.image.enc.keys.provider.";
+
+const ENCRYPTED_SUFFIX: &str = "+encrypted";
+
+/// Layer annotations.
+pub type Annotations = BTreeMap<String, String>;
+
+pub fn is_encrypted_media_type(mt: &str) -> bool {
+    mt.ends_with(ENCRYPTED_SUFFIX)
+}
+
+pub fn encrypted_media_type(mt: &str) -> String {
+    format!("{mt}{ENCRYPTED_SUFFIX}")
+}
+
+pub fn decrypted_media_type(mt: &str) -> Option<&str> {
+    mt.strip_suffix(ENCRYPTED_SUFFIX)
+}
+
+/// Recipients to encrypt layer keys to.
+#[derive(Clone, Debug)]
+pub struct EncryptConfig {
+    recipients: Vec<keys::PublicKey>,
+}
+
+impl EncryptConfig {
+    pub fn new(recipients: Vec<keys::PublicKey>) -> Self {
+        Self { recipients }
+    }
+
+    pub fn recipients(&self) -> &[keys::PublicKey] {
+        &self.recipients
+    }
+}
+
+/// Private keys that may unwrap layer keys.
+#[derive(Debug)]
+pub struct DecryptConfig {
+    keys: Vec<keys::PrivateKey>,
+}
+
+impl DecryptConfig {
+    pub fn new(keys: Vec<keys::PrivateKey>) -> Self {
+        Self { keys }
+    }
+
+    pub fn keys(&self) -> &[keys::PrivateKey] {
+        &self.keys
+    }
+}
+
+/// What kind of failure an [`Error`] is, for callers that map errors to outcomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// No configured key opens the layer.
+    NoKey,
+    /// Authentication failed: HMAC, plaintext digest, JWE tag, truncation.
+    Integrity,
+    /// Annotations or JWE are not well formed.
+    Malformed,
+    /// A well-formed input that uses something we do not implement.
+    Unsupported,
+    /// Reading or writing the stream failed.
+    Io,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no usable decryption key: {0}")]
+    NoKey(String),
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    #[error("malformed JWE: {0}")]
+    MalformedJwe(String),
+    #[error("malformed encryption annotations: {0}")]
+    MalformedAnnotations(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("bad key: {0}")]
+    Key(String),
+    #[error("layer stream: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+impl Error {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::NoKey(_) => ErrorClass::NoKey,
+            Error::Integrity(_) => ErrorClass::Integrity,
+            Error::MalformedJwe(_) | Error::MalformedAnnotations(_) | Error::Key(_) => {
+                ErrorClass::Malformed
+            }
+            Error::Unsupported(_) => ErrorClass::Unsupported,
+            Error::Io(_) => ErrorClass::Io,
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The AES_256_CTR_HMAC_SHA256 layer cipher as streams.
+//!
+//! AES-256-CTR with a 128-bit big-endian counter starting at the 16-byte nonce; HMAC-SHA256
+//! keyed with the same symmetric key over the whole ciphertext. Decryption also hashes the
+//! plaintext, which must match the digest in the private options.
+
+use std::io::{self, Read, Write};
+
+use aes::cipher::{KeyIvInit, StreamCipher};
+use hmac::{Hmac, Mac};
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
+use crate::{jwe, Annotations, DecryptConfig, EncryptConfig, Error};
+
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+type HmacSha256 = Hmac<Sha256>;
+
+/// Chunk size: small enough that a chunk stays in L1/L2 between the CTR pass and the two
+/// SHA-256 passes over it.
+const CHUNK: usize = 64 * 1024;
+
+/// Proof that a layer's ciphertext HMAC and plaintext digest were checked over the whole
+/// stream. Only [`LayerDecryptor::finish`] makes one; callers require it before publishing
+/// anything built from the plaintext.
+#[derive(Debug)]
+pub struct AuthenticatedLayer {
+    plaintext_digest: String,
+    plaintext_size: u64,
+}
+
+impl AuthenticatedLayer {
+    /// `sha256:<hex>` of the plaintext (the layer's digest before encryption).
+    pub fn plaintext_digest(&self) -> &str {
+        &self.plaintext_digest
+    }
+
+    pub fn plaintext_size(&self) -> u64 {
+        self.plaintext_size
+    }
+}
+
+/// Streaming decryption. `Read` yields plaintext that is **not yet authenticated**.
+pub struct LayerDecryptor<R> {
+    inner: R,
+    ctr: Aes256Ctr,
+    mac: HmacSha256,
+    plain_hash: Sha256,
+    expected_hmac: Vec<u8>,
+    expected_digest: String,
+    plaintext_size: u64,
+}
+
+/// Starts decrypting a layer: unwraps the private options from the layer's annotations with
+/// the configured keys and checks the public options name our cipher.
+pub fn decrypt_layer<R: Read>(
+    ciphertext: R,
+    annotations: &Annotations,
+    dc: &DecryptConfig,
+) -> Result<LayerDecryptor<R>, Error> {
+    crate::log_hardware_once();
+    let pubopts = PublicLayerOptions::from_annotations(annotations)?;
+    let jwe_annotation = annotations.get(crate::ANNOTATION_KEYS_JWE).ok_or_else(|| {
+        let providers: Vec<&str> = annotations
+            .keys()
+            .filter_map(|k| k.strip_prefix(crate::ANNOTATION_KEYS_PROVIDER_PREFIX))
+            .collect();
+        if providers.is_empty() {
+            Error::MalformedAnnotations(format!(
+                "layer has no {} annotation (no wrapped key at all)",
+                crate::ANNOTATION_KEYS_JWE
+            ))
+        } else {
+            Error::Unsupported(format!(
+                "layer keys are wrapped only by key provider(s) {} (not supported yet)",
+                providers.join(", ")
+            ))
+        }
+    })?;
+    let opts_json = jwe::unwrap(jwe_annotation, dc.keys())?;
+    let privopts = PrivateLayerOptions::from_json(&opts_json)?;
+    LayerDecryptor::with_options(ciphertext, &pubopts, &privopts)
+}
+
+impl<R: Read> LayerDecryptor<R> {
+    /// Starts decrypting with options obtained elsewhere (e.g. from a key broker).
+    pub fn with_options(
+        inner: R,
+        pubopts: &PublicLayerOptions,
+        privopts: &PrivateLayerOptions,
+    ) -> Result<Self, Error> {
+        if pubopts.cipher != CIPHER_NAME {
+            return Err(Error::Unsupported(format!(
+                "layer cipher {:?} (only {CIPHER_NAME})",
+                pubopts.cipher
+            )));
+        }
+        let ctr = Aes256Ctr::new(privopts.symkey().into(), privopts.nonce().into());
+        let mac = <HmacSha256 as Mac>::new_from_slice(privopts.symkey()).expect("any key size");
+        Ok(Self {
+            inner,
+            ctr,
+            mac,
+            plain_hash: Sha256::new(),
+            expected_hmac: pubopts.hmac.clone(),
+            expected_digest: privopts.digest().to_string(),
+            plaintext_size: 0,
+        })
+    }
+
+    /// Reads the rest of the ciphertext, then checks the HMAC over all of it and the plaintext
+    /// digest. Anything built from the plaintext may be published only after this succeeds.
+    pub fn finish(self) -> Result<AuthenticatedLayer, Error> {
+        match self.finish_allowing_stale_digest()? {
+            (layer, None) => Ok(layer),
+            (layer, Some(stale)) => Err(Error::Integrity(format!(
+                "decrypted layer digest {} does not match {} from the private options",
+                layer.plaintext_digest, stale.declared
+            ))),
+        }
+    }
+
+    /// Like [`finish`](Self::finish), but a plaintext digest that differs from the private
+    /// options is reported instead of refused; the HMAC must still match.
+    ///
+    /// Go ocicrypt callers that recompress while encrypting (skopeo with
+    /// `--dest-compress-format`) record the digest of the layer *before* recompression, so the
+    /// declared digest can be stale on genuine images. A caller using this must verify the
+    /// plaintext another way before publishing, e.g. the signed config's diff_id.
+    pub fn finish_allowing_stale_digest(
+        mut self,
+    ) -> Result<(AuthenticatedLayer, Option<StaleDigest>), Error> {
+        let mut sink = vec![0u8; CHUNK];
+        loop {
+            let n = self.read(&mut sink).map_err(Error::Io)?;
+            if n == 0 {
+                break;
+            }
+        }
+        sink.zeroize();
+        let tag = self.mac.finalize().into_bytes();
+        if !bool::from(tag.as_slice().ct_eq(&self.expected_hmac)) {
+            return Err(Error::Integrity(
+                "layer HMAC does not match: ciphertext modified or truncated".into(),
+            ));
+        }
+        let digest = format!("sha256:{}", hex(&self.plain_hash.finalize()));
+        let stale = (digest != self.expected_digest).then(|| StaleDigest {
+            declared: std::mem::take(&mut self.expected_digest),
+        });
+        Ok((
+            AuthenticatedLayer {
+                plaintext_digest: digest,
+                plaintext_size: self.plaintext_size,
+            },
+            stale,
+        ))
+    }
+}
+
+/// The digest the private options declared, when it differs from the decrypted content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleDigest {
+    pub declared: String,
+}
+
+impl<R: Read> Read for LayerDecryptor<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let len = buf.len().min(CHUNK);
+        let n = self.inner.read(&mut buf[..len])?;
+        let chunk = &mut buf[..n];
+        self.mac.update(chunk);
+        self.ctr.apply_keystream(chunk);
+        self.plain_hash.update(chunk);
+        self.plaintext_size += n as u64;
+        Ok(n)
+    }
+}
+
+/// Streaming encryption: plaintext written in, ciphertext written to `W`.
+pub struct LayerEncryptor<W: Write> {
+    out: W,
+    ctr: Aes256Ctr,
+    mac: HmacSha256,
+    plain_hash: Sha256,
+    symkey: Zeroizing<[u8; 32]>,
+    nonce: [u8; 16],
+    recipients: EncryptConfig,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> LayerEncryptor<W> {
+    pub fn new(out: W, ec: &EncryptConfig) -> Result<Self, Error> {
+        crate::log_hardware_once();
+        if ec.recipients().is_empty() {
+            return Err(Error::NoKey("no recipients to encrypt the layer key to".into()));
+        }
+        let mut symkey = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(symkey.as_mut());
+        let mut nonce = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let ctr = Aes256Ctr::new(symkey.as_ref().into(), (&nonce).into());
+        let mac = <HmacSha256 as Mac>::new_from_slice(symkey.as_ref()).expect("any key size");
+        Ok(Self {
+            out,
+            ctr,
+            mac,
+            plain_hash: Sha256::new(),
+            symkey,
+            nonce,
+            recipients: ec.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        })
+    }
+
+    /// Flushes and returns the writer and the layer annotations (`keys.jwe`, `pubopts`).
+    pub fn finish(mut self) -> Result<(W, Annotations), Error> {
+        self.out.flush().map_err(Error::Io)?;
+        let digest = format!("sha256:{}", hex(&self.plain_hash.finalize()));
+        let hmac = self.mac.finalize().into_bytes().to_vec();
+        let privopts = PrivateLayerOptions::new(*self.symkey, self.nonce, digest);
+        let wrapped = jwe::wrap(&privopts.to_json(), self.recipients.recipients())?;
+        let pubopts = PublicLayerOptions {
+            cipher: CIPHER_NAME.to_string(),
+            hmac,
+        };
+        let mut annotations = Annotations::new();
+        annotations.insert(crate::ANNOTATION_KEYS_JWE.to_string(), wrapped);
+        annotations.insert(crate::ANNOTATION_PUBOPTS.to_string(), pubopts.to_annotation());
+        self.buf.zeroize();
+        Ok((self.out, annotations))
+    }
+}
+
+impl<W: Write> Write for LayerEncryptor<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK);
+        let data = &data[..n];
+        self.plain_hash.update(data);
+        self.buf.clear();
+        self.buf.extend_from_slice(data);
+        self.ctr.apply_keystream(&mut self.buf);
+        self.mac.update(&self.buf);
+        self.out.write_all(&self.buf)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
