@@ -1,5 +1,18 @@
-//! Policy: the image trust policy (containers-policy.json) and, later, the
-//! deployment policy. Evaluation is pure so that every service that calls it
-//! reaches the same decision.
+//! Policy: the image trust policy (containers-policy.json) and, later, the deployment policy.
+//!
+//! - [`reference`]: `docker://`, `oci:` and `dir:` references and their policy scopes.
+//! - [`trust`]: strict containers-policy.json parsing and pure evaluation. Supported:
+//!   `default`, transports `docker`, `oci`, `dir`; requirements `reject`,
+//!   `insecureAcceptAnything`, `sigstoreSigned` (`keyPath`, `keyPaths`, `keyData`) with every
+//!   `signedIdentity` rule. Refused with a clear error: `signedBy` (GPG), keyless
+//!   (`fulcio`, `rekorPublicKey*`, `pki`), other transports, unknown fields.
+//! - [`sigstore`]: cosign simple-signing verification (ECDSA P-256/P-384, Ed25519 keys);
+//!   sigstore bundle v0.3 recognised and refused by name.
+//!
+//! Evaluation is a pure function so that every service calling it reaches the same decision.
 
 pub mod reference;
+pub mod sigstore;
+pub mod trust;
+
+pub use trust::{Decision, Policy, PolicyError, RejectClass};

@@ -100,6 +100,16 @@ impl DockerReference {
     /// A reference with neither tag nor digest gets the tag `latest`, as
     /// containers/image does for the docker transport.
     pub fn parse(input: &str) -> Result<Self, ReferenceError> {
+        Self::parse_inner(input, true)
+    }
+
+    /// Parses a reference as it appears in a signature's identity: a name without tag or
+    /// digest stays name-only (no implied `latest`), as containers/image compares them.
+    pub fn parse_name_only_allowed(input: &str) -> Result<Self, ReferenceError> {
+        Self::parse_inner(input, false)
+    }
+
+    fn parse_inner(input: &str, default_tag: bool) -> Result<Self, ReferenceError> {
         if input.is_empty() {
             return Err(err(input, "empty reference"));
         }
@@ -135,7 +145,7 @@ impl DockerReference {
             return Err(err(input, "repository name longer than 255 characters"));
         }
         let tag = match (&tag, &digest) {
-            (None, None) => Some("latest".to_string()),
+            (None, None) if default_tag => Some("latest".to_string()),
             _ => tag,
         };
         Ok(Self {
