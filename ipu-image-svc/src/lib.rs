@@ -1,1 +1,8 @@
 //! IPU image service: pull, verify, decrypt, unpack and build the rootfs.
+//!
+//! - [`fetch`]: registries and OCI layouts, digest-checked streams, the verified blob cache.
+//! - [`unpack`]: safe OCI layer application into a private staging tree.
+//! - [`rootfs`]: the ext4 image (`mkfs.ext4 -d`).
+//! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
+
+pub mod fetch;

@@ -1,0 +1,346 @@
+//! Image sources: registries (OCI distribution v2) and OCI image-layout directories.
+//!
+//! A transport implements only [`ImageSource`]: fetch a manifest by tag or digest, open a blob.
+//! Everything that decides what to trust is written once here, over any source: manifest and
+//! index parsing with platform selection, digest checks on manifests, size and digest checks
+//! while blobs stream ([`VerifyingReader`]), and cosign signature artifacts.
+
+mod cache;
+mod layout;
+mod manifest;
+mod registry;
+
+use std::io::{self, Read};
+
+use base64::Engine;
+use policy::reference::{Digest, ImageReference};
+use policy::sigstore::{SignatureFormat, SimpleSigningSignature, SIGSTORE_BUNDLE_V03};
+use sha2::{Digest as _, Sha256};
+
+pub use cache::BlobCache;
+pub use layout::OciLayoutSource;
+pub use manifest::{Descriptor, ImageConfig, ImageManifest, ManifestKind, Platform, RuntimeConfig};
+pub use registry::RegistrySource;
+
+/// Upper bound on manifests, indexes and configs held in memory.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Upper bound on one signature payload.
+pub const MAX_SIGNATURE_PAYLOAD: u64 = 64 << 10;
+const MAX_SIGNATURE_LAYERS: usize = 64;
+
+const COSIGN_SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+const COSIGN_SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+
+/// What kind of failure a [`FetchError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchErrorClass {
+    /// Content does not match its digest or size: tampering or corruption.
+    DigestMismatch,
+    NotFound,
+    /// Registry data that is not what the format says.
+    Malformed,
+    /// Well-formed data we deliberately do not handle (schema 1, foreign digests, ...).
+    Unsupported,
+    /// Plain HTTP to a host that is not loopback and not explicitly allowed.
+    Insecure,
+    TooLarge,
+    Network,
+    Io,
+}
+
+/// A fetch failure: what went wrong and where (registry URL, layout path, digest).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct FetchError {
+    pub class: FetchErrorClass,
+    pub message: String,
+}
+
+impl FetchError {
+    pub fn new(class: FetchErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+        }
+    }
+
+    pub fn class(&self) -> FetchErrorClass {
+        self.class
+    }
+
+    /// Recovers a FetchError carried through `std::io::Error` by a reader.
+    pub fn from_io(e: io::Error, context: &str) -> Self {
+        if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<FetchError>()) {
+            return inner.clone();
+        }
+        Self::new(FetchErrorClass::Io, format!("{context}: {e}"))
+    }
+}
+
+/// How a manifest is addressed inside a source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestRef {
+    Tag(String),
+    Digest(Digest),
+    /// An OCI layout reference without a name: the layout's only image.
+    Default,
+}
+
+/// A transport: raw manifests and raw blobs. Checks happen in this module, not in transports.
+pub trait ImageSource: Send + Sync {
+    /// Where this source reads from, for messages.
+    fn describe(&self) -> String;
+    /// The manifest the user's reference names.
+    fn root_ref(&self) -> ManifestRef;
+    /// Raw manifest bytes and the media type the transport reported, `None` if absent.
+    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError>;
+    /// The raw blob stream (unchecked).
+    fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError>;
+}
+
+/// Options for opening sources.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    pub platform: Platform,
+    /// Registry hosts (host or host:port) reachable by plain HTTP besides loopback.
+    pub insecure_http_hosts: Vec<String>,
+    /// Basic credentials for the registry (also used to get bearer tokens).
+    pub credentials: Option<(String, String)>,
+    pub timeout: std::time::Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            platform: Platform::default(),
+            insecure_http_hosts: Vec::new(),
+            credentials: None,
+            timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Opens the source a reference names.
+pub fn open_source(reference: &ImageReference, opts: &SourceOptions) -> Result<Box<dyn ImageSource>, FetchError> {
+    match reference {
+        ImageReference::Docker(r) => Ok(Box::new(RegistrySource::new(r, opts)?)),
+        ImageReference::Oci(r) => Ok(Box::new(OciLayoutSource::open(r)?)),
+        ImageReference::Dir(r) => Err(FetchError::new(
+            FetchErrorClass::Unsupported,
+            format!("dir:{} images cannot be pulled yet (docker:// and oci: can)", r.dir().display()),
+        )),
+    }
+}
+
+/// An image resolved to one platform manifest, its config, and the digest signatures name.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    /// Digest of the manifest the reference points at (an index for multi-platform images):
+    /// what signatures are checked against.
+    pub manifest_digest: Digest,
+    /// Digest of the platform manifest that was selected (equal for single manifests).
+    pub platform_manifest_digest: Digest,
+    pub manifest: ImageManifest,
+    pub config: ImageConfig,
+    pub config_bytes: Vec<u8>,
+}
+
+/// Resolves the source's reference: manifest (through an index if needed) and config, every
+/// piece checked against its digest.
+pub fn resolve(source: &dyn ImageSource, platform: &Platform) -> Result<ResolvedImage, FetchError> {
+    let root = source.root_ref();
+    let (bytes, media_type) = fetch_checked_manifest(source, &root)?;
+    let manifest_digest = Digest::of(&bytes);
+    let mut kind = manifest::parse(&bytes, media_type.as_deref(), &source.describe())?;
+    let mut platform_manifest_digest = manifest_digest.clone();
+    let mut depth = 0;
+    let manifest = loop {
+        match kind {
+            ManifestKind::Image(m) => break m,
+            ManifestKind::Index(index) => {
+                depth += 1;
+                if depth > 2 {
+                    return Err(FetchError::new(FetchErrorClass::Malformed, format!("{}: image indexes nested deeper than 2", source.describe())));
+                }
+                let chosen = manifest::select_platform(&index, platform).ok_or_else(|| {
+                    FetchError::new(
+                        FetchErrorClass::NotFound,
+                        format!(
+                            "{}: the image index has no manifest for platform {platform} (it has: {})",
+                            source.describe(),
+                            manifest::platforms(&index).join(", ")
+                        ),
+                    )
+                })?;
+                let (b, mt) = fetch_checked_manifest(source, &ManifestRef::Digest(chosen.digest.clone()))?;
+                platform_manifest_digest = chosen.digest.clone();
+                kind = manifest::parse(&b, mt.as_deref().or(Some(&chosen.media_type)), &source.describe())?;
+            }
+        }
+    };
+    let mut config_bytes = Vec::new();
+    if manifest.config.size > MAX_MANIFEST_BYTES as u64 {
+        return Err(FetchError::new(FetchErrorClass::TooLarge, format!("config {} is {} bytes (limit {MAX_MANIFEST_BYTES})", manifest.config.digest, manifest.config.size)));
+    }
+    open_blob(source, &manifest.config)?
+        .read_to_end(&mut config_bytes)
+        .map_err(|e| FetchError::from_io(e, &format!("reading config {}", manifest.config.digest)))?;
+    let config = manifest::parse_config(&config_bytes, &manifest.config.digest)?;
+    if config.diff_ids.len() != manifest.layers.len() {
+        return Err(FetchError::new(
+            FetchErrorClass::Malformed,
+            format!(
+                "config {} lists {} diff_ids for {} layers",
+                manifest.config.digest,
+                config.diff_ids.len(),
+                manifest.layers.len()
+            ),
+        ));
+    }
+    Ok(ResolvedImage {
+        manifest_digest,
+        platform_manifest_digest,
+        manifest,
+        config,
+        config_bytes,
+    })
+}
+
+fn fetch_checked_manifest(source: &dyn ImageSource, r: &ManifestRef) -> Result<(Vec<u8>, Option<String>), FetchError> {
+    let (bytes, media_type) = source.fetch_manifest(r)?.ok_or_else(|| {
+        FetchError::new(FetchErrorClass::NotFound, format!("{}: manifest {} not found", source.describe(), describe_ref(r)))
+    })?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{}: manifest {} is larger than {MAX_MANIFEST_BYTES} bytes", source.describe(), describe_ref(r))));
+    }
+    if let ManifestRef::Digest(want) = r {
+        let got = Digest::of(&bytes);
+        if &got != want {
+            return Err(FetchError::new(
+                FetchErrorClass::DigestMismatch,
+                format!("{}: manifest requested as {want} has digest {got}", source.describe()),
+            ));
+        }
+    }
+    Ok((bytes, media_type))
+}
+
+fn describe_ref(r: &ManifestRef) -> String {
+    match r {
+        ManifestRef::Tag(t) => format!("tag {t:?}"),
+        ManifestRef::Digest(d) => d.to_string(),
+        ManifestRef::Default => "(the layout's only image)".into(),
+    }
+}
+
+/// Opens a blob as a stream checked against the descriptor's size and digest.
+pub fn open_blob(source: &dyn ImageSource, desc: &Descriptor) -> Result<VerifyingReader<Box<dyn Read + Send>>, FetchError> {
+    let raw = source.open_blob_raw(&desc.digest)?;
+    Ok(VerifyingReader::new(raw, desc.digest.clone(), desc.size, source.describe()))
+}
+
+/// Checks size and SHA-256 while streaming. Reading past the declared size fails at once;
+/// a short or wrong stream fails at EOF, so a consumer never sees a clean end of an
+/// unverified blob.
+pub struct VerifyingReader<R> {
+    inner: R,
+    digest: Digest,
+    size: u64,
+    read: u64,
+    hash: Sha256,
+    origin: String,
+    done: bool,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    pub fn new(inner: R, digest: Digest, size: u64, origin: String) -> Self {
+        Self {
+            inner,
+            digest,
+            size,
+            read: 0,
+            hash: Sha256::new(),
+            origin,
+            done: false,
+        }
+    }
+
+    fn fail(&self, message: String) -> io::Error {
+        io::Error::other(FetchError::new(FetchErrorClass::DigestMismatch, message))
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        // Ask for one byte more than remains so an overlong blob is noticed.
+        let remaining = (self.size - self.read).saturating_add(1);
+        let want = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.read += n as u64;
+        if self.read > self.size {
+            return Err(self.fail(format!("{}: blob {} is longer than its declared {} bytes", self.origin, self.digest, self.size)));
+        }
+        self.hash.update(&buf[..n]);
+        if n == 0 {
+            if self.read != self.size {
+                return Err(self.fail(format!(
+                    "{}: blob {} ended after {} of {} bytes",
+                    self.origin, self.digest, self.read, self.size
+                )));
+            }
+            let got = Digest::from_sha256(self.hash.clone().finalize().into());
+            if got != self.digest {
+                return Err(self.fail(format!("{}: blob {} has digest {got}: content does not match", self.origin, self.digest)));
+            }
+            self.done = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Signature artifacts for a manifest: cosign simple-signing layers at `sha256-<hex>.sig`,
+/// and sigstore bundles at the referrers tag `sha256-<hex>` (returned so policy can refuse
+/// them by name). A missing tag means no signatures.
+pub fn signatures(source: &dyn ImageSource, manifest_digest: &Digest) -> Result<Vec<SignatureFormat>, FetchError> {
+    let mut out = Vec::new();
+    let sig_tag = ManifestRef::Tag(format!("sha256-{}.sig", manifest_digest.hex()));
+    if let Some((bytes, mt)) = source.fetch_manifest(&sig_tag)? {
+        let ManifestKind::Image(m) = manifest::parse(&bytes, mt.as_deref(), &source.describe())? else {
+            return Err(FetchError::new(FetchErrorClass::Malformed, format!("{}: signature tag {} is an index, not a cosign signature manifest", source.describe(), describe_ref(&sig_tag))));
+        };
+        if m.layers.len() > MAX_SIGNATURE_LAYERS {
+            return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{}: more than {MAX_SIGNATURE_LAYERS} signatures", source.describe())));
+        }
+        for layer in m.layers.iter().filter(|l| l.media_type == COSIGN_SIMPLESIGNING) {
+            if layer.size > MAX_SIGNATURE_PAYLOAD {
+                return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{}: signature payload {} is {} bytes", source.describe(), layer.digest, layer.size)));
+            }
+            let Some(sig_b64) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else {
+                continue;
+            };
+            let signature = base64::engine::general_purpose::STANDARD.decode(sig_b64.trim()).map_err(|e| {
+                FetchError::new(FetchErrorClass::Malformed, format!("{}: signature annotation on {} is not base64: {e}", source.describe(), layer.digest))
+            })?;
+            let mut payload = Vec::new();
+            open_blob(source, layer)?
+                .read_to_end(&mut payload)
+                .map_err(|e| FetchError::from_io(e, &format!("reading signature payload {}", layer.digest)))?;
+            out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature { payload, signature }));
+        }
+    }
+    let referrers_tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
+    if let Some((bytes, mt)) = source.fetch_manifest(&referrers_tag)? {
+        if let Ok(ManifestKind::Index(index)) = manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
+            for entry in index.manifests.iter().filter(|d| d.artifact_type.as_deref() == Some(SIGSTORE_BUNDLE_V03)) {
+                out.push(SignatureFormat::SigstoreBundleV03 {
+                    media_type: SIGSTORE_BUNDLE_V03.to_string(),
+                    bytes: entry.digest.to_string().into_bytes(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
