@@ -196,7 +196,9 @@ impl<W: Write> LayerEncryptor<W> {
     pub fn new(out: W, ec: &EncryptConfig) -> Result<Self, Error> {
         crate::log_hardware_once();
         if ec.recipients().is_empty() {
-            return Err(Error::NoKey("no recipients to encrypt the layer key to".into()));
+            return Err(Error::NoKey(
+                "no recipients to encrypt the layer key to".into(),
+            ));
         }
         let mut symkey = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(symkey.as_mut());
@@ -229,7 +231,10 @@ impl<W: Write> LayerEncryptor<W> {
         };
         let mut annotations = Annotations::new();
         annotations.insert(crate::ANNOTATION_KEYS_JWE.to_string(), wrapped);
-        annotations.insert(crate::ANNOTATION_PUBOPTS.to_string(), pubopts.to_annotation());
+        annotations.insert(
+            crate::ANNOTATION_PUBOPTS.to_string(),
+            pubopts.to_annotation(),
+        );
         self.buf.zeroize();
         Ok((self.out, annotations))
     }

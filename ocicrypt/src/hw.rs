@@ -46,7 +46,11 @@ impl fmt::Display for HwAccel {
             f,
             "AES-NI {}, VAES {}, SHA-NI {}",
             yn(self.aes_ni),
-            if self.vaes { "available but not used by the AES backend" } else { "not available" },
+            if self.vaes {
+                "available but not used by the AES backend"
+            } else {
+                "not available"
+            },
             yn(self.sha_ni)
         )
     }
@@ -55,5 +59,7 @@ impl fmt::Display for HwAccel {
 static LOG: Once = Once::new();
 
 pub(crate) fn log_hardware_once() {
-    LOG.call_once(|| tracing::info!(target: "ocicrypt", "layer cipher hardware: {}", hardware_acceleration()));
+    LOG.call_once(
+        || tracing::info!(target: "ocicrypt", "layer cipher hardware: {}", hardware_acceleration()),
+    );
 }

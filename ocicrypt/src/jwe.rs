@@ -78,8 +78,15 @@ pub fn unwrap(annotation: &str, keys: &[PrivateKey]) -> Result<Zeroizing<Vec<u8>
     Err(Error::NoKey(format!(
         "none of the {} configured key(s) ({}) opens any recipient (recipients: {})",
         keys.len(),
-        keys.iter().map(|k| k.algorithm()).collect::<Vec<_>>().join(", "),
-        if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
+        keys.iter()
+            .map(|k| k.algorithm())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if seen.is_empty() {
+            "none".to_string()
+        } else {
+            seen.join(", ")
+        }
     )))
 }
 
@@ -106,10 +113,16 @@ fn unwrap_one(
     let tag = b64u("tag", &jwe.tag)?;
     let ciphertext = b64u("ciphertext", &jwe.ciphertext)?;
     if iv.len() != 12 {
-        return Err(Error::MalformedJwe(format!("iv is {} bytes, A256GCM needs 12", iv.len())));
+        return Err(Error::MalformedJwe(format!(
+            "iv is {} bytes, A256GCM needs 12",
+            iv.len()
+        )));
     }
     if tag.len() != 16 {
-        return Err(Error::MalformedJwe(format!("tag is {} bytes, A256GCM needs 16", tag.len())));
+        return Err(Error::MalformedJwe(format!(
+            "tag is {} bytes, A256GCM needs 16",
+            tag.len()
+        )));
     }
     let mut aad = protected_b64.clone().into_bytes();
     if let Some(extra) = &jwe.aad {
@@ -124,10 +137,16 @@ fn unwrap_one(
                 merged.insert(k.clone(), v.clone());
             }
         }
-        let alg = merged.get("alg").and_then(Value::as_str).unwrap_or("").to_string();
+        let alg = merged
+            .get("alg")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let enc = merged.get("enc").and_then(Value::as_str).unwrap_or("");
         if enc != "A256GCM" {
-            return Err(Error::Unsupported(format!("JWE content encryption {enc:?} (only A256GCM)")));
+            return Err(Error::Unsupported(format!(
+                "JWE content encryption {enc:?} (only A256GCM)"
+            )));
         }
         if merged.contains_key("zip") {
             return Err(Error::Unsupported("compressed JWE (zip)".into()));
@@ -140,7 +159,11 @@ fn unwrap_one(
         seen.push(alg.clone());
         let wrapped = match encrypted_key {
             Some(k) => b64u("encrypted_key", k)?,
-            None => return Err(Error::MalformedJwe("recipient without encrypted_key".into())),
+            None => {
+                return Err(Error::MalformedJwe(
+                    "recipient without encrypted_key".into(),
+                ))
+            }
         };
         for key in keys {
             let cek = match (alg.as_str(), &key.0) {
@@ -204,7 +227,9 @@ fn ecdh_unwrap(
     let (x, y) = (field("x")?, field("y")?);
     let point = |len: usize| -> Result<Vec<u8>, Error> {
         if x.len() != len || y.len() != len {
-            return Err(Error::MalformedJwe(format!("epk coordinates are not {len} bytes for {crv}")));
+            return Err(Error::MalformedJwe(format!(
+                "epk coordinates are not {len} bytes for {crv}"
+            )));
         }
         let mut p = vec![4u8];
         p.extend_from_slice(&x);
@@ -324,7 +349,10 @@ fn wrap_cek(cek: &[u8; 32], recipient: &PublicKey) -> Result<(Value, Vec<u8>), E
             let wrapped = k
                 .encrypt(&mut OsRng, rsa::Oaep::new::<sha1::Sha1>(), cek)
                 .map_err(|e| Error::Key(format!("RSA-OAEP encryption failed: {e}")))?;
-            Ok((serde_json::json!({"alg": "RSA-OAEP", "enc": "A256GCM"}), wrapped))
+            Ok((
+                serde_json::json!({"alg": "RSA-OAEP", "enc": "A256GCM"}),
+                wrapped,
+            ))
         }
         PublicKind::P256(k) => {
             let eph = p256::ecdh::EphemeralSecret::random(&mut OsRng);

@@ -42,7 +42,8 @@ impl PrivateKey {
     /// Parses a PEM private key: PKCS#8 (`PRIVATE KEY`), PKCS#1 (`RSA PRIVATE KEY`) or
     /// SEC1 (`EC PRIVATE KEY`). Encrypted PEM is refused.
     pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
-        let text = std::str::from_utf8(pem).map_err(|_| Error::Key("key file is not PEM text".into()))?;
+        let text =
+            std::str::from_utf8(pem).map_err(|_| Error::Key("key file is not PEM text".into()))?;
         let label = pem_label(text).ok_or_else(|| Error::Key("no PEM block found".into()))?;
         let bad = |what: &str, e: &dyn fmt::Display| Error::Key(format!("{what}: {e}"));
         let kind = match label {
@@ -77,14 +78,18 @@ impl PrivateKey {
                 }
             }
             "ENCRYPTED PRIVATE KEY" => {
-                return Err(Error::Key("password-protected keys are not supported".into()))
+                return Err(Error::Key(
+                    "password-protected keys are not supported".into(),
+                ))
             }
             other => return Err(Error::Key(format!("unexpected PEM block {other:?}"))),
         };
         if let PrivateKind::Rsa(k) = &kind {
             let bits = rsa::traits::PublicKeyParts::size(k.as_ref()) * 8;
             if bits < 2048 {
-                return Err(Error::Key(format!("RSA key of {bits} bits is too small (minimum 2048)")));
+                return Err(Error::Key(format!(
+                    "RSA key of {bits} bits is too small (minimum 2048)"
+                )));
             }
         }
         Ok(Self(kind))
@@ -120,7 +125,8 @@ impl fmt::Debug for PrivateKey {
 impl PublicKey {
     /// Parses a PEM public key: SPKI (`PUBLIC KEY`) or PKCS#1 (`RSA PUBLIC KEY`).
     pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
-        let text = std::str::from_utf8(pem).map_err(|_| Error::Key("key file is not PEM text".into()))?;
+        let text =
+            std::str::from_utf8(pem).map_err(|_| Error::Key("key file is not PEM text".into()))?;
         let label = pem_label(text).ok_or_else(|| Error::Key("no PEM block found".into()))?;
         let kind = match label {
             "RSA PUBLIC KEY" => PublicKind::Rsa(
@@ -137,7 +143,9 @@ impl PublicKey {
                 } else if let Ok(k) = p521::PublicKey::from_public_key_pem(text) {
                     PublicKind::P521(k)
                 } else {
-                    return Err(Error::Key("SPKI key is not RSA, P-256, P-384 or P-521".into()));
+                    return Err(Error::Key(
+                        "SPKI key is not RSA, P-256, P-384 or P-521".into(),
+                    ));
                 }
             }
             other => return Err(Error::Key(format!("unexpected PEM block {other:?}"))),

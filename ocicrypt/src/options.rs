@@ -38,7 +38,9 @@ impl PublicLayerOptions {
             Error::MalformedAnnotations(format!("{ANNOTATION_PUBOPTS} is not base64: {e}"))
         })?;
         let parsed: PubOptsJson = serde_json::from_slice(&json).map_err(|e| {
-            Error::MalformedAnnotations(format!("{ANNOTATION_PUBOPTS} is not the expected JSON: {e}"))
+            Error::MalformedAnnotations(format!(
+                "{ANNOTATION_PUBOPTS} is not the expected JSON: {e}"
+            ))
         })?;
         let hmac = STANDARD.decode(&parsed.hmac).map_err(|e| {
             Error::MalformedAnnotations(format!("{ANNOTATION_PUBOPTS} hmac is not base64: {e}"))
@@ -103,7 +105,9 @@ impl PrivateLayerOptions {
     /// Parses the JWE plaintext.
     pub fn from_json(json: &[u8]) -> Result<Self, Error> {
         let parsed: PrivOptsJson = serde_json::from_slice(json).map_err(|e| {
-            Error::MalformedAnnotations(format!("private layer options are not the expected JSON: {e}"))
+            Error::MalformedAnnotations(format!(
+                "private layer options are not the expected JSON: {e}"
+            ))
         })?;
         let symkey = Zeroizing::new(STANDARD.decode(&parsed.symkey).map_err(|_| {
             Error::MalformedAnnotations("private options symkey is not base64".into())
@@ -168,6 +172,10 @@ impl PrivateLayerOptions {
 
 impl fmt::Debug for PrivateLayerOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PrivateLayerOptions {{ digest: {}, key: <redacted> }}", self.digest)
+        write!(
+            f,
+            "PrivateLayerOptions {{ digest: {}, key: <redacted> }}",
+            self.digest
+        )
     }
 }

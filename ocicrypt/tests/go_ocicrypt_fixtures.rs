@@ -37,8 +37,10 @@ fn manifest_for(tag: &str) -> Value {
 }
 
 fn key(name: &str) -> PrivateKey {
-    PrivateKey::from_pem(&std::fs::read(fixtures().join("keys").join(name).join("priv.pem")).unwrap())
-        .unwrap()
+    PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys").join(name).join("priv.pem")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn annotations(layer: &Value) -> Annotations {
@@ -59,9 +61,14 @@ fn sha256(bytes: &[u8]) -> String {
 fn decompress(media_type: &str, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     if media_type.contains("zstd") {
-        zstd::stream::read::Decoder::new(data).unwrap().read_to_end(&mut out).unwrap();
+        zstd::stream::read::Decoder::new(data)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
     } else if media_type.contains("gzip") {
-        flate2::read::GzDecoder::new(data).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(data)
+            .read_to_end(&mut out)
+            .unwrap();
     } else {
         out = data.to_vec();
     }
@@ -92,7 +99,11 @@ fn check_tag(tag: &str, key_name: &str) -> usize {
         assert_eq!(stale.is_some(), tag == "zstd", "{tag} layer {i}: {stale:?}");
         assert_eq!(proof.plaintext_size(), plain.len() as u64);
         let tar = decompress(ocicrypt::decrypted_media_type(mt).unwrap(), &plain);
-        assert_eq!(sha256(&tar), diff_ids[i].as_str().unwrap(), "{tag} layer {i} diff_id");
+        assert_eq!(
+            sha256(&tar),
+            diff_ids[i].as_str().unwrap(),
+            "{tag} layer {i} diff_id"
+        );
         decrypted += 1;
     }
     decrypted
@@ -117,7 +128,9 @@ fn wrong_key_is_no_key() {
     let manifest = manifest_for("enc-rsa");
     let layer = &manifest["layers"][0];
     let dc = DecryptConfig::new(vec![key("ec-p256")]);
-    let err = decrypt_layer(&[][..], &annotations(layer), &dc).err().unwrap();
+    let err = decrypt_layer(&[][..], &annotations(layer), &dc)
+        .err()
+        .unwrap();
     assert_eq!(err.class(), ErrorClass::NoKey, "{err}");
     assert!(err.to_string().contains("RSA-OAEP"), "{err}");
 }

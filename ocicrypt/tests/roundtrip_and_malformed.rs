@@ -95,7 +95,10 @@ fn wrong_key_is_refused() {
     assert_eq!(err.class(), ErrorClass::NoKey);
     let (other_priv, _) = ec_key_pem("P-384");
     let (cipher, ann) = encrypt(b"layer", &[EC_PUB]);
-    assert_eq!(decrypt(&cipher, &ann, &other_priv).unwrap_err().class(), ErrorClass::NoKey);
+    assert_eq!(
+        decrypt(&cipher, &ann, &other_priv).unwrap_err().class(),
+        ErrorClass::NoKey
+    );
 }
 
 #[test]
@@ -109,7 +112,10 @@ fn truncated_ciphertext_fails_authentication() {
     // Extra bytes appended are caught too.
     let mut longer = cipher.clone();
     longer.push(0);
-    assert_eq!(decrypt(&longer, &ann, RSA_PRIV).unwrap_err().class(), ErrorClass::Integrity);
+    assert_eq!(
+        decrypt(&longer, &ann, RSA_PRIV).unwrap_err().class(),
+        ErrorClass::Integrity
+    );
 }
 
 #[test]
@@ -140,7 +146,10 @@ fn wrong_plaintext_digest_is_caught_even_with_valid_hmac() {
     let mut dec = LayerDecryptor::with_options(cipher.as_slice(), &pubopts, &forged).unwrap();
     let mut out = Vec::new();
     dec.read_to_end(&mut out).unwrap();
-    assert_eq!(out, plain, "the stream decrypts, but must not be authenticated");
+    assert_eq!(
+        out, plain,
+        "the stream decrypts, but must not be authenticated"
+    );
     let err = dec.finish().unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
 }
@@ -161,35 +170,77 @@ fn rewrite_jwe(ann: &Annotations, edit: impl Fn(&mut serde_json::Value)) -> Anno
 fn malformed_jwe_inputs_are_clear_errors() {
     let (cipher, ann) = encrypt(b"x", &[RSA_PUB]);
     let cases: Vec<(&str, Annotations, ErrorClass)> = vec![
-        ("bad base64", {
-            let mut a = ann.clone();
-            a.insert(ANNOTATION_KEYS_JWE.into(), "!!!".into());
-            a
-        }, ErrorClass::Malformed),
-        ("not json", {
-            let mut a = ann.clone();
-            a.insert(ANNOTATION_KEYS_JWE.into(), STANDARD.encode("nope"));
-            a
-        }, ErrorClass::Malformed),
-        ("short tag", rewrite_jwe(&ann, |v| v["tag"] = URL_SAFE_NO_PAD.encode([0u8; 8]).into()), ErrorClass::Malformed),
-        ("bad iv", rewrite_jwe(&ann, |v| v["iv"] = URL_SAFE_NO_PAD.encode([0u8; 4]).into()), ErrorClass::Malformed),
-        ("wrong alg", rewrite_jwe(&ann, |v| {
-            v["protected"] = URL_SAFE_NO_PAD.encode(r#"{"alg":"dir","enc":"A256GCM"}"#).into()
-        }), ErrorClass::Unsupported),
-        ("wrong enc", rewrite_jwe(&ann, |v| {
-            v["protected"] = URL_SAFE_NO_PAD.encode(r#"{"alg":"RSA-OAEP","enc":"A128CBC-HS256"}"#).into()
-        }), ErrorClass::Unsupported),
-        ("unknown member", rewrite_jwe(&ann, |v| v["surprise"] = 1.into()), ErrorClass::Malformed),
-        ("modified ciphertext", rewrite_jwe(&ann, |v| {
-            let mut c = URL_SAFE_NO_PAD.decode(v["ciphertext"].as_str().unwrap()).unwrap();
-            c[0] ^= 1;
-            v["ciphertext"] = URL_SAFE_NO_PAD.encode(c).into();
-        }), ErrorClass::Integrity),
-        ("missing pubopts", {
-            let mut a = ann.clone();
-            a.remove(ocicrypt::ANNOTATION_PUBOPTS);
-            a
-        }, ErrorClass::Malformed),
+        (
+            "bad base64",
+            {
+                let mut a = ann.clone();
+                a.insert(ANNOTATION_KEYS_JWE.into(), "!!!".into());
+                a
+            },
+            ErrorClass::Malformed,
+        ),
+        (
+            "not json",
+            {
+                let mut a = ann.clone();
+                a.insert(ANNOTATION_KEYS_JWE.into(), STANDARD.encode("nope"));
+                a
+            },
+            ErrorClass::Malformed,
+        ),
+        (
+            "short tag",
+            rewrite_jwe(&ann, |v| v["tag"] = URL_SAFE_NO_PAD.encode([0u8; 8]).into()),
+            ErrorClass::Malformed,
+        ),
+        (
+            "bad iv",
+            rewrite_jwe(&ann, |v| v["iv"] = URL_SAFE_NO_PAD.encode([0u8; 4]).into()),
+            ErrorClass::Malformed,
+        ),
+        (
+            "wrong alg",
+            rewrite_jwe(&ann, |v| {
+                v["protected"] = URL_SAFE_NO_PAD
+                    .encode(r#"{"alg":"dir","enc":"A256GCM"}"#)
+                    .into()
+            }),
+            ErrorClass::Unsupported,
+        ),
+        (
+            "wrong enc",
+            rewrite_jwe(&ann, |v| {
+                v["protected"] = URL_SAFE_NO_PAD
+                    .encode(r#"{"alg":"RSA-OAEP","enc":"A128CBC-HS256"}"#)
+                    .into()
+            }),
+            ErrorClass::Unsupported,
+        ),
+        (
+            "unknown member",
+            rewrite_jwe(&ann, |v| v["surprise"] = 1.into()),
+            ErrorClass::Malformed,
+        ),
+        (
+            "modified ciphertext",
+            rewrite_jwe(&ann, |v| {
+                let mut c = URL_SAFE_NO_PAD
+                    .decode(v["ciphertext"].as_str().unwrap())
+                    .unwrap();
+                c[0] ^= 1;
+                v["ciphertext"] = URL_SAFE_NO_PAD.encode(c).into();
+            }),
+            ErrorClass::Integrity,
+        ),
+        (
+            "missing pubopts",
+            {
+                let mut a = ann.clone();
+                a.remove(ocicrypt::ANNOTATION_PUBOPTS);
+                a
+            },
+            ErrorClass::Malformed,
+        ),
     ];
     for (name, a, class) in cases {
         let err = decrypt(&cipher, &a, RSA_PRIV).unwrap_err();
@@ -203,7 +254,11 @@ fn wrong_cek_length_is_refused() {
     let rsa_pub = rsa::RsaPublicKey::from_public_key_pem(RSA_PUB).unwrap();
     use rsa::pkcs8::DecodePublicKey;
     let wrapped = rsa_pub
-        .encrypt(&mut rand_core::OsRng, rsa::Oaep::new::<sha1::Sha1>(), &[7u8; 16])
+        .encrypt(
+            &mut rand_core::OsRng,
+            rsa::Oaep::new::<sha1::Sha1>(),
+            &[7u8; 16],
+        )
         .unwrap();
     let protected = URL_SAFE_NO_PAD.encode(r#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#);
     let jwe = serde_json::json!({
@@ -225,7 +280,8 @@ fn key_holders_never_show_key_bytes() {
     let dc = DecryptConfig::new(vec![key]);
     let shown = format!("{dc:?}");
     assert!(shown.contains("redacted"), "{shown}");
-    let opts = PrivateLayerOptions::new([0xab; 32], [0xcd; 16], format!("sha256:{}", "1".repeat(64)));
+    let opts =
+        PrivateLayerOptions::new([0xab; 32], [0xcd; 16], format!("sha256:{}", "1".repeat(64)));
     let shown = format!("{opts:?}");
     assert!(!shown.contains("ab") && !shown.contains("171"), "{shown}");
     assert!(!String::from_utf8_lossy(&opts.to_json()).is_empty());

@@ -34,7 +34,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let Command::Check { policy, image, json } = Cli::parse().command;
+    let Command::Check {
+        policy,
+        image,
+        json,
+    } = Cli::parse().command;
     let reference = match ImageReference::parse(&image) {
         Ok(r) => r,
         Err(e) => return fail(json, &e.to_string()),
@@ -45,7 +49,11 @@ fn main() -> ExitCode {
     };
     let evaluation = policy.requirements_for(&reference);
     let precheck = evaluation.precheck();
-    let requirements: Vec<String> = evaluation.requirements.iter().map(|r| r.to_string()).collect();
+    let requirements: Vec<String> = evaluation
+        .requirements
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
     if json {
         let out = serde_json::json!({
             "image": reference.to_string(),

@@ -256,7 +256,9 @@ fn validate_domain(input: &str, domain: &str) -> Result<(), ReferenceError> {
         || host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -625,6 +627,9 @@ mod tests {
         assert!(Digest::parse(D).is_ok());
         assert!(Digest::parse("sha256:ABC").is_err());
         assert!(Digest::parse("sha512:00").is_err());
-        assert_eq!(Digest::of(b"").to_string(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            Digest::of(b"").to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 }

@@ -83,10 +83,13 @@ impl SimpleSigningPayload {
     /// Strict parse of a payload (only after its signature verified).
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() > MAX_PAYLOAD_LEN {
-            return Err(format!("payload of {} bytes exceeds {MAX_PAYLOAD_LEN}", bytes.len()));
+            return Err(format!(
+                "payload of {} bytes exceeds {MAX_PAYLOAD_LEN}",
+                bytes.len()
+            ));
         }
-        let json: PayloadJson =
-            serde_json::from_slice(bytes).map_err(|e| format!("payload is not simple-signing JSON: {e}"))?;
+        let json: PayloadJson = serde_json::from_slice(bytes)
+            .map_err(|e| format!("payload is not simple-signing JSON: {e}"))?;
         if json.critical.kind != PAYLOAD_TYPE {
             return Err(format!(
                 "payload type {:?} is not {PAYLOAD_TYPE:?}",
@@ -203,7 +206,10 @@ impl VerificationKey {
             .as_bytes()
             .ok_or("public key bit string is not byte aligned")?
             .to_vec();
-        let fingerprint = format!("sha256:{}", hex::encode(ring::digest::digest(&ring::digest::SHA256, der)));
+        let fingerprint = format!(
+            "sha256:{}",
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+        );
         Ok(Self {
             algorithm,
             public,
@@ -230,7 +236,11 @@ impl VerificationKey {
 
 impl fmt::Debug for VerificationKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VerificationKey({:?}, {})", self.algorithm, self.fingerprint)
+        write!(
+            f,
+            "VerificationKey({:?}, {})",
+            self.algorithm, self.fingerprint
+        )
     }
 }
 
@@ -253,12 +263,12 @@ mod tests {
         .unwrap();
         use ring::signature::KeyPair;
         // SPKI for P-256: fixed prefix + point.
-        let mut der = hex::decode(
-            "3059301306072a8648ce3d020106082a8648ce3d030107034200",
-        )
-        .unwrap();
+        let mut der = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
         der.extend_from_slice(kp.public_key().as_ref());
-        (pkcs8.as_ref().to_vec(), VerificationKey::from_spki_der(&der).unwrap())
+        (
+            pkcs8.as_ref().to_vec(),
+            VerificationKey::from_spki_der(&der).unwrap(),
+        )
     }
 
     #[test]

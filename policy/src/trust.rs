@@ -53,7 +53,10 @@ pub enum IdentityRule {
     MatchExact,
     ExactReference(DockerReference),
     ExactRepository(String),
-    RemapIdentity { prefix: String, signed_prefix: String },
+    RemapIdentity {
+        prefix: String,
+        signed_prefix: String,
+    },
 }
 
 impl fmt::Display for IdentityRule {
@@ -81,7 +84,11 @@ impl fmt::Display for Requirement {
                 f,
                 "needs a sigstore signature by one of {} key(s) ({}) with identity rule {}",
                 s.keys.len(),
-                s.keys.iter().map(|k| k.fingerprint()).collect::<Vec<_>>().join(", "),
+                s.keys
+                    .iter()
+                    .map(|k| k.fingerprint())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 s.identity
             ),
         }
@@ -107,15 +114,28 @@ impl Ctx<'_> {
             .ok_or_else(|| self.err(path, format!("expected an object, found {}", kind(v))))
     }
 
-    fn string<'v>(&self, obj: &'v Map<String, Value>, key: &str, path: &str) -> Result<&'v str, PolicyError> {
+    fn string<'v>(
+        &self,
+        obj: &'v Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Result<&'v str, PolicyError> {
         match obj.get(key) {
             Some(Value::String(s)) => Ok(s),
-            Some(v) => Err(self.err(&format!("{path}.{key}"), format!("expected a string, found {}", kind(v)))),
+            Some(v) => Err(self.err(
+                &format!("{path}.{key}"),
+                format!("expected a string, found {}", kind(v)),
+            )),
             None => Err(self.err(path, format!("missing field {key:?}"))),
         }
     }
 
-    fn only_fields(&self, obj: &Map<String, Value>, allowed: &[&str], path: &str) -> Result<(), PolicyError> {
+    fn only_fields(
+        &self,
+        obj: &Map<String, Value>,
+        allowed: &[&str],
+        path: &str,
+    ) -> Result<(), PolicyError> {
         for k in obj.keys() {
             if !allowed.contains(&k.as_str()) {
                 return Err(self.err(
@@ -156,13 +176,21 @@ impl Policy {
     pub fn parse(bytes: &[u8], origin: &str, base_dir: Option<&Path>) -> Result<Self, PolicyError> {
         let ctx = Ctx { origin, base_dir };
         let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            ctx.err(&format!("line {} column {}", e.line(), e.column()), format!("invalid JSON: {e}"))
+            ctx.err(
+                &format!("line {} column {}", e.line(), e.column()),
+                format!("invalid JSON: {e}"),
+            )
         })?;
         let root = ctx.object(&value, "$")?;
         ctx.only_fields(root, &["default", "transports"], "$")?;
         let default = match root.get("default") {
             Some(v) => parse_requirements(&ctx, v, "default")?,
-            None => return Err(ctx.err("$", "missing field \"default\" (it decides for every unmatched image)")),
+            None => {
+                return Err(ctx.err(
+                    "$",
+                    "missing field \"default\" (it decides for every unmatched image)",
+                ))
+            }
         };
         let mut transports = BTreeMap::new();
         if let Some(t) = root.get("transports") {
@@ -174,7 +202,9 @@ impl Policy {
                     other => {
                         return Err(ctx.err(
                             &format!("transports.{other}"),
-                            format!("unsupported transport {other:?} (supported: docker, oci, dir)"),
+                            format!(
+                                "unsupported transport {other:?} (supported: docker, oci, dir)"
+                            ),
                         ))
                     }
                 };
@@ -237,7 +267,12 @@ impl Policy {
     }
 }
 
-fn validate_scope(ctx: &Ctx, transport: Transport, scope: &str, path: &str) -> Result<(), PolicyError> {
+fn validate_scope(
+    ctx: &Ctx,
+    transport: Transport,
+    scope: &str,
+    path: &str,
+) -> Result<(), PolicyError> {
     if scope.is_empty() {
         return Ok(());
     }
@@ -245,7 +280,9 @@ fn validate_scope(ctx: &Ctx, transport: Transport, scope: &str, path: &str) -> R
         Transport::Docker => {
             if let Some(domain) = scope.strip_prefix("*.") {
                 let ok = !domain.is_empty()
-                    && domain.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+                    && domain.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    });
                 if !ok {
                     return Err(ctx.err(path, format!("invalid wildcard scope {scope:?}")));
                 }
@@ -257,7 +294,12 @@ fn validate_scope(ctx: &Ctx, transport: Transport, scope: &str, path: &str) -> R
             if !as_ref && !as_host {
                 return Err(ctx.err(path, format!("invalid docker scope {scope:?}")));
             }
-            if as_ref && !scope.contains('/') && !scope.contains('.') && !scope.contains(':') && scope != "localhost" {
+            if as_ref
+                && !scope.contains('/')
+                && !scope.contains('.')
+                && !scope.contains(':')
+                && scope != "localhost"
+            {
                 return Err(ctx.err(
                     path,
                     format!("docker scope {scope:?} must name its registry (e.g. docker.io/library/{scope})"),
@@ -267,7 +309,13 @@ fn validate_scope(ctx: &Ctx, transport: Transport, scope: &str, path: &str) -> R
         }
         Transport::Oci | Transport::Dir => {
             if !scope.starts_with('/') {
-                return Err(ctx.err(path, format!("{} scope {scope:?} must be an absolute path", transport.name())));
+                return Err(ctx.err(
+                    path,
+                    format!(
+                        "{} scope {scope:?} must be an absolute path",
+                        transport.name()
+                    ),
+                ));
             }
             Ok(())
         }
@@ -275,11 +323,17 @@ fn validate_scope(ctx: &Ctx, transport: Transport, scope: &str, path: &str) -> R
 }
 
 fn parse_requirements(ctx: &Ctx, v: &Value, path: &str) -> Result<Vec<Requirement>, PolicyError> {
-    let list = v
-        .as_array()
-        .ok_or_else(|| ctx.err(path, format!("expected an array of requirements, found {}", kind(v))))?;
+    let list = v.as_array().ok_or_else(|| {
+        ctx.err(
+            path,
+            format!("expected an array of requirements, found {}", kind(v)),
+        )
+    })?;
     if list.is_empty() {
-        return Err(ctx.err(path, "empty requirement list (use [{\"type\":\"reject\"}] to reject)"));
+        return Err(ctx.err(
+            path,
+            "empty requirement list (use [{\"type\":\"reject\"}] to reject)",
+        ));
     }
     list.iter()
         .enumerate()
@@ -361,7 +415,8 @@ fn load_key_file(ctx: &Ctx, p: &str, path: &str) -> Result<Vec<VerificationKey>,
             None => return Err(ctx.err(path, format!("key path {p:?} must be absolute"))),
         }
     }
-    let pem = std::fs::read(&file).map_err(|e| ctx.err(path, format!("cannot read key {}: {e}", file.display())))?;
+    let pem = std::fs::read(&file)
+        .map_err(|e| ctx.err(path, format!("cannot read key {}: {e}", file.display())))?;
     VerificationKey::from_pem(&pem).map_err(|e| ctx.err(path, format!("{}: {e}", file.display())))
 }
 
@@ -378,7 +433,10 @@ fn parse_identity(ctx: &Ctx, v: &Value, path: &str) -> Result<IdentityRule, Poli
             let parsed = DockerReference::parse_name_only_allowed(r)
                 .map_err(|e| ctx.err(&format!("{path}.dockerReference"), e.to_string()))?;
             if parsed.tag().is_none() && parsed.digest().is_none() {
-                return Err(ctx.err(&format!("{path}.dockerReference"), "exactReference needs a tag or digest"));
+                return Err(ctx.err(
+                    &format!("{path}.dockerReference"),
+                    "exactReference needs a tag or digest",
+                ));
             }
             return Ok(IdentityRule::ExactReference(parsed));
         }
@@ -388,7 +446,10 @@ fn parse_identity(ctx: &Ctx, v: &Value, path: &str) -> Result<IdentityRule, Poli
             let parsed = DockerReference::parse_name_only_allowed(r)
                 .map_err(|e| ctx.err(&format!("{path}.dockerRepository"), e.to_string()))?;
             if parsed.tag().is_some() || parsed.digest().is_some() {
-                return Err(ctx.err(&format!("{path}.dockerRepository"), "exactRepository takes a repository without tag or digest"));
+                return Err(ctx.err(
+                    &format!("{path}.dockerRepository"),
+                    "exactRepository takes a repository without tag or digest",
+                ));
             }
             return Ok(IdentityRule::ExactRepository(parsed.repository()));
         }
@@ -397,12 +458,16 @@ fn parse_identity(ctx: &Ctx, v: &Value, path: &str) -> Result<IdentityRule, Poli
             let prefix = ctx.string(obj, "prefix", path)?.to_string();
             let signed_prefix = ctx.string(obj, "signedPrefix", path)?.to_string();
             for (k, p) in [("prefix", &prefix), ("signedPrefix", &signed_prefix)] {
-                let ok = !p.is_empty() && !p.ends_with('/') && !p.contains('@') && !p.starts_with("*.");
+                let ok =
+                    !p.is_empty() && !p.ends_with('/') && !p.contains('@') && !p.starts_with("*.");
                 if !ok {
                     return Err(ctx.err(&format!("{path}.{k}"), format!("invalid prefix {p:?}")));
                 }
             }
-            return Ok(IdentityRule::RemapIdentity { prefix, signed_prefix });
+            return Ok(IdentityRule::RemapIdentity {
+                prefix,
+                signed_prefix,
+            });
         }
         other => {
             return Err(ctx.err(
@@ -471,13 +536,19 @@ impl Evaluation<'_> {
         for req in self.requirements {
             match req {
                 Requirement::Reject => {
-                    return self.deny(RejectClass::RejectedByPolicy, format!("policy scope {} rejects every image", self.scope))
+                    return self.deny(
+                        RejectClass::RejectedByPolicy,
+                        format!("policy scope {} rejects every image", self.scope),
+                    )
                 }
-                Requirement::InsecureAcceptAnything => reasons.push("accepted without signature check (insecureAcceptAnything)".to_string()),
-                Requirement::SigstoreSigned(s) => match check_sigstore(s, reference, manifest_digest, signatures) {
-                    Ok(reason) => reasons.push(reason),
-                    Err((class, reason)) => return self.deny(class, reason),
-                },
+                Requirement::InsecureAcceptAnything => reasons
+                    .push("accepted without signature check (insecureAcceptAnything)".to_string()),
+                Requirement::SigstoreSigned(s) => {
+                    match check_sigstore(s, reference, manifest_digest, signatures) {
+                        Ok(reason) => reasons.push(reason),
+                        Err((class, reason)) => return self.deny(class, reason),
+                    }
+                }
             }
         }
         Decision {
@@ -510,7 +581,12 @@ fn check_sigstore(
             format!("a signature is required but none exists for {manifest_digest}"),
         ));
     }
-    let keys = req.keys.iter().map(|k| k.fingerprint()).collect::<Vec<_>>().join(", ");
+    let keys = req
+        .keys
+        .iter()
+        .map(|k| k.fingerprint())
+        .collect::<Vec<_>>()
+        .join(", ");
     // The failure that got furthest decides the class.
     let mut worst: Option<(RejectClass, String)> = None;
     let mut note = |class: RejectClass, msg: String| {
@@ -529,14 +605,24 @@ fn check_sigstore(
                 continue;
             }
         };
-        let Some(key) = req.keys.iter().find(|k| k.verify(&sig.payload, &sig.signature)) else {
-            note(RejectClass::WrongKey, format!("no signature verifies with the accepted key(s) {keys}"));
+        let Some(key) = req
+            .keys
+            .iter()
+            .find(|k| k.verify(&sig.payload, &sig.signature))
+        else {
+            note(
+                RejectClass::WrongKey,
+                format!("no signature verifies with the accepted key(s) {keys}"),
+            );
             continue;
         };
         let payload = match SimpleSigningPayload::parse(&sig.payload) {
             Ok(p) => p,
             Err(e) => {
-                note(RejectClass::MalformedSignature, format!("signature #{i}: {e}"));
+                note(
+                    RejectClass::MalformedSignature,
+                    format!("signature #{i}: {e}"),
+                );
                 continue;
             }
         };
@@ -559,14 +645,21 @@ fn check_sigstore(
                     req.identity
                 ))
             }
-            Err(e) => note(RejectClass::IdentityMismatch, format!("signature #{i}: {e}")),
+            Err(e) => note(
+                RejectClass::IdentityMismatch,
+                format!("signature #{i}: {e}"),
+            ),
         }
     }
     Err(worst.expect("at least one signature was examined"))
 }
 
 /// Checks a signature's claimed identity against the image under a `signedIdentity` rule.
-pub fn identity_matches(rule: &IdentityRule, image: &ImageReference, signed: &str) -> Result<(), String> {
+pub fn identity_matches(
+    rule: &IdentityRule,
+    image: &ImageReference,
+    signed: &str,
+) -> Result<(), String> {
     let signed_ref = DockerReference::parse_name_only_allowed(signed)
         .map_err(|e| format!("signed identity {signed:?} is not a docker reference: {e}"))?;
     let need_image = || {
@@ -592,7 +685,11 @@ pub fn identity_matches(rule: &IdentityRule, image: &ImageReference, signed: &st
             if img.repository() == signed_ref.repository() {
                 Ok(())
             } else {
-                Err(format!("signed repository {} is not {}", signed_ref.repository(), img.repository()))
+                Err(format!(
+                    "signed repository {} is not {}",
+                    signed_ref.repository(),
+                    img.repository()
+                ))
             }
         } else {
             exact(img)
@@ -606,31 +703,44 @@ pub fn identity_matches(rule: &IdentityRule, image: &ImageReference, signed: &st
             if img.repository() == signed_ref.repository() {
                 Ok(())
             } else {
-                Err(format!("signed repository {} is not {}", signed_ref.repository(), img.repository()))
+                Err(format!(
+                    "signed repository {} is not {}",
+                    signed_ref.repository(),
+                    img.repository()
+                ))
             }
         }
         IdentityRule::ExactReference(want) => {
             if want.to_string() == signed_ref.to_string() {
                 Ok(())
             } else {
-                Err(format!("signed identity {signed_ref} is not the required {want}"))
+                Err(format!(
+                    "signed identity {signed_ref} is not the required {want}"
+                ))
             }
         }
         IdentityRule::ExactRepository(want) => {
             if *want == signed_ref.repository() {
                 Ok(())
             } else {
-                Err(format!("signed repository {} is not the required {want}", signed_ref.repository()))
+                Err(format!(
+                    "signed repository {} is not the required {want}",
+                    signed_ref.repository()
+                ))
             }
         }
-        IdentityRule::RemapIdentity { prefix, signed_prefix } => {
+        IdentityRule::RemapIdentity {
+            prefix,
+            signed_prefix,
+        } => {
             let img = need_image()?;
             let full = img.to_string();
             let remapped = match full.strip_prefix(prefix.as_str()) {
                 // The prefix must end at a component boundary.
                 Some(rest) if rest.is_empty() || rest.starts_with(['/', ':', '@']) => {
                     let s = format!("{signed_prefix}{rest}");
-                    DockerReference::parse(&s).map_err(|e| format!("remapped identity {s:?}: {e}"))?
+                    DockerReference::parse(&s)
+                        .map_err(|e| format!("remapped identity {s:?}: {e}"))?
                 }
                 _ => img.clone(),
             };
@@ -650,9 +760,17 @@ pub enum Precheck {
 
 impl Evaluation<'_> {
     pub fn precheck(&self) -> Precheck {
-        if self.requirements.iter().any(|r| matches!(r, Requirement::Reject)) {
+        if self
+            .requirements
+            .iter()
+            .any(|r| matches!(r, Requirement::Reject))
+        {
             Precheck::Rejected
-        } else if self.requirements.iter().any(|r| matches!(r, Requirement::SigstoreSigned(_))) {
+        } else if self
+            .requirements
+            .iter()
+            .any(|r| matches!(r, Requirement::SigstoreSigned(_)))
+        {
             Precheck::SignatureRequired
         } else {
             Precheck::AcceptedWithoutSignature

@@ -26,7 +26,12 @@ fn r(s: &str) -> ImageReference {
 // --- fixture signatures ----------------------------------------------------------------
 
 fn layout_blob(digest: &str) -> Vec<u8> {
-    std::fs::read(fixtures().join("oci-layout/blobs/sha256").join(&digest[7..])).unwrap()
+    std::fs::read(
+        fixtures()
+            .join("oci-layout/blobs/sha256")
+            .join(&digest[7..]),
+    )
+    .unwrap()
 }
 
 fn tag_digest(tag: &str) -> Option<String> {
@@ -55,7 +60,11 @@ fn signatures_for(manifest_digest: &str) -> Vec<SignatureFormat> {
             SignatureFormat::SimpleSigning(SimpleSigningSignature {
                 payload: layout_blob(l["digest"].as_str().unwrap()),
                 signature: base64::engine::general_purpose::STANDARD
-                    .decode(l["annotations"]["dev.cosignproject.cosign/signature"].as_str().unwrap())
+                    .decode(
+                        l["annotations"]["dev.cosignproject.cosign/signature"]
+                            .as_str()
+                            .unwrap(),
+                    )
                     .unwrap(),
             })
         })
@@ -66,7 +75,11 @@ fn decide(policy_file: &str, tag: &str) -> policy::Decision {
     let policy = Policy::from_file(&fixtures().join("policies").join(policy_file)).unwrap();
     let digest = tag_digest(tag).unwrap();
     let reference = r(&format!("docker://127.0.0.1:5000/fixtures/hello:{tag}"));
-    policy.evaluate(&reference, &Digest::parse(&digest).unwrap(), &signatures_for(&digest))
+    policy.evaluate(
+        &reference,
+        &Digest::parse(&digest).unwrap(),
+        &signatures_for(&digest),
+    )
 }
 
 #[test]
@@ -75,14 +88,24 @@ fn cosign_signature_accepted_under_policy_a_only() {
     assert!(d.allowed, "{d:?}");
     let d = decide("policy-B.json", "signed-cosign");
     assert_eq!(d.class, Some(RejectClass::WrongKey), "{d:?}");
-    assert!(d.reason.contains("sha256:"), "reason names the keys tried: {}", d.reason);
+    assert!(
+        d.reason.contains("sha256:"),
+        "reason names the keys tried: {}",
+        d.reason
+    );
 }
 
 #[test]
 fn skopeo_signature_accepted_under_policy_b_only() {
     assert!(decide("policy-B.json", "signed-skopeo").allowed);
-    assert_eq!(decide("policy-A.json", "signed-skopeo").class, Some(RejectClass::WrongKey));
-    assert_eq!(decide("policy-A.json", "signed-wrongkey").class, Some(RejectClass::WrongKey));
+    assert_eq!(
+        decide("policy-A.json", "signed-skopeo").class,
+        Some(RejectClass::WrongKey)
+    );
+    assert_eq!(
+        decide("policy-A.json", "signed-wrongkey").class,
+        Some(RejectClass::WrongKey)
+    );
 }
 
 #[test]
@@ -98,13 +121,19 @@ fn flipped_payload_byte_fails_and_other_digest_is_digest_mismatch() {
     let digest = tag_digest("signed-cosign").unwrap();
     let reference = r("docker://127.0.0.1:5000/fixtures/hello:signed-cosign");
     let mut sigs = signatures_for(&digest);
-    let SignatureFormat::SimpleSigning(s) = &mut sigs[0] else { panic!() };
+    let SignatureFormat::SimpleSigning(s) = &mut sigs[0] else {
+        panic!()
+    };
     s.payload[20] ^= 1;
     let d = policy.evaluate(&reference, &Digest::parse(&digest).unwrap(), &sigs);
     assert_eq!(d.class, Some(RejectClass::WrongKey), "{d:?}");
     // A valid signature replayed onto another manifest.
     let other = tag_digest("enc-signed").unwrap();
-    let d = policy.evaluate(&reference, &Digest::parse(&other).unwrap(), &signatures_for(&digest));
+    let d = policy.evaluate(
+        &reference,
+        &Digest::parse(&other).unwrap(),
+        &signatures_for(&digest),
+    );
     assert_eq!(d.class, Some(RejectClass::DigestMismatch), "{d:?}");
 }
 
@@ -129,7 +158,11 @@ fn oci_transport_uses_its_own_scopes() {
     let layout = fixtures().join("oci-layout");
     let digest = tag_digest("signed-cosign").unwrap();
     let reference = r(&format!("oci:{}:signed-cosign", layout.display()));
-    let d = policy.evaluate(&reference, &Digest::parse(&digest).unwrap(), &signatures_for(&digest));
+    let d = policy.evaluate(
+        &reference,
+        &Digest::parse(&digest).unwrap(),
+        &signatures_for(&digest),
+    );
     assert!(d.allowed, "{d:?}");
     assert_eq!(d.scope, "transports.oci.\"\"");
 }
@@ -139,24 +172,60 @@ fn oci_transport_uses_its_own_scopes() {
 #[test]
 fn malformed_documents_name_their_position() {
     let cases = [
-        ("{\n  \"default\": [\n    {\"type\": \"reject\"},\n  ]\n}", "line 4"),
+        (
+            "{\n  \"default\": [\n    {\"type\": \"reject\"},\n  ]\n}",
+            "line 4",
+        ),
         (r#"{"default":[{"type":"rejekt"}]}"#, "default.[0].type"),
-        (r#"{"default":[{"type":"reject","extra":1}]}"#, "default.[0].extra"),
+        (
+            r#"{"default":[{"type":"reject","extra":1}]}"#,
+            "default.[0].extra",
+        ),
         (r#"{"default":[]}"#, "default"),
         (r#"{"transports":{}}"#, "missing field \"default\""),
-        (r#"{"default":[{"type":"reject"}],"transports":{"docker-daemon":{}}}"#, "transports.docker-daemon"),
-        (r#"{"default":[{"type":"reject"}],"transports":{"oci":{"relative/dir":[{"type":"reject"}]}}}"#, "absolute path"),
-        (r#"{"default":[{"type":"sigstoreSigned"}]}"#, "exactly one of keyPath"),
-        (r#"{"default":[{"type":"sigstoreSigned","keyData":"!!"}]}"#, "default.[0].keyData"),
-        (r#"{"default":[{"type":"sigstoreSigned","keyPath":"k.pub"}]}"#, "must be absolute"),
-        (r#"{"default":[{"type":"sigstoreSigned","keyPath":"/nonexistent/k.pub"}]}"#, "cannot read key"),
-        (r#"{"default":[{"type":"sigstoreSigned","fulcio":{}}]}"#, "not supported yet"),
-        (r#"{"default":[{"type":"signedBy","keyType":"GPGKeys"}]}"#, "signedBy"),
-        (r#"{"default":[{"type":"insecureAcceptAnything"}],"transports":{"docker":{"UPPER/x":[{"type":"reject"}]}}}"#, "invalid docker scope"),
+        (
+            r#"{"default":[{"type":"reject"}],"transports":{"docker-daemon":{}}}"#,
+            "transports.docker-daemon",
+        ),
+        (
+            r#"{"default":[{"type":"reject"}],"transports":{"oci":{"relative/dir":[{"type":"reject"}]}}}"#,
+            "absolute path",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned"}]}"#,
+            "exactly one of keyPath",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned","keyData":"!!"}]}"#,
+            "default.[0].keyData",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned","keyPath":"k.pub"}]}"#,
+            "must be absolute",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned","keyPath":"/nonexistent/k.pub"}]}"#,
+            "cannot read key",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned","fulcio":{}}]}"#,
+            "not supported yet",
+        ),
+        (
+            r#"{"default":[{"type":"signedBy","keyType":"GPGKeys"}]}"#,
+            "signedBy",
+        ),
+        (
+            r#"{"default":[{"type":"insecureAcceptAnything"}],"transports":{"docker":{"UPPER/x":[{"type":"reject"}]}}}"#,
+            "invalid docker scope",
+        ),
     ];
     for (json, expected) in cases {
         let err = parse(json).unwrap_err().to_string();
-        assert!(err.contains(expected), "{json}\n-> {err}\n(expected {expected:?})");
+        assert!(
+            err.contains(expected),
+            "{json}\n-> {err}\n(expected {expected:?})"
+        );
         assert!(err.starts_with("test.json: "), "{err}");
     }
 }
@@ -166,15 +235,26 @@ fn identity_rule_errors_are_positioned() {
     let key = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(fixtures().join("keys/A/cosign.pub")).unwrap());
     let with_identity = |id: &str| {
-        format!(r#"{{"default":[{{"type":"sigstoreSigned","keyData":"{key}","signedIdentity":{id}}}]}}"#)
+        format!(
+            r#"{{"default":[{{"type":"sigstoreSigned","keyData":"{key}","signedIdentity":{id}}}]}}"#
+        )
     };
     let err = parse(&with_identity(r#"{"type":"matchSomething"}"#)).unwrap_err();
     assert_eq!(err.path, "default.[0].signedIdentity.type");
-    let err = parse(&with_identity(r#"{"type":"exactRepository","dockerRepository":"a.io/b:tag"}"#)).unwrap_err();
+    let err = parse(&with_identity(
+        r#"{"type":"exactRepository","dockerRepository":"a.io/b:tag"}"#,
+    ))
+    .unwrap_err();
     assert!(err.message.contains("without tag"), "{err}");
-    let err = parse(&with_identity(r#"{"type":"matchExact","dockerReference":"x"}"#)).unwrap_err();
+    let err = parse(&with_identity(
+        r#"{"type":"matchExact","dockerReference":"x"}"#,
+    ))
+    .unwrap_err();
     assert!(err.message.contains("unknown field"), "{err}");
-    assert!(parse(&with_identity(r#"{"type":"remapIdentity","prefix":"a.io/x","signedPrefix":"b.io/y"}"#)).is_ok());
+    assert!(parse(&with_identity(
+        r#"{"type":"remapIdentity","prefix":"a.io/x","signedPrefix":"b.io/y"}"#
+    ))
+    .is_ok());
 }
 
 // --- scopes ------------------------------------------------------------------------------
@@ -197,16 +277,37 @@ const SCOPED: &str = r#"{
 fn most_specific_scope_wins() {
     let p = parse(SCOPED).unwrap();
     let scope = |s: &str| p.requirements_for(&r(s)).scope;
-    assert_eq!(scope("docker://reg.example.com/team/app:stable"), "transports.docker.\"reg.example.com/team/app:stable\"");
-    assert_eq!(scope("docker://reg.example.com/team/app:dev"), "transports.docker.\"reg.example.com/team/app\"");
-    assert_eq!(scope("docker://reg.example.com/team/other:1"), "transports.docker.\"reg.example.com/team\"");
-    assert_eq!(scope("docker://reg.example.com/solo:1"), "transports.docker.\"reg.example.com\"");
-    assert_eq!(scope("docker://mirror.example.com/x:1"), "transports.docker.\"*.example.com\"");
+    assert_eq!(
+        scope("docker://reg.example.com/team/app:stable"),
+        "transports.docker.\"reg.example.com/team/app:stable\""
+    );
+    assert_eq!(
+        scope("docker://reg.example.com/team/app:dev"),
+        "transports.docker.\"reg.example.com/team/app\""
+    );
+    assert_eq!(
+        scope("docker://reg.example.com/team/other:1"),
+        "transports.docker.\"reg.example.com/team\""
+    );
+    assert_eq!(
+        scope("docker://reg.example.com/solo:1"),
+        "transports.docker.\"reg.example.com\""
+    );
+    assert_eq!(
+        scope("docker://mirror.example.com/x:1"),
+        "transports.docker.\"*.example.com\""
+    );
     assert_eq!(scope("docker://quay.io/x:1"), "transports.docker.\"\"");
     assert_eq!(scope("oci:/tmp/layout:x"), "default");
     let pre = |s: &str| p.requirements_for(&r(s)).precheck();
-    assert_eq!(pre("docker://reg.example.com/team/app:stable"), Precheck::AcceptedWithoutSignature);
-    assert_eq!(pre("docker://reg.example.com/team/app:dev"), Precheck::Rejected);
+    assert_eq!(
+        pre("docker://reg.example.com/team/app:stable"),
+        Precheck::AcceptedWithoutSignature
+    );
+    assert_eq!(
+        pre("docker://reg.example.com/team/app:dev"),
+        Precheck::Rejected
+    );
 }
 
 proptest! {
@@ -258,13 +359,27 @@ fn identity_rules() {
     assert!(identity_matches(&MatchExact, &by_tag, "reg.io/ns/app").is_err());
     assert!(identity_matches(&MatchRepository, &by_tag, "reg.io/ns/app:other").is_ok());
     assert!(identity_matches(&MatchRepository, &by_tag, "reg.io/ns/app2").is_err());
-    assert!(identity_matches(&ExactRepository("reg.io/ns/app".into()), &by_tag, "reg.io/ns/app").is_ok());
-    assert!(identity_matches(&ExactRepository("reg.io/ns/app".into()), &by_tag, "other.io/ns/app").is_err());
-    let exact = ExactReference(policy::reference::DockerReference::parse("reg.io/ns/app:v9").unwrap());
+    assert!(identity_matches(
+        &ExactRepository("reg.io/ns/app".into()),
+        &by_tag,
+        "reg.io/ns/app"
+    )
+    .is_ok());
+    assert!(identity_matches(
+        &ExactRepository("reg.io/ns/app".into()),
+        &by_tag,
+        "other.io/ns/app"
+    )
+    .is_err());
+    let exact =
+        ExactReference(policy::reference::DockerReference::parse("reg.io/ns/app:v9").unwrap());
     assert!(identity_matches(&exact, &by_tag, "reg.io/ns/app:v9").is_ok());
     assert!(identity_matches(&exact, &by_tag, "reg.io/ns/app:v1").is_err());
     // remapIdentity: a mirror's images carry the upstream identity.
-    let remap = RemapIdentity { prefix: "mirror.io/up".into(), signed_prefix: "reg.io/ns".into() };
+    let remap = RemapIdentity {
+        prefix: "mirror.io/up".into(),
+        signed_prefix: "reg.io/ns".into(),
+    };
     let mirrored = r("docker://mirror.io/up/app:v1");
     assert!(identity_matches(&remap, &mirrored, "reg.io/ns/app:v1").is_ok());
     assert!(identity_matches(&remap, &mirrored, "mirror.io/up/app:v1").is_err());
@@ -274,6 +389,13 @@ fn identity_rules() {
     assert!(identity_matches(&remap, &upper, "mirror.io/upper/app:v1").is_ok());
     // oci references have no docker identity of their own.
     let oci = r("oci:/tmp/l:t");
-    assert!(identity_matches(&MatchRepository, &oci, "reg.io/ns/app").unwrap_err().contains("exactRepository"));
-    assert!(identity_matches(&ExactRepository("reg.io/ns/app".into()), &oci, "reg.io/ns/app").is_ok());
+    assert!(identity_matches(&MatchRepository, &oci, "reg.io/ns/app")
+        .unwrap_err()
+        .contains("exactRepository"));
+    assert!(identity_matches(
+        &ExactRepository("reg.io/ns/app".into()),
+        &oci,
+        "reg.io/ns/app"
+    )
+    .is_ok());
 }

@@ -18,7 +18,10 @@ pub struct BlobCache {
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> FetchError {
-    FetchError::new(FetchErrorClass::Io, format!("blob cache: {what} {}: {e}", path.display()))
+    FetchError::new(
+        FetchErrorClass::Io,
+        format!("blob cache: {what} {}: {e}", path.display()),
+    )
 }
 
 impl BlobCache {
@@ -27,17 +30,28 @@ impl BlobCache {
         let blobs = dir.join("blobs/sha256");
         fs::create_dir_all(&blobs).map_err(|e| io_err("cannot create", &blobs, e))?;
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| io_err("cannot set mode on", dir, e))?;
-        Ok(Self { dir: dir.to_path_buf() })
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err("cannot set mode on", dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn path_of(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("blobs").join(digest.algorithm()).join(digest.hex())
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
     }
 
     /// The verified local path of `desc`, fetching it from `source` if needed.
     /// `progress(done, total)` is called as bytes arrive.
-    pub fn fetch(&self, source: &dyn ImageSource, desc: &Descriptor, progress: &dyn Fn(u64, u64)) -> Result<PathBuf, FetchError> {
+    pub fn fetch(
+        &self,
+        source: &dyn ImageSource,
+        desc: &Descriptor,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<PathBuf, FetchError> {
         let path = self.path_of(&desc.digest);
         if path.exists() {
             if self.still_valid(&path, desc)? {
@@ -49,32 +63,45 @@ impl BlobCache {
         }
         let mut reader = open_blob(source, desc)?;
         let dir = path.parent().expect("blob path has a parent");
-        let mut tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir).map_err(|e| io_err("cannot create temp file in", dir, e))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempfile_in(dir)
+            .map_err(|e| io_err("cannot create temp file in", dir, e))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut done = 0u64;
         loop {
-            let n = reader.read(&mut buf).map_err(|e| FetchError::from_io(e, &format!("reading blob {}", desc.digest)))?;
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| FetchError::from_io(e, &format!("reading blob {}", desc.digest)))?;
             if n == 0 {
                 break;
             }
-            tmp.write_all(&buf[..n]).map_err(|e| io_err("cannot write", tmp.path(), e))?;
+            tmp.write_all(&buf[..n])
+                .map_err(|e| io_err("cannot write", tmp.path(), e))?;
             done += n as u64;
             progress(done, desc.size);
         }
-        tmp.as_file().sync_all().map_err(|e| io_err("cannot sync", tmp.path(), e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io_err("cannot sync", tmp.path(), e))?;
         // Verified by the reader at EOF; only now does it get its content address.
-        tmp.persist(&path).map_err(|e| io_err("cannot store", &path, e.error))?;
+        tmp.persist(&path)
+            .map_err(|e| io_err("cannot store", &path, e.error))?;
         Ok(path)
     }
 
     fn still_valid(&self, path: &Path, desc: &Descriptor) -> Result<bool, FetchError> {
         let mut file = File::open(path).map_err(|e| io_err("cannot open", path, e))?;
-        let len = file.metadata().map_err(|e| io_err("cannot stat", path, e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| io_err("cannot stat", path, e))?
+            .len();
         if len != desc.size {
             return Ok(false);
         }
         let mut hash = Sha256::new();
-        io::copy(&mut file, &mut HashWriter(&mut hash)).map_err(|e| io_err("cannot read", path, e))?;
+        io::copy(&mut file, &mut HashWriter(&mut hash))
+            .map_err(|e| io_err("cannot read", path, e))?;
         Ok(Digest::from_sha256(hash.finalize().into()) == desc.digest)
     }
 }

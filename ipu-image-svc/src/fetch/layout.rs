@@ -36,10 +36,23 @@ impl OciLayoutSource {
         let dir = reference.dir().to_path_buf();
         let marker = dir.join("oci-layout");
         let text = std::fs::read_to_string(&marker).map_err(|e| {
-            FetchError::new(FetchErrorClass::NotFound, format!("{} is not an OCI image layout: cannot read {}: {e}", dir.display(), marker.display()))
+            FetchError::new(
+                FetchErrorClass::NotFound,
+                format!(
+                    "{} is not an OCI image layout: cannot read {}: {e}",
+                    dir.display(),
+                    marker.display()
+                ),
+            )
         })?;
         if !text.contains("\"imageLayoutVersion\"") {
-            return Err(FetchError::new(FetchErrorClass::Malformed, format!("{}: oci-layout file has no imageLayoutVersion", dir.display())));
+            return Err(FetchError::new(
+                FetchErrorClass::Malformed,
+                format!(
+                    "{}: oci-layout file has no imageLayoutVersion",
+                    dir.display()
+                ),
+            ));
         }
         Ok(Self {
             dir,
@@ -50,22 +63,41 @@ impl OciLayoutSource {
     fn index(&self) -> Result<Index, FetchError> {
         let path = self.dir.join("index.json");
         let bytes = read_bounded(&path, MAX_MANIFEST_BYTES as u64)?;
-        serde_json::from_slice(&bytes).map_err(|e| FetchError::new(FetchErrorClass::Malformed, format!("{}: not an OCI index: {e}", path.display())))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            FetchError::new(
+                FetchErrorClass::Malformed,
+                format!("{}: not an OCI index: {e}", path.display()),
+            )
+        })
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("blobs").join(digest.algorithm()).join(digest.hex())
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
     }
 }
 
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, FetchError> {
-    let file = File::open(path).map_err(|e| FetchError::new(FetchErrorClass::Io, format!("cannot open {}: {e}", path.display())))?;
+    let file = File::open(path).map_err(|e| {
+        FetchError::new(
+            FetchErrorClass::Io,
+            format!("cannot open {}: {e}", path.display()),
+        )
+    })?;
     let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| FetchError::new(FetchErrorClass::Io, format!("cannot read {}: {e}", path.display())))?;
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| {
+        FetchError::new(
+            FetchErrorClass::Io,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
     if bytes.len() as u64 > limit {
-        return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{} is larger than {limit} bytes", path.display())));
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
     }
     Ok(bytes)
 }
@@ -85,15 +117,27 @@ impl ImageSource for OciLayoutSource {
         }
     }
 
-    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
+    fn fetch_manifest(
+        &self,
+        r: &ManifestRef,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
         let (digest, media_type) = match r {
             ManifestRef::Digest(d) => (d.clone(), None),
             ManifestRef::Tag(tag) => {
                 let index = self.index()?;
-                let Some(entry) = index.manifests.iter().find(|m| m.annotations.get(REF_NAME) == Some(tag)) else {
+                let Some(entry) = index
+                    .manifests
+                    .iter()
+                    .find(|m| m.annotations.get(REF_NAME) == Some(tag))
+                else {
                     return Ok(None);
                 };
-                let d = Digest::parse(&entry.digest).map_err(|e| FetchError::new(FetchErrorClass::Malformed, format!("{}/index.json: {e}", self.dir.display())))?;
+                let d = Digest::parse(&entry.digest).map_err(|e| {
+                    FetchError::new(
+                        FetchErrorClass::Malformed,
+                        format!("{}/index.json: {e}", self.dir.display()),
+                    )
+                })?;
                 (d, entry.media_type.clone())
             }
             ManifestRef::Default => {
@@ -101,11 +145,20 @@ impl ImageSource for OciLayoutSource {
                 if index.manifests.len() != 1 {
                     return Err(FetchError::new(
                         FetchErrorClass::NotFound,
-                        format!("{}: the layout holds {} images; name one as oci:DIR:TAG", self.describe(), index.manifests.len()),
+                        format!(
+                            "{}: the layout holds {} images; name one as oci:DIR:TAG",
+                            self.describe(),
+                            index.manifests.len()
+                        ),
                     ));
                 }
                 let entry = &index.manifests[0];
-                let d = Digest::parse(&entry.digest).map_err(|e| FetchError::new(FetchErrorClass::Malformed, format!("{}/index.json: {e}", self.dir.display())))?;
+                let d = Digest::parse(&entry.digest).map_err(|e| {
+                    FetchError::new(
+                        FetchErrorClass::Malformed,
+                        format!("{}/index.json: {e}", self.dir.display()),
+                    )
+                })?;
                 (d, entry.media_type.clone())
             }
         };
@@ -116,7 +169,13 @@ impl ImageSource for OciLayoutSource {
         let bytes = read_bounded(&path, MAX_MANIFEST_BYTES as u64)?;
         // Tag lookups are checked here, as the index names the digest.
         if Digest::of(&bytes) != digest {
-            return Err(FetchError::new(FetchErrorClass::DigestMismatch, format!("{}: manifest blob {digest} does not match its digest", self.describe())));
+            return Err(FetchError::new(
+                FetchErrorClass::DigestMismatch,
+                format!(
+                    "{}: manifest blob {digest} does not match its digest",
+                    self.describe()
+                ),
+            ));
         }
         Ok(Some((bytes, media_type)))
     }
@@ -124,7 +183,11 @@ impl ImageSource for OciLayoutSource {
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError> {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(|e| {
-            let class = if e.kind() == std::io::ErrorKind::NotFound { FetchErrorClass::NotFound } else { FetchErrorClass::Io };
+            let class = if e.kind() == std::io::ErrorKind::NotFound {
+                FetchErrorClass::NotFound
+            } else {
+                FetchErrorClass::Io
+            };
             FetchError::new(class, format!("{}: blob {digest}: {e}", self.describe()))
         })?;
         Ok(Box::new(file))

@@ -101,12 +101,18 @@ impl Platform {
     pub fn parse(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
-            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Self { os: os.to_string(), architecture: arch.to_string(), variant: None }),
-            [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => Ok(Self {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Self {
                 os: os.to_string(),
                 architecture: arch.to_string(),
-                variant: Some(variant.to_string()),
+                variant: None,
             }),
+            [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
+                Ok(Self {
+                    os: os.to_string(),
+                    architecture: arch.to_string(),
+                    variant: Some(variant.to_string()),
+                })
+            }
             _ => Err(format!("platform {s:?} is not os/architecture[/variant]")),
         }
     }
@@ -126,12 +132,22 @@ fn malformed(origin: &str, msg: String) -> FetchError {
     FetchError::new(FetchErrorClass::Malformed, format!("{origin}: {msg}"))
 }
 
-fn descriptor(raw: RawDescriptor, origin: &str, default_type: Option<&str>) -> Result<Descriptor, FetchError> {
+fn descriptor(
+    raw: RawDescriptor,
+    origin: &str,
+    default_type: Option<&str>,
+) -> Result<Descriptor, FetchError> {
     let digest = Digest::parse(&raw.digest).map_err(|e| {
-        FetchError::new(FetchErrorClass::Unsupported, format!("{origin}: descriptor digest: {e}"))
+        FetchError::new(
+            FetchErrorClass::Unsupported,
+            format!("{origin}: descriptor digest: {e}"),
+        )
     })?;
     if raw.size < 0 {
-        return Err(malformed(origin, format!("descriptor {digest} has negative size")));
+        return Err(malformed(
+            origin,
+            format!("descriptor {digest} has negative size"),
+        ));
     }
     let media_type = raw
         .media_type
@@ -142,19 +158,33 @@ fn descriptor(raw: RawDescriptor, origin: &str, default_type: Option<&str>) -> R
         digest,
         size: raw.size as u64,
         annotations: raw.annotations.unwrap_or_default(),
-        platform: raw.platform.map(|p| Platform { os: p.os, architecture: p.architecture, variant: p.variant }),
+        platform: raw.platform.map(|p| Platform {
+            os: p.os,
+            architecture: p.architecture,
+            variant: p.variant,
+        }),
         artifact_type: raw.artifact_type,
     })
 }
 
 /// Parses a manifest or index. `reported` is the transport's media type (Content-Type or the
 /// referring descriptor); the document's own `mediaType`, if any, must agree with it.
-pub fn parse(bytes: &[u8], reported: Option<&str>, origin: &str) -> Result<ManifestKind, FetchError> {
-    let raw: RawManifest = serde_json::from_slice(bytes).map_err(|e| malformed(origin, format!("manifest is not valid JSON: {e}")))?;
-    let reported = reported.map(|r| r.split(';').next().unwrap_or(r).trim()).filter(|r| !r.is_empty() && *r != "application/json" && *r != "application/octet-stream");
+pub fn parse(
+    bytes: &[u8],
+    reported: Option<&str>,
+    origin: &str,
+) -> Result<ManifestKind, FetchError> {
+    let raw: RawManifest = serde_json::from_slice(bytes)
+        .map_err(|e| malformed(origin, format!("manifest is not valid JSON: {e}")))?;
+    let reported = reported
+        .map(|r| r.split(';').next().unwrap_or(r).trim())
+        .filter(|r| !r.is_empty() && *r != "application/json" && *r != "application/octet-stream");
     let media_type = match (&raw.media_type, reported) {
         (Some(own), Some(rep)) if own != rep => {
-            return Err(malformed(origin, format!("manifest says mediaType {own} but was served as {rep}")));
+            return Err(malformed(
+                origin,
+                format!("manifest says mediaType {own} but was served as {rep}"),
+            ));
         }
         (Some(own), _) => own.clone(),
         (None, Some(rep)) => rep.to_string(),
@@ -165,25 +195,45 @@ pub fn parse(bytes: &[u8], reported: Option<&str>, origin: &str) -> Result<Manif
         return Err(FetchError::new(FetchErrorClass::Unsupported, format!("{origin}: Docker schema 1 manifests are not supported (no content digests for layers; re-push the image with schema 2 or OCI)")));
     }
     if raw.schema_version != Some(2) {
-        return Err(malformed(origin, format!("schemaVersion {:?} (expected 2)", raw.schema_version)));
+        return Err(malformed(
+            origin,
+            format!("schemaVersion {:?} (expected 2)", raw.schema_version),
+        ));
     }
     match media_type.as_str() {
         OCI_INDEX | DOCKER_LIST => {
-            let list = raw.manifests.ok_or_else(|| malformed(origin, "index without manifests".into()))?;
-            let manifests = list.into_iter().map(|d| descriptor(d, origin, None)).collect::<Result<_, _>>()?;
+            let list = raw
+                .manifests
+                .ok_or_else(|| malformed(origin, "index without manifests".into()))?;
+            let manifests = list
+                .into_iter()
+                .map(|d| descriptor(d, origin, None))
+                .collect::<Result<_, _>>()?;
             Ok(ManifestKind::Index(ImageIndex { manifests }))
         }
         OCI_MANIFEST | DOCKER_MANIFEST => {
-            let config = descriptor(raw.config.ok_or_else(|| malformed(origin, "manifest without config".into()))?, origin, None)?;
+            let config = descriptor(
+                raw.config
+                    .ok_or_else(|| malformed(origin, "manifest without config".into()))?,
+                origin,
+                None,
+            )?;
             let layers = raw
                 .layers
                 .ok_or_else(|| malformed(origin, "manifest without layers".into()))?
                 .into_iter()
                 .map(|d| descriptor(d, origin, None))
                 .collect::<Result<_, _>>()?;
-            Ok(ManifestKind::Image(ImageManifest { media_type, config, layers }))
+            Ok(ManifestKind::Image(ImageManifest {
+                media_type,
+                config,
+                layers,
+            }))
         }
-        other => Err(FetchError::new(FetchErrorClass::Unsupported, format!("{origin}: unsupported manifest media type {other}"))),
+        other => Err(FetchError::new(
+            FetchErrorClass::Unsupported,
+            format!("{origin}: unsupported manifest media type {other}"),
+        )),
     }
 }
 
@@ -192,13 +242,19 @@ pub fn parse(bytes: &[u8], reported: Option<&str>, origin: &str) -> Result<Manif
 pub fn select_platform<'a>(index: &'a ImageIndex, want: &Platform) -> Option<&'a Descriptor> {
     index.manifests.iter().find(|d| {
         d.platform.as_ref().is_some_and(|p| {
-            p.os == want.os && p.architecture == want.architecture && (want.variant.is_none() || p.variant == want.variant)
+            p.os == want.os
+                && p.architecture == want.architecture
+                && (want.variant.is_none() || p.variant == want.variant)
         })
     })
 }
 
 pub fn platforms(index: &ImageIndex) -> Vec<String> {
-    index.manifests.iter().filter_map(|d| d.platform.as_ref().map(|p| p.to_string())).collect()
+    index
+        .manifests
+        .iter()
+        .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
+        .collect()
 }
 
 /// The parts of an image config the pipeline uses.
@@ -245,9 +301,13 @@ struct RawRootfs {
 
 pub fn parse_config(bytes: &[u8], digest: &Digest) -> Result<ImageConfig, FetchError> {
     let origin = format!("config {digest}");
-    let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| malformed(&origin, format!("not an image config: {e}")))?;
+    let raw: RawConfig = serde_json::from_slice(bytes)
+        .map_err(|e| malformed(&origin, format!("not an image config: {e}")))?;
     if raw.rootfs.kind != "layers" {
-        return Err(malformed(&origin, format!("rootfs.type {:?} (expected \"layers\")", raw.rootfs.kind)));
+        return Err(malformed(
+            &origin,
+            format!("rootfs.type {:?} (expected \"layers\")", raw.rootfs.kind),
+        ));
     }
     let diff_ids = raw
         .rootfs
@@ -280,10 +340,21 @@ mod tests {
 
     #[test]
     fn platform_selection() {
-        let ManifestKind::Index(index) = parse(index_json().as_bytes(), None, "t").unwrap() else { panic!() };
-        assert_eq!(select_platform(&index, &Platform::default()).unwrap().digest.to_string(), D2);
+        let ManifestKind::Index(index) = parse(index_json().as_bytes(), None, "t").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            select_platform(&index, &Platform::default())
+                .unwrap()
+                .digest
+                .to_string(),
+            D2
+        );
         let arm = Platform::parse("linux/arm64/v8").unwrap();
-        assert_eq!(select_platform(&index, &arm).unwrap().digest.to_string(), D1);
+        assert_eq!(
+            select_platform(&index, &arm).unwrap().digest.to_string(),
+            D1
+        );
         let arm_v7 = Platform::parse("linux/arm64/v7").unwrap();
         assert!(select_platform(&index, &arm_v7).is_none());
         assert!(select_platform(&index, &Platform::parse("windows/amd64").unwrap()).is_none());
@@ -292,27 +363,61 @@ mod tests {
 
     #[test]
     fn schema1_refused_clearly() {
-        let err = parse(br#"{"schemaVersion":1,"name":"x","fsLayers":[]}"#, None, "t").err().unwrap();
+        let err = parse(
+            br#"{"schemaVersion":1,"name":"x","fsLayers":[]}"#,
+            None,
+            "t",
+        )
+        .err()
+        .unwrap();
         assert_eq!(err.class, FetchErrorClass::Unsupported);
         assert!(err.message.contains("schema 1"));
-        let err = parse(b"{}", Some("application/vnd.docker.distribution.manifest.v1+prettyjws"), "t").err().unwrap();
+        let err = parse(
+            b"{}",
+            Some("application/vnd.docker.distribution.manifest.v1+prettyjws"),
+            "t",
+        )
+        .err()
+        .unwrap();
         assert!(err.message.contains("schema 1"));
     }
 
     #[test]
     fn media_type_disagreement_is_malformed() {
-        let err = parse(index_json().as_bytes(), Some(OCI_MANIFEST), "t").err().unwrap();
+        let err = parse(index_json().as_bytes(), Some(OCI_MANIFEST), "t")
+            .err()
+            .unwrap();
         assert_eq!(err.class, FetchErrorClass::Malformed);
         // Docker manifests carry their type in the body; Content-Type parameters are ignored.
-        let docker = format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{D1}","size":3}},"layers":[]}}"#);
-        assert!(matches!(parse(docker.as_bytes(), Some(&format!("{DOCKER_MANIFEST}; charset=utf-8")), "t").unwrap(), ManifestKind::Image(_)));
+        let docker = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{D1}","size":3}},"layers":[]}}"#
+        );
+        assert!(matches!(
+            parse(
+                docker.as_bytes(),
+                Some(&format!("{DOCKER_MANIFEST}; charset=utf-8")),
+                "t"
+            )
+            .unwrap(),
+            ManifestKind::Image(_)
+        ));
     }
 
     #[test]
     fn bad_descriptors() {
-        let bad_digest = format!(r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"md5:00","size":1}},"layers":[]}}"#);
-        assert_eq!(parse(bad_digest.as_bytes(), None, "t").err().unwrap().class, FetchErrorClass::Unsupported);
-        let neg = format!(r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{D1}","size":-1}},"layers":[]}}"#);
-        assert_eq!(parse(neg.as_bytes(), None, "t").err().unwrap().class, FetchErrorClass::Malformed);
+        let bad_digest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"md5:00","size":1}},"layers":[]}}"#
+        );
+        assert_eq!(
+            parse(bad_digest.as_bytes(), None, "t").err().unwrap().class,
+            FetchErrorClass::Unsupported
+        );
+        let neg = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{D1}","size":-1}},"layers":[]}}"#
+        );
+        assert_eq!(
+            parse(neg.as_bytes(), None, "t").err().unwrap().class,
+            FetchErrorClass::Malformed
+        );
     }
 }

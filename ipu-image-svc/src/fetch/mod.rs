@@ -93,7 +93,10 @@ pub trait ImageSource: Send + Sync {
     /// The manifest the user's reference names.
     fn root_ref(&self) -> ManifestRef;
     /// Raw manifest bytes and the media type the transport reported, `None` if absent.
-    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError>;
+    fn fetch_manifest(
+        &self,
+        r: &ManifestRef,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError>;
     /// The raw blob stream (unchecked).
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError>;
 }
@@ -121,13 +124,19 @@ impl Default for SourceOptions {
 }
 
 /// Opens the source a reference names.
-pub fn open_source(reference: &ImageReference, opts: &SourceOptions) -> Result<Box<dyn ImageSource>, FetchError> {
+pub fn open_source(
+    reference: &ImageReference,
+    opts: &SourceOptions,
+) -> Result<Box<dyn ImageSource>, FetchError> {
     match reference {
         ImageReference::Docker(r) => Ok(Box::new(RegistrySource::new(r, opts)?)),
         ImageReference::Oci(r) => Ok(Box::new(OciLayoutSource::open(r)?)),
         ImageReference::Dir(r) => Err(FetchError::new(
             FetchErrorClass::Unsupported,
-            format!("dir:{} images cannot be pulled yet (docker:// and oci: can)", r.dir().display()),
+            format!(
+                "dir:{} images cannot be pulled yet (docker:// and oci: can)",
+                r.dir().display()
+            ),
         )),
     }
 }
@@ -160,7 +169,10 @@ pub fn resolve(source: &dyn ImageSource, platform: &Platform) -> Result<Resolved
             ManifestKind::Index(index) => {
                 depth += 1;
                 if depth > 2 {
-                    return Err(FetchError::new(FetchErrorClass::Malformed, format!("{}: image indexes nested deeper than 2", source.describe())));
+                    return Err(FetchError::new(
+                        FetchErrorClass::Malformed,
+                        format!("{}: image indexes nested deeper than 2", source.describe()),
+                    ));
                 }
                 let chosen = manifest::select_platform(&index, platform).ok_or_else(|| {
                     FetchError::new(
@@ -172,19 +184,32 @@ pub fn resolve(source: &dyn ImageSource, platform: &Platform) -> Result<Resolved
                         ),
                     )
                 })?;
-                let (b, mt) = fetch_checked_manifest(source, &ManifestRef::Digest(chosen.digest.clone()))?;
+                let (b, mt) =
+                    fetch_checked_manifest(source, &ManifestRef::Digest(chosen.digest.clone()))?;
                 platform_manifest_digest = chosen.digest.clone();
-                kind = manifest::parse(&b, mt.as_deref().or(Some(&chosen.media_type)), &source.describe())?;
+                kind = manifest::parse(
+                    &b,
+                    mt.as_deref().or(Some(&chosen.media_type)),
+                    &source.describe(),
+                )?;
             }
         }
     };
     let mut config_bytes = Vec::new();
     if manifest.config.size > MAX_MANIFEST_BYTES as u64 {
-        return Err(FetchError::new(FetchErrorClass::TooLarge, format!("config {} is {} bytes (limit {MAX_MANIFEST_BYTES})", manifest.config.digest, manifest.config.size)));
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "config {} is {} bytes (limit {MAX_MANIFEST_BYTES})",
+                manifest.config.digest, manifest.config.size
+            ),
+        ));
     }
     open_blob(source, &manifest.config)?
         .read_to_end(&mut config_bytes)
-        .map_err(|e| FetchError::from_io(e, &format!("reading config {}", manifest.config.digest)))?;
+        .map_err(|e| {
+            FetchError::from_io(e, &format!("reading config {}", manifest.config.digest))
+        })?;
     let config = manifest::parse_config(&config_bytes, &manifest.config.digest)?;
     if config.diff_ids.len() != manifest.layers.len() {
         return Err(FetchError::new(
@@ -206,19 +231,39 @@ pub fn resolve(source: &dyn ImageSource, platform: &Platform) -> Result<Resolved
     })
 }
 
-fn fetch_checked_manifest(source: &dyn ImageSource, r: &ManifestRef) -> Result<(Vec<u8>, Option<String>), FetchError> {
+fn fetch_checked_manifest(
+    source: &dyn ImageSource,
+    r: &ManifestRef,
+) -> Result<(Vec<u8>, Option<String>), FetchError> {
     let (bytes, media_type) = source.fetch_manifest(r)?.ok_or_else(|| {
-        FetchError::new(FetchErrorClass::NotFound, format!("{}: manifest {} not found", source.describe(), describe_ref(r)))
+        FetchError::new(
+            FetchErrorClass::NotFound,
+            format!(
+                "{}: manifest {} not found",
+                source.describe(),
+                describe_ref(r)
+            ),
+        )
     })?;
     if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{}: manifest {} is larger than {MAX_MANIFEST_BYTES} bytes", source.describe(), describe_ref(r))));
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "{}: manifest {} is larger than {MAX_MANIFEST_BYTES} bytes",
+                source.describe(),
+                describe_ref(r)
+            ),
+        ));
     }
     if let ManifestRef::Digest(want) = r {
         let got = Digest::of(&bytes);
         if &got != want {
             return Err(FetchError::new(
                 FetchErrorClass::DigestMismatch,
-                format!("{}: manifest requested as {want} has digest {got}", source.describe()),
+                format!(
+                    "{}: manifest requested as {want} has digest {got}",
+                    source.describe()
+                ),
             ));
         }
     }
@@ -234,9 +279,17 @@ fn describe_ref(r: &ManifestRef) -> String {
 }
 
 /// Opens a blob as a stream checked against the descriptor's size and digest.
-pub fn open_blob(source: &dyn ImageSource, desc: &Descriptor) -> Result<VerifyingReader<Box<dyn Read + Send>>, FetchError> {
+pub fn open_blob(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+) -> Result<VerifyingReader<Box<dyn Read + Send>>, FetchError> {
     let raw = source.open_blob_raw(&desc.digest)?;
-    Ok(VerifyingReader::new(raw, desc.digest.clone(), desc.size, source.describe()))
+    Ok(VerifyingReader::new(
+        raw,
+        desc.digest.clone(),
+        desc.size,
+        source.describe(),
+    ))
 }
 
 /// Checks size and SHA-256 while streaming. Reading past the declared size fails at once;
@@ -277,11 +330,16 @@ impl<R: Read> Read for VerifyingReader<R> {
         }
         // Ask for one byte more than remains so an overlong blob is noticed.
         let remaining = (self.size - self.read).saturating_add(1);
-        let want = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         self.read += n as u64;
         if self.read > self.size {
-            return Err(self.fail(format!("{}: blob {} is longer than its declared {} bytes", self.origin, self.digest, self.size)));
+            return Err(self.fail(format!(
+                "{}: blob {} is longer than its declared {} bytes",
+                self.origin, self.digest, self.size
+            )));
         }
         self.hash.update(&buf[..n]);
         if n == 0 {
@@ -293,7 +351,10 @@ impl<R: Read> Read for VerifyingReader<R> {
             }
             let got = Digest::from_sha256(self.hash.clone().finalize().into());
             if got != self.digest {
-                return Err(self.fail(format!("{}: blob {} has digest {got}: content does not match", self.origin, self.digest)));
+                return Err(self.fail(format!(
+                    "{}: blob {} has digest {got}: content does not match",
+                    self.origin, self.digest
+                )));
             }
             self.done = true;
         }
@@ -304,37 +365,86 @@ impl<R: Read> Read for VerifyingReader<R> {
 /// Signature artifacts for a manifest: cosign simple-signing layers at `sha256-<hex>.sig`,
 /// and sigstore bundles at the referrers tag `sha256-<hex>` (returned so policy can refuse
 /// them by name). A missing tag means no signatures.
-pub fn signatures(source: &dyn ImageSource, manifest_digest: &Digest) -> Result<Vec<SignatureFormat>, FetchError> {
+pub fn signatures(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+) -> Result<Vec<SignatureFormat>, FetchError> {
     let mut out = Vec::new();
     let sig_tag = ManifestRef::Tag(format!("sha256-{}.sig", manifest_digest.hex()));
     if let Some((bytes, mt)) = source.fetch_manifest(&sig_tag)? {
-        let ManifestKind::Image(m) = manifest::parse(&bytes, mt.as_deref(), &source.describe())? else {
-            return Err(FetchError::new(FetchErrorClass::Malformed, format!("{}: signature tag {} is an index, not a cosign signature manifest", source.describe(), describe_ref(&sig_tag))));
+        let ManifestKind::Image(m) = manifest::parse(&bytes, mt.as_deref(), &source.describe())?
+        else {
+            return Err(FetchError::new(
+                FetchErrorClass::Malformed,
+                format!(
+                    "{}: signature tag {} is an index, not a cosign signature manifest",
+                    source.describe(),
+                    describe_ref(&sig_tag)
+                ),
+            ));
         };
         if m.layers.len() > MAX_SIGNATURE_LAYERS {
-            return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{}: more than {MAX_SIGNATURE_LAYERS} signatures", source.describe())));
+            return Err(FetchError::new(
+                FetchErrorClass::TooLarge,
+                format!(
+                    "{}: more than {MAX_SIGNATURE_LAYERS} signatures",
+                    source.describe()
+                ),
+            ));
         }
-        for layer in m.layers.iter().filter(|l| l.media_type == COSIGN_SIMPLESIGNING) {
+        for layer in m
+            .layers
+            .iter()
+            .filter(|l| l.media_type == COSIGN_SIMPLESIGNING)
+        {
             if layer.size > MAX_SIGNATURE_PAYLOAD {
-                return Err(FetchError::new(FetchErrorClass::TooLarge, format!("{}: signature payload {} is {} bytes", source.describe(), layer.digest, layer.size)));
+                return Err(FetchError::new(
+                    FetchErrorClass::TooLarge,
+                    format!(
+                        "{}: signature payload {} is {} bytes",
+                        source.describe(),
+                        layer.digest,
+                        layer.size
+                    ),
+                ));
             }
             let Some(sig_b64) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else {
                 continue;
             };
-            let signature = base64::engine::general_purpose::STANDARD.decode(sig_b64.trim()).map_err(|e| {
-                FetchError::new(FetchErrorClass::Malformed, format!("{}: signature annotation on {} is not base64: {e}", source.describe(), layer.digest))
-            })?;
+            let signature = base64::engine::general_purpose::STANDARD
+                .decode(sig_b64.trim())
+                .map_err(|e| {
+                    FetchError::new(
+                        FetchErrorClass::Malformed,
+                        format!(
+                            "{}: signature annotation on {} is not base64: {e}",
+                            source.describe(),
+                            layer.digest
+                        ),
+                    )
+                })?;
             let mut payload = Vec::new();
             open_blob(source, layer)?
                 .read_to_end(&mut payload)
-                .map_err(|e| FetchError::from_io(e, &format!("reading signature payload {}", layer.digest)))?;
-            out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature { payload, signature }));
+                .map_err(|e| {
+                    FetchError::from_io(e, &format!("reading signature payload {}", layer.digest))
+                })?;
+            out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature {
+                payload,
+                signature,
+            }));
         }
     }
     let referrers_tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
     if let Some((bytes, mt)) = source.fetch_manifest(&referrers_tag)? {
-        if let Ok(ManifestKind::Index(index)) = manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
-            for entry in index.manifests.iter().filter(|d| d.artifact_type.as_deref() == Some(SIGSTORE_BUNDLE_V03)) {
+        if let Ok(ManifestKind::Index(index)) =
+            manifest::parse(&bytes, mt.as_deref(), &source.describe())
+        {
+            for entry in index
+                .manifests
+                .iter()
+                .filter(|d| d.artifact_type.as_deref() == Some(SIGSTORE_BUNDLE_V03))
+            {
                 out.push(SignatureFormat::SigstoreBundleV03 {
                     media_type: SIGSTORE_BUNDLE_V03.to_string(),
                     bytes: entry.digest.to_string().into_bytes(),

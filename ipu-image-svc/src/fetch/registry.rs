@@ -14,7 +14,9 @@ use base64::Engine;
 use policy::reference::{Digest, DockerReference};
 
 use super::manifest::ACCEPTED;
-use super::{FetchError, FetchErrorClass, ImageSource, ManifestRef, SourceOptions, MAX_MANIFEST_BYTES};
+use super::{
+    FetchError, FetchErrorClass, ImageSource, ManifestRef, SourceOptions, MAX_MANIFEST_BYTES,
+};
 
 pub struct RegistrySource {
     agent: ureq::Agent,
@@ -43,8 +45,16 @@ impl RegistrySource {
     pub fn new(reference: &DockerReference, opts: &SourceOptions) -> Result<Self, FetchError> {
         let host = reference.domain().to_string();
         // docker.io's API lives at registry-1.docker.io.
-        let api_host = if host == "docker.io" { "registry-1.docker.io".to_string() } else { host.clone() };
-        let scheme = if plain_http_allowed(&host, &opts.insecure_http_hosts) { "http" } else { "https" };
+        let api_host = if host == "docker.io" {
+            "registry-1.docker.io".to_string()
+        } else {
+            host.clone()
+        };
+        let scheme = if plain_http_allowed(&host, &opts.insecure_http_hosts) {
+            "http"
+        } else {
+            "https"
+        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(opts.timeout))
             .max_redirects(5)
@@ -73,11 +83,20 @@ impl RegistrySource {
         if let Some(t) = self.token.lock().expect("token lock").as_ref() {
             return Some(format!("Bearer {t}"));
         }
-        self.credentials.as_ref().map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
+        self.credentials.as_ref().map(|(u, p)| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        })
     }
 
     /// GET with auth; on 401 obtains a bearer token once and retries.
-    fn get(&self, url: &str, accept: Option<&str>) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
+    fn get(
+        &self,
+        url: &str,
+        accept: Option<&str>,
+    ) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
         for attempt in 0..2 {
             let mut req = self.agent.get(url);
             if let Some(a) = accept {
@@ -86,7 +105,9 @@ impl RegistrySource {
             if let Some(h) = self.auth_header() {
                 req = req.header("Authorization", &h);
             }
-            let resp = req.call().map_err(|e| FetchError::new(FetchErrorClass::Network, format!("GET {url}: {e}")))?;
+            let resp = req.call().map_err(|e| {
+                FetchError::new(FetchErrorClass::Network, format!("GET {url}: {e}"))
+            })?;
             if resp.status() == 401 && attempt == 0 {
                 let challenge = resp
                     .headers()
@@ -99,15 +120,24 @@ impl RegistrySource {
             }
             return Ok(resp);
         }
-        Err(FetchError::new(FetchErrorClass::Network, format!("GET {url}: unauthorized after authenticating")))
+        Err(FetchError::new(
+            FetchErrorClass::Network,
+            format!("GET {url}: unauthorized after authenticating"),
+        ))
     }
 
     fn authenticate(&self, challenge: &str, url: &str) -> Result<(), FetchError> {
         let Some(params) = challenge.strip_prefix("Bearer ") else {
             if challenge.starts_with("Basic") && self.credentials.is_some() {
-                return Err(FetchError::new(FetchErrorClass::Network, format!("GET {url}: registry refused the Basic credentials")));
+                return Err(FetchError::new(
+                    FetchErrorClass::Network,
+                    format!("GET {url}: registry refused the Basic credentials"),
+                ));
             }
-            return Err(FetchError::new(FetchErrorClass::Network, format!("GET {url}: registry requires authentication ({challenge:?})")));
+            return Err(FetchError::new(
+                FetchErrorClass::Network,
+                format!("GET {url}: registry requires authentication ({challenge:?})"),
+            ));
         };
         let mut realm = None;
         let mut query = Vec::new();
@@ -119,13 +149,29 @@ impl RegistrySource {
             }
         }
         if !query.iter().any(|(k, _)| k == "scope") {
-            query.push(("scope".into(), format!("repository:{}:pull", self.repository)));
+            query.push((
+                "scope".into(),
+                format!("repository:{}:pull", self.repository),
+            ));
         }
-        let realm = realm.ok_or_else(|| FetchError::new(FetchErrorClass::Malformed, format!("{}: bearer challenge without realm", self.host)))?;
+        let realm = realm.ok_or_else(|| {
+            FetchError::new(
+                FetchErrorClass::Malformed,
+                format!("{}: bearer challenge without realm", self.host),
+            )
+        })?;
         if realm.starts_with("http://") {
-            let realm_host = realm.trim_start_matches("http://").split('/').next().unwrap_or("");
-            if !plain_http_allowed(realm_host, &[]) && !realm_host.eq_ignore_ascii_case(&self.host) {
-                return Err(FetchError::new(FetchErrorClass::Insecure, format!("token realm {realm} is plain HTTP")));
+            let realm_host = realm
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or("");
+            if !plain_http_allowed(realm_host, &[]) && !realm_host.eq_ignore_ascii_case(&self.host)
+            {
+                return Err(FetchError::new(
+                    FetchErrorClass::Insecure,
+                    format!("token realm {realm} is plain HTTP"),
+                ));
             }
         }
         let mut req = self.agent.get(&realm);
@@ -133,25 +179,54 @@ impl RegistrySource {
             req = req.query(k, v);
         }
         if let Some((u, p)) = &self.credentials {
-            req = req.header("Authorization", &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+            req = req.header(
+                "Authorization",
+                &format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                ),
+            );
         }
-        let resp = req.call().map_err(|e| FetchError::new(FetchErrorClass::Network, format!("token request to {realm}: {e}")))?;
+        let resp = req.call().map_err(|e| {
+            FetchError::new(
+                FetchErrorClass::Network,
+                format!("token request to {realm}: {e}"),
+            )
+        })?;
         if resp.status() != 200 {
-            return Err(FetchError::new(FetchErrorClass::Network, format!("token request to {realm}: HTTP {}", resp.status())));
+            return Err(FetchError::new(
+                FetchErrorClass::Network,
+                format!("token request to {realm}: HTTP {}", resp.status()),
+            ));
         }
         let body = resp
             .into_body()
             .with_config()
             .limit(1 << 20)
             .read_to_vec()
-            .map_err(|e| FetchError::new(FetchErrorClass::Network, format!("token response from {realm}: {e}")))?;
+            .map_err(|e| {
+                FetchError::new(
+                    FetchErrorClass::Network,
+                    format!("token response from {realm}: {e}"),
+                )
+            })?;
         #[derive(serde::Deserialize)]
         struct Token {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: Token = serde_json::from_slice(&body).map_err(|e| FetchError::new(FetchErrorClass::Malformed, format!("token response from {realm}: {e}")))?;
-        let token = t.token.or(t.access_token).ok_or_else(|| FetchError::new(FetchErrorClass::Malformed, format!("token response from {realm} has no token")))?;
+        let t: Token = serde_json::from_slice(&body).map_err(|e| {
+            FetchError::new(
+                FetchErrorClass::Malformed,
+                format!("token response from {realm}: {e}"),
+            )
+        })?;
+        let token = t.token.or(t.access_token).ok_or_else(|| {
+            FetchError::new(
+                FetchErrorClass::Malformed,
+                format!("token response from {realm} has no token"),
+            )
+        })?;
         *self.token.lock().expect("token lock") = Some(token);
         Ok(())
     }
@@ -163,7 +238,11 @@ fn parse_challenge(s: &str) -> Vec<(String, String)> {
     let mut rest = s.trim();
     while !rest.is_empty() {
         let Some(eq) = rest.find('=') else { break };
-        let key = rest[..eq].trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = rest[..eq]
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         rest = &rest[eq + 1..];
         let value;
         if let Some(r) = rest.strip_prefix('"') {
@@ -190,7 +269,10 @@ impl ImageSource for RegistrySource {
         self.root.clone()
     }
 
-    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
+    fn fetch_manifest(
+        &self,
+        r: &ManifestRef,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
         let reference = match r {
             ManifestRef::Tag(t) => t.clone(),
             ManifestRef::Digest(d) => d.to_string(),
@@ -201,13 +283,31 @@ impl ImageSource for RegistrySource {
         match resp.status().as_u16() {
             200 => {}
             404 => return Ok(None),
-            s => return Err(FetchError::new(FetchErrorClass::Network, format!("GET {url}: HTTP {s}"))),
+            s => {
+                return Err(FetchError::new(
+                    FetchErrorClass::Network,
+                    format!("GET {url}: HTTP {s}"),
+                ))
+            }
         }
-        let media_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let bytes = resp.into_body().with_config().limit(MAX_MANIFEST_BYTES as u64).read_to_vec().map_err(|e| {
-            let class = if matches!(e, ureq::Error::BodyExceedsLimit(_)) { FetchErrorClass::TooLarge } else { FetchErrorClass::Network };
-            FetchError::new(class, format!("GET {url}: {e}"))
-        })?;
+        let media_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp
+            .into_body()
+            .with_config()
+            .limit(MAX_MANIFEST_BYTES as u64)
+            .read_to_vec()
+            .map_err(|e| {
+                let class = if matches!(e, ureq::Error::BodyExceedsLimit(_)) {
+                    FetchErrorClass::TooLarge
+                } else {
+                    FetchErrorClass::Network
+                };
+                FetchError::new(class, format!("GET {url}: {e}"))
+            })?;
         Ok(Some((bytes, media_type)))
     }
 
@@ -216,8 +316,14 @@ impl ImageSource for RegistrySource {
         let resp = self.get(&url, None)?;
         match resp.status().as_u16() {
             200 => Ok(Box::new(resp.into_body().into_reader())),
-            404 => Err(FetchError::new(FetchErrorClass::NotFound, format!("GET {url}: blob not found"))),
-            s => Err(FetchError::new(FetchErrorClass::Network, format!("GET {url}: HTTP {s}"))),
+            404 => Err(FetchError::new(
+                FetchErrorClass::NotFound,
+                format!("GET {url}: blob not found"),
+            )),
+            s => Err(FetchError::new(
+                FetchErrorClass::Network,
+                format!("GET {url}: HTTP {s}"),
+            )),
         }
     }
 }
@@ -234,7 +340,10 @@ mod tests {
         assert!(plain_http_allowed("[::1]:5000", &[]));
         assert!(!plain_http_allowed("registry.example.com", &[]));
         assert!(!plain_http_allowed("10.0.0.1:5000", &[]));
-        assert!(plain_http_allowed("10.0.0.1:5000", &["10.0.0.1:5000".into()]));
+        assert!(plain_http_allowed(
+            "10.0.0.1:5000",
+            &["10.0.0.1:5000".into()]
+        ));
     }
 
     #[test]
@@ -249,7 +358,9 @@ mod tests {
 
     #[test]
     fn challenge_parsing() {
-        let p = parse_challenge(r#"realm="https://auth.io/token",service="registry.io",scope="repository:a/b:pull,push""#);
+        let p = parse_challenge(
+            r#"realm="https://auth.io/token",service="registry.io",scope="repository:a/b:pull,push""#,
+        );
         assert_eq!(p[0], ("realm".into(), "https://auth.io/token".into()));
         assert_eq!(p[1], ("service".into(), "registry.io".into()));
         assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
