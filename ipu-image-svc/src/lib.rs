@@ -6,3 +6,6 @@
 //! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
 
 pub mod fetch;
+pub mod pipeline;
+pub mod rootfs;
+pub mod unpack;

@@ -1,4 +1,370 @@
-fn main() {
-    eprintln!("ipu-image-svc: not built yet");
-    std::process::exit(1);
+//! `ipu-image-svc`: verify, pull and unpack confidential images.
+//!
+//! Exit codes: 0 accepted (and done), 3 rejected by policy or verification, 1 operational
+//! error, 2 usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ipu_image_svc::fetch::Platform;
+use ipu_image_svc::pipeline::{
+    FailureClass, Goal, PipelineConfig, PipelineError, Progress, Report, TrustPipeline, EXIT_USAGE,
+};
+use ocicrypt::keys::PrivateKey;
+use ocicrypt::DecryptConfig;
+use policy::reference::ImageReference;
+use policy::Policy;
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(
+    name = "ipu-image-svc",
+    version,
+    about = "IPU confidential image service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Image operations.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Resolve the manifest and check its signatures against the policy. Fetches no layers.
+    Verify(CommonArgs),
+    /// Verify, then fetch every layer into the verified blob cache.
+    Pull(CommonArgs),
+    /// Verify, pull, decrypt and unpack the layers, and build an ext4 root file system.
+    Unpack(UnpackArgs),
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// containers-policy.json deciding which images are trusted.
+    #[arg(long, value_name = "FILE")]
+    policy: PathBuf,
+    /// docker://HOST[:PORT]/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]
+    #[arg(value_name = "IMAGE-REF")]
+    image: String,
+    /// Verified blob cache.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/blobs"
+    )]
+    cache: PathBuf,
+    /// Platform to select from an image index.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", default_value = "linux/amd64")]
+    platform: String,
+    /// Allow plain HTTP to this registry host[:port] (loopback always may).
+    #[arg(long, value_name = "HOST")]
+    insecure_http: Vec<String>,
+    /// One JSON report on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct UnpackArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Where to write the ext4 image.
+    #[arg(long, short, value_name = "FILE")]
+    output: PathBuf,
+    /// PEM private key that may unwrap layer keys (repeatable). Development option: the key
+    /// broker replaces it.
+    #[arg(long, value_name = "FILE")]
+    decryption_key: Vec<PathBuf>,
+    /// Where private staging trees are made (default: <cache>/staging).
+    #[arg(long, value_name = "DIR")]
+    staging_dir: Option<PathBuf>,
+    /// Create character and block device nodes instead of refusing such layers.
+    #[arg(long)]
+    allow_device_nodes: bool,
+    /// Limit on the sum of unpacked file sizes (K, M, G suffixes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_unpacked_bytes: Option<u64>,
+    /// Limit on one file's size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_file_size: Option<u64>,
+    /// Limit on tar entries over all layers.
+    #[arg(long, value_name = "N")]
+    max_inodes: Option<u64>,
+    /// Free space to leave in the ext4 image.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    free_space: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (a number with optional K, M or G)"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("IPU_LOG")
+        .unwrap_or_else(|_| "warn,ipu_image_svc=info,ocicrypt=info,audit=info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let Top::Image(cmd) = cli.command;
+    let (common, goal, unpack) = match cmd {
+        ImageCommand::Verify(c) => (c, Goal::Verify, None),
+        ImageCommand::Pull(c) => (c, Goal::Pull, None),
+        ImageCommand::Unpack(u) => {
+            let (common, output, rest) = u.split();
+            (common, Goal::Unpack { output }, Some(rest))
+        }
+    };
+    let json = common.json;
+    let mut report = Report {
+        image: common.image.clone(),
+        ..Report::default()
+    };
+    let code = match run(common, goal, unpack, &mut report) {
+        Ok(()) => 0,
+        Err(e) => {
+            if !json {
+                let what = if e.class.is_rejection() {
+                    "rejected"
+                } else {
+                    "error"
+                };
+                eprintln!(
+                    "ipu-image-svc: {what} ({}): {}",
+                    e.class.as_str(),
+                    e.message
+                );
+            }
+            e.exit_code()
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else if code == 0 {
+        print_text(&report);
+    }
+    ExitCode::from(code as u8)
+}
+
+/// Unpack-only options, split off so `run` takes plain values.
+struct UnpackOptions {
+    decryption_key: Vec<PathBuf>,
+    staging_dir: Option<PathBuf>,
+    allow_device_nodes: bool,
+    max_unpacked_bytes: Option<u64>,
+    max_file_size: Option<u64>,
+    max_inodes: Option<u64>,
+    free_space: Option<u64>,
+}
+
+impl UnpackArgs {
+    fn split(self) -> (CommonArgs, PathBuf, UnpackOptions) {
+        let rest = UnpackOptions {
+            decryption_key: self.decryption_key,
+            staging_dir: self.staging_dir,
+            allow_device_nodes: self.allow_device_nodes,
+            max_unpacked_bytes: self.max_unpacked_bytes,
+            max_file_size: self.max_file_size,
+            max_inodes: self.max_inodes,
+            free_space: self.free_space,
+        };
+        (self.common, self.output, rest)
+    }
+}
+
+/// A bad policy or key file: an operational error (exit code 1).
+fn bad_config(message: String) -> PipelineError {
+    PipelineError::new(FailureClass::InvalidConfiguration, message)
+}
+
+fn run(
+    common: CommonArgs,
+    goal: Goal,
+    unpack: Option<UnpackOptions>,
+    report: &mut Report,
+) -> Result<(), PipelineError> {
+    let reference = match ImageReference::parse(&common.image) {
+        Ok(r) => r,
+        Err(e) => exit_usage(&format!("image reference {:?}: {e}", common.image)),
+    };
+    let platform = match Platform::parse(&common.platform) {
+        Ok(p) => p,
+        Err(e) => exit_usage(&format!("--platform {}: {e}", common.platform)),
+    };
+    let policy = Policy::from_file(&common.policy).map_err(|e| bad_config(e.to_string()))?;
+    let mut cfg = PipelineConfig::new(policy, common.cache.clone());
+    cfg.source.platform = platform;
+    cfg.source.insecure_http_hosts = common.insecure_http.clone();
+    if let Some(u) = unpack {
+        if !u.decryption_key.is_empty() {
+            tracing::warn!("--decryption-key is a development option: private keys on this host; the key broker replaces it");
+        }
+        let mut keys = Vec::new();
+        for path in &u.decryption_key {
+            let pem = Zeroizing::new(std::fs::read(path).map_err(|e| {
+                bad_config(format!(
+                    "cannot read decryption key {}: {e}",
+                    path.display()
+                ))
+            })?);
+            keys.push(
+                PrivateKey::from_pem(&pem)
+                    .map_err(|e| bad_config(format!("decryption key {}: {e}", path.display())))?,
+            );
+        }
+        cfg.decryption = DecryptConfig::new(keys);
+        cfg.staging_dir = u.staging_dir;
+        cfg.limits.allow_device_nodes = u.allow_device_nodes;
+        if let Some(v) = u.max_unpacked_bytes {
+            cfg.limits.max_unpacked_bytes = v;
+        }
+        if let Some(v) = u.max_file_size {
+            cfg.limits.max_file_size = v;
+        }
+        if let Some(v) = u.max_inodes {
+            cfg.limits.max_inodes = v;
+        }
+        if let Some(v) = u.free_space {
+            cfg.rootfs.free_bytes = v;
+        }
+    }
+    let hw = ocicrypt::hardware_acceleration();
+    tracing::info!(
+        aes_ni = hw.aes_ni,
+        vaes = hw.vaes,
+        sha_ni = hw.sha_ni,
+        "crypto acceleration"
+    );
+    let progress = BarProgress::new(common.quiet || common.json);
+    let result = TrustPipeline::new(cfg).run(&reference, &goal, &progress, report);
+    progress.done();
+    result
+}
+
+fn exit_usage(message: &str) -> ! {
+    eprintln!("ipu-image-svc: {message}");
+    std::process::exit(EXIT_USAGE);
+}
+
+fn print_text(report: &Report) {
+    println!("accepted: {}", report.image);
+    if let Some(d) = &report.manifest_digest {
+        println!("  manifest  {d}");
+    }
+    if let Some(p) = &report.policy {
+        println!("  policy    {} (scope {}): {}", p.policy, p.scope, p.reason);
+    }
+    for l in &report.layers {
+        let mut line = format!(
+            "  layer {}   {} {} bytes{}",
+            l.index,
+            l.digest,
+            l.size,
+            if l.encrypted { " encrypted" } else { "" }
+        );
+        if let Some(d) = &l.diff_id {
+            line.push_str(&format!(
+                " -> diff_id {d} ({} entries)",
+                l.entries.unwrap_or(0)
+            ));
+        }
+        println!("{line}");
+    }
+    if let Some(r) = &report.rootfs {
+        let t = &r.tree;
+        println!(
+            "  rootfs    {} ({} bytes ext4, uuid {})",
+            r.path.display(),
+            r.image_bytes,
+            r.uuid
+        );
+        println!(
+            "            {} files ({} bytes), {} directories, {} symlinks, {} hardlinks, {} setuid, {} device nodes",
+            t.regular_files,
+            t.content_bytes,
+            t.directories,
+            t.symlinks,
+            t.hardlinks,
+            t.setuid_files,
+            t.device_nodes
+        );
+    }
+}
+
+/// A progress bar for long pulls on stderr (hidden when not a terminal or when quiet).
+struct BarProgress {
+    bar: Mutex<Option<ProgressBar>>,
+    quiet: bool,
+}
+
+impl BarProgress {
+    fn new(quiet: bool) -> Self {
+        Self {
+            bar: Mutex::new(None),
+            quiet,
+        }
+    }
+
+    fn done(&self) {
+        self.finish_bytes();
+    }
+}
+
+impl Progress for BarProgress {
+    fn stage(&self, message: &str) {
+        tracing::debug!("{message}");
+    }
+
+    fn bytes(&self, label: &str, done: u64, total: u64) {
+        if self.quiet {
+            return;
+        }
+        let mut guard = self.bar.lock().expect("progress lock");
+        let bar = guard.get_or_insert_with(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(label.to_string());
+            bar
+        });
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+
+    fn finish_bytes(&self) {
+        if let Some(bar) = self.bar.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -90,6 +90,9 @@ pub fn unwrap(annotation: &str, keys: &[PrivateKey]) -> Result<Zeroizing<Vec<u8>
     )))
 }
 
+/// A recipient's unprotected header and wrapped key, whichever serialization held them.
+type RecipientView<'a> = (Option<&'a Map<String, Value>>, Option<&'a String>);
+
 fn unwrap_one(
     jwe: &JsonJwe,
     keys: &[PrivateKey],
@@ -102,7 +105,7 @@ fn unwrap_one(
         serde_json::from_slice(&b64u("protected", &protected_b64)?)
             .map_err(|e| Error::MalformedJwe(format!("protected header is not JSON: {e}")))?
     };
-    let recipients: Vec<(Option<&Map<String, Value>>, Option<&String>)> = match &jwe.recipients {
+    let recipients: Vec<RecipientView<'_>> = match &jwe.recipients {
         Some(list) => list
             .iter()
             .map(|r| (r.header.as_ref(), r.encrypted_key.as_ref()))

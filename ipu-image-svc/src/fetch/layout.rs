@@ -117,10 +117,7 @@ impl ImageSource for OciLayoutSource {
         }
     }
 
-    fn fetch_manifest(
-        &self,
-        r: &ManifestRef,
-    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
+    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<super::RawManifest>, FetchError> {
         let (digest, media_type) = match r {
             ManifestRef::Digest(d) => (d.clone(), None),
             ManifestRef::Tag(tag) => {

@@ -405,9 +405,9 @@ mod tests {
 
     #[test]
     fn bad_descriptors() {
-        let bad_digest = format!(
-            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"md5:00","size":1}},"layers":[]}}"#
-        );
+        let bad_digest =
+            r#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"md5:00","size":1},"layers":[]}"#
+                .to_string();
         assert_eq!(
             parse(bad_digest.as_bytes(), None, "t").err().unwrap().class,
             FetchErrorClass::Unsupported

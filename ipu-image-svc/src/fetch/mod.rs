@@ -86,6 +86,9 @@ pub enum ManifestRef {
     Default,
 }
 
+/// Manifest bytes and the media type the transport reported for them, if any.
+pub type RawManifest = (Vec<u8>, Option<String>);
+
 /// A transport: raw manifests and raw blobs. Checks happen in this module, not in transports.
 pub trait ImageSource: Send + Sync {
     /// Where this source reads from, for messages.
@@ -93,10 +96,7 @@ pub trait ImageSource: Send + Sync {
     /// The manifest the user's reference names.
     fn root_ref(&self) -> ManifestRef;
     /// Raw manifest bytes and the media type the transport reported, `None` if absent.
-    fn fetch_manifest(
-        &self,
-        r: &ManifestRef,
-    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError>;
+    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<RawManifest>, FetchError>;
     /// The raw blob stream (unchecked).
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError>;
 }
@@ -154,9 +154,29 @@ pub struct ResolvedImage {
     pub config_bytes: Vec<u8>,
 }
 
+/// The manifest a reference resolves to, before anything it points at is fetched.
+#[derive(Clone, Debug)]
+pub struct ResolvedManifest {
+    /// Digest of the manifest the reference points at: what signatures are checked against.
+    pub manifest_digest: Digest,
+    /// Digest of the platform manifest that was selected (equal for single manifests).
+    pub platform_manifest_digest: Digest,
+    pub manifest: ImageManifest,
+}
+
 /// Resolves the source's reference: manifest (through an index if needed) and config, every
 /// piece checked against its digest.
 pub fn resolve(source: &dyn ImageSource, platform: &Platform) -> Result<ResolvedImage, FetchError> {
+    load_config(source, resolve_manifest(source, platform)?)
+}
+
+/// Resolves the reference to one platform's image manifest (through an index if needed),
+/// checking every manifest fetched by digest. Nothing else is fetched, so signatures can be
+/// verified before any config or layer is read.
+pub fn resolve_manifest(
+    source: &dyn ImageSource,
+    platform: &Platform,
+) -> Result<ResolvedManifest, FetchError> {
     let root = source.root_ref();
     let (bytes, media_type) = fetch_checked_manifest(source, &root)?;
     let manifest_digest = Digest::of(&bytes);
@@ -195,6 +215,23 @@ pub fn resolve(source: &dyn ImageSource, platform: &Platform) -> Result<Resolved
             }
         }
     };
+    Ok(ResolvedManifest {
+        manifest_digest,
+        platform_manifest_digest,
+        manifest,
+    })
+}
+
+/// Fetches and parses the config of a resolved manifest (digest- and size-checked).
+pub fn load_config(
+    source: &dyn ImageSource,
+    resolved: ResolvedManifest,
+) -> Result<ResolvedImage, FetchError> {
+    let ResolvedManifest {
+        manifest_digest,
+        platform_manifest_digest,
+        manifest,
+    } = resolved;
     let mut config_bytes = Vec::new();
     if manifest.config.size > MAX_MANIFEST_BYTES as u64 {
         return Err(FetchError::new(

@@ -269,10 +269,7 @@ impl ImageSource for RegistrySource {
         self.root.clone()
     }
 
-    fn fetch_manifest(
-        &self,
-        r: &ManifestRef,
-    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
+    fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<super::RawManifest>, FetchError> {
         let reference = match r {
             ManifestRef::Tag(t) => t.clone(),
             ManifestRef::Digest(d) => d.to_string(),

@@ -1,0 +1,571 @@
+//! The trust pipeline: verify, pull, decrypt and unpack, publish.
+//!
+//! Order is the security argument:
+//! 1. The policy scope is chosen from the reference alone; a `reject` scope stops here.
+//! 2. Only the manifest is fetched (digest-checked), then its signatures are verified against
+//!    the policy. Nothing the manifest points at is read before that decision.
+//! 3. Config and layer blobs are fetched into the cache, each checked against the signed
+//!    manifest's size and digest while it streams.
+//! 4. Each layer, read back from the cache, is decrypted (ocicrypt), decompressed and applied to
+//!    a private staging tree; its tar stream must hash to the signed config's diff_id, and an
+//!    encrypted layer's HMAC must verify, before the next layer starts.
+//! 5. Only then is the ext4 image built and moved to the output path. Any failure drops the
+//!    staging tree and leaves no output.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use ocicrypt::DecryptConfig;
+use policy::reference::{Digest, ImageReference};
+use policy::trust::{Policy, Precheck, RejectClass};
+use serde::Serialize;
+
+use crate::fetch::{self, BlobCache, FetchError, FetchErrorClass, SourceOptions};
+use crate::rootfs::{self, RootfsError, RootfsImage, RootfsOptions};
+use crate::unpack::{self, Budget, Compression, Limits, Staging, UnpackError};
+
+/// Why an image was refused or the pipeline failed. Rejections are decisions about the image
+/// (exit code 3); the rest are operational failures (exit code 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureClass {
+    // Rejections.
+    NoSignature,
+    WrongKey,
+    IdentityMismatch,
+    MalformedSignature,
+    UnsupportedSignatureFormat,
+    RejectedByPolicy,
+    DigestMismatch,
+    UnsafeLayer,
+    NoDecryptionKey,
+    MalformedImage,
+    UnsupportedImage,
+    TooLarge,
+    // Operational.
+    InvalidConfiguration,
+    NotFound,
+    InsecureTransport,
+    Network,
+    Io,
+    Mkfs,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::NoSignature => "no-signature",
+            FailureClass::WrongKey => "wrong-key",
+            FailureClass::IdentityMismatch => "identity-mismatch",
+            FailureClass::MalformedSignature => "malformed-signature",
+            FailureClass::UnsupportedSignatureFormat => "unsupported-signature-format",
+            FailureClass::RejectedByPolicy => "rejected-by-policy",
+            FailureClass::DigestMismatch => "digest-mismatch",
+            FailureClass::UnsafeLayer => "unsafe-layer",
+            FailureClass::NoDecryptionKey => "no-decryption-key",
+            FailureClass::MalformedImage => "malformed-image",
+            FailureClass::UnsupportedImage => "unsupported-image",
+            FailureClass::TooLarge => "too-large",
+            FailureClass::InvalidConfiguration => "invalid-configuration",
+            FailureClass::NotFound => "not-found",
+            FailureClass::InsecureTransport => "insecure-transport",
+            FailureClass::Network => "network",
+            FailureClass::Io => "io",
+            FailureClass::Mkfs => "mkfs",
+        }
+    }
+
+    /// A decision about the image rather than a failure to reach or store it.
+    pub fn is_rejection(self) -> bool {
+        !matches!(
+            self,
+            FailureClass::InvalidConfiguration
+                | FailureClass::NotFound
+                | FailureClass::InsecureTransport
+                | FailureClass::Network
+                | FailureClass::Io
+                | FailureClass::Mkfs
+        )
+    }
+
+    fn from_reject(c: RejectClass) -> Self {
+        match c {
+            RejectClass::NoSignature => FailureClass::NoSignature,
+            RejectClass::UnsupportedSignatureFormat => FailureClass::UnsupportedSignatureFormat,
+            RejectClass::WrongKey => FailureClass::WrongKey,
+            RejectClass::MalformedSignature => FailureClass::MalformedSignature,
+            RejectClass::DigestMismatch => FailureClass::DigestMismatch,
+            RejectClass::IdentityMismatch => FailureClass::IdentityMismatch,
+            RejectClass::RejectedByPolicy => FailureClass::RejectedByPolicy,
+        }
+    }
+}
+
+/// Exit codes of the CLI.
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_OPERATIONAL: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_REJECTED: i32 = 3;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct PipelineError {
+    pub class: FailureClass,
+    pub message: String,
+}
+
+impl PipelineError {
+    pub fn new(class: FailureClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        if self.class.is_rejection() {
+            EXIT_REJECTED
+        } else {
+            EXIT_OPERATIONAL
+        }
+    }
+}
+
+impl From<FetchError> for PipelineError {
+    fn from(e: FetchError) -> Self {
+        let class = match e.class {
+            FetchErrorClass::DigestMismatch => FailureClass::DigestMismatch,
+            FetchErrorClass::NotFound => FailureClass::NotFound,
+            FetchErrorClass::Malformed => FailureClass::MalformedImage,
+            FetchErrorClass::Unsupported => FailureClass::UnsupportedImage,
+            FetchErrorClass::Insecure => FailureClass::InsecureTransport,
+            FetchErrorClass::TooLarge => FailureClass::TooLarge,
+            FetchErrorClass::Network => FailureClass::Network,
+            FetchErrorClass::Io => FailureClass::Io,
+        };
+        PipelineError::new(class, e.message)
+    }
+}
+
+fn from_unpack(e: UnpackError, layer: usize, digest: &Digest) -> PipelineError {
+    use unpack::UnpackErrorKind as K;
+    let class = match e.kind {
+        k if k.is_unsafe() => FailureClass::UnsafeLayer,
+        K::Malformed => FailureClass::MalformedImage,
+        K::Unsupported => FailureClass::UnsupportedImage,
+        _ => FailureClass::Io,
+    };
+    PipelineError::new(class, format!("layer {layer} ({digest}): {}", e.message))
+}
+
+fn from_ocicrypt(e: ocicrypt::Error, layer: usize, digest: &Digest) -> PipelineError {
+    use ocicrypt::ErrorClass as C;
+    let class = match e.class() {
+        C::NoKey => FailureClass::NoDecryptionKey,
+        C::Integrity => FailureClass::DigestMismatch,
+        C::Malformed => FailureClass::MalformedImage,
+        C::Unsupported => FailureClass::UnsupportedImage,
+        C::Io => FailureClass::Io,
+    };
+    PipelineError::new(class, format!("layer {layer} ({digest}): {e}"))
+}
+
+/// Everything the pipeline needs besides the image reference.
+pub struct PipelineConfig {
+    pub policy: Policy,
+    pub cache_dir: PathBuf,
+    /// Where private staging trees are made; defaults to `<cache_dir>/staging`.
+    pub staging_dir: Option<PathBuf>,
+    pub source: SourceOptions,
+    pub decryption: DecryptConfig,
+    pub limits: Limits,
+    pub rootfs: RootfsOptions,
+}
+
+impl PipelineConfig {
+    pub fn new(policy: Policy, cache_dir: PathBuf) -> Self {
+        Self {
+            policy,
+            cache_dir,
+            staging_dir: None,
+            source: SourceOptions::default(),
+            decryption: DecryptConfig::new(Vec::new()),
+            limits: Limits::default(),
+            rootfs: RootfsOptions::default(),
+        }
+    }
+}
+
+/// How far to go.
+#[derive(Clone, Debug)]
+pub enum Goal {
+    Verify,
+    Pull,
+    Unpack { output: PathBuf },
+}
+
+/// Progress notifications for a front end (progress bar, logs).
+pub trait Progress {
+    fn stage(&self, _message: &str) {}
+    /// `done` of `total` bytes of `label`.
+    fn bytes(&self, _label: &str, _done: u64, _total: u64) {}
+    fn finish_bytes(&self) {}
+}
+
+/// No progress output.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// What the pipeline found and did; filled as it goes, so a failure report shows how far it
+/// got. Holds no key material.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub image: String,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<FailureClass>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform_manifest_digest: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<Digest>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsImage>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    #[default]
+    Incomplete,
+    Accepted,
+    Rejected,
+    Error,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyReport {
+    pub policy: String,
+    pub scope: String,
+    pub allowed: bool,
+    pub reason: String,
+    pub signatures_found: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub index: usize,
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub encrypted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_at: Option<PathBuf>,
+    /// Set once the layer's tar stream hashed to the config's diff_id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<Digest>,
+    /// Go ocicrypt recorded a pre-recompression digest; the diff_id check authenticated it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_private_digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_bytes: Option<u64>,
+}
+
+/// The pipeline with its configuration.
+pub struct TrustPipeline {
+    cfg: PipelineConfig,
+}
+
+impl TrustPipeline {
+    pub fn new(cfg: PipelineConfig) -> Self {
+        Self { cfg }
+    }
+
+    pub fn config(&self) -> &PipelineConfig {
+        &self.cfg
+    }
+
+    /// Runs up to `goal`, recording into `report`. On error the report holds the outcome,
+    /// class and message as well.
+    pub fn run(
+        &self,
+        reference: &ImageReference,
+        goal: &Goal,
+        progress: &dyn Progress,
+        report: &mut Report,
+    ) -> Result<(), PipelineError> {
+        report.image = reference.to_string();
+        let result = self.run_inner(reference, goal, progress, report);
+        match &result {
+            Ok(()) => report.outcome = Outcome::Accepted,
+            Err(e) => {
+                report.outcome = if e.class.is_rejection() {
+                    Outcome::Rejected
+                } else {
+                    Outcome::Error
+                };
+                report.class = Some(e.class);
+                report.error = Some(e.message.clone());
+                if e.class.is_rejection() {
+                    tracing::warn!(target: "audit", image = %report.image, class = e.class.as_str(), reason = %e.message, "image rejected");
+                }
+            }
+        }
+        result
+    }
+
+    fn run_inner(
+        &self,
+        reference: &ImageReference,
+        goal: &Goal,
+        progress: &dyn Progress,
+        report: &mut Report,
+    ) -> Result<(), PipelineError> {
+        let evaluation = self.cfg.policy.requirements_for(reference);
+        if evaluation.precheck() == Precheck::Rejected {
+            return Err(PipelineError::new(
+                FailureClass::RejectedByPolicy,
+                format!(
+                    "policy {} scope {} rejects {reference}; nothing was fetched",
+                    self.cfg.policy.origin(),
+                    evaluation.scope
+                ),
+            ));
+        }
+
+        progress.stage("resolving manifest");
+        let source = fetch::open_source(reference, &self.cfg.source)?;
+        report.source = Some(source.describe());
+        let resolved = fetch::resolve_manifest(source.as_ref(), &self.cfg.source.platform)?;
+        report.manifest_digest = Some(resolved.manifest_digest.clone());
+        report.platform_manifest_digest = Some(resolved.platform_manifest_digest.clone());
+
+        progress.stage("verifying signatures");
+        let signatures = if evaluation.precheck() == Precheck::SignatureRequired {
+            fetch::signatures(source.as_ref(), &resolved.manifest_digest)?
+        } else {
+            Vec::new()
+        };
+        let decision = evaluation.evaluate(reference, &resolved.manifest_digest, &signatures);
+        report.policy = Some(PolicyReport {
+            policy: self.cfg.policy.origin().to_string(),
+            scope: decision.scope.clone(),
+            allowed: decision.allowed,
+            reason: decision.reason.clone(),
+            signatures_found: signatures.len(),
+        });
+        if !decision.allowed {
+            let class = decision
+                .class
+                .map(FailureClass::from_reject)
+                .unwrap_or(FailureClass::RejectedByPolicy);
+            return Err(PipelineError::new(
+                class,
+                format!("{reference}: {}", decision.reason),
+            ));
+        }
+        tracing::info!(target: "audit", image = %reference, digest = %resolved.manifest_digest, scope = %decision.scope, reason = %decision.reason, "image accepted by policy");
+
+        let image = fetch::load_config(source.as_ref(), resolved)?;
+        report.config_digest = Some(image.manifest.config.digest.clone());
+        report.layers = image
+            .manifest
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(index, l)| LayerReport {
+                index,
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                size: l.size,
+                encrypted: ocicrypt::is_encrypted_media_type(&l.media_type),
+                compression: None,
+                cached_at: None,
+                diff_id: None,
+                stale_private_digest: None,
+                entries: None,
+                file_bytes: None,
+            })
+            .collect();
+        // Refuse unsupported layer types and missing keys before fetching gigabytes.
+        for (i, layer) in image.manifest.layers.iter().enumerate() {
+            let plain_type =
+                ocicrypt::decrypted_media_type(&layer.media_type).unwrap_or(&layer.media_type);
+            let compression = Compression::from_media_type(plain_type)
+                .map_err(|e| from_unpack(e, i, &layer.digest))?;
+            report.layers[i].compression = Some(compression);
+            if report.layers[i].encrypted
+                && self.cfg.decryption.keys().is_empty()
+                && matches!(goal, Goal::Unpack { .. })
+            {
+                return Err(PipelineError::new(
+                    FailureClass::NoDecryptionKey,
+                    format!(
+                        "layer {i} ({}) is encrypted and no decryption key was given",
+                        layer.digest
+                    ),
+                ));
+            }
+        }
+        if matches!(goal, Goal::Verify) {
+            return Ok(());
+        }
+
+        let cache = BlobCache::new(&self.cfg.cache_dir)?;
+        let mut paths = Vec::new();
+        for (i, layer) in image.manifest.layers.iter().enumerate() {
+            let label = format!("layer {}/{}", i + 1, image.manifest.layers.len());
+            progress.stage(&format!("pulling {label} ({})", layer.digest));
+            let path = cache.fetch(source.as_ref(), layer, &|done, total| {
+                progress.bytes(&label, done, total)
+            })?;
+            progress.finish_bytes();
+            report.layers[i].cached_at = Some(path.clone());
+            paths.push(path);
+        }
+        let Goal::Unpack { output } = goal else {
+            return Ok(());
+        };
+
+        let staging_parent = self
+            .cfg
+            .staging_dir
+            .clone()
+            .unwrap_or_else(|| self.cfg.cache_dir.join("staging"));
+        let staging = Staging::create(&staging_parent).map_err(|e| {
+            PipelineError::new(
+                FailureClass::Io,
+                format!(
+                    "cannot create staging tree in {}: {e}",
+                    staging_parent.display()
+                ),
+            )
+        })?;
+        let mut budget = Budget::default();
+        for (i, layer) in image.manifest.layers.iter().enumerate() {
+            progress.stage(&format!(
+                "unpacking layer {}/{} ({})",
+                i + 1,
+                image.manifest.layers.len(),
+                layer.digest
+            ));
+            self.apply_one(
+                &staging,
+                &paths[i],
+                layer,
+                i,
+                &image.config.diff_ids[i],
+                &mut budget,
+                &mut report.layers[i],
+            )?;
+        }
+        progress.stage("building ext4 image");
+        let uuid = rootfs::uuid_from_seed(&image.platform_manifest_digest.to_string());
+        let built =
+            rootfs::build_ext4(&staging.path(), output, &uuid, &self.cfg.rootfs).map_err(|e| {
+                let class = match e {
+                    RootfsError::Io { .. } => FailureClass::Io,
+                    _ => FailureClass::Mkfs,
+                };
+                PipelineError::new(class, e.to_string())
+            })?;
+        report.rootfs = Some(built);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_one(
+        &self,
+        staging: &Staging,
+        blob: &Path,
+        layer: &fetch::Descriptor,
+        index: usize,
+        diff_id: &Digest,
+        budget: &mut Budget,
+        report: &mut LayerReport,
+    ) -> Result<(), PipelineError> {
+        let file = File::open(blob).map_err(|e| {
+            PipelineError::new(
+                FailureClass::Io,
+                format!("cannot open cached blob {}: {e}", blob.display()),
+            )
+        })?;
+        let reader = BufReader::with_capacity(256 * 1024, file);
+        let compression = report
+            .compression
+            .expect("compression was determined before pulling");
+        let stats = if report.encrypted {
+            let mut decryptor =
+                ocicrypt::decrypt_layer(reader, &layer.annotations, &self.cfg.decryption)
+                    .map_err(|e| from_ocicrypt(e, index, &layer.digest))?;
+            let stats = unpack_stream(
+                staging,
+                &mut decryptor,
+                compression,
+                &self.cfg.limits,
+                budget,
+            )
+            .map_err(|e| from_unpack(e, index, &layer.digest))?;
+            // The tar stream is fully read; now the HMAC over all ciphertext must match.
+            let (authenticated, stale) = decryptor
+                .finish_allowing_stale_digest()
+                .map_err(|e| from_ocicrypt(e, index, &layer.digest))?;
+            if let Some(stale) = stale {
+                // Accepted only because the diff_id check below authenticates the content
+                // through the signed config.
+                tracing::warn!(
+                    layer = index,
+                    declared = %stale.declared,
+                    actual = authenticated.plaintext_digest(),
+                    "encrypted layer's private options carry a stale digest (recompressed by the publisher); relying on the signed diff_id"
+                );
+                report.stale_private_digest = Some(stale.declared);
+            }
+            stats
+        } else {
+            // The blob's digest was checked against the signed manifest when it was cached.
+            unpack_stream(staging, reader, compression, &self.cfg.limits, budget)
+                .map_err(|e| from_unpack(e, index, &layer.digest))?
+        };
+        if &stats.diff_id != diff_id {
+            return Err(PipelineError::new(
+                FailureClass::DigestMismatch,
+                format!(
+                    "layer {index} ({}): uncompressed content has digest {} but the signed config says {diff_id}",
+                    layer.digest, stats.diff_id
+                ),
+            ));
+        }
+        report.diff_id = Some(stats.diff_id);
+        report.entries = Some(stats.entries);
+        report.file_bytes = Some(stats.file_bytes);
+        Ok(())
+    }
+}
+
+fn unpack_stream<R: std::io::Read>(
+    staging: &Staging,
+    compressed: R,
+    compression: Compression,
+    limits: &Limits,
+    budget: &mut Budget,
+) -> Result<unpack::LayerStats, UnpackError> {
+    let decoder = compression
+        .decoder(compressed)
+        .map_err(|e| UnpackError::from_stream(e, "starting decompression"))?;
+    unpack::apply_layer(staging, decoder, limits, budget)
+}

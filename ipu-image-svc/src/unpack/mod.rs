@@ -1,0 +1,251 @@
+//! Safe unpack of decrypted, decompressed OCI layers into a private staging tree.
+//!
+//! Layers are applied in order with OCI whiteout semantics (`.wh.<name>` removes a lower
+//! entry, `.wh..wh..opq` empties a directory of lower entries). Anything that could write
+//! outside the tree is refused before it touches the file system: absolute paths, `..`,
+//! writes through a symlink (see [`staging`]), hardlinks to outside or to directories, and
+//! device nodes unless allowed. Limits on entries, one file's size, total bytes and the raw
+//! tar stream are checked from tar headers before content is read, so a decompression bomb
+//! stops at its first oversized header rather than after inflating it.
+//!
+//! The staging tree is not published by this module: callers build the rootfs only after
+//! every layer's decryption was authenticated and its diff_id matched.
+
+mod apply;
+pub mod path;
+pub mod staging;
+
+use std::fmt;
+use std::io::{self, Read};
+
+use policy::reference::Digest;
+use sha2::{Digest as _, Sha256};
+
+pub use apply::apply_layer;
+pub use staging::Staging;
+
+/// How a layer's tar stream is compressed, from its (decrypted) media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Maps OCI and Docker layer media types; anything else is refused by name.
+    pub fn from_media_type(media_type: &str) -> Result<Self, UnpackError> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
+            other if other.contains("nondistributable") || other.contains("foreign") => {
+                Err(UnpackError::new(
+                    UnpackErrorKind::Unsupported,
+                    format!("non-distributable (foreign) layer {other:?} is not supported"),
+                ))
+            }
+            other => Err(UnpackError::new(
+                UnpackErrorKind::Unsupported,
+                format!("layer media type {other:?} is not a tar layer this service handles"),
+            )),
+        }
+    }
+
+    /// Wraps `r` in the matching decoder.
+    pub fn decoder<'a, R: Read + 'a>(self, r: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(r),
+            // Multi-member gzip is valid and produced by some tools (pigz).
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
+        })
+    }
+}
+
+/// Bounds on what one image may unpack to.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Limits {
+    /// Sum of regular file sizes over all layers.
+    pub max_unpacked_bytes: u64,
+    /// Size of one regular file.
+    pub max_file_size: u64,
+    /// Tar entries over all layers (every entry may create an inode).
+    pub max_inodes: u64,
+    /// Create character and block device nodes instead of refusing the layer.
+    pub allow_device_nodes: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_unpacked_bytes: 8 << 30,
+            max_file_size: 2 << 30,
+            max_inodes: 1_000_000,
+            allow_device_nodes: false,
+        }
+    }
+}
+
+impl Limits {
+    /// Bytes of raw tar stream allowed per layer: content plus generous room for headers
+    /// and padding, so trailing garbage after the end-of-archive marker cannot inflate forever.
+    fn max_stream_bytes(&self) -> u64 {
+        self.max_unpacked_bytes
+            .saturating_add(self.max_inodes.saturating_mul(2048))
+            .saturating_add(1 << 20)
+    }
+}
+
+/// What an image has used of its [`Limits`] so far, carried across layers.
+#[derive(Clone, Debug, Default)]
+pub struct Budget {
+    pub unpacked_bytes: u64,
+    pub inodes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnpackErrorKind {
+    /// A path that is absolute, has `..`, or goes through a symlink.
+    UnsafePath,
+    /// A hardlink that leaves the tree or targets a directory.
+    UnsafeLink,
+    /// A character or block device while device nodes are not allowed.
+    DeviceNode,
+    /// One of the [`Limits`] was hit.
+    LimitExceeded,
+    /// Not a valid layer: broken tar or compression, impossible entries.
+    Malformed,
+    /// A valid layer using something not handled (entry type, media type).
+    Unsupported,
+    /// The local file system failed.
+    Io,
+}
+
+impl UnpackErrorKind {
+    /// True when the layer content itself is unsafe, as opposed to broken or unsupported.
+    pub fn is_unsafe(self) -> bool {
+        matches!(
+            self,
+            UnpackErrorKind::UnsafePath
+                | UnpackErrorKind::UnsafeLink
+                | UnpackErrorKind::DeviceNode
+                | UnpackErrorKind::LimitExceeded
+        )
+    }
+}
+
+/// An unpack failure: its kind, and the entry and reason in words.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct UnpackError {
+    pub kind: UnpackErrorKind,
+    pub message: String,
+}
+
+impl fmt::Display for UnpackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl UnpackError {
+    pub fn new(kind: UnpackErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Recovers an error that travelled through `io::Error` (from the stream limiter or
+    /// a decoder); other I/O errors from the layer stream mean the stream is broken.
+    pub fn from_stream(e: io::Error, context: &str) -> Self {
+        if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<UnpackError>()) {
+            return inner.clone();
+        }
+        Self::new(UnpackErrorKind::Malformed, format!("{context}: {e}"))
+    }
+}
+
+/// Counts and hashes the raw tar stream (for the diff_id) and stops it at the stream limit.
+pub(crate) struct DiffIdReader<R> {
+    inner: R,
+    hash: Sha256,
+    read: u64,
+    limit: u64,
+}
+
+impl<R: Read> DiffIdReader<R> {
+    fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            hash: Sha256::new(),
+            read: 0,
+            limit,
+        }
+    }
+
+    /// Reads to EOF (the diff_id covers the whole stream) and returns the digest.
+    fn finish(mut self) -> io::Result<(Digest, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((Digest::from_sha256(self.hash.finalize().into()), self.read))
+    }
+}
+
+impl<R: Read> Read for DiffIdReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.limit {
+            return Err(io::Error::other(UnpackError::new(
+                UnpackErrorKind::LimitExceeded,
+                format!(
+                    "layer tar stream exceeds {} bytes (limit derived from max unpacked bytes and inodes)",
+                    self.limit
+                ),
+            )));
+        }
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What one applied layer contained.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerStats {
+    /// SHA-256 of the uncompressed tar stream: compared with the config's diff_id.
+    pub diff_id: Digest,
+    pub tar_bytes: u64,
+    pub entries: u64,
+    pub file_bytes: u64,
+    pub whiteouts: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types() {
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd").unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip")
+                .unwrap(),
+            Compression::Gzip
+        );
+        let e = Compression::from_media_type(
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, UnpackErrorKind::Unsupported);
+        assert!(e.message.contains("non-distributable"));
+        let e = Compression::from_media_type("application/x-foo").unwrap_err();
+        assert!(e.message.contains("application/x-foo"));
+    }
+}
