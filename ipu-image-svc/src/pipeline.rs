@@ -102,6 +102,12 @@ impl FailureClass {
     }
 }
 
+impl std::fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Exit codes of the CLI.
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_OPERATIONAL: i32 = 1;

@@ -1,1 +1,232 @@
-//! Shared helpers for the integration tests (registry harness, fixtures).
+//! Shared helpers for the integration tests: the fixture set, a real `docker-registry`
+//! serving it on 127.0.0.1, and ext4 inspection with e2fsprogs.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `tests/fixtures` (copied from the shared fixture set; never edited to fit the code).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// One row of `expected.tsv`.
+#[derive(Clone, Debug)]
+pub struct Expected {
+    pub tag: String,
+    pub digest: String,
+    pub accept: bool,
+    pub reason_class: String,
+}
+
+pub fn expected() -> Vec<Expected> {
+    let text = std::fs::read_to_string(fixtures().join("expected.tsv")).expect("expected.tsv");
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Expected {
+                tag: f[0].to_string(),
+                digest: f[1].to_string(),
+                accept: match f[2] {
+                    "accept" => true,
+                    "reject" => false,
+                    other => panic!("expected.tsv: outcome {other:?}"),
+                },
+                reason_class: f.get(3).unwrap_or(&"").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// A `docker-registry` (distribution) process serving a private copy of the fixture
+/// storage on a free loopback port; killed on drop.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Serves `tests/fixtures/registry`.
+    pub fn start_fixtures() -> Registry {
+        Self::start(Some(&fixtures().join("registry")))
+    }
+
+    /// Serves a copy of `storage` (or an empty registry).
+    pub fn start(storage: Option<&Path>) -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("storage");
+        std::fs::create_dir_all(&root).unwrap();
+        if let Some(storage) = storage {
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(format!("{}/.", storage.display()))
+                .arg(&root)
+                .status()
+                .expect("cp");
+            assert!(status.success(), "copying registry storage failed");
+        }
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let config = std::fs::read_to_string(fixtures().join("registry.yml"))
+                .expect("registry.yml")
+                .replace("REGISTRY_ROOT", root.to_str().unwrap())
+                .replace("PORT", &port.to_string());
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config).unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("docker-registry not installed: run scripts/setup.sh");
+            let mut reg = Registry {
+                child,
+                port,
+                _dir: tempfile::tempdir().unwrap(),
+            };
+            if reg.wait_ready(Duration::from_secs(15)) {
+                reg._dir = dir;
+                return reg;
+            }
+            last_err = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+        }
+        panic!("docker-registry did not start: {last_err}");
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `docker://127.0.0.1:PORT/<repo>:<tag>`
+    pub fn reference(&self, repo: &str, tag: &str) -> String {
+        format!("docker://{}/{repo}:{tag}", self.host())
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let req = format!(
+                    "GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+                    self.port
+                );
+                if s.write_all(req.as_bytes()).is_ok() {
+                    let mut resp = String::new();
+                    let _ = s.read_to_string(&mut resp);
+                    if resp.starts_with("HTTP/1.1 200") {
+                        return true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Reads a file out of an ext4 image with debugfs (no mount needed).
+pub fn ext4_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(image)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.contains("File not found") {
+        return None;
+    }
+    Some(out.stdout)
+}
+
+/// `debugfs stat` output for a path, `None` if absent.
+pub fn ext4_stat(image: &Path, path: &str) -> Option<String> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(image)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("File not found") {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Names in a directory of an ext4 image (without `.` and `..`).
+pub fn ext4_ls(image: &Path, path: &str) -> Vec<String> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("ls -p {path}"))
+        .arg(image)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .collect()
+}
+
+/// Extracts the whole ext4 image into `dir` with `debugfs rdump` (keeps modes and owners).
+pub fn ext4_extract(image: &Path, dir: &Path) {
+    let status = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dir.display()))
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("debugfs");
+    assert!(status.success(), "debugfs rdump failed");
+}
+
+/// `e2fsck -fn`: the image is a consistent ext4 file system.
+pub fn ext4_fsck_clean(image: &Path) -> bool {
+    Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
