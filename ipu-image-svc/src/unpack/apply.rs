@@ -190,6 +190,15 @@ impl LayerApplier<'_> {
                 .map_err(|e| io_error(&path, "create", e))?;
                 let mut file = File::from(fd);
                 let written = self.copy_content(&mut entry, &mut file, &path)?;
+                if entry_type != EntryType::GNUSparse && written != size {
+                    return Err(UnpackError::new(
+                        UnpackErrorKind::Malformed,
+                        format!(
+                            "entry {}: content ends after {written} of {size} bytes; the layer is truncated",
+                            path.display()
+                        ),
+                    ));
+                }
                 self.stats.file_bytes += written;
                 let fd = OwnedFd::from(file);
                 set_fd_meta(&fd, &meta, &path)?;
