@@ -1,0 +1,73 @@
+//! Key pairs for publishers: ECDSA P-256 for signing, RSA or EC for JWE layer-key recipients.
+//! Private keys are written as unencrypted PKCS#8 PEM with mode 0600; public keys as SPKI PEM.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+use rand_core::OsRng;
+use zeroize::Zeroizing;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyKind {
+    #[value(name = "ec-p256")]
+    EcP256,
+    #[value(name = "ec-p384")]
+    EcP384,
+    #[value(name = "ec-p521")]
+    EcP521,
+    #[value(name = "rsa-2048")]
+    Rsa2048,
+    #[value(name = "rsa-3072")]
+    Rsa3072,
+    #[value(name = "rsa-4096")]
+    Rsa4096,
+}
+
+/// PEM texts of a new key pair: (private PKCS#8, public SPKI).
+pub fn generate(kind: KeyKind) -> Result<(Zeroizing<String>, String)> {
+    let lf = LineEnding::LF;
+    Ok(match kind {
+        KeyKind::EcP256 => {
+            let k = p256::SecretKey::random(&mut OsRng);
+            (k.to_pkcs8_pem(lf)?, k.public_key().to_public_key_pem(lf)?)
+        }
+        KeyKind::EcP384 => {
+            let k = p384::SecretKey::random(&mut OsRng);
+            (k.to_pkcs8_pem(lf)?, k.public_key().to_public_key_pem(lf)?)
+        }
+        KeyKind::EcP521 => {
+            let k = p521::SecretKey::random(&mut OsRng);
+            (k.to_pkcs8_pem(lf)?, k.public_key().to_public_key_pem(lf)?)
+        }
+        KeyKind::Rsa2048 | KeyKind::Rsa3072 | KeyKind::Rsa4096 => {
+            let bits = match kind {
+                KeyKind::Rsa2048 => 2048,
+                KeyKind::Rsa3072 => 3072,
+                _ => 4096,
+            };
+            let k = rsa::RsaPrivateKey::new(&mut OsRng, bits).context("generating an RSA key")?;
+            let public = rsa::RsaPublicKey::from(&k);
+            (k.to_pkcs8_pem(lf)?, public.to_public_key_pem(lf)?)
+        }
+    })
+}
+
+/// Writes `DIR/priv.pem` (0600) and `DIR/pub.pem`; refuses to overwrite a private key.
+pub fn write_pair(kind: KeyKind, dir: &Path) -> Result<()> {
+    let (private, public) = generate(kind)?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let priv_path = dir.join("priv.pem");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&priv_path)
+        .with_context(|| format!("creating {} (it must not exist yet)", priv_path.display()))?;
+    f.write_all(private.as_bytes())?;
+    fs::write(dir.join("pub.pem"), public)?;
+    Ok(())
+}

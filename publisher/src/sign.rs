@@ -1,0 +1,83 @@
+//! cosign "simple signing" signatures stored at the `sha256-<hex>.sig` tag, as
+//! `cosign sign --key` writes them (and as `policy` verifies them).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use policy::reference::Digest;
+use policy::sigstore::{sign_simple_signing, SimpleSigningPayload};
+use zeroize::Zeroizing;
+
+use crate::layout::{Descriptor, Layout, Manifest, OCI_CONFIG, OCI_MANIFEST};
+
+pub const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+
+/// The tag cosign stores the signatures of `manifest_digest` under.
+pub fn signature_tag(manifest_digest: &str) -> Result<String> {
+    let hex = manifest_digest
+        .strip_prefix("sha256:")
+        .with_context(|| format!("{manifest_digest} is not a sha256 digest"))?;
+    Ok(format!("sha256-{hex}.sig"))
+}
+
+/// Signs the manifest tagged `tag` for `identity` (the repository the signature claims, e.g.
+/// `registry.example/team/app`) with an ECDSA P-256 PKCS#8 PEM key. Signatures accumulate:
+/// signing again adds a layer to the signature manifest.
+pub fn sign(layout: &Layout, tag: &str, key_pem: &[u8], identity: &str) -> Result<Descriptor> {
+    let (desc, _) = layout.manifest(tag)?;
+    let digest = Digest::parse(&desc.digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let payload = SimpleSigningPayload {
+        docker_reference: identity.to_string(),
+        docker_manifest_digest: digest,
+        optional: None,
+    }
+    .to_cosign_json();
+
+    let key = pem::parse(key_pem).context("signing key is not PEM")?;
+    if key.tag() != "PRIVATE KEY" {
+        bail!(
+            "signing key is a {:?} PEM block; expected an unencrypted PKCS#8 \"PRIVATE KEY\" (ocipub keygen --kind ec-p256)",
+            key.tag()
+        );
+    }
+    let der = Zeroizing::new(key.into_contents());
+    let signature = sign_simple_signing(&payload, &der).map_err(|e| anyhow::anyhow!(e))?;
+
+    let sig_tag = signature_tag(&desc.digest)?;
+    let mut layers = match layout.tagged(&sig_tag)? {
+        Some(_) => layout.manifest(&sig_tag)?.1.layers,
+        None => Vec::new(),
+    };
+    let mut layer = layout.put_blob(SIMPLESIGNING, &payload)?;
+    layer.annotations = BTreeMap::from([(
+        SIGNATURE_ANNOTATION.to_string(),
+        base64::engine::general_purpose::STANDARD.encode(&signature),
+    )]);
+    layers.push(layer);
+
+    // cosign's signature image config: one diff_id per payload.
+    let config = serde_json::json!({
+        "architecture": "",
+        "created": "0001-01-01T00:00:00Z",
+        "history": [{"created": "0001-01-01T00:00:00Z"}],
+        "os": "",
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>(),
+        },
+        "config": {},
+    });
+    let config = layout.put_blob(OCI_CONFIG, &serde_json::to_vec(&config)?)?;
+    layout.put_manifest(
+        &sig_tag,
+        &Manifest {
+            schema_version: 2,
+            media_type: OCI_MANIFEST.into(),
+            config,
+            layers,
+            annotations: Default::default(),
+        },
+    )
+}
