@@ -43,11 +43,110 @@ impl AuthenticatedLayer {
     }
 }
 
+/// Where the HMAC over the ciphertext is computed.
+///
+/// Decryption needs two SHA-256 passes per byte (the HMAC over the ciphertext and the digest
+/// of the plaintext); one SHA-256 pass is the slowest part of the cipher. With a second core,
+/// the HMAC runs on its own thread while the caller's thread decrypts and hashes the plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmacMode {
+    /// Everything on the reading thread.
+    Inline,
+    /// The HMAC on a helper thread fed with ciphertext buffers.
+    Thread,
+}
+
+impl HmacMode {
+    /// `Thread` when the machine has more than one CPU available to us.
+    pub fn auto() -> Self {
+        match std::thread::available_parallelism() {
+            Ok(n) if n.get() > 1 => HmacMode::Thread,
+            _ => HmacMode::Inline,
+        }
+    }
+}
+
+/// Ciphertext buffers in flight to the HMAC thread.
+const MAC_BUFFERS: usize = 4;
+
+/// The HMAC computed on a helper thread. Buffers go to the thread full of ciphertext and
+/// come back empty; at most [`MAC_BUFFERS`] exist.
+struct MacThread {
+    to_worker: Option<std::sync::mpsc::SyncSender<(Vec<u8>, usize)>>,
+    from_worker: std::sync::mpsc::Receiver<Vec<u8>>,
+    worker: Option<std::thread::JoinHandle<[u8; 32]>>,
+    allocated: usize,
+    /// A buffer that came back unused (end of stream or a read error).
+    spare: Option<Vec<u8>>,
+}
+
+impl MacThread {
+    fn start(mut mac: HmacSha256) -> io::Result<Self> {
+        let (to_worker, work) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(MAC_BUFFERS);
+        let (give_back, from_worker) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("ocicrypt-hmac".into())
+            .spawn(move || {
+                for (buf, n) in work {
+                    mac.update(&buf[..n]);
+                    // The reader may be gone (dropped early); nothing to do then.
+                    let _ = give_back.send(buf);
+                }
+                mac.finalize().into_bytes().into()
+            })?;
+        Ok(Self {
+            to_worker: Some(to_worker),
+            from_worker,
+            worker: Some(worker),
+            allocated: 0,
+            spare: None,
+        })
+    }
+
+    fn buffer(&mut self) -> io::Result<Vec<u8>> {
+        if let Some(buf) = self.spare.take() {
+            return Ok(buf);
+        }
+        if let Ok(buf) = self.from_worker.try_recv() {
+            return Ok(buf);
+        }
+        if self.allocated < MAC_BUFFERS {
+            self.allocated += 1;
+            return Ok(vec![0u8; CHUNK]);
+        }
+        self.from_worker
+            .recv()
+            .map_err(|_| io::Error::other("HMAC thread stopped"))
+    }
+
+    fn send(&mut self, buf: Vec<u8>, n: usize) -> io::Result<()> {
+        self.to_worker
+            .as_ref()
+            .expect("not finished")
+            .send((buf, n))
+            .map_err(|_| io::Error::other("HMAC thread stopped"))
+    }
+
+    fn finish(&mut self) -> io::Result<[u8; 32]> {
+        drop(self.to_worker.take());
+        self.worker
+            .take()
+            .expect("finished once")
+            .join()
+            .map_err(|_| io::Error::other("HMAC thread panicked"))
+    }
+}
+
+enum MacState {
+    Inline(HmacSha256),
+    Thread(MacThread),
+}
+
 /// Streaming decryption. `Read` yields plaintext that is **not yet authenticated**.
 pub struct LayerDecryptor<R> {
     inner: R,
     ctr: Aes256Ctr,
-    mac: HmacSha256,
+    mac: MacState,
     plain_hash: Sha256,
     expected_hmac: Vec<u8>,
     expected_digest: String,
@@ -60,6 +159,16 @@ pub fn decrypt_layer<R: Read>(
     ciphertext: R,
     annotations: &Annotations,
     dc: &DecryptConfig,
+) -> Result<LayerDecryptor<R>, Error> {
+    decrypt_layer_with(ciphertext, annotations, dc, HmacMode::auto())
+}
+
+/// [`decrypt_layer`] with an explicit [`HmacMode`] (it uses [`HmacMode::auto`]).
+pub fn decrypt_layer_with<R: Read>(
+    ciphertext: R,
+    annotations: &Annotations,
+    dc: &DecryptConfig,
+    mode: HmacMode,
 ) -> Result<LayerDecryptor<R>, Error> {
     crate::log_hardware_once();
     let pubopts = PublicLayerOptions::from_annotations(annotations)?;
@@ -82,7 +191,7 @@ pub fn decrypt_layer<R: Read>(
     })?;
     let opts_json = jwe::unwrap(jwe_annotation, dc.keys())?;
     let privopts = PrivateLayerOptions::from_json(&opts_json)?;
-    LayerDecryptor::with_options(ciphertext, &pubopts, &privopts)
+    LayerDecryptor::with_options_and_mode(ciphertext, &pubopts, &privopts, mode)
 }
 
 impl<R: Read> LayerDecryptor<R> {
@@ -92,6 +201,16 @@ impl<R: Read> LayerDecryptor<R> {
         pubopts: &PublicLayerOptions,
         privopts: &PrivateLayerOptions,
     ) -> Result<Self, Error> {
+        Self::with_options_and_mode(inner, pubopts, privopts, HmacMode::auto())
+    }
+
+    /// [`with_options`](Self::with_options) with an explicit [`HmacMode`].
+    pub fn with_options_and_mode(
+        inner: R,
+        pubopts: &PublicLayerOptions,
+        privopts: &PrivateLayerOptions,
+        mode: HmacMode,
+    ) -> Result<Self, Error> {
         if pubopts.cipher != CIPHER_NAME {
             return Err(Error::Unsupported(format!(
                 "layer cipher {:?} (only {CIPHER_NAME})",
@@ -100,7 +219,11 @@ impl<R: Read> LayerDecryptor<R> {
         }
         let ctr = Aes256Ctr::new(privopts.symkey().into(), privopts.nonce().into());
         let mac = <HmacSha256 as Mac>::new_from_slice(privopts.symkey()).expect("any key size");
-        Ok(Self {
+        let mac = match mode {
+            HmacMode::Inline => MacState::Inline(mac),
+            HmacMode::Thread => MacState::Thread(MacThread::start(mac).map_err(Error::Io)?),
+        };
+        let dec = Self {
             inner,
             ctr,
             mac,
@@ -108,7 +231,8 @@ impl<R: Read> LayerDecryptor<R> {
             expected_hmac: pubopts.hmac.clone(),
             expected_digest: privopts.digest().to_string(),
             plaintext_size: 0,
-        })
+        };
+        Ok(dec)
     }
 
     /// Reads the rest of the ciphertext, then checks the HMAC over all of it and the plaintext
@@ -141,7 +265,10 @@ impl<R: Read> LayerDecryptor<R> {
             }
         }
         sink.zeroize();
-        let tag = self.mac.finalize().into_bytes();
+        let tag: [u8; 32] = match &mut self.mac {
+            MacState::Inline(mac) => mac.clone().finalize().into_bytes().into(),
+            MacState::Thread(t) => t.finish().map_err(Error::Io)?,
+        };
         if !bool::from(tag.as_slice().ct_eq(&self.expected_hmac)) {
             return Err(Error::Integrity(
                 "layer HMAC does not match: ciphertext modified or truncated".into(),
@@ -170,11 +297,36 @@ pub struct StaleDigest {
 impl<R: Read> Read for LayerDecryptor<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let len = buf.len().min(CHUNK);
-        let n = self.inner.read(&mut buf[..len])?;
-        let chunk = &mut buf[..n];
-        self.mac.update(chunk);
-        self.ctr.apply_keystream(chunk);
-        self.plain_hash.update(chunk);
+        let n = match &mut self.mac {
+            MacState::Inline(mac) => {
+                let n = self.inner.read(&mut buf[..len])?;
+                mac.update(&buf[..n]);
+                self.ctr.apply_keystream(&mut buf[..n]);
+                n
+            }
+            MacState::Thread(t) => {
+                // Ciphertext goes into a buffer that is then handed to the HMAC thread; the
+                // plaintext is decrypted from it straight into the caller's buffer.
+                let mut cipher = t.buffer()?;
+                let n = match self.inner.read(&mut cipher[..len]) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        t.spare = Some(cipher);
+                        return Err(e);
+                    }
+                };
+                if n == 0 {
+                    t.spare = Some(cipher);
+                } else {
+                    self.ctr
+                        .apply_keystream_b2b(&cipher[..n], &mut buf[..n])
+                        .expect("same lengths");
+                    t.send(cipher, n)?;
+                }
+                n
+            }
+        };
+        self.plain_hash.update(&buf[..n]);
         self.plaintext_size += n as u64;
         Ok(n)
     }

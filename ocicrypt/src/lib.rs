@@ -3,12 +3,18 @@
 //! An encrypted layer has the plain media type plus `+encrypted`, the same size as its
 //! plaintext, and two annotations: `org.opencontainers.image.enc.keys.jwe` (the private options,
 //! wrapped to each recipient as JWE) and `org.opencontainers.image.enc.pubopts` (cipher name and
-//! the HMAC of the ciphertext). See `README.md` for the format.
+//! the HMAC of the ciphertext). The cipher is AES-256-CTR with HMAC-SHA256 over the whole
+//! ciphertext, both keyed by the layer key from the private options, which also carry the
+//! plaintext digest.
 //!
 //! The rule this crate enforces in its types: [`LayerDecryptor`] hands out plaintext that is not
 //! yet authenticated; only [`LayerDecryptor::finish`] returns an [`AuthenticatedLayer`], after
 //! the HMAC over the whole ciphertext and the plaintext digest were checked. Callers keep the
 //! plaintext private until they hold that proof.
+//!
+//! Speed: decryption is two SHA-256 passes (HMAC over the ciphertext, digest of the plaintext)
+//! plus AES-CTR. With more than one CPU the HMAC runs on a helper thread ([`HmacMode`]);
+//! `cargo bench -p ocicrypt --bench decrypt_throughput` measures both modes against skopeo.
 
 mod cipher;
 mod hw;
@@ -18,7 +24,10 @@ mod options;
 
 use std::collections::BTreeMap;
 
-pub use cipher::{decrypt_layer, AuthenticatedLayer, LayerDecryptor, LayerEncryptor, StaleDigest};
+pub use cipher::{
+    decrypt_layer, decrypt_layer_with, AuthenticatedLayer, HmacMode, LayerDecryptor,
+    LayerEncryptor, StaleDigest,
+};
 pub use hw::{hardware_acceleration, HwAccel};
 pub use options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
 

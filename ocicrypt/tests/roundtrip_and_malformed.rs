@@ -7,8 +7,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ocicrypt::keys::{PrivateKey, PublicKey};
 use ocicrypt::{
-    decrypt_layer, jwe, Annotations, DecryptConfig, EncryptConfig, ErrorClass, LayerDecryptor,
-    LayerEncryptor, PrivateLayerOptions, PublicLayerOptions, ANNOTATION_KEYS_JWE,
+    decrypt_layer_with, jwe, Annotations, DecryptConfig, EncryptConfig, ErrorClass, HmacMode,
+    LayerDecryptor, LayerEncryptor, PrivateLayerOptions, PublicLayerOptions, ANNOTATION_KEYS_JWE,
 };
 
 const RSA_PRIV: &str = include_str!("../../tests/fixtures/keys/rsa-2048/priv.pem");
@@ -48,13 +48,33 @@ fn encrypt(plain: &[u8], recipients: &[&str]) -> (Vec<u8>, Annotations) {
     enc.finish().unwrap()
 }
 
-fn decrypt(cipher: &[u8], ann: &Annotations, key: &str) -> Result<Vec<u8>, ocicrypt::Error> {
+fn decrypt_in(
+    mode: HmacMode,
+    cipher: &[u8],
+    ann: &Annotations,
+    key: &str,
+) -> Result<Vec<u8>, ocicrypt::Error> {
     let dc = DecryptConfig::new(vec![PrivateKey::from_pem(key.as_bytes()).unwrap()]);
-    let mut dec = decrypt_layer(cipher, ann, &dc)?;
+    let mut dec = decrypt_layer_with(cipher, ann, &dc, mode)?;
     let mut out = Vec::new();
     dec.read_to_end(&mut out).map_err(ocicrypt::Error::Io)?;
     dec.finish()?;
     Ok(out)
+}
+
+/// Decrypts with the HMAC inline and on a helper thread; both must agree exactly.
+fn decrypt(cipher: &[u8], ann: &Annotations, key: &str) -> Result<Vec<u8>, ocicrypt::Error> {
+    let inline = decrypt_in(HmacMode::Inline, cipher, ann, key);
+    let threaded = decrypt_in(HmacMode::Thread, cipher, ann, key);
+    match (&inline, &threaded) {
+        (Ok(a), Ok(b)) => assert!(a == b, "modes decrypted differently"),
+        (Err(a), Err(b)) => {
+            assert_eq!(a.class(), b.class());
+            assert_eq!(a.to_string(), b.to_string());
+        }
+        _ => panic!("HMAC modes disagree: inline {inline:?}, thread {threaded:?}"),
+    }
+    inline
 }
 
 fn sample(len: usize) -> Vec<u8> {
@@ -285,4 +305,64 @@ fn key_holders_never_show_key_bytes() {
     let shown = format!("{opts:?}");
     assert!(!shown.contains("ab") && !shown.contains("171"), "{shown}");
     assert!(!String::from_utf8_lossy(&opts.to_json()).is_empty());
+}
+
+/// A reader that fails every third call before its end, then goes on.
+struct Flaky<'a> {
+    data: &'a [u8],
+    calls: usize,
+}
+
+impl Read for Flaky<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.calls += 1;
+        if self.calls % 3 == 0 && !self.data.is_empty() {
+            return Err(std::io::Error::other("flaky"));
+        }
+        // Short reads of odd sizes, to cross block boundaries everywhere.
+        let n = buf.len().min(self.data.len()).min(7919);
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn the_hmac_thread_survives_read_errors_and_short_reads() {
+    let plain = sample(1 << 20);
+    let (cipher, ann) = encrypt(&plain, &[RSA_PUB]);
+    let dc = DecryptConfig::new(vec![PrivateKey::from_pem(RSA_PRIV.as_bytes()).unwrap()]);
+    let reader = Flaky {
+        data: &cipher,
+        calls: 0,
+    };
+    let mut dec = decrypt_layer_with(reader, &ann, &dc, HmacMode::Thread).unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 100_000];
+    let mut errors = 0;
+    loop {
+        match dec.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => errors += 1,
+        }
+    }
+    assert!(errors > 10, "the reader failed {errors} times");
+    assert_eq!(out, plain);
+    dec.finish().unwrap();
+}
+
+#[test]
+fn dropping_a_threaded_decryptor_midway_does_not_hang() {
+    let plain = sample(2 << 20);
+    let (cipher, ann) = encrypt(&plain, &[RSA_PUB]);
+    let dc = DecryptConfig::new(vec![PrivateKey::from_pem(RSA_PRIV.as_bytes()).unwrap()]);
+    for _ in 0..20 {
+        let mut dec = decrypt_layer_with(&cipher[..], &ann, &dc, HmacMode::Thread).unwrap();
+        let mut buf = vec![0u8; 65536];
+        for _ in 0..10 {
+            dec.read_exact(&mut buf).unwrap();
+        }
+        drop(dec);
+    }
 }
