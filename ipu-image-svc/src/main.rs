@@ -146,6 +146,12 @@ fn main() -> ExitCode {
     let code = match run(common, goal, unpack, &mut report) {
         Ok(()) => 0,
         Err(e) => {
+            if report.class.is_none() {
+                // Failed before the pipeline ran (policy or key files).
+                report.outcome = ipu_image_svc::pipeline::Outcome::Error;
+                report.class = Some(e.class);
+                report.error = Some(e.message.clone());
+            }
             if !json {
                 let what = if e.class.is_rejection() {
                     "rejected"

@@ -1,0 +1,268 @@
+//! The `ipu-image-svc image` command as a user runs it: exit codes that separate
+//! "rejected" (3) from "operational error" (1) and usage errors (2), `--json` output, and
+//! the text summary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn layout(tag: &str) -> String {
+    format!("oci:{}:{tag}", fixtures().join("oci-layout").display())
+}
+
+fn policy(name: &str) -> String {
+    fixtures()
+        .join("policies")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn svc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ipu-image-svc"))
+        .args(args)
+        .env("IPU_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn accepted_unpack_exits_0_with_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let output = dir.path().join("rootfs.ext4");
+    let key = fixtures().join("keys/rsa-2048/priv.pem");
+    let out = svc(&[
+        "image",
+        "unpack",
+        "--policy",
+        &policy("policy-A.json"),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--decryption-key",
+        key.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "-q",
+        &layout("enc-signed"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("accepted: "), "{stdout}");
+    assert!(
+        stdout.contains("sha256:53ed5331de7a33db61b90f9beed29d069666317e6c065dceaa86851d8a00248a")
+    );
+    assert!(stdout.contains("encrypted -> diff_id sha256:"), "{stdout}");
+    assert!(output.is_file());
+}
+
+#[test]
+fn json_report_of_an_accepted_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = svc(&[
+        "image",
+        "verify",
+        "--json",
+        "--policy",
+        &policy("policy-A.json"),
+        "--cache",
+        dir.path().to_str().unwrap(),
+        &layout("multilayer"),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json(&out);
+    assert_eq!(v["outcome"], "accepted");
+    assert_eq!(
+        v["manifest_digest"],
+        "sha256:8f7e18504388cbd5007932a5d4be93ba59f247502d5453b1f7c5514018cc31c1"
+    );
+    assert_eq!(v["policy"]["allowed"], true);
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    assert_eq!(layers[2]["encrypted"], true);
+    assert!(v.get("rootfs").is_none());
+}
+
+#[test]
+fn rejections_exit_3_with_their_class() {
+    let dir = tempfile::tempdir().unwrap();
+    for (tag, class) in [
+        ("plain", "no-signature"),
+        ("signed-wrongkey", "wrong-key"),
+        ("tampered-layer", "digest-mismatch"),
+        ("evil-traversal", "unsafe-layer"),
+    ] {
+        let output = dir.path().join(format!("{tag}.ext4"));
+        let key = fixtures().join("keys/rsa-2048/priv.pem");
+        let out = svc(&[
+            "image",
+            "unpack",
+            "--json",
+            "--policy",
+            &policy("policy-A.json"),
+            "--cache",
+            dir.path().join("cache").to_str().unwrap(),
+            "--decryption-key",
+            key.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            &layout(tag),
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{tag}");
+        let v = json(&out);
+        assert_eq!(v["outcome"], "rejected", "{tag}");
+        assert_eq!(v["class"], class, "{tag}");
+        assert!(!v["error"].as_str().unwrap().is_empty());
+        assert!(!output.exists(), "{tag}: output written");
+    }
+    // Without --json the reason goes to stderr, naming the class; nothing on stdout.
+    let out = svc(&[
+        "image",
+        "verify",
+        "--policy",
+        &policy("policy-A.json"),
+        "--cache",
+        dir.path().to_str().unwrap(),
+        &layout("plain"),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rejected (no-signature)"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn operational_errors_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().to_str().unwrap();
+    // A missing image.
+    let out = svc(&[
+        "image",
+        "verify",
+        "--json",
+        "--policy",
+        &policy("policy-accept-anything.json"),
+        "--cache",
+        cache,
+        &layout("no-such-tag"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["class"], "not-found");
+    // A policy file that is not a policy.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"default":[{"type":"acceptEverything"}]}"#).unwrap();
+    let out = svc(&[
+        "image",
+        "verify",
+        "--json",
+        "--policy",
+        bad.to_str().unwrap(),
+        &layout("plain"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["outcome"], "error");
+    assert_eq!(v["class"], "invalid-configuration");
+    assert!(
+        v["error"].as_str().unwrap().contains("acceptEverything"),
+        "{v}"
+    );
+    // A decryption key file that is not a key.
+    let out = svc(&[
+        "image",
+        "unpack",
+        "--policy",
+        &policy("policy-A.json"),
+        "--decryption-key",
+        bad.to_str().unwrap(),
+        "-o",
+        dir.path().join("x.ext4").to_str().unwrap(),
+        &layout("enc-signed"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("decryption key"));
+    // A registry nobody listens on.
+    let out = svc(&[
+        "image",
+        "verify",
+        "--policy",
+        &policy("policy-A.json"),
+        "--cache",
+        cache,
+        "docker://127.0.0.1:9/fixtures/hello:plain",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error (network)"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        vec!["image", "verify", "--policy", "p.json", "not a reference"],
+        vec!["image", "verify", "oci:/x:y"],
+        vec!["image", "unpack", "--policy", "p.json", "oci:/x:y"],
+        vec!["image", "frobnicate"],
+        vec![
+            "image",
+            "verify",
+            "--policy",
+            "p.json",
+            "--platform",
+            "nonsense",
+            "oci:/x:y",
+        ],
+    ] {
+        let out = svc(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn the_decryption_key_option_warns_and_never_prints_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixtures().join("keys/rsa-2048/priv.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_ipu-image-svc"))
+        .args([
+            "image",
+            "unpack",
+            "--policy",
+            &policy("policy-A.json"),
+            "--cache",
+            dir.path().to_str().unwrap(),
+            "--decryption-key",
+            key.to_str().unwrap(),
+            "-o",
+            dir.path().join("r.ext4").to_str().unwrap(),
+            "-q",
+            &layout("signed-cosign"),
+        ])
+        .env("IPU_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("development option"), "{stderr}");
+    let pem = std::fs::read_to_string(&key).unwrap();
+    for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!stderr.contains(line), "key material in the log");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(line));
+    }
+}
