@@ -157,6 +157,7 @@ impl From<FetchError> for PipelineError {
 fn from_unpack(e: UnpackError, layer: usize, digest: &Digest) -> PipelineError {
     use unpack::UnpackErrorKind as K;
     let class = match e.kind {
+        K::LimitExceeded => FailureClass::TooLarge,
         k if k.is_unsafe() => FailureClass::UnsafeLayer,
         K::Malformed => FailureClass::MalformedImage,
         K::Unsupported => FailureClass::UnsupportedImage,
