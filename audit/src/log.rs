@@ -1,0 +1,449 @@
+//! Appending: a committer thread owns the write side. Callers queue events and block until
+//! the batch holding theirs is durable (group commit: one transaction and one flush for
+//! every event that arrived while the previous flush ran).
+//!
+//! Checkpoints are signed inside the same transaction when the queue runs dry or the
+//! checkpoint interval has passed, and only after a consistency proof from the previous
+//! signed checkpoint to the new tree verified: the log never signs two views that disagree.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::checkpoint::{Checkpoint, CheckpointSigner};
+use crate::event::Event;
+use crate::merkle::{self, Hash, NodeSource};
+use crate::store::{index_keys, node_key, Store};
+use crate::AuditError;
+
+/// What the log returns once an event is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    pub time_ns: u64,
+    pub leaf_hash: Hash,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    /// Longest time events may wait for a signed checkpoint while appends keep coming.
+    pub checkpoint_interval: Duration,
+    /// Most events in one group commit.
+    pub max_batch: usize,
+    /// How long `open` waits for another process to release the database.
+    pub open_wait: Duration,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: Duration::from_secs(1),
+            max_batch: 4096,
+            open_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+enum Request {
+    Append(Event, Sender<Result<Receipt, AuditError>>),
+    Checkpoint(Sender<Result<String, AuditError>>),
+}
+
+/// An open audit log with its writer.
+pub struct AuditLog {
+    store: Arc<Store>,
+    tx: Mutex<Option<Sender<Request>>>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The committer's view of the tree: its size, the right edge of perfect subtrees, the
+/// last signed checkpoint.
+struct TreeState {
+    size: u64,
+    /// `frontier[l]`: the last even-indexed node at level `l` (a left child waiting for
+    /// its sibling, or part of the root's decomposition).
+    frontier: Vec<Hash>,
+    last_time: u64,
+    checkpoints: u64,
+    last_signed: Option<(u64, Hash)>,
+}
+
+impl TreeState {
+    fn load(store: &Store) -> Result<Self, AuditError> {
+        let size = store.size()?;
+        let mut frontier = Vec::new();
+        for level in 0..64u32 {
+            if size >> level == 0 {
+                break;
+            }
+            let count = size >> level;
+            frontier.push(if count & 1 == 1 {
+                store.node(level, count - 1)?
+            } else {
+                [0u8; 32]
+            });
+        }
+        let last_time = match size {
+            0 => 0,
+            n => {
+                store
+                    .event(n - 1)?
+                    .ok_or_else(|| AuditError::Corrupt {
+                        index: n - 1,
+                        reason: "the last event is missing".into(),
+                    })?
+                    .time_ns
+            }
+        };
+        let checkpoints = store
+            .meta
+            .get("checkpoints")?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0);
+        Ok(Self {
+            size,
+            frontier,
+            last_time,
+            checkpoints,
+            last_signed: None,
+        })
+    }
+
+    /// Adds a leaf; returns the nodes that became complete.
+    fn push(&mut self, leaf: Hash, new_nodes: &mut Vec<(u32, u64, Hash)>) {
+        let mut index = self.size;
+        let mut hash = leaf;
+        let mut level = 0u32;
+        loop {
+            new_nodes.push((level, index, hash));
+            if self.frontier.len() == level as usize {
+                self.frontier.push([0u8; 32]);
+            }
+            if index & 1 == 0 {
+                self.frontier[level as usize] = hash;
+                break;
+            }
+            hash = merkle::node_hash(&self.frontier[level as usize], &hash);
+            index >>= 1;
+            level += 1;
+        }
+        self.size += 1;
+    }
+
+    fn root(&self) -> Hash {
+        let mut root: Option<Hash> = None;
+        for level in 0..self.frontier.len() {
+            if (self.size >> level) & 1 == 1 {
+                let node = self.frontier[level];
+                root = Some(match root {
+                    None => node,
+                    Some(r) => merkle::node_hash(&node, &r),
+                });
+            }
+        }
+        root.unwrap_or_else(merkle::empty_root)
+    }
+}
+
+/// Stored nodes plus the ones of the batch being committed.
+struct Overlay<'a> {
+    store: &'a Store,
+    batch: HashMap<(u32, u64), Hash>,
+}
+
+impl NodeSource for Overlay<'_> {
+    type Error = AuditError;
+    fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        match self.batch.get(&(level, index)) {
+            Some(h) => Ok(*h),
+            None => self.store.node(level, index),
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl AuditLog {
+    /// Opens or creates the log in `dir` for `origin` (the log's name in its checkpoints).
+    /// A log created for another origin, or whose last checkpoint does not verify with
+    /// `signer`, is refused.
+    pub fn open(
+        dir: &Path,
+        origin: &str,
+        signer: CheckpointSigner,
+        options: LogOptions,
+    ) -> Result<Self, AuditError> {
+        let store = Store::open(dir, options.open_wait)?;
+        match store.origin()? {
+            Some(o) if o != origin => {
+                return Err(AuditError::Request(format!(
+                    "{} is the log of {o:?}, not {origin:?}",
+                    dir.display()
+                )))
+            }
+            Some(_) => {}
+            None => {
+                store.meta.insert("origin", origin.as_bytes())?;
+                store
+                    .meta
+                    .insert("verifier", signer.verifier().to_string().as_bytes())?;
+                store.db.flush()?;
+            }
+        }
+        let mut state = TreeState::load(&store)?;
+        if let Some(note) = store.latest_checkpoint()? {
+            let cp = signer.verifier().open_checkpoint(&note).map_err(|e| {
+                AuditError::Request(format!(
+                    "the log's last checkpoint does not verify with this signing key: {e}"
+                ))
+            })?;
+            if cp.size > state.size || store.root(cp.size)? != cp.root {
+                return Err(AuditError::Corrupt {
+                    index: cp.size.min(state.size),
+                    reason: "the stored tree disagrees with the last signed checkpoint; run `audit verify`".into(),
+                });
+            }
+            state.last_signed = Some((cp.size, cp.root));
+        }
+        let store = Arc::new(store);
+        let (tx, rx) = mpsc::channel();
+        let committer = {
+            let store = store.clone();
+            let origin = origin.to_string();
+            std::thread::Builder::new()
+                .name("audit-commit".into())
+                .spawn(move || {
+                    Committer {
+                        store,
+                        origin,
+                        signer,
+                        options,
+                        state,
+                        last_checkpoint_at: Instant::now(),
+                    }
+                    .run(rx)
+                })
+                .map_err(|e| AuditError::io(dir, e))?
+        };
+        let log = Self {
+            store,
+            tx: Mutex::new(Some(tx)),
+            committer: Mutex::new(Some(committer)),
+        };
+        // A crash may have left durable events that no checkpoint covers yet.
+        log.checkpoint()?;
+        Ok(log)
+    }
+
+    /// Appends an event and returns once it is durable. `seq` and `time_ns` are assigned.
+    pub fn append(&self, event: Event) -> Result<Receipt, AuditError> {
+        event.validate().map_err(AuditError::Request)?;
+        let (done, wait) = mpsc::channel();
+        self.send(Request::Append(event, done))?;
+        wait.recv().map_err(|_| AuditError::Closed)?
+    }
+
+    /// Signs a checkpoint of the current tree now (if it grew) and returns the latest one.
+    pub fn checkpoint(&self) -> Result<String, AuditError> {
+        let (done, wait) = mpsc::channel();
+        self.send(Request::Checkpoint(done))?;
+        wait.recv().map_err(|_| AuditError::Closed)?
+    }
+
+    fn send(&self, r: Request) -> Result<(), AuditError> {
+        self.tx
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .ok_or(AuditError::Closed)?
+            .send(r)
+            .map_err(|_| AuditError::Closed)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stops the writer after the queued events are committed.
+    pub fn close(&self) {
+        drop(self.tx.lock().expect("not poisoned").take());
+        if let Some(h) = self.committer.lock().expect("not poisoned").take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Committer {
+    store: Arc<Store>,
+    origin: String,
+    signer: CheckpointSigner,
+    options: LogOptions,
+    state: TreeState,
+    last_checkpoint_at: Instant,
+}
+
+type Waiter = Sender<Result<Receipt, AuditError>>;
+
+impl Committer {
+    fn run(mut self, rx: Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut appends: Vec<(Event, Waiter)> = Vec::new();
+            let mut cp_waiters = Vec::new();
+            let take =
+                |r: Request, appends: &mut Vec<(Event, Waiter)>, cp_waiters: &mut Vec<_>| match r {
+                    Request::Append(e, w) => appends.push((e, w)),
+                    Request::Checkpoint(w) => cp_waiters.push(w),
+                };
+            take(first, &mut appends, &mut cp_waiters);
+            let mut idle = false;
+            while appends.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(r) => take(r, &mut appends, &mut cp_waiters),
+                    Err(_) => {
+                        idle = true;
+                        break;
+                    }
+                }
+            }
+            let sign = idle
+                || !cp_waiters.is_empty()
+                || self.last_checkpoint_at.elapsed() >= self.options.checkpoint_interval;
+            match self.commit(&appends, sign) {
+                Ok((receipts, note)) => {
+                    for ((_, w), r) in appends.into_iter().zip(receipts) {
+                        let _ = w.send(Ok(r));
+                    }
+                    for w in cp_waiters {
+                        let _ = w.send(note.clone().ok_or(AuditError::Closed).or_else(|_| {
+                            self.store
+                                .latest_checkpoint()
+                                .and_then(|c| c.ok_or(AuditError::Closed))
+                        }));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "audit commit failed; nothing of the batch was acknowledged");
+                    for (_, w) in appends {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                    for w in cp_waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one batch (and maybe a checkpoint) in one transaction, then flushes. The
+    /// in-memory state advances only when both succeeded.
+    fn commit(
+        &mut self,
+        appends: &[(Event, Waiter)],
+        sign: bool,
+    ) -> Result<(Vec<Receipt>, Option<String>), AuditError> {
+        let mut next = TreeState {
+            size: self.state.size,
+            frontier: self.state.frontier.clone(),
+            last_time: self.state.last_time,
+            checkpoints: self.state.checkpoints,
+            last_signed: self.state.last_signed,
+        };
+        let mut events = sled::Batch::default();
+        let mut nodes = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let mut new_nodes = Vec::new();
+        let mut receipts = Vec::with_capacity(appends.len());
+        let now = now_ns();
+        for (event, _) in appends {
+            let mut e = event.clone();
+            e.seq = next.size;
+            e.time_ns = now.max(next.last_time);
+            next.last_time = e.time_ns;
+            let bytes = e.to_canonical();
+            let leaf = merkle::leaf_hash(&bytes);
+            events.insert(&e.seq.to_be_bytes(), bytes);
+            for k in index_keys(&e) {
+                index.insert(k, &[][..]);
+            }
+            receipts.push(Receipt {
+                seq: e.seq,
+                time_ns: e.time_ns,
+                leaf_hash: leaf,
+            });
+            next.push(leaf, &mut new_nodes);
+        }
+        for (level, idx, hash) in &new_nodes {
+            nodes.insert(&node_key(*level, *idx), &hash[..]);
+        }
+        let grew = next.size > next.last_signed.map_or(0, |(s, _)| s);
+        let note = if sign && (grew || next.last_signed.is_none()) {
+            let root = next.root();
+            if let Some((old_size, old_root)) = next.last_signed {
+                let overlay = Overlay {
+                    store: &self.store,
+                    batch: new_nodes.iter().map(|(l, i, h)| ((*l, *i), *h)).collect(),
+                };
+                let proof = merkle::consistency_proof(&overlay, old_size, next.size)?;
+                merkle::verify_consistency(old_size, next.size, &old_root, &root, &proof).map_err(
+                    |e| AuditError::Corrupt {
+                        index: old_size,
+                        reason: format!(
+                            "refusing to sign a checkpoint inconsistent with the previous one: {e}"
+                        ),
+                    },
+                )?;
+            }
+            let note = self.signer.sign_checkpoint(&Checkpoint {
+                origin: self.origin.clone(),
+                size: next.size,
+                root,
+                extensions: vec![],
+            });
+            next.last_signed = Some((next.size, root));
+            Some(note)
+        } else {
+            None
+        };
+        let cp_number = next.checkpoints;
+        if note.is_some() {
+            next.checkpoints += 1;
+        }
+        let s = &self.store;
+        (&s.events, &s.nodes, &s.index, &s.meta, &s.checkpoints)
+            .transaction(|(te, tn, ti, tm, tc)| {
+                te.apply_batch(&events)?;
+                tn.apply_batch(&nodes)?;
+                ti.apply_batch(&index)?;
+                tm.insert("size", &next.size.to_be_bytes())?;
+                if let Some(note) = &note {
+                    tc.insert(&cp_number.to_be_bytes(), note.as_bytes())?;
+                    tm.insert("checkpoints", &next.checkpoints.to_be_bytes())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| AuditError::Storage(format!("{e:?}")))?;
+        s.db.flush()?;
+        if note.is_some() {
+            self.last_checkpoint_at = Instant::now();
+        }
+        self.state = next;
+        Ok((receipts, note))
+    }
+}
