@@ -51,7 +51,7 @@ impl Default for LogOptions {
 }
 
 enum Request {
-    Append(Event, Sender<Result<Receipt, AuditError>>),
+    Append(Box<Event>, Sender<Result<Receipt, AuditError>>),
     Checkpoint(Sender<Result<String, AuditError>>),
 }
 
@@ -250,7 +250,7 @@ impl AuditLog {
     pub fn append(&self, event: Event) -> Result<Receipt, AuditError> {
         event.validate().map_err(AuditError::Request)?;
         let (done, wait) = mpsc::channel();
-        self.send(Request::Append(event, done))?;
+        self.send(Request::Append(Box::new(event), done))?;
         wait.recv().map_err(|_| AuditError::Closed)?
     }
 
@@ -304,13 +304,14 @@ type Waiter = Sender<Result<Receipt, AuditError>>;
 impl Committer {
     fn run(mut self, rx: Receiver<Request>) {
         while let Ok(first) = rx.recv() {
-            let mut appends: Vec<(Event, Waiter)> = Vec::new();
+            let mut appends: Vec<(Box<Event>, Waiter)> = Vec::new();
             let mut cp_waiters = Vec::new();
-            let take =
-                |r: Request, appends: &mut Vec<(Event, Waiter)>, cp_waiters: &mut Vec<_>| match r {
-                    Request::Append(e, w) => appends.push((e, w)),
-                    Request::Checkpoint(w) => cp_waiters.push(w),
-                };
+            let take = |r: Request,
+                        appends: &mut Vec<(Box<Event>, Waiter)>,
+                        cp_waiters: &mut Vec<_>| match r {
+                Request::Append(e, w) => appends.push((e, w)),
+                Request::Checkpoint(w) => cp_waiters.push(w),
+            };
             take(first, &mut appends, &mut cp_waiters);
             let mut idle = false;
             while appends.len() < self.options.max_batch {
@@ -355,7 +356,7 @@ impl Committer {
     /// in-memory state advances only when both succeeded.
     fn commit(
         &mut self,
-        appends: &[(Event, Waiter)],
+        appends: &[(Box<Event>, Waiter)],
         sign: bool,
     ) -> Result<(Vec<Receipt>, Option<String>), AuditError> {
         let mut next = TreeState {
@@ -372,7 +373,7 @@ impl Committer {
         let mut receipts = Vec::with_capacity(appends.len());
         let now = now_ns();
         for (event, _) in appends {
-            let mut e = event.clone();
+            let mut e = (**event).clone();
             e.seq = next.size;
             e.time_ns = now.max(next.last_time);
             next.last_time = e.time_ns;

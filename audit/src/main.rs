@@ -1,1 +1,398 @@
-fn main() {}
+//! `audit`: query, follow, verify and prove the tamper-evident audit log.
+//!
+//! Exit codes: 0 ok, 1 operational error, 2 usage error, 3 verification failed.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use audit::event::{format_time, parse_time};
+use audit::proof::InclusionBundle;
+use audit::{
+    AuditLog, CheckpointSigner, Event, EventKind, KeyId, LogOptions, NoteVerifier, Outcome, Query,
+    Store,
+};
+use clap::{Args, Parser, Subcommand};
+
+const EXIT_FAILED_VERIFICATION: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "audit",
+    version,
+    about = "Query, verify and prove the tamper-evident audit log"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct LogArg {
+    /// The log directory.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/audit"
+    )]
+    log: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a checkpoint signing key: DIR/signer.key (0600) and DIR/verifier.pub.
+    Keygen {
+        /// The key name in signatures (usually the log origin).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Append one event (for scripts and tests; services use the library).
+    Append(AppendArgs),
+    /// Events matching filters, in log order.
+    Query(QueryArgs),
+    /// The last events; with --follow, keep printing new ones.
+    Tail {
+        #[command(flatten)]
+        log: LogArg,
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: u64,
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute the tree and check every checkpoint; names the first bad index.
+    Verify {
+        #[command(flatten)]
+        log: LogArg,
+        /// The log's verifier key file (NAME+HASH+KEY), from a trusted source.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// A checkpoint kept outside the log (repeatable): the log must agree with it.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Vec<PathBuf>,
+    },
+    /// Print the latest signed checkpoint (keep it to detect a later rewrite).
+    Checkpoint {
+        #[command(flatten)]
+        log: LogArg,
+    },
+    /// An inclusion proof of one event against the latest checkpoint (JSON).
+    Prove {
+        #[command(flatten)]
+        log: LogArg,
+        #[arg(long)]
+        index: u64,
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Verify an inclusion proof offline with only the log's public key.
+    VerifyProof {
+        #[arg(long, value_name = "FILE")]
+        proof: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Every event as JSON lines.
+    Export {
+        #[command(flatten)]
+        log: LogArg,
+        #[arg(long, required = true)]
+        jsonl: bool,
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct AppendArgs {
+    #[command(flatten)]
+    log: LogArg,
+    /// The signer key file (from `audit keygen`).
+    #[arg(long, value_name = "FILE")]
+    signer: PathBuf,
+    #[arg(long)]
+    origin: String,
+    #[arg(long)]
+    service: String,
+    #[arg(long)]
+    kind: EventKind,
+    #[arg(long)]
+    outcome: Outcome,
+    #[arg(long)]
+    reason: String,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    function: Option<String>,
+    #[arg(long)]
+    image: Option<String>,
+    #[arg(long)]
+    digest: Option<String>,
+    #[arg(long = "key-id")]
+    key_ids: Vec<String>,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    log: LogArg,
+    /// RFC 3339 time, e.g. 2026-11-29T08:00:00Z.
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    function: Option<String>,
+    #[arg(long)]
+    image_digest: Option<String>,
+    #[arg(long)]
+    kind: Option<EventKind>,
+    #[arg(long)]
+    outcome: Option<Outcome>,
+    /// Continue after this index (the `next` of the previous page).
+    #[arg(long)]
+    after: Option<u64>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// JSON lines (one event per line) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("audit: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn open_read(log: &LogArg) -> Result<Store> {
+    if !log.log.join("db").exists() {
+        bail!("no audit log in {}", log.log.display());
+    }
+    Store::open(&log.log, Duration::from_secs(10)).context("opening the audit log")
+}
+
+fn read_verifier(path: &Path) -> Result<NoteVerifier> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    NoteVerifier::parse(&text).with_context(|| format!("verifier key {}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Keygen { name, out } => {
+            let (signer, encoded) = CheckpointSigner::generate(&name)?;
+            std::fs::create_dir_all(&out)?;
+            let path = out.join("signer.key");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+            f.write_all(encoded.as_bytes())?;
+            f.write_all(b"\n")?;
+            std::fs::write(out.join("verifier.pub"), format!("{}\n", signer.verifier()))?;
+            println!("{}", signer.verifier());
+        }
+        Command::Append(a) => {
+            let key = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&a.signer)
+                    .with_context(|| format!("reading {}", a.signer.display()))?,
+            );
+            let signer = CheckpointSigner::parse(&key)?;
+            let log = AuditLog::open(&a.log.log, &a.origin, signer, LogOptions::default())?;
+            let mut e = Event::new(a.service, a.kind, a.outcome, a.reason);
+            e.tenant = a.tenant;
+            e.function = a.function;
+            if let Some(img) = a.image {
+                e = e.image(img, a.digest);
+            }
+            for k in a.key_ids {
+                e = e.key_id(KeyId::new(k).map_err(anyhow::Error::msg)?);
+            }
+            let receipt = log.append(e)?;
+            log.checkpoint()?;
+            println!("{}", receipt.seq);
+        }
+        Command::Query(q) => {
+            let store = open_read(&q.log)?;
+            let query = Query {
+                since_ns: q
+                    .since
+                    .as_deref()
+                    .map(parse_time)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                until_ns: q
+                    .until
+                    .as_deref()
+                    .map(parse_time)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                tenant: q.tenant,
+                function: q.function,
+                image_digest: q.image_digest,
+                kind: q.kind,
+                outcome: q.outcome,
+                after: q.after,
+                limit: q.limit,
+            };
+            let page = store.query(&query)?;
+            print_events(&page.events, q.json);
+            if let Some(next) = page.next {
+                eprintln!("more: --after {next}");
+            }
+        }
+        Command::Tail {
+            log,
+            lines,
+            follow,
+            json,
+        } => {
+            let mut from = {
+                let store = open_read(&log)?;
+                let size = store.size()?;
+                let from = size.saturating_sub(lines);
+                print_range(&store, from, size, json)?;
+                size
+            };
+            if follow {
+                loop {
+                    // Reopen on each poll so a writer process is never locked out for long.
+                    std::thread::sleep(Duration::from_millis(500));
+                    let store = open_read(&log)?;
+                    let size = store.size()?;
+                    print_range(&store, from, size, json)?;
+                    from = size;
+                }
+            }
+        }
+        Command::Verify {
+            log,
+            key,
+            checkpoint,
+        } => {
+            let verifier = read_verifier(&key)?;
+            let store = open_read(&log)?;
+            let trusted = checkpoint
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            match audit::verify::verify(&store, &verifier, &trusted)? {
+                Ok(report) => {
+                    println!(
+                        "ok: {} events, {} checkpoints; latest checkpoint size {}",
+                        report.events,
+                        report.checkpoints,
+                        report.latest.map_or(0, |c| c.size)
+                    );
+                }
+                Err(failure) => {
+                    println!("FAILED at index {}: {failure}", failure.index());
+                    return Ok(EXIT_FAILED_VERIFICATION);
+                }
+            }
+        }
+        Command::Checkpoint { log } => {
+            let store = open_read(&log)?;
+            match store.latest_checkpoint()? {
+                Some(note) => print!("{note}"),
+                None => bail!("the log has no checkpoint yet"),
+            }
+        }
+        Command::Prove { log, index, output } => {
+            let store = open_read(&log)?;
+            let bundle = InclusionBundle::build(&store, index)?;
+            let json = serde_json::to_string_pretty(&bundle)?;
+            match output {
+                Some(p) => std::fs::write(&p, json + "\n")?,
+                None => println!("{json}"),
+            }
+        }
+        Command::VerifyProof { proof, key } => {
+            let verifier = read_verifier(&key)?;
+            let bundle: InclusionBundle = serde_json::from_slice(
+                &std::fs::read(&proof).with_context(|| format!("reading {}", proof.display()))?,
+            )
+            .with_context(|| format!("{} is not an inclusion proof", proof.display()))?;
+            match bundle.verify(&verifier) {
+                Ok(event) => {
+                    println!(
+                        "ok: event {} ({} {} at {}) is in the log of size {}",
+                        event.seq,
+                        event.kind,
+                        event.outcome.as_str(),
+                        format_time(event.time_ns),
+                        bundle.tree_size
+                    );
+                }
+                Err(e) => {
+                    println!("FAILED: {e}");
+                    return Ok(EXIT_FAILED_VERIFICATION);
+                }
+            }
+        }
+        Command::Export { log, output, .. } => {
+            let store = open_read(&log)?;
+            let mut out: Box<dyn Write> = match output {
+                Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p)?)),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            for r in store.events_from(0) {
+                let (_, bytes) = r?;
+                out.write_all(&bytes)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(0)
+}
+
+fn print_range(store: &Store, from: u64, to: u64, json: bool) -> Result<()> {
+    let mut events = Vec::new();
+    for seq in from..to {
+        if let Some(e) = store.event(seq)? {
+            events.push(e);
+        }
+    }
+    print_events(&events, json);
+    Ok(())
+}
+
+fn print_events(events: &[Event], json: bool) {
+    let mut out = std::io::stdout().lock();
+    for e in events {
+        if json {
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(&e.to_canonical()));
+        } else {
+            let _ = writeln!(
+                out,
+                "{:>8}  {}  {:<18} {:<8} {:<14} {:<10} {:<16} {}",
+                e.seq,
+                format_time(e.time_ns),
+                e.kind.to_string(),
+                e.outcome.as_str(),
+                e.service,
+                e.tenant.as_deref().unwrap_or("-"),
+                e.function.as_deref().unwrap_or("-"),
+                e.reason
+            );
+        }
+    }
+}

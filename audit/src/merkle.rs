@@ -206,12 +206,10 @@ pub fn verify_inclusion(
 fn inclusion_len(index: u64, size: u64) -> usize {
     let (mut fn_, mut sn, mut len) = (index, size - 1, 0);
     while sn != 0 {
-        if fn_ & 1 == 1 || fn_ == sn {
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
+        if fn_ & 1 == 0 && fn_ == sn {
+            while fn_ & 1 == 0 && fn_ != 0 {
+                fn_ >>= 1;
+                sn >>= 1;
             }
         }
         fn_ >>= 1;

@@ -131,6 +131,8 @@ pub struct Store {
     pub(crate) checkpoints: sled::Tree,
     pub(crate) index: sled::Tree,
     pub(crate) meta: sled::Tree,
+    /// Held while open; dropped after the database (fields drop in order).
+    _lock: std::fs::File,
 }
 
 impl Store {
@@ -139,6 +141,28 @@ impl Store {
     pub fn open(dir: &Path, wait: Duration) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
         let start = Instant::now();
+        // Our own lock, taken before sled touches any file: sled's lock is taken only after
+        // it has started reading, so two processes opening at once can see a half-written
+        // database.
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| AuditError::io(&lock_path, e))?;
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) if start.elapsed() < wait => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(AuditError::Busy(dir.display().to_string()))
+                }
+                Err(e) => return Err(AuditError::io(&lock_path, e.into())),
+            }
+        }
         let db = loop {
             match sled::Config::new()
                 .path(dir.join("db"))
@@ -146,14 +170,11 @@ impl Store {
                 .open()
             {
                 Ok(db) => break db,
+                // The previous holder's background flusher may still be stopping.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.to_string().contains("lock") =>
+                    if e.to_string().contains("lock") && start.elapsed() < wait =>
                 {
-                    if start.elapsed() >= wait {
-                        return Err(AuditError::Busy(dir.display().to_string()));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(AuditError::Storage(format!("{}: {e}", dir.display()))),
             }
@@ -166,6 +187,7 @@ impl Store {
             index: tree("index")?,
             meta: tree("meta")?,
             db,
+            _lock: lock,
         })
     }
 

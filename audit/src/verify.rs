@@ -82,9 +82,8 @@ pub fn verify(
     // 1. Events: contiguous, each where it claims to be, time never decreasing, and the
     //    leaf the log stored for it still matches its bytes.
     let mut tree = MemoryTree::default();
-    let mut expected = 0u64;
     let mut last_time = 0u64;
-    for r in store.events_from(0) {
+    for (expected, r) in (0u64..).zip(store.events_from(0)) {
         let (seq, bytes) = r?;
         if seq != expected {
             return Ok(Err(at_event(
@@ -124,7 +123,6 @@ pub fn verify(
             Err(_) => return Ok(Err(at_event(seq, "its leaf hash is missing"))),
         }
         tree.push(leaf);
-        expected += 1;
     }
     let count = tree.size();
     if count < declared {
@@ -152,8 +150,10 @@ pub fn verify(
         let end = start + (1u64 << level);
         if end > count {
             return Ok(Err(at_event(
-                start,
-                "a tree node covers events that do not exist",
+                count,
+                format!(
+                    "missing: tree node ({level}, {index}) covers events up to {end} but the log holds {count} (truncated)"
+                ),
             )));
         }
         let want = merkle::range_hash(&tree, start, end).expect("in memory");
