@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 echo "==> building the tools (release)"
-cargo build --release --locked -q -p ipu-image-svc -p publisher -p policy
+cargo build --release --locked -q -p ipu-image-svc -p publisher -p policy -p audit
 bin=$PWD/target/release
 demo=${DEMO_DIR:-$PWD/target/demo}
 rm -rf "$demo"
@@ -47,10 +47,11 @@ echo "==> policy check"
 "$bin/policy" check --policy policy.json "oci:$demo/layout:demo"
 
 echo "==> IPU: verify the signature"
-"$bin/ipu-image-svc" image verify --policy policy.json "oci:$demo/layout:demo"
+"$bin/ipu-image-svc" image verify --audit-log audit --policy policy.json "oci:$demo/layout:demo"
 
 echo "==> IPU: pull, decrypt, unpack, build the ext4 rootfs"
-"$bin/ipu-image-svc" image unpack --policy policy.json --cache cache \
+"$bin/ipu-image-svc" image unpack --audit-log audit --tenant demo --function hello \
+    --policy policy.json --cache cache \
     --decryption-key keys/layer/priv.pem --output rootfs.ext4 "oci:$demo/layout:demo"
 
 echo "==> the rootfs, read back from the ext4 image"
@@ -61,8 +62,14 @@ chroot check /hello
 
 echo "==> an unsigned image is refused (exit code 3)"
 set +e
-"$bin/ipu-image-svc" image verify --policy policy.json "oci:$demo/layout:plain"
+"$bin/ipu-image-svc" image verify --audit-log audit --policy policy.json "oci:$demo/layout:plain"
 rc=$?
 set -e
 [ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
+
+echo "==> the audit trail of these runs, and the log verified against its key"
+"$bin/audit" query --log audit
+"$bin/audit" verify --log audit --key audit/verifier.pub
+"$bin/audit" prove --log audit --index 0 --output proof.json
+"$bin/audit" verify-proof --proof proof.json --key audit/verifier.pub
 echo "==> demo finished: $demo/rootfs.ext4"

@@ -12,9 +12,13 @@
 //! 5. Only then is the ext4 image built and moved to the output path. Any failure drops the
 //!    staging tree and leaves no output.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use audit::{AuditLog, Event, EventKind, Outcome as AuditOutcome};
 
 use ocicrypt::DecryptConfig;
 use policy::reference::{Digest, ImageReference};
@@ -188,6 +192,12 @@ pub struct PipelineConfig {
     pub decryption: DecryptConfig,
     pub limits: Limits,
     pub rootfs: RootfsOptions,
+    /// Where decisions are recorded. A service always sets it; a run that cannot write its
+    /// audit events fails (nothing is accepted unrecorded).
+    pub audit: Option<Arc<AuditLog>>,
+    /// Context recorded with every event.
+    pub tenant: Option<String>,
+    pub function: Option<String>,
 }
 
 impl PipelineConfig {
@@ -200,6 +210,9 @@ impl PipelineConfig {
             decryption: DecryptConfig::new(Vec::new()),
             limits: Limits::default(),
             rootfs: RootfsOptions::default(),
+            audit: None,
+            tenant: None,
+            function: None,
         }
     }
 }
@@ -297,6 +310,63 @@ pub struct TrustPipeline {
     cfg: PipelineConfig,
 }
 
+pub const AUDIT_SERVICE: &str = "ipu-image-svc";
+
+/// Writes this run's audit events with the image context filled in.
+struct Recorder<'a> {
+    cfg: &'a PipelineConfig,
+    image: String,
+    digest: std::cell::RefCell<Option<String>>,
+    /// Whether the failure that ended the run already has its own event.
+    failure_recorded: Cell<bool>,
+}
+
+impl Recorder<'_> {
+    fn record(
+        &self,
+        kind: EventKind,
+        outcome: AuditOutcome,
+        reason: &str,
+        details: &[(&str, String)],
+    ) -> Result<(), PipelineError> {
+        let Some(log) = &self.cfg.audit else {
+            return Ok(());
+        };
+        let mut e = Event::new(AUDIT_SERVICE, kind, outcome, reason)
+            .image(self.image.clone(), self.digest.borrow().clone());
+        e.tenant = self.cfg.tenant.clone();
+        e.function = self.cfg.function.clone();
+        for (k, v) in details {
+            e = e.detail(*k, v.clone());
+        }
+        log.append(e).map(|_| ()).map_err(|e| {
+            PipelineError::new(
+                FailureClass::Io,
+                format!("cannot write the audit event (nothing is accepted unrecorded): {e}"),
+            )
+        })
+    }
+
+    /// Records the event for a failure and marks it recorded.
+    fn failure(
+        &self,
+        kind: EventKind,
+        e: &PipelineError,
+        details: &[(&str, String)],
+    ) -> Result<(), PipelineError> {
+        let outcome = if e.class.is_rejection() {
+            AuditOutcome::Denied
+        } else {
+            AuditOutcome::Failure
+        };
+        let mut d = vec![("class", e.class.as_str().to_string())];
+        d.extend(details.iter().cloned());
+        self.record(kind, outcome, &e.message, &d)?;
+        self.failure_recorded.set(true);
+        Ok(())
+    }
+}
+
 impl TrustPipeline {
     pub fn new(cfg: PipelineConfig) -> Self {
         Self { cfg }
@@ -316,7 +386,33 @@ impl TrustPipeline {
         report: &mut Report,
     ) -> Result<(), PipelineError> {
         report.image = reference.to_string();
-        let result = self.run_inner(reference, goal, progress, report);
+        let recorder = Recorder {
+            cfg: &self.cfg,
+            image: reference.to_string(),
+            digest: Default::default(),
+            failure_recorded: Cell::new(false),
+        };
+        let mut result = self.run_inner(reference, goal, progress, report, &recorder);
+        if let Err(e) = &result {
+            if !recorder.failure_recorded.get() {
+                if let Err(audit_err) = recorder.failure(EventKind::Error, e, &[]) {
+                    tracing::error!(error = %audit_err.message, "audit log unavailable");
+                }
+            }
+        }
+        if result.is_ok() && matches!(goal, Goal::Unpack { .. }) {
+            if let Some(rootfs) = &report.rootfs {
+                result = recorder.record(
+                    EventKind::BaseBuild,
+                    AuditOutcome::Success,
+                    "ext4 rootfs built from the verified image",
+                    &[
+                        ("output", rootfs.path.display().to_string()),
+                        ("uuid", rootfs.uuid.clone()),
+                    ],
+                );
+            }
+        }
         match &result {
             Ok(()) => report.outcome = Outcome::Accepted,
             Err(e) => {
@@ -341,17 +437,24 @@ impl TrustPipeline {
         goal: &Goal,
         progress: &dyn Progress,
         report: &mut Report,
+        rec: &Recorder<'_>,
     ) -> Result<(), PipelineError> {
         let evaluation = self.cfg.policy.requirements_for(reference);
         if evaluation.precheck() == Precheck::Rejected {
-            return Err(PipelineError::new(
+            let e = PipelineError::new(
                 FailureClass::RejectedByPolicy,
                 format!(
                     "policy {} scope {} rejects {reference}; nothing was fetched",
                     self.cfg.policy.origin(),
                     evaluation.scope
                 ),
-            ));
+            );
+            rec.failure(
+                EventKind::PolicyDecision,
+                &e,
+                &[("scope", evaluation.scope.clone())],
+            )?;
+            return Err(e);
         }
 
         progress.stage("resolving manifest");
@@ -359,6 +462,7 @@ impl TrustPipeline {
         report.source = Some(source.describe());
         let resolved = fetch::resolve_manifest(source.as_ref(), &self.cfg.source.platform)?;
         report.manifest_digest = Some(resolved.manifest_digest.clone());
+        *rec.digest.borrow_mut() = Some(resolved.manifest_digest.to_string());
         report.platform_manifest_digest = Some(resolved.platform_manifest_digest.clone());
 
         progress.stage("verifying signatures");
@@ -375,16 +479,38 @@ impl TrustPipeline {
             reason: decision.reason.clone(),
             signatures_found: signatures.len(),
         });
+        let scope = ("scope", decision.scope.clone());
+        if evaluation.precheck() == Precheck::SignatureRequired {
+            let signature_ok = decision.allowed;
+            rec.record(
+                EventKind::SignatureVerify,
+                if signature_ok {
+                    AuditOutcome::Allowed
+                } else {
+                    AuditOutcome::Denied
+                },
+                &decision.reason,
+                &[
+                    scope.clone(),
+                    ("signatures_found", signatures.len().to_string()),
+                ],
+            )?;
+        }
         if !decision.allowed {
             let class = decision
                 .class
                 .map(FailureClass::from_reject)
                 .unwrap_or(FailureClass::RejectedByPolicy);
-            return Err(PipelineError::new(
-                class,
-                format!("{reference}: {}", decision.reason),
-            ));
+            let e = PipelineError::new(class, format!("{reference}: {}", decision.reason));
+            rec.failure(EventKind::PolicyDecision, &e, &[scope])?;
+            return Err(e);
         }
+        rec.record(
+            EventKind::PolicyDecision,
+            AuditOutcome::Allowed,
+            &decision.reason,
+            &[scope],
+        )?;
         tracing::info!(target: "audit", image = %reference, digest = %resolved.manifest_digest, scope = %decision.scope, reason = %decision.reason, "image accepted by policy");
 
         let image = fetch::load_config(source.as_ref(), resolved)?;
@@ -419,13 +545,22 @@ impl TrustPipeline {
                 && self.cfg.decryption.keys().is_empty()
                 && matches!(goal, Goal::Unpack { .. })
             {
-                return Err(PipelineError::new(
+                let e = PipelineError::new(
                     FailureClass::NoDecryptionKey,
                     format!(
                         "layer {i} ({}) is encrypted and no decryption key was given",
                         layer.digest
                     ),
-                ));
+                );
+                rec.failure(
+                    EventKind::LayerDecrypt,
+                    &e,
+                    &[
+                        ("layer", i.to_string()),
+                        ("layer_digest", layer.digest.to_string()),
+                    ],
+                )?;
+                return Err(e);
             }
         }
         if matches!(goal, Goal::Verify) {
@@ -470,7 +605,11 @@ impl TrustPipeline {
                 image.manifest.layers.len(),
                 layer.digest
             ));
-            self.apply_one(
+            let layer_details = [
+                ("layer", i.to_string()),
+                ("layer_digest", layer.digest.to_string()),
+            ];
+            let applied = self.apply_one(
                 &staging,
                 &paths[i],
                 layer,
@@ -478,7 +617,34 @@ impl TrustPipeline {
                 &image.config.diff_ids[i],
                 &mut budget,
                 &mut report.layers[i],
-            )?;
+            );
+            let encrypted = report.layers[i].encrypted;
+            match applied {
+                Ok(()) => {
+                    if encrypted {
+                        rec.record(
+                            EventKind::LayerDecrypt,
+                            AuditOutcome::Success,
+                            "layer decrypted; HMAC, plaintext digest and diff_id verified",
+                            &layer_details,
+                        )?;
+                    }
+                    rec.record(
+                        EventKind::LayerUnpack,
+                        AuditOutcome::Success,
+                        "layer unpacked into the private staging tree",
+                        &layer_details,
+                    )?;
+                }
+                Err(LayerFailure::Decrypt(e)) => {
+                    rec.failure(EventKind::LayerDecrypt, &e, &layer_details)?;
+                    return Err(e);
+                }
+                Err(LayerFailure::Unpack(e)) => {
+                    rec.failure(EventKind::LayerUnpack, &e, &layer_details)?;
+                    return Err(e);
+                }
+            }
         }
         progress.stage("building ext4 image");
         let uuid = rootfs::uuid_from_seed(&image.platform_manifest_digest.to_string());
@@ -504,64 +670,81 @@ impl TrustPipeline {
         diff_id: &Digest,
         budget: &mut Budget,
         report: &mut LayerReport,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<(), LayerFailure> {
         let file = File::open(blob).map_err(|e| {
-            PipelineError::new(
+            LayerFailure::Unpack(PipelineError::new(
                 FailureClass::Io,
                 format!("cannot open cached blob {}: {e}", blob.display()),
-            )
+            ))
         })?;
         let reader = BufReader::with_capacity(256 * 1024, file);
         let compression = report
             .compression
             .expect("compression was determined before pulling");
+        let decrypt_err = |e| LayerFailure::Decrypt(from_ocicrypt(e, index, &layer.digest));
+        let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, &layer.digest));
         let stats = if report.encrypted {
             let mut decryptor =
                 ocicrypt::decrypt_layer(reader, &layer.annotations, &self.cfg.decryption)
-                    .map_err(|e| from_ocicrypt(e, index, &layer.digest))?;
-            let stats = unpack_stream(
+                    .map_err(decrypt_err)?;
+            let unpacked = unpack_stream(
                 staging,
                 &mut decryptor,
                 compression,
                 &self.cfg.limits,
                 budget,
-            )
-            .map_err(|e| from_unpack(e, index, &layer.digest))?;
-            // The tar stream is fully read; now the HMAC over all ciphertext must match.
-            let (authenticated, stale) = decryptor
-                .finish_allowing_stale_digest()
-                .map_err(|e| from_ocicrypt(e, index, &layer.digest))?;
-            if let Some(stale) = stale {
-                // Accepted only because the diff_id check below authenticates the content
-                // through the signed config.
-                tracing::warn!(
-                    layer = index,
-                    declared = %stale.declared,
-                    actual = authenticated.plaintext_digest(),
-                    "encrypted layer's private options carry a stale digest (recompressed by the publisher); relying on the signed diff_id"
-                );
-                report.stale_private_digest = Some(stale.declared);
-            }
+            );
+            // The tar stream is read (or refused); now the HMAC over all ciphertext must
+            // match. A layer that failed to unpack is checked too: modified ciphertext
+            // decrypts to garbage, and that is an integrity failure, not a malformed tar.
+            let finished = decryptor.finish_allowing_stale_digest();
+            let stats = match (unpacked, finished) {
+                (_, Err(e)) if e.class() == ocicrypt::ErrorClass::Integrity => {
+                    return Err(decrypt_err(e))
+                }
+                (Err(e), _) => return Err(unpack_err(e)),
+                (Ok(_), Err(e)) => return Err(decrypt_err(e)),
+                (Ok(stats), Ok((authenticated, stale))) => {
+                    if let Some(stale) = stale {
+                        // Accepted only because the diff_id check below authenticates the
+                        // content through the signed config.
+                        tracing::warn!(
+                            layer = index,
+                            declared = %stale.declared,
+                            actual = authenticated.plaintext_digest(),
+                            "encrypted layer's private options carry a stale digest (recompressed by the publisher); relying on the signed diff_id"
+                        );
+                        report.stale_private_digest = Some(stale.declared);
+                    }
+                    stats
+                }
+            };
             stats
         } else {
             // The blob's digest was checked against the signed manifest when it was cached.
             unpack_stream(staging, reader, compression, &self.cfg.limits, budget)
-                .map_err(|e| from_unpack(e, index, &layer.digest))?
+                .map_err(unpack_err)?
         };
         if &stats.diff_id != diff_id {
-            return Err(PipelineError::new(
+            return Err(LayerFailure::Unpack(PipelineError::new(
                 FailureClass::DigestMismatch,
                 format!(
                     "layer {index} ({}): uncompressed content has digest {} but the signed config says {diff_id}",
                     layer.digest, stats.diff_id
                 ),
-            ));
+            )));
         }
         report.diff_id = Some(stats.diff_id);
         report.entries = Some(stats.entries);
         report.file_bytes = Some(stats.file_bytes);
         Ok(())
     }
+}
+
+/// Which stage of a layer failed, for its audit event.
+enum LayerFailure {
+    Decrypt(PipelineError),
+    Unpack(PipelineError),
 }
 
 fn unpack_stream<R: std::io::Read>(

@@ -21,12 +21,23 @@ fn policy(name: &str) -> String {
         .into_owned()
 }
 
-fn svc(args: &[&str]) -> Output {
+/// Runs `ipu-image-svc` with its audit log in a fresh directory (or `audit_dir`).
+fn svc_with_audit(args: &[&str], audit_dir: &Path) -> Output {
+    let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if full.len() >= 2 && full[0] == "image" {
+        full.insert(2, "--audit-log".into());
+        full.insert(3, audit_dir.to_string_lossy().into_owned());
+    }
     Command::new(env!("CARGO_BIN_EXE_ipu-image-svc"))
-        .args(args)
+        .args(&full)
         .env("IPU_LOG", "off")
         .output()
         .unwrap()
+}
+
+fn svc(args: &[&str]) -> Output {
+    let audit = tempfile::tempdir().unwrap();
+    svc_with_audit(args, audit.path())
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -243,6 +254,8 @@ fn the_decryption_key_option_warns_and_never_prints_the_key() {
         .args([
             "image",
             "unpack",
+            "--audit-log",
+            dir.path().join("audit").to_str().unwrap(),
             "--policy",
             &policy("policy-A.json"),
             "--cache",
@@ -264,5 +277,102 @@ fn the_decryption_key_option_warns_and_never_prints_the_key() {
     for line in pem.lines().filter(|l| !l.starts_with("-----")) {
         assert!(!stderr.contains(line), "key material in the log");
         assert!(!String::from_utf8_lossy(&out.stdout).contains(line));
+    }
+}
+
+/// Every decision of a run is in the audit log, which verifies with the key the service
+/// created on first use.
+#[test]
+fn decisions_are_written_to_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_dir = dir.path().join("audit");
+    let key = fixtures().join("keys/rsa-2048/priv.pem");
+    let unpack = |tag: &str| {
+        svc_with_audit(
+            &[
+                "image",
+                "unpack",
+                "-q",
+                "--tenant",
+                "acme",
+                "--function",
+                "resize",
+                "--policy",
+                &policy("policy-A.json"),
+                "--cache",
+                dir.path().join("cache").to_str().unwrap(),
+                "--decryption-key",
+                key.to_str().unwrap(),
+                "-o",
+                dir.path().join(format!("{tag}.ext4")).to_str().unwrap(),
+                &layout(tag),
+            ],
+            &audit_dir,
+        )
+    };
+    assert_eq!(unpack("enc-signed").status.code(), Some(0));
+    assert_eq!(unpack("evil-traversal").status.code(), Some(3));
+    assert_eq!(unpack("plain").status.code(), Some(3));
+
+    // Read back with the audit library, as an auditor's tooling does.
+    let verifier = audit::NoteVerifier::parse(
+        &std::fs::read_to_string(audit_dir.join("verifier.pub")).unwrap(),
+    )
+    .unwrap();
+    let store = audit::Store::open(&audit_dir, std::time::Duration::from_secs(10)).unwrap();
+    let report = audit::verify::verify(&store, &verifier, &[])
+        .unwrap()
+        .unwrap_or_else(|f| panic!("the audit log does not verify: {f}"));
+    let page = store
+        .query(&audit::Query {
+            limit: 100,
+            ..audit::Query::default()
+        })
+        .unwrap();
+    assert_eq!(report.events, page.events.len() as u64);
+    let events: Vec<serde_json::Value> = page
+        .events
+        .iter()
+        .map(|e| serde_json::from_slice(&e.to_canonical()).unwrap())
+        .collect();
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["kind"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap(),
+                e["details"]["class"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            // enc-signed: accepted, both layers decrypted and unpacked, rootfs built.
+            "signature.verify allowed -",
+            "policy.decision allowed -",
+            "layer.decrypt success -",
+            "layer.unpack success -",
+            "layer.decrypt success -",
+            "layer.unpack success -",
+            "base.build success -",
+            // evil-traversal: signature fine, the layer is refused.
+            "signature.verify allowed -",
+            "policy.decision allowed -",
+            "layer.unpack denied unsafe-layer",
+            // plain: no signature.
+            "signature.verify denied -",
+            "policy.decision denied no-signature",
+        ]
+    );
+    for e in &events {
+        assert_eq!(e["tenant"], "acme");
+        assert_eq!(e["function"], "resize");
+        assert_eq!(e["service"], "ipu-image-svc");
+        assert!(e["image"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"));
     }
 }
