@@ -5,6 +5,7 @@
 //! - [`event`]: the event model (identifiers only, never key material).
 //! - [`merkle`]: RFC 9162 hashing and proofs, checked against the CT reference vectors.
 //! - [`checkpoint`]: checkpoint bodies, signed notes, signer and verifier keys.
+//! - [`chunk`]: the stored form of one group commit's events.
 //! - [`store`]: the sled layout and read side (events, nodes, checkpoints, queries).
 //! - [`log`]: the writer: group commit, checkpoints only after a consistency check.
 //! - [`verify`]: full verification that names the first bad index.
@@ -36,6 +37,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod chunk;
 pub mod event;
 pub mod log;
 pub mod merkle;

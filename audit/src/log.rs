@@ -17,9 +17,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::checkpoint::{Checkpoint, CheckpointSigner};
+use crate::chunk;
 use crate::event::Event;
 use crate::merkle::{self, Hash, NodeSource};
-use crate::store::{index_keys, node_key, Store};
+use crate::store::{node_key, node_with, Store, STORED_LEVEL};
 use crate::AuditError;
 
 /// What the log returns once an event is durable.
@@ -52,6 +53,8 @@ impl Default for LogOptions {
 
 enum Request {
     Append(Box<Event>, Sender<Result<Receipt, AuditError>>),
+    /// Several events committed together (imports, bulk loads); one reply for all.
+    AppendMany(Vec<Event>, Sender<Result<Vec<Receipt>, AuditError>>),
     Checkpoint(Sender<Result<String, AuditError>>),
 }
 
@@ -60,6 +63,7 @@ pub struct AuditLog {
     store: Arc<Store>,
     tx: Mutex<Option<Sender<Request>>>,
     committer: Mutex<Option<JoinHandle<()>>>,
+    indexer: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The committer's view of the tree: its size, the right edge of perfect subtrees, the
@@ -151,19 +155,35 @@ impl TreeState {
     }
 }
 
-/// Stored nodes plus the ones of the batch being committed.
+/// Stored nodes and leaves plus the ones of the batch being committed.
 struct Overlay<'a> {
     store: &'a Store,
-    batch: HashMap<(u32, u64), Hash>,
+    batch_first: u64,
+    batch_leaves: &'a [Hash],
+    batch_nodes: HashMap<(u32, u64), Hash>,
 }
 
 impl NodeSource for Overlay<'_> {
     type Error = AuditError;
     fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
-        match self.batch.get(&(level, index)) {
-            Some(h) => Ok(*h),
-            None => self.store.node(level, index),
-        }
+        node_with(
+            level,
+            index,
+            |a, b| {
+                let mut out = Vec::new();
+                if a < self.batch_first {
+                    out.extend(self.store.leaves(a, b.min(self.batch_first))?);
+                }
+                for s in a.max(self.batch_first)..b {
+                    out.push(self.batch_leaves[(s - self.batch_first) as usize]);
+                }
+                Ok(out)
+            },
+            |l, i| match self.batch_nodes.get(&(l, i)) {
+                Some(h) => Ok(*h),
+                None => self.store.node(l, i),
+            },
+        )
     }
 }
 
@@ -218,6 +238,30 @@ impl AuditLog {
         }
         let store = Arc::new(store);
         let (tx, rx) = mpsc::channel();
+        // The index is derived data, built behind the log in fixed windows.
+        let (grew, grown) = mpsc::channel::<()>();
+        let indexer = {
+            let store = store.clone();
+            std::thread::Builder::new()
+                .name("audit-index".into())
+                .spawn(move || {
+                    while grown.recv().is_ok() {
+                        while grown.try_recv().is_ok() {}
+                        loop {
+                            match store.index_next_window() {
+                                Ok(true) => {}
+                                Ok(false) => break,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "audit indexer stopped; queries scan the unindexed events");
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| AuditError::io(dir, e))?
+        };
+        let _ = grew.send(());
         let committer = {
             let store = store.clone();
             let origin = origin.to_string();
@@ -231,6 +275,7 @@ impl AuditLog {
                         options,
                         state,
                         last_checkpoint_at: Instant::now(),
+                        grew,
                     }
                     .run(rx)
                 })
@@ -240,6 +285,7 @@ impl AuditLog {
             store,
             tx: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
+            indexer: Mutex::new(Some(indexer)),
         };
         // A crash may have left durable events that no checkpoint covers yet.
         log.checkpoint()?;
@@ -251,6 +297,16 @@ impl AuditLog {
         event.validate().map_err(AuditError::Request)?;
         let (done, wait) = mpsc::channel();
         self.send(Request::Append(Box::new(event), done))?;
+        wait.recv().map_err(|_| AuditError::Closed)?
+    }
+
+    /// Appends several events in one commit; returns once all are durable.
+    pub fn append_many(&self, events: Vec<Event>) -> Result<Vec<Receipt>, AuditError> {
+        for e in &events {
+            e.validate().map_err(AuditError::Request)?;
+        }
+        let (done, wait) = mpsc::channel();
+        self.send(Request::AppendMany(events, done))?;
         wait.recv().map_err(|_| AuditError::Closed)?
     }
 
@@ -281,6 +337,10 @@ impl AuditLog {
         if let Some(h) = self.committer.lock().expect("not poisoned").take() {
             let _ = h.join();
         }
+        // The committer held the indexer's channel: the indexer finishes its window and stops.
+        if let Some(h) = self.indexer.lock().expect("not poisoned").take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -297,9 +357,19 @@ struct Committer {
     options: LogOptions,
     state: TreeState,
     last_checkpoint_at: Instant,
+    /// Wakes the indexer after a commit.
+    grew: Sender<()>,
 }
 
-type Waiter = Sender<Result<Receipt, AuditError>>;
+/// Who is told when an event is durable.
+enum Waiter {
+    One(Sender<Result<Receipt, AuditError>>),
+    /// The `n`-th of a bulk request's events; the last one replies for all.
+    Many {
+        reply: Sender<Result<Vec<Receipt>, AuditError>>,
+        last: bool,
+    },
+}
 
 impl Committer {
     fn run(mut self, rx: Receiver<Request>) {
@@ -309,7 +379,18 @@ impl Committer {
             let take = |r: Request,
                         appends: &mut Vec<(Box<Event>, Waiter)>,
                         cp_waiters: &mut Vec<_>| match r {
-                Request::Append(e, w) => appends.push((e, w)),
+                Request::Append(e, w) => appends.push((e, Waiter::One(w))),
+                Request::AppendMany(events, reply) => {
+                    let n = events.len();
+                    if n == 0 {
+                        let _ = reply.send(Ok(Vec::new()));
+                    }
+                    for (i, e) in events.into_iter().enumerate() {
+                        let last = i + 1 == n;
+                        let reply = reply.clone();
+                        appends.push((Box::new(e), Waiter::Many { reply, last }));
+                    }
+                }
                 Request::Checkpoint(w) => cp_waiters.push(w),
             };
             take(first, &mut appends, &mut cp_waiters);
@@ -328,8 +409,19 @@ impl Committer {
                 || self.last_checkpoint_at.elapsed() >= self.options.checkpoint_interval;
             match self.commit(&appends, sign) {
                 Ok((receipts, note)) => {
+                    let mut bulk = Vec::new();
                     for ((_, w), r) in appends.into_iter().zip(receipts) {
-                        let _ = w.send(Ok(r));
+                        match w {
+                            Waiter::One(w) => {
+                                let _ = w.send(Ok(r));
+                            }
+                            Waiter::Many { reply, last } => {
+                                bulk.push(r);
+                                if last {
+                                    let _ = reply.send(Ok(std::mem::take(&mut bulk)));
+                                }
+                            }
+                        }
                     }
                     for w in cp_waiters {
                         let _ = w.send(note.clone().ok_or(AuditError::Closed).or_else(|_| {
@@ -342,7 +434,15 @@ impl Committer {
                 Err(e) => {
                     tracing::error!(error = %e, "audit commit failed; nothing of the batch was acknowledged");
                     for (_, w) in appends {
-                        let _ = w.send(Err(e.clone()));
+                        match w {
+                            Waiter::One(w) => {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                            Waiter::Many { reply, last: true } => {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                            Waiter::Many { .. } => {}
+                        }
                     }
                     for w in cp_waiters {
                         let _ = w.send(Err(e.clone()));
@@ -366,11 +466,12 @@ impl Committer {
             checkpoints: self.state.checkpoints,
             last_signed: self.state.last_signed,
         };
-        let mut events = sled::Batch::default();
+        let batch_first = next.size;
         let mut nodes = sled::Batch::default();
-        let mut index = sled::Batch::default();
         let mut new_nodes = Vec::new();
         let mut receipts = Vec::with_capacity(appends.len());
+        let mut leaves = Vec::with_capacity(appends.len());
+        let mut bodies = Vec::with_capacity(appends.len());
         let now = now_ns();
         for (event, _) in appends {
             let mut e = (**event).clone();
@@ -379,17 +480,25 @@ impl Committer {
             next.last_time = e.time_ns;
             let bytes = e.to_canonical();
             let leaf = merkle::leaf_hash(&bytes);
-            events.insert(&e.seq.to_be_bytes(), bytes);
-            for k in index_keys(&e) {
-                index.insert(k, &[][..]);
-            }
             receipts.push(Receipt {
                 seq: e.seq,
                 time_ns: e.time_ns,
                 leaf_hash: leaf,
             });
             next.push(leaf, &mut new_nodes);
+            leaves.push(leaf);
+            bodies.push(bytes);
         }
+        let chunks: Vec<(u64, Vec<u8>)> = leaves
+            .chunks(chunk::MAX_CHUNK_EVENTS)
+            .zip(bodies.chunks(chunk::MAX_CHUNK_EVENTS))
+            .enumerate()
+            .map(|(i, (l, b))| {
+                let first = batch_first + (i * chunk::MAX_CHUNK_EVENTS) as u64;
+                (first, chunk::encode(l, b))
+            })
+            .collect();
+        new_nodes.retain(|(level, _, _)| *level >= STORED_LEVEL);
         for (level, idx, hash) in &new_nodes {
             nodes.insert(&node_key(*level, *idx), &hash[..]);
         }
@@ -399,7 +508,9 @@ impl Committer {
             if let Some((old_size, old_root)) = next.last_signed {
                 let overlay = Overlay {
                     store: &self.store,
-                    batch: new_nodes.iter().map(|(l, i, h)| ((*l, *i), *h)).collect(),
+                    batch_first,
+                    batch_leaves: &leaves,
+                    batch_nodes: new_nodes.iter().map(|(l, i, h)| ((*l, *i), *h)).collect(),
                 };
                 let proof = merkle::consistency_proof(&overlay, old_size, next.size)?;
                 merkle::verify_consistency(old_size, next.size, &old_root, &root, &proof).map_err(
@@ -427,11 +538,12 @@ impl Committer {
             next.checkpoints += 1;
         }
         let s = &self.store;
-        (&s.events, &s.nodes, &s.index, &s.meta, &s.checkpoints)
-            .transaction(|(te, tn, ti, tm, tc)| {
-                te.apply_batch(&events)?;
+        (&s.events, &s.nodes, &s.meta, &s.checkpoints)
+            .transaction(|(te, tn, tm, tc)| {
+                for (first, c) in &chunks {
+                    te.insert(&first.to_be_bytes(), c.as_slice())?;
+                }
                 tn.apply_batch(&nodes)?;
-                ti.apply_batch(&index)?;
                 tm.insert("size", &next.size.to_be_bytes())?;
                 if let Some(note) = &note {
                     tc.insert(&cp_number.to_be_bytes(), note.as_bytes())?;
@@ -445,6 +557,7 @@ impl Committer {
             self.last_checkpoint_at = Instant::now();
         }
         self.state = next;
+        let _ = self.grew.send(());
         Ok((receipts, note))
     }
 }

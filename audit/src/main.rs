@@ -353,10 +353,14 @@ fn run(cli: Cli) -> Result<u8> {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p)?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            for r in store.events_from(0) {
-                let (_, bytes) = r?;
-                out.write_all(&bytes)?;
-                out.write_all(b"\n")?;
+            for r in store.chunks() {
+                let (first, bytes) = r?;
+                let chunk = audit::chunk::decode(&bytes)
+                    .map_err(|e| anyhow::anyhow!("events from {first}: {e}"))?;
+                for event in chunk.events {
+                    out.write_all(event)?;
+                    out.write_all(b"\n")?;
+                }
             }
             out.flush()?;
         }
@@ -366,10 +370,9 @@ fn run(cli: Cli) -> Result<u8> {
 
 fn print_range(store: &Store, from: u64, to: u64, json: bool) -> Result<()> {
     let mut events = Vec::new();
-    for seq in from..to {
-        if let Some(e) = store.event(seq)? {
-            events.push(e);
-        }
+    for (seq, bytes) in store.events_range(from, to)? {
+        events
+            .push(Event::from_canonical(&bytes).map_err(|e| anyhow::anyhow!("event {seq}: {e}"))?);
     }
     print_events(&events, json);
     Ok(())

@@ -8,8 +8,9 @@
 use std::fmt;
 
 use crate::checkpoint::{Checkpoint, NoteVerifier};
+use crate::chunk;
 use crate::event::Event;
-use crate::merkle::{self, MemoryTree, NodeSource};
+use crate::merkle::{self, MemoryTree};
 use crate::store::Store;
 use crate::AuditError;
 
@@ -79,50 +80,60 @@ pub fn verify(
     let origin = store.origin()?;
     let declared = store.size()?;
 
-    // 1. Events: contiguous, each where it claims to be, time never decreasing, and the
-    //    leaf the log stored for it still matches its bytes.
+    // 1. Events: chunks contiguous, each event where it claims to be, time never
+    //    decreasing, and the leaf the log stored for it still matching its bytes.
     let mut tree = MemoryTree::default();
+    let mut expected = 0u64;
     let mut last_time = 0u64;
-    for (expected, r) in (0u64..).zip(store.events_from(0)) {
-        let (seq, bytes) = r?;
-        if seq != expected {
+    for r in store.chunks() {
+        let (first, bytes) = r?;
+        if first != expected {
             return Ok(Err(at_event(
                 expected,
-                format!("missing (the next stored event is {seq})"),
+                format!("missing (the next stored event is {first})"),
             )));
         }
-        let event = match Event::from_canonical(&bytes) {
-            Ok(e) => e,
-            Err(e) => return Ok(Err(at_event(seq, format!("unreadable: {e}")))),
+        let c = match chunk::decode(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(Err(at_event(
+                    first,
+                    format!("its group of events is unreadable: {e}"),
+                )))
+            }
         };
-        if event.seq != seq {
-            return Ok(Err(at_event(
-                seq,
-                format!(
-                    "stored at {seq} but says it is event {}: moved or reordered",
-                    event.seq
-                ),
-            )));
-        }
-        if event.time_ns < last_time {
-            return Ok(Err(at_event(
-                seq,
-                "its time is before the previous event's",
-            )));
-        }
-        last_time = event.time_ns;
-        let leaf = merkle::leaf_hash(&bytes);
-        match store.node(0, seq) {
-            Ok(stored) if stored == leaf => {}
-            Ok(_) => {
+        for (i, (bytes, stored_leaf)) in c.events.iter().zip(&c.leaves).enumerate() {
+            let seq = first + i as u64;
+            let event = match Event::from_canonical(bytes) {
+                Ok(e) => e,
+                Err(e) => return Ok(Err(at_event(seq, format!("unreadable: {e}")))),
+            };
+            if event.seq != seq {
+                return Ok(Err(at_event(
+                    seq,
+                    format!(
+                        "stored at {seq} but says it is event {}: moved or reordered",
+                        event.seq
+                    ),
+                )));
+            }
+            if event.time_ns < last_time {
+                return Ok(Err(at_event(
+                    seq,
+                    "its time is before the previous event's",
+                )));
+            }
+            last_time = event.time_ns;
+            let leaf = merkle::leaf_hash(bytes);
+            if &leaf != stored_leaf {
                 return Ok(Err(at_event(
                     seq,
                     "changed since it was appended (its bytes no longer match its leaf hash)",
-                )))
+                )));
             }
-            Err(_) => return Ok(Err(at_event(seq, "its leaf hash is missing"))),
+            tree.push(leaf);
         }
-        tree.push(leaf);
+        expected = first + c.events.len() as u64;
     }
     let count = tree.size();
     if count < declared {
@@ -141,7 +152,8 @@ pub fn verify(
         )));
     }
 
-    // 2. Every stored interior node agrees with the recomputed tree (proofs use them).
+    // 2. Every stored interior node agrees with the recomputed tree (proofs use them), and
+    //    every complete one is there.
     for r in store.nodes.iter() {
         let (k, v) = r?;
         let level = k[0] as u32;
