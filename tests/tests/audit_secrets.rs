@@ -148,3 +148,50 @@ fn a_full_pipeline_run_leaves_no_key_bytes_in_the_audit_log() {
         );
     }
 }
+
+/// Nothing is accepted unrecorded: with the audit log unavailable, an image that would be
+/// accepted fails with an I/O error and no rootfs is built.
+#[test]
+fn a_run_that_cannot_write_its_audit_events_fails_closed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (signer, _) = audit::CheckpointSigner::generate("test/audit").unwrap();
+    let log = Arc::new(
+        audit::AuditLog::open(
+            &scratch.path().join("audit"),
+            "test/audit",
+            signer,
+            audit::LogOptions::default(),
+        )
+        .unwrap(),
+    );
+    log.close();
+    let mut cfg = PipelineConfig::new(
+        Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
+        scratch.path().join("cache"),
+    );
+    cfg.audit = Some(log);
+    let output = scratch.path().join("rootfs.ext4");
+    let reference = ImageReference::parse(&format!(
+        "oci:{}:signed-cosign",
+        fixtures().join("oci-layout").display()
+    ))
+    .unwrap();
+    let mut report = Report::default();
+    let err = TrustPipeline::new(cfg)
+        .run(
+            &reference,
+            &Goal::Unpack {
+                output: output.clone(),
+            },
+            &Quiet,
+            &mut report,
+        )
+        .unwrap_err();
+    assert_eq!(err.class.as_str(), "io", "{}", err.message);
+    assert!(err.message.contains("audit"), "{}", err.message);
+    assert!(!output.exists());
+    assert!(
+        report.config_digest.is_none(),
+        "went on after the decision was not recorded"
+    );
+}
