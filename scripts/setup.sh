@@ -10,6 +10,7 @@ packages=(
     busybox-static   # the demo image's rootfs
     umoci            # third-party check that our images unpack
     pkg-config
+    protobuf-compiler # protoc, for the gRPC definitions (api/)
     ca-certificates
 )
 

@@ -10,6 +10,8 @@
 //! - [`log`]: the writer: group commit, checkpoints only after a consistency check.
 //! - [`verify`]: full verification that names the first bad index.
 //! - [`proof`]: self-contained inclusion proofs an auditor verifies offline.
+//! - [`service`]: the log daemon (gRPC on a writer socket and a read-only query socket).
+//! - [`remote`]: its clients; [`remote::AuditSink`] is what services write to.
 //!
 //! Key material cannot be put into an event: key types implement neither `Serialize` nor
 //! `Into<KeyId>`. This does not compile:
@@ -42,12 +44,15 @@ pub mod event;
 pub mod log;
 pub mod merkle;
 pub mod proof;
+pub mod remote;
+pub mod service;
 pub mod store;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointSigner, NoteVerifier};
 pub use event::{Event, EventKind, KeyId, Outcome};
 pub use log::{AuditLog, LogOptions, Receipt};
+pub use remote::{AuditSink, RemoteLog, RemoteQuery};
 pub use store::{Page, Query, Store};
 
 use std::path::Path;

@@ -32,17 +32,47 @@ struct Cli {
 
 #[derive(Args)]
 struct LogArg {
-    /// The log directory.
+    /// The log directory (opened directly; no daemon may hold it).
     #[arg(
         long,
         value_name = "DIR",
         default_value = "/var/lib/ipu-image-svc/audit"
     )]
     log: PathBuf,
+    /// Ask the log daemon on this query socket instead (`audit serve`).
+    #[arg(long, value_name = "SOCKET")]
+    server: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Own the log and serve it: appends on a writer socket (0600), read-only queries,
+    /// tail and proofs on a query socket (0660). Stops on SIGTERM or Ctrl-C.
+    Serve {
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/var/lib/ipu-image-svc/audit"
+        )]
+        log: PathBuf,
+        /// The checkpoint signing key (from `audit keygen`).
+        #[arg(long, value_name = "FILE")]
+        signer: PathBuf,
+        #[arg(long)]
+        origin: String,
+        #[arg(
+            long,
+            value_name = "SOCKET",
+            default_value = "/run/ipu-audit/writer.sock"
+        )]
+        writer_socket: PathBuf,
+        #[arg(
+            long,
+            value_name = "SOCKET",
+            default_value = "/run/ipu-audit/query.sock"
+        )]
+        query_socket: PathBuf,
+    },
     /// Create a checkpoint signing key: DIR/signer.key (0600) and DIR/verifier.pub.
     Keygen {
         /// The key name in signatures (usually the log origin).
@@ -111,13 +141,21 @@ enum Command {
 
 #[derive(Args)]
 struct AppendArgs {
-    #[command(flatten)]
-    log: LogArg,
-    /// The signer key file (from `audit keygen`).
-    #[arg(long, value_name = "FILE")]
-    signer: PathBuf,
-    #[arg(long)]
-    origin: String,
+    /// The log directory (opened directly).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/audit"
+    )]
+    log: PathBuf,
+    /// Append through the daemon's writer socket instead.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["signer", "origin"])]
+    server: Option<PathBuf>,
+    /// The signer key file (from `audit keygen`), when opening the log directly.
+    #[arg(long, value_name = "FILE", required_unless_present = "server")]
+    signer: Option<PathBuf>,
+    #[arg(long, required_unless_present = "server")]
+    origin: Option<String>,
     #[arg(long)]
     service: String,
     #[arg(long)]
@@ -184,6 +222,13 @@ fn open_read(log: &LogArg) -> Result<Store> {
     Store::open(&log.log, Duration::from_secs(10)).context("opening the audit log")
 }
 
+fn read_signer(path: &Path) -> Result<CheckpointSigner> {
+    let key = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    CheckpointSigner::parse(&key).with_context(|| format!("signer key {}", path.display()))
+}
+
 fn read_verifier(path: &Path) -> Result<NoteVerifier> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -207,13 +252,30 @@ fn run(cli: Cli) -> Result<u8> {
             std::fs::write(out.join("verifier.pub"), format!("{}\n", signer.verifier()))?;
             println!("{}", signer.verifier());
         }
+        Command::Serve {
+            log,
+            signer,
+            origin,
+            writer_socket,
+            query_socket,
+        } => {
+            let signer = read_signer(&signer)?;
+            let log = std::sync::Arc::new(AuditLog::open(
+                &log,
+                &origin,
+                signer,
+                LogOptions::default(),
+            )?);
+            audit::service::serve(log, &writer_socket, &query_socket, || {
+                println!(
+                    "serving: writer {} query {}",
+                    writer_socket.display(),
+                    query_socket.display()
+                );
+                let _ = std::io::stdout().flush();
+            })?;
+        }
         Command::Append(a) => {
-            let key = zeroize::Zeroizing::new(
-                std::fs::read_to_string(&a.signer)
-                    .with_context(|| format!("reading {}", a.signer.display()))?,
-            );
-            let signer = CheckpointSigner::parse(&key)?;
-            let log = AuditLog::open(&a.log.log, &a.origin, signer, LogOptions::default())?;
             let mut e = Event::new(a.service, a.kind, a.outcome, a.reason);
             e.tenant = a.tenant;
             e.function = a.function;
@@ -223,12 +285,20 @@ fn run(cli: Cli) -> Result<u8> {
             for k in a.key_ids {
                 e = e.key_id(KeyId::new(k).map_err(anyhow::Error::msg)?);
             }
-            let receipt = log.append(e)?;
-            log.checkpoint()?;
+            let receipt = match &a.server {
+                Some(socket) => audit::AuditSink::append(&audit::RemoteLog::connect(socket)?, e)?,
+                None => {
+                    let signer = read_signer(a.signer.as_deref().expect("required by clap"))?;
+                    let origin = a.origin.as_deref().expect("required by clap");
+                    let log = AuditLog::open(&a.log, origin, signer, LogOptions::default())?;
+                    let receipt = log.append(e)?;
+                    log.checkpoint()?;
+                    receipt
+                }
+            };
             println!("{}", receipt.seq);
         }
         Command::Query(q) => {
-            let store = open_read(&q.log)?;
             let query = Query {
                 since_ns: q
                     .since
@@ -250,7 +320,10 @@ fn run(cli: Cli) -> Result<u8> {
                 after: q.after,
                 limit: q.limit,
             };
-            let page = store.query(&query)?;
+            let page = match &q.log.server {
+                Some(socket) => audit::RemoteQuery::connect(socket)?.query(&query)?,
+                None => open_read(&q.log)?.query(&query)?,
+            };
             print_events(&page.events, q.json);
             if let Some(next) = page.next {
                 eprintln!("more: --after {next}");
@@ -262,6 +335,20 @@ fn run(cli: Cli) -> Result<u8> {
             follow,
             json,
         } => {
+            if let Some(socket) = &log.server {
+                let mut client = audit::RemoteQuery::connect(socket)?;
+                let size = client
+                    .latest_checkpoint()
+                    .ok()
+                    .and_then(|note| note.lines().nth(1).and_then(|l| l.parse::<u64>().ok()))
+                    .unwrap_or(0);
+                let from = size.saturating_sub(lines);
+                client.tail(from, |e| {
+                    print_events(std::slice::from_ref(&e), json);
+                    follow || e.seq + 1 < size
+                })?;
+                return Ok(0);
+            }
             let mut from = {
                 let store = open_read(&log)?;
                 let size = store.size()?;
@@ -285,6 +372,9 @@ fn run(cli: Cli) -> Result<u8> {
             key,
             checkpoint,
         } => {
+            if log.server.is_some() {
+                bail!("verify reads every stored byte: run it on the log directory (with the daemon stopped, or on a copy)");
+            }
             let verifier = read_verifier(&key)?;
             let store = open_read(&log)?;
             let trusted = checkpoint
@@ -309,15 +399,20 @@ fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Checkpoint { log } => {
-            let store = open_read(&log)?;
-            match store.latest_checkpoint()? {
+            let note = match &log.server {
+                Some(socket) => Some(audit::RemoteQuery::connect(socket)?.latest_checkpoint()?),
+                None => open_read(&log)?.latest_checkpoint()?,
+            };
+            match note {
                 Some(note) => print!("{note}"),
                 None => bail!("the log has no checkpoint yet"),
             }
         }
         Command::Prove { log, index, output } => {
-            let store = open_read(&log)?;
-            let bundle = InclusionBundle::build(&store, index)?;
+            let bundle = match &log.server {
+                Some(socket) => audit::RemoteQuery::connect(socket)?.inclusion_proof(index)?,
+                None => InclusionBundle::build(&open_read(&log)?, index)?,
+            };
             let json = serde_json::to_string_pretty(&bundle)?;
             match output {
                 Some(p) => std::fs::write(&p, json + "\n")?,
@@ -348,6 +443,9 @@ fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Export { log, output, .. } => {
+            if log.server.is_some() {
+                bail!("export reads the log directory; use `query --json --server` page by page against a daemon");
+            }
             let store = open_read(&log)?;
             let mut out: Box<dyn Write> = match output {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p)?)),

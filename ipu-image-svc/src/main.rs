@@ -81,6 +81,10 @@ struct CommonArgs {
         default_value = "/var/lib/ipu-image-svc/audit"
     )]
     audit_log: PathBuf,
+    /// Write audit events through the log daemon's writer socket (`audit serve`) instead
+    /// of opening the log directory.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["audit_signer", "audit_origin"])]
+    audit_socket: Option<PathBuf>,
     /// The log's checkpoint signing key (default: <audit-log>/signer.key, created with
     /// <audit-log>/verifier.pub on first use).
     #[arg(long, value_name = "FILE")]
@@ -244,7 +248,15 @@ fn run(
     };
     let policy = Policy::from_file(&common.policy).map_err(|e| bad_config(e.to_string()))?;
     let mut cfg = PipelineConfig::new(policy, common.cache.clone());
-    cfg.audit = Some(std::sync::Arc::new(open_audit(&common)?));
+    cfg.audit = Some(match &common.audit_socket {
+        Some(socket) => std::sync::Arc::new(audit::RemoteLog::connect(socket).map_err(|e| {
+            PipelineError::new(
+                FailureClass::Io,
+                format!("audit daemon {}: {e}", socket.display()),
+            )
+        })?),
+        None => std::sync::Arc::new(open_audit(&common)?),
+    });
     cfg.tenant = common.tenant.clone();
     cfg.function = common.function.clone();
     cfg.source.platform = platform;

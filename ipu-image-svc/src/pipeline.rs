@@ -18,7 +18,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use audit::{AuditLog, Event, EventKind, Outcome as AuditOutcome};
+use audit::{AuditSink, Event, EventKind, Outcome as AuditOutcome};
 
 use ocicrypt::DecryptConfig;
 use policy::reference::{Digest, ImageReference};
@@ -194,7 +194,7 @@ pub struct PipelineConfig {
     pub rootfs: RootfsOptions,
     /// Where decisions are recorded. A service always sets it; a run that cannot write its
     /// audit events fails (nothing is accepted unrecorded).
-    pub audit: Option<Arc<AuditLog>>,
+    pub audit: Option<Arc<dyn AuditSink>>,
     /// Context recorded with every event.
     pub tenant: Option<String>,
     pub function: Option<String>,

@@ -1,0 +1,6 @@
+//! gRPC definitions shared by the services and their clients (generated from `proto/`).
+
+/// The audit log's writer and query services.
+pub mod audit {
+    tonic::include_proto!("ipu.audit.v1");
+}

@@ -1,0 +1,204 @@
+//! Clients of the log daemon ([`crate::service`]) for blocking callers: services append
+//! through [`RemoteLog`]; the CLI queries through [`RemoteQuery`].
+
+use std::path::{Path, PathBuf};
+
+use api::audit::audit_query_client::AuditQueryClient;
+use api::audit::audit_writer_client::AuditWriterClient;
+use api::audit::{
+    AppendRequest, CheckpointRequest, EventRecord, InclusionProofRequest, QueryRequest, TailRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::event::Event;
+use crate::log::Receipt;
+use crate::proof::InclusionBundle;
+use crate::store::{Page, Query};
+use crate::{AuditError, AuditLog};
+
+/// Where audit events go: the log itself, or the daemon that owns it.
+pub trait AuditSink: Send + Sync {
+    /// Returns once the event is durable.
+    fn append(&self, event: Event) -> Result<Receipt, AuditError>;
+}
+
+impl AuditSink for AuditLog {
+    fn append(&self, event: Event) -> Result<Receipt, AuditError> {
+        AuditLog::append(self, event)
+    }
+}
+
+fn unavailable(socket: &Path, e: impl std::fmt::Display) -> AuditError {
+    AuditError::Io {
+        path: socket.display().to_string(),
+        message: format!("audit daemon: {e}"),
+    }
+}
+
+fn from_status(s: tonic::Status) -> AuditError {
+    match s.code() {
+        tonic::Code::InvalidArgument => AuditError::Request(s.message().to_string()),
+        code => AuditError::Storage(format!("audit daemon: {code}: {}", s.message())),
+    }
+}
+
+fn runtime(socket: &Path) -> Result<tokio::runtime::Runtime, AuditError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| unavailable(socket, e))
+}
+
+async fn connect(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
+    // The URI is a placeholder: the connector dials the Unix socket.
+    Endpoint::from_static("http://audit.local")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+}
+
+/// Appends through the daemon's writer socket.
+pub struct RemoteLog {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+    client: std::sync::Mutex<AuditWriterClient<Channel>>,
+}
+
+impl RemoteLog {
+    pub fn connect(socket: &Path) -> Result<Self, AuditError> {
+        let rt = runtime(socket)?;
+        let channel = rt
+            .block_on(connect(socket.to_path_buf()))
+            .map_err(|e| unavailable(socket, e))?;
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            rt,
+            client: std::sync::Mutex::new(AuditWriterClient::new(channel)),
+        })
+    }
+}
+
+impl AuditSink for RemoteLog {
+    fn append(&self, event: Event) -> Result<Receipt, AuditError> {
+        event.validate().map_err(AuditError::Request)?;
+        let request = AppendRequest {
+            event_json: serde_json::to_vec(&event).expect("events serialize"),
+        };
+        let mut client = self.client.lock().expect("not poisoned").clone();
+        let r = self
+            .rt
+            .block_on(client.append(request))
+            .map_err(from_status)?
+            .into_inner();
+        let leaf_hash = r
+            .leaf_hash
+            .try_into()
+            .map_err(|_| unavailable(&self.socket, "a leaf hash that is not 32 bytes"))?;
+        Ok(Receipt {
+            seq: r.seq,
+            time_ns: r.time_ns,
+            leaf_hash,
+        })
+    }
+}
+
+/// Queries through the daemon's read-only socket.
+pub struct RemoteQuery {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+    client: AuditQueryClient<Channel>,
+}
+
+fn decode(socket: &Path, r: EventRecord) -> Result<Event, AuditError> {
+    Event::from_canonical(&r.canonical).map_err(|e| unavailable(socket, e))
+}
+
+impl RemoteQuery {
+    pub fn connect(socket: &Path) -> Result<Self, AuditError> {
+        let rt = runtime(socket)?;
+        let channel = rt
+            .block_on(connect(socket.to_path_buf()))
+            .map_err(|e| unavailable(socket, e))?;
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            rt,
+            client: AuditQueryClient::new(channel),
+        })
+    }
+
+    pub fn query(&mut self, q: &Query) -> Result<Page, AuditError> {
+        let request = QueryRequest {
+            since_ns: q.since_ns,
+            until_ns: q.until_ns,
+            tenant: q.tenant.clone(),
+            function: q.function.clone(),
+            image_digest: q.image_digest.clone(),
+            kind: q.kind.as_ref().map(|k| k.to_string()),
+            outcome: q.outcome.map(|o| o.as_str().to_string()),
+            after: q.after,
+            limit: q.limit as u32,
+        };
+        let r = self
+            .rt
+            .block_on(self.client.query(request))
+            .map_err(from_status)?
+            .into_inner();
+        Ok(Page {
+            events: r
+                .events
+                .into_iter()
+                .map(|e| decode(&self.socket, e))
+                .collect::<Result<_, _>>()?,
+            next: r.next,
+        })
+    }
+
+    /// Calls `each` for every event from `from` on, following new ones until `each` returns
+    /// false or the daemon stops.
+    pub fn tail(
+        &mut self,
+        from: u64,
+        mut each: impl FnMut(Event) -> bool,
+    ) -> Result<(), AuditError> {
+        let socket = self.socket.clone();
+        let client = &mut self.client;
+        self.rt.block_on(async {
+            let mut stream = client
+                .tail(TailRequest { from })
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            while let Some(record) = stream.message().await.map_err(from_status)? {
+                if !each(decode(&socket, record)?) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn latest_checkpoint(&mut self) -> Result<String, AuditError> {
+        Ok(self
+            .rt
+            .block_on(self.client.latest_checkpoint(CheckpointRequest {}))
+            .map_err(from_status)?
+            .into_inner()
+            .note)
+    }
+
+    pub fn inclusion_proof(&mut self, index: u64) -> Result<InclusionBundle, AuditError> {
+        let json = self
+            .rt
+            .block_on(self.client.inclusion_proof(InclusionProofRequest { index }))
+            .map_err(from_status)?
+            .into_inner()
+            .bundle_json;
+        serde_json::from_str(&json).map_err(|e| unavailable(&self.socket, e))
+    }
+}

@@ -1,0 +1,265 @@
+//! The log daemon: one process owns the log and serves it over gRPC on two Unix sockets,
+//! a writer socket (mode 0600: the services of this machine append through it) and a
+//! read-only query socket (mode 0660: auditors query, follow and get proofs). The query
+//! socket has no append method at all.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::audit::audit_query_server::{AuditQuery, AuditQueryServer};
+use api::audit::audit_writer_server::{AuditWriter, AuditWriterServer};
+use api::audit::{
+    AppendRequest, AppendResponse, CheckpointRequest, CheckpointResponse, ConsistencyProofRequest,
+    ConsistencyProofResponse, EventRecord, InclusionProofRequest, InclusionProofResponse,
+    QueryRequest, QueryResponse, TailRequest,
+};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::event::Event;
+use crate::proof::InclusionBundle;
+use crate::store::Query;
+use crate::{AuditError, AuditLog};
+
+fn status(e: AuditError) -> Status {
+    match e {
+        AuditError::Request(m) => Status::invalid_argument(m),
+        AuditError::Closed => Status::unavailable("the audit log is closing"),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// Runs blocking log work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuditError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("audit task failed: {e}")))?
+        .map_err(status)
+}
+
+struct Writer {
+    log: Arc<AuditLog>,
+}
+
+#[tonic::async_trait]
+impl AuditWriter for Writer {
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let event: Event = serde_json::from_slice(&request.get_ref().event_json).map_err(|e| {
+            Status::invalid_argument(format!("event_json is not an audit event: {e}"))
+        })?;
+        let log = self.log.clone();
+        let r = blocking(move || log.append(event)).await?;
+        Ok(Response::new(AppendResponse {
+            seq: r.seq,
+            time_ns: r.time_ns,
+            leaf_hash: r.leaf_hash.to_vec(),
+        }))
+    }
+}
+
+struct Reader {
+    log: Arc<AuditLog>,
+}
+
+// tonic's handlers return `Status` by value; boxing it here would only move the copy.
+#[allow(clippy::result_large_err)]
+fn parse_query(r: &QueryRequest) -> Result<Query, Status> {
+    Ok(Query {
+        since_ns: r.since_ns,
+        until_ns: r.until_ns,
+        tenant: r.tenant.clone(),
+        function: r.function.clone(),
+        image_digest: r.image_digest.clone(),
+        kind: r
+            .kind
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(Status::invalid_argument)?,
+        outcome: r
+            .outcome
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(Status::invalid_argument)?,
+        after: r.after,
+        limit: if r.limit == 0 { 100 } else { r.limit as usize },
+    })
+}
+
+#[tonic::async_trait]
+impl AuditQuery for Reader {
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let q = parse_query(request.get_ref())?;
+        let log = self.log.clone();
+        let page = blocking(move || log.store().query(&q)).await?;
+        Ok(Response::new(QueryResponse {
+            events: page
+                .events
+                .iter()
+                .map(|e| EventRecord {
+                    seq: e.seq,
+                    canonical: e.to_canonical(),
+                })
+                .collect(),
+            next: page.next,
+        }))
+    }
+
+    type TailStream = ReceiverStream<Result<EventRecord, Status>>;
+
+    async fn tail(
+        &self,
+        request: Request<TailRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        let mut from = request.get_ref().from;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            loop {
+                let store_log = log.clone();
+                let batch = blocking(move || {
+                    let size = store_log.store().size()?;
+                    store_log.store().events_range(from, size.min(from + 1024))
+                })
+                .await;
+                match batch {
+                    Ok(events) if events.is_empty() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(events) => {
+                        for (seq, canonical) in events {
+                            from = seq + 1;
+                            if tx.send(Ok(EventRecord { seq, canonical })).await.is_err() {
+                                return; // the client went away
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn latest_checkpoint(
+        &self,
+        _: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
+        let log = self.log.clone();
+        let note = blocking(move || log.checkpoint()).await?;
+        Ok(Response::new(CheckpointResponse { note }))
+    }
+
+    async fn inclusion_proof(
+        &self,
+        request: Request<InclusionProofRequest>,
+    ) -> Result<Response<InclusionProofResponse>, Status> {
+        let index = request.get_ref().index;
+        let log = self.log.clone();
+        let bundle = blocking(move || {
+            log.checkpoint()?;
+            InclusionBundle::build(log.store(), index)
+        })
+        .await?;
+        Ok(Response::new(InclusionProofResponse {
+            bundle_json: serde_json::to_string(&bundle).expect("bundles serialize"),
+        }))
+    }
+
+    async fn consistency_proof(
+        &self,
+        request: Request<ConsistencyProofRequest>,
+    ) -> Result<Response<ConsistencyProofResponse>, Status> {
+        let (old, new) = (request.get_ref().old_size, request.get_ref().new_size);
+        let log = self.log.clone();
+        let proof = blocking(move || log.store().consistency_proof(old, new)).await?;
+        Ok(Response::new(ConsistencyProofResponse {
+            hashes: proof.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+}
+
+fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, AuditError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
+    }
+    // A socket left by a previous run (we hold the log's lock, so nobody serves it).
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).map_err(|e| AuditError::io(path, e))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| AuditError::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| AuditError::io(path, e))?;
+    Ok(listener)
+}
+
+/// Serves `log` until SIGTERM or SIGINT; `ready` is called once both sockets listen.
+pub fn serve(
+    log: Arc<AuditLog>,
+    writer_socket: &Path,
+    query_socket: &Path,
+    ready: impl FnOnce(),
+) -> Result<(), AuditError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| AuditError::io(writer_socket, e))?;
+    rt.block_on(async {
+        let writer = bind(writer_socket, 0o600)?;
+        let query = bind(query_socket, 0o660)?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        let mut stop_writer = stop_tx.subscribe();
+        let mut stop_query = stop_tx.subscribe();
+        let writer_server = tonic::transport::Server::builder()
+            .add_service(AuditWriterServer::new(Writer { log: log.clone() }))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(writer), async move {
+                let _ = stop_writer.recv().await;
+            });
+        let query_server = tonic::transport::Server::builder()
+            .add_service(AuditQueryServer::new(Reader { log: log.clone() }))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(query), async move {
+                let _ = stop_query.recv().await;
+            });
+        ready();
+        let servers = async { tokio::try_join!(writer_server, query_server) };
+        tokio::pin!(servers);
+        tokio::select! {
+            r = &mut servers => r.map(|_| ()).map_err(|e| AuditError::Storage(format!("gRPC server: {e}")))?,
+            _ = shutdown => {
+                let _ = stop_tx.send(());
+                // In-flight appends finish; idle clients that never read the GOAWAY (a
+                // blocked caller's runtime, say) do not keep the daemon up.
+                let _ = tokio::time::timeout(Duration::from_secs(3), servers).await;
+            }
+        }
+        Ok::<(), AuditError>(())
+    })?;
+    log.close();
+    Ok(())
+}
