@@ -9,8 +9,12 @@
 //! - [`sigstore`]: cosign simple-signing verification (ECDSA P-256/P-384, Ed25519 keys);
 //!   sigstore bundle v0.3 recognised and refused by name.
 //!
+//! - [`deploy`]: the deployment policy (tenants, functions, image scopes, keys, IPU classes,
+//!   limits) in TOML, with positioned errors, lint, and a pure decision function.
+//!
 //! Evaluation is a pure function so that every service calling it reaches the same decision.
 
+pub mod deploy;
 pub mod reference;
 pub mod sigstore;
 pub mod trust;
