@@ -62,11 +62,13 @@ fn req(tenant: &str, function: &str, image: &str, class: Option<&str>) -> Deploy
     }
 }
 
+/// (tenant, function, image, ipu class, allowed, decided by (substring), reason (substring))
+type Row<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, bool, &'a str, &'a str);
+
 #[test]
 fn decision_table() {
     let p = deploy::parse(POLICY, "policy.toml").unwrap();
-    // (tenant, function, image, ipu class, allowed, decided by (substring), reason (substring))
-    let table: &[(&str, &str, &str, Option<&str>, bool, &str, &str)] = &[
+    let table: &[Row] = &[
         (
             "acme",
             "resize-hd",
