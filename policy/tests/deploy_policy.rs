@@ -63,7 +63,15 @@ fn req(tenant: &str, function: &str, image: &str, class: Option<&str>) -> Deploy
 }
 
 /// (tenant, function, image, ipu class, allowed, decided by (substring), reason (substring))
-type Row<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, bool, &'a str, &'a str);
+type Row<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    bool,
+    &'a str,
+    &'a str,
+);
 
 #[test]
 fn decision_table() {

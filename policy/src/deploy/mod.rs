@@ -9,7 +9,9 @@
 //!   semantically, every error with its `line:column`.
 //! - [`lint`] finds rules that can never decide (shadowed function patterns).
 //! - [`eval`] is the pure decision function that ipu-image-svc and the key broker both call.
+//! - [`bundle`] signs and verifies versioned policy bundles (anti-rollback).
 
+pub mod bundle;
 pub mod eval;
 mod pattern;
 

@@ -1,0 +1,238 @@
+//! Policy bundles: the deployment policy and the image trust policy it names, a version
+//! that only goes up, signed by a security-team key, in a DSSE envelope.
+//!
+//! ```json
+//! {"payloadType": "application/vnd.ipu.policy-bundle.v1+json",
+//!  "payload": "<base64 of {version, deployment, image_trust}>",
+//!  "signatures": [{"keyid": "sha256:<SPKI digest>", "sig": "<base64>"}]}
+//! ```
+//!
+//! The signature is over DSSE's pre-authentication encoding of type and payload, so a
+//! signature for one kind of document cannot be replayed as another. Signing keys are
+//! Ed25519 or ECDSA P-256 (PKCS#8); verification keys are SPKI PEM.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::{self, DeploymentPolicy};
+use crate::sigstore::VerificationKey;
+use crate::trust::Policy;
+
+pub const PAYLOAD_TYPE: &str = "application/vnd.ipu.policy-bundle.v1+json";
+/// Bundles larger than this are refused before parsing.
+pub const MAX_BUNDLE_BYTES: usize = 4 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Envelope {
+    payload_type: String,
+    payload: String,
+    signatures: Vec<EnvelopeSignature>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvelopeSignature {
+    keyid: String,
+    sig: String,
+}
+
+/// What a bundle carries.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleContent {
+    pub version: u64,
+    /// The deployment policy document (TOML text).
+    pub deployment: String,
+    /// The containers-policy.json the deployment policy names (JSON text).
+    pub image_trust: String,
+}
+
+/// Why a bundle was refused; each is a security decision the caller audits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    #[error("malformed bundle: {0}")]
+    Malformed(String),
+    #[error("the bundle is not signed")]
+    Unsigned,
+    #[error("no signature by a trusted key (signed by {0})")]
+    UnknownSigner(String),
+    #[error("the signature by {0} does not verify: the bundle was changed after signing")]
+    BadSignature(String),
+    #[error("version {offered} is lower than the running version {running} (rollback refused)")]
+    Rollback { offered: u64, running: u64 },
+    #[error("version {0} is the running version with different content")]
+    SameVersionDifferentContent(u64),
+    #[error("invalid deployment policy in the bundle:\n{0}")]
+    Deployment(String),
+    #[error("invalid image trust policy in the bundle: {0}")]
+    ImageTrust(String),
+    #[error("signing: {0}")]
+    Signing(String),
+}
+
+/// DSSE pre-authentication encoding.
+fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {} {} ",
+        payload_type.len(),
+        payload_type,
+        payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Signs `content` with a PKCS#8 PEM private key (Ed25519 or ECDSA P-256).
+pub fn sign(content: &BundleContent, private_pem: &[u8]) -> Result<String, BundleError> {
+    let pem = pem::parse(private_pem)
+        .map_err(|e| BundleError::Signing(format!("key is not PEM: {e}")))?;
+    if pem.tag() != "PRIVATE KEY" {
+        return Err(BundleError::Signing(format!(
+            "key is a {:?} PEM block; expected an unencrypted PKCS#8 PRIVATE KEY",
+            pem.tag()
+        )));
+    }
+    let der = zeroize::Zeroizing::new(pem.into_contents());
+    let payload = serde_json::to_vec(content).expect("bundle content serializes");
+    let message = pae(PAYLOAD_TYPE, &payload);
+    let rng = ring::rand::SystemRandom::new();
+    use ring::signature::{self, KeyPair};
+    let (sig, public) = if let Ok(k) = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der) {
+        (
+            k.sign(&message).as_ref().to_vec(),
+            ed25519_spki(k.public_key().as_ref()),
+        )
+    } else if let Ok(k) =
+        signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
+    {
+        let sig = k
+            .sign(&rng, &message)
+            .map_err(|_| BundleError::Signing("ECDSA signing failed".into()))?;
+        (sig.as_ref().to_vec(), p256_spki(k.public_key().as_ref()))
+    } else {
+        return Err(BundleError::Signing(
+            "the key is neither Ed25519 nor ECDSA P-256 PKCS#8".into(),
+        ));
+    };
+    let keyid = VerificationKey::from_spki_der(&public)
+        .map_err(BundleError::Signing)?
+        .fingerprint()
+        .to_string();
+    let envelope = Envelope {
+        payload_type: PAYLOAD_TYPE.into(),
+        payload: B64.encode(&payload),
+        signatures: vec![EnvelopeSignature {
+            keyid,
+            sig: B64.encode(sig),
+        }],
+    };
+    Ok(serde_json::to_string_pretty(&envelope).expect("envelope serializes") + "\n")
+}
+
+fn ed25519_spki(public: &[u8]) -> Vec<u8> {
+    // SEQUENCE { SEQUENCE { OID 1.3.101.112 } BIT STRING { key } }
+    let mut der = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    der.extend_from_slice(public);
+    der
+}
+
+fn p256_spki(public: &[u8]) -> Vec<u8> {
+    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 } BIT STRING { uncompressed point } }
+    let mut der = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    der.extend_from_slice(public);
+    der
+}
+
+/// A bundle whose signature, version and documents checked out.
+#[derive(Debug)]
+pub struct VerifiedBundle {
+    pub content: BundleContent,
+    pub signer: String,
+    pub deployment: DeploymentPolicy,
+    pub image_trust: Policy,
+}
+
+/// Verifies a bundle against the trusted keys and the running version (`None`: nothing
+/// running yet). A bundle with the running version is accepted only with identical content
+/// (re-delivery); a lower version never.
+pub fn verify(
+    bytes: &[u8],
+    trusted: &[VerificationKey],
+    running: Option<(u64, &BundleContent)>,
+) -> Result<VerifiedBundle, BundleError> {
+    if bytes.len() > MAX_BUNDLE_BYTES {
+        return Err(BundleError::Malformed(format!(
+            "{} bytes (limit {MAX_BUNDLE_BYTES})",
+            bytes.len()
+        )));
+    }
+    let env: Envelope =
+        serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if env.payload_type != PAYLOAD_TYPE {
+        return Err(BundleError::Malformed(format!(
+            "payload type {:?} (expected {PAYLOAD_TYPE})",
+            env.payload_type
+        )));
+    }
+    let payload = B64
+        .decode(&env.payload)
+        .map_err(|_| BundleError::Malformed("payload is not base64".into()))?;
+    if env.signatures.is_empty() {
+        return Err(BundleError::Unsigned);
+    }
+    let message = pae(&env.payload_type, &payload);
+    let mut signer = None;
+    for s in &env.signatures {
+        let Some(key) = trusted.iter().find(|k| k.fingerprint() == s.keyid) else {
+            continue;
+        };
+        let sig = B64
+            .decode(&s.sig)
+            .map_err(|_| BundleError::Malformed("signature is not base64".into()))?;
+        if !key.verify(&message, &sig) {
+            return Err(BundleError::BadSignature(s.keyid.clone()));
+        }
+        signer = Some(s.keyid.clone());
+        break;
+    }
+    let Some(signer) = signer else {
+        let ids: Vec<&str> = env.signatures.iter().map(|s| s.keyid.as_str()).collect();
+        return Err(BundleError::UnknownSigner(ids.join(", ")));
+    };
+    // Only now, authenticated, is the content parsed.
+    let content: BundleContent =
+        serde_json::from_slice(&payload).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if let Some((running, current)) = running {
+        if content.version < running {
+            return Err(BundleError::Rollback {
+                offered: content.version,
+                running,
+            });
+        }
+        if content.version == running && &content != current {
+            return Err(BundleError::SameVersionDifferentContent(running));
+        }
+    }
+    let deployment = deploy::parse(&content.deployment, "bundle:deployment.toml")
+        .map_err(|e| BundleError::Deployment(e.to_string()))?;
+    let image_trust = Policy::parse(
+        content.image_trust.as_bytes(),
+        "bundle:image-trust.json",
+        None,
+    )
+    .map_err(|e| BundleError::ImageTrust(e.to_string()))?;
+    Ok(VerifiedBundle {
+        content,
+        signer,
+        deployment,
+        image_trust,
+    })
+}
