@@ -72,6 +72,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a table of expected decisions as a test suite (exit 3 if any case fails).
+    Test {
+        /// The deployment policy under test.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// TOML with [[case]] tables (tenant, function, image, ipu_class, key_id, expect,
+        /// decided_by).
+        #[arg(value_name = "CASES")]
+        cases: PathBuf,
+    },
+    /// Which sample requests change outcome from OLD to NEW (exit 3 if any do).
+    Diff {
+        #[arg(value_name = "OLD")]
+        old: PathBuf,
+        #[arg(value_name = "NEW")]
+        new: PathBuf,
+        /// TOML with [[case]] tables (expect is ignored).
+        #[arg(long, value_name = "FILE")]
+        requests: PathBuf,
+    },
     /// Make a signing key for policy bundles: DIR/priv.pem (PKCS#8, 0600), DIR/pub.pem.
     Keygen {
         #[arg(long, value_name = "DIR")]
@@ -224,6 +244,47 @@ fn run(command: Command) -> Result<u8, String> {
             }
             Ok(if decision.allowed { 0 } else { EXIT_DENIED })
         }
+        Command::Test { policy, cases } => {
+            let doc = load_deployment(&policy)?;
+            let suite = deploy::suite::parse_cases(&read(&cases)?, &cases.display().to_string())?;
+            let results = deploy::suite::run(&doc, &suite)?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for r in &results {
+                println!(
+                    "{} {}: {}",
+                    if r.passed { "PASS" } else { "FAIL" },
+                    r.label,
+                    r.detail
+                );
+            }
+            println!("{} cases, {failed} failed", results.len());
+            Ok(if failed == 0 { 0 } else { EXIT_DENIED })
+        }
+        Command::Diff { old, new, requests } => {
+            let (a, b) = (load_deployment(&old)?, load_deployment(&new)?);
+            let suite =
+                deploy::suite::parse_cases(&read(&requests)?, &requests.display().to_string())?;
+            let changes = deploy::suite::diff(&a, &b, &suite);
+            for c in &changes {
+                let word = |allowed: bool| if allowed { "allow" } else { "deny" };
+                println!(
+                    "{} -> {}: {}\n  old: {} ({})\n  new: {} ({})",
+                    word(c.old.allowed),
+                    word(c.new.allowed),
+                    c.label,
+                    c.old.decided_by,
+                    c.old.reason,
+                    c.new.decided_by,
+                    c.new.reason
+                );
+            }
+            println!(
+                "{} of {} requests change outcome",
+                changes.len(),
+                suite.cases.len()
+            );
+            Ok(if changes.is_empty() { 0 } else { EXIT_DENIED })
+        }
         Command::Keygen { out } => {
             let rng = ring::rand::SystemRandom::new();
             let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
@@ -332,6 +393,10 @@ fn run(command: Command) -> Result<u8, String> {
             }
         }
     }
+}
+
+fn load_deployment(path: &Path) -> Result<deploy::DeploymentPolicy, String> {
+    deploy::parse(&read(path)?, &path.display().to_string()).map_err(|e| e.to_string())
 }
 
 fn check(policy: &Path, image: &str, json: bool) -> Result<u8, String> {

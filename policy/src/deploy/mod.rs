@@ -10,10 +10,12 @@
 //! - [`lint`] finds rules that can never decide (shadowed function patterns).
 //! - [`eval`] is the pure decision function that ipu-image-svc and the key broker both call.
 //! - [`bundle`] signs and verifies versioned policy bundles (anti-rollback).
+//! - [`suite`] runs decision tables (`policy test`) and compares policies (`policy diff`).
 
 pub mod bundle;
 pub mod eval;
 mod pattern;
+pub mod suite;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
