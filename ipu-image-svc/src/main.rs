@@ -49,9 +49,26 @@ enum ImageCommand {
 
 #[derive(Args)]
 struct CommonArgs {
-    /// containers-policy.json deciding which images are trusted.
+    /// containers-policy.json deciding which images are trusted (or use --policy-bundle).
+    #[arg(long, value_name = "FILE", required_unless_present = "policy_bundle")]
+    policy: Option<PathBuf>,
+    /// A signed policy bundle (`policy sign`): its deployment policy decides the request
+    /// (--tenant, --function, --ipu-class) and its image trust policy the signatures.
+    #[arg(long, value_name = "FILE", conflicts_with = "policy", requires_all = ["bundle_key", "tenant", "function"])]
+    policy_bundle: Option<PathBuf>,
+    /// A key trusted to sign policy bundles (SPKI PEM, repeatable).
     #[arg(long, value_name = "FILE")]
-    policy: PathBuf,
+    bundle_key: Vec<PathBuf>,
+    /// Where the running bundle is kept, for the anti-rollback check.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/policy"
+    )]
+    bundle_state: PathBuf,
+    /// The attested class of this IPU (the key broker issue attests it; given here for now).
+    #[arg(long)]
+    ipu_class: Option<String>,
     /// docker://HOST[:PORT]/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]
     #[arg(value_name = "IMAGE-REF")]
     image: String,
@@ -246,9 +263,7 @@ fn run(
         Ok(p) => p,
         Err(e) => exit_usage(&format!("--platform {}: {e}", common.platform)),
     };
-    let policy = Policy::from_file(&common.policy).map_err(|e| bad_config(e.to_string()))?;
-    let mut cfg = PipelineConfig::new(policy, common.cache.clone());
-    cfg.audit = Some(match &common.audit_socket {
+    let sink: std::sync::Arc<dyn audit::AuditSink> = match &common.audit_socket {
         Some(socket) => std::sync::Arc::new(audit::RemoteLog::connect(socket).map_err(|e| {
             PipelineError::new(
                 FailureClass::Io,
@@ -256,6 +271,24 @@ fn run(
             )
         })?),
         None => std::sync::Arc::new(open_audit(&common)?),
+    };
+    let (policy, deployment) = match (&common.policy, &common.policy_bundle) {
+        (Some(p), _) => (
+            Policy::from_file(p).map_err(|e| bad_config(e.to_string()))?,
+            None,
+        ),
+        (None, Some(b)) => {
+            let loaded =
+                policy_bundle::load(b, &common.bundle_key, &common.bundle_state, sink.as_ref())?;
+            (loaded.image_trust, Some(loaded.deployment))
+        }
+        (None, None) => exit_usage("--policy or --policy-bundle is required"),
+    };
+    let mut cfg = PipelineConfig::new(policy, common.cache.clone());
+    cfg.audit = Some(sink);
+    cfg.deployment = deployment.map(|d| ipu_image_svc::pipeline::Deployment {
+        policy: std::sync::Arc::new(d),
+        ipu_class: common.ipu_class.clone(),
     });
     cfg.tenant = common.tenant.clone();
     cfg.function = common.function.clone();
@@ -360,6 +393,113 @@ fn open_audit(common: &CommonArgs) -> Result<audit::AuditLog, PipelineError> {
         audit::LogOptions::default(),
     )
     .map_err(|e| io(format!("audit log {}: {e}", common.audit_log.display())))
+}
+
+mod policy_bundle {
+    //! Loading a signed policy bundle: trusted signer, no rollback below the running
+    //! version, every load audited; the accepted bundle becomes the running one.
+
+    use std::path::{Path, PathBuf};
+
+    use audit::{AuditSink, Event, EventKind, Outcome};
+    use ipu_image_svc::pipeline::{FailureClass, PipelineError, AUDIT_SERVICE};
+    use policy::deploy::bundle::{self, VerifiedBundle};
+    use policy::sigstore::VerificationKey;
+
+    fn config(m: String) -> PipelineError {
+        PipelineError::new(FailureClass::InvalidConfiguration, m)
+    }
+
+    pub fn load(
+        path: &Path,
+        key_files: &[PathBuf],
+        state: &Path,
+        sink: &dyn AuditSink,
+    ) -> Result<VerifiedBundle, PipelineError> {
+        let mut keys = Vec::new();
+        for k in key_files {
+            let pem = std::fs::read(k)
+                .map_err(|e| config(format!("cannot read bundle key {}: {e}", k.display())))?;
+            keys.extend(
+                VerificationKey::from_pem(&pem)
+                    .map_err(|e| config(format!("bundle key {}: {e}", k.display())))?,
+            );
+        }
+        let running_path = state.join("running.bundle");
+        let running = match std::fs::read(&running_path) {
+            Ok(bytes) => Some(
+                bundle::verify(&bytes, &keys, None)
+                    .map_err(|e| {
+                        config(format!(
+                            "the running bundle {}: {e}",
+                            running_path.display()
+                        ))
+                    })?
+                    .content,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(config(format!(
+                    "cannot read {}: {e}",
+                    running_path.display()
+                )))
+            }
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| config(format!("cannot read {}: {e}", path.display())))?;
+        let record = |outcome, reason: String| {
+            sink.append(
+                Event::new(
+                    AUDIT_SERVICE,
+                    EventKind::Admin("policy_load".into()),
+                    outcome,
+                    reason,
+                )
+                .detail("bundle", path.display().to_string()),
+            )
+            .map_err(|e| {
+                PipelineError::new(
+                    FailureClass::Io,
+                    format!("cannot write the audit event: {e}"),
+                )
+            })
+        };
+        let verified = match bundle::verify(&bytes, &keys, running.as_ref().map(|c| (c.version, c)))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                record(Outcome::Denied, e.to_string())?;
+                return Err(PipelineError::new(
+                    FailureClass::RejectedByPolicy,
+                    format!("policy bundle {}: {e}", path.display()),
+                ));
+            }
+        };
+        record(
+            Outcome::Allowed,
+            format!(
+                "policy bundle version {} signed by {}",
+                verified.content.version, verified.signer
+            ),
+        )?;
+        if running
+            .as_ref()
+            .is_none_or(|r| r.version < verified.content.version)
+        {
+            std::fs::create_dir_all(state)
+                .map_err(|e| config(format!("cannot create {}: {e}", state.display())))?;
+            let tmp = state.join("running.bundle.tmp");
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &running_path))
+                .map_err(|e| {
+                    config(format!(
+                        "cannot record the running bundle in {}: {e}",
+                        state.display()
+                    ))
+                })?;
+        }
+        Ok(verified)
+    }
 }
 
 fn exit_usage(message: &str) -> ! {

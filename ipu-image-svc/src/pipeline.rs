@@ -195,9 +195,20 @@ pub struct PipelineConfig {
     /// Where decisions are recorded. A service always sets it; a run that cannot write its
     /// audit events fails (nothing is accepted unrecorded).
     pub audit: Option<Arc<dyn AuditSink>>,
-    /// Context recorded with every event.
+    /// Context recorded with every event, and the request the deployment policy decides.
     pub tenant: Option<String>,
     pub function: Option<String>,
+    /// When set, the request must be allowed by this deployment policy, whose requirements
+    /// and limits are then enforced (over `limits` where stricter).
+    pub deployment: Option<Deployment>,
+}
+
+/// The deployment policy a run is checked against.
+#[derive(Clone)]
+pub struct Deployment {
+    pub policy: Arc<policy::deploy::DeploymentPolicy>,
+    /// The attested IPU class, when known.
+    pub ipu_class: Option<String>,
 }
 
 impl PipelineConfig {
@@ -213,6 +224,7 @@ impl PipelineConfig {
             audit: None,
             tenant: None,
             function: None,
+            deployment: None,
         }
     }
 }
@@ -439,6 +451,7 @@ impl TrustPipeline {
         report: &mut Report,
         rec: &Recorder<'_>,
     ) -> Result<(), PipelineError> {
+        let (limits, requirements) = self.deployment_gate(reference, rec)?;
         let evaluation = self.cfg.policy.requirements_for(reference);
         if evaluation.precheck() == Precheck::Rejected {
             let e = PipelineError::new(
@@ -505,6 +518,19 @@ impl TrustPipeline {
             rec.failure(EventKind::PolicyDecision, &e, &[scope])?;
             return Err(e);
         }
+        if requirements.as_ref().is_some_and(|r| r.require_signature)
+            && evaluation.precheck() != Precheck::SignatureRequired
+        {
+            let e = PipelineError::new(
+                FailureClass::RejectedByPolicy,
+                format!(
+                    "the deployment policy requires a signature, but the image trust policy scope {} accepts {reference} without one",
+                    decision.scope
+                ),
+            );
+            rec.failure(EventKind::PolicyDecision, &e, &[scope])?;
+            return Err(e);
+        }
         rec.record(
             EventKind::PolicyDecision,
             AuditOutcome::Allowed,
@@ -534,6 +560,9 @@ impl TrustPipeline {
                 file_bytes: None,
             })
             .collect();
+        if let Some(r) = &requirements {
+            self.enforce_image_requirements(r, &image.manifest, rec)?;
+        }
         // Refuse unsupported layer types and missing keys before fetching gigabytes.
         for (i, layer) in image.manifest.layers.iter().enumerate() {
             let plain_type =
@@ -615,6 +644,7 @@ impl TrustPipeline {
                 layer,
                 i,
                 &image.config.diff_ids[i],
+                &limits,
                 &mut budget,
                 &mut report.layers[i],
             );
@@ -660,6 +690,127 @@ impl TrustPipeline {
         Ok(())
     }
 
+    /// Decides the request with the deployment policy (if any) and returns the limits and
+    /// requirements the run must enforce.
+    fn deployment_gate(
+        &self,
+        reference: &ImageReference,
+        rec: &Recorder<'_>,
+    ) -> Result<(Limits, Option<policy::deploy::Requirements>), PipelineError> {
+        let Some(deployment) = &self.cfg.deployment else {
+            return Ok((self.cfg.limits.clone(), None));
+        };
+        let (Some(tenant), Some(function)) = (&self.cfg.tenant, &self.cfg.function) else {
+            return Err(PipelineError::new(
+                FailureClass::InvalidConfiguration,
+                "a deployment policy decides for a tenant and a function: both must be given",
+            ));
+        };
+        let request = policy::deploy::DeployRequest {
+            tenant: tenant.clone(),
+            function: function.clone(),
+            image: reference.to_string(),
+            ipu_class: deployment.ipu_class.clone(),
+        };
+        let decision = policy::deploy::evaluate(&deployment.policy, &request);
+        let details = [
+            ("policy", "deployment".to_string()),
+            ("decided_by", decision.decided_by.clone()),
+        ];
+        let Some(r) = decision.requirements.filter(|_| decision.allowed) else {
+            let e = PipelineError::new(FailureClass::RejectedByPolicy, decision.reason);
+            rec.failure(EventKind::PolicyDecision, &e, &details)?;
+            return Err(e);
+        };
+        if r.require_hardware_crypto {
+            let hw = ocicrypt::hardware_acceleration();
+            if !(hw.aes_ni && hw.sha_ni) {
+                let e = PipelineError::new(
+                    FailureClass::RejectedByPolicy,
+                    format!(
+                        "the deployment policy requires hardware crypto, and this IPU has {hw}"
+                    ),
+                );
+                rec.failure(EventKind::PolicyDecision, &e, &details)?;
+                return Err(e);
+            }
+        }
+        rec.record(
+            EventKind::PolicyDecision,
+            AuditOutcome::Allowed,
+            &decision.reason,
+            &details,
+        )?;
+        // The stricter of the service's limits and the policy's; devices as the policy says.
+        let mut limits = self.cfg.limits.clone();
+        let tighten = |current: &mut u64, policy: Option<u64>| {
+            if let Some(p) = policy {
+                *current = (*current).min(p);
+            }
+        };
+        tighten(&mut limits.max_unpacked_bytes, r.max_unpacked_bytes);
+        tighten(&mut limits.max_file_size, r.max_file_bytes);
+        tighten(&mut limits.max_inodes, r.max_inodes);
+        limits.allow_device_nodes = r.allow_device_nodes;
+        Ok((limits, Some(r)))
+    }
+
+    /// Layer count, image size and encryption, checked before any layer is fetched.
+    fn enforce_image_requirements(
+        &self,
+        r: &policy::deploy::Requirements,
+        manifest: &fetch::ImageManifest,
+        rec: &Recorder<'_>,
+    ) -> Result<(), PipelineError> {
+        let details = [("policy", "deployment".to_string())];
+        let fail = |class, message: String| -> Result<(), PipelineError> {
+            let e = PipelineError::new(class, message);
+            rec.failure(EventKind::PolicyDecision, &e, &details)?;
+            Err(e)
+        };
+        if let Some(max) = r.max_layers {
+            if manifest.layers.len() as u64 > u64::from(max) {
+                return fail(
+                    FailureClass::TooLarge,
+                    format!(
+                        "the image has {} layers; the deployment policy allows {max}",
+                        manifest.layers.len()
+                    ),
+                );
+            }
+        }
+        if let Some(max) = r.max_image_bytes {
+            let total: u64 = manifest
+                .layers
+                .iter()
+                .map(|l| l.size)
+                .fold(manifest.config.size, u64::saturating_add);
+            if total > max {
+                return fail(
+                    FailureClass::TooLarge,
+                    format!("the image is {total} bytes; the deployment policy allows {max}"),
+                );
+            }
+        }
+        if r.require_encryption {
+            if let Some((i, l)) = manifest
+                .layers
+                .iter()
+                .enumerate()
+                .find(|(_, l)| !ocicrypt::is_encrypted_media_type(&l.media_type))
+            {
+                return fail(
+                    FailureClass::RejectedByPolicy,
+                    format!(
+                        "layer {i} ({}) is not encrypted; the deployment policy requires encryption for this function",
+                        l.digest
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn apply_one(
         &self,
@@ -668,6 +819,7 @@ impl TrustPipeline {
         layer: &fetch::Descriptor,
         index: usize,
         diff_id: &Digest,
+        limits: &Limits,
         budget: &mut Budget,
         report: &mut LayerReport,
     ) -> Result<(), LayerFailure> {
@@ -687,13 +839,7 @@ impl TrustPipeline {
             let mut decryptor =
                 ocicrypt::decrypt_layer(reader, &layer.annotations, &self.cfg.decryption)
                     .map_err(decrypt_err)?;
-            let unpacked = unpack_stream(
-                staging,
-                &mut decryptor,
-                compression,
-                &self.cfg.limits,
-                budget,
-            );
+            let unpacked = unpack_stream(staging, &mut decryptor, compression, limits, budget);
             // The tar stream is read (or refused); now the HMAC over all ciphertext must
             // match. A layer that failed to unpack is checked too: modified ciphertext
             // decrypts to garbage, and that is an integrity failure, not a malformed tar.
@@ -722,8 +868,7 @@ impl TrustPipeline {
             stats
         } else {
             // The blob's digest was checked against the signed manifest when it was cached.
-            unpack_stream(staging, reader, compression, &self.cfg.limits, budget)
-                .map_err(unpack_err)?
+            unpack_stream(staging, reader, compression, limits, budget).map_err(unpack_err)?
         };
         if &stats.diff_id != diff_id {
             return Err(LayerFailure::Unpack(PipelineError::new(

@@ -376,3 +376,151 @@ fn decisions_are_written_to_the_audit_log() {
             .starts_with("sha256:"));
     }
 }
+
+/// A signed policy bundle decides the request and its requirements are enforced: a denied
+/// tenant, an unencrypted image where encryption is required, too many layers, and a
+/// bundle older than the running one are each refused (exit 3) and audited.
+#[test]
+fn a_policy_bundle_decides_and_its_requirements_are_enforced() {
+    use policy::deploy::bundle::{self, BundleContent};
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = r#"
+schema = 1
+image_trust_policy = "policy-A.json"
+
+[defaults]
+# Enforced when set; left to the CPU check of the service test suite.
+require_hardware_crypto = false
+
+[[tenant]]
+name = "acme"
+
+[[tenant.function]]
+name = "enc-*"
+images = ["oci:*"]
+require_encryption = true
+
+[[tenant.function]]
+name = "small-*"
+images = ["oci:*"]
+limits = { max_layers = 2 }
+"#;
+    let key = std::fs::read(fixtures().join("keys/ec-p256/priv.pem")).unwrap();
+    let make = |version: u64| {
+        let signed = bundle::sign(
+            &BundleContent {
+                version,
+                deployment: deployment.into(),
+                image_trust: std::fs::read_to_string(fixtures().join("policies/policy-A.json"))
+                    .unwrap(),
+            },
+            &key,
+        )
+        .unwrap();
+        let path = dir.path().join(format!("v{version}.bundle"));
+        std::fs::write(&path, signed).unwrap();
+        path
+    };
+    let (v1, v2) = (make(1), make(2));
+    let audit_dir = dir.path().join("audit");
+    let run = |bundle: &Path, tenant: &str, function: &str, tag: &str| {
+        let out = svc_with_audit(
+            &[
+                "image",
+                "unpack",
+                "-q",
+                "--json",
+                "--policy-bundle",
+                bundle.to_str().unwrap(),
+                "--bundle-key",
+                fixtures().join("keys/ec-p256/pub.pem").to_str().unwrap(),
+                "--bundle-state",
+                dir.path().join("state").to_str().unwrap(),
+                "--tenant",
+                tenant,
+                "--function",
+                function,
+                "--cache",
+                dir.path().join("cache").to_str().unwrap(),
+                "--decryption-key",
+                fixtures().join("keys/rsa-2048/priv.pem").to_str().unwrap(),
+                "-o",
+                dir.path().join(format!("{tag}.ext4")).to_str().unwrap(),
+                &layout(tag),
+            ],
+            &audit_dir,
+        );
+        let code = out.status.code();
+        (code, json(&out))
+    };
+    let (code, v) = run(&v2, "acme", "enc-resize", "enc-signed");
+    assert_eq!(code, Some(0), "{v}");
+    for (tenant, function, tag, class, why) in [
+        (
+            "acme",
+            "enc-resize",
+            "signed-cosign",
+            "rejected-by-policy",
+            "is not encrypted",
+        ),
+        (
+            "acme",
+            "small-resize",
+            "multilayer",
+            "too-large",
+            "has 3 layers",
+        ),
+        (
+            "globex",
+            "enc-resize",
+            "enc-signed",
+            "rejected-by-policy",
+            "not in the deployment policy",
+        ),
+        (
+            "acme",
+            "other",
+            "enc-signed",
+            "rejected-by-policy",
+            "no function rule",
+        ),
+    ] {
+        let (code, v) = run(&v2, tenant, function, tag);
+        assert_eq!(code, Some(3), "{tenant}/{function}/{tag}: {v}");
+        assert_eq!(v["class"], class, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{v}");
+    }
+    // v2 is running: v1 is a rollback.
+    let (code, v) = run(&v1, "acme", "enc-resize", "enc-signed");
+    assert_eq!(code, Some(3), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("rollback refused"),
+        "{v}"
+    );
+
+    let store = audit::Store::open(&audit_dir, std::time::Duration::from_secs(10)).unwrap();
+    let loads = store
+        .query(&audit::Query {
+            kind: Some(audit::EventKind::Admin("policy_load".into())),
+            limit: 100,
+            ..audit::Query::default()
+        })
+        .unwrap()
+        .events;
+    assert_eq!(loads.len(), 6);
+    assert_eq!(loads.last().unwrap().outcome, audit::Outcome::Denied);
+    assert!(loads.last().unwrap().reason.contains("rollback"));
+    let denials = store
+        .query(&audit::Query {
+            kind: Some(audit::EventKind::PolicyDecision),
+            outcome: Some(audit::Outcome::Denied),
+            limit: 100,
+            ..audit::Query::default()
+        })
+        .unwrap()
+        .events;
+    assert_eq!(denials.len(), 4);
+    assert!(denials
+        .iter()
+        .all(|e| e.details.get("policy").map(String::as_str) == Some("deployment")));
+}
