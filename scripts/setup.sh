@@ -11,6 +11,7 @@ packages=(
     umoci            # third-party check that our images unpack
     pkg-config
     protobuf-compiler # protoc, for the gRPC definitions (api/)
+    g++              # libFuzzer's runtime, built by the fuzz targets (fuzz/)
     ca-certificates
 )
 

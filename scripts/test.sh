@@ -8,3 +8,5 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The fuzz targets build (scripts/fuzz.sh runs them for a bounded time).
+cargo build --manifest-path fuzz/Cargo.toml --locked --target-dir target/fuzz-check
