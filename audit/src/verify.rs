@@ -180,7 +180,8 @@ pub fn verify(
     // 3. Checkpoints: signed by the trusted key, for this log, each the root of the events
     //    as stored, growing only.
     let mut latest: Option<Checkpoint> = None;
-    let mut seen: Vec<(u64, Checkpoint)> = Vec::new();
+    // Checkpoint size -> (number, root) of the first checkpoint of that size.
+    let mut seen: std::collections::HashMap<u64, (u64, merkle::Hash)> = Default::default();
     let mut last_good_size = 0u64;
     let mut numbers = 0u64;
     for r in store.checkpoints() {
@@ -200,8 +201,8 @@ pub fn verify(
                 format!("origin {:?} is not this log's {:?}", cp.origin, origin),
             )));
         }
-        if let Some((other, prev)) = seen.iter().find(|(_, p)| p.size == cp.size) {
-            if prev.root != cp.root {
+        if let Some((other, root)) = seen.get(&cp.size) {
+            if *root != cp.root {
                 return Ok(Err(fail(
                     cp.size,
                     format!("fork: checkpoint #{other} signed a different root for the same size"),
@@ -236,7 +237,7 @@ pub fn verify(
             )));
         }
         last_good_size = cp.size;
-        seen.push((number, cp.clone()));
+        seen.entry(cp.size).or_insert((number, cp.root));
         latest = Some(cp);
     }
 
@@ -266,8 +267,7 @@ pub fn verify(
             )));
         }
         if merkle::root(&tree, cp.size).expect("in memory") != cp.root {
-            let stored = seen.iter().find(|(_, s)| s.size == cp.size);
-            let problem = match stored {
+            let problem = match seen.get(&cp.size) {
                 Some((n, _)) => {
                     format!("fork: the log's checkpoint #{n} signed a different root for this size")
                 }
