@@ -423,6 +423,11 @@ impl TrustPipeline {
                         ("uuid", rootfs.uuid.clone()),
                     ],
                 );
+                if result.is_err() {
+                    // Unrecorded, so not published.
+                    let _ = std::fs::remove_file(&rootfs.path);
+                    report.rootfs = None;
+                }
             }
         }
         match &result {
