@@ -12,6 +12,10 @@ packages=(
     pkg-config
     protobuf-compiler # protoc, for the gRPC definitions (api/)
     g++              # libFuzzer's runtime, built by the fuzz targets (fuzz/)
+    swtpm            # a software TPM 2.0 per attestation test
+    swtpm-tools      # swtpm_setup: EK certificates for test TPM states
+    tpm2-tools       # cross-checks of quotes
+    libtss2-dev      # tpm2-tss, linked by tss-esapi
     ca-certificates
 )
 

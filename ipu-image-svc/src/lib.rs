@@ -3,8 +3,10 @@
 //! - [`fetch`]: registries and OCI layouts, digest-checked streams, the verified blob cache.
 //! - [`unpack`]: safe OCI layer application into a private staging tree.
 //! - [`rootfs`]: the ext4 image (`mkfs.ext4 -d`).
+//! - [`attest`]: the TPM attestation key and quotes for the key broker.
 //! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
 
+pub mod attest;
 pub mod fetch;
 pub mod pipeline;
 pub mod rootfs;

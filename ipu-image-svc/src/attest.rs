@@ -1,0 +1,199 @@
+//! The IPU's side of attestation: an ECC P-256 attestation key (AK) under the TPM's
+//! endorsement key, and quotes over the PCRs the broker asks for, bound to the broker's nonce
+//! and this IPU's ephemeral session key.
+//!
+//! Through tss-esapi 7.x against tpm2-tss (swtpm in tests, `/dev/tpmrm0` on hardware).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use keybroker::attest::{binding, Evidence};
+use tss_esapi::abstraction::{ak, ek, pcr, DefaultKey};
+use tss_esapi::handles::KeyHandle;
+use tss_esapi::interface_types::algorithm::{
+    AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
+};
+use tss_esapi::structures::{
+    Data, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public, Signature, SignatureScheme,
+};
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::traits::Marshall;
+use tss_esapi::Context;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TpmError {
+    #[error("TPM {what}: {source}")]
+    Tpm {
+        what: &'static str,
+        #[source]
+        source: tss_esapi::Error,
+    },
+    #[error("TPM returned {0}")]
+    Unexpected(String),
+    #[error("PCR {0} is not 0 to 23")]
+    BadPcr(u8),
+}
+
+fn tpm(what: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
+    move |source| TpmError::Tpm { what, source }
+}
+
+/// Left-pads a big-endian integer to `n` bytes (TPMs drop leading zeros).
+fn pad(v: &[u8], n: usize) -> Result<Vec<u8>, TpmError> {
+    if v.len() > n {
+        return Err(TpmError::Unexpected(format!(
+            "a {}-byte P-256 value",
+            v.len()
+        )));
+    }
+    let mut out = vec![0u8; n - v.len()];
+    out.extend_from_slice(v);
+    Ok(out)
+}
+
+/// An open TPM with a loaded attestation key.
+pub struct Tpm {
+    ctx: Context,
+    ak: KeyHandle,
+    /// SEC1 uncompressed P-256 point of the AK: what the broker enrolls.
+    ak_public: Vec<u8>,
+    /// The AK's marshalled TPMT_PUBLIC (attributes included), for enrollment.
+    ak_template: Vec<u8>,
+}
+
+impl Tpm {
+    /// Opens the TPM at `tcti` (e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`)
+    /// and creates an AK under the ECC endorsement key.
+    pub fn open(tcti: &str) -> Result<Self, TpmError> {
+        let conf = TctiNameConf::from_str(tcti).map_err(tpm("TCTI"))?;
+        let mut ctx = Context::new(conf).map_err(tpm("context"))?;
+        let ek = ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Ecc, DefaultKey)
+            .map_err(tpm("endorsement key"))?;
+        let created = ak::create_ak(
+            &mut ctx,
+            ek,
+            HashingAlgorithm::Sha256,
+            SignatureSchemeAlgorithm::EcDsa,
+            None,
+            DefaultKey,
+        )
+        .map_err(tpm("create attestation key"))?;
+        let ak_template = created
+            .out_public
+            .marshall()
+            .map_err(tpm("marshall AK public"))?;
+        let ak_public = match &created.out_public {
+            Public::Ecc { unique, .. } => {
+                let mut p = vec![0x04];
+                p.extend(pad(unique.x().value(), 32)?);
+                p.extend(pad(unique.y().value(), 32)?);
+                p
+            }
+            other => return Err(TpmError::Unexpected(format!("an AK of type {other:?}"))),
+        };
+        let ak = ak::load_ak(&mut ctx, ek, None, created.out_private, created.out_public)
+            .map_err(tpm("load attestation key"))?;
+        // The EK stays loaded only as long as needed: swtpm has three object slots.
+        ctx.flush_context(ek.into()).map_err(tpm("flush EK"))?;
+        Ok(Self {
+            ctx,
+            ak,
+            ak_public,
+            ak_template,
+        })
+    }
+
+    pub fn ak_public(&self) -> &[u8] {
+        &self.ak_public
+    }
+
+    pub fn ak_template(&self) -> &[u8] {
+        &self.ak_template
+    }
+
+    fn selection(pcrs: &[u8]) -> Result<PcrSelectionList, TpmError> {
+        let slots = pcrs
+            .iter()
+            .map(|&i| {
+                if i > 23 {
+                    return Err(TpmError::BadPcr(i));
+                }
+                PcrSlot::try_from(1u32 << i).map_err(tpm("PCR slot"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .map_err(tpm("PCR selection"))
+    }
+
+    /// Reads the SHA-256 bank values of `pcrs`.
+    pub fn read_pcrs(&mut self, pcrs: &[u8]) -> Result<BTreeMap<u8, Vec<u8>>, TpmError> {
+        let data = pcr::read_all(&mut self.ctx, Self::selection(pcrs)?).map_err(tpm("PCR read"))?;
+        let bank = data
+            .pcr_bank(HashingAlgorithm::Sha256)
+            .ok_or_else(|| TpmError::Unexpected("no SHA-256 PCR bank".into()))?;
+        let mut out = BTreeMap::new();
+        for &i in pcrs {
+            let slot = PcrSlot::try_from(1u32 << i).map_err(tpm("PCR slot"))?;
+            let d = bank
+                .get_digest(slot)
+                .ok_or_else(|| TpmError::Unexpected(format!("PCR {i} missing from the read")))?;
+            out.insert(i, d.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Quotes `pcrs` (SHA-256 bank) bound to `nonce` and `ephemeral_public`.
+    pub fn quote(
+        &mut self,
+        nonce: &[u8],
+        ephemeral_public: &[u8],
+        pcrs: &[u8],
+    ) -> Result<Evidence, TpmError> {
+        let selection = Self::selection(pcrs)?;
+        let qualifying = Data::try_from(binding(nonce, ephemeral_public).to_vec())
+            .map_err(tpm("qualifying data"))?;
+        let ak = self.ak;
+        let (attest, signature) = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.quote(ak, qualifying, SignatureScheme::Null, selection)
+            })
+            .map_err(tpm("quote"))?;
+        let signature = match signature {
+            Signature::EcDsa(s) => {
+                let mut rs = pad(s.signature_r().value(), 32)?;
+                rs.extend(pad(s.signature_s().value(), 32)?);
+                rs
+            }
+            other => return Err(TpmError::Unexpected(format!("a {other:?} signature"))),
+        };
+        // The values after the quote: if a PCR changed in between, the digest will not
+        // match and the broker refuses; the IPU retries with a new nonce.
+        let values = self.read_pcrs(pcrs)?;
+        Ok(Evidence {
+            attest: attest.marshall().map_err(tpm("marshall quote"))?,
+            signature,
+            pcrs: values,
+        })
+    }
+
+    /// Extends a PCR (tests, and measured components on real IPUs).
+    pub fn extend_pcr(&mut self, index: u8, measurement: &[u8; 32]) -> Result<(), TpmError> {
+        use tss_esapi::handles::PcrHandle;
+        use tss_esapi::structures::{Digest, DigestValues};
+        if index > 23 {
+            return Err(TpmError::BadPcr(index));
+        }
+        let handle = PcrHandle::try_from(u32::from(index)).map_err(tpm("PCR handle"))?;
+        let mut values = DigestValues::new();
+        values.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(measurement.to_vec()).map_err(tpm("digest"))?,
+        );
+        self.ctx
+            .execute_with_nullauth_session(|ctx| ctx.pcr_extend(handle, values))
+            .map_err(tpm("PCR extend"))
+    }
+}

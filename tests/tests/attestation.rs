@@ -1,0 +1,173 @@
+//! TPM 2.0 attestation against a real swtpm per test: the IPU quotes with its AK, bound to
+//! the broker's nonce and its ephemeral key; the broker's verifier accepts exactly the
+//! right evidence and names what is wrong with everything else.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use integration_tests::Swtpm;
+use ipu_image_svc::attest::Tpm;
+use keybroker::attest::{AttestError, Enrollment, ReferencePcrs, Verifier};
+
+const PCRS: [u8; 3] = [0, 7, 16];
+
+/// A broker whose class "test-class" expects the PCR values `tpm` has now.
+fn broker_for(tpm: &mut Tpm) -> Verifier {
+    let reference: ReferencePcrs = tpm.read_pcrs(&PCRS).unwrap();
+    let v = Verifier::new(
+        HashMap::from([("test-class".to_string(), reference)]),
+        Duration::from_secs(60),
+    );
+    v.enroll(
+        tpm.ak_public(),
+        Enrollment {
+            ipu_id: "ipu-1".into(),
+            ipu_class: "test-class".into(),
+            revoked: false,
+        },
+    )
+    .unwrap();
+    v
+}
+
+const EPHEMERAL: &[u8] = b"ephemeral public key of this session";
+
+#[test]
+fn a_fresh_quote_from_an_enrolled_ak_verifies() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.ak_public().len(), 65);
+    let broker = broker_for(&mut tpm);
+    let nonce = broker.nonces.issue();
+    let evidence = tpm.quote(&nonce, EPHEMERAL, &PCRS).unwrap();
+    let (enrollment, quote) = broker
+        .verify(&evidence, tpm.ak_public(), &nonce, EPHEMERAL)
+        .unwrap();
+    assert_eq!(enrollment.ipu_id, "ipu-1");
+    assert_eq!(quote.selection, [(0x000b, PCRS.to_vec())]);
+    // A replay of the same evidence: the nonce is spent.
+    let err = broker
+        .verify(&evidence, tpm.ak_public(), &nonce, EPHEMERAL)
+        .unwrap_err();
+    assert_eq!(err, AttestError::StaleNonce);
+}
+
+#[test]
+fn nonces_bindings_and_keys_are_checked() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let broker = broker_for(&mut tpm);
+
+    // A nonce the broker never issued.
+    let forged = [7u8; 32];
+    let evidence = tpm.quote(&forged, EPHEMERAL, &PCRS).unwrap();
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &forged, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::StaleNonce
+    );
+
+    // A quote made for one nonce presented with another (fresh) one.
+    let n1 = broker.nonces.issue();
+    let n2 = broker.nonces.issue();
+    let evidence = tpm.quote(&n1, EPHEMERAL, &PCRS).unwrap();
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n2, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::WrongBinding
+    );
+
+    // A quote bound to another ephemeral key (a relayed quote).
+    let n = broker.nonces.issue();
+    let evidence = tpm.quote(&n, b"the attacker's key", &PCRS).unwrap();
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::WrongBinding
+    );
+
+    // Changed evidence: a PCR value, a byte of the quote.
+    let n = broker.nonces.issue();
+    let mut evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    evidence.pcrs.get_mut(&7).unwrap()[0] ^= 1;
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::PcrDigestMismatch
+    );
+    let n = broker.nonces.issue();
+    let mut evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    let last = evidence.attest.len() - 1;
+    evidence.attest[last] ^= 1;
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::BadSignature
+    );
+
+    // Fewer PCRs than the class requires.
+    let n = broker.nonces.issue();
+    let evidence = tpm.quote(&n, EPHEMERAL, &[0]).unwrap();
+    assert!(matches!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::WrongSelection { .. }
+    ));
+
+    // Revoked.
+    assert!(broker.revoke(tpm.ak_public()));
+    let n = broker.nonces.issue();
+    let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::RevokedKey
+    );
+}
+
+#[test]
+fn an_unenrolled_ak_and_a_changed_pcr_are_refused() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let broker = broker_for(&mut tpm);
+
+    // Another TPM's AK, never enrolled, with valid quotes of its own.
+    let other_swtpm = Swtpm::start();
+    let mut other = Tpm::open(&other_swtpm.tcti()).unwrap();
+    let n = broker.nonces.issue();
+    let evidence = other.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    assert_eq!(
+        broker
+            .verify(&evidence, other.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::UnknownKey
+    );
+    // ...nor can its quote pass as the enrolled AK's.
+    let n = broker.nonces.issue();
+    let evidence = other.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    assert_eq!(
+        broker
+            .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+            .unwrap_err(),
+        AttestError::BadSignature
+    );
+
+    // Something unexpected was measured into PCR 16.
+    tpm.extend_pcr(16, &[0xAB; 32]).unwrap();
+    let n = broker.nonces.issue();
+    let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    match broker
+        .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
+        .unwrap_err()
+    {
+        AttestError::PcrMismatch { index, .. } => assert_eq!(index, 16),
+        other => panic!("{other}"),
+    }
+}
