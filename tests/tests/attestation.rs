@@ -171,3 +171,35 @@ fn an_unenrolled_ak_and_a_changed_pcr_are_refused() {
         other => panic!("{other}"),
     }
 }
+
+/// Attestation then release: the broker seals a layer key to the session key the quote
+/// bound; only that session opens it, and only for that layer.
+#[test]
+fn a_released_key_opens_only_in_the_attested_session() {
+    use keybroker::attest::binding;
+    use keybroker::release::{seal, SessionKey};
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let broker = broker_for(&mut tpm);
+    let session = SessionKey::generate();
+    let nonce = broker.nonces.issue();
+    let evidence = tpm.quote(&nonce, &session.public(), &PCRS).unwrap();
+    broker
+        .verify(&evidence, tpm.ak_public(), &nonce, &session.public())
+        .unwrap();
+    let salt = binding(&nonce, &session.public());
+    let privopts = br#"{"symkey":"c2VjcmV0","cipheroptions":{"nonce":"bm9uY2U="}}"#;
+    let context = b"image sha256:53ed layer sha256:67425adc";
+    let sealed = seal(&session.public(), &salt, context, privopts).unwrap();
+    assert_eq!(
+        &session.open(&sealed, &salt, context).unwrap()[..],
+        privopts
+    );
+    // A host that relayed the quote but holds another session key gets nothing.
+    let thief = SessionKey::generate();
+    assert!(thief.open(&sealed, &salt, context).is_err());
+    // Nor does the right session open it for another layer.
+    assert!(session
+        .open(&sealed, &salt, b"image sha256:53ed layer sha256:other")
+        .is_err());
+}
