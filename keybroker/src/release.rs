@@ -118,7 +118,7 @@ impl SessionKey {
             .open_in_place(
                 Nonce::assume_unique_for_key([0u8; aead::NONCE_LEN]),
                 Aad::from(context),
-                &mut *buf,
+                &mut buf,
             )
             .map_err(|_| ReleaseError::Open)?
             .len();
