@@ -4,10 +4,12 @@
 //! - [`unpack`]: safe OCI layer application into a private staging tree.
 //! - [`rootfs`]: the ext4 image (`mkfs.ext4 -d`).
 //! - [`attest`]: the TPM attestation key and quotes for the key broker.
+//! - [`secret`]: memory for key material (memfd_secret, else locked and not dumped).
 //! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
 
 pub mod attest;
 pub mod fetch;
 pub mod pipeline;
 pub mod rootfs;
+pub mod secret;
 pub mod unpack;
