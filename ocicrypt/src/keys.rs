@@ -153,6 +153,19 @@ impl PublicKey {
         Ok(Self(kind))
     }
 
+    /// SPKI PEM (`PUBLIC KEY`), what `skopeo --encryption-key jwe:FILE` reads.
+    pub fn to_pem(&self) -> String {
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let lf = LineEnding::LF;
+        match &self.0 {
+            PublicKind::Rsa(k) => k.to_public_key_pem(lf),
+            PublicKind::P256(k) => k.to_public_key_pem(lf),
+            PublicKind::P384(k) => k.to_public_key_pem(lf),
+            PublicKind::P521(k) => k.to_public_key_pem(lf),
+        }
+        .expect("public keys encode")
+    }
+
     pub fn algorithm(&self) -> &'static str {
         match &self.0 {
             PublicKind::Rsa(_) => "RSA",
