@@ -1,0 +1,299 @@
+//! The broker's whole flow with a real swtpm: challenge, quote, session, policy-checked
+//! release of a fixture layer's key sealed to the session, and the IPU decrypting the layer
+//! with it. Every refusal named and audited.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::{fixtures, Swtpm};
+use ipu_image_svc::attest::Tpm;
+use keybroker::attest::{binding, Enrollment, Verifier};
+use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest};
+use keybroker::keystore::{KeyStore, MasterKey};
+use keybroker::release::SessionKey;
+use ocicrypt::{PrivateLayerOptions, PublicLayerOptions};
+
+const PCRS: [u8; 2] = [0, 7];
+const CLIENT: &str = "CN=ipu-1.example,O=platform";
+
+const POLICY: &str = r#"
+schema = 1
+image_trust_policy = "policy-A.json"
+
+[[ipu_class]]
+name = "ipu-gen2"
+pcr_bank = "sha256"
+pcrs = { 0 = "0000000000000000000000000000000000000000000000000000000000000000", 7 = "0000000000000000000000000000000000000000000000000000000000000000" }
+
+[[tenant]]
+name = "acme"
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+
+[[tenant]]
+name = "globex"
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+
+[[key]]
+id = "fixtures-rsa"
+images = ["oci:*"]
+tenants = ["acme"]
+ipu_classes = ["ipu-gen2"]
+"#;
+
+struct Setup {
+    _swtpm: Swtpm,
+    tpm: Tpm,
+    broker: Broker,
+    log: Arc<audit::AuditLog>,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(session_ttl: Duration) -> Setup {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let reference = tpm.read_pcrs(&PCRS).unwrap();
+    let verifier = Verifier::new(
+        HashMap::from([("ipu-gen2".to_string(), reference)]),
+        Duration::from_secs(60),
+    );
+    verifier
+        .enroll(
+            tpm.ak_public(),
+            Enrollment {
+                ipu_id: "ipu-1".into(),
+                ipu_class: "ipu-gen2".into(),
+                revoked: false,
+            },
+        )
+        .unwrap();
+    let keys = KeyStore::open(
+        dir.path(),
+        MasterKey::load_or_create(&dir.path().join("master.key")).unwrap(),
+    )
+    .unwrap();
+    keys.import(
+        "fixtures-rsa",
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let (signer, _) = audit::CheckpointSigner::generate("test/broker").unwrap();
+    let log = Arc::new(
+        audit::AuditLog::open(
+            &dir.path().join("audit"),
+            "test/broker",
+            signer,
+            audit::LogOptions::default(),
+        )
+        .unwrap(),
+    );
+    let policy = policy::deploy::parse(POLICY, "policy.toml").unwrap();
+    let broker = Broker::new(verifier, keys, policy, session_ttl, log.clone());
+    Setup {
+        _swtpm: swtpm,
+        tpm,
+        broker,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Layer 0 of the enc-signed fixture: (image ref, manifest digest, layer digest, annotations, blob).
+fn fixture_layer() -> (String, String, String, ocicrypt::Annotations, Vec<u8>) {
+    let layout = fixtures().join("oci-layout");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "enc-signed")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = |d: &str| {
+        std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&digest)).unwrap();
+    let layer = &manifest["layers"][0];
+    let annotations: ocicrypt::Annotations =
+        serde_json::from_value(layer["annotations"].clone()).unwrap();
+    let layer_digest = layer["digest"].as_str().unwrap().to_string();
+    (
+        format!("oci:{}:enc-signed", layout.display()),
+        digest,
+        layer_digest.clone(),
+        annotations,
+        blob(&layer_digest),
+    )
+}
+
+fn request(session: &str, tenant: &str) -> ReleaseRequest {
+    let (image, image_digest, layer_digest, annotations, _) = fixture_layer();
+    ReleaseRequest {
+        session_id: session.into(),
+        tenant: tenant.into(),
+        function: "resize".into(),
+        image,
+        image_digest,
+        layer_digest,
+        wrapped_jwe: annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
+    }
+}
+
+#[test]
+fn attested_ipu_gets_the_layer_key_and_decrypts_the_layer() {
+    let mut s = setup(Duration::from_secs(60));
+    let session_key = SessionKey::generate();
+    let nonce = s.broker.challenge();
+    let evidence = s.tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
+    let session = s
+        .broker
+        .attest(
+            CLIENT,
+            &evidence,
+            s.tpm.ak_public(),
+            &nonce,
+            &session_key.public(),
+        )
+        .unwrap();
+    assert_eq!(session.ipu_class, "ipu-gen2");
+
+    let req = request(&session.id, "acme");
+    let sealed = s.broker.release(CLIENT, &req).unwrap();
+    // The IPU opens it with its session key and decrypts the layer with the options.
+    let privopts = session_key
+        .open(
+            &sealed,
+            &binding(&nonce, &session_key.public()),
+            &release_context(&req.image_digest, &req.layer_digest),
+        )
+        .unwrap();
+    let privopts = PrivateLayerOptions::from_json(&privopts).unwrap();
+    let (_, _, _, annotations, blob) = fixture_layer();
+    let pubopts = PublicLayerOptions::from_annotations(&annotations).unwrap();
+    let mut dec = ocicrypt::LayerDecryptor::with_options(&blob[..], &pubopts, &privopts).unwrap();
+    std::io::copy(&mut dec, &mut std::io::sink()).unwrap();
+    dec.finish()
+        .expect("the released key decrypts and authenticates the layer");
+
+    // Refusals, each with its reason.
+    let other_client = s.broker.release("CN=host-7.example", &req).unwrap_err();
+    assert!(
+        matches!(other_client, BrokerError::WrongClient),
+        "{other_client}"
+    );
+    let no_session = s
+        .broker
+        .release(CLIENT, &request("feedface", "acme"))
+        .unwrap_err();
+    assert!(matches!(no_session, BrokerError::NoSession), "{no_session}");
+    let denied = s
+        .broker
+        .release(CLIENT, &request(&session.id, "globex"))
+        .unwrap_err();
+    assert!(
+        matches!(&denied, BrokerError::Denied(r) if r.contains("tenant \"globex\" may not use this key")),
+        "{denied}"
+    );
+    // A layer wrapped to a key the broker does not hold (the EC fixture key).
+    let mut foreign = req.clone();
+    let (_, _, _, ann, _) = fixture_layer();
+    foreign.wrapped_jwe = ann[ocicrypt::ANNOTATION_KEYS_JWE].replace('A', "B");
+    let err = s.broker.release(CLIENT, &foreign).unwrap_err();
+    assert!(matches!(err, BrokerError::NoUsableKey(_)), "{err}");
+
+    // Audit: one release with the key id, four denials, one attestation.
+    let store = s.log.store();
+    let q = |kind| {
+        store
+            .query(&audit::Query {
+                kind: Some(kind),
+                limit: 100,
+                ..audit::Query::default()
+            })
+            .unwrap()
+            .events
+    };
+    let releases = q(audit::EventKind::KeyRelease);
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].key_ids[0].as_str(), "fixtures-rsa");
+    assert_eq!(releases[0].actor.subject.as_deref(), Some(CLIENT));
+    assert_eq!(q(audit::EventKind::KeyDeny).len(), 4);
+    assert_eq!(q(audit::EventKind::AttestationVerify).len(), 1);
+}
+
+#[test]
+fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
+    let mut s = setup(Duration::from_millis(300));
+    // A quote bound to one session key, presented with another (a relaying host).
+    let ipu_key = SessionKey::generate();
+    let host_key = SessionKey::generate();
+    let nonce = s.broker.challenge();
+    let evidence = s.tpm.quote(&nonce, &ipu_key.public(), &PCRS).unwrap();
+    let err = s
+        .broker
+        .attest(
+            CLIENT,
+            &evidence,
+            s.tpm.ak_public(),
+            &nonce,
+            &host_key.public(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("another ephemeral key"), "{err}");
+
+    // A session expires.
+    let nonce = s.broker.challenge();
+    let evidence = s.tpm.quote(&nonce, &ipu_key.public(), &PCRS).unwrap();
+    let session = s
+        .broker
+        .attest(
+            CLIENT,
+            &evidence,
+            s.tpm.ak_public(),
+            &nonce,
+            &ipu_key.public(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let err = s
+        .broker
+        .release(CLIENT, &request(&session.id, "acme"))
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::NoSession), "{err}");
+
+    // A revoked key is never released, even within a live session.
+    let nonce = s.broker.challenge();
+    let evidence = s.tpm.quote(&nonce, &ipu_key.public(), &PCRS).unwrap();
+    let session = s
+        .broker
+        .attest(
+            CLIENT,
+            &evidence,
+            s.tpm.ak_public(),
+            &nonce,
+            &ipu_key.public(),
+        )
+        .unwrap();
+    s.broker.keys().revoke("fixtures-rsa").unwrap();
+    let err = s
+        .broker
+        .release(CLIENT, &request(&session.id, "acme"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, BrokerError::Denied(r) if r.contains("fixtures-rsa is revoked")),
+        "{err}"
+    );
+}
