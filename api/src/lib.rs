@@ -4,3 +4,8 @@
 pub mod audit {
     tonic::include_proto!("ipu.audit.v1");
 }
+
+/// The key broker: attestation and key release.
+pub mod keybroker {
+    tonic::include_proto!("ipu.keybroker.v1");
+}

@@ -50,6 +50,12 @@ pub struct Session {
     expires: Instant,
 }
 
+impl Session {
+    pub fn expires_in(&self) -> Duration {
+        self.expires.saturating_duration_since(Instant::now())
+    }
+}
+
 /// What the IPU asks for one layer.
 #[derive(Clone, Debug)]
 pub struct ReleaseRequest {

@@ -12,3 +12,4 @@ pub mod attest;
 pub mod broker;
 pub mod keystore;
 pub mod release;
+pub mod service;
