@@ -128,15 +128,12 @@ impl KeyBroker for KeyBrokerService {
         let who = caller(&request)?;
         require(&who, "ipu")?;
         let r = request.into_inner();
-        let pcrs = r
-            .pcrs
-            .into_iter()
-            .map(|(i, v)| {
-                u8::try_from(i)
-                    .map(|i| (i, v))
-                    .map_err(|_| Status::invalid_argument(format!("PCR index {i}")))
-            })
-            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let mut pcrs = BTreeMap::new();
+        for (i, v) in r.pcrs {
+            let i = u8::try_from(i)
+                .map_err(|_| Status::invalid_argument(format!("PCR index {i}")))?;
+            pcrs.insert(i, v);
+        }
         let evidence = Evidence {
             attest: r.attest,
             signature: r.signature,
