@@ -77,6 +77,9 @@ pub struct Broker {
     sessions: Mutex<HashMap<String, Session>>,
     session_ttl: Duration,
     audit: Arc<dyn AuditSink>,
+    /// Unsealed, parsed keys (parsing an RSA key costs milliseconds); dropped, and zeroized,
+    /// with the broker. Revocation is checked on every release, not through this cache.
+    unsealed: Mutex<HashMap<String, Arc<ocicrypt::keys::PrivateKey>>>,
 }
 
 fn random_id() -> String {
@@ -106,6 +109,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             session_ttl,
             audit,
+            unsealed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -267,9 +271,20 @@ impl Broker {
             ));
         }
         for id in &allowed {
-            let key = self.keys.private_key(id)?;
+            let cached = self.unsealed.lock().expect("not poisoned").get(id).cloned();
+            let key = match cached {
+                Some(k) => k,
+                None => {
+                    let k = Arc::new(self.keys.private_key(id)?);
+                    self.unsealed
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(id.clone(), k.clone());
+                    k
+                }
+            };
             if let Ok(privopts) =
-                ocicrypt::jwe::unwrap(&req.wrapped_jwe, std::slice::from_ref(&key))
+                ocicrypt::jwe::unwrap(&req.wrapped_jwe, std::slice::from_ref(&*key))
             {
                 let sealed = seal(
                     &session.session_public,

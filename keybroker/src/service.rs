@@ -130,8 +130,8 @@ impl KeyBroker for KeyBrokerService {
         let r = request.into_inner();
         let mut pcrs = BTreeMap::new();
         for (i, v) in r.pcrs {
-            let i = u8::try_from(i)
-                .map_err(|_| Status::invalid_argument(format!("PCR index {i}")))?;
+            let i =
+                u8::try_from(i).map_err(|_| Status::invalid_argument(format!("PCR index {i}")))?;
             pcrs.insert(i, v);
         }
         let evidence = Evidence {
@@ -182,6 +182,27 @@ impl KeyBroker for KeyBrokerService {
     }
 }
 
+/// Accepted connections with Nagle's algorithm off: small request/response exchanges
+/// otherwise wait for delayed ACKs (40 ms on Linux).
+struct NoDelay(tokio_stream::wrappers::TcpListenerStream);
+
+impl tokio_stream::Stream for NoDelay {
+    type Item = std::io::Result<tokio::net::TcpStream>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0).poll_next(cx).map(|item| {
+            item.map(|conn| {
+                conn.and_then(|c| {
+                    c.set_nodelay(true)?;
+                    Ok(c)
+                })
+            })
+        })
+    }
+}
+
 /// TLS settings: the server's certificate and key, and the CA client certificates must
 /// chain to (client certificates are required).
 pub struct TlsFiles {
@@ -200,12 +221,11 @@ pub async fn serve(
     let config = ServerTlsConfig::new()
         .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
         .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     Server::builder()
+        .tcp_nodelay(true)
         .tls_config(config)?
         .add_service(KeyBrokerService::new(broker))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(NoDelay(incoming), shutdown)
         .await
 }

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: the fixture set, a real `docker-registry`
 //! serving it on 127.0.0.1, and ext4 inspection with e2fsprogs.
 
+pub mod broker;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

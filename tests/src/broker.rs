@@ -1,0 +1,225 @@
+//! A key broker on loopback with mutual TLS, for the gRPC tests and the attestation bench:
+//! a throwaway PKI (rcgen), a broker whose only IPU class expects the PCR values a given TPM
+//! has now, holding the fixture RSA key, and clients with chosen certificates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::keybroker::key_broker_client::KeyBrokerClient;
+use api::keybroker::ReleaseRequest;
+use ipu_image_svc::attest::Tpm;
+use keybroker::attest::{Enrollment, Verifier};
+use keybroker::broker::Broker;
+use keybroker::keystore::{KeyStore, MasterKey};
+use keybroker::service::TlsFiles;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::fixtures;
+
+pub struct Pki {
+    ca_pem: String,
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, "test platform CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = p.self_signed(&ca_key).unwrap();
+        Self {
+            ca_pem: ca.pem(),
+            ca,
+            ca_key,
+        }
+    }
+
+    /// (certificate PEM, key PEM) for a subject with this CN and OU (role).
+    pub fn issue(&self, cn: &str, ou: Option<&str>, server: bool) -> (String, String) {
+        let names = if server {
+            vec!["localhost".to_string()]
+        } else {
+            vec![]
+        };
+        let mut p = CertificateParams::new(names).unwrap();
+        if server {
+            p.subject_alt_names
+                .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        }
+        p.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(ou) = ou {
+            p.distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+pub const PCRS: [u8; 2] = [0, 7];
+
+pub const POLICY: &str = r#"
+schema = 1
+image_trust_policy = "policy-A.json"
+[[ipu_class]]
+name = "ipu-gen2"
+pcr_bank = "sha256"
+pcrs = { 0 = "0000000000000000000000000000000000000000000000000000000000000000", 7 = "0000000000000000000000000000000000000000000000000000000000000000" }
+[[tenant]]
+name = "acme"
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+[[key]]
+id = "fixtures-rsa"
+images = ["oci:*"]
+tenants = ["acme"]
+ipu_classes = ["ipu-gen2"]
+"#;
+
+pub struct Running {
+    pub rt: tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    pub pki: Pki,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn start(tpm: &mut Tpm) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let verifier = Verifier::new(
+        HashMap::from([("ipu-gen2".to_string(), tpm.read_pcrs(&PCRS).unwrap())]),
+        Duration::from_secs(60),
+    );
+    verifier
+        .enroll(
+            tpm.ak_public(),
+            Enrollment {
+                ipu_id: "ipu-1".into(),
+                ipu_class: "ipu-gen2".into(),
+                revoked: false,
+            },
+        )
+        .unwrap();
+    let keys = KeyStore::open(
+        dir.path(),
+        MasterKey::load_or_create(&dir.path().join("master.key")).unwrap(),
+    )
+    .unwrap();
+    keys.import(
+        "fixtures-rsa",
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let (signer, _) = audit::CheckpointSigner::generate("test/broker").unwrap();
+    let log = Arc::new(
+        audit::AuditLog::open(
+            &dir.path().join("audit"),
+            "test/broker",
+            signer,
+            audit::LogOptions::default(),
+        )
+        .unwrap(),
+    );
+    let broker = Arc::new(Broker::new(
+        verifier,
+        keys,
+        policy::deploy::parse(POLICY, "policy.toml").unwrap(),
+        Duration::from_secs(60),
+        log,
+    ));
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("broker.test", Some("broker"), true);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tls = TlsFiles {
+        cert_pem: cert.into_bytes(),
+        key_pem: key.into_bytes(),
+        client_ca_pem: pki.ca_pem.clone().into_bytes(),
+    };
+    rt.spawn(keybroker::service::serve(broker, listener, tls, async {
+        let _ = stopped.await;
+    }));
+    Running {
+        rt,
+        addr,
+        pki,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    pub fn client(
+        &self,
+        identity: Option<(String, String)>,
+    ) -> Result<KeyBrokerClient<Channel>, String> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.pki.ca_pem))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let endpoint = Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .map_err(|e| e.to_string())?;
+        self.rt
+            .block_on(endpoint.connect())
+            .map(KeyBrokerClient::new)
+            .map_err(|e| e.to_string())
+    }
+}
+
+pub fn fixture_release(session_id: &str) -> ReleaseRequest {
+    let layout = fixtures().join("oci-layout");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "enc-signed")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = &manifest["layers"][0];
+    ReleaseRequest {
+        session_id: session_id.into(),
+        tenant: "acme".into(),
+        function: "resize".into(),
+        image: format!("oci:{}:enc-signed", layout.display()),
+        image_digest: digest,
+        layer_digest: layer["digest"].as_str().unwrap().into(),
+        wrapped_jwe: layer["annotations"][ocicrypt::ANNOTATION_KEYS_JWE]
+            .as_str()
+            .unwrap()
+            .into(),
+    }
+}
