@@ -311,6 +311,27 @@ fn run(
                     .map_err(|e| bad_config(format!("decryption key {}: {e}", path.display())))?,
             );
         }
+        if !keys.is_empty() {
+            // A development option, but a security decision all the same: on the record.
+            let algorithms: Vec<&str> = keys.iter().map(|k| k.algorithm()).collect();
+            let sink = cfg.audit.as_ref().expect("set above");
+            let mut event = audit::Event::new(
+                    ipu_image_svc::pipeline::AUDIT_SERVICE,
+                    audit::EventKind::Admin("dev_decryption_key".into()),
+                    audit::Outcome::Success,
+                    "--decryption-key: layer keys unwrapped with private keys read from this host's disk (development option; the key broker replaces it)",
+                )
+                .image(common.image.clone(), None)
+                .detail("algorithms", algorithms.join(","));
+            event.tenant = cfg.tenant.clone();
+            event.function = cfg.function.clone();
+            sink.append(event).map_err(|e| {
+                PipelineError::new(
+                    FailureClass::Io,
+                    format!("cannot write the audit event: {e}"),
+                )
+            })?;
+        }
         cfg.decryption = DecryptConfig::new(keys);
         cfg.staging_dir = u.staging_dir;
         cfg.limits.allow_device_nodes = u.allow_device_nodes;
