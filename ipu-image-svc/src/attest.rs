@@ -182,6 +182,16 @@ impl Tpm {
         })
     }
 
+    /// The endorsement key's marshalled `TPMT_PUBLIC` (for EK certificates, and to show the
+    /// broker refuses an EK posing as an AK).
+    pub fn ek_template(&mut self) -> Result<Vec<u8>, TpmError> {
+        let ek = ek::create_ek_object(&mut self.ctx, AsymmetricAlgorithm::Ecc, DefaultKey)
+            .map_err(tpm("endorsement key"))?;
+        let public = self.ctx.read_public(ek).map_err(tpm("read EK public"));
+        self.ctx.flush_context(ek.into()).map_err(tpm("flush EK"))?;
+        public?.0.marshall().map_err(tpm("marshall EK public"))
+    }
+
     /// Extends a PCR (tests, and measured components on real IPUs).
     pub fn extend_pcr(&mut self, index: u8, measurement: &[u8; 32]) -> Result<(), TpmError> {
         use tss_esapi::handles::PcrHandle;

@@ -52,6 +52,8 @@ pub struct Quote {
 pub enum AttestError {
     #[error("malformed quote: {0}")]
     Malformed(String),
+    #[error("not an attestation key: {0}")]
+    NotAnAttestationKey(String),
     #[error("the attestation key is not enrolled")]
     UnknownKey,
     #[error("the attestation key was revoked")]
@@ -313,6 +315,14 @@ impl Verifier {
         }
     }
 
+    /// Enrolls an AK from its marshalled `TPMT_PUBLIC` (see [`check_ak_template`]); returns
+    /// its public point, the key quotes are then checked with.
+    pub fn enroll_template(&self, template: &[u8], e: Enrollment) -> Result<Vec<u8>, String> {
+        let point = check_ak_template(template).map_err(|e| e.to_string())?;
+        self.enroll(&point, e)?;
+        Ok(point)
+    }
+
     /// Enrolls an AK (SEC1 point) for an IPU of a known class.
     pub fn enroll(&self, ak_public: &[u8], e: Enrollment) -> Result<(), String> {
         if !self.classes.contains_key(&e.ipu_class) {
@@ -374,4 +384,73 @@ impl Verifier {
     pub fn pcrs_of(&self, class: &str) -> Option<Vec<u8>> {
         self.classes.get(class).map(|r| r.keys().copied().collect())
     }
+}
+
+/// TPMA_OBJECT bits an attestation key must have (TPM 2.0 Part 2, 8.3).
+pub mod object_attributes {
+    pub const FIXED_TPM: u32 = 1 << 1;
+    pub const FIXED_PARENT: u32 = 1 << 4;
+    pub const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+    pub const RESTRICTED: u32 = 1 << 16;
+    pub const DECRYPT: u32 = 1 << 17;
+    pub const SIGN: u32 = 1 << 18;
+}
+
+const ALG_ECC: u16 = 0x0023;
+const ALG_NULL: u16 = 0x0010;
+const ALG_ECDAA: u16 = 0x001a;
+const ECC_NIST_P256: u16 = 0x0003;
+
+/// Checks an AK's marshalled `TPMT_PUBLIC` at enrollment: an ECC P-256 key that never left
+/// the TPM (fixedTPM, fixedParent, sensitiveDataOrigin), restricted to signing TPM-made
+/// structures (restricted, sign, not decrypt: an endorsement key is a decryption key and is
+/// refused). Returns its public point (SEC1 uncompressed).
+pub fn check_ak_template(template: &[u8]) -> Result<Vec<u8>, AttestError> {
+    use object_attributes::*;
+    let mut r = Reader { b: template, at: 0 };
+    if r.u16("type")? != ALG_ECC {
+        return Err(AttestError::Malformed(
+            "the attestation key is not an ECC key".into(),
+        ));
+    }
+    let _name_alg = r.u16("nameAlg")?;
+    let attrs = r.u32("objectAttributes")?;
+    let required = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN;
+    if attrs & required != required || attrs & DECRYPT != 0 {
+        return Err(AttestError::NotAnAttestationKey(format!(
+            "object attributes {attrs:#010x}: an attestation key must be fixedTPM, fixedParent, sensitiveDataOrigin, restricted and sign, and must not decrypt"
+        )));
+    }
+    let _auth_policy = r.tpm2b("authPolicy")?;
+    if r.u16("symmetric")? != ALG_NULL {
+        let _bits = r.u16("symmetric keyBits")?;
+        let _mode = r.u16("symmetric mode")?;
+    }
+    let scheme = r.u16("scheme")?;
+    if scheme != ALG_NULL {
+        let _hash = r.u16("scheme hashAlg")?;
+        if scheme == ALG_ECDAA {
+            let _count = r.u16("ECDAA count")?;
+        }
+    }
+    if r.u16("curveID")? != ECC_NIST_P256 {
+        return Err(AttestError::Malformed(
+            "the attestation key is not on P-256".into(),
+        ));
+    }
+    if r.u16("kdf")? != ALG_NULL {
+        let _hash = r.u16("kdf hashAlg")?;
+    }
+    let (x, y) = (r.tpm2b("x")?, r.tpm2b("y")?);
+    if x.len() > 32 || y.len() > 32 || r.at != template.len() {
+        return Err(AttestError::Malformed(
+            "the attestation key's point is malformed".into(),
+        ));
+    }
+    let mut point = vec![0x04];
+    point.extend(std::iter::repeat_n(0u8, 32 - x.len()));
+    point.extend(&x);
+    point.extend(std::iter::repeat_n(0u8, 32 - y.len()));
+    point.extend(&y);
+    Ok(point)
 }

@@ -203,3 +203,34 @@ fn a_released_key_opens_only_in_the_attested_session() {
         .open(&sealed, &salt, b"image sha256:53ed layer sha256:other")
         .is_err());
 }
+
+/// Enrollment reads the AK's TPMT_PUBLIC: the real AK enrolls with the same point the TPM
+/// signs with; the endorsement key (a decryption key) posing as an AK is refused.
+#[test]
+fn enrollment_accepts_the_ak_and_refuses_the_endorsement_key() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let reference = tpm.read_pcrs(&PCRS).unwrap();
+    let v = Verifier::new(
+        HashMap::from([("test-class".to_string(), reference)]),
+        Duration::from_secs(60),
+    );
+    let enrollment = || Enrollment {
+        ipu_id: "ipu-1".into(),
+        ipu_class: "test-class".into(),
+        revoked: false,
+    };
+    let point = v.enroll_template(tpm.ak_template(), enrollment()).unwrap();
+    assert_eq!(point, tpm.ak_public());
+    let n = v.nonces.issue();
+    let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
+    v.verify(&evidence, &point, &n, EPHEMERAL).unwrap();
+
+    let ek = tpm.ek_template().unwrap();
+    let err = v.enroll_template(&ek, enrollment()).unwrap_err();
+    assert!(err.contains("not an attestation key"), "{err}");
+    assert!(err.contains("must not decrypt"), "{err}");
+    assert!(v
+        .enroll_template(&ek[..ek.len() - 1], enrollment())
+        .is_err());
+}
