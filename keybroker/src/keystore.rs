@@ -146,7 +146,20 @@ fn check_id(id: &str) -> Result<(), KeyStoreError> {
 
 impl KeyStore {
     pub fn open(dir: &Path, master: MasterKey) -> Result<Self, KeyStoreError> {
-        let db = sled::open(dir.join("keys.db"))?;
+        // A previous holder's background flusher may still hold sled's lock for a moment.
+        let start = std::time::Instant::now();
+        let db = loop {
+            match sled::open(dir.join("keys.db")) {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("lock")
+                        && start.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let keys = db.open_tree("keys")?;
         Ok(Self { db, keys, master })
     }

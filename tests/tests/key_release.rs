@@ -297,3 +297,77 @@ fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
         "{err}"
     );
 }
+
+/// A broker restart: its keys are still there (sealed on disk), its sessions are gone.
+#[test]
+fn after_a_restart_keys_remain_and_sessions_are_gone() {
+    let mut s = setup(Duration::from_secs(60));
+    let session_key = SessionKey::generate();
+    let nonce = s.broker.challenge();
+    let evidence = s.tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
+    let session = s
+        .broker
+        .attest(
+            CLIENT,
+            &evidence,
+            s.tpm.ak_public(),
+            &nonce,
+            &session_key.public(),
+        )
+        .unwrap();
+    s.broker
+        .release(CLIENT, &request(&session.id, "acme"))
+        .unwrap();
+    let dir = s._dir.path().to_path_buf();
+    let reference = s.tpm.read_pcrs(&PCRS).unwrap();
+    let log = s.log.clone();
+    drop(s.broker);
+
+    // The restarted broker: same key store and master key, fresh memory.
+    let keys = KeyStore::open(
+        &dir,
+        MasterKey::load_or_create(&dir.join("master.key")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(keys.list().unwrap().len(), 1);
+    let verifier = Verifier::new(
+        HashMap::from([("ipu-gen2".to_string(), reference)]),
+        Duration::from_secs(60),
+    );
+    verifier
+        .enroll(
+            s.tpm.ak_public(),
+            Enrollment {
+                ipu_id: "ipu-1".into(),
+                ipu_class: "ipu-gen2".into(),
+                revoked: false,
+            },
+        )
+        .unwrap();
+    let broker = Broker::new(
+        verifier,
+        keys,
+        policy::deploy::parse(POLICY, "policy.toml").unwrap(),
+        Duration::from_secs(60),
+        log,
+    );
+    let err = broker
+        .release(CLIENT, &request(&session.id, "acme"))
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::NoSession), "{err}");
+    // A new attestation works and the stored key is released again.
+    let nonce = broker.challenge();
+    let evidence = s.tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
+    let session = broker
+        .attest(
+            CLIENT,
+            &evidence,
+            s.tpm.ak_public(),
+            &nonce,
+            &session_key.public(),
+        )
+        .unwrap();
+    broker
+        .release(CLIENT, &request(&session.id, "acme"))
+        .unwrap();
+}
