@@ -7,6 +7,7 @@
 //! - [`checkpoint`]: checkpoint bodies, signed notes, signer and verifier keys.
 //! - [`chunk`]: the stored form of one group commit's events.
 //! - [`store`]: the sled layout and read side (events, nodes, checkpoints, queries).
+//! - [`local`]: opening a service's own log with its key created on first use.
 //! - [`log`]: the writer: group commit, checkpoints only after a consistency check.
 //! - [`verify`]: full verification that names the first bad index.
 //! - [`proof`]: self-contained inclusion proofs an auditor verifies offline.
@@ -41,6 +42,7 @@
 pub mod checkpoint;
 pub mod chunk;
 pub mod event;
+pub mod local;
 pub mod log;
 pub mod merkle;
 pub mod proof;

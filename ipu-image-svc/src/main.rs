@@ -363,57 +363,20 @@ fn run(
 
 /// Opens the audit log, creating its signing key on first use.
 fn open_audit(common: &CommonArgs) -> Result<audit::AuditLog, PipelineError> {
-    let io = |what: String| PipelineError::new(FailureClass::Io, what);
-    let origin = common.audit_origin.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
-        format!("ipu-image-svc/{host}")
-    });
-    let signer_path = common
-        .audit_signer
+    let origin = common
+        .audit_origin
         .clone()
-        .unwrap_or_else(|| common.audit_log.join("signer.key"));
-    let signer = if signer_path.exists() {
-        let text = Zeroizing::new(std::fs::read_to_string(&signer_path).map_err(|e| {
-            bad_config(format!(
-                "cannot read audit signer {}: {e}",
-                signer_path.display()
-            ))
-        })?);
-        audit::CheckpointSigner::parse(&text)
-            .map_err(|e| bad_config(format!("audit signer {}: {e}", signer_path.display())))?
-    } else {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let (signer, encoded) = audit::CheckpointSigner::generate(&origin)
-            .map_err(|e| bad_config(format!("audit origin {origin:?}: {e}")))?;
-        if let Some(dir) = signer_path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&signer_path)
-            .map_err(|e| io(format!("cannot create {}: {e}", signer_path.display())))?;
-        f.write_all(encoded.as_bytes())
-            .and_then(|_| f.write_all(b"\n"))
-            .map_err(|e| io(format!("cannot write {}: {e}", signer_path.display())))?;
-        let verifier_path = signer_path.with_file_name("verifier.pub");
-        std::fs::write(&verifier_path, format!("{}\n", signer.verifier()))
-            .map_err(|e| io(format!("cannot write {}: {e}", verifier_path.display())))?;
-        tracing::info!(key = %signer.verifier(), path = %verifier_path.display(), "created the audit log's checkpoint key");
-        signer
-    };
-    audit::AuditLog::open(
-        &common.audit_log,
-        &origin,
-        signer,
-        audit::LogOptions::default(),
-    )
-    .map_err(|e| io(format!("audit log {}: {e}", common.audit_log.display())))
+        .unwrap_or_else(|| audit::local::default_origin("ipu-image-svc"));
+    audit::local::open(&common.audit_log, &origin, common.audit_signer.as_deref()).map_err(|e| {
+        let class = match e {
+            audit::AuditError::Request(_) => FailureClass::InvalidConfiguration,
+            _ => FailureClass::Io,
+        };
+        PipelineError::new(
+            class,
+            format!("audit log {}: {e}", common.audit_log.display()),
+        )
+    })
 }
 
 mod policy_bundle {
