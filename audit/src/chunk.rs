@@ -38,34 +38,48 @@ pub struct Chunk<'a> {
     pub events: Vec<&'a [u8]>,
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Chunk<'_>, String> {
-    let take = |at: usize, n: usize| {
-        bytes
-            .get(at..at + n)
-            .ok_or_else(|| format!("chunk ends after {} bytes", bytes.len()))
-    };
-    let count = u32::from_be_bytes(take(0, 4)?.try_into().expect("4")) as usize;
+fn take(bytes: &[u8], at: usize, n: usize) -> Result<&[u8], String> {
+    bytes
+        .get(at..at + n)
+        .ok_or_else(|| format!("chunk ends after {} bytes", bytes.len()))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Result<usize, String> {
+    Ok(u32::from_be_bytes(take(bytes, at, 4)?.try_into().expect("4")) as usize)
+}
+
+/// The event count, checked against the chunk's size.
+fn count(bytes: &[u8]) -> Result<usize, String> {
+    let count = u32_at(bytes, 0)?;
     if count == 0 || count > bytes.len() / 36 {
         return Err(format!(
             "chunk claims {count} events in {} bytes",
             bytes.len()
         ));
     }
-    let mut at = 4;
-    let mut leaves = Vec::with_capacity(count);
-    for _ in 0..count {
-        leaves.push(take(at, 32)?.try_into().expect("32"));
-        at += 32;
+    Ok(count)
+}
+
+/// The length of the event whose length prefix is at `at`.
+fn event_len(bytes: &[u8], at: usize) -> Result<usize, String> {
+    let len = u32_at(bytes, at)?;
+    if len > MAX_EVENT_BYTES {
+        return Err(format!("an event of {len} bytes"));
     }
+    Ok(len)
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Chunk<'_>, String> {
+    let count = count(bytes)?;
+    let leaves = (0..count)
+        .map(|i| Ok(take(bytes, 4 + 32 * i, 32)?.try_into().expect("32")))
+        .collect::<Result<Vec<Hash>, String>>()?;
+    let mut at = 4 + 32 * count;
     let mut events = Vec::with_capacity(count);
     for _ in 0..count {
-        let len = u32::from_be_bytes(take(at, 4)?.try_into().expect("4")) as usize;
-        if len > MAX_EVENT_BYTES {
-            return Err(format!("an event of {len} bytes"));
-        }
-        at += 4;
-        events.push(take(at, len)?);
-        at += len;
+        let len = event_len(bytes, at)?;
+        events.push(take(bytes, at + 4, len)?);
+        at += 4 + len;
     }
     if at != bytes.len() {
         return Err(format!("{} bytes after the last event", bytes.len() - at));
@@ -75,32 +89,17 @@ pub fn decode(bytes: &[u8]) -> Result<Chunk<'_>, String> {
 
 /// Event `i` of a chunk and its stored leaf, without decoding the others.
 pub fn event_at(bytes: &[u8], i: usize) -> Result<Option<(&[u8], Hash)>, String> {
-    let take = |at: usize, n: usize| {
-        bytes
-            .get(at..at + n)
-            .ok_or_else(|| format!("chunk ends after {} bytes", bytes.len()))
-    };
-    let count = u32::from_be_bytes(take(0, 4)?.try_into().expect("4")) as usize;
-    if count == 0 || count > bytes.len() / 36 {
-        return Err(format!(
-            "chunk claims {count} events in {} bytes",
-            bytes.len()
-        ));
-    }
+    let count = count(bytes)?;
     if i >= count {
         return Ok(None);
     }
-    let leaf: Hash = take(4 + 32 * i, 32)?.try_into().expect("32");
+    let leaf: Hash = take(bytes, 4 + 32 * i, 32)?.try_into().expect("32");
     let mut at = 4 + 32 * count;
     for _ in 0..i {
-        let len = u32::from_be_bytes(take(at, 4)?.try_into().expect("4")) as usize;
-        at += 4 + len;
+        at += 4 + event_len(bytes, at)?;
     }
-    let len = u32::from_be_bytes(take(at, 4)?.try_into().expect("4")) as usize;
-    if len > MAX_EVENT_BYTES {
-        return Err(format!("an event of {len} bytes"));
-    }
-    Ok(Some((take(at + 4, len)?, leaf)))
+    let len = event_len(bytes, at)?;
+    Ok(Some((take(bytes, at + 4, len)?, leaf)))
 }
 
 #[cfg(test)]

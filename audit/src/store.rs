@@ -270,11 +270,15 @@ impl Store {
         })
     }
 
-    /// Events `[from, to)` with their canonical bytes, in order.
-    pub fn events_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
-        let mut out = Vec::new();
+    /// Calls `each(seq, canonical bytes, stored leaf)` for the events of `[from, to)`, in order.
+    fn for_each_in(
+        &self,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(u64, &[u8], &Hash),
+    ) -> Result<(), AuditError> {
         if from >= to {
-            return Ok(out);
+            return Ok(());
         }
         let start = self.chunk_of(from)?.map_or(from, |(first, _)| first);
         for r in self.events.range(start.to_be_bytes()..) {
@@ -284,34 +288,27 @@ impl Store {
                 break;
             }
             let c = chunk::decode(&v).map_err(|e| corrupt(first, e))?;
-            for (i, e) in c.events.iter().enumerate() {
+            for (i, (event, leaf)) in c.events.iter().zip(&c.leaves).enumerate() {
                 let seq = first + i as u64;
                 if seq >= from && seq < to {
-                    out.push((seq, e.to_vec()));
+                    each(seq, event, leaf);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Events `[from, to)` with their canonical bytes, in order.
+    pub fn events_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        let mut out = Vec::new();
+        self.for_each_in(from, to, |seq, event, _| out.push((seq, event.to_vec())))?;
         Ok(out)
     }
 
     /// Stored leaf hashes of `[from, to)`.
     pub(crate) fn leaves(&self, from: u64, to: u64) -> Result<Vec<Hash>, AuditError> {
-        let mut out = Vec::with_capacity((to - from) as usize);
-        let start = self.chunk_of(from)?.map_or(from, |(first, _)| first);
-        for r in self.events.range(start.to_be_bytes()..) {
-            let (k, v) = r?;
-            let first = be_u64(&k).ok_or_else(|| corrupt(from, "an event key is not 8 bytes"))?;
-            if first >= to {
-                break;
-            }
-            let c = chunk::decode(&v).map_err(|e| corrupt(first, e))?;
-            for (i, leaf) in c.leaves.iter().enumerate() {
-                let seq = first + i as u64;
-                if seq >= from && seq < to {
-                    out.push(*leaf);
-                }
-            }
-        }
+        let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+        self.for_each_in(from, to, |_, _, leaf| out.push(*leaf))?;
         if out.len() as u64 != to - from {
             return Err(corrupt(from + out.len() as u64, "a leaf is missing"));
         }
