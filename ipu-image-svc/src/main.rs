@@ -134,30 +134,17 @@ struct UnpackArgs {
     #[arg(long)]
     allow_device_nodes: bool,
     /// Limit on the sum of unpacked file sizes (K, M, G suffixes).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
     max_unpacked_bytes: Option<u64>,
     /// Limit on one file's size.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
     max_file_size: Option<u64>,
     /// Limit on tar entries over all layers.
     #[arg(long, value_name = "N")]
     max_inodes: Option<u64>,
     /// Free space to leave in the ext4 image.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
     free_space: Option<u64>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (a number with optional K, M or G)"))
 }
 
 fn main() -> ExitCode {

@@ -292,10 +292,7 @@ fn run(command: Command) -> Result<u8, String> {
             let keypair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
                 .map_err(|_| "generated key does not parse".to_string())?;
             use ring::signature::KeyPair;
-            let mut spki = vec![
-                0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-            ];
-            spki.extend_from_slice(keypair.public_key().as_ref());
+            let spki = bundle::ed25519_spki(keypair.public_key().as_ref());
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
             let private =

@@ -132,7 +132,8 @@ pub fn sign(content: &BundleContent, private_pem: &[u8]) -> Result<String, Bundl
     Ok(serde_json::to_string_pretty(&envelope).expect("envelope serializes") + "\n")
 }
 
-fn ed25519_spki(public: &[u8]) -> Vec<u8> {
+/// The SubjectPublicKeyInfo DER of a raw Ed25519 public key.
+pub fn ed25519_spki(public: &[u8]) -> Vec<u8> {
     // SEQUENCE { SEQUENCE { OID 1.3.101.112 } BIT STRING { key } }
     let mut der = vec![
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
