@@ -7,7 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use api::keybroker::{AttestRequest, ChallengeRequest};
+use api::keybroker::ChallengeRequest;
+use integration_tests::broker::attest_request;
 use keybroker::attest::binding;
 use keybroker::broker::release_context;
 use keybroker::release::{SealedKey, SessionKey};
@@ -55,20 +56,12 @@ fn main() {
         let a = Instant::now();
         let attested = running
             .rt
-            .block_on(
-                ipu.attest(AttestRequest {
-                    nonce: nonce.clone(),
-                    attest: evidence.attest,
-                    signature: evidence.signature,
-                    pcrs: evidence
-                        .pcrs
-                        .into_iter()
-                        .map(|(i, v)| (u32::from(i), v))
-                        .collect(),
-                    ak_public: tpm.ak_public().to_vec(),
-                    session_public: session_key.public(),
-                }),
-            )
+            .block_on(ipu.attest(attest_request(
+                evidence,
+                tpm.ak_public(),
+                &nonce,
+                session_key.public(),
+            )))
             .unwrap()
             .into_inner();
         let attest_time = a.elapsed();

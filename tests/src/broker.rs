@@ -3,20 +3,21 @@
 //! has now, holding the fixture RSA key, and clients with chosen certificates.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use api::keybroker::key_broker_client::KeyBrokerClient;
-use api::keybroker::ReleaseRequest;
+use api::keybroker::{AttestRequest, ReleaseRequest};
 use ipu_image_svc::attest::Tpm;
-use keybroker::attest::{Enrollment, Verifier};
+use keybroker::attest::{Enrollment, Evidence, Verifier};
 use keybroker::broker::Broker;
 use keybroker::keystore::{KeyStore, MasterKey};
 use keybroker::service::TlsFiles;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::fixtures;
+use crate::{audit_log, fixtures};
 
 pub struct Pki {
     ca_pem: String,
@@ -82,6 +83,12 @@ name = "acme"
 [[tenant.function]]
 name = "*"
 images = ["oci:*"]
+[[tenant]]
+name = "globex"
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+
 [[key]]
 id = "fixtures-rsa"
 images = ["oci:*"]
@@ -97,8 +104,9 @@ pub struct Running {
     _dir: tempfile::TempDir,
 }
 
-pub fn start(tpm: &mut Tpm) -> Running {
-    let dir = tempfile::tempdir().unwrap();
+/// A verifier whose class `ipu-gen2` expects the PCR values `tpm` has now, with its AK
+/// enrolled as IPU `ipu-1`.
+pub fn verifier_for(tpm: &mut Tpm) -> Verifier {
     let verifier = Verifier::new(
         HashMap::from([("ipu-gen2".to_string(), tpm.read_pcrs(&PCRS).unwrap())]),
         Duration::from_secs(60),
@@ -113,32 +121,46 @@ pub fn start(tpm: &mut Tpm) -> Running {
             },
         )
         .unwrap();
+    verifier
+}
+
+/// The key store in `dir` (its master key created on first use), holding the fixture RSA
+/// key as `fixtures-rsa`.
+pub fn key_store(dir: &Path) -> KeyStore {
     let keys = KeyStore::open(
-        dir.path(),
-        MasterKey::load_or_create(&dir.path().join("master.key")).unwrap(),
+        dir,
+        MasterKey::load_or_create(&dir.join("master.key")).unwrap(),
     )
     .unwrap();
-    keys.import(
-        "fixtures-rsa",
-        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-    )
-    .unwrap();
-    let (signer, _) = audit::CheckpointSigner::generate("test/broker").unwrap();
-    let log = Arc::new(
-        audit::AuditLog::open(
-            &dir.path().join("audit"),
-            "test/broker",
-            signer,
-            audit::LogOptions::default(),
+    if keys.info("fixtures-rsa").is_err() {
+        keys.import(
+            "fixtures-rsa",
+            &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
         )
-        .unwrap(),
-    );
-    let broker = Arc::new(Broker::new(
-        verifier,
-        keys,
-        policy::deploy::parse(POLICY, "policy.toml").unwrap(),
-        Duration::from_secs(60),
+        .unwrap();
+    }
+    keys
+}
+
+/// A broker under [`POLICY`].
+pub fn broker(
+    verifier: Verifier,
+    keys: KeyStore,
+    log: Arc<audit::AuditLog>,
+    session_ttl: Duration,
+) -> Broker {
+    let policy = policy::deploy::parse(POLICY, "policy.toml").unwrap();
+    Broker::new(verifier, keys, policy, session_ttl, log)
+}
+
+pub fn start(tpm: &mut Tpm) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let log = audit_log(&dir.path().join("audit"));
+    let broker = Arc::new(broker(
+        verifier_for(tpm),
+        key_store(dir.path()),
         log,
+        Duration::from_secs(60),
     ));
     let pki = Pki::new();
     let (cert, key) = pki.issue("broker.test", Some("broker"), true);
@@ -187,11 +209,29 @@ impl Running {
     }
 }
 
-pub fn fixture_release(session_id: &str) -> ReleaseRequest {
+/// Layer 0 of the `enc-signed` fixture.
+pub struct EncSignedLayer {
+    /// The image reference (`oci:` layout).
+    pub image: String,
+    pub image_digest: String,
+    pub layer_digest: String,
+    pub annotations: ocicrypt::Annotations,
+    pub blob: Vec<u8>,
+}
+
+pub fn enc_signed_layer() -> EncSignedLayer {
     let layout = fixtures().join("oci-layout");
+    let blob = |d: &str| {
+        std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let digest = index["manifests"]
+    let image_digest = index["manifests"]
         .as_array()
         .unwrap()
         .iter()
@@ -200,26 +240,49 @@ pub fn fixture_release(session_id: &str) -> ReleaseRequest {
         .as_str()
         .unwrap()
         .to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(digest.trim_start_matches("sha256:")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&image_digest)).unwrap();
     let layer = &manifest["layers"][0];
+    let layer_digest = layer["digest"].as_str().unwrap().to_string();
+    EncSignedLayer {
+        image: format!("oci:{}:enc-signed", layout.display()),
+        image_digest,
+        annotations: serde_json::from_value(layer["annotations"].clone()).unwrap(),
+        blob: blob(&layer_digest),
+        layer_digest,
+    }
+}
+
+/// The release request of the `enc-signed` fixture's first layer for tenant acme.
+pub fn fixture_release(session_id: &str) -> ReleaseRequest {
+    let layer = enc_signed_layer();
     ReleaseRequest {
         session_id: session_id.into(),
         tenant: "acme".into(),
         function: "resize".into(),
-        image: format!("oci:{}:enc-signed", layout.display()),
-        image_digest: digest,
-        layer_digest: layer["digest"].as_str().unwrap().into(),
-        wrapped_jwe: layer["annotations"][ocicrypt::ANNOTATION_KEYS_JWE]
-            .as_str()
-            .unwrap()
-            .into(),
+        image: layer.image,
+        image_digest: layer.image_digest,
+        layer_digest: layer.layer_digest,
+        wrapped_jwe: layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
+    }
+}
+
+/// The gRPC attestation request for `evidence`.
+pub fn attest_request(
+    evidence: Evidence,
+    ak_public: &[u8],
+    nonce: &[u8],
+    session_public: Vec<u8>,
+) -> AttestRequest {
+    AttestRequest {
+        nonce: nonce.to_vec(),
+        attest: evidence.attest,
+        signature: evidence.signature,
+        pcrs: evidence
+            .pcrs
+            .into_iter()
+            .map(|(i, v)| (u32::from(i), v))
+            .collect(),
+        ak_public: ak_public.to_vec(),
+        session_public,
     }
 }

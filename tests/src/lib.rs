@@ -223,6 +223,14 @@ pub fn ext4_fsck_clean(image: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// An audit log in `dir` with a throwaway signing key.
+pub fn audit_log(dir: &Path) -> std::sync::Arc<audit::AuditLog> {
+    let (signer, _) = audit::CheckpointSigner::generate("test/audit").unwrap();
+    std::sync::Arc::new(
+        audit::AuditLog::open(dir, "test/audit", signer, audit::LogOptions::default()).unwrap(),
+    )
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -3,7 +3,6 @@
 //! their nonces and the private key, in every encoding a careless log line might use.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -81,16 +80,7 @@ fn a_full_pipeline_run_leaves_no_key_bytes_in_the_audit_log() {
     let key = PrivateKey::from_pem(&pem).unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let audit_dir = scratch.path().join("audit");
-    let (signer, _) = audit::CheckpointSigner::generate("test/audit").unwrap();
-    let log = Arc::new(
-        audit::AuditLog::open(
-            &audit_dir,
-            "test/audit",
-            signer,
-            audit::LogOptions::default(),
-        )
-        .unwrap(),
-    );
+    let log = integration_tests::audit_log(&audit_dir);
     let mut secrets = Vec::new();
     let tags = ["enc-signed", "zstd", "multilayer", "tampered-layer"];
     for tag in tags {
@@ -154,16 +144,7 @@ fn a_full_pipeline_run_leaves_no_key_bytes_in_the_audit_log() {
 #[test]
 fn a_run_that_cannot_write_its_audit_events_fails_closed() {
     let scratch = tempfile::tempdir().unwrap();
-    let (signer, _) = audit::CheckpointSigner::generate("test/audit").unwrap();
-    let log = Arc::new(
-        audit::AuditLog::open(
-            &scratch.path().join("audit"),
-            "test/audit",
-            signer,
-            audit::LogOptions::default(),
-        )
-        .unwrap(),
-    );
+    let log = integration_tests::audit_log(&scratch.path().join("audit"));
     log.close();
     let mut cfg = PipelineConfig::new(
         Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),

@@ -2,8 +2,8 @@
 //! real swtpm and obtains a layer key; other roles, other certificates and callers without
 //! a certificate are refused.
 
-use api::keybroker::{AttestRequest, ChallengeRequest};
-use integration_tests::broker::{fixture_release, start, Pki, PCRS};
+use api::keybroker::ChallengeRequest;
+use integration_tests::broker::{attest_request, fixture_release, start, Pki, PCRS};
 use integration_tests::Swtpm;
 use ipu_image_svc::attest::Tpm;
 use keybroker::attest::binding;
@@ -28,20 +28,12 @@ fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {
     let evidence = tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
     let attested = running
         .rt
-        .block_on(
-            ipu.attest(AttestRequest {
-                nonce: nonce.clone(),
-                attest: evidence.attest,
-                signature: evidence.signature,
-                pcrs: evidence
-                    .pcrs
-                    .into_iter()
-                    .map(|(i, v)| (u32::from(i), v))
-                    .collect(),
-                ak_public: tpm.ak_public().to_vec(),
-                session_public: session_key.public(),
-            }),
-        )
+        .block_on(ipu.attest(attest_request(
+            evidence,
+            tpm.ak_public(),
+            &nonce,
+            session_key.public(),
+        )))
         .unwrap()
         .into_inner();
     assert_eq!(attested.ipu_class, "ipu-gen2");

@@ -2,48 +2,19 @@
 //! release of a fixture layer's key sealed to the session, and the IPU decrypting the layer
 //! with it. Every refusal named and audited.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::{fixtures, Swtpm};
+use integration_tests::broker::{broker, enc_signed_layer, key_store, verifier_for, PCRS};
+use integration_tests::{audit_log, Swtpm};
 use ipu_image_svc::attest::Tpm;
-use keybroker::attest::{binding, Enrollment, Verifier};
+use keybroker::attest::binding;
 use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest};
 use keybroker::keystore::{KeyStore, MasterKey};
 use keybroker::release::SessionKey;
 use ocicrypt::{PrivateLayerOptions, PublicLayerOptions};
 
-const PCRS: [u8; 2] = [0, 7];
 const CLIENT: &str = "CN=ipu-1.example,O=platform";
-
-const POLICY: &str = r#"
-schema = 1
-image_trust_policy = "policy-A.json"
-
-[[ipu_class]]
-name = "ipu-gen2"
-pcr_bank = "sha256"
-pcrs = { 0 = "0000000000000000000000000000000000000000000000000000000000000000", 7 = "0000000000000000000000000000000000000000000000000000000000000000" }
-
-[[tenant]]
-name = "acme"
-[[tenant.function]]
-name = "*"
-images = ["oci:*"]
-
-[[tenant]]
-name = "globex"
-[[tenant.function]]
-name = "*"
-images = ["oci:*"]
-
-[[key]]
-id = "fixtures-rsa"
-images = ["oci:*"]
-tenants = ["acme"]
-ipu_classes = ["ipu-gen2"]
-"#;
 
 struct Setup {
     _swtpm: Swtpm,
@@ -57,43 +28,13 @@ fn setup(session_ttl: Duration) -> Setup {
     let swtpm = Swtpm::start();
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let reference = tpm.read_pcrs(&PCRS).unwrap();
-    let verifier = Verifier::new(
-        HashMap::from([("ipu-gen2".to_string(), reference)]),
-        Duration::from_secs(60),
+    let log = audit_log(&dir.path().join("audit"));
+    let broker = broker(
+        verifier_for(&mut tpm),
+        key_store(dir.path()),
+        log.clone(),
+        session_ttl,
     );
-    verifier
-        .enroll(
-            tpm.ak_public(),
-            Enrollment {
-                ipu_id: "ipu-1".into(),
-                ipu_class: "ipu-gen2".into(),
-                revoked: false,
-            },
-        )
-        .unwrap();
-    let keys = KeyStore::open(
-        dir.path(),
-        MasterKey::load_or_create(&dir.path().join("master.key")).unwrap(),
-    )
-    .unwrap();
-    keys.import(
-        "fixtures-rsa",
-        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-    )
-    .unwrap();
-    let (signer, _) = audit::CheckpointSigner::generate("test/broker").unwrap();
-    let log = Arc::new(
-        audit::AuditLog::open(
-            &dir.path().join("audit"),
-            "test/broker",
-            signer,
-            audit::LogOptions::default(),
-        )
-        .unwrap(),
-    );
-    let policy = policy::deploy::parse(POLICY, "policy.toml").unwrap();
-    let broker = Broker::new(verifier, keys, policy, session_ttl, log.clone());
     Setup {
         _swtpm: swtpm,
         tpm,
@@ -103,52 +44,16 @@ fn setup(session_ttl: Duration) -> Setup {
     }
 }
 
-/// Layer 0 of the enc-signed fixture: (image ref, manifest digest, layer digest, annotations, blob).
-fn fixture_layer() -> (String, String, String, ocicrypt::Annotations, Vec<u8>) {
-    let layout = fixtures().join("oci-layout");
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let digest = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "enc-signed")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let blob = |d: &str| {
-        std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(d.trim_start_matches("sha256:")),
-        )
-        .unwrap()
-    };
-    let manifest: serde_json::Value = serde_json::from_slice(&blob(&digest)).unwrap();
-    let layer = &manifest["layers"][0];
-    let annotations: ocicrypt::Annotations =
-        serde_json::from_value(layer["annotations"].clone()).unwrap();
-    let layer_digest = layer["digest"].as_str().unwrap().to_string();
-    (
-        format!("oci:{}:enc-signed", layout.display()),
-        digest,
-        layer_digest.clone(),
-        annotations,
-        blob(&layer_digest),
-    )
-}
-
 fn request(session: &str, tenant: &str) -> ReleaseRequest {
-    let (image, image_digest, layer_digest, annotations, _) = fixture_layer();
+    let layer = enc_signed_layer();
     ReleaseRequest {
         session_id: session.into(),
         tenant: tenant.into(),
         function: "resize".into(),
-        image,
-        image_digest,
-        layer_digest,
-        wrapped_jwe: annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
+        image: layer.image,
+        image_digest: layer.image_digest,
+        layer_digest: layer.layer_digest,
+        wrapped_jwe: layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
     }
 }
 
@@ -181,9 +86,10 @@ fn attested_ipu_gets_the_layer_key_and_decrypts_the_layer() {
         )
         .unwrap();
     let privopts = PrivateLayerOptions::from_json(&privopts).unwrap();
-    let (_, _, _, annotations, blob) = fixture_layer();
-    let pubopts = PublicLayerOptions::from_annotations(&annotations).unwrap();
-    let mut dec = ocicrypt::LayerDecryptor::with_options(&blob[..], &pubopts, &privopts).unwrap();
+    let layer = enc_signed_layer();
+    let pubopts = PublicLayerOptions::from_annotations(&layer.annotations).unwrap();
+    let mut dec =
+        ocicrypt::LayerDecryptor::with_options(&layer.blob[..], &pubopts, &privopts).unwrap();
     std::io::copy(&mut dec, &mut std::io::sink()).unwrap();
     dec.finish()
         .expect("the released key decrypts and authenticates the layer");
@@ -209,8 +115,7 @@ fn attested_ipu_gets_the_layer_key_and_decrypts_the_layer() {
     );
     // A layer wrapped to a key the broker does not hold (the EC fixture key).
     let mut foreign = req.clone();
-    let (_, _, _, ann, _) = fixture_layer();
-    foreign.wrapped_jwe = ann[ocicrypt::ANNOTATION_KEYS_JWE].replace('A', "B");
+    foreign.wrapped_jwe = req.wrapped_jwe.replace('A', "B");
     let err = s.broker.release(CLIENT, &foreign).unwrap_err();
     assert!(matches!(err, BrokerError::NoUsableKey(_)), "{err}");
 
@@ -319,7 +224,6 @@ fn after_a_restart_keys_remain_and_sessions_are_gone() {
         .release(CLIENT, &request(&session.id, "acme"))
         .unwrap();
     let dir = s._dir.path().to_path_buf();
-    let reference = s.tpm.read_pcrs(&PCRS).unwrap();
     let log = s.log.clone();
     drop(s.broker);
 
@@ -330,27 +234,7 @@ fn after_a_restart_keys_remain_and_sessions_are_gone() {
     )
     .unwrap();
     assert_eq!(keys.list().unwrap().len(), 1);
-    let verifier = Verifier::new(
-        HashMap::from([("ipu-gen2".to_string(), reference)]),
-        Duration::from_secs(60),
-    );
-    verifier
-        .enroll(
-            s.tpm.ak_public(),
-            Enrollment {
-                ipu_id: "ipu-1".into(),
-                ipu_class: "ipu-gen2".into(),
-                revoked: false,
-            },
-        )
-        .unwrap();
-    let broker = Broker::new(
-        verifier,
-        keys,
-        policy::deploy::parse(POLICY, "policy.toml").unwrap(),
-        Duration::from_secs(60),
-        log,
-    );
+    let broker = broker(verifier_for(&mut s.tpm), keys, log, Duration::from_secs(60));
     let err = broker
         .release(CLIENT, &request(&session.id, "acme"))
         .unwrap_err();
