@@ -133,7 +133,7 @@ struct UnpackArgs {
     /// Create character and block device nodes instead of refusing such layers.
     #[arg(long)]
     allow_device_nodes: bool,
-    /// Limit on the sum of unpacked file sizes (K, M, G suffixes).
+    /// Limit on the sum of unpacked file sizes (K, M, G or T suffixes, powers of 1024).
     #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
     max_unpacked_bytes: Option<u64>,
     /// Limit on one file's size.
