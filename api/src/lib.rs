@@ -9,3 +9,8 @@ pub mod audit {
 pub mod keybroker {
     tonic::include_proto!("ipu.keybroker.v1");
 }
+
+/// The ocicrypt key provider protocol (JSON in a bytes field), as Go ocicrypt speaks it.
+pub mod keyprovider {
+    tonic::include_proto!("keyprovider");
+}

@@ -374,7 +374,7 @@ mod policy_bundle {
 
     use audit::{AuditSink, Event, EventKind, Outcome};
     use ipu_image_svc::pipeline::{FailureClass, PipelineError, AUDIT_SERVICE};
-    use policy::deploy::bundle::{self, VerifiedBundle};
+    use policy::deploy::bundle::{BundleStore, InstallError, VerifiedBundle};
     use policy::sigstore::VerificationKey;
 
     fn config(m: String) -> PipelineError {
@@ -396,26 +396,6 @@ mod policy_bundle {
                     .map_err(|e| config(format!("bundle key {}: {e}", k.display())))?,
             );
         }
-        let running_path = state.join("running.bundle");
-        let running = match std::fs::read(&running_path) {
-            Ok(bytes) => Some(
-                bundle::verify(&bytes, &keys, None)
-                    .map_err(|e| {
-                        config(format!(
-                            "the running bundle {}: {e}",
-                            running_path.display()
-                        ))
-                    })?
-                    .content,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(config(format!(
-                    "cannot read {}: {e}",
-                    running_path.display()
-                )))
-            }
-        };
         let bytes = std::fs::read(path)
             .map_err(|e| config(format!("cannot read {}: {e}", path.display())))?;
         let record = |outcome, reason: String| {
@@ -435,10 +415,10 @@ mod policy_bundle {
                 )
             })
         };
-        let verified = match bundle::verify(&bytes, &keys, running.as_ref().map(|c| (c.version, c)))
-        {
+        let verified = match BundleStore::new(state).install(&bytes, &keys) {
             Ok(v) => v,
-            Err(e) => {
+            Err(InstallError::State(e)) => return Err(config(e)),
+            Err(InstallError::Rejected(e)) => {
                 record(Outcome::Denied, e.to_string())?;
                 return Err(PipelineError::new(
                     FailureClass::RejectedByPolicy,
@@ -453,22 +433,6 @@ mod policy_bundle {
                 verified.content.version, verified.signer
             ),
         )?;
-        if running
-            .as_ref()
-            .is_none_or(|r| r.version < verified.content.version)
-        {
-            std::fs::create_dir_all(state)
-                .map_err(|e| config(format!("cannot create {}: {e}", state.display())))?;
-            let tmp = state.join("running.bundle.tmp");
-            std::fs::write(&tmp, &bytes)
-                .and_then(|_| std::fs::rename(&tmp, &running_path))
-                .map_err(|e| {
-                    config(format!(
-                        "cannot record the running bundle in {}: {e}",
-                        state.display()
-                    ))
-                })?;
-        }
         Ok(verified)
     }
 }

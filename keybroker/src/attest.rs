@@ -8,7 +8,7 @@
 //! field (TPM 2.0 Library Part 2, 10.12), the ECDSA P-256 signature checked with ring.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ring::digest::{digest, Context, SHA256};
@@ -58,6 +58,8 @@ pub enum AttestError {
     UnknownKey,
     #[error("the attestation key was revoked")]
     RevokedKey,
+    #[error("the IPU class {0:?} is not in the running deployment policy")]
+    UnknownClass(String),
     #[error("the quote signature does not verify with the enrolled attestation key")]
     BadSignature,
     #[error("the nonce was not issued by this broker, expired, or was already used")]
@@ -292,18 +294,78 @@ impl Nonces {
 }
 
 /// An enrolled attestation key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Enrollment {
     pub ipu_id: String,
     pub ipu_class: String,
     pub revoked: bool,
 }
 
+/// An enrollment as stored and listed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnrolledIpu {
+    #[serde(with = "hex::serde")]
+    pub ak_public: Vec<u8>,
+    #[serde(flatten)]
+    pub enrollment: Enrollment,
+    /// Seconds since the epoch.
+    pub enrolled: u64,
+}
+
+/// The reference values of every IPU class a deployment policy defines with SHA-256 PCRs.
+/// A class measured only through an event log has no entry (this verifier checks PCRs).
+pub fn classes_from_policy(
+    policy: &policy::deploy::DeploymentPolicy,
+) -> Result<HashMap<String, ReferencePcrs>, String> {
+    let mut classes = HashMap::new();
+    for c in &policy.ipu_classes {
+        if c.pcrs.is_empty() {
+            continue;
+        }
+        if c.pcr_bank.get_ref() != "sha256" {
+            return Err(format!(
+                "IPU class {}: PCR bank {} (the broker verifies sha256 quotes)",
+                c.name.get_ref(),
+                c.pcr_bank.get_ref()
+            ));
+        }
+        let mut pcrs = ReferencePcrs::new();
+        for (index, value) in &c.pcrs {
+            let i: u8 = index
+                .parse()
+                .ok()
+                .filter(|i| *i < 24)
+                .ok_or_else(|| format!("IPU class {}: PCR {index:?}", c.name.get_ref()))?;
+            let v = hex::decode(value.get_ref())
+                .ok()
+                .filter(|v| v.len() == 32)
+                .ok_or_else(|| {
+                    format!(
+                        "IPU class {}: PCR {i} is not a SHA-256 hex digest",
+                        c.name.get_ref()
+                    )
+                })?;
+            pcrs.insert(i, v);
+        }
+        classes.insert(c.name.get_ref().to_string(), pcrs);
+    }
+    Ok(classes)
+}
+
 /// The broker's verifier: enrolled AKs, reference values per IPU class, issued nonces.
+/// With a store, enrollments persist across restarts (nonces and sessions never do).
 pub struct Verifier {
     pub nonces: Nonces,
     enrolled: Mutex<HashMap<Vec<u8>, Enrollment>>,
-    classes: HashMap<String, ReferencePcrs>,
+    classes: RwLock<HashMap<String, ReferencePcrs>>,
+    store: Option<sled::Tree>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Verifier {
@@ -311,8 +373,39 @@ impl Verifier {
         Self {
             nonces: Nonces::new(nonce_lifetime),
             enrolled: Mutex::new(HashMap::new()),
-            classes,
+            classes: RwLock::new(classes),
+            store: None,
         }
+    }
+
+    /// A verifier whose enrollments live in `store` (loaded now, written through).
+    pub fn with_store(
+        classes: HashMap<String, ReferencePcrs>,
+        nonce_lifetime: Duration,
+        store: sled::Tree,
+    ) -> Result<Self, String> {
+        let mut enrolled = HashMap::new();
+        for r in store.iter() {
+            let (k, v) = r.map_err(|e| format!("enrollment store: {e}"))?;
+            let e: EnrolledIpu = serde_json::from_slice(&v).map_err(|e| {
+                format!(
+                    "enrollment {:?} is corrupt: {e}",
+                    String::from_utf8_lossy(&k)
+                )
+            })?;
+            enrolled.insert(e.ak_public, e.enrollment);
+        }
+        Ok(Self {
+            nonces: Nonces::new(nonce_lifetime),
+            enrolled: Mutex::new(enrolled),
+            classes: RwLock::new(classes),
+            store: Some(store),
+        })
+    }
+
+    /// Replaces the reference values (a new deployment policy was loaded).
+    pub fn set_classes(&self, classes: HashMap<String, ReferencePcrs>) {
+        *self.classes.write().expect("not poisoned") = classes;
     }
 
     /// Enrolls an AK from its marshalled `TPMT_PUBLIC` (see [`check_ak_template`]); returns
@@ -323,34 +416,108 @@ impl Verifier {
         Ok(point)
     }
 
-    /// Enrolls an AK (SEC1 point) for an IPU of a known class.
+    /// Enrolls an AK (SEC1 point) for an IPU of a known class. An IPU enrolled again (a new
+    /// AK after re-provisioning) replaces its earlier AK.
     pub fn enroll(&self, ak_public: &[u8], e: Enrollment) -> Result<(), String> {
-        if !self.classes.contains_key(&e.ipu_class) {
-            return Err(format!("unknown IPU class {:?}", e.ipu_class));
+        if !self
+            .classes
+            .read()
+            .expect("not poisoned")
+            .contains_key(&e.ipu_class)
+        {
+            return Err(format!(
+                "unknown IPU class {:?} (not in the running deployment policy, or without PCR reference values)",
+                e.ipu_class
+            ));
         }
         if ak_public.len() != 65 || ak_public[0] != 4 {
             return Err("the attestation key is not an uncompressed P-256 point".into());
         }
-        self.enrolled
-            .lock()
-            .expect("not poisoned")
-            .insert(ak_public.to_vec(), e);
+        if e.ipu_id.is_empty() || e.ipu_id.len() > 128 || e.ipu_id.contains(char::is_control) {
+            return Err(format!("IPU id {:?}: 1 to 128 printable characters", e.ipu_id));
+        }
+        let mut enrolled = self.enrolled.lock().expect("not poisoned");
+        if enrolled
+            .iter()
+            .any(|(ak, x)| x.ipu_id != e.ipu_id && ak.as_slice() == ak_public)
+        {
+            return Err("this attestation key is enrolled for another IPU".into());
+        }
+        self.persist(&EnrolledIpu {
+            ak_public: ak_public.to_vec(),
+            enrollment: e.clone(),
+            enrolled: now_secs(),
+        })?;
+        enrolled.retain(|_, x| x.ipu_id != e.ipu_id);
+        enrolled.insert(ak_public.to_vec(), e);
         Ok(())
     }
 
+    fn persist(&self, e: &EnrolledIpu) -> Result<(), String> {
+        if let Some(store) = &self.store {
+            store
+                .insert(
+                    e.enrollment.ipu_id.as_bytes(),
+                    serde_json::to_vec(e).expect("enrollments serialize"),
+                )
+                .and_then(|_| store.flush())
+                .map_err(|err| format!("enrollment store: {err}"))?;
+        }
+        Ok(())
+    }
+
+    /// Revokes an AK; false if it is not enrolled.
     pub fn revoke(&self, ak_public: &[u8]) -> bool {
-        match self
+        let ipu = self
             .enrolled
             .lock()
             .expect("not poisoned")
-            .get_mut(ak_public)
-        {
-            Some(e) => {
-                e.revoked = true;
-                true
-            }
-            None => false,
-        }
+            .get(ak_public)
+            .map(|e| e.ipu_id.clone());
+        ipu.is_some_and(|id| self.revoke_ipu(&id).is_ok())
+    }
+
+    /// Revokes an IPU's AK: its quotes are refused from now on (it stays listed).
+    pub fn revoke_ipu(&self, ipu_id: &str) -> Result<EnrolledIpu, String> {
+        let mut enrolled = self.enrolled.lock().expect("not poisoned");
+        let (ak, e) = enrolled
+            .iter_mut()
+            .find(|(_, e)| e.ipu_id == ipu_id)
+            .ok_or_else(|| format!("no IPU {ipu_id:?} is enrolled"))?;
+        let mut updated = e.clone();
+        updated.revoked = true;
+        let record = EnrolledIpu {
+            ak_public: ak.clone(),
+            enrollment: updated.clone(),
+            enrolled: self.enrolled_at(ipu_id),
+        };
+        self.persist(&record)?;
+        *e = updated;
+        Ok(record)
+    }
+
+    fn enrolled_at(&self, ipu_id: &str) -> u64 {
+        self.store
+            .as_ref()
+            .and_then(|s| s.get(ipu_id.as_bytes()).ok().flatten())
+            .and_then(|v| serde_json::from_slice::<EnrolledIpu>(&v).ok())
+            .map(|e| e.enrolled)
+            .unwrap_or(0)
+    }
+
+    /// Every enrollment, by IPU id.
+    pub fn list(&self) -> Vec<EnrolledIpu> {
+        let enrolled = self.enrolled.lock().expect("not poisoned");
+        let mut all: Vec<EnrolledIpu> = enrolled
+            .iter()
+            .map(|(ak, e)| EnrolledIpu {
+                ak_public: ak.clone(),
+                enrollment: e.clone(),
+                enrolled: self.enrolled_at(&e.ipu_id),
+            })
+            .collect();
+        all.sort_by(|a, b| a.enrollment.ipu_id.cmp(&b.enrollment.ipu_id));
+        all
     }
 
     /// The whole check: the nonce is ours and unused (consumed now, even if the rest fails),
@@ -365,6 +532,14 @@ impl Verifier {
         if !self.nonces.consume(nonce) {
             return Err(AttestError::StaleNonce);
         }
+        let enrollment = self.enrollment(ak_public)?;
+        let reference = self.reference(&enrollment.ipu_class)?;
+        let quote = verify_quote(evidence, ak_public, nonce, ephemeral_public, &reference)?;
+        Ok((enrollment, quote))
+    }
+
+    /// The enrollment of a usable (enrolled, unrevoked) AK.
+    pub fn enrollment(&self, ak_public: &[u8]) -> Result<Enrollment, AttestError> {
         let enrollment = self
             .enrolled
             .lock()
@@ -375,14 +550,25 @@ impl Verifier {
         if enrollment.revoked {
             return Err(AttestError::RevokedKey);
         }
-        let reference = &self.classes[&enrollment.ipu_class];
-        let quote = verify_quote(evidence, ak_public, nonce, ephemeral_public, reference)?;
-        Ok((enrollment, quote))
+        Ok(enrollment)
+    }
+
+    fn reference(&self, class: &str) -> Result<ReferencePcrs, AttestError> {
+        self.classes
+            .read()
+            .expect("not poisoned")
+            .get(class)
+            .cloned()
+            .ok_or_else(|| AttestError::UnknownClass(class.to_string()))
     }
 
     /// The PCR indexes a class requires (what the IPU must quote).
     pub fn pcrs_of(&self, class: &str) -> Option<Vec<u8>> {
-        self.classes.get(class).map(|r| r.keys().copied().collect())
+        self.classes
+            .read()
+            .expect("not poisoned")
+            .get(class)
+            .map(|r| r.keys().copied().collect())
     }
 }
 

@@ -1,18 +1,24 @@
 //! The broker's decisions, transport-free: attest an IPU into a short session bound to its
 //! ephemeral key and its client identity, then release layer keys within that session when
-//! the deployment policy allows, sealed to the session key. Every grant and denial is
-//! audited with its reason.
+//! the deployment policy allows, sealed to the session key; wrap layer keys for publishers
+//! (the key provider door); and administration. Every grant, denial and change is audited
+//! with its reason.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use audit::{AuditSink, Event, EventKind, KeyId, Outcome};
+use policy::deploy::bundle::{BundleStore, InstallError, VerifiedBundle};
 use policy::deploy::{evaluate_key_release, DeployRequest, DeploymentPolicy};
+use policy::sigstore::VerificationKey;
 use zeroize::Zeroizing;
 
-use crate::attest::{binding, AttestError, Evidence, Verifier};
-use crate::keystore::{KeyStore, KeyStoreError};
+use crate::attest::{binding, classes_from_policy, AttestError, EnrolledIpu, Enrollment};
+use crate::attest::{Evidence, Verifier};
+use crate::keystore::{KeyInfo, KeyKind, KeyStore, KeyStoreError, MasterKey};
+use crate::provider::{self, ProviderWrapping};
 use crate::release::{seal, SealedKey};
 
 pub const AUDIT_SERVICE: &str = "keybroker";
@@ -35,6 +41,8 @@ pub enum BrokerError {
     Audit(String),
     #[error("key store: {0}")]
     KeyStore(#[from] KeyStoreError),
+    #[error("{0}")]
+    Admin(String),
 }
 
 /// An attested session.
@@ -56,6 +64,15 @@ impl Session {
     }
 }
 
+/// How a layer's key is wrapped: the annotation the IPU forwards.
+#[derive(Clone, Debug)]
+pub enum Wrapped {
+    /// `org.opencontainers.image.enc.keys.jwe`.
+    Jwe(String),
+    /// `org.opencontainers.image.enc.keys.provider.<this broker's name>`.
+    Provider(String),
+}
+
 /// What the IPU asks for one layer.
 #[derive(Clone, Debug)]
 pub struct ReleaseRequest {
@@ -66,20 +83,55 @@ pub struct ReleaseRequest {
     pub image: String,
     pub image_digest: String,
     pub layer_digest: String,
-    /// The layer's `org.opencontainers.image.enc.keys.jwe` annotation.
-    pub wrapped_jwe: String,
+    pub wrapped: Wrapped,
+}
+
+/// Where the broker keeps its state and whom it trusts for policy bundles.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    /// Key store, enrollments, master key (embedded default), running policy bundle.
+    pub state_dir: PathBuf,
+    /// Keys that sign deployment policy bundles.
+    pub bundle_keys: Vec<PathBuf>,
+    pub session_ttl: Duration,
+    pub nonce_lifetime: Duration,
+    /// The key provider name publishers use (`provider:<name>:<key id>`).
+    pub provider_name: String,
+}
+
+impl BrokerOptions {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            bundle_keys: Vec::new(),
+            session_ttl: Duration::from_secs(300),
+            nonce_lifetime: Duration::from_secs(60),
+            provider_name: provider::DEFAULT_NAME.into(),
+        }
+    }
+}
+
+/// Who asked for an administrative change, for its audit event.
+pub fn actor(subject: &str) -> audit::event::Actor {
+    audit::event::Actor {
+        subject: Some(subject.to_string()),
+        ..Default::default()
+    }
 }
 
 pub struct Broker {
     pub verifier: Verifier,
     keys: KeyStore,
-    policy: RwLock<Arc<DeploymentPolicy>>,
+    /// `None` until a deployment policy is loaded: every release is denied.
+    policy: RwLock<Option<Arc<DeploymentPolicy>>>,
+    bundles: Option<(BundleStore, Vec<VerificationKey>)>,
     sessions: Mutex<HashMap<String, Session>>,
     session_ttl: Duration,
     audit: Arc<dyn AuditSink>,
-    /// Unsealed, parsed keys (parsing an RSA key costs milliseconds); dropped, and zeroized,
-    /// with the broker. Revocation is checked on every release, not through this cache.
-    unsealed: Mutex<HashMap<String, Arc<ocicrypt::keys::PrivateKey>>>,
+    provider_name: String,
+    /// Unsealed, parsed keys by (id, version) (parsing an RSA key costs milliseconds);
+    /// dropped, and zeroized, with the broker. Revocation is checked on every release.
+    unsealed: Mutex<HashMap<(String, u32), Arc<ocicrypt::keys::PrivateKey>>>,
 }
 
 fn random_id() -> String {
@@ -95,6 +147,7 @@ pub fn release_context(image_digest: &str, layer_digest: &str) -> Vec<u8> {
 }
 
 impl Broker {
+    /// A broker with a fixed policy and in-memory enrollments (tests, embedded use).
     pub fn new(
         verifier: Verifier,
         keys: KeyStore,
@@ -105,22 +158,71 @@ impl Broker {
         Self {
             verifier,
             keys,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: RwLock::new(Some(Arc::new(policy))),
+            bundles: None,
             sessions: Mutex::new(HashMap::new()),
             session_ttl,
             audit,
+            provider_name: provider::DEFAULT_NAME.into(),
             unsealed: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The key store, for administration (create, import, revoke).
+    /// The broker of a state directory: its key store (master key created on first use),
+    /// persisted enrollments, and the running policy bundle re-verified with the trusted
+    /// bundle keys. Sessions and nonces start empty.
+    pub fn open(opts: &BrokerOptions, audit: Arc<dyn AuditSink>) -> Result<Self, BrokerError> {
+        let dir = &opts.state_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BrokerError::Admin(format!("{}: {e}", dir.display())))?;
+        let master = MasterKey::load_or_create(&dir.join("master.key"))?;
+        let keys = KeyStore::open(dir, master)?;
+        let mut trusted = Vec::new();
+        for k in &opts.bundle_keys {
+            let pem = std::fs::read(k).map_err(|e| {
+                BrokerError::Admin(format!("cannot read bundle key {}: {e}", k.display()))
+            })?;
+            trusted.extend(
+                VerificationKey::from_pem(&pem)
+                    .map_err(|e| BrokerError::Admin(format!("bundle key {}: {e}", k.display())))?,
+            );
+        }
+        let store = BundleStore::new(dir.join("policy"));
+        let running = store.running(&trusted).map_err(BrokerError::Admin)?;
+        let classes = match &running {
+            Some(b) => classes_from_policy(&b.deployment).map_err(BrokerError::Admin)?,
+            None => HashMap::new(),
+        };
+        let verifier = Verifier::with_store(classes, opts.nonce_lifetime, keys.tree("ipus")?)
+            .map_err(BrokerError::Admin)?;
+        Ok(Self {
+            verifier,
+            keys,
+            policy: RwLock::new(running.map(|b| Arc::new(b.deployment))),
+            bundles: Some((store, trusted)),
+            sessions: Mutex::new(HashMap::new()),
+            session_ttl: opts.session_ttl,
+            audit,
+            provider_name: opts.provider_name.clone(),
+            unsealed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The key store, for reading (administration goes through the audited methods).
     pub fn keys(&self) -> &KeyStore {
         &self.keys
     }
 
+    pub fn provider_name(&self) -> &str {
+        &self.provider_name
+    }
+
     /// Replaces the deployment policy (after its bundle was verified and audited).
-    pub fn set_policy(&self, policy: DeploymentPolicy) {
-        *self.policy.write().expect("not poisoned") = Arc::new(policy);
+    pub fn set_policy(&self, policy: DeploymentPolicy) -> Result<(), BrokerError> {
+        let classes = classes_from_policy(&policy).map_err(BrokerError::Admin)?;
+        self.verifier.set_classes(classes);
+        *self.policy.write().expect("not poisoned") = Some(Arc::new(policy));
+        Ok(())
     }
 
     fn record(&self, e: Event) -> Result<(), BrokerError> {
@@ -135,6 +237,14 @@ impl Broker {
         self.verifier.nonces.issue()
     }
 
+    /// The PCRs an enrolled, unrevoked AK's class must quote.
+    pub fn pcrs_for(&self, ak_public: &[u8]) -> Result<Vec<u8>, BrokerError> {
+        let e = self.verifier.enrollment(ak_public)?;
+        self.verifier
+            .pcrs_of(&e.ipu_class)
+            .ok_or_else(|| AttestError::UnknownClass(e.ipu_class).into())
+    }
+
     /// Step 2: verifies the quote and opens a session bound to the ephemeral key and the
     /// client identity (from its certificate).
     pub fn attest(
@@ -145,10 +255,7 @@ impl Broker {
         nonce: &[u8],
         session_public: &[u8],
     ) -> Result<Session, BrokerError> {
-        let mut actor = audit::event::Actor {
-            subject: Some(client.to_string()),
-            ..Default::default()
-        };
+        let mut who = actor(client);
         match self
             .verifier
             .verify(evidence, ak_public, nonce, session_public)
@@ -163,7 +270,7 @@ impl Broker {
                     salt: binding(nonce, session_public),
                     expires: Instant::now() + self.session_ttl,
                 };
-                actor.ipu_id = Some(enrollment.ipu_id);
+                who.ipu_id = Some(enrollment.ipu_id);
                 self.record(
                     Event::new(
                         AUDIT_SERVICE,
@@ -171,7 +278,7 @@ impl Broker {
                         Outcome::Allowed,
                         format!("quote verified for IPU class {}", enrollment.ipu_class),
                     )
-                    .actor(actor)
+                    .actor(who)
                     .detail("session", session.id.clone()),
                 )?;
                 let mut sessions = self.sessions.lock().expect("not poisoned");
@@ -187,7 +294,7 @@ impl Broker {
                         Outcome::Denied,
                         e.to_string(),
                     )
-                    .actor(actor),
+                    .actor(who),
                 )?;
                 Err(e.into())
             }
@@ -196,16 +303,43 @@ impl Broker {
 
     /// Step 3: releases one layer's private options, sealed to the session.
     pub fn release(&self, client: &str, req: &ReleaseRequest) -> Result<SealedKey, BrokerError> {
-        let result = self.release_inner(client, req);
+        self.audited_release(client, req, |session, privopts| {
+            seal(
+                &session.session_public,
+                &session.salt,
+                &release_context(&req.image_digest, &req.layer_digest),
+                privopts,
+            )
+            .map_err(|e| BrokerError::Request(e.to_string()))
+        })
+    }
+
+    /// The key provider door's UnWrapKey: the same checks as [`release`](Self::release),
+    /// but the private options return in clear inside the caller's TLS connection, as the
+    /// ocicrypt protocol requires.
+    pub fn release_unsealed(
+        &self,
+        client: &str,
+        req: &ReleaseRequest,
+    ) -> Result<Zeroizing<Vec<u8>>, BrokerError> {
+        self.audited_release(client, req, |_, privopts| {
+            Ok(Zeroizing::new(privopts.to_vec()))
+        })
+    }
+
+    fn audited_release<T>(
+        &self,
+        client: &str,
+        req: &ReleaseRequest,
+        deliver: impl FnOnce(&Session, &[u8]) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let result = self.release_inner(client, req, deliver);
         let base = |kind, outcome, reason: String| {
             Event::new(AUDIT_SERVICE, kind, outcome, reason)
                 .tenant(req.tenant.clone())
                 .function(req.function.clone())
                 .image(req.image.clone(), Some(req.image_digest.clone()))
-                .actor(audit::event::Actor {
-                    subject: Some(client.to_string()),
-                    ..Default::default()
-                })
+                .actor(actor(client))
                 .detail("layer_digest", req.layer_digest.clone())
                 .detail("session", req.session_id.clone())
         };
@@ -214,7 +348,7 @@ impl Broker {
                 let mut e = base(
                     EventKind::KeyRelease,
                     Outcome::Allowed,
-                    format!("layer key released to IPU {ipu_id}, sealed to its session key"),
+                    format!("layer key released to IPU {ipu_id}"),
                 );
                 if let Ok(k) = KeyId::new(key_id.clone()) {
                     e = e.key_id(k);
@@ -223,18 +357,14 @@ impl Broker {
             }
             Err(err) => self.record(base(EventKind::KeyDeny, Outcome::Denied, err.to_string()))?,
         }
-        result.map(|(_, _, sealed)| sealed)
+        result.map(|(_, _, delivered)| delivered)
     }
 
-    fn release_inner(
-        &self,
-        client: &str,
-        req: &ReleaseRequest,
-    ) -> Result<(String, String, SealedKey), BrokerError> {
+    fn session(&self, client: &str, id: &str) -> Result<Session, BrokerError> {
         let session = {
             let sessions = self.sessions.lock().expect("not poisoned");
             sessions
-                .get(&req.session_id)
+                .get(id)
                 .filter(|s| s.expires > Instant::now())
                 .cloned()
                 .ok_or(BrokerError::NoSession)?
@@ -242,7 +372,50 @@ impl Broker {
         if session.client != client {
             return Err(BrokerError::WrongClient);
         }
-        let policy = self.policy.read().expect("not poisoned").clone();
+        Ok(session)
+    }
+
+    /// An unsealed key version, from the cache or the store (which refuses revoked ones).
+    fn private_key(
+        &self,
+        id: &str,
+        version: u32,
+    ) -> Result<Arc<ocicrypt::keys::PrivateKey>, BrokerError> {
+        // The store is asked every time: it refuses a version revoked since it was cached.
+        let info = self
+            .keys
+            .versions(id)?
+            .into_iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| KeyStoreError::NotFound(format!("{id} version {version}")))?;
+        if info.revoked {
+            return Err(KeyStoreError::Revoked(format!("{id} version {version}")).into());
+        }
+        let key = (id.to_string(), version);
+        if let Some(k) = self.unsealed.lock().expect("not poisoned").get(&key) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(self.keys.private_key(id, version)?);
+        self.unsealed
+            .lock()
+            .expect("not poisoned")
+            .insert(key, k.clone());
+        Ok(k)
+    }
+
+    fn release_inner<T>(
+        &self,
+        client: &str,
+        req: &ReleaseRequest,
+        deliver: impl FnOnce(&Session, &[u8]) -> Result<T, BrokerError>,
+    ) -> Result<(String, String, T), BrokerError> {
+        let session = self.session(client, &req.session_id)?;
+        let policy = self
+            .policy
+            .read()
+            .expect("not poisoned")
+            .clone()
+            .ok_or_else(|| BrokerError::Denied("no deployment policy is loaded".into()))?;
         let request = DeployRequest {
             tenant: req.tenant.clone(),
             function: req.function.clone(),
@@ -251,51 +424,297 @@ impl Broker {
         };
         // The keys this request may use, by policy; then the one the layer is wrapped to.
         let mut denials = Vec::new();
-        let mut allowed = Vec::new();
+        let mut allowed: Vec<KeyInfo> = Vec::new();
         for info in self.keys.list()? {
             let d = evaluate_key_release(&policy, &request, &info.id);
             if d.allowed && !info.revoked {
-                allowed.push(info.id);
+                allowed.push(info);
             } else if d.allowed {
-                denials.push(format!("{} is revoked", info.id));
+                denials.push(format!("{} version {} is revoked", info.id, info.version));
             } else {
                 denials.push(d.reason);
             }
         }
-        if allowed.is_empty() {
-            return Err(BrokerError::Denied(
+        let no_key = |denials: &[String]| {
+            BrokerError::Denied(
                 denials
                     .first()
                     .cloned()
                     .unwrap_or_else(|| "no keys in the broker".into()),
-            ));
-        }
-        for id in &allowed {
-            let cached = self.unsealed.lock().expect("not poisoned").get(id).cloned();
-            let key = match cached {
-                Some(k) => k,
-                None => {
-                    let k = Arc::new(self.keys.private_key(id)?);
-                    self.unsealed
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(id.clone(), k.clone());
-                    k
+            )
+        };
+        match &req.wrapped {
+            Wrapped::Jwe(jwe) => {
+                if allowed.is_empty() {
+                    return Err(no_key(&denials));
                 }
-            };
-            if let Ok(privopts) =
-                ocicrypt::jwe::unwrap(&req.wrapped_jwe, std::slice::from_ref(&*key))
-            {
-                let sealed = seal(
-                    &session.session_public,
-                    &session.salt,
-                    &release_context(&req.image_digest, &req.layer_digest),
-                    &privopts,
-                )
-                .map_err(|e| BrokerError::Request(e.to_string()))?;
-                return Ok((id.clone(), session.ipu_id.clone(), sealed));
+                for info in &allowed {
+                    let key = self.private_key(&info.id, info.version)?;
+                    if let Ok(privopts) = ocicrypt::jwe::unwrap(jwe, std::slice::from_ref(&*key))
+                    {
+                        let delivered = deliver(&session, &privopts)?;
+                        return Ok((info.id.clone(), session.ipu_id.clone(), delivered));
+                    }
+                }
+                let names: Vec<String> = allowed
+                    .iter()
+                    .map(|k| format!("{} v{}", k.id, k.version))
+                    .collect();
+                Err(BrokerError::NoUsableKey(names.join(", ")))
+            }
+            Wrapped::Provider(annotation) => {
+                let wrappings = ocicrypt::keyprovider::split_annotation(annotation)
+                    .map_err(|e| BrokerError::Request(e.to_string()))?;
+                let mut last = None;
+                for w in wrappings {
+                    let w = ProviderWrapping::decode(&w).map_err(BrokerError::Request)?;
+                    let Some(info) = allowed
+                        .iter()
+                        .find(|k| k.id == w.key_id && k.version == w.version)
+                    else {
+                        let by_policy = evaluate_key_release(&policy, &request, &w.key_id);
+                        last = Some(BrokerError::Denied(if by_policy.allowed {
+                            format!(
+                                "key {} version {} is revoked or unknown",
+                                w.key_id, w.version
+                            )
+                        } else {
+                            by_policy.reason
+                        }));
+                        continue;
+                    };
+                    let key = self.private_key(&info.id, info.version)?;
+                    let privopts = ocicrypt::jwe::unwrap(&w.jwe, std::slice::from_ref(&*key))
+                        .map_err(|e| {
+                            BrokerError::Request(format!("the wrapping does not open: {e}"))
+                        })?;
+                    let delivered = deliver(&session, &privopts)?;
+                    return Ok((info.id.clone(), session.ipu_id.clone(), delivered));
+                }
+                Err(last.unwrap_or_else(|| BrokerError::Request("no wrapping".into())))
             }
         }
-        Err(BrokerError::NoUsableKey(allowed.join(", ")))
     }
+
+    /// The key provider door's WrapKey: wraps a publisher's private options to the newest
+    /// usable version of `key_id`. Audited (no secret in the event).
+    pub fn wrap(&self, client: &str, key_id: &str, optsdata: &[u8]) -> Result<Vec<u8>, BrokerError> {
+        let result = (|| {
+            let newest = self
+                .keys
+                .versions(key_id)?
+                .into_iter()
+                .rev()
+                .find(|k| !k.revoked)
+                .ok_or_else(|| KeyStoreError::Revoked(key_id.to_string()))?;
+            let public = ocicrypt::keys::PublicKey::from_pem(newest.public_pem.as_bytes())
+                .map_err(|e| BrokerError::Admin(e.to_string()))?;
+            let jwe = ocicrypt::jwe::wrap(optsdata, &[public])
+                .map_err(|e| BrokerError::Request(e.to_string()))?;
+            Ok::<_, BrokerError>((
+                newest.version,
+                ProviderWrapping {
+                    key_id: key_id.to_string(),
+                    version: newest.version,
+                    jwe,
+                }
+                .encode(),
+            ))
+        })();
+        let (outcome, reason) = match &result {
+            Ok((v, _)) => (Outcome::Success, format!("layer key wrapped to version {v}")),
+            Err(e) => (Outcome::Failure, e.to_string()),
+        };
+        let mut e = Event::new(
+            AUDIT_SERVICE,
+            EventKind::Admin("key_wrap".into()),
+            outcome,
+            reason,
+        )
+        .actor(actor(client));
+        if let Ok(k) = KeyId::new(key_id) {
+            e = e.key_id(k);
+        }
+        self.record(e)?;
+        result.map(|(_, w)| w)
+    }
+
+    /// Runs an administrative change and audits it as `admin.<action>` with its outcome.
+    fn admin<T>(
+        &self,
+        who: &str,
+        action: &str,
+        subject: &str,
+        change: impl FnOnce() -> Result<(T, String), BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let result = change();
+        let (outcome, reason) = match &result {
+            Ok((_, summary)) => (Outcome::Success, summary.clone()),
+            Err(e) => (Outcome::Failure, e.to_string()),
+        };
+        let mut e = Event::new(
+            AUDIT_SERVICE,
+            EventKind::Admin(action.into()),
+            outcome,
+            reason,
+        )
+        .actor(actor(who))
+        .detail("subject", subject.to_string());
+        if action.starts_with("key_") {
+            if let Ok(k) = KeyId::new(subject) {
+                e = e.key_id(k);
+            }
+        }
+        self.record(e)?;
+        result.map(|(t, _)| t)
+    }
+
+    pub fn create_key(&self, who: &str, id: &str, kind: KeyKind) -> Result<KeyInfo, BrokerError> {
+        self.admin(who, "key_create", id, || {
+            let info = self.keys.create(id, kind)?;
+            let summary = format!("{} key created", info.algorithm);
+            Ok((info, summary))
+        })
+    }
+
+    pub fn import_key(&self, who: &str, id: &str, pem: &[u8]) -> Result<KeyInfo, BrokerError> {
+        self.admin(who, "key_import", id, || {
+            let info = self.keys.import(id, pem)?;
+            let summary = format!("{} key imported", info.algorithm);
+            Ok((info, summary))
+        })
+    }
+
+    pub fn rotate_key(&self, who: &str, id: &str) -> Result<KeyInfo, BrokerError> {
+        self.admin(who, "key_rotate", id, || {
+            let info = self.keys.rotate(id)?;
+            let summary = format!("version {} created ({})", info.version, info.algorithm);
+            Ok((info, summary))
+        })
+    }
+
+    /// Revokes one version, or every version (`None`).
+    pub fn revoke_key(
+        &self,
+        who: &str,
+        id: &str,
+        version: Option<u32>,
+    ) -> Result<Vec<KeyInfo>, BrokerError> {
+        self.admin(who, "key_revoke", id, || {
+            let revoked = self.keys.revoke(id, version)?;
+            let versions: Vec<String> = revoked.iter().map(|k| k.version.to_string()).collect();
+            // Drop unsealed copies now rather than when the broker exits.
+            self.unsealed
+                .lock()
+                .expect("not poisoned")
+                .retain(|(k, _), _| k != id);
+            Ok((revoked, format!("version(s) {} revoked", versions.join(", "))))
+        })
+    }
+
+    /// Enrolls an IPU's attestation key (its marshalled `TPMT_PUBLIC`, checked to be a
+    /// restricted signing key that never left the TPM) for a class of the running policy.
+    pub fn enroll_ipu(
+        &self,
+        who: &str,
+        ipu_id: &str,
+        ipu_class: &str,
+        ak_template: &[u8],
+    ) -> Result<EnrolledIpu, BrokerError> {
+        self.admin(who, "ipu_enroll", ipu_id, || {
+            let point = self
+                .verifier
+                .enroll_template(
+                    ak_template,
+                    Enrollment {
+                        ipu_id: ipu_id.to_string(),
+                        ipu_class: ipu_class.to_string(),
+                        revoked: false,
+                    },
+                )
+                .map_err(BrokerError::Admin)?;
+            let e = self
+                .verifier
+                .list()
+                .into_iter()
+                .find(|e| e.ak_public == point)
+                .expect("just enrolled");
+            Ok((e, format!("enrolled in IPU class {ipu_class}")))
+        })
+    }
+
+    pub fn revoke_ipu(&self, who: &str, ipu_id: &str) -> Result<EnrolledIpu, BrokerError> {
+        self.admin(who, "ipu_revoke", ipu_id, || {
+            let e = self
+                .verifier
+                .revoke_ipu(ipu_id)
+                .map_err(BrokerError::Admin)?;
+            // Its open sessions end with it.
+            self.sessions
+                .lock()
+                .expect("not poisoned")
+                .retain(|_, s| s.ipu_id != ipu_id);
+            Ok((e, "attestation key revoked".into()))
+        })
+    }
+
+    /// Loads a signed deployment policy bundle: trusted signer, no rollback; audited as
+    /// `admin.policy_load` (a refused bundle is a denial).
+    pub fn load_policy(&self, who: &str, bundle: &[u8]) -> Result<VerifiedBundle, BrokerError> {
+        let (store, trusted) = self.bundles.as_ref().ok_or_else(|| {
+            BrokerError::Admin("this broker was started with a fixed policy".into())
+        })?;
+        if trusted.is_empty() {
+            return Err(BrokerError::Admin(
+                "no bundle keys are configured: policy bundles cannot be trusted".into(),
+            ));
+        }
+        let result = store.install(bundle, trusted);
+        let verified = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let (outcome, err) = match e {
+                    InstallError::Rejected(e) => {
+                        (Outcome::Denied, BrokerError::Denied(e.to_string()))
+                    }
+                    InstallError::State(e) => (Outcome::Failure, BrokerError::Admin(e)),
+                };
+                self.record(
+                    Event::new(
+                        AUDIT_SERVICE,
+                        EventKind::Admin("policy_load".into()),
+                        outcome,
+                        err.to_string(),
+                    )
+                    .actor(actor(who)),
+                )?;
+                return Err(err);
+            }
+        };
+        self.set_policy(verified.deployment.clone())?;
+        self.record(
+            Event::new(
+                AUDIT_SERVICE,
+                EventKind::Admin("policy_load".into()),
+                Outcome::Allowed,
+                format!(
+                    "policy bundle version {} signed by {}",
+                    verified.content.version, verified.signer
+                ),
+            )
+            .actor(actor(who)),
+        )?;
+        Ok(verified)
+    }
+
+    /// The version of the running policy bundle, if one is loaded from a bundle.
+    pub fn policy_version(&self) -> Option<u64> {
+        let (store, trusted) = self.bundles.as_ref()?;
+        store.running(trusted).ok().flatten().map(|b| b.content.version)
+    }
+}
+
+/// The state directory's audit log default: `DIR/audit`.
+pub fn default_audit_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit")
 }

@@ -90,10 +90,12 @@ impl MasterKey {
     }
 }
 
-/// What the store says about a key (no secret).
+/// What the store says about one version of a key (no secret).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KeyInfo {
     pub id: String,
+    /// 1 for a created or imported key; each rotation adds the next version.
+    pub version: u32,
     pub algorithm: String,
     /// The public key (SPKI PEM): what publishers encrypt layer keys to.
     pub public_pem: String,
@@ -104,7 +106,7 @@ pub struct KeyInfo {
 #[derive(Serialize, Deserialize)]
 struct Record {
     info: KeyInfo,
-    /// nonce || AES-256-GCM(private PKCS#8 PEM) with the id as AAD.
+    /// nonce || AES-256-GCM(private PKCS#8 PEM) with the id and version as AAD.
     sealed: Vec<u8>,
 }
 
@@ -115,6 +117,69 @@ pub enum KeyKind {
     Rsa4096,
     EcP256,
     EcP384,
+}
+
+impl std::str::FromStr for KeyKind {
+    type Err = KeyStoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "rsa-2048" => KeyKind::Rsa2048,
+            "rsa-4096" => KeyKind::Rsa4096,
+            "ec-p256" => KeyKind::EcP256,
+            "ec-p384" => KeyKind::EcP384,
+            other => {
+                return Err(KeyStoreError::Invalid(format!(
+                    "key kind {other:?}: one of rsa-2048, rsa-4096, ec-p256, ec-p384"
+                )))
+            }
+        })
+    }
+}
+
+impl KeyKind {
+    /// A fresh private key of this kind (PKCS#8 PEM).
+    fn generate(self) -> Result<Zeroizing<String>, KeyStoreError> {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        let mut rng = rand_core::OsRng;
+        let invalid = |e: &dyn std::fmt::Display| KeyStoreError::Invalid(e.to_string());
+        match self {
+            KeyKind::Rsa2048 | KeyKind::Rsa4096 => {
+                let bits = if self == KeyKind::Rsa2048 { 2048 } else { 4096 };
+                rsa::RsaPrivateKey::new(&mut rng, bits)
+                    .map_err(|e| invalid(&e))?
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| invalid(&e))
+            }
+            KeyKind::EcP256 => p256::SecretKey::random(&mut rng)
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| invalid(&e)),
+            KeyKind::EcP384 => p384::SecretKey::random(&mut rng)
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| invalid(&e)),
+        }
+    }
+
+    /// The kind of an existing key, for rotation.
+    fn of(info: &KeyInfo) -> Result<Self, KeyStoreError> {
+        use rsa::pkcs8::DecodePublicKey;
+        use rsa::traits::PublicKeyParts;
+        match info.algorithm.as_str() {
+            "EC P-256" => Ok(KeyKind::EcP256),
+            "EC P-384" => Ok(KeyKind::EcP384),
+            "RSA" => {
+                let k = rsa::RsaPublicKey::from_public_key_pem(&info.public_pem)
+                    .map_err(|e| KeyStoreError::Invalid(e.to_string()))?;
+                Ok(if k.size() * 8 > 2048 {
+                    KeyKind::Rsa4096
+                } else {
+                    KeyKind::Rsa2048
+                })
+            }
+            other => Err(KeyStoreError::Invalid(format!(
+                "the broker cannot generate {other} keys; import the next version instead"
+            ))),
+        }
+    }
 }
 
 pub struct KeyStore {
@@ -144,6 +209,21 @@ fn check_id(id: &str) -> Result<(), KeyStoreError> {
     Ok(())
 }
 
+/// The record name of a key version: `id NUL version(BE)`; a prefix scan finds every
+/// version of an id in order, and ids cannot contain NUL.
+fn record_name(id: &str, version: u32) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn prefix(id: &str) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
 impl KeyStore {
     pub fn open(dir: &Path, master: MasterKey) -> Result<Self, KeyStoreError> {
         // A previous holder's background flusher may still hold sled's lock for a moment.
@@ -164,40 +244,49 @@ impl KeyStore {
         Ok(Self { db, keys, master })
     }
 
-    /// Generates a key pair and stores it sealed; returns its public information.
-    pub fn create(&self, id: &str, kind: KeyKind) -> Result<KeyInfo, KeyStoreError> {
-        use p256::pkcs8::{EncodePrivateKey, LineEnding};
-        let mut rng = rand_core::OsRng;
-        let pem: Zeroizing<String> = match kind {
-            KeyKind::Rsa2048 | KeyKind::Rsa4096 => {
-                let bits = if kind == KeyKind::Rsa2048 { 2048 } else { 4096 };
-                rsa::RsaPrivateKey::new(&mut rng, bits)
-                    .map_err(|e| KeyStoreError::Invalid(e.to_string()))?
-                    .to_pkcs8_pem(LineEnding::LF)
-                    .map_err(|e| KeyStoreError::Invalid(e.to_string()))?
-            }
-            KeyKind::EcP256 => p256::SecretKey::random(&mut rng)
-                .to_pkcs8_pem(LineEnding::LF)
-                .map_err(|e| KeyStoreError::Invalid(e.to_string()))?,
-            KeyKind::EcP384 => p384::SecretKey::random(&mut rng)
-                .to_pkcs8_pem(LineEnding::LF)
-                .map_err(|e| KeyStoreError::Invalid(e.to_string()))?,
-        };
-        self.import(id, pem.as_bytes())
+    /// Another tree of the broker's database (enrollments live beside the keys).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, KeyStoreError> {
+        Ok(self.db.open_tree(name)?)
     }
 
-    /// Stores an existing private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// Generates a key pair and stores it sealed as version 1; returns its public information.
+    pub fn create(&self, id: &str, kind: KeyKind) -> Result<KeyInfo, KeyStoreError> {
+        check_id(id)?;
+        if self.keys.scan_prefix(prefix(id)).next().is_some() {
+            return Err(KeyStoreError::Exists(id.to_string()));
+        }
+        self.store(id, 1, kind.generate()?.as_bytes())
+    }
+
+    /// Stores an existing private key (PEM: PKCS#8, PKCS#1 or SEC1) as version 1.
     pub fn import(&self, id: &str, private_pem: &[u8]) -> Result<KeyInfo, KeyStoreError> {
         check_id(id)?;
+        if self.keys.scan_prefix(prefix(id)).next().is_some() {
+            return Err(KeyStoreError::Exists(id.to_string()));
+        }
+        self.store(id, 1, private_pem)
+    }
+
+    /// Adds the next version of a key, of the same kind as the newest. Publishers wrap new
+    /// images to it; earlier versions still unwrap existing images until revoked.
+    pub fn rotate(&self, id: &str) -> Result<KeyInfo, KeyStoreError> {
+        let newest = self.info(id)?;
+        let kind = KeyKind::of(&newest)?;
+        self.store(id, newest.version + 1, kind.generate()?.as_bytes())
+    }
+
+    fn store(&self, id: &str, version: u32, private_pem: &[u8]) -> Result<KeyInfo, KeyStoreError> {
         let key = ocicrypt::keys::PrivateKey::from_pem(private_pem)
             .map_err(|e| KeyStoreError::Invalid(e.to_string()))?;
         let info = KeyInfo {
             id: id.to_string(),
+            version,
             algorithm: key.algorithm().to_string(),
             public_pem: key.public_key().to_pem(),
             created: now(),
             revoked: false,
         };
+        let name = record_name(id, version);
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -207,7 +296,7 @@ impl KeyStore {
             .aead()
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(id.as_bytes()),
+                Aad::from(name.as_slice()),
                 &mut *sealed,
             )
             .map_err(|_| KeyStoreError::Storage("sealing failed".into()))?;
@@ -219,24 +308,43 @@ impl KeyStore {
         })
         .expect("records serialize");
         self.keys
-            .compare_and_swap(id, None as Option<&[u8]>, Some(record))?
-            .map_err(|_| KeyStoreError::Exists(id.to_string()))?;
+            .compare_and_swap(&name, None as Option<&[u8]>, Some(record))?
+            .map_err(|_| KeyStoreError::Exists(format!("{id} version {version}")))?;
         self.db.flush()?;
         Ok(info)
     }
 
-    fn record(&self, id: &str) -> Result<Record, KeyStoreError> {
-        let bytes = self
+    fn decode(id: &str, bytes: &[u8]) -> Result<Record, KeyStoreError> {
+        serde_json::from_slice(bytes).map_err(|_| KeyStoreError::Unseal(id.to_string()))
+    }
+
+    /// Every version of a key, oldest first.
+    fn records(&self, id: &str) -> Result<Vec<Record>, KeyStoreError> {
+        let records = self
             .keys
-            .get(id)?
-            .ok_or_else(|| KeyStoreError::NotFound(id.to_string()))?;
-        serde_json::from_slice(&bytes).map_err(|_| KeyStoreError::Unseal(id.to_string()))
+            .scan_prefix(prefix(id))
+            .map(|r| {
+                let (_, v) = r?;
+                Self::decode(id, &v)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if records.is_empty() {
+            return Err(KeyStoreError::NotFound(id.to_string()));
+        }
+        Ok(records)
     }
 
+    /// The newest version of a key.
     pub fn info(&self, id: &str) -> Result<KeyInfo, KeyStoreError> {
-        Ok(self.record(id)?.info)
+        Ok(self.records(id)?.pop().expect("not empty").info)
     }
 
+    /// Every version of a key, oldest first.
+    pub fn versions(&self, id: &str) -> Result<Vec<KeyInfo>, KeyStoreError> {
+        Ok(self.records(id)?.into_iter().map(|r| r.info).collect())
+    }
+
+    /// Every version of every key.
     pub fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
         self.keys
             .iter()
@@ -249,11 +357,20 @@ impl KeyStore {
             .collect()
     }
 
-    /// The private key of a usable key, unsealed (zeroized on drop).
-    pub fn private_key(&self, id: &str) -> Result<ocicrypt::keys::PrivateKey, KeyStoreError> {
-        let record = self.record(id)?;
+    /// One version's private key, unsealed (zeroized on drop); refused when revoked.
+    pub fn private_key(
+        &self,
+        id: &str,
+        version: u32,
+    ) -> Result<ocicrypt::keys::PrivateKey, KeyStoreError> {
+        let name = record_name(id, version);
+        let bytes = self
+            .keys
+            .get(&name)?
+            .ok_or_else(|| KeyStoreError::NotFound(format!("{id} version {version}")))?;
+        let record = Self::decode(id, &bytes)?;
         if record.info.revoked {
-            return Err(KeyStoreError::Revoked(id.to_string()));
+            return Err(KeyStoreError::Revoked(format!("{id} version {version}")));
         }
         if record.sealed.len() < NONCE_LEN {
             return Err(KeyStoreError::Unseal(id.to_string()));
@@ -266,20 +383,35 @@ impl KeyStore {
             .open_in_place(
                 Nonce::try_assume_unique_for_key(nonce)
                     .map_err(|_| KeyStoreError::Unseal(id.to_string()))?,
-                Aad::from(id.as_bytes()),
+                Aad::from(name.as_slice()),
                 &mut buf,
             )
             .map_err(|_| KeyStoreError::Unseal(id.to_string()))?;
         ocicrypt::keys::PrivateKey::from_pem(pem).map_err(|e| KeyStoreError::Invalid(e.to_string()))
     }
 
-    /// Marks a key revoked: it stays listed (for audit) but is never used again.
-    pub fn revoke(&self, id: &str) -> Result<(), KeyStoreError> {
-        let mut record = self.record(id)?;
-        record.info.revoked = true;
-        self.keys
-            .insert(id, serde_json::to_vec(&record).expect("records serialize"))?;
+    /// Marks one version (`Some`) or every version (`None`) revoked: it stays listed (for
+    /// audit) but is never used again. Returns the versions now revoked.
+    pub fn revoke(&self, id: &str, version: Option<u32>) -> Result<Vec<KeyInfo>, KeyStoreError> {
+        let mut changed = Vec::new();
+        for mut record in self.records(id)? {
+            if version.is_some_and(|v| v != record.info.version) {
+                continue;
+            }
+            record.info.revoked = true;
+            self.keys.insert(
+                record_name(id, record.info.version),
+                serde_json::to_vec(&record).expect("records serialize"),
+            )?;
+            changed.push(record.info);
+        }
+        if changed.is_empty() {
+            return Err(KeyStoreError::NotFound(format!(
+                "{id} version {}",
+                version.unwrap_or(0)
+            )));
+        }
         self.db.flush()?;
-        Ok(())
+        Ok(changed)
     }
 }

@@ -1,15 +1,21 @@
-//! Key broker: TPM2 attestation verifier and key release service.
+//! Key broker: layer keys released only to attested IPUs.
 //!
-//! Built so far: [`attest`], the quote verifier (TPMS_ATTEST parsing, ECDSA P-256 signature,
-//! nonce and ephemeral-key binding, PCR selection and values) and single-use nonces;
-//! [`release`], sealing released keys to the attested session key; [`keystore`], the
-//! key-encryption keys sealed at rest under a master key; [`broker`], the transport-free
-//! attest -> session -> policy-checked, audited release flow. The gRPC
-//! service, key storage, sessions and key release follow in issue 5; until then
-//! ipu-image-svc takes layer keys from a local key file, an explicit development option.
+//! - [`attest`]: the quote verifier (TPMS_ATTEST parsing, ECDSA P-256 signature, nonce and
+//!   ephemeral-key binding, PCR selection and values against the IPU class's reference
+//!   values), single-use nonces, AK template checks and persisted enrollments.
+//! - [`keystore`]: key-encryption keys (versioned, revocable) sealed at rest in sled under
+//!   a master key.
+//! - [`release`]: sealing a released key to the attested session key (ECDH + HKDF + GCM).
+//! - [`broker`]: the transport-free flow (attest -> session -> policy-checked, audited
+//!   release), key provider wrapping, and audited administration.
+//! - [`provider`]: the ocicrypt key provider protocol door (WrapKey / UnWrapKey).
+//! - [`service`]: gRPC over mutual TLS (roles from the certificate OU) and over a Unix
+//!   socket (roles from the peer's uid); [`config`]: `keybroker serve`'s configuration.
 
 pub mod attest;
 pub mod broker;
+pub mod config;
 pub mod keystore;
+pub mod provider;
 pub mod release;
 pub mod service;

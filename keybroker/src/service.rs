@@ -1,22 +1,36 @@
-//! The broker's gRPC service over TLS (rustls with ring) with client certificates. The
-//! client's identity is its certificate subject; its role is the subject's OU. Only role
-//! `ipu` may attest and obtain keys, and a session is usable only with the certificate that
-//! opened it.
+//! The broker's gRPC services: `KeyBroker` (attest, release), `KeyAdmin` and the ocicrypt
+//! `KeyProviderService`, over TLS (rustls with ring) with client certificates and over a
+//! Unix socket for local use.
+//!
+//! Over TLS the caller's identity is its certificate subject and its role the subject's OU.
+//! Over the Unix socket the identity is the peer's uid (from the kernel, SO_PEERCRED): root
+//! and the broker's own uid are `admin`, other uids have the role the configuration gives
+//! them, never `ipu`. Only role `ipu` may attest and obtain keys, and a session is usable
+//! only by the identity that opened it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use api::keybroker::key_admin_server::{KeyAdmin, KeyAdminServer};
 use api::keybroker::key_broker_server::{KeyBroker, KeyBrokerServer};
 use api::keybroker::{
-    AttestRequest, AttestResponse, ChallengeRequest, ChallengeResponse, ReleaseRequest,
-    ReleaseResponse,
+    AttestRequest, AttestResponse, ChallengeRequest, ChallengeResponse, CreateKeyRequest,
+    EnrollIpuRequest, ImportKeyRequest, IpuIdRequest, IpuInfo, IpuList, KeyIdRequest, KeyInfo,
+    KeyList, ListRequest, LoadPolicyRequest, PolicyInfo, ReleaseRequest, ReleaseResponse,
+    RevokeKeyRequest,
 };
+use api::keyprovider::key_provider_service_server::{
+    KeyProviderService, KeyProviderServiceServer,
+};
+use api::keyprovider::{KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput};
 use der::Decode;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::attest::Evidence;
-use crate::broker::{self, Broker, BrokerError};
+use crate::attest::{EnrolledIpu, Evidence};
+use crate::broker::{self, Broker, BrokerError, Wrapped};
+use crate::keystore::{self, KeyKind};
+use crate::provider::{self, Door};
 
 /// OID of the organizationalUnitName attribute.
 const OID_OU: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("2.5.4.11");
@@ -38,6 +52,47 @@ fn attribute_text(value: &der::Any) -> Option<String> {
                 .map(|s| s.as_str().to_string())
         })
         .ok()
+}
+
+/// How callers are identified on a listener.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Client certificates (mutual TLS).
+    Tls,
+    /// Peer credentials of a Unix socket: root and `own_uid` are admin, `roles` the rest.
+    Unix {
+        own_uid: u32,
+        roles: std::collections::BTreeMap<u32, String>,
+    },
+}
+
+impl Auth {
+    /// The caller of a request on this listener.
+    #[allow(clippy::result_large_err)]
+    pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        match self {
+            Auth::Tls => caller(req),
+            Auth::Unix { own_uid, roles } => {
+                let uid = req
+                    .extensions()
+                    .get::<tonic::transport::server::UdsConnectInfo>()
+                    .and_then(|i| i.peer_cred)
+                    .map(|c| c.uid())
+                    .ok_or_else(|| Status::unauthenticated("no peer credentials"))?;
+                let role = if uid == 0 || uid == *own_uid {
+                    "admin".to_string()
+                } else {
+                    roles.get(&uid).cloned().ok_or_else(|| {
+                        Status::permission_denied(format!("uid {uid} has no role on this socket"))
+                    })?
+                };
+                Ok(Caller {
+                    subject: format!("uid:{uid}"),
+                    role,
+                })
+            }
+        }
+    }
 }
 
 /// The caller of a request, from its verified client certificate.
@@ -68,12 +123,18 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 
 #[allow(clippy::result_large_err)]
 fn require(caller: &Caller, role: &str) -> Result<(), Status> {
-    if caller.role == role {
+    require_any(caller, &[role])
+}
+
+#[allow(clippy::result_large_err)]
+fn require_any(caller: &Caller, roles: &[&str]) -> Result<(), Status> {
+    if roles.contains(&caller.role.as_str()) {
         Ok(())
     } else {
         Err(Status::permission_denied(format!(
-            "role {:?} may not do this (needs {role:?})",
-            caller.role
+            "role {:?} may not do this (needs {})",
+            caller.role,
+            roles.join(" or ")
         )))
     }
 }
@@ -86,6 +147,16 @@ fn status(e: BrokerError) -> Status {
         | BrokerError::WrongClient => Status::permission_denied(e.to_string()),
         BrokerError::NoSession => Status::failed_precondition(e.to_string()),
         BrokerError::Request(_) => Status::invalid_argument(e.to_string()),
+        BrokerError::KeyStore(keystore::KeyStoreError::NotFound(_)) => {
+            Status::not_found(e.to_string())
+        }
+        BrokerError::KeyStore(keystore::KeyStoreError::Exists(_)) => {
+            Status::already_exists(e.to_string())
+        }
+        BrokerError::KeyStore(
+            keystore::KeyStoreError::Invalid(_) | keystore::KeyStoreError::Revoked(_),
+        ) => Status::failed_precondition(e.to_string()),
+        BrokerError::Admin(_) => Status::failed_precondition(e.to_string()),
         BrokerError::Audit(_) | BrokerError::KeyStore(_) => Status::internal(e.to_string()),
     }
 }
@@ -101,11 +172,12 @@ async fn blocking<T: Send + 'static>(
 
 pub struct KeyBrokerService {
     broker: Arc<Broker>,
+    auth: Auth,
 }
 
 impl KeyBrokerService {
-    pub fn new(broker: Arc<Broker>) -> KeyBrokerServer<Self> {
-        KeyBrokerServer::new(Self { broker })
+    pub fn new(broker: Arc<Broker>, auth: Auth) -> KeyBrokerServer<Self> {
+        KeyBrokerServer::new(Self { broker, auth })
     }
 }
 
@@ -115,9 +187,21 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<ChallengeRequest>,
     ) -> Result<Response<ChallengeResponse>, Status> {
-        require(&caller(&request)?, "ipu")?;
+        require(&self.auth.caller(&request)?, "ipu")?;
+        let ak_public = request.into_inner().ak_public;
+        let pcrs = if ak_public.is_empty() {
+            Vec::new()
+        } else {
+            let broker = self.broker.clone();
+            blocking(move || broker.pcrs_for(&ak_public))
+                .await?
+                .into_iter()
+                .map(u32::from)
+                .collect()
+        };
         Ok(Response::new(ChallengeResponse {
             nonce: self.broker.challenge().to_vec(),
+            pcrs,
         }))
     }
 
@@ -125,7 +209,7 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<AttestRequest>,
     ) -> Result<Response<AttestResponse>, Status> {
-        let who = caller(&request)?;
+        let who = self.auth.caller(&request)?;
         require(&who, "ipu")?;
         let r = request.into_inner();
         let mut pcrs = BTreeMap::new();
@@ -161,9 +245,18 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        let who = caller(&request)?;
+        let who = self.auth.caller(&request)?;
         require(&who, "ipu")?;
         let r = request.into_inner();
+        let wrapped = match (r.wrapped_jwe.is_empty(), r.wrapped_provider.is_empty()) {
+            (false, true) => Wrapped::Jwe(r.wrapped_jwe),
+            (true, false) => Wrapped::Provider(r.wrapped_provider),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give the layer's wrapped key: wrapped_jwe or wrapped_provider, exactly one",
+                ))
+            }
+        };
         let req = broker::ReleaseRequest {
             session_id: r.session_id,
             tenant: r.tenant,
@@ -171,7 +264,7 @@ impl KeyBroker for KeyBrokerService {
             image: r.image,
             image_digest: r.image_digest,
             layer_digest: r.layer_digest,
-            wrapped_jwe: r.wrapped_jwe,
+            wrapped,
         };
         let broker = self.broker.clone();
         let sealed = blocking(move || broker.release(&who.subject, &req)).await?;
@@ -211,7 +304,212 @@ pub struct TlsFiles {
     pub client_ca_pem: Vec<u8>,
 }
 
-/// Serves the broker on `listener` until `shutdown` resolves.
+fn key_info(k: keystore::KeyInfo) -> KeyInfo {
+    KeyInfo {
+        id: k.id,
+        version: k.version,
+        algorithm: k.algorithm,
+        public_pem: k.public_pem,
+        created: k.created,
+        revoked: k.revoked,
+    }
+}
+
+fn ipu_info(e: EnrolledIpu) -> IpuInfo {
+    IpuInfo {
+        ipu_id: e.enrollment.ipu_id,
+        ipu_class: e.enrollment.ipu_class,
+        ak_public: e.ak_public,
+        enrolled: e.enrolled,
+        revoked: e.enrollment.revoked,
+    }
+}
+
+/// Administration: keys, enrollments, policy bundles (role admin; listing also auditor).
+pub struct AdminService {
+    broker: Arc<Broker>,
+    auth: Auth,
+}
+
+impl AdminService {
+    pub fn new(broker: Arc<Broker>, auth: Auth) -> KeyAdminServer<Self> {
+        KeyAdminServer::new(Self { broker, auth })
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn admin<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let who = self.auth.caller(req)?;
+        require(&who, "admin")?;
+        Ok(who.subject)
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for AdminService {
+    async fn create_key(&self, req: Request<CreateKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+        let who = self.admin(&req)?;
+        let r = req.into_inner();
+        let kind: KeyKind = r
+            .kind
+            .parse()
+            .map_err(|e: keystore::KeyStoreError| Status::invalid_argument(e.to_string()))?;
+        let b = self.broker.clone();
+        let info = blocking(move || b.create_key(&who, &r.id, kind)).await?;
+        Ok(Response::new(key_info(info)))
+    }
+
+    async fn import_key(&self, req: Request<ImportKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+        let who = self.admin(&req)?;
+        let r = req.into_inner();
+        let pem = zeroize::Zeroizing::new(r.private_pem);
+        let b = self.broker.clone();
+        let info = blocking(move || b.import_key(&who, &r.id, &pem)).await?;
+        Ok(Response::new(key_info(info)))
+    }
+
+    async fn rotate_key(&self, req: Request<KeyIdRequest>) -> Result<Response<KeyInfo>, Status> {
+        let who = self.admin(&req)?;
+        let id = req.into_inner().id;
+        let b = self.broker.clone();
+        let info = blocking(move || b.rotate_key(&who, &id)).await?;
+        Ok(Response::new(key_info(info)))
+    }
+
+    async fn revoke_key(&self, req: Request<RevokeKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+        let who = self.admin(&req)?;
+        let r = req.into_inner();
+        let version = (r.version != 0).then_some(r.version);
+        let b = self.broker.clone();
+        let mut revoked = blocking(move || b.revoke_key(&who, &r.id, version)).await?;
+        Ok(Response::new(key_info(revoked.pop().expect("at least one"))))
+    }
+
+    async fn list_keys(&self, req: Request<ListRequest>) -> Result<Response<KeyList>, Status> {
+        require_any(&self.auth.caller(&req)?, &["admin", "auditor"])?;
+        let keys = self
+            .broker
+            .keys()
+            .list()
+            .map_err(|e| status(e.into()))?
+            .into_iter()
+            .map(key_info)
+            .collect();
+        Ok(Response::new(KeyList { keys }))
+    }
+
+    async fn enroll_ipu(&self, req: Request<EnrollIpuRequest>) -> Result<Response<IpuInfo>, Status> {
+        let who = self.admin(&req)?;
+        let r = req.into_inner();
+        let b = self.broker.clone();
+        let e = blocking(move || b.enroll_ipu(&who, &r.ipu_id, &r.ipu_class, &r.ak_template))
+            .await?;
+        Ok(Response::new(ipu_info(e)))
+    }
+
+    async fn revoke_ipu(&self, req: Request<IpuIdRequest>) -> Result<Response<IpuInfo>, Status> {
+        let who = self.admin(&req)?;
+        let id = req.into_inner().ipu_id;
+        let b = self.broker.clone();
+        let e = blocking(move || b.revoke_ipu(&who, &id)).await?;
+        Ok(Response::new(ipu_info(e)))
+    }
+
+    async fn list_ipus(&self, req: Request<ListRequest>) -> Result<Response<IpuList>, Status> {
+        require_any(&self.auth.caller(&req)?, &["admin", "auditor"])?;
+        let ipus = self.broker.verifier.list().into_iter().map(ipu_info).collect();
+        Ok(Response::new(IpuList { ipus }))
+    }
+
+    async fn load_policy(
+        &self,
+        req: Request<LoadPolicyRequest>,
+    ) -> Result<Response<PolicyInfo>, Status> {
+        let who = self.admin(&req)?;
+        let bundle = req.into_inner().bundle;
+        let b = self.broker.clone();
+        let v = blocking(move || b.load_policy(&who, &bundle)).await?;
+        Ok(Response::new(PolicyInfo {
+            version: v.content.version,
+            signer: v.signer,
+        }))
+    }
+}
+
+/// The ocicrypt key provider protocol: WrapKey for publishers and admins, UnWrapKey for
+/// attested IPUs (the request names their session).
+pub struct ProviderService {
+    broker: Arc<Broker>,
+    auth: Auth,
+}
+
+impl ProviderService {
+    pub fn new(broker: Arc<Broker>, auth: Auth) -> KeyProviderServiceServer<Self> {
+        KeyProviderServiceServer::new(Self { broker, auth })
+    }
+
+    async fn call(
+        &self,
+        req: Request<KeyProviderKeyWrapProtocolInput>,
+        want: Door,
+    ) -> Result<Response<KeyProviderKeyWrapProtocolOutput>, Status> {
+        let who = self.auth.caller(&req)?;
+        let input = zeroize::Zeroizing::new(req.into_inner().key_provider_key_wrap_protocol_input);
+        let b = self.broker.clone();
+        let output = blocking(move || {
+            provider::handle(&b, &who.subject, &input, |door| {
+                if door != want {
+                    return Err(BrokerError::Request(format!(
+                        "{door:?} requested through the {want:?} method"
+                    )));
+                }
+                let allowed: &[&str] = match door {
+                    Door::Wrap => &["publisher", "admin"],
+                    Door::Unwrap => &["ipu"],
+                };
+                if allowed.contains(&who.role.as_str()) {
+                    Ok(())
+                } else {
+                    Err(BrokerError::Denied(format!(
+                        "role {:?} may not {} (needs {})",
+                        who.role,
+                        if door == Door::Wrap { "wrap keys" } else { "unwrap keys" },
+                        allowed.join(" or ")
+                    )))
+                }
+            })
+        })
+        .await?;
+        Ok(Response::new(KeyProviderKeyWrapProtocolOutput {
+            key_provider_key_wrap_protocol_output: output,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl KeyProviderService for ProviderService {
+    async fn wrap_key(
+        &self,
+        req: Request<KeyProviderKeyWrapProtocolInput>,
+    ) -> Result<Response<KeyProviderKeyWrapProtocolOutput>, Status> {
+        self.call(req, Door::Wrap).await
+    }
+
+    async fn un_wrap_key(
+        &self,
+        req: Request<KeyProviderKeyWrapProtocolInput>,
+    ) -> Result<Response<KeyProviderKeyWrapProtocolOutput>, Status> {
+        self.call(req, Door::Unwrap).await
+    }
+}
+
+fn router(broker: Arc<Broker>, auth: Auth, server: &mut Server) -> tonic::transport::server::Router {
+    server
+        .add_service(KeyBrokerService::new(broker.clone(), auth.clone()))
+        .add_service(AdminService::new(broker.clone(), auth.clone()))
+        .add_service(ProviderService::new(broker, auth))
+}
+
+/// Serves the broker on `listener` (mutual TLS) until `shutdown` resolves.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
@@ -222,10 +520,23 @@ pub async fn serve(
         .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
         .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    Server::builder()
-        .tcp_nodelay(true)
-        .tls_config(config)?
-        .add_service(KeyBrokerService::new(broker))
+    let mut server = Server::builder().tcp_nodelay(true).tls_config(config)?;
+    router(broker, Auth::Tls, &mut server)
         .serve_with_incoming_shutdown(NoDelay(incoming), shutdown)
+        .await
+}
+
+/// Serves the broker on a Unix socket (callers identified by their uid) until `shutdown`.
+pub async fn serve_unix(
+    broker: Arc<Broker>,
+    listener: tokio::net::UnixListener,
+    roles: std::collections::BTreeMap<u32, String>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    router(broker, Auth::Unix { own_uid, roles }, &mut Server::builder())
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

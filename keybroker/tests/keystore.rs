@@ -21,7 +21,7 @@ fn round_trip(store: &KeyStore, id: &str) {
     let mut enc = LayerEncryptor::new(Vec::new(), &EncryptConfig::new(vec![public])).unwrap();
     enc.write_all(b"layer bytes").unwrap();
     let (ciphertext, annotations) = enc.finish().unwrap();
-    let dc = DecryptConfig::new(vec![store.private_key(id).unwrap()]);
+    let dc = DecryptConfig::new(vec![store.private_key(id, 1).unwrap()]);
     let mut dec = ocicrypt::decrypt_layer(&ciphertext[..], &annotations, &dc).unwrap();
     let mut plain = Vec::new();
     std::io::Read::read_to_end(&mut dec, &mut plain).unwrap();
@@ -108,28 +108,29 @@ fn a_wrong_master_key_a_swapped_record_and_a_revoked_key_are_refused() {
     let other = tempfile::tempdir().unwrap();
     let wrong = MasterKey::load_or_create(&other.path().join("master.key")).unwrap();
     let s = KeyStore::open(dir.path(), wrong).unwrap();
-    assert!(matches!(s.private_key("a"), Err(KeyStoreError::Unseal(_))));
+    assert!(matches!(s.private_key("a", 1), Err(KeyStoreError::Unseal(_))));
     drop(s);
 
     // Record "a" copied over "b": sealed to id "a", it does not open as "b".
     {
         let db = sled::open(dir.path().join("keys.db")).unwrap();
         let t = db.open_tree("keys").unwrap();
-        let a = t.get("a").unwrap().unwrap();
-        t.insert("b", a).unwrap();
+        let a = t.get(b"a\0\0\0\0\x01").unwrap().unwrap();
+        t.insert(b"b\0\0\0\0\x01", a).unwrap();
         db.flush().unwrap();
     }
     let s = store(dir.path());
-    assert!(matches!(s.private_key("b"), Err(KeyStoreError::Unseal(_))));
-    s.private_key("a").unwrap();
+    assert!(matches!(s.private_key("b", 1), Err(KeyStoreError::Unseal(_))));
+    s.private_key("a", 1).unwrap();
 
-    s.revoke("a").unwrap();
-    assert!(matches!(s.private_key("a"), Err(KeyStoreError::Revoked(_))));
+    s.revoke("a", None).unwrap();
+    assert!(matches!(s.private_key("a", 1), Err(KeyStoreError::Revoked(_))));
     assert!(s.info("a").unwrap().revoked);
     assert!(matches!(
-        s.private_key("zzz"),
+        s.private_key("zzz", 1),
         Err(KeyStoreError::NotFound(_))
     ));
+    assert!(matches!(s.rotate("zzz"), Err(KeyStoreError::NotFound(_))));
 }
 
 #[test]
@@ -148,4 +149,45 @@ fn a_master_key_others_can_read_is_refused() {
     std::fs::write(&path, b"short").unwrap();
     let err = MasterKey::load_or_create(&path).unwrap_err();
     assert!(err.to_string().contains("not 32"), "{err}");
+}
+
+/// Rotation: a new version with a new key pair; the old version still unwraps what was
+/// wrapped to it until it alone is revoked.
+#[test]
+fn rotation_adds_a_version_and_old_versions_unwrap_until_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let v1 = s.create("tenant-a/rsa", KeyKind::Rsa2048).unwrap();
+    let wrap_to = |pem: &str| {
+        let public = PublicKey::from_pem(pem.as_bytes()).unwrap();
+        ocicrypt::jwe::wrap(b"private options", &[public]).unwrap()
+    };
+    let old = wrap_to(&v1.public_pem);
+    let v2 = s.rotate("tenant-a/rsa").unwrap();
+    assert_eq!((v2.version, v2.algorithm.as_str()), (2, "RSA"));
+    assert_ne!(v1.public_pem, v2.public_pem);
+    assert_eq!(s.info("tenant-a/rsa").unwrap(), v2);
+    assert_eq!(s.versions("tenant-a/rsa").unwrap(), vec![v1.clone(), v2.clone()]);
+    let new = wrap_to(&v2.public_pem);
+    let opens = |jwe: &str, v: u32| {
+        ocicrypt::jwe::unwrap(jwe, &[s.private_key("tenant-a/rsa", v).unwrap()]).is_ok()
+    };
+    assert!(opens(&old, 1) && opens(&new, 2));
+    assert!(!opens(&old, 2), "a new version is a new key pair");
+    let revoked = s.revoke("tenant-a/rsa", Some(1)).unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert!(matches!(
+        s.private_key("tenant-a/rsa", 1),
+        Err(KeyStoreError::Revoked(_))
+    ));
+    assert!(opens(&new, 2));
+    assert!(matches!(
+        s.revoke("tenant-a/rsa", Some(9)),
+        Err(KeyStoreError::NotFound(_))
+    ));
+    // Creating or importing over an existing id is refused.
+    assert!(matches!(
+        s.create("tenant-a/rsa", KeyKind::EcP256),
+        Err(KeyStoreError::Exists(_))
+    ));
 }

@@ -4,6 +4,7 @@
 //! keyed with the same symmetric key over the whole ciphertext. Decryption also hashes the
 //! plaintext, which must match the digest in the private options.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use aes::cipher::{KeyIvInit, StreamCipher};
@@ -184,7 +185,7 @@ pub fn decrypt_layer_with<R: Read>(
             ))
         } else {
             Error::Unsupported(format!(
-                "layer keys are wrapped only by key provider(s) {} (not supported yet)",
+                "layer keys are wrapped only by key provider(s) {}: obtain them from that provider (the key broker)",
                 providers.join(", ")
             ))
         }
@@ -347,7 +348,7 @@ pub struct LayerEncryptor<W: Write> {
 impl<W: Write> LayerEncryptor<W> {
     pub fn new(out: W, ec: &EncryptConfig) -> Result<Self, Error> {
         crate::log_hardware_once();
-        if ec.recipients().is_empty() {
+        if ec.recipients().is_empty() && ec.providers().is_empty() {
             return Err(Error::NoKey(
                 "no recipients to encrypt the layer key to".into(),
             ));
@@ -370,19 +371,34 @@ impl<W: Write> LayerEncryptor<W> {
         })
     }
 
-    /// Flushes and returns the writer and the layer annotations (`keys.jwe`, `pubopts`).
+    /// Flushes and returns the writer and the layer annotations (`keys.jwe` and/or
+    /// `keys.provider.<name>`, `pubopts`).
     pub fn finish(mut self) -> Result<(W, Annotations), Error> {
         self.out.flush().map_err(Error::Io)?;
         let digest = format!("sha256:{}", hex(&self.plain_hash.finalize()));
         let hmac = self.mac.finalize().into_bytes().to_vec();
         let privopts = PrivateLayerOptions::new(*self.symkey, self.nonce, digest);
-        let wrapped = jwe::wrap(&privopts.to_json(), self.recipients.recipients())?;
+        let optsdata = privopts.to_json();
+        let mut annotations = Annotations::new();
+        if !self.recipients.recipients().is_empty() {
+            let wrapped = jwe::wrap(&optsdata, self.recipients.recipients())?;
+            annotations.insert(crate::ANNOTATION_KEYS_JWE.to_string(), wrapped);
+        }
+        let mut by_provider: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for p in self.recipients.providers() {
+            let wrapped = p.command.wrap(&p.name, &p.param, &optsdata)?;
+            by_provider
+                .entry(p.annotation_name())
+                .or_default()
+                .push(wrapped);
+        }
+        for (name, wrappings) in by_provider {
+            annotations.insert(name, crate::keyprovider::join_annotation(&wrappings));
+        }
         let pubopts = PublicLayerOptions {
             cipher: CIPHER_NAME.to_string(),
             hmac,
         };
-        let mut annotations = Annotations::new();
-        annotations.insert(crate::ANNOTATION_KEYS_JWE.to_string(), wrapped);
         annotations.insert(
             crate::ANNOTATION_PUBOPTS.to_string(),
             pubopts.to_annotation(),

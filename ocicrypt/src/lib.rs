@@ -19,6 +19,7 @@
 mod cipher;
 mod hw;
 pub mod jwe;
+pub mod keyprovider;
 pub mod keys;
 mod options;
 
@@ -54,19 +55,33 @@ pub fn decrypted_media_type(mt: &str) -> Option<&str> {
     mt.strip_suffix(ENCRYPTED_SUFFIX)
 }
 
-/// Recipients to encrypt layer keys to.
+/// Recipients to encrypt layer keys to: JWE public keys and key providers.
 #[derive(Clone, Debug)]
 pub struct EncryptConfig {
     recipients: Vec<keys::PublicKey>,
+    providers: Vec<keyprovider::ProviderRecipient>,
 }
 
 impl EncryptConfig {
     pub fn new(recipients: Vec<keys::PublicKey>) -> Self {
-        Self { recipients }
+        Self {
+            recipients,
+            providers: Vec::new(),
+        }
+    }
+
+    /// Adds key provider recipients (`provider:<name>:<param>`).
+    pub fn with_providers(mut self, providers: Vec<keyprovider::ProviderRecipient>) -> Self {
+        self.providers = providers;
+        self
     }
 
     pub fn recipients(&self) -> &[keys::PublicKey] {
         &self.recipients
+    }
+
+    pub fn providers(&self) -> &[keyprovider::ProviderRecipient] {
+        &self.providers
     }
 }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ocicrypt::keys::PublicKey;
+use ocicrypt::keyprovider::{ProviderConfig, ProviderRecipient};
 use ocicrypt::EncryptConfig;
 use publisher::build::{self, BuildOptions, LayerCompression};
 use publisher::keygen::{self, KeyKind};
@@ -48,7 +49,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "gzip")]
         compression: LayerCompression,
     },
-    /// Encrypt an image's layers to JWE recipients (`jwe:PUBLIC.pem`) under a new tag.
+    /// Encrypt an image's layers to JWE recipients (`jwe:PUBLIC.pem`) or key providers
+    /// (`provider:NAME:KEY-ID`) under a new tag.
     Encrypt {
         #[arg(long, value_name = "DIR")]
         layout: PathBuf,
@@ -56,9 +58,13 @@ enum Command {
         tag: String,
         #[arg(long)]
         out_tag: String,
-        /// `jwe:FILE` with an RSA or EC (P-256/384/521) public key; repeat for more recipients.
-        #[arg(long, required = true, value_name = "jwe:FILE")]
+        /// `jwe:FILE` with an RSA or EC (P-256/384/521) public key, or `provider:NAME:KEY-ID`
+        /// for an ocicrypt key provider (e.g. the key broker); repeat for more recipients.
+        #[arg(long, required = true, value_name = "jwe:FILE|provider:NAME:ID")]
         recipient: Vec<String>,
+        /// The ocicrypt key provider configuration (default: $OCICRYPT_KEYPROVIDER_CONFIG).
+        #[arg(long, value_name = "FILE")]
+        keyprovider_config: Option<PathBuf>,
         /// Encrypt only this layer (0-based; repeatable). Default: every layer.
         #[arg(long, value_name = "N")]
         layer: Vec<usize>,
@@ -132,19 +138,31 @@ fn run(cli: Cli) -> Result<()> {
             tag,
             out_tag,
             recipient,
+            keyprovider_config,
             layer,
         } => {
             let layout = Layout::open(&layout)?;
             let mut keys = Vec::new();
+            let mut providers = Vec::new();
             for r in &recipient {
+                if r.starts_with("provider:") {
+                    let config = match &keyprovider_config {
+                        Some(path) => ProviderConfig::load(path)?,
+                        None => ProviderConfig::from_env()?.with_context(|| {
+                            format!("recipient {r:?}: no --keyprovider-config and OCICRYPT_KEYPROVIDER_CONFIG is not set")
+                        })?,
+                    };
+                    providers.push(ProviderRecipient::parse(r, &config)?);
+                    continue;
+                }
                 let Some(path) = r.strip_prefix("jwe:") else {
-                    bail!("recipient {r:?}: only jwe:FILE recipients are supported");
+                    bail!("recipient {r:?}: use jwe:FILE or provider:NAME:KEY-ID");
                 };
                 let pem = std::fs::read(path).with_context(|| format!("reading {path}"))?;
                 keys.push(PublicKey::from_pem(&pem).with_context(|| format!("recipient {path}"))?);
             }
-            let desc =
-                encrypt::encrypt(&layout, &tag, &out_tag, &EncryptConfig::new(keys), &layer)?;
+            let config = EncryptConfig::new(keys).with_providers(providers);
+            let desc = encrypt::encrypt(&layout, &tag, &out_tag, &config, &layer)?;
             println!(
                 "{out_tag}: manifest {} ({} recipients)",
                 desc.digest,

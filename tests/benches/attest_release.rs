@@ -39,7 +39,7 @@ fn main() {
         let c = Instant::now();
         let nonce = running
             .rt
-            .block_on(ipu.challenge(ChallengeRequest {}))
+            .block_on(ipu.challenge(ChallengeRequest::default()))
             .unwrap()
             .into_inner()
             .nonce;

@@ -263,6 +263,7 @@ pub fn fixture_release(session_id: &str) -> ReleaseRequest {
         image_digest: layer.image_digest,
         layer_digest: layer.layer_digest,
         wrapped_jwe: layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
+        wrapped_provider: String::new(),
     }
 }
 

@@ -21,7 +21,7 @@ fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {
     let session_key = SessionKey::generate();
     let nonce = running
         .rt
-        .block_on(ipu.challenge(ChallengeRequest {}))
+        .block_on(ipu.challenge(ChallengeRequest::default()))
         .unwrap()
         .into_inner()
         .nonce;
@@ -71,7 +71,7 @@ fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {
         .unwrap();
     let err = running
         .rt
-        .block_on(auditor.challenge(ChallengeRequest {}))
+        .block_on(auditor.challenge(ChallengeRequest::default()))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     // A certificate with no role at all.
@@ -80,7 +80,7 @@ fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {
         .unwrap();
     let err = running
         .rt
-        .block_on(nobody.challenge(ChallengeRequest {}))
+        .block_on(nobody.challenge(ChallengeRequest::default()))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
@@ -90,7 +90,7 @@ fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {
         Ok(mut anonymous) => {
             let err = running
                 .rt
-                .block_on(anonymous.challenge(ChallengeRequest {}))
+                .block_on(anonymous.challenge(ChallengeRequest::default()))
                 .unwrap_err();
             assert_ne!(err.code(), tonic::Code::Ok);
         }
@@ -103,7 +103,7 @@ fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {
         Ok(mut c) => {
             assert!(running
                 .rt
-                .block_on(c.challenge(ChallengeRequest {}))
+                .block_on(c.challenge(ChallengeRequest::default()))
                 .is_err());
         }
     }

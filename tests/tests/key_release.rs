@@ -9,7 +9,7 @@ use integration_tests::broker::{broker, enc_signed_layer, key_store, verifier_fo
 use integration_tests::{audit_log, Swtpm};
 use ipu_image_svc::attest::Tpm;
 use keybroker::attest::binding;
-use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest};
+use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest, Wrapped};
 use keybroker::keystore::{KeyStore, MasterKey};
 use keybroker::release::SessionKey;
 use ocicrypt::{PrivateLayerOptions, PublicLayerOptions};
@@ -53,7 +53,7 @@ fn request(session: &str, tenant: &str) -> ReleaseRequest {
         image: layer.image,
         image_digest: layer.image_digest,
         layer_digest: layer.layer_digest,
-        wrapped_jwe: layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
+        wrapped: Wrapped::Jwe(layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone()),
     }
 }
 
@@ -115,7 +115,10 @@ fn attested_ipu_gets_the_layer_key_and_decrypts_the_layer() {
     );
     // A layer wrapped to a key the broker does not hold (the EC fixture key).
     let mut foreign = req.clone();
-    foreign.wrapped_jwe = req.wrapped_jwe.replace('A', "B");
+    let Wrapped::Jwe(jwe) = &req.wrapped else {
+        unreachable!()
+    };
+    foreign.wrapped = Wrapped::Jwe(jwe.replace('A', "B"));
     let err = s.broker.release(CLIENT, &foreign).unwrap_err();
     assert!(matches!(err, BrokerError::NoUsableKey(_)), "{err}");
 
@@ -192,13 +195,13 @@ fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
             &ipu_key.public(),
         )
         .unwrap();
-    s.broker.keys().revoke("fixtures-rsa").unwrap();
+    s.broker.keys().revoke("fixtures-rsa", None).unwrap();
     let err = s
         .broker
         .release(CLIENT, &request(&session.id, "acme"))
         .unwrap_err();
     assert!(
-        matches!(&err, BrokerError::Denied(r) if r.contains("fixtures-rsa is revoked")),
+        matches!(&err, BrokerError::Denied(r) if r.contains("fixtures-rsa version 1 is revoked")),
         "{err}"
     );
 }

@@ -152,6 +152,77 @@ fn p256_spki(public: &[u8]) -> Vec<u8> {
     der
 }
 
+/// Why a bundle was not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The offered bundle is not acceptable (a security decision: audit it as a denial).
+    #[error(transparent)]
+    Rejected(#[from] BundleError),
+    /// The state directory or the running bundle cannot be read or written.
+    #[error("{0}")]
+    State(String),
+}
+
+/// The running bundle of a service, kept in its state directory across restarts, so a
+/// restart cannot be used to roll the policy back.
+#[derive(Clone, Debug)]
+pub struct BundleStore {
+    dir: std::path::PathBuf,
+}
+
+impl BundleStore {
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn running_path(&self) -> std::path::PathBuf {
+        self.dir.join("running.bundle")
+    }
+
+    /// The running bundle, verified again with the trusted keys (`None`: none yet).
+    pub fn running(&self, trusted: &[VerificationKey]) -> Result<Option<VerifiedBundle>, String> {
+        let path = self.running_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => verify(&bytes, trusted, None)
+                .map(Some)
+                .map_err(|e| format!("the running bundle {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Verifies an offered bundle against the trusted keys and the running version and, if
+    /// it is newer, records it as the running one (atomically).
+    pub fn install(
+        &self,
+        bytes: &[u8],
+        trusted: &[VerificationKey],
+    ) -> Result<VerifiedBundle, InstallError> {
+        let running = self.running(trusted).map_err(InstallError::State)?;
+        let verified = verify(
+            bytes,
+            trusted,
+            running.as_ref().map(|r| (r.content.version, &r.content)),
+        )?;
+        if running
+            .as_ref()
+            .is_none_or(|r| r.content.version < verified.content.version)
+        {
+            let state = |e: std::io::Error| {
+                InstallError::State(format!(
+                    "cannot record the running bundle in {}: {e}",
+                    self.dir.display()
+                ))
+            };
+            std::fs::create_dir_all(&self.dir).map_err(state)?;
+            let tmp = self.dir.join("running.bundle.tmp");
+            std::fs::write(&tmp, bytes).map_err(state)?;
+            std::fs::rename(&tmp, self.running_path()).map_err(state)?;
+        }
+        Ok(verified)
+    }
+}
+
 /// A bundle whose signature, version and documents checked out.
 #[derive(Debug)]
 pub struct VerifiedBundle {

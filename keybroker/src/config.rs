@@ -1,0 +1,247 @@
+//! `keybroker serve`'s configuration file (TOML). Relative paths are taken from the file's
+//! directory. Unknown keys are refused, so a typo never silently weakens the setup.
+//!
+//! ```toml
+//! state_dir = "/var/lib/keybroker"          # key store, enrollments, running policy
+//! audit_log = "/var/lib/keybroker/audit"    # or audit_socket = "/run/ipu-audit/writer.sock"
+//! bundle_keys = ["policy-signer.pub"]       # who may sign deployment policy bundles
+//! session_ttl = "5m"
+//! nonce_lifetime = "60s"
+//! provider_name = "ipubroker"
+//!
+//! [tls]                                     # IPUs, publishers, admins over the network
+//! listen = "0.0.0.0:8443"
+//! cert = "server.pem"
+//! key = "server.key"
+//! client_ca = "clients-ca.pem"
+//!
+//! [unix]                                    # local administration and the key provider
+//! socket = "/run/keybroker/keybroker.sock"
+//! roles = { "1000" = "publisher" }          # uid -> role; root and the broker's uid: admin
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::broker::BrokerOptions;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    state_dir: PathBuf,
+    #[serde(default)]
+    audit_log: Option<PathBuf>,
+    #[serde(default)]
+    audit_socket: Option<PathBuf>,
+    #[serde(default)]
+    bundle_keys: Vec<PathBuf>,
+    #[serde(default)]
+    session_ttl: Option<String>,
+    #[serde(default)]
+    nonce_lifetime: Option<String>,
+    #[serde(default)]
+    provider_name: Option<String>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    unix: Option<RawUnix>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnix {
+    socket: PathBuf,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+}
+
+/// Where the broker's audit events go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// A log directory the broker writes itself.
+    Dir(PathBuf),
+    /// The writer socket of `audit serve`.
+    Socket(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    pub listen: std::net::SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct UnixListener {
+    pub socket: PathBuf,
+    /// uid -> role, beyond root and the broker's own uid (admin).
+    pub roles: BTreeMap<u32, String>,
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub broker: BrokerOptions,
+    pub audit: AuditTarget,
+    pub tls: Option<TlsListener>,
+    pub unix: Option<UnixListener>,
+}
+
+pub const ROLES: [&str; 4] = ["admin", "publisher", "ipu", "auditor"];
+
+fn duration(what: &str, v: Option<&str>, default: Duration) -> Result<Duration, String> {
+    match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| format!("{what} = {s:?}: {e}"))
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err(format!("{what} must be longer than zero"))
+                } else {
+                    Ok(d)
+                }
+            }),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let raw: Raw = toml::from_str(text).map_err(|e| e.to_string())?;
+        let at = |p: &Path| base.join(p);
+        let mut broker = BrokerOptions::new(at(&raw.state_dir));
+        broker.bundle_keys = raw.bundle_keys.iter().map(|p| at(p)).collect();
+        broker.session_ttl = duration(
+            "session_ttl",
+            raw.session_ttl.as_deref(),
+            broker.session_ttl,
+        )?;
+        broker.nonce_lifetime = duration(
+            "nonce_lifetime",
+            raw.nonce_lifetime.as_deref(),
+            broker.nonce_lifetime,
+        )?;
+        if let Some(name) = raw.provider_name {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                return Err(format!("provider_name {name:?}: letters, digits, - _ ."));
+            }
+            broker.provider_name = name;
+        }
+        let audit = match (raw.audit_log, raw.audit_socket) {
+            (Some(_), Some(_)) => return Err("give audit_log or audit_socket, not both".into()),
+            (Some(d), None) => AuditTarget::Dir(at(&d)),
+            (None, Some(s)) => AuditTarget::Socket(at(&s)),
+            (None, None) => AuditTarget::Dir(crate::broker::default_audit_dir(&broker.state_dir)),
+        };
+        let tls = match raw.tls {
+            None => None,
+            Some(t) => Some(TlsListener {
+                listen: t
+                    .listen
+                    .parse()
+                    .map_err(|e| format!("tls.listen = {:?}: {e}", t.listen))?,
+                cert: at(&t.cert),
+                key: at(&t.key),
+                client_ca: at(&t.client_ca),
+            }),
+        };
+        let unix = match raw.unix {
+            None => None,
+            Some(u) => {
+                let mut roles = BTreeMap::new();
+                for (uid, role) in u.roles {
+                    let uid: u32 = uid
+                        .parse()
+                        .map_err(|_| format!("unix.roles: {uid:?} is not a numeric uid"))?;
+                    if !ROLES.contains(&role.as_str()) || role == "ipu" {
+                        return Err(format!(
+                            "unix.roles: role {role:?} for uid {uid} (admin, publisher or auditor; IPUs attest over TLS)"
+                        ));
+                    }
+                    roles.insert(uid, role);
+                }
+                Some(UnixListener {
+                    socket: at(&u.socket),
+                    roles,
+                })
+            }
+        };
+        if tls.is_none() && unix.is_none() {
+            return Err("nothing to serve: configure [tls], [unix] or both".into());
+        }
+        Ok(Self {
+            broker,
+            audit,
+            tls,
+            unix,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_resolves_paths() {
+        let c = Config::parse(
+            r#"
+state_dir = "state"
+bundle_keys = ["signer.pub"]
+session_ttl = "2m"
+[tls]
+listen = "127.0.0.1:8443"
+cert = "s.pem"
+key = "s.key"
+client_ca = "/etc/ca.pem"
+[unix]
+socket = "kb.sock"
+roles = { "1000" = "publisher" }
+"#,
+            Path::new("/etc/kb"),
+        )
+        .unwrap();
+        assert_eq!(c.broker.state_dir, Path::new("/etc/kb/state"));
+        assert_eq!(c.broker.session_ttl, Duration::from_secs(120));
+        assert_eq!(c.audit, AuditTarget::Dir("/etc/kb/state/audit".into()));
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.client_ca, Path::new("/etc/ca.pem"));
+        assert_eq!(c.unix.unwrap().roles[&1000], "publisher");
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_their_place() {
+        let cases = [
+            ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nrolez = {}\n", "rolez"),
+            ("state_dir = \"s\"\n", "nothing to serve"),
+            ("state_dir = \"s\"\nsession_ttl = \"soon\"\n[unix]\nsocket = \"x\"\n", "session_ttl"),
+            ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nroles = { \"1000\" = \"ipu\" }\n", "IPUs attest over TLS"),
+            ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nroles = { \"bob\" = \"admin\" }\n", "numeric uid"),
+            ("state_dir = \"s\"\n[tls]\nlisten = \"nowhere\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"a\"\n", "tls.listen"),
+            ("state_dir = \"s\"\naudit_log = \"a\"\naudit_socket = \"b\"\n[unix]\nsocket = \"x\"\n", "not both"),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(text, Path::new("/")).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}
