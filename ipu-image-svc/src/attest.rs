@@ -51,6 +51,9 @@ fn pad(v: &[u8], n: usize) -> Result<Vec<u8>, TpmError> {
     Ok(out)
 }
 
+/// Where `ipu-image-svc` keeps its attestation key (owner persistent range).
+pub const DEFAULT_AK_HANDLE: u32 = 0x8101_0010;
+
 /// An open TPM with a loaded attestation key.
 pub struct Tpm {
     ctx: Context,
@@ -63,14 +66,52 @@ pub struct Tpm {
 
 impl Tpm {
     /// Opens the TPM at `tcti` (e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`)
-    /// and creates an AK under the ECC endorsement key.
+    /// and creates a fresh AK under the ECC endorsement key (gone when the context closes).
     pub fn open(tcti: &str) -> Result<Self, TpmError> {
+        let mut ctx = Self::context(tcti)?;
+        let (ak, _) = Self::create_ak(&mut ctx)?;
+        Self::with_ak(ctx, ak)
+    }
+
+    /// Opens the TPM with the AK persisted at `handle` (e.g. [`DEFAULT_AK_HANDLE`]), creating
+    /// and persisting it on first use: the key a broker enrolls must outlive the process.
+    pub fn open_persistent(tcti: &str, handle: u32) -> Result<Self, TpmError> {
+        use tss_esapi::handles::{PersistentTpmHandle, TpmHandle};
+        use tss_esapi::interface_types::dynamic_handles::Persistent;
+        use tss_esapi::interface_types::resource_handles::Provision;
+        use tss_esapi::interface_types::session_handles::AuthSession;
+        let mut ctx = Self::context(tcti)?;
+        let persistent = PersistentTpmHandle::new(handle).map_err(tpm("persistent handle"))?;
+        if let Ok(obj) = ctx.tr_from_tpm_public(TpmHandle::Persistent(persistent)) {
+            return Self::with_ak(ctx, obj.into());
+        }
+        let (ak, _) = Self::create_ak(&mut ctx)?;
+        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.evict_control(
+                Provision::Owner,
+                ak.into(),
+                Persistent::Persistent(persistent),
+            )
+        })
+        .map_err(tpm("persist attestation key"))?;
+        ctx.flush_context(ak.into()).map_err(tpm("flush AK"))?;
+        let obj = ctx
+            .tr_from_tpm_public(TpmHandle::Persistent(persistent))
+            .map_err(tpm("persisted attestation key"))?;
+        Self::with_ak(ctx, obj.into())
+    }
+
+    fn context(tcti: &str) -> Result<Context, TpmError> {
         let conf = TctiNameConf::from_str(tcti).map_err(tpm("TCTI"))?;
-        let mut ctx = Context::new(conf).map_err(tpm("context"))?;
-        let ek = ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Ecc, DefaultKey)
+        Context::new(conf).map_err(tpm("context"))
+    }
+
+    /// Creates and loads an AK under the ECC EK.
+    fn create_ak(ctx: &mut Context) -> Result<(KeyHandle, Public), TpmError> {
+        let ek = ek::create_ek_object(ctx, AsymmetricAlgorithm::Ecc, DefaultKey)
             .map_err(tpm("endorsement key"))?;
         let created = ak::create_ak(
-            &mut ctx,
+            ctx,
             ek,
             HashingAlgorithm::Sha256,
             SignatureSchemeAlgorithm::EcDsa,
@@ -78,11 +119,18 @@ impl Tpm {
             DefaultKey,
         )
         .map_err(tpm("create attestation key"))?;
-        let ak_template = created
-            .out_public
-            .marshall()
-            .map_err(tpm("marshall AK public"))?;
-        let ak_public = match &created.out_public {
+        let public = created.out_public.clone();
+        let ak = ak::load_ak(ctx, ek, None, created.out_private, created.out_public)
+            .map_err(tpm("load attestation key"))?;
+        // The EK stays loaded only as long as needed: swtpm has three object slots.
+        ctx.flush_context(ek.into()).map_err(tpm("flush EK"))?;
+        Ok((ak, public))
+    }
+
+    fn with_ak(mut ctx: Context, ak: KeyHandle) -> Result<Self, TpmError> {
+        let (public, _, _) = ctx.read_public(ak).map_err(tpm("read AK public"))?;
+        let ak_template = public.marshall().map_err(tpm("marshall AK public"))?;
+        let ak_public = match &public {
             Public::Ecc { unique, .. } => {
                 let mut p = vec![0x04];
                 p.extend(pad(unique.x().value(), 32)?);
@@ -91,10 +139,6 @@ impl Tpm {
             }
             other => return Err(TpmError::Unexpected(format!("an AK of type {other:?}"))),
         };
-        let ak = ak::load_ak(&mut ctx, ek, None, created.out_private, created.out_public)
-            .map_err(tpm("load attestation key"))?;
-        // The EK stays loaded only as long as needed: swtpm has three object slots.
-        ctx.flush_context(ek.into()).map_err(tpm("flush EK"))?;
         Ok(Self {
             ctx,
             ak,

@@ -8,6 +8,7 @@
 //! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
 
 pub mod attest;
+pub mod broker;
 pub mod fetch;
 pub mod pipeline;
 pub mod rootfs;

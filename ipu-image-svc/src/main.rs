@@ -3,12 +3,13 @@
 //! Exit codes: 0 accepted (and done), 3 rejected by policy or verification, 1 operational
 //! error, 2 usage error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ipu_image_svc::broker::{BrokerKeys, BrokerSettings};
 use ipu_image_svc::fetch::Platform;
 use ipu_image_svc::pipeline::{
     FailureClass, Goal, PipelineConfig, PipelineError, Progress, Report, TrustPipeline, EXIT_USAGE,
@@ -30,13 +31,76 @@ struct Cli {
     command: Top,
 }
 
+// Parsed once; boxing the larger variants would only obscure the CLI definition.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Top {
     /// Image operations.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// This IPU's TPM.
+    #[command(subcommand)]
+    Tpm(TpmCommand),
 }
 
+#[derive(Subcommand)]
+enum TpmCommand {
+    /// Write the attestation key's TPMT_PUBLIC (creating and persisting the key on first
+    /// use), for `keybroker ipus enroll --ak-template`.
+    Ak {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct TpmArgs {
+    /// The TPM, as a tpm2-tss TCTI (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`).
+    #[arg(long, value_name = "TCTI", default_value = "device:/dev/tpmrm0")]
+    tpm: String,
+    /// The persistent handle of the attestation key.
+    #[arg(long, value_name = "HANDLE", default_value = "0x81010010", value_parser = parse_handle)]
+    ak_handle: u32,
+}
+
+fn parse_handle(s: &str) -> Result<u32, String> {
+    let h = u32::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|e| format!("{s:?} is not a hex handle: {e}"))?;
+    if !(0x8100_0000..=0x81ff_ffff).contains(&h) {
+        return Err(format!(
+            "{s} is not a persistent handle (0x81000000-0x81ffffff)"
+        ));
+    }
+    Ok(h)
+}
+
+#[derive(Args)]
+struct BrokerArgs {
+    /// The key broker (`https://HOST:PORT`): attest with the TPM and obtain every layer key
+    /// from it, sealed to this run's session key. Needs --tenant and --function.
+    #[arg(long, value_name = "URL", requires_all = ["broker_ca", "broker_cert", "broker_key"], conflicts_with = "decryption_key")]
+    broker: Option<String>,
+    /// The CA the broker's certificate chains to.
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
+    /// This IPU's client certificate (role ipu) and key.
+    #[arg(long, value_name = "FILE")]
+    broker_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    broker_key: Option<PathBuf>,
+    /// The name in the broker's certificate, if not the URL's host.
+    #[arg(long, value_name = "NAME")]
+    broker_name: Option<String>,
+    /// The broker's key provider name.
+    #[arg(long, value_name = "NAME", default_value = keybroker::provider::DEFAULT_NAME)]
+    provider_name: String,
+    #[command(flatten)]
+    tpm: TpmArgs,
+}
+
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Resolve the manifest and check its signatures against the policy. Fetches no layers.
@@ -66,7 +130,8 @@ struct CommonArgs {
         default_value = "/var/lib/ipu-image-svc/policy"
     )]
     bundle_state: PathBuf,
-    /// The attested class of this IPU (the key broker issue attests it; given here for now).
+    /// The class of this IPU for the deployment policy, when not attested to a key broker
+    /// (with --broker the attested class is used and this must match it).
     #[arg(long)]
     ipu_class: Option<String>,
     /// docker://HOST[:PORT]/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]
@@ -123,10 +188,12 @@ struct UnpackArgs {
     /// Where to write the ext4 image.
     #[arg(long, short, value_name = "FILE")]
     output: PathBuf,
-    /// PEM private key that may unwrap layer keys (repeatable). Development option: the key
-    /// broker replaces it.
+    /// PEM private key that may unwrap layer keys (repeatable). Development option, audited
+    /// when used: production takes layer keys from the key broker (--broker).
     #[arg(long, value_name = "FILE")]
     decryption_key: Vec<PathBuf>,
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Where private staging trees are made (default: <cache>/staging).
     #[arg(long, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
@@ -156,7 +223,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let Top::Image(cmd) = cli.command;
+    let cmd = match cli.command {
+        Top::Image(cmd) => cmd,
+        Top::Tpm(TpmCommand::Ak { tpm, output }) => {
+            return match write_ak(&tpm, &output) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ipu-image-svc: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let (common, goal, unpack) = match cmd {
         ImageCommand::Verify(c) => (c, Goal::Verify, None),
         ImageCommand::Pull(c) => (c, Goal::Pull, None),
@@ -205,9 +283,24 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+fn write_ak(tpm: &TpmArgs, output: &Path) -> Result<(), String> {
+    let t = ipu_image_svc::attest::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
+        .map_err(|e| e.to_string())?;
+    std::fs::write(output, t.ak_template())
+        .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    eprintln!(
+        "ipu-image-svc: attestation key at {:#x} written to {} (AK {})",
+        tpm.ak_handle,
+        output.display(),
+        hex::encode(&t.ak_public()[..9])
+    );
+    Ok(())
+}
+
 /// Unpack-only options, split off so `run` takes plain values.
 struct UnpackOptions {
     decryption_key: Vec<PathBuf>,
+    broker: BrokerArgs,
     staging_dir: Option<PathBuf>,
     allow_device_nodes: bool,
     max_unpacked_bytes: Option<u64>,
@@ -220,6 +313,7 @@ impl UnpackArgs {
     fn split(self) -> (CommonArgs, PathBuf, UnpackOptions) {
         let rest = UnpackOptions {
             decryption_key: self.decryption_key,
+            broker: self.broker,
             staging_dir: self.staging_dir,
             allow_device_nodes: self.allow_device_nodes,
             max_unpacked_bytes: self.max_unpacked_bytes,
@@ -282,6 +376,39 @@ fn run(
     cfg.source.platform = platform;
     cfg.source.insecure_http_hosts = common.insecure_http.clone();
     if let Some(u) = unpack {
+        if let Some(url) = &u.broker.broker {
+            let (Some(tenant), Some(function)) = (&cfg.tenant, &cfg.function) else {
+                exit_usage("--broker needs --tenant and --function (the broker decides per tenant and function)");
+            };
+            let settings = BrokerSettings {
+                url: url.clone(),
+                server_name: u.broker.broker_name.clone(),
+                ca: u.broker.broker_ca.clone().expect("required by clap"),
+                cert: u.broker.broker_cert.clone().expect("required by clap"),
+                key: u.broker.broker_key.clone().expect("required by clap"),
+                tpm: u.broker.tpm.tpm.clone(),
+                ak_handle: u.broker.tpm.ak_handle,
+                provider_name: u.broker.provider_name.clone(),
+            };
+            let keys = BrokerKeys::attest(&settings).map_err(|e| {
+                PipelineError::new(
+                    FailureClass::NoDecryptionKey,
+                    format!("key broker {url} (tenant {tenant}, function {function}): {e}"),
+                )
+            })?;
+            // The class the broker attested is the class the deployment policy sees.
+            if let Some(d) = cfg.deployment.as_mut() {
+                if d.ipu_class.as_ref().is_some_and(|c| *c != keys.ipu_class) {
+                    return Err(bad_config(format!(
+                        "--ipu-class {} but the broker attested this IPU as {}",
+                        d.ipu_class.as_deref().unwrap_or(""),
+                        keys.ipu_class
+                    )));
+                }
+                d.ipu_class = Some(keys.ipu_class.clone());
+            }
+            cfg.layer_keys = Some(std::sync::Arc::new(keys));
+        }
         if !u.decryption_key.is_empty() {
             tracing::warn!("--decryption-key is a development option: private keys on this host; the key broker replaces it");
         }

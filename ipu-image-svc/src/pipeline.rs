@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::fetch::{self, BlobCache, FetchError, FetchErrorClass, SourceOptions};
 use crate::rootfs::{self, RootfsError, RootfsImage, RootfsOptions};
+use crate::secret::SecretBuf;
 use crate::unpack::{self, Budget, Compression, Limits, Staging, UnpackError};
 
 /// Why an image was refused or the pipeline failed. Rejections are decisions about the image
@@ -189,7 +190,10 @@ pub struct PipelineConfig {
     /// Where private staging trees are made; defaults to `<cache_dir>/staging`.
     pub staging_dir: Option<PathBuf>,
     pub source: SourceOptions,
+    /// Local private keys: a development option (the broker is the production path).
     pub decryption: DecryptConfig,
+    /// Where layer keys come from: the key broker. Takes precedence over `decryption`.
+    pub layer_keys: Option<Arc<dyn LayerKeySource>>,
     pub limits: Limits,
     pub rootfs: RootfsOptions,
     /// Where decisions are recorded. A service always sets it; a run that cannot write its
@@ -201,6 +205,24 @@ pub struct PipelineConfig {
     /// When set, the request must be allowed by this deployment policy, whose requirements
     /// and limits are then enforced (over `limits` where stricter).
     pub deployment: Option<Deployment>,
+}
+
+/// What a key source is asked for one encrypted layer.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerKeyRequest<'a> {
+    /// The image reference as deployed.
+    pub image: &'a str,
+    pub image_digest: &'a str,
+    pub layer_digest: &'a str,
+    pub annotations: &'a ocicrypt::Annotations,
+    pub tenant: &'a str,
+    pub function: &'a str,
+}
+
+/// A source of layer keys other than local key files (the key broker).
+pub trait LayerKeySource: Send + Sync {
+    /// One layer's private options (ocicrypt JSON), in secret memory.
+    fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<SecretBuf, String>;
 }
 
 /// The deployment policy a run is checked against.
@@ -219,6 +241,7 @@ impl PipelineConfig {
             staging_dir: None,
             source: SourceOptions::default(),
             decryption: DecryptConfig::new(Vec::new()),
+            layer_keys: None,
             limits: Limits::default(),
             rootfs: RootfsOptions::default(),
             audit: None,
@@ -577,6 +600,7 @@ impl TrustPipeline {
             report.layers[i].compression = Some(compression);
             if report.layers[i].encrypted
                 && self.cfg.decryption.keys().is_empty()
+                && self.cfg.layer_keys.is_none()
                 && matches!(goal, Goal::Unpack { .. })
             {
                 let e = PipelineError::new(
@@ -632,6 +656,12 @@ impl TrustPipeline {
             )
         })?;
         let mut budget = Budget::default();
+        let image_ref = reference.to_string();
+        let image_digest = report
+            .manifest_digest
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_default();
         for (i, layer) in image.manifest.layers.iter().enumerate() {
             progress.stage(&format!(
                 "unpacking layer {}/{} ({})",
@@ -646,6 +676,7 @@ impl TrustPipeline {
             let applied = self.apply_one(
                 &staging,
                 &paths[i],
+                (&image_ref, &image_digest),
                 layer,
                 i,
                 &image.config.diff_ids[i],
@@ -821,6 +852,7 @@ impl TrustPipeline {
         &self,
         staging: &Staging,
         blob: &Path,
+        (image_ref, image_digest): (&str, &str),
         layer: &fetch::Descriptor,
         index: usize,
         diff_id: &Digest,
@@ -841,9 +873,36 @@ impl TrustPipeline {
         let decrypt_err = |e| LayerFailure::Decrypt(from_ocicrypt(e, index, &layer.digest));
         let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, &layer.digest));
         let stats = if report.encrypted {
-            let mut decryptor =
-                ocicrypt::decrypt_layer(reader, &layer.annotations, &self.cfg.decryption)
-                    .map_err(decrypt_err)?;
+            let mut decryptor = match &self.cfg.layer_keys {
+                Some(source) => {
+                    let layer_digest = layer.digest.to_string();
+                    let request = LayerKeyRequest {
+                        image: image_ref,
+                        image_digest,
+                        layer_digest: &layer_digest,
+                        annotations: &layer.annotations,
+                        tenant: self.cfg.tenant.as_deref().unwrap_or(""),
+                        function: self.cfg.function.as_deref().unwrap_or(""),
+                    };
+                    let secret = source.private_options(&request).map_err(|e| {
+                        LayerFailure::Decrypt(PipelineError::new(
+                            FailureClass::NoDecryptionKey,
+                            format!("layer {index} ({}): key broker: {e}", layer.digest),
+                        ))
+                    })?;
+                    // Parsed from secret memory; the parsed options are zeroized when the
+                    // layer is done, the secret buffer when it drops here.
+                    let privopts = ocicrypt::PrivateLayerOptions::from_json(secret.as_slice())
+                        .map_err(decrypt_err)?;
+                    let pubopts =
+                        ocicrypt::PublicLayerOptions::from_annotations(&layer.annotations)
+                            .map_err(decrypt_err)?;
+                    ocicrypt::LayerDecryptor::with_options(reader, &pubopts, &privopts)
+                        .map_err(decrypt_err)?
+                }
+                None => ocicrypt::decrypt_layer(reader, &layer.annotations, &self.cfg.decryption)
+                    .map_err(decrypt_err)?,
+            };
             let unpacked = unpack_stream(staging, &mut decryptor, compression, limits, budget);
             // The tar stream is read (or refused); now the HMAC over all ciphertext must
             // match. A layer that failed to unpack is checked too: modified ciphertext

@@ -434,7 +434,10 @@ impl Verifier {
             return Err("the attestation key is not an uncompressed P-256 point".into());
         }
         if e.ipu_id.is_empty() || e.ipu_id.len() > 128 || e.ipu_id.contains(char::is_control) {
-            return Err(format!("IPU id {:?}: 1 to 128 printable characters", e.ipu_id));
+            return Err(format!(
+                "IPU id {:?}: 1 to 128 printable characters",
+                e.ipu_id
+            ));
         }
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         if enrolled

@@ -450,8 +450,7 @@ impl Broker {
                 }
                 for info in &allowed {
                     let key = self.private_key(&info.id, info.version)?;
-                    if let Ok(privopts) = ocicrypt::jwe::unwrap(jwe, std::slice::from_ref(&*key))
-                    {
+                    if let Ok(privopts) = ocicrypt::jwe::unwrap(jwe, std::slice::from_ref(&*key)) {
                         let delivered = deliver(&session, &privopts)?;
                         return Ok((info.id.clone(), session.ipu_id.clone(), delivered));
                     }
@@ -498,7 +497,12 @@ impl Broker {
 
     /// The key provider door's WrapKey: wraps a publisher's private options to the newest
     /// usable version of `key_id`. Audited (no secret in the event).
-    pub fn wrap(&self, client: &str, key_id: &str, optsdata: &[u8]) -> Result<Vec<u8>, BrokerError> {
+    pub fn wrap(
+        &self,
+        client: &str,
+        key_id: &str,
+        optsdata: &[u8],
+    ) -> Result<Vec<u8>, BrokerError> {
         let result = (|| {
             let newest = self
                 .keys
@@ -522,7 +526,10 @@ impl Broker {
             ))
         })();
         let (outcome, reason) = match &result {
-            Ok((v, _)) => (Outcome::Success, format!("layer key wrapped to version {v}")),
+            Ok((v, _)) => (
+                Outcome::Success,
+                format!("layer key wrapped to version {v}"),
+            ),
             Err(e) => (Outcome::Failure, e.to_string()),
         };
         let mut e = Event::new(
@@ -608,7 +615,10 @@ impl Broker {
                 .lock()
                 .expect("not poisoned")
                 .retain(|(k, _), _| k != id);
-            Ok((revoked, format!("version(s) {} revoked", versions.join(", "))))
+            Ok((
+                revoked,
+                format!("version(s) {} revoked", versions.join(", ")),
+            ))
         })
     }
 
@@ -710,7 +720,11 @@ impl Broker {
     /// The version of the running policy bundle, if one is loaded from a bundle.
     pub fn policy_version(&self) -> Option<u64> {
         let (store, trusted) = self.bundles.as_ref()?;
-        store.running(trusted).ok().flatten().map(|b| b.content.version)
+        store
+            .running(trusted)
+            .ok()
+            .flatten()
+            .map(|b| b.content.version)
     }
 }
 

@@ -141,7 +141,11 @@ impl Config {
             broker.nonce_lifetime,
         )?;
         if let Some(name) = raw.provider_name {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
                 return Err(format!("provider_name {name:?}: letters, digits, - _ ."));
             }
             broker.provider_name = name;

@@ -27,10 +27,19 @@ use keybroker::keystore::KeyKind;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 #[derive(Parser)]
-#[command(name = "keybroker", version, about = "Key broker: layer keys for attested IPUs")]
+#[command(
+    name = "keybroker",
+    version,
+    about = "Key broker: layer keys for attested IPUs"
+)]
 struct Cli {
     /// The broker's state directory, for commands run without a broker (`--socket`).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/keybroker", global = true)]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/keybroker",
+        global = true
+    )]
     dir: PathBuf,
     /// A running broker's Unix socket: administer it instead of the state directory.
     #[arg(long, value_name = "SOCKET", global = true)]
@@ -384,6 +393,8 @@ fn keyprovider(cli: &Cli) -> Result<(), String> {
 }
 
 /// Administrative operations, on a running broker or on its state directory.
+// One per process.
+#[allow(clippy::large_enum_variant)]
 enum Target {
     Remote(tokio::runtime::Runtime, KeyAdminClient<Channel>),
     Local(Broker, String),
@@ -405,7 +416,10 @@ impl Target {
         opts.bundle_keys = cli.bundle_key.clone();
         let broker = Broker::open(&opts, sink).map_err(|e| {
             if e.to_string().contains("lock") {
-                format!("{e} (a broker is running on {}: use --socket)", cli.dir.display())
+                format!(
+                    "{e} (a broker is running on {}: use --socket)",
+                    cli.dir.display()
+                )
             } else {
                 e.to_string()
             }
@@ -446,7 +460,10 @@ macro_rules! call {
     ($t:expr, |$b:ident, $who:ident| $local:expr, |$c:ident| $remote:expr) => {
         match $t {
             Target::Local($b, $who) => $local.map_err(|e| e.to_string()),
-            Target::Remote(rt, $c) => rt.block_on($remote).map(|r| r.into_inner()).map_err(rpc_error),
+            Target::Remote(rt, $c) => rt
+                .block_on($remote)
+                .map(|r| r.into_inner())
+                .map_err(rpc_error),
         }
     };
 }
@@ -470,31 +487,56 @@ fn admin(cli: &Cli) -> Result<(), String> {
     match &cli.command {
         Command::Keys(Keys::Create { id, kind }) => {
             let kk: KeyKind = kind.name().parse().map_err(|e| format!("{e}"))?;
-            let k = call!(t, |b, who| b.create_key(who, id, kk).map(key_info),
-                |c| c.create_key(CreateKeyRequest { id: id.clone(), kind: kind.name().into() }))?;
+            let k = call!(t, |b, who| b.create_key(who, id, kk).map(key_info), |c| c
+                .create_key(CreateKeyRequest {
+                    id: id.clone(),
+                    kind: kind.name().into()
+                }))?;
             print!("{}", k.public_pem);
         }
         Command::Keys(Keys::Import { id, key }) => {
             let pem = zeroize::Zeroizing::new(
                 std::fs::read(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?,
             );
-            let k = call!(t, |b, who| b.import_key(who, id, &pem).map(key_info),
-                |c| c.import_key(ImportKeyRequest { id: id.clone(), private_pem: pem.to_vec() }))?;
+            let k = call!(t, |b, who| b.import_key(who, id, &pem).map(key_info), |c| c
+                .import_key(ImportKeyRequest {
+                    id: id.clone(),
+                    private_pem: pem.to_vec()
+                }))?;
             print!("{}", k.public_pem);
         }
         Command::Keys(Keys::Rotate { id }) => {
-            let k = call!(t, |b, who| b.rotate_key(who, id).map(key_info),
-                |c| c.rotate_key(KeyIdRequest { id: id.clone() }))?;
-            eprintln!("keybroker: {} version {} ({})", k.id, k.version, k.algorithm);
+            let k = call!(t, |b, who| b.rotate_key(who, id).map(key_info), |c| c
+                .rotate_key(KeyIdRequest { id: id.clone() }))?;
+            eprintln!(
+                "keybroker: {} version {} ({})",
+                k.id, k.version, k.algorithm
+            );
             print!("{}", k.public_pem);
         }
         Command::Keys(Keys::Revoke { id, version }) => {
-            call!(t, |b, who| b.revoke_key(who, id, *version).map(|_| ()),
-                |c| async { c.revoke_key(RevokeKeyRequest { id: id.clone(), version: version.unwrap_or(0) }).await.map(|r| r.map(|_| ())) })?;
+            call!(
+                t,
+                |b, who| b.revoke_key(who, id, *version).map(|_| ()),
+                |c| async {
+                    c.revoke_key(RevokeKeyRequest {
+                        id: id.clone(),
+                        version: version.unwrap_or(0),
+                    })
+                    .await
+                    .map(|r| r.map(|_| ()))
+                }
+            )?;
         }
         Command::Keys(Keys::List { json }) => {
-            let keys = call!(t, |b, _who| b.keys().list().map(|v| v.into_iter().map(key_info).collect::<Vec<_>>()),
-                |c| async { c.list_keys(ListRequest {}).await.map(|r| r.map(|l| l.keys)) })?;
+            let keys = call!(
+                t,
+                |b, _who| b
+                    .keys()
+                    .list()
+                    .map(|v| v.into_iter().map(key_info).collect::<Vec<_>>()),
+                |c| async { c.list_keys(ListRequest {}).await.map(|r| r.map(|l| l.keys)) }
+            )?;
             if *json {
                 print_key_json(&keys);
             } else {
@@ -511,8 +553,14 @@ fn admin(cli: &Cli) -> Result<(), String> {
             }
         }
         Command::Keys(Keys::Public { id }) => {
-            let keys = call!(t, |b, _who| b.keys().versions(id).map(|v| v.into_iter().map(key_info).collect::<Vec<_>>()),
-                |c| async { c.list_keys(ListRequest {}).await.map(|r| r.map(|l| l.keys)) })?;
+            let keys = call!(
+                t,
+                |b, _who| b
+                    .keys()
+                    .versions(id)
+                    .map(|v| v.into_iter().map(key_info).collect::<Vec<_>>()),
+                |c| async { c.list_keys(ListRequest {}).await.map(|r| r.map(|l| l.keys)) }
+            )?;
             let newest = keys
                 .into_iter()
                 .filter(|k| &k.id == id && !k.revoked)
@@ -520,20 +568,48 @@ fn admin(cli: &Cli) -> Result<(), String> {
                 .ok_or_else(|| format!("no usable key {id:?}"))?;
             print!("{}", newest.public_pem);
         }
-        Command::Ipus(Ipus::Enroll { id, class, ak_template }) => {
+        Command::Ipus(Ipus::Enroll {
+            id,
+            class,
+            ak_template,
+        }) => {
             let template = std::fs::read(ak_template)
                 .map_err(|e| format!("cannot read {}: {e}", ak_template.display()))?;
-            let e = call!(t, |b, who| b.enroll_ipu(who, id, class, &template).map(ipu_info),
-                |c| c.enroll_ipu(EnrollIpuRequest { ipu_id: id.clone(), ipu_class: class.clone(), ak_template: template.clone() }))?;
-            println!("{} enrolled in class {} (AK {})", e.ipu_id, e.ipu_class, hex::encode(&e.ak_public[..9]));
+            let e = call!(
+                t,
+                |b, who| b.enroll_ipu(who, id, class, &template).map(ipu_info),
+                |c| c.enroll_ipu(EnrollIpuRequest {
+                    ipu_id: id.clone(),
+                    ipu_class: class.clone(),
+                    ak_template: template.clone()
+                })
+            )?;
+            println!(
+                "{} enrolled in class {} (AK {})",
+                e.ipu_id,
+                e.ipu_class,
+                hex::encode(&e.ak_public[..9])
+            );
         }
         Command::Ipus(Ipus::Revoke { id }) => {
-            call!(t, |b, who| b.revoke_ipu(who, id).map(|_| ()),
-                |c| async { c.revoke_ipu(IpuIdRequest { ipu_id: id.clone() }).await.map(|r| r.map(|_| ())) })?;
+            call!(t, |b, who| b.revoke_ipu(who, id).map(|_| ()), |c| async {
+                c.revoke_ipu(IpuIdRequest { ipu_id: id.clone() })
+                    .await
+                    .map(|r| r.map(|_| ()))
+            })?;
         }
         Command::Ipus(Ipus::List { json }) => {
-            let ipus = call!(t, |b, _who| Ok::<_, String>(b.verifier.list().into_iter().map(ipu_info).collect::<Vec<_>>()),
-                |c| async { c.list_ipus(ListRequest {}).await.map(|r| r.map(|l| l.ipus)) })?;
+            let ipus = call!(
+                t,
+                |b, _who| Ok::<_, String>(
+                    b.verifier
+                        .list()
+                        .into_iter()
+                        .map(ipu_info)
+                        .collect::<Vec<_>>()
+                ),
+                |c| async { c.list_ipus(ListRequest {}).await.map(|r| r.map(|l| l.ipus)) }
+            )?;
             if *json {
                 let v: Vec<serde_json::Value> = ipus
                     .iter()
@@ -558,8 +634,19 @@ fn admin(cli: &Cli) -> Result<(), String> {
         Command::Policy(PolicyCmd::Load { bundle }) => {
             let bytes = std::fs::read(bundle)
                 .map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
-            let (version, signer) = call!(t, |b, who| b.load_policy(who, &bytes).map(|v| (v.content.version, v.signer)),
-                |c| async { c.load_policy(LoadPolicyRequest { bundle: bytes.clone() }).await.map(|r| r.map(|p| (p.version, p.signer))) })?;
+            let (version, signer) = call!(
+                t,
+                |b, who| b
+                    .load_policy(who, &bytes)
+                    .map(|v| (v.content.version, v.signer)),
+                |c| async {
+                    c.load_policy(LoadPolicyRequest {
+                        bundle: bytes.clone(),
+                    })
+                    .await
+                    .map(|r| r.map(|p| (p.version, p.signer)))
+                }
+            )?;
             println!("policy bundle version {version} signed by {signer} is running");
         }
         Command::Serve { .. } | Command::Keyprovider => unreachable!("dispatched in main"),

@@ -108,7 +108,9 @@ pub fn handle(
     may: impl Fn(Door) -> Result<(), BrokerError>,
 ) -> Result<Vec<u8>, BrokerError> {
     if input.len() > 1 << 20 {
-        return Err(BrokerError::Request("key provider request over 1 MiB".into()));
+        return Err(BrokerError::Request(
+            "key provider request over 1 MiB".into(),
+        ));
     }
     let request: Request = serde_json::from_slice(input)
         .map_err(|e| BrokerError::Request(format!("key provider request: {e}")))?;

@@ -19,9 +19,7 @@ use api::keybroker::{
     KeyList, ListRequest, LoadPolicyRequest, PolicyInfo, ReleaseRequest, ReleaseResponse,
     RevokeKeyRequest,
 };
-use api::keyprovider::key_provider_service_server::{
-    KeyProviderService, KeyProviderServiceServer,
-};
+use api::keyprovider::key_provider_service_server::{KeyProviderService, KeyProviderServiceServer};
 use api::keyprovider::{KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput};
 use der::Decode;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -248,15 +246,14 @@ impl KeyBroker for KeyBrokerService {
         let who = self.auth.caller(&request)?;
         require(&who, "ipu")?;
         let r = request.into_inner();
-        let wrapped = match (r.wrapped_jwe.is_empty(), r.wrapped_provider.is_empty()) {
-            (false, true) => Wrapped::Jwe(r.wrapped_jwe),
-            (true, false) => Wrapped::Provider(r.wrapped_provider),
-            _ => {
-                return Err(Status::invalid_argument(
+        let wrapped =
+            match (r.wrapped_jwe.is_empty(), r.wrapped_provider.is_empty()) {
+                (false, true) => Wrapped::Jwe(r.wrapped_jwe),
+                (true, false) => Wrapped::Provider(r.wrapped_provider),
+                _ => return Err(Status::invalid_argument(
                     "give the layer's wrapped key: wrapped_jwe or wrapped_provider, exactly one",
-                ))
-            }
-        };
+                )),
+            };
         let req = broker::ReleaseRequest {
             session_id: r.session_id,
             tenant: r.tenant,
@@ -346,7 +343,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl KeyAdmin for AdminService {
-    async fn create_key(&self, req: Request<CreateKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+    async fn create_key(
+        &self,
+        req: Request<CreateKeyRequest>,
+    ) -> Result<Response<KeyInfo>, Status> {
         let who = self.admin(&req)?;
         let r = req.into_inner();
         let kind: KeyKind = r
@@ -358,7 +358,10 @@ impl KeyAdmin for AdminService {
         Ok(Response::new(key_info(info)))
     }
 
-    async fn import_key(&self, req: Request<ImportKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+    async fn import_key(
+        &self,
+        req: Request<ImportKeyRequest>,
+    ) -> Result<Response<KeyInfo>, Status> {
         let who = self.admin(&req)?;
         let r = req.into_inner();
         let pem = zeroize::Zeroizing::new(r.private_pem);
@@ -375,13 +378,18 @@ impl KeyAdmin for AdminService {
         Ok(Response::new(key_info(info)))
     }
 
-    async fn revoke_key(&self, req: Request<RevokeKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+    async fn revoke_key(
+        &self,
+        req: Request<RevokeKeyRequest>,
+    ) -> Result<Response<KeyInfo>, Status> {
         let who = self.admin(&req)?;
         let r = req.into_inner();
         let version = (r.version != 0).then_some(r.version);
         let b = self.broker.clone();
         let mut revoked = blocking(move || b.revoke_key(&who, &r.id, version)).await?;
-        Ok(Response::new(key_info(revoked.pop().expect("at least one"))))
+        Ok(Response::new(key_info(
+            revoked.pop().expect("at least one"),
+        )))
     }
 
     async fn list_keys(&self, req: Request<ListRequest>) -> Result<Response<KeyList>, Status> {
@@ -397,12 +405,15 @@ impl KeyAdmin for AdminService {
         Ok(Response::new(KeyList { keys }))
     }
 
-    async fn enroll_ipu(&self, req: Request<EnrollIpuRequest>) -> Result<Response<IpuInfo>, Status> {
+    async fn enroll_ipu(
+        &self,
+        req: Request<EnrollIpuRequest>,
+    ) -> Result<Response<IpuInfo>, Status> {
         let who = self.admin(&req)?;
         let r = req.into_inner();
         let b = self.broker.clone();
-        let e = blocking(move || b.enroll_ipu(&who, &r.ipu_id, &r.ipu_class, &r.ak_template))
-            .await?;
+        let e =
+            blocking(move || b.enroll_ipu(&who, &r.ipu_id, &r.ipu_class, &r.ak_template)).await?;
         Ok(Response::new(ipu_info(e)))
     }
 
@@ -416,7 +427,13 @@ impl KeyAdmin for AdminService {
 
     async fn list_ipus(&self, req: Request<ListRequest>) -> Result<Response<IpuList>, Status> {
         require_any(&self.auth.caller(&req)?, &["admin", "auditor"])?;
-        let ipus = self.broker.verifier.list().into_iter().map(ipu_info).collect();
+        let ipus = self
+            .broker
+            .verifier
+            .list()
+            .into_iter()
+            .map(ipu_info)
+            .collect();
         Ok(Response::new(IpuList { ipus }))
     }
 
@@ -472,7 +489,11 @@ impl ProviderService {
                     Err(BrokerError::Denied(format!(
                         "role {:?} may not {} (needs {})",
                         who.role,
-                        if door == Door::Wrap { "wrap keys" } else { "unwrap keys" },
+                        if door == Door::Wrap {
+                            "wrap keys"
+                        } else {
+                            "unwrap keys"
+                        },
                         allowed.join(" or ")
                     )))
                 }
@@ -502,7 +523,11 @@ impl KeyProviderService for ProviderService {
     }
 }
 
-fn router(broker: Arc<Broker>, auth: Auth, server: &mut Server) -> tonic::transport::server::Router {
+fn router(
+    broker: Arc<Broker>,
+    auth: Auth,
+    server: &mut Server,
+) -> tonic::transport::server::Router {
     server
         .add_service(KeyBrokerService::new(broker.clone(), auth.clone()))
         .add_service(AdminService::new(broker.clone(), auth.clone()))
@@ -536,7 +561,11 @@ pub async fn serve_unix(
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    router(broker, Auth::Unix { own_uid, roles }, &mut Server::builder())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    router(
+        broker,
+        Auth::Unix { own_uid, roles },
+        &mut Server::builder(),
+    )
+    .serve_with_incoming_shutdown(incoming, shutdown)
+    .await
 }

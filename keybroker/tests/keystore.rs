@@ -108,7 +108,10 @@ fn a_wrong_master_key_a_swapped_record_and_a_revoked_key_are_refused() {
     let other = tempfile::tempdir().unwrap();
     let wrong = MasterKey::load_or_create(&other.path().join("master.key")).unwrap();
     let s = KeyStore::open(dir.path(), wrong).unwrap();
-    assert!(matches!(s.private_key("a", 1), Err(KeyStoreError::Unseal(_))));
+    assert!(matches!(
+        s.private_key("a", 1),
+        Err(KeyStoreError::Unseal(_))
+    ));
     drop(s);
 
     // Record "a" copied over "b": sealed to id "a", it does not open as "b".
@@ -120,11 +123,17 @@ fn a_wrong_master_key_a_swapped_record_and_a_revoked_key_are_refused() {
         db.flush().unwrap();
     }
     let s = store(dir.path());
-    assert!(matches!(s.private_key("b", 1), Err(KeyStoreError::Unseal(_))));
+    assert!(matches!(
+        s.private_key("b", 1),
+        Err(KeyStoreError::Unseal(_))
+    ));
     s.private_key("a", 1).unwrap();
 
     s.revoke("a", None).unwrap();
-    assert!(matches!(s.private_key("a", 1), Err(KeyStoreError::Revoked(_))));
+    assert!(matches!(
+        s.private_key("a", 1),
+        Err(KeyStoreError::Revoked(_))
+    ));
     assert!(s.info("a").unwrap().revoked);
     assert!(matches!(
         s.private_key("zzz", 1),
@@ -167,7 +176,10 @@ fn rotation_adds_a_version_and_old_versions_unwrap_until_revoked() {
     assert_eq!((v2.version, v2.algorithm.as_str()), (2, "RSA"));
     assert_ne!(v1.public_pem, v2.public_pem);
     assert_eq!(s.info("tenant-a/rsa").unwrap(), v2);
-    assert_eq!(s.versions("tenant-a/rsa").unwrap(), vec![v1.clone(), v2.clone()]);
+    assert_eq!(
+        s.versions("tenant-a/rsa").unwrap(),
+        vec![v1.clone(), v2.clone()]
+    );
     let new = wrap_to(&v2.public_pem);
     let opens = |jwe: &str, v: u32| {
         ocicrypt::jwe::unwrap(jwe, &[s.private_key("tenant-a/rsa", v).unwrap()]).is_ok()

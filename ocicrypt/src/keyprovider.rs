@@ -219,9 +219,8 @@ impl ProviderConfig {
         let bytes = std::fs::read(path).map_err(|e| {
             Error::Unsupported(format!("key provider config {}: {e}", path.display()))
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Unsupported(format!("key provider config {}: {e}", path.display()))
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Unsupported(format!("key provider config {}: {e}", path.display())))
     }
 
     /// The configuration `OCICRYPT_KEYPROVIDER_CONFIG` names, if set.
@@ -235,7 +234,9 @@ impl ProviderConfig {
     /// The command of provider `name`.
     pub fn command(&self, name: &str) -> Result<&CommandForm, Error> {
         let entry = self.key_providers.get(name).ok_or_else(|| {
-            Error::NoKey(format!("no key provider {name:?} in the key provider config"))
+            Error::NoKey(format!(
+                "no key provider {name:?} in the key provider config"
+            ))
         })?;
         entry.cmd.as_ref().ok_or_else(|| {
             Error::Unsupported(format!(
@@ -385,7 +386,10 @@ mod tests {
     #[test]
     fn reads_go_requests() {
         let r: Request = serde_json::from_str(GO_WRAP).unwrap();
-        assert_eq!(r, Request::wrap("ipubroker", b"kek-1", br#"{"symkey":"x"}"#));
+        assert_eq!(
+            r,
+            Request::wrap("ipubroker", b"kek-1", br#"{"symkey":"x"}"#)
+        );
         let r: Request = serde_json::from_str(GO_UNWRAP).unwrap();
         assert_eq!(
             r,
@@ -412,7 +416,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.keywrapresults.unwrap().annotation, None);
-        assert_eq!(r.keyunwrapresults.unwrap().optsdata.unwrap().as_slice(), b"opts");
+        assert_eq!(
+            r.keyunwrapresults.unwrap().optsdata.unwrap().as_slice(),
+            b"opts"
+        );
     }
 
     #[test]
@@ -436,7 +443,10 @@ mod tests {
         )
         .unwrap();
         let r = ProviderRecipient::parse("provider:ipubroker:kek-1", &c).unwrap();
-        assert_eq!((r.name.as_str(), r.param.as_slice()), ("ipubroker", &b"kek-1"[..]));
+        assert_eq!(
+            (r.name.as_str(), r.param.as_slice()),
+            ("ipubroker", &b"kek-1"[..])
+        );
         assert_eq!(
             r.annotation_name(),
             "org.opencontainers.image.enc.keys.provider.ipubroker"

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ocicrypt::keys::PublicKey;
 use ocicrypt::keyprovider::{ProviderConfig, ProviderRecipient};
+use ocicrypt::keys::PublicKey;
 use ocicrypt::EncryptConfig;
 use publisher::build::{self, BuildOptions, LayerCompression};
 use publisher::keygen::{self, KeyKind};

@@ -46,6 +46,11 @@ impl Pki {
         }
     }
 
+    /// The CA certificate (PEM) clients and the broker trust.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
     /// (certificate PEM, key PEM) for a subject with this CN and OU (role).
     pub fn issue(&self, cn: &str, ou: Option<&str>, server: bool) -> (String, String) {
         let names = if server {

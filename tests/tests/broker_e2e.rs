@@ -1,0 +1,471 @@
+//! The key broker end to end, through the tools as an operator runs them: `keybroker serve`
+//! with a signed policy bundle, keys and IPU enrollment administered over its Unix socket, a
+//! publisher encrypting with `provider:ipubroker:<key>` through the command-form key
+//! provider, and `ipu-image-svc image unpack --broker` attesting with its (software) TPM
+//! and obtaining the layer key sealed to its session. Then what must be refused, and a
+//! broker restart.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::broker::Pki;
+use integration_tests::{bin, ext4_cat, Swtpm};
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct BrokerProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl BrokerProcess {
+    fn start(config: &Path, socket: &Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let mut child = Command::new(bin("keybroker"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "keybroker serve exited"
+            );
+            assert!(start.elapsed() < Duration::from_secs(20), "broker not up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The TLS listener binds before the socket is created.
+        Self {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn admin(&self) -> Command {
+        let mut c = Command::new(bin("keybroker"));
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "keybroker serve exited with {status}");
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    swtpm: Swtpm,
+    port: u16,
+    socket: PathBuf,
+    config: PathBuf,
+    image: String,
+}
+
+impl Setup {
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// `ipu-image-svc image unpack --broker` for a tenant; the command, not yet run.
+    fn unpack(&self, tenant: &str, out: &str) -> Command {
+        let mut c = Command::new(bin("ipu-image-svc"));
+        c.args(["image", "unpack", "--quiet"])
+            .arg("--policy-bundle")
+            .arg(self.path("bundle.json"))
+            .arg("--bundle-key")
+            .arg(self.path("bundle-key/pub.pem"))
+            .arg("--bundle-state")
+            .arg(self.path("ipu-policy"))
+            .args(["--tenant", tenant, "--function", "resize"])
+            .arg("--broker")
+            .arg(format!("https://127.0.0.1:{}", self.port))
+            .args(["--broker-name", "localhost"])
+            .arg("--broker-ca")
+            .arg(self.path("pki/ca.pem"))
+            .arg("--broker-cert")
+            .arg(self.path("pki/ipu.pem"))
+            .arg("--broker-key")
+            .arg(self.path("pki/ipu.key"))
+            .args(["--tpm", &self.swtpm.tcti()])
+            .arg("--cache")
+            .arg(self.path("cache"))
+            .arg("--audit-log")
+            .arg(self.path("ipu-audit"))
+            .arg("--output")
+            .arg(self.path(out))
+            .arg(&self.image)
+            .env("TSS2_LOG", "all+NONE");
+        c
+    }
+}
+
+/// Publisher, operator and IPU, each with their own tools.
+fn setup() -> (Setup, BrokerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let swtpm = Swtpm::start();
+
+    // The IPU's attestation key, persisted in its TPM, and its PCR values now (the
+    // reference values the operator puts in the policy).
+    run(Command::new(bin("ipu-image-svc"))
+        .args(["tpm", "ak", "--tpm", &swtpm.tcti(), "--output"])
+        .arg(d.join("ak.tpmt"))
+        .env("TSS2_LOG", "all+NONE"));
+    let pcrs = {
+        let mut tpm = ipu_image_svc::attest::Tpm::open(&swtpm.tcti()).unwrap();
+        tpm.read_pcrs(&[0, 7]).unwrap()
+    };
+
+    // TLS: a platform CA, the broker's server certificate, the IPU's client certificate.
+    let pki = Pki::new();
+    std::fs::create_dir_all(d.join("pki")).unwrap();
+    std::fs::write(d.join("pki/ca.pem"), pki.ca_pem()).unwrap();
+    let (cert, key) = pki.issue("broker.test", Some("broker"), true);
+    std::fs::write(d.join("pki/server.pem"), cert).unwrap();
+    std::fs::write(d.join("pki/server.key"), key).unwrap();
+    let (cert, key) = pki.issue("ipu-1.test", Some("ipu"), false);
+    std::fs::write(d.join("pki/ipu.pem"), cert).unwrap();
+    std::fs::write(d.join("pki/ipu.key"), key).unwrap();
+
+    // The publisher: signing key, image, signature.
+    run(Command::new(bin("ocipub"))
+        .args(["keygen", "--kind", "ec-p256", "--out"])
+        .arg(d.join("signing")));
+    std::fs::create_dir_all(d.join("rootfs")).unwrap();
+    std::fs::write(d.join("rootfs/hello"), "hello from a broker-keyed image\n").unwrap();
+    run(Command::new(bin("ocipub"))
+        .args(["build", "--rootfs"])
+        .arg(d.join("rootfs"))
+        .arg("--layout")
+        .arg(d.join("layout"))
+        .args(["--tag", "plain", "--cmd", "/hello"]));
+
+    // The operator: a policy bundle that names the IPU class's PCRs and releases key
+    // acme-kek to tenant acme only.
+    let layout = d.join("layout");
+    let hex = |i: u8| hex::encode(&pcrs[&i]);
+    std::fs::write(
+        d.join("deployment.toml"),
+        format!(
+            r#"schema = 1
+image_trust_policy = "image-trust.json"
+[[ipu_class]]
+name = "ipu-gen2"
+pcr_bank = "sha256"
+pcrs = {{ 0 = "{}", 7 = "{}" }}
+[[tenant]]
+name = "acme"
+require_encryption = true
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+[[tenant]]
+name = "globex"
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+[[key]]
+id = "acme-kek"
+images = ["oci:*"]
+tenants = ["acme"]
+ipu_classes = ["ipu-gen2"]
+"#,
+            hex(0),
+            hex(7)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("image-trust.json"),
+        serde_json::json!({
+            "default": [{"type": "reject"}],
+            "transports": {"oci": {layout.display().to_string(): [{
+                "type": "sigstoreSigned",
+                "keyPath": d.join("signing/pub.pem"),
+                "signedIdentity": {"type": "exactRepository", "dockerRepository": "example.test/acme/resize"}
+            }]}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    run(Command::new(bin("policy"))
+        .args(["keygen", "--out"])
+        .arg(d.join("bundle-key")));
+    run(Command::new(bin("policy"))
+        .arg("sign")
+        .arg("--deployment")
+        .arg(d.join("deployment.toml"))
+        .args(["--version", "1", "--key"])
+        .arg(d.join("bundle-key/priv.pem"))
+        .arg("--output")
+        .arg(d.join("bundle.json")));
+
+    // The broker.
+    let port = free_port();
+    let socket = d.join("run/keybroker.sock");
+    let config = d.join("keybroker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state_dir = "state"
+bundle_keys = ["bundle-key/pub.pem"]
+session_ttl = "2m"
+[tls]
+listen = "127.0.0.1:{port}"
+cert = "pki/server.pem"
+key = "pki/server.key"
+client_ca = "pki/ca.pem"
+[unix]
+socket = "run/keybroker.sock"
+"#
+        ),
+    )
+    .unwrap();
+    let broker = BrokerProcess::start(&config, &socket);
+    run(broker
+        .admin()
+        .args(["policy", "load"])
+        .arg(d.join("bundle.json")));
+    run(broker
+        .admin()
+        .args(["keys", "create", "--id", "acme-kek", "--kind", "ec-p256"]));
+    run(broker
+        .admin()
+        .args(["ipus", "enroll", "--id", "ipu-1", "--class", "ipu-gen2"])
+        .arg("--ak-template")
+        .arg(d.join("ak.tpmt")));
+
+    // The publisher encrypts through the broker's key provider (command form), then signs.
+    std::fs::write(
+        d.join("ocicrypt-keyprovider.json"),
+        serde_json::json!({"key-providers": {"ipubroker": {"cmd": {
+            "path": bin("keybroker"),
+            "args": ["--socket", socket, "keyprovider"]
+        }}}})
+        .to_string(),
+    )
+    .unwrap();
+    run(Command::new(bin("ocipub"))
+        .args(["encrypt", "--layout"])
+        .arg(&layout)
+        .args(["--tag", "plain", "--out-tag", "enc"])
+        .args(["--recipient", "provider:ipubroker:acme-kek"])
+        .arg("--keyprovider-config")
+        .arg(d.join("ocicrypt-keyprovider.json")));
+    run(Command::new(bin("ocipub"))
+        .args(["sign", "--layout"])
+        .arg(&layout)
+        .args(["--tag", "enc", "--key"])
+        .arg(d.join("signing/priv.pem"))
+        .args(["--identity", "example.test/acme/resize"]));
+    let image = format!("oci:{}:enc", layout.display());
+    (
+        Setup {
+            dir,
+            swtpm,
+            port,
+            socket,
+            config,
+            image,
+        },
+        broker,
+    )
+}
+
+fn events(log: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let out = run(Command::new(bin("audit"))
+        .args(["query", "--json", "--log"])
+        .arg(log)
+        .args(["--kind", kind]));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
+    let (s, broker) = setup();
+    // The layer carries only the provider wrapping: no JWE recipient, nothing a host key
+    // could open.
+    let annotations = layer_annotations(&s.path("layout"), "enc");
+    assert!(
+        annotations.contains_key("org.opencontainers.image.enc.keys.provider.ipubroker"),
+        "{annotations:?}"
+    );
+    assert!(!annotations.contains_key(ocicrypt::ANNOTATION_KEYS_JWE));
+
+    // The happy path: attest, release, decrypt, unpack.
+    run(&mut s.unpack("acme", "acme.ext4"));
+    assert_eq!(
+        ext4_cat(&s.path("acme.ext4"), "/hello").as_deref(),
+        Some(&b"hello from a broker-keyed image\n"[..])
+    );
+
+    // Tenant globex may run the image but may not have its key: refused, nothing built.
+    let out = s.unpack("globex", "globex.ext4").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tenant \"globex\" may not use this key"),
+        "{stderr}"
+    );
+    assert!(!s.path("globex.ext4").exists());
+
+    // The broker's audit trail: the enrollment, one grant, one denial with its reason.
+    broker.stop();
+    let log = s.path("state/audit");
+    let grants = events(&log, "key.release");
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(grants[0]["tenant"], "acme");
+    let denials = events(&log, "key.deny");
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    assert!(denials[0]["reason"].as_str().unwrap().contains("globex"));
+    assert_eq!(events(&log, "admin.ipu_enroll").len(), 1);
+    assert_eq!(events(&log, "admin.key_wrap").len(), 1);
+    assert_eq!(events(&log, "attestation.verify").len(), 2);
+
+    // Restarted: keys, enrollment and policy are still there; the unpack works again.
+    let broker = BrokerProcess::start(&s.config, &s.socket);
+    let list = run(broker.admin().args(["ipus", "list", "--json"]));
+    let ipus: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(ipus[0]["ipu_id"], "ipu-1");
+    run(&mut s.unpack("acme", "again.ext4"));
+
+    // The IPU revoked: its next attestation is refused.
+    run(broker.admin().args(["ipus", "revoke", "--id", "ipu-1"]));
+    let out = s.unpack("acme", "revoked.ext4").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("revoked"), "{stderr}");
+    broker.stop();
+}
+
+/// The key provider door: wrapping needs a publisher or admin, unwrapping needs an
+/// attested session, and a request naming someone else's session is refused.
+#[test]
+fn the_key_provider_door_refuses_unwrap_without_an_attested_session() {
+    let (s, broker) = setup();
+    let kp = |input: &str| {
+        let mut child = Command::new(bin("keybroker"))
+            .arg("--socket")
+            .arg(&s.socket)
+            .arg("keyprovider")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // A wrapping from the broker, then an unwrap through the door without a session
+    // (root on the socket is admin, never ipu).
+    let wrap = kp(&serde_json::json!({
+        "op": "keywrap",
+        "keywrapparams": {"ec": {"Parameters": {"ipubroker": ["YWNtZS1rZWs="]}, "DecryptConfig": {"Parameters": {}}},
+                          "optsdata": "eyJzeW1rZXkiOiJ4In0="},
+        "keyunwrapparams": {"dc": null, "annotation": null}
+    })
+    .to_string());
+    assert!(
+        wrap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&wrap.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&wrap.stdout).unwrap();
+    let annotation = reply["keywrapresults"]["annotation"].as_str().unwrap();
+    let unwrap = kp(&serde_json::json!({
+        "op": "keyunwrap",
+        "keywrapparams": {"ec": null, "optsdata": null},
+        "keyunwrapparams": {"dc": {"Parameters": {"ipubroker": [
+            base64_of("session=0123"), base64_of("tenant=acme"), base64_of("function=f"),
+            base64_of("image=oci:x"), base64_of("image-digest=sha256:aa"), base64_of("layer-digest=sha256:bb")
+        ]}}, "annotation": annotation}
+    })
+    .to_string());
+    assert!(!unwrap.status.success());
+    let stderr = String::from_utf8_lossy(&unwrap.stderr);
+    assert!(stderr.contains("may not unwrap keys"), "{stderr}");
+    // Unknown keys and malformed requests are refused with their reason.
+    let bad = kp(
+        r#"{"op":"keywrap","keywrapparams":{"ec":{"Parameters":{"ipubroker":["bm9wZQ=="]}},"optsdata":"eA=="}}"#,
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no key \"nope\""));
+    let bad = kp(r#"{"op":"keyfrob"}"#);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("keyfrob"));
+    broker.stop();
+    assert_eq!(events(&s.path("state/audit"), "admin.key_wrap").len(), 3);
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The annotations of the first layer of a tag in an OCI layout.
+fn layer_annotations(layout: &Path, tag: &str) -> serde_json::Map<String, serde_json::Value> {
+    let blob = |digest: &str| -> serde_json::Value {
+        let path = layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = blob(&digest);
+    manifest["layers"][0]["annotations"]
+        .as_object()
+        .unwrap()
+        .clone()
+}
