@@ -322,3 +322,57 @@ impl Drop for Swtpm {
         let _ = self.child.wait();
     }
 }
+
+/// What a memory scan of a process found.
+#[derive(Debug, Default)]
+pub struct MemoryScan {
+    /// Bytes read from the process's readable mappings.
+    pub bytes_scanned: u64,
+    /// Indexes of the needles found.
+    pub found: Vec<usize>,
+}
+
+/// Reads every readable mapping of a live process through /proc/PID/mem (root, or ptrace
+/// rights over it) and reports which needles occur. Mappings that cannot be read (guard
+/// pages, vvar, secret memory) are skipped: what the kernel will not show is not exposed.
+pub fn scan_process_memory(pid: u32, needles: &[Vec<u8>]) -> MemoryScan {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut scan = MemoryScan::default();
+    let longest = needles.iter().map(|n| n.len()).max().unwrap_or(0);
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let mut at = start;
+        let mut tail: Vec<u8> = Vec::new();
+        while at < end {
+            let n = (end - at).min(1 << 20) as usize;
+            let mut buf = vec![0u8; n];
+            if mem.seek(SeekFrom::Start(at)).is_err() || mem.read_exact(&mut buf).is_err() {
+                break;
+            }
+            scan.bytes_scanned += n as u64;
+            // Needles spanning two reads are found through the carried tail.
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf);
+            for (i, needle) in needles.iter().enumerate() {
+                if !scan.found.contains(&i) && window.windows(needle.len()).any(|w| w == needle) {
+                    scan.found.push(i);
+                }
+            }
+            let keep = longest.saturating_sub(1).min(window.len());
+            tail = window[window.len() - keep..].to_vec();
+            at += n as u64;
+        }
+    }
+    scan
+}

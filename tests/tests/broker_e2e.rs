@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::broker::Pki;
-use integration_tests::{bin, ext4_cat, Swtpm};
+use integration_tests::{bin, ext4_cat, ext4_extract, fixtures, scan_process_memory, Swtpm};
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("runs");
@@ -131,8 +131,26 @@ impl Setup {
     }
 }
 
+/// How a run differs from the plain one.
+#[derive(Default)]
+struct Options {
+    /// Also wrap layer keys to this JWE public key (a publisher's escrow key): lets a test
+    /// learn the layer keys it then searches memory for.
+    escrow_recipient: Option<PathBuf>,
+    /// Put busybox in the image, so a function can run from it.
+    busybox: bool,
+    /// The broker writes its audit events through this `audit serve` writer socket.
+    audit_socket: Option<PathBuf>,
+    /// `[unix] roles` lines (`"uid" = "role"`).
+    unix_roles: Option<String>,
+}
+
 /// Publisher, operator and IPU, each with their own tools.
 fn setup() -> (Setup, BrokerProcess) {
+    setup_with(Options::default())
+}
+
+fn setup_with(opts: Options) -> (Setup, BrokerProcess) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let swtpm = Swtpm::start();
@@ -165,6 +183,10 @@ fn setup() -> (Setup, BrokerProcess) {
         .arg(d.join("signing")));
     std::fs::create_dir_all(d.join("rootfs")).unwrap();
     std::fs::write(d.join("rootfs/hello"), "hello from a broker-keyed image\n").unwrap();
+    if opts.busybox {
+        std::fs::create_dir_all(d.join("rootfs/bin")).unwrap();
+        std::fs::copy("/bin/busybox", d.join("rootfs/bin/busybox")).unwrap();
+    }
     run(Command::new(bin("ocipub"))
         .args(["build", "--rootfs"])
         .arg(d.join("rootfs"))
@@ -236,10 +258,14 @@ ipu_classes = ["ipu-gen2"]
     let port = free_port();
     let socket = d.join("run/keybroker.sock");
     let config = d.join("keybroker.toml");
+    let audit = match &opts.audit_socket {
+        Some(s) => format!("audit_socket = {:?}\n", s.display().to_string()),
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
-            r#"state_dir = "state"
+            r#"{audit}state_dir = "state"
 bundle_keys = ["bundle-key/pub.pem"]
 session_ttl = "2m"
 [tls]
@@ -249,7 +275,12 @@ key = "pki/server.key"
 client_ca = "pki/ca.pem"
 [unix]
 socket = "run/keybroker.sock"
-"#
+{}
+"#,
+            opts.unix_roles
+                .as_ref()
+                .map(|r| format!("roles = {{ {r} }}"))
+                .unwrap_or_default()
         ),
     )
     .unwrap();
@@ -277,13 +308,20 @@ socket = "run/keybroker.sock"
         .to_string(),
     )
     .unwrap();
-    run(Command::new(bin("ocipub"))
+    let mut encrypt = Command::new(bin("ocipub"));
+    encrypt
         .args(["encrypt", "--layout"])
         .arg(&layout)
         .args(["--tag", "plain", "--out-tag", "enc"])
         .args(["--recipient", "provider:ipubroker:acme-kek"])
         .arg("--keyprovider-config")
-        .arg(d.join("ocicrypt-keyprovider.json")));
+        .arg(d.join("ocicrypt-keyprovider.json"));
+    if let Some(escrow) = &opts.escrow_recipient {
+        encrypt
+            .arg("--recipient")
+            .arg(format!("jwe:{}", escrow.display()));
+    }
+    run(&mut encrypt);
     run(Command::new(bin("ocipub"))
         .args(["sign", "--layout"])
         .arg(&layout)
@@ -468,4 +506,229 @@ fn layer_annotations(layout: &Path, tag: &str) -> serde_json::Map<String, serde_
         .as_object()
         .unwrap()
         .clone()
+}
+
+/// A daemon child process, killed on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Host-side processes never see layer keys: after a full run (broker release into the
+/// IPU service's secret memory, decrypt, unpack, ext4), the memory of every host-side
+/// process that took part, the audit daemon that recorded the run and the function
+/// running from the image, holds no layer key in raw or base64 form. A control process
+/// that does hold a key shows the scan finds one.
+#[test]
+fn no_layer_key_bytes_in_the_memory_of_host_side_processes() {
+    use base64::Engine;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let a = audit_dir.path();
+    run(Command::new(bin("audit"))
+        .args(["keygen", "--name", "audit.test", "--out"])
+        .arg(a.join("key")));
+    let writer = a.join("writer.sock");
+    let audit_daemon = Daemon(
+        Command::new(bin("audit"))
+            .arg("serve")
+            .arg("--log")
+            .arg(a.join("log"))
+            .arg("--signer")
+            .arg(a.join("key/signer.key"))
+            .args(["--origin", "audit.test"])
+            .arg("--writer-socket")
+            .arg(&writer)
+            .arg("--query-socket")
+            .arg(a.join("query.sock"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&writer);
+    let (s, broker) = setup_with(Options {
+        escrow_recipient: Some(fixtures().join("keys/rsa-2048/pub.pem")),
+        busybox: true,
+        audit_socket: Some(writer.clone()),
+        ..Options::default()
+    });
+
+    // The layer's key, learnt through the escrow recipient.
+    let annotations = layer_annotations(&s.path("layout"), "enc");
+    let escrow = ocicrypt::keys::PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let privopts_json = ocicrypt::jwe::unwrap(
+        annotations[ocicrypt::ANNOTATION_KEYS_JWE].as_str().unwrap(),
+        &[escrow],
+    )
+    .unwrap();
+    let privopts = ocicrypt::PrivateLayerOptions::from_json(&privopts_json).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let needles = vec![
+        privopts.symkey().to_vec(),
+        b64.encode(privopts.symkey()).into_bytes(),
+    ];
+
+    // The full run, recorded through the audit daemon.
+    let mut unpack = s.unpack("acme", "acme.ext4");
+    unpack.arg("--audit-socket").arg(&writer);
+    // --audit-log and --audit-socket exclude each other: drop the former.
+    let args: Vec<std::ffi::OsString> = unpack.get_args().map(|a| a.to_owned()).collect();
+    let mut cmd = Command::new(bin("ipu-image-svc"));
+    let mut skip = false;
+    for arg in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if arg == "--audit-log" {
+            skip = true;
+            continue;
+        }
+        cmd.arg(arg);
+    }
+    cmd.env("TSS2_LOG", "all+NONE");
+    run(&mut cmd);
+
+    // The function, running on the host from the image.
+    let root = s.path("function-root");
+    std::fs::create_dir_all(&root).unwrap();
+    ext4_extract(&s.path("acme.ext4"), &root);
+    let function = Daemon(
+        Command::new("chroot")
+            .arg(&root)
+            .args([
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "cat /hello; exec /bin/busybox sleep 60",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The control: a process holding the key in base64 is found.
+    let mut control = Command::new("/bin/busybox")
+        .args([
+            "sh",
+            "-c",
+            "read k; /bin/busybox sleep 60; echo \"$k\" >/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = control.stdin.take().unwrap();
+        writeln!(stdin, "{}", b64.encode(privopts.symkey())).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let control = Daemon(control);
+    let found = scan_process_memory(control.0.id(), &needles);
+    assert!(
+        found.found.contains(&1),
+        "the scan must find the key in a process that holds it: {found:?}"
+    );
+
+    for (name, pid) in [
+        ("audit daemon", audit_daemon.0.id()),
+        ("function", function.0.id()),
+    ] {
+        let scan = scan_process_memory(pid, &needles);
+        assert!(scan.bytes_scanned > 100_000, "{name}: {scan:?}");
+        assert!(
+            scan.found.is_empty(),
+            "{name} (pid {pid}) holds layer key bytes: needles {:?}",
+            scan.found
+        );
+    }
+    broker.stop();
+}
+
+/// The Unix socket tells callers apart by their kernel-reported uid: root is admin, a uid
+/// the configuration names has that role only, any other uid is refused.
+#[test]
+fn unix_socket_callers_get_the_role_of_their_uid_and_no_more() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let (s, broker) = setup_with(Options {
+        unix_roles: Some(r#""65534" = "publisher""#.into()),
+        ..Options::default()
+    });
+    // Let other uids reach the socket; the broker decides what they may do.
+    for dir in [s.dir.path(), &s.path("run")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let as_uid = |uid: u32, args: &[&str], stdin: Option<&str>| {
+        let mut c = broker.admin();
+        c.args(args).uid(uid).gid(65534);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut i = child.stdin.take().unwrap();
+            if let Some(text) = stdin {
+                i.write_all(text.as_bytes()).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    };
+    // The publisher uid wraps through the key provider...
+    let wrap = r#"{"op":"keywrap","keywrapparams":{"ec":{"Parameters":{"ipubroker":["YWNtZS1rZWs="]}},"optsdata":"eA=="}}"#;
+    let out = as_uid(65534, &["keyprovider"], Some(wrap));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...but may not administer keys.
+    let out = as_uid(
+        65534,
+        &["keys", "create", "--id", "mine", "--kind", "ec-p256"],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"role "publisher" may not do this (needs admin)"#),
+        "{err}"
+    );
+    // A uid without a role gets nothing, not even the key list.
+    let out = as_uid(65533, &["keys", "list"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("uid 65533 has no role on this socket"),
+        "{err}"
+    );
+    let out = as_uid(65533, &["keyprovider"], Some(wrap));
+    assert!(!out.status.success());
+    broker.stop();
+    // The publisher's wrap is on the record under its uid.
+    let wraps = events(&s.path("state/audit"), "admin.key_wrap");
+    assert!(
+        wraps.iter().any(|e| e["actor"]["subject"] == "uid:65534"),
+        "{wraps:?}"
+    );
 }
