@@ -97,6 +97,9 @@ pub struct BrokerOptions {
     pub nonce_lifetime: Duration,
     /// The key provider name publishers use (`provider:<name>:<key id>`).
     pub provider_name: String,
+    /// Seal the master key with this TPM (a tpm2-tss TCTI) instead of keeping it in a 0600
+    /// file.
+    pub master_key_tpm: Option<String>,
 }
 
 impl BrokerOptions {
@@ -107,6 +110,34 @@ impl BrokerOptions {
             session_ttl: Duration::from_secs(300),
             nonce_lifetime: Duration::from_secs(60),
             provider_name: provider::DEFAULT_NAME.into(),
+            master_key_tpm: None,
+        }
+    }
+
+    /// The master key: from the file, or unsealed by the TPM; a state directory set up one
+    /// way is never opened the other way (its records would not open).
+    fn master_key(&self) -> Result<MasterKey, BrokerError> {
+        let file = self.state_dir.join("master.key");
+        let sealed = self.state_dir.join("master.sealed");
+        match &self.master_key_tpm {
+            Some(tcti) => {
+                if file.exists() {
+                    return Err(BrokerError::Admin(format!(
+                        "{} exists but the master key is to be TPM-sealed: this state was made with a master key file",
+                        file.display()
+                    )));
+                }
+                Ok(crate::sealing::load_or_create_sealed(&sealed, tcti)?)
+            }
+            None => {
+                if sealed.exists() {
+                    return Err(BrokerError::Admin(format!(
+                        "the master key is TPM-sealed ({}): configure the TPM (master_key_tpm)",
+                        sealed.display()
+                    )));
+                }
+                Ok(MasterKey::load_or_create(&file)?)
+            }
         }
     }
 }
@@ -175,8 +206,7 @@ impl Broker {
         let dir = &opts.state_dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| BrokerError::Admin(format!("{}: {e}", dir.display())))?;
-        let master = MasterKey::load_or_create(&dir.join("master.key"))?;
-        let keys = KeyStore::open(dir, master)?;
+        let keys = KeyStore::open(dir, opts.master_key()?)?;
         let mut trusted = Vec::new();
         for k in &opts.bundle_keys {
             let pem = std::fs::read(k).map_err(|e| {

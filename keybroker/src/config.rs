@@ -8,6 +8,7 @@
 //! session_ttl = "5m"
 //! nonce_lifetime = "60s"
 //! provider_name = "ipubroker"
+//! master_key_tpm = "device:/dev/tpmrm0"     # seal the master key with this TPM
 //!
 //! [tls]                                     # IPUs, publishers, admins over the network
 //! listen = "0.0.0.0:8443"
@@ -44,6 +45,8 @@ struct Raw {
     nonce_lifetime: Option<String>,
     #[serde(default)]
     provider_name: Option<String>,
+    #[serde(default)]
+    master_key_tpm: Option<String>,
     #[serde(default)]
     tls: Option<RawTls>,
     #[serde(default)]
@@ -150,6 +153,7 @@ impl Config {
             }
             broker.provider_name = name;
         }
+        broker.master_key_tpm = raw.master_key_tpm;
         let audit = match (raw.audit_log, raw.audit_socket) {
             (Some(_), Some(_)) => return Err("give audit_log or audit_socket, not both".into()),
             (Some(d), None) => AuditTarget::Dir(at(&d)),

@@ -1,8 +1,8 @@
 //! Key-encryption keys at rest: sled records sealed with AES-256-GCM under a master key.
 //!
 //! The master key is a 32-byte file the broker creates with mode 0600 and refuses to use
-//! when anyone else may read it (the embedded default; a TPM-sealed master key comes with
-//! the broker's own attestation). Each record is sealed with the key id as associated data,
+//! when anyone else may read it (the embedded default), or sealed by the broker host's TPM
+//! when configured ([`crate::sealing`]). Each record is sealed with the key id as associated data,
 //! so records cannot be swapped between ids; a fresh random nonce per write.
 
 use std::io::Write;
@@ -83,6 +83,10 @@ impl MasterKey {
             .try_into()
             .map_err(|_| err(format!("{} bytes, not 32", bytes.len())))?;
         Ok(Self(Zeroizing::new(key)))
+    }
+
+    pub(crate) fn from_bytes(key: Zeroizing<[u8; 32]>) -> Self {
+        Self(key)
     }
 
     fn aead(&self) -> LessSafeKey {

@@ -4,7 +4,7 @@
 //!   ephemeral-key binding, PCR selection and values against the IPU class's reference
 //!   values), single-use nonces, AK template checks and persisted enrollments.
 //! - [`keystore`]: key-encryption keys (versioned, revocable) sealed at rest in sled under
-//!   a master key.
+//!   a master key: a 0600 file, or sealed by the broker host's TPM ([`sealing`]).
 //! - [`release`]: sealing a released key to the attested session key (ECDH + HKDF + GCM).
 //! - [`broker`]: the transport-free flow (attest -> session -> policy-checked, audited
 //!   release), key provider wrapping, and audited administration.
@@ -18,4 +18,5 @@ pub mod config;
 pub mod keystore;
 pub mod provider;
 pub mod release;
+pub mod sealing;
 pub mod service;

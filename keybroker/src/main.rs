@@ -54,6 +54,10 @@ struct Cli {
     /// Keys trusted to sign policy bundles, without a broker.
     #[arg(long, value_name = "FILE", global = true)]
     bundle_key: Vec<PathBuf>,
+    /// The TPM that seals the master key (as in the service's master_key_tpm), without a
+    /// broker.
+    #[arg(long, value_name = "TCTI", global = true)]
+    master_key_tpm: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -414,6 +418,7 @@ impl Target {
         let sink = audit_sink(&AuditTarget::Dir(audit_dir))?;
         let mut opts = BrokerOptions::new(&cli.dir);
         opts.bundle_keys = cli.bundle_key.clone();
+        opts.master_key_tpm = cli.master_key_tpm.clone();
         let broker = Broker::open(&opts, sink).map_err(|e| {
             if e.to_string().contains("lock") {
                 format!(

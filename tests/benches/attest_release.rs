@@ -1,7 +1,10 @@
 //! Attestation + key release round trip on loopback with swtpm, over gRPC with mutual TLS:
 //! challenge, TPM quote, attest, release of one layer key, and opening it on the IPU.
 //! Reports p50 and p99 over `ROUNDS` (default 200) rounds, with the TPM quote alone
-//! measured in the same run as the reference for what the TPM itself costs.
+//! measured in the same run as the reference for what the TPM itself costs. Rounds
+//! alternate between the two ways a layer key reaches the broker: a JWE to the broker's
+//! RSA-2048 key (RSA-OAEP unwrap), and the broker's own key provider wrapping to an EC
+//! P-256 key (ECDH-ES+A256KW unwrap).
 //!
 //! `cargo bench -p integration-tests --bench attest_release`
 
@@ -30,10 +33,26 @@ fn main() {
     let mut ipu = running
         .client(Some(running.pki.issue("ipu-1.example", Some("ipu"), false)))
         .unwrap();
+    // The fixture layer's private options, wrapped again by the broker's key provider to
+    // its EC key: the same layer, the other wrapping.
+    let fixture = integration_tests::broker::fixture_release("");
+    let rsa = ocicrypt::keys::PrivateKey::from_pem(
+        &std::fs::read(integration_tests::fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let privopts = ocicrypt::jwe::unwrap(&fixture.wrapped_jwe, &[rsa]).unwrap();
+    let provider_wrapping = ocicrypt::keyprovider::join_annotation(&[running
+        .broker
+        .wrap("bench", "acme-ec", &privopts)
+        .unwrap()]);
+    drop(privopts);
+    let mut total_ec = Vec::with_capacity(rounds);
+    let mut release_ec = Vec::new();
     let mut total = Vec::with_capacity(rounds);
     let mut quote_only = Vec::with_capacity(rounds);
     let (mut challenge_t, mut attest_t, mut release_t) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..rounds + 10 {
+    for i in 0..2 * (rounds + 10) {
+        let ec = i % 2 == 1;
         let start = Instant::now();
         let session_key = SessionKey::generate();
         let c = Instant::now();
@@ -65,7 +84,11 @@ fn main() {
             .unwrap()
             .into_inner();
         let attest_time = a.elapsed();
-        let req = integration_tests::broker::fixture_release(&attested.session_id);
+        let mut req = integration_tests::broker::fixture_release(&attested.session_id);
+        if ec {
+            req.wrapped_jwe.clear();
+            req.wrapped_provider = provider_wrapping.clone();
+        }
         let r0 = Instant::now();
         let r = running
             .rt
@@ -83,7 +106,10 @@ fn main() {
                 &release_context(&req.image_digest, &req.layer_digest),
             )
             .unwrap();
-        if i >= 10 {
+        if i >= 20 && ec {
+            total_ec.push(start.elapsed());
+            release_ec.push(release_time);
+        } else if i >= 20 {
             total.push(start.elapsed());
             quote_only.push(quote_time);
             challenge_t.push(challenge_time);
@@ -91,11 +117,16 @@ fn main() {
             release_t.push(release_time);
         }
     }
-    println!("{rounds} rounds of challenge + quote + attest + release + open, loopback mTLS gRPC, swtpm:");
+    println!("{rounds} rounds each of challenge + quote + attest + release + open, loopback mTLS gRPC, swtpm:");
     println!(
-        "  round trip:        p50 {:6.2} ms  p99 {:6.2} ms",
+        "  round trip, JWE to RSA-2048:         p50 {:6.2} ms  p99 {:6.2} ms",
         pct(&mut total, 0.5),
         pct(&mut total, 0.99)
+    );
+    println!(
+        "  round trip, provider to EC P-256:    p50 {:6.2} ms  p99 {:6.2} ms",
+        pct(&mut total_ec, 0.5),
+        pct(&mut total_ec, 0.99)
     );
     println!(
         "  TPM quote alone:   p50 {:6.2} ms  p99 {:6.2} ms",
@@ -111,7 +142,11 @@ fn main() {
         pct(&mut attest_t, 0.5)
     );
     println!(
-        "  Release RPC:       p50 {:6.2} ms  (policy, RSA unwrap, seal, audit)",
+        "  Release RPC, RSA:  p50 {:6.2} ms  (policy, RSA-OAEP unwrap, seal, audit)",
         pct(&mut release_t, 0.5)
+    );
+    println!(
+        "  Release RPC, EC:   p50 {:6.2} ms  (policy, ECDH-ES unwrap, seal, audit)",
+        pct(&mut release_ec, 0.5)
     );
 }

@@ -99,10 +99,18 @@ id = "fixtures-rsa"
 images = ["oci:*"]
 tenants = ["acme"]
 ipu_classes = ["ipu-gen2"]
+
+[[key]]
+id = "acme-ec"
+images = ["oci:*"]
+tenants = ["acme"]
+ipu_classes = ["ipu-gen2"]
 "#;
 
 pub struct Running {
     pub rt: tokio::runtime::Runtime,
+    /// The broker behind the service; it also holds an EC P-256 key `acme-ec`.
+    pub broker: Arc<Broker>,
     addr: std::net::SocketAddr,
     pub pki: Pki,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -161,9 +169,12 @@ pub fn broker(
 pub fn start(tpm: &mut Tpm) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let log = audit_log(&dir.path().join("audit"));
+    let keys = key_store(dir.path());
+    keys.create("acme-ec", keybroker::keystore::KeyKind::EcP256)
+        .unwrap();
     let broker = Arc::new(broker(
         verifier_for(tpm),
-        key_store(dir.path()),
+        keys,
         log,
         Duration::from_secs(60),
     ));
@@ -180,11 +191,17 @@ pub fn start(tpm: &mut Tpm) -> Running {
         key_pem: key.into_bytes(),
         client_ca_pem: pki.ca_pem.clone().into_bytes(),
     };
-    rt.spawn(keybroker::service::serve(broker, listener, tls, async {
-        let _ = stopped.await;
-    }));
+    rt.spawn(keybroker::service::serve(
+        broker.clone(),
+        listener,
+        tls,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Running {
         rt,
+        broker,
         addr,
         pki,
         _stop: stop,
