@@ -1,34 +1,89 @@
 #!/usr/bin/env bash
-# The main job end to end on embedded defaults: a publisher builds, encrypts
-# and signs an image from a busybox-static rootfs; the IPU service verifies it
-# under a policy, decrypts and unpacks it, and builds the ext4 rootfs.
+# The main job end to end on embedded defaults: an operator sets up the key
+# broker (TLS PKI, signed deployment policy, the IPU's TPM attestation key
+# enrolled); a publisher builds an image from a busybox-static rootfs, encrypts
+# it through the broker's key provider and signs it; the IPU service verifies
+# it, attests with its TPM (swtpm here), gets the layer key from the broker,
+# decrypts, unpacks and builds the ext4 rootfs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 echo "==> building the tools (release)"
-cargo build --release --locked -q -p ipu-image-svc -p publisher -p policy -p audit
+cargo build --release --locked -q -p ipu-image-svc -p publisher -p policy -p audit -p keybroker
 bin=$PWD/target/release
 demo=${DEMO_DIR:-$PWD/target/demo}
 rm -rf "$demo"
 mkdir -p "$demo"
 cd "$demo"
 
-echo "==> publisher: keys, a busybox-static rootfs, build, encrypt, sign"
-"$bin/ocipub" keygen --kind ec-p256 --out keys/signing
-"$bin/ocipub" keygen --kind rsa-2048 --out keys/layer
-mkdir -p rootfs/bin rootfs/etc
-cp /bin/busybox rootfs/bin/busybox
-for applet in sh echo cat ls; do ln -s busybox "rootfs/bin/$applet"; done
-printf '#!/bin/sh\necho "hello from the confidential demo image"\n' > rootfs/hello
-chmod 0755 rootfs/hello
-echo demo > rootfs/etc/image-id
-"$bin/ocipub" build --rootfs rootfs --layout layout --tag plain --cmd /hello
-"$bin/ocipub" encrypt --layout layout --tag plain --out-tag demo --recipient jwe:keys/layer/pub.pem
-"$bin/ocipub" sign --layout layout --tag demo --key keys/signing/priv.pem \
-    --identity demo.example/confidential/hello
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+export TSS2_LOG=all+NONE
 
-cat > policy.json <<JSON
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+echo "==> IPU: a software TPM stands in for the IPU's TPM; its attestation key for enrollment"
+tpm_port=$(free_port)
+mkdir -p tpm
+swtpm socket --tpm2 --tpmstate dir=tpm --flags not-need-init,startup-clear \
+    --server type=tcp,port=$tpm_port,bindaddr=127.0.0.1 \
+    --ctrl type=tcp,port=$((tpm_port + 1)),bindaddr=127.0.0.1 &
+pids+=($!)
+tcti="swtpm:host=127.0.0.1,port=$tpm_port"
+for _ in $(seq 50); do "$bin/ipu-image-svc" tpm ak --tpm "$tcti" --output ak.tpmt 2>/dev/null && break; sleep 0.1; done
+"$bin/ipu-image-svc" tpm ak --tpm "$tcti" --output ak.tpmt
+pcrs=$("$bin/ipu-image-svc" tpm pcrs --tpm "$tcti" --pcrs 0,7)
+
+echo "==> operator: a TLS PKI for the broker and the IPU (role = certificate OU)"
+mkdir -p pki
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=demo platform CA" -keyout pki/ca.key -out pki/ca.pem 2>/dev/null
+issue() { # name subject [server]
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$2" \
+        -keyout "pki/$1.key" -out "pki/$1.csr" 2>/dev/null
+    if [ "${3:-}" = server ]; then ext="subjectAltName=DNS:localhost,IP:127.0.0.1"; else ext="extendedKeyUsage=clientAuth"; fi
+    openssl x509 -req -in "pki/$1.csr" -CA pki/ca.pem -CAkey pki/ca.key -CAcreateserial -days 2 \
+        -extfile <(echo "$ext") -out "pki/$1.pem" 2>/dev/null
+}
+issue broker "/CN=keybroker.demo/OU=broker" server
+issue ipu "/CN=ipu-1.demo/OU=ipu"
+
+echo "==> operator: the deployment policy (IPU class PCRs, tenants, key rules), signed"
+"$bin/ocipub" keygen --kind ec-p256 --out keys/signing
+"$bin/policy" keygen --out keys/policy
+cat > deployment.toml <<TOML
+schema = 1
+image_trust_policy = "image-trust.json"
+
+[[ipu_class]]
+name = "demo-ipu"
+pcr_bank = "sha256"
+$pcrs
+
+# The demo tenant runs the hello function and may have its layer key...
+[[tenant]]
+name = "demo"
+require_encryption = true
+[[tenant.function]]
+name = "hello"
+images = ["oci:*"]
+
+# ...a guest tenant may run images, but gets no key.
+[[tenant]]
+name = "guest"
+[[tenant.function]]
+name = "*"
+images = ["oci:*"]
+
+[[key]]
+id = "demo-kek"
+images = ["oci:*"]
+tenants = ["demo"]
+ipu_classes = ["demo-ipu"]
+TOML
+cat > image-trust.json <<JSON
 {
   "default": [{"type": "reject"}],
   "transports": {
@@ -42,17 +97,63 @@ cat > policy.json <<JSON
   }
 }
 JSON
+"$bin/policy" lint deployment.toml
+"$bin/policy" sign --deployment deployment.toml --version 1 --key keys/policy/priv.pem --output policy.bundle
+
+echo "==> operator: the key broker (mutual TLS for IPUs, a Unix socket for administration)"
+broker_port=$(free_port)
+cat > keybroker.toml <<TOML
+state_dir = "broker"
+bundle_keys = ["keys/policy/pub.pem"]
+session_ttl = "5m"
+[tls]
+listen = "127.0.0.1:$broker_port"
+cert = "pki/broker.pem"
+key = "pki/broker.key"
+client_ca = "pki/ca.pem"
+[unix]
+socket = "run/keybroker.sock"
+TOML
+"$bin/keybroker" serve --config keybroker.toml &
+pids+=($!)
+for _ in $(seq 100); do [ -S run/keybroker.sock ] && break; sleep 0.1; done
+kb() { "$bin/keybroker" --socket run/keybroker.sock "$@"; }
+kb policy load policy.bundle
+kb keys create --id demo-kek --kind ec-p256 >/dev/null
+kb ipus enroll --id ipu-1 --class demo-ipu --ak-template ak.tpmt
+kb keys list
+
+echo "==> publisher: a busybox-static rootfs, built, encrypted through the broker's key provider, signed"
+mkdir -p rootfs/bin rootfs/etc
+cp /bin/busybox rootfs/bin/busybox
+for applet in sh echo cat ls; do ln -s busybox "rootfs/bin/$applet"; done
+printf '#!/bin/sh\necho "hello from the confidential demo image"\n' > rootfs/hello
+chmod 0755 rootfs/hello
+echo demo > rootfs/etc/image-id
+"$bin/ocipub" build --rootfs rootfs --layout layout --tag plain --cmd /hello
+cat > ocicrypt-keyprovider.json <<JSON
+{"key-providers": {"ipubroker": {"cmd": {"path": "$bin/keybroker", "args": ["--socket", "$demo/run/keybroker.sock", "keyprovider"]}}}}
+JSON
+OCICRYPT_KEYPROVIDER_CONFIG=$demo/ocicrypt-keyprovider.json \
+    "$bin/ocipub" encrypt --layout layout --tag plain --out-tag demo --recipient provider:ipubroker:demo-kek
+"$bin/ocipub" sign --layout layout --tag demo --key keys/signing/priv.pem \
+    --identity demo.example/confidential/hello
 
 echo "==> policy check"
-"$bin/policy" check --policy policy.json "oci:$demo/layout:demo"
+"$bin/policy" check --policy image-trust.json "oci:$demo/layout:demo"
 
 echo "==> IPU: verify the signature"
-"$bin/ipu-image-svc" image verify --audit-log audit --policy policy.json "oci:$demo/layout:demo"
+"$bin/ipu-image-svc" image verify --audit-log audit --policy image-trust.json "oci:$demo/layout:demo"
 
-echo "==> IPU: pull, decrypt, unpack, build the ext4 rootfs"
-"$bin/ipu-image-svc" image unpack --audit-log audit --tenant demo --function hello \
-    --policy policy.json --cache cache \
-    --decryption-key keys/layer/priv.pem --output rootfs.ext4 "oci:$demo/layout:demo"
+unpack() { # tenant function output
+    "$bin/ipu-image-svc" image unpack --audit-log audit --tenant "$1" --function "$2" \
+        --policy-bundle policy.bundle --bundle-key keys/policy/pub.pem --bundle-state ipu-policy \
+        --broker "https://127.0.0.1:$broker_port" --broker-name localhost --broker-ca pki/ca.pem \
+        --broker-cert pki/ipu.pem --broker-key pki/ipu.key --tpm "$tcti" \
+        --cache cache --output "$3" "oci:$demo/layout:demo"
+}
+echo "==> IPU: attest to the broker, get the layer key sealed to this run, decrypt, unpack, build ext4"
+unpack demo hello rootfs.ext4
 
 echo "==> the rootfs, read back from the ext4 image"
 debugfs -R 'ls -l /' rootfs.ext4 2>/dev/null
@@ -60,14 +161,23 @@ mkdir -p check
 debugfs -R 'rdump / check' rootfs.ext4 2>/dev/null >/dev/null
 chroot check /hello
 
-echo "==> an unsigned image is refused (exit code 3)"
+echo "==> tenant guest may run images but the broker refuses it the key (exit code 3)"
 set +e
-"$bin/ipu-image-svc" image verify --audit-log audit --policy policy.json "oci:$demo/layout:plain"
+unpack guest hello guest.ext4
 rc=$?
 set -e
 [ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
 
-echo "==> the audit trail of these runs, and the log verified against its key"
+echo "==> an unsigned image is refused (exit code 3)"
+set +e
+"$bin/ipu-image-svc" image verify --audit-log audit --policy image-trust.json "oci:$demo/layout:plain"
+rc=$?
+set -e
+[ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
+
+echo "==> the broker's audit trail: enrollment, key wrap, attestations, the grant and the denial"
+"$bin/audit" query --log broker/audit
+echo "==> the IPU's audit trail of these runs, and the log verified against its key"
 "$bin/audit" query --log audit
 "$bin/audit" verify --log audit --key audit/verifier.pub
 "$bin/audit" prove --log audit --index 0 --output proof.json

@@ -53,6 +53,15 @@ enum TpmCommand {
         #[arg(long, short, value_name = "FILE")]
         output: PathBuf,
     },
+    /// Print SHA-256 PCR values as a deployment policy `pcrs = { ... }` line (the reference
+    /// values of an IPU class, read from a known-good IPU).
+    Pcrs {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        /// Comma-separated PCR indexes.
+        #[arg(long, value_delimiter = ',', default_value = "0,7")]
+        pcrs: Vec<u8>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -225,8 +234,12 @@ fn main() -> ExitCode {
 
     let cmd = match cli.command {
         Top::Image(cmd) => cmd,
-        Top::Tpm(TpmCommand::Ak { tpm, output }) => {
-            return match write_ak(&tpm, &output) {
+        Top::Tpm(command) => {
+            let result = match command {
+                TpmCommand::Ak { tpm, output } => write_ak(&tpm, &output),
+                TpmCommand::Pcrs { tpm, pcrs } => print_pcrs(&tpm, &pcrs),
+            };
+            return match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ipu-image-svc: {e}");
@@ -294,6 +307,18 @@ fn write_ak(tpm: &TpmArgs, output: &Path) -> Result<(), String> {
         output.display(),
         hex::encode(&t.ak_public()[..9])
     );
+    Ok(())
+}
+
+fn print_pcrs(tpm: &TpmArgs, pcrs: &[u8]) -> Result<(), String> {
+    let mut t = ipu_image_svc::attest::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
+        .map_err(|e| e.to_string())?;
+    let values = t.read_pcrs(pcrs).map_err(|e| e.to_string())?;
+    let fields: Vec<String> = values
+        .iter()
+        .map(|(i, v)| format!("{i} = \"{}\"", hex::encode(v)))
+        .collect();
+    println!("pcrs = {{ {} }}", fields.join(", "));
     Ok(())
 }
 

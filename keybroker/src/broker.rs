@@ -267,12 +267,29 @@ impl Broker {
         self.verifier.nonces.issue()
     }
 
-    /// The PCRs an enrolled, unrevoked AK's class must quote.
-    pub fn pcrs_for(&self, ak_public: &[u8]) -> Result<Vec<u8>, BrokerError> {
-        let e = self.verifier.enrollment(ak_public)?;
-        self.verifier
-            .pcrs_of(&e.ipu_class)
-            .ok_or_else(|| AttestError::UnknownClass(e.ipu_class).into())
+    /// The PCRs an enrolled, unrevoked AK's class must quote. A refusal is audited as an
+    /// attestation denial: an unknown or revoked AK knocking is worth a record.
+    pub fn pcrs_for(&self, client: &str, ak_public: &[u8]) -> Result<Vec<u8>, BrokerError> {
+        let result = self.verifier.enrollment(ak_public).and_then(|e| {
+            self.verifier
+                .pcrs_of(&e.ipu_class)
+                .ok_or(AttestError::UnknownClass(e.ipu_class))
+        });
+        match result {
+            Ok(pcrs) => Ok(pcrs),
+            Err(e) => {
+                self.record(
+                    Event::new(
+                        AUDIT_SERVICE,
+                        EventKind::AttestationVerify,
+                        Outcome::Denied,
+                        format!("challenge refused: {e}"),
+                    )
+                    .actor(actor(client)),
+                )?;
+                Err(e.into())
+            }
+        }
     }
 
     /// Step 2: verifies the quote and opens a session bound to the ephemeral key and the

@@ -185,13 +185,14 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<ChallengeRequest>,
     ) -> Result<Response<ChallengeResponse>, Status> {
-        require(&self.auth.caller(&request)?, "ipu")?;
+        let who = self.auth.caller(&request)?;
+        require(&who, "ipu")?;
         let ak_public = request.into_inner().ak_public;
         let pcrs = if ak_public.is_empty() {
             Vec::new()
         } else {
             let broker = self.broker.clone();
-            blocking(move || broker.pcrs_for(&ak_public))
+            blocking(move || broker.pcrs_for(&who.subject, &ak_public))
                 .await?
                 .into_iter()
                 .map(u32::from)

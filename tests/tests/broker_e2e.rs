@@ -376,7 +376,7 @@ fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
 
     // Tenant globex may run the image but may not have its key: refused, nothing built.
     let out = s.unpack("globex", "globex.ext4").output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a key denial is a rejection");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("tenant \"globex\" may not use this key"),
@@ -407,10 +407,20 @@ fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
     // The IPU revoked: its next attestation is refused.
     run(broker.admin().args(["ipus", "revoke", "--id", "ipu-1"]));
     let out = s.unpack("acme", "revoked.ext4").output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("revoked"), "{stderr}");
+    assert!(
+        stderr.contains("the attestation key was revoked"),
+        "{stderr}"
+    );
     broker.stop();
+    let refused = events(&log, "attestation.verify");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["outcome"] == "denied" && e["reason"].as_str().unwrap().contains("revoked")),
+        "{refused:?}"
+    );
 }
 
 /// The key provider door: wrapping needs a publisher or admin, unwrapping needs an
@@ -618,7 +628,7 @@ fn no_layer_key_bytes_in_the_memory_of_host_side_processes() {
                 "/bin/busybox",
                 "sh",
                 "-c",
-                "cat /hello; exec /bin/busybox sleep 60",
+                "/bin/busybox cat /hello; exec /bin/busybox sleep 60",
             ])
             .stdout(Stdio::null())
             .spawn()
