@@ -22,7 +22,16 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 export TSS2_LOG=all+NONE
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A loopback port nothing listens on (and the next one, for swtpm's control channel).
+free_port() {
+    local p
+    for p in $(shuf -i 20000-60000 -n 100); do
+        if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then
+            echo "$p"; return
+        fi
+    done
+    echo "no free port" >&2; return 1
+}
 
 echo "==> IPU: a software TPM stands in for the IPU's TPM; its attestation key for enrollment"
 tpm_port=$(free_port)

@@ -16,6 +16,7 @@ packages=(
     swtpm-tools      # swtpm_setup: EK certificates for test TPM states
     tpm2-tools       # cross-checks of quotes
     libtss2-dev      # tpm2-tss, linked by tss-esapi
+    openssl          # the demo's TLS PKI for the key broker
     ca-certificates
 )
 

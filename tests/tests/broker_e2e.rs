@@ -404,6 +404,34 @@ fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
     assert_eq!(ipus[0]["ipu_id"], "ipu-1");
     run(&mut s.unpack("acme", "again.ext4"));
 
+    // The running policy cannot be replaced by one of the same version with other content
+    // (nor, by the same rule, by an older one).
+    let mut deployment = std::fs::read_to_string(s.path("deployment.toml")).unwrap();
+    deployment = deployment.replace("tenants = [\"acme\"]", "tenants = [\"acme\", \"globex\"]");
+    std::fs::write(s.path("deployment-v1b.toml"), deployment).unwrap();
+    run(Command::new(bin("policy"))
+        .arg("sign")
+        .arg("--deployment")
+        .arg(s.path("deployment-v1b.toml"))
+        .arg("--image-trust")
+        .arg(s.path("image-trust.json"))
+        .args(["--version", "1", "--key"])
+        .arg(s.path("bundle-key/priv.pem"))
+        .arg("--output")
+        .arg(s.path("bundle-v1b.json")));
+    let out = broker
+        .admin()
+        .args(["policy", "load"])
+        .arg(s.path("bundle-v1b.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("version 1 is the running version with different content"),
+        "{err}"
+    );
+
     // The IPU revoked: its next attestation is refused.
     run(broker.admin().args(["ipus", "revoke", "--id", "ipu-1"]));
     let out = s.unpack("acme", "revoked.ext4").output().unwrap();
@@ -414,6 +442,11 @@ fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
         "{stderr}"
     );
     broker.stop();
+    let loads = events(&log, "admin.policy_load");
+    assert!(
+        loads.iter().any(|e| e["outcome"] == "denied"),
+        "the refused bundle is on the record: {loads:?}"
+    );
     let refused = events(&log, "attestation.verify");
     assert!(
         refused
