@@ -124,7 +124,8 @@ client_ca = "pki/ca.pem"
 socket = "run/keybroker.sock"
 TOML
 "$bin/keybroker" serve --config keybroker.toml &
-pids+=($!)
+broker_pid=$!
+pids+=($broker_pid)
 for _ in $(seq 100); do [ -S run/keybroker.sock ] && break; sleep 0.1; done
 kb() { "$bin/keybroker" --socket run/keybroker.sock "$@"; }
 kb policy load policy.bundle
@@ -185,7 +186,9 @@ set -e
 [ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
 
 echo "==> the broker's audit trail: enrollment, key wrap, attestations, the grant and the denial"
+kill "$broker_pid"; wait "$broker_pid" || true   # it owns its log while it runs
 "$bin/audit" query --log broker/audit
+"$bin/audit" verify --log broker/audit --key broker/audit/verifier.pub
 echo "==> the IPU's audit trail of these runs, and the log verified against its key"
 "$bin/audit" query --log audit
 "$bin/audit" verify --log audit --key audit/verifier.pub
