@@ -726,7 +726,16 @@ impl Broker {
                 "no bundle keys are configured: policy bundles cannot be trusted".into(),
             ));
         }
-        let result = store.install(bundle, trusted);
+        // The IPU classes must be usable by this verifier before the bundle becomes the
+        // running one: a bundle that installs but cannot be enforced would lock IPUs out.
+        let result = policy::deploy::bundle::verify(bundle, trusted, None)
+            .map_err(InstallError::Rejected)
+            .and_then(|b| {
+                classes_from_policy(&b.deployment).map_err(|e| {
+                    InstallError::Rejected(policy::deploy::bundle::BundleError::Deployment(e))
+                })
+            })
+            .and_then(|_| store.install(bundle, trusted));
         let verified = match result {
             Ok(v) => v,
             Err(e) => {
