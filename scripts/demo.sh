@@ -42,7 +42,7 @@ swtpm socket --tpm2 --tpmstate dir=tpm --flags not-need-init,startup-clear \
 pids+=($!)
 tcti="swtpm:host=127.0.0.1,port=$tpm_port"
 for _ in $(seq 50); do "$bin/ipu-image-svc" tpm ak --tpm "$tcti" --output ak.tpmt 2>/dev/null && break; sleep 0.1; done
-"$bin/ipu-image-svc" tpm ak --tpm "$tcti" --output ak.tpmt
+"$bin/ipu-image-svc" tpm ak --tpm "$tcti" --output ak.tpmt --ek-output ek.tpmt
 pcrs=$("$bin/ipu-image-svc" tpm pcrs --tpm "$tcti" --pcrs 0,7)
 
 echo "==> operator: a TLS PKI for the broker and the IPU (role = certificate OU)"
@@ -130,7 +130,7 @@ for _ in $(seq 100); do [ -S run/keybroker.sock ] && break; sleep 0.1; done
 kb() { "$bin/keybroker" --socket run/keybroker.sock "$@"; }
 kb policy load policy.bundle
 kb keys create --id demo-kek --kind ec-p256 >/dev/null
-kb ipus enroll --id ipu-1 --class demo-ipu --ak-template ak.tpmt
+kb ipus enroll --id ipu-1 --class demo-ipu --ak-template ak.tpmt --ek-template ek.tpmt
 kb keys list
 
 echo "==> publisher: a busybox-static rootfs, built, encrypted through the broker's key provider, signed"
@@ -185,7 +185,8 @@ rc=$?
 set -e
 [ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
 
-echo "==> the broker's audit trail: enrollment, key wrap, attestations, the grant and the denial"
+kb ipus list
+echo "==> the broker's audit trail: enrollment, key wrap, activation, attestations, the grant and the denial"
 kill "$broker_pid"; wait "$broker_pid" || true   # it owns its log while it runs
 "$bin/audit" query --log broker/audit
 "$bin/audit" verify --log broker/audit --key broker/audit/verifier.pub

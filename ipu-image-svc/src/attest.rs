@@ -236,6 +236,73 @@ impl Tpm {
         public?.0.marshall().map_err(tpm("marshall EK public"))
     }
 
+    /// TPM2_ActivateCredential: recovers the secret a broker protected to this TPM's EK for
+    /// this AK's name (`keybroker::credential::make_credential`). Fails on any other TPM, or
+    /// for any other AK.
+    pub fn activate_credential(
+        &mut self,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, TpmError> {
+        use tss_esapi::attributes::SessionAttributesBuilder;
+        use tss_esapi::constants::SessionType;
+        use tss_esapi::handles::AuthHandle;
+        use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+        use tss_esapi::structures::{EncryptedSecret, IdObject, SymmetricDefinition};
+        let id_object = IdObject::try_from(id_object.to_vec()).map_err(tpm("credential"))?;
+        let secret =
+            EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(tpm("credential"))?;
+        let ek = ek::create_ek_object(&mut self.ctx, AsymmetricAlgorithm::Ecc, DefaultKey)
+            .map_err(tpm("endorsement key"))?;
+        // The EK is usable only in a policy session satisfying PolicySecret(endorsement).
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(tpm("policy session"))?
+            .ok_or_else(|| TpmError::Unexpected("no policy session".into()))?;
+        let ak = self.ak;
+        let result = (|| {
+            let (attributes, mask) = SessionAttributesBuilder::new()
+                .with_decrypt(true)
+                .with_encrypt(true)
+                .build();
+            self.ctx
+                .tr_sess_set_attributes(session, attributes, mask)
+                .map_err(tpm("policy session"))?;
+            let policy = PolicySession::try_from(session).map_err(tpm("policy session"))?;
+            self.ctx
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                })
+                .map_err(tpm("PolicySecret"))?;
+            self.ctx
+                .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
+                    ctx.activate_credential(ak, ek, id_object, secret)
+                })
+                .map(|d| zeroize::Zeroizing::new(d.value().to_vec()))
+                .map_err(tpm("activate credential"))
+        })();
+        let _ = self
+            .ctx
+            .flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+        let _ = self.ctx.flush_context(ek.into());
+        result
+    }
+
     /// Extends a PCR (tests, and measured components on real IPUs).
     pub fn extend_pcr(&mut self, index: u8, measurement: &[u8; 32]) -> Result<(), TpmError> {
         use tss_esapi::handles::PcrHandle;

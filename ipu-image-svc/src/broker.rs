@@ -99,6 +99,17 @@ impl BrokerKeys {
             .iter()
             .map(|&p| u8::try_from(p).map_err(|_| format!("the broker asks for PCR {p}")))
             .collect::<Result<_, _>>()?;
+        // Until this AK has proven it lives in the TPM of the EK it was enrolled with, the
+        // broker sends a credential only that TPM can activate.
+        let activation = if challenge.credential_id_object.is_empty() {
+            zeroize::Zeroizing::new(Vec::new())
+        } else {
+            tpm.activate_credential(
+                &challenge.credential_id_object,
+                &challenge.credential_secret,
+            )
+            .map_err(|e| format!("credential activation: {e}"))?
+        };
         let evidence = tpm
             .quote(&challenge.nonce, &key.public(), &pcrs)
             .map_err(|e| e.to_string())?;
@@ -115,6 +126,7 @@ impl BrokerKeys {
                         .collect(),
                     ak_public: tpm.ak_public().to_vec(),
                     session_public: key.public(),
+                    activation: activation.to_vec(),
                 }),
             )
             .map_err(|s| status("attestation", s))?

@@ -52,6 +52,10 @@ enum TpmCommand {
         tpm: TpmArgs,
         #[arg(long, short, value_name = "FILE")]
         output: PathBuf,
+        /// Also write the endorsement key's TPMT_PUBLIC (for `keybroker ipus enroll
+        /// --ek-template`: the AK then proves it lives in this TPM).
+        #[arg(long, value_name = "FILE")]
+        ek_output: Option<PathBuf>,
     },
     /// Print SHA-256 PCR values as a deployment policy `pcrs = { ... }` line (the reference
     /// values of an IPU class, read from a known-good IPU).
@@ -236,7 +240,11 @@ fn main() -> ExitCode {
         Top::Image(cmd) => cmd,
         Top::Tpm(command) => {
             let result = match command {
-                TpmCommand::Ak { tpm, output } => write_ak(&tpm, &output),
+                TpmCommand::Ak {
+                    tpm,
+                    output,
+                    ek_output,
+                } => write_ak(&tpm, &output, ek_output.as_deref()),
                 TpmCommand::Pcrs { tpm, pcrs } => print_pcrs(&tpm, &pcrs),
             };
             return match result {
@@ -296,11 +304,15 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-fn write_ak(tpm: &TpmArgs, output: &Path) -> Result<(), String> {
-    let t = ipu_image_svc::attest::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
+fn write_ak(tpm: &TpmArgs, output: &Path, ek_output: Option<&Path>) -> Result<(), String> {
+    let mut t = ipu_image_svc::attest::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
         .map_err(|e| e.to_string())?;
     std::fs::write(output, t.ak_template())
         .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    if let Some(path) = ek_output {
+        let ek = t.ek_template().map_err(|e| e.to_string())?;
+        std::fs::write(path, ek).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     eprintln!(
         "ipu-image-svc: attestation key at {:#x} written to {} (AK {})",
         tpm.ak_handle,

@@ -60,6 +60,8 @@ pub enum AttestError {
     RevokedKey,
     #[error("the IPU class {0:?} is not in the running deployment policy")]
     UnknownClass(String),
+    #[error("the attestation key has not proven it lives in the enrolled TPM (no or wrong credential activation)")]
+    NotActivated,
     #[error("the quote signature does not verify with the enrolled attestation key")]
     BadSignature,
     #[error("the nonce was not issued by this broker, expired, or was already used")]
@@ -78,12 +80,22 @@ pub enum AttestError {
     },
 }
 
-struct Reader<'a> {
+/// A cursor over TPM-marshalled (big-endian) structures.
+pub(crate) struct Reader<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Self { b, at: 0 }
+    }
+
+    /// Everything was read.
+    pub(crate) fn done(&self) -> bool {
+        self.at == self.b.len()
+    }
+
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], AttestError> {
         let end = self
             .at
@@ -96,25 +108,25 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(s)
     }
-    fn u8(&mut self, what: &str) -> Result<u8, AttestError> {
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8, AttestError> {
         Ok(self.take(1, what)?[0])
     }
-    fn u16(&mut self, what: &str) -> Result<u16, AttestError> {
+    pub(crate) fn u16(&mut self, what: &str) -> Result<u16, AttestError> {
         Ok(u16::from_be_bytes(
             self.take(2, what)?.try_into().expect("2"),
         ))
     }
-    fn u32(&mut self, what: &str) -> Result<u32, AttestError> {
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, AttestError> {
         Ok(u32::from_be_bytes(
             self.take(4, what)?.try_into().expect("4"),
         ))
     }
-    fn u64(&mut self, what: &str) -> Result<u64, AttestError> {
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64, AttestError> {
         Ok(u64::from_be_bytes(
             self.take(8, what)?.try_into().expect("8"),
         ))
     }
-    fn tpm2b(&mut self, what: &str) -> Result<Vec<u8>, AttestError> {
+    pub(crate) fn tpm2b(&mut self, what: &str) -> Result<Vec<u8>, AttestError> {
         let n = self.u16(what)? as usize;
         Ok(self.take(n, what)?.to_vec())
     }
@@ -259,7 +271,7 @@ pub fn verify_quote(
 
 /// Nonces the broker issued, each usable once within its lifetime.
 pub struct Nonces {
-    lifetime: Duration,
+    pub(crate) lifetime: Duration,
     issued: Mutex<HashMap<Vec<u8>, Instant>>,
 }
 
@@ -294,11 +306,44 @@ impl Nonces {
 }
 
 /// An enrolled attestation key.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Enrollment {
     pub ipu_id: String,
     pub ipu_class: String,
     pub revoked: bool,
+    /// The endorsement key's TPMT_PUBLIC the AK must prove it shares a TPM with.
+    #[serde(default, with = "opt_hex")]
+    pub ek_template: Option<Vec<u8>>,
+    /// The AK proved it (ActivateCredential) at an attestation.
+    #[serde(default)]
+    pub activated: bool,
+    /// The AK's TPM name (nameAlg || H(TPMT_PUBLIC)), which a credential binds; set by
+    /// [`Verifier::enroll_template`].
+    #[serde(default, with = "opt_hex")]
+    pub ak_name: Option<Vec<u8>>,
+}
+
+impl Enrollment {
+    /// An AK is usable for attestation once it is pinned and activated, or was enrolled
+    /// without an EK (trusting its template as provisioned).
+    pub fn needs_activation(&self) -> bool {
+        self.ek_template.is_some() && !self.activated
+    }
+}
+
+mod opt_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|h| hex::decode(h).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// An enrollment as stored and listed.
@@ -352,6 +397,9 @@ pub fn classes_from_policy(
     Ok(classes)
 }
 
+/// A credential's secret and when it was handed out.
+type IssuedCredential = (Zeroizing<[u8; 32]>, Instant);
+
 /// The broker's verifier: enrolled AKs, reference values per IPU class, issued nonces.
 /// With a store, enrollments persist across restarts (nonces and sessions never do).
 pub struct Verifier {
@@ -359,6 +407,8 @@ pub struct Verifier {
     enrolled: Mutex<HashMap<Vec<u8>, Enrollment>>,
     classes: RwLock<HashMap<String, ReferencePcrs>>,
     store: Option<sled::Tree>,
+    /// Credential secrets handed out for activation, by AK.
+    credentials: Mutex<HashMap<Vec<u8>, IssuedCredential>>,
 }
 
 fn now_secs() -> u64 {
@@ -375,6 +425,7 @@ impl Verifier {
             enrolled: Mutex::new(HashMap::new()),
             classes: RwLock::new(classes),
             store: None,
+            credentials: Mutex::new(HashMap::new()),
         }
     }
 
@@ -400,6 +451,7 @@ impl Verifier {
             enrolled: Mutex::new(enrolled),
             classes: RwLock::new(classes),
             store: Some(store),
+            credentials: Mutex::new(HashMap::new()),
         })
     }
 
@@ -410,10 +462,41 @@ impl Verifier {
 
     /// Enrolls an AK from its marshalled `TPMT_PUBLIC` (see [`check_ak_template`]); returns
     /// its public point, the key quotes are then checked with.
-    pub fn enroll_template(&self, template: &[u8], e: Enrollment) -> Result<Vec<u8>, String> {
+    pub fn enroll_template(&self, template: &[u8], mut e: Enrollment) -> Result<Vec<u8>, String> {
         let point = check_ak_template(template).map_err(|e| e.to_string())?;
+        if let Some(ek) = &e.ek_template {
+            crate::credential::EndorsementKey::parse(ek).map_err(|e| e.to_string())?;
+        }
+        e.ak_name = Some(crate::credential::object_name(template));
+        e.activated = false;
         self.enroll(&point, e)?;
         Ok(point)
+    }
+
+    /// A credential for an AK that must still prove it shares a TPM with its enrolled EK
+    /// (`None` when no proof is due). The secret is kept until the next attestation.
+    pub fn credential_for(
+        &self,
+        ak_public: &[u8],
+    ) -> Result<Option<crate::credential::Credential>, AttestError> {
+        let e = self.enrollment(ak_public)?;
+        let Some(ek) = e.ek_template.as_ref().filter(|_| !e.activated) else {
+            return Ok(None);
+        };
+        let ek = crate::credential::EndorsementKey::parse(ek)?;
+        let name = e
+            .ak_name
+            .clone()
+            .ok_or_else(|| AttestError::Malformed("no AK name recorded at enrollment".into()))?;
+        let mut secret = Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), secret.as_mut())
+            .expect("system randomness");
+        let credential = crate::credential::make_credential(&ek, &name, secret.as_ref());
+        self.credentials
+            .lock()
+            .expect("not poisoned")
+            .insert(ak_public.to_vec(), (secret, Instant::now()));
+        Ok(Some(credential))
     }
 
     /// Enrolls an AK (SEC1 point) for an IPU of a known class. An IPU enrolled again (a new
@@ -532,13 +615,66 @@ impl Verifier {
         nonce: &[u8],
         ephemeral_public: &[u8],
     ) -> Result<(Enrollment, Quote), AttestError> {
+        self.verify_activated(evidence, ak_public, nonce, ephemeral_public, None)
+    }
+
+    /// [`verify`](Self::verify) for an AK that may still owe the proof that it shares a TPM
+    /// with its enrolled EK: `activation` is the secret ActivateCredential recovered from the
+    /// challenge's credential. The first attestation that carries it activates the AK.
+    pub fn verify_activated(
+        &self,
+        evidence: &Evidence,
+        ak_public: &[u8],
+        nonce: &[u8],
+        ephemeral_public: &[u8],
+        activation: Option<&[u8]>,
+    ) -> Result<(Enrollment, Quote), AttestError> {
         if !self.nonces.consume(nonce) {
             return Err(AttestError::StaleNonce);
         }
-        let enrollment = self.enrollment(ak_public)?;
+        let mut enrollment = self.enrollment(ak_public)?;
+        if enrollment.needs_activation() {
+            let issued = self
+                .credentials
+                .lock()
+                .expect("not poisoned")
+                .remove(ak_public);
+            let proven = match (issued, activation) {
+                (Some((secret, at)), Some(answer)) => {
+                    at.elapsed() < self.nonces.lifetime
+                        && bool::from(subtle::ConstantTimeEq::ct_eq(secret.as_slice(), answer))
+                }
+                _ => false,
+            };
+            if !proven {
+                return Err(AttestError::NotActivated);
+            }
+        }
         let reference = self.reference(&enrollment.ipu_class)?;
         let quote = verify_quote(evidence, ak_public, nonce, ephemeral_public, &reference)?;
+        if enrollment.needs_activation() {
+            enrollment.activated = true;
+            self.update(ak_public, &enrollment)
+                .map_err(AttestError::Malformed)?;
+        }
         Ok((enrollment, quote))
+    }
+
+    fn update(&self, ak_public: &[u8], e: &Enrollment) -> Result<(), String> {
+        self.persist(&EnrolledIpu {
+            ak_public: ak_public.to_vec(),
+            enrollment: e.clone(),
+            enrolled: self.enrolled_at(&e.ipu_id),
+        })?;
+        if let Some(current) = self
+            .enrolled
+            .lock()
+            .expect("not poisoned")
+            .get_mut(ak_public)
+        {
+            *current = e.clone();
+        }
+        Ok(())
     }
 
     /// The enrollment of a usable (enrolled, unrevoked) AK.

@@ -100,6 +100,9 @@ pub struct BrokerOptions {
     /// Seal the master key with this TPM (a tpm2-tss TCTI) instead of keeping it in a 0600
     /// file.
     pub master_key_tpm: Option<String>,
+    /// Enroll IPUs only with their endorsement key, so each AK proves (ActivateCredential)
+    /// that it lives in that TPM before its first session.
+    pub require_ek: bool,
 }
 
 impl BrokerOptions {
@@ -111,6 +114,7 @@ impl BrokerOptions {
             nonce_lifetime: Duration::from_secs(60),
             provider_name: provider::DEFAULT_NAME.into(),
             master_key_tpm: None,
+            require_ek: true,
         }
     }
 
@@ -160,6 +164,7 @@ pub struct Broker {
     session_ttl: Duration,
     audit: Arc<dyn AuditSink>,
     provider_name: String,
+    require_ek: bool,
     /// Unsealed, parsed keys by (id, version) (parsing an RSA key costs milliseconds);
     /// dropped, and zeroized, with the broker. Revocation is checked on every release.
     unsealed: Mutex<HashMap<(String, u32), Arc<ocicrypt::keys::PrivateKey>>>,
@@ -195,6 +200,7 @@ impl Broker {
             session_ttl,
             audit,
             provider_name: provider::DEFAULT_NAME.into(),
+            require_ek: false,
             unsealed: Mutex::new(HashMap::new()),
         }
     }
@@ -234,6 +240,7 @@ impl Broker {
             session_ttl: opts.session_ttl,
             audit,
             provider_name: opts.provider_name.clone(),
+            require_ek: opts.require_ek,
             unsealed: Mutex::new(HashMap::new()),
         })
     }
@@ -267,16 +274,24 @@ impl Broker {
         self.verifier.nonces.issue()
     }
 
-    /// The PCRs an enrolled, unrevoked AK's class must quote. A refusal is audited as an
-    /// attestation denial: an unknown or revoked AK knocking is worth a record.
-    pub fn pcrs_for(&self, client: &str, ak_public: &[u8]) -> Result<Vec<u8>, BrokerError> {
+    /// What an enrolled, unrevoked AK must do in its quote: the PCRs of its class, and, until
+    /// it has proven it lives in the TPM of its enrolled EK, a credential to activate. A
+    /// refusal is audited as an attestation denial: an unknown or revoked AK knocking is
+    /// worth a record.
+    pub fn challenge_for(
+        &self,
+        client: &str,
+        ak_public: &[u8],
+    ) -> Result<(Vec<u8>, Option<crate::credential::Credential>), BrokerError> {
         let result = self.verifier.enrollment(ak_public).and_then(|e| {
-            self.verifier
+            let pcrs = self
+                .verifier
                 .pcrs_of(&e.ipu_class)
-                .ok_or(AttestError::UnknownClass(e.ipu_class))
+                .ok_or(AttestError::UnknownClass(e.ipu_class))?;
+            Ok((pcrs, self.verifier.credential_for(ak_public)?))
         });
         match result {
-            Ok(pcrs) => Ok(pcrs),
+            Ok(r) => Ok(r),
             Err(e) => {
                 self.record(
                     Event::new(
@@ -302,12 +317,42 @@ impl Broker {
         nonce: &[u8],
         session_public: &[u8],
     ) -> Result<Session, BrokerError> {
+        self.attest_activated(client, evidence, ak_public, nonce, session_public, None)
+    }
+
+    /// [`attest`](Self::attest) with the secret ActivateCredential recovered from the
+    /// challenge's credential, for an AK that still owes that proof.
+    pub fn attest_activated(
+        &self,
+        client: &str,
+        evidence: &Evidence,
+        ak_public: &[u8],
+        nonce: &[u8],
+        session_public: &[u8],
+        activation: Option<&[u8]>,
+    ) -> Result<Session, BrokerError> {
         let mut who = actor(client);
+        let was_pending = self
+            .verifier
+            .enrollment(ak_public)
+            .is_ok_and(|e| e.needs_activation());
         match self
             .verifier
-            .verify(evidence, ak_public, nonce, session_public)
+            .verify_activated(evidence, ak_public, nonce, session_public, activation)
         {
             Ok((enrollment, _quote)) => {
+                if was_pending {
+                    self.record(
+                        Event::new(
+                            AUDIT_SERVICE,
+                            EventKind::Admin("ipu_activate".into()),
+                            Outcome::Success,
+                            "the attestation key proved it lives in the TPM of the enrolled endorsement key (ActivateCredential)",
+                        )
+                        .actor(actor(client))
+                        .detail("subject", enrollment.ipu_id.clone()),
+                    )?;
+                }
                 let session = Session {
                     id: random_id(),
                     ipu_id: enrollment.ipu_id.clone(),
@@ -677,8 +722,14 @@ impl Broker {
         ipu_id: &str,
         ipu_class: &str,
         ak_template: &[u8],
+        ek_template: Option<&[u8]>,
     ) -> Result<EnrolledIpu, BrokerError> {
         self.admin(who, "ipu_enroll", ipu_id, || {
+            if ek_template.is_none() && self.require_ek {
+                return Err(BrokerError::Admin(
+                    "enrollment needs the IPU's endorsement key (--ek-template), so its attestation key can prove it lives in that TPM".into(),
+                ));
+            }
             let point = self
                 .verifier
                 .enroll_template(
@@ -686,7 +737,8 @@ impl Broker {
                     Enrollment {
                         ipu_id: ipu_id.to_string(),
                         ipu_class: ipu_class.to_string(),
-                        revoked: false,
+                        ek_template: ek_template.map(<[u8]>::to_vec),
+                        ..Enrollment::default()
                     },
                 )
                 .map_err(BrokerError::Admin)?;
@@ -696,7 +748,12 @@ impl Broker {
                 .into_iter()
                 .find(|e| e.ak_public == point)
                 .expect("just enrolled");
-            Ok((e, format!("enrolled in IPU class {ipu_class}")))
+            let how = if ek_template.is_some() {
+                "pinned to its endorsement key, activation due at its first attestation"
+            } else {
+                "not pinned to an endorsement key (the template is trusted as provisioned)"
+            };
+            Ok((e, format!("enrolled in IPU class {ipu_class}, {how}")))
         })
     }
 

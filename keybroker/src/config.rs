@@ -9,6 +9,7 @@
 //! nonce_lifetime = "60s"
 //! provider_name = "ipubroker"
 //! master_key_tpm = "device:/dev/tpmrm0"     # seal the master key with this TPM
+//! require_ek = true                         # enroll IPUs only with their EK (the default)
 //!
 //! [tls]                                     # IPUs, publishers, admins over the network
 //! listen = "0.0.0.0:8443"
@@ -47,6 +48,8 @@ struct Raw {
     provider_name: Option<String>,
     #[serde(default)]
     master_key_tpm: Option<String>,
+    #[serde(default)]
+    require_ek: Option<bool>,
     #[serde(default)]
     tls: Option<RawTls>,
     #[serde(default)]
@@ -154,6 +157,9 @@ impl Config {
             broker.provider_name = name;
         }
         broker.master_key_tpm = raw.master_key_tpm;
+        if let Some(r) = raw.require_ek {
+            broker.require_ek = r;
+        }
         let audit = match (raw.audit_log, raw.audit_socket) {
             (Some(_), Some(_)) => return Err("give audit_log or audit_socket, not both".into()),
             (Some(d), None) => AuditTarget::Dir(at(&d)),

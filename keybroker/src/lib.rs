@@ -3,6 +3,7 @@
 //! - [`attest`]: the quote verifier (TPMS_ATTEST parsing, ECDSA P-256 signature, nonce and
 //!   ephemeral-key binding, PCR selection and values against the IPU class's reference
 //!   values), single-use nonces, AK template checks and persisted enrollments.
+//! - [`credential`]: TPM2_MakeCredential in software, pinning an AK to its TPM's EK.
 //! - [`keystore`]: key-encryption keys (versioned, revocable) sealed at rest in sled under
 //!   a master key: a 0600 file, or sealed by the broker host's TPM ([`sealing`]).
 //! - [`release`]: sealing a released key to the attested session key (ECDH + HKDF + GCM).
@@ -15,6 +16,7 @@
 pub mod attest;
 pub mod broker;
 pub mod config;
+pub mod credential;
 pub mod keystore;
 pub mod provider;
 pub mod release;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use api::keybroker::key_admin_client::KeyAdminClient;
 use api::keybroker::{
-    CreateKeyRequest, EnrollIpuRequest, ImportKeyRequest, IpuIdRequest, IpuInfo, KeyIdRequest,
-    KeyInfo, ListRequest, LoadPolicyRequest, RevokeKeyRequest,
+    CreateKeyRequest, EnrollIpuRequest, ImportKeyRequest, IpuIdRequest, KeyIdRequest, KeyInfo,
+    ListRequest, LoadPolicyRequest, RevokeKeyRequest,
 };
 use api::keyprovider::key_provider_service_client::KeyProviderServiceClient;
 use api::keyprovider::KeyProviderKeyWrapProtocolInput;
@@ -24,6 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keybroker::broker::{Broker, BrokerOptions};
 use keybroker::config::{AuditTarget, Config};
 use keybroker::keystore::KeyKind;
+use keybroker::service::{ipu_info, key_info};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 #[derive(Parser)]
@@ -157,6 +158,10 @@ enum Ipus {
         class: String,
         #[arg(long, value_name = "FILE")]
         ak_template: PathBuf,
+        /// The IPU's endorsement key (TPMT_PUBLIC, from `ipu-image-svc tpm ak --ek-output`):
+        /// the AK must then prove it lives in that TPM at its first attestation.
+        #[arg(long, value_name = "FILE")]
+        ek_template: Option<PathBuf>,
     },
     /// Refuse this IPU's quotes from now on; its sessions end.
     Revoke {
@@ -438,27 +443,6 @@ impl Target {
     }
 }
 
-fn key_info(k: keybroker::keystore::KeyInfo) -> KeyInfo {
-    KeyInfo {
-        id: k.id,
-        version: k.version,
-        algorithm: k.algorithm,
-        public_pem: k.public_pem,
-        created: k.created,
-        revoked: k.revoked,
-    }
-}
-
-fn ipu_info(e: keybroker::attest::EnrolledIpu) -> IpuInfo {
-    IpuInfo {
-        ipu_id: e.enrollment.ipu_id,
-        ipu_class: e.enrollment.ipu_class,
-        ak_public: e.ak_public,
-        enrolled: e.enrolled,
-        revoked: e.enrollment.revoked,
-    }
-}
-
 /// Runs one admin call on whichever target: `$local` with the broker and actor, `$remote`
 /// with the client.
 macro_rules! call {
@@ -577,16 +561,23 @@ fn admin(cli: &Cli) -> Result<(), String> {
             id,
             class,
             ak_template,
+            ek_template,
         }) => {
-            let template = std::fs::read(ak_template)
-                .map_err(|e| format!("cannot read {}: {e}", ak_template.display()))?;
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            let template = read(ak_template)?;
+            let ek = ek_template.as_ref().map(read).transpose()?;
             let e = call!(
                 t,
-                |b, who| b.enroll_ipu(who, id, class, &template).map(ipu_info),
+                |b, who| b
+                    .enroll_ipu(who, id, class, &template, ek.as_deref())
+                    .map(ipu_info),
                 |c| c.enroll_ipu(EnrollIpuRequest {
                     ipu_id: id.clone(),
                     ipu_class: class.clone(),
-                    ak_template: template.clone()
+                    ak_template: template.clone(),
+                    ek_template: ek.clone().unwrap_or_default(),
                 })
             )?;
             println!(
@@ -621,17 +612,23 @@ fn admin(cli: &Cli) -> Result<(), String> {
                     .map(|e| serde_json::json!({
                         "ipu_id": e.ipu_id, "ipu_class": e.ipu_class,
                         "ak_public": hex::encode(&e.ak_public), "enrolled": e.enrolled, "revoked": e.revoked,
+                        "pinned": e.pinned, "activated": e.activated,
                     }))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
             } else {
                 for e in ipus {
+                    let state = match (e.revoked, e.pinned, e.activated) {
+                        (true, _, _) => "REVOKED",
+                        (false, true, true) => "active, pinned to its EK",
+                        (false, true, false) => "awaiting activation",
+                        (false, false, _) => "active, not pinned",
+                    };
                     println!(
-                        "{:<24} {:<16} {} {}",
+                        "{:<24} {:<16} {} {state}",
                         e.ipu_id,
                         e.ipu_class,
                         audit::event::format_time(e.enrolled * 1_000_000_000),
-                        if e.revoked { "REVOKED" } else { "active" }
                     );
                 }
             }

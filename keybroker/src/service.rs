@@ -188,19 +188,20 @@ impl KeyBroker for KeyBrokerService {
         let who = self.auth.caller(&request)?;
         require(&who, "ipu")?;
         let ak_public = request.into_inner().ak_public;
-        let pcrs = if ak_public.is_empty() {
-            Vec::new()
+        let (pcrs, credential) = if ak_public.is_empty() {
+            (Vec::new(), None)
         } else {
             let broker = self.broker.clone();
-            blocking(move || broker.pcrs_for(&who.subject, &ak_public))
-                .await?
-                .into_iter()
-                .map(u32::from)
-                .collect()
+            blocking(move || broker.challenge_for(&who.subject, &ak_public)).await?
         };
+        let (credential_id_object, credential_secret) = credential
+            .map(|c| (c.id_object, c.encrypted_secret))
+            .unwrap_or_default();
         Ok(Response::new(ChallengeResponse {
             nonce: self.broker.challenge().to_vec(),
-            pcrs,
+            pcrs: pcrs.into_iter().map(u32::from).collect(),
+            credential_id_object,
+            credential_secret,
         }))
     }
 
@@ -223,13 +224,15 @@ impl KeyBroker for KeyBrokerService {
             pcrs,
         };
         let broker = self.broker.clone();
+        let activation = zeroize::Zeroizing::new(r.activation);
         let session = blocking(move || {
-            broker.attest(
+            broker.attest_activated(
                 &who.subject,
                 &evidence,
                 &r.ak_public,
                 &r.nonce,
                 &r.session_public,
+                (!activation.is_empty()).then_some(activation.as_slice()),
             )
         })
         .await?;
@@ -302,7 +305,8 @@ pub struct TlsFiles {
     pub client_ca_pem: Vec<u8>,
 }
 
-fn key_info(k: keystore::KeyInfo) -> KeyInfo {
+/// A key version as the admin API shows it.
+pub fn key_info(k: keystore::KeyInfo) -> KeyInfo {
     KeyInfo {
         id: k.id,
         version: k.version,
@@ -313,13 +317,16 @@ fn key_info(k: keystore::KeyInfo) -> KeyInfo {
     }
 }
 
-fn ipu_info(e: EnrolledIpu) -> IpuInfo {
+/// An enrollment as the admin API shows it.
+pub fn ipu_info(e: EnrolledIpu) -> IpuInfo {
     IpuInfo {
         ipu_id: e.enrollment.ipu_id,
         ipu_class: e.enrollment.ipu_class,
         ak_public: e.ak_public,
         enrolled: e.enrolled,
         revoked: e.enrollment.revoked,
+        pinned: e.enrollment.ek_template.is_some(),
+        activated: e.enrollment.activated,
     }
 }
 
@@ -413,8 +420,11 @@ impl KeyAdmin for AdminService {
         let who = self.admin(&req)?;
         let r = req.into_inner();
         let b = self.broker.clone();
-        let e =
-            blocking(move || b.enroll_ipu(&who, &r.ipu_id, &r.ipu_class, &r.ak_template)).await?;
+        let e = blocking(move || {
+            let ek = (!r.ek_template.is_empty()).then_some(r.ek_template.as_slice());
+            b.enroll_ipu(&who, &r.ipu_id, &r.ipu_class, &r.ak_template, ek)
+        })
+        .await?;
         Ok(Response::new(ipu_info(e)))
     }
 

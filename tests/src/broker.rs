@@ -130,7 +130,7 @@ pub fn verifier_for(tpm: &mut Tpm) -> Verifier {
             Enrollment {
                 ipu_id: "ipu-1".into(),
                 ipu_class: "ipu-gen2".into(),
-                revoked: false,
+                ..Enrollment::default()
             },
         )
         .unwrap();
@@ -307,5 +307,6 @@ pub fn attest_request(
             .collect(),
         ak_public: ak_public.to_vec(),
         session_public,
+        activation: Vec::new(),
     }
 }

@@ -23,7 +23,7 @@ fn broker_for(tpm: &mut Tpm) -> Verifier {
         Enrollment {
             ipu_id: "ipu-1".into(),
             ipu_class: "test-class".into(),
-            revoked: false,
+            ..Enrollment::default()
         },
     )
     .unwrap();
@@ -218,7 +218,7 @@ fn enrollment_accepts_the_ak_and_refuses_the_endorsement_key() {
     let enrollment = || Enrollment {
         ipu_id: "ipu-1".into(),
         ipu_class: "test-class".into(),
-        revoked: false,
+        ..Enrollment::default()
     };
     let point = v.enroll_template(tpm.ak_template(), enrollment()).unwrap();
     assert_eq!(point, tpm.ak_public());
@@ -232,5 +232,118 @@ fn enrollment_accepts_the_ak_and_refuses_the_endorsement_key() {
     assert!(err.contains("must not decrypt"), "{err}");
     assert!(v
         .enroll_template(&ek[..ek.len() - 1], enrollment())
+        .is_err());
+}
+
+/// TPM2_MakeCredential done by the broker in software and TPM2_ActivateCredential by the
+/// TPM: the secret comes back only from the TPM whose EK it was made for, for the AK it names.
+#[test]
+fn a_credential_activates_only_on_the_tpm_and_ak_it_was_made_for() {
+    use keybroker::credential::{make_credential, object_name, EndorsementKey};
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let ek = EndorsementKey::parse(&tpm.ek_template().unwrap()).unwrap();
+    let secret = [7u8; 32];
+    let credential = make_credential(&ek, &object_name(tpm.ak_template()), &secret);
+    let got = tpm
+        .activate_credential(&credential.id_object, &credential.encrypted_secret)
+        .unwrap();
+    assert_eq!(&got[..], &secret);
+
+    // Made for another AK name: the TPM refuses (integrity check on the name).
+    let other_name = object_name(b"another object");
+    let credential = make_credential(&ek, &other_name, &secret);
+    assert!(tpm
+        .activate_credential(&credential.id_object, &credential.encrypted_secret)
+        .is_err());
+
+    // Another TPM, with this TPM's EK enrolled for its AK: it cannot activate.
+    let other_swtpm = Swtpm::start();
+    let mut other = Tpm::open(&other_swtpm.tcti()).unwrap();
+    let credential = make_credential(&ek, &object_name(other.ak_template()), &secret);
+    assert!(other
+        .activate_credential(&credential.id_object, &credential.encrypted_secret)
+        .is_err());
+}
+
+/// An AK enrolled with its EK attests only after it has proven, once, that it lives in that
+/// TPM: no activation, a wrong answer, or a TPM that cannot activate are refused; after the
+/// first good activation it attests without one.
+#[test]
+fn an_ak_pinned_to_its_ek_attests_only_after_activation() {
+    use keybroker::attest::AttestError;
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let reference = tpm.read_pcrs(&PCRS).unwrap();
+    let v = Verifier::new(
+        HashMap::from([("test-class".to_string(), reference)]),
+        Duration::from_secs(60),
+    );
+    let ek = tpm.ek_template().unwrap();
+    let point = v
+        .enroll_template(
+            tpm.ak_template(),
+            Enrollment {
+                ipu_id: "ipu-1".into(),
+                ipu_class: "test-class".into(),
+                ek_template: Some(ek),
+                ..Enrollment::default()
+            },
+        )
+        .unwrap();
+    let attest = |tpm: &mut Tpm, activation: Option<&[u8]>| {
+        let n = v.nonces.issue();
+        let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
+        v.verify_activated(&evidence, &point, &n, EPHEMERAL, activation)
+    };
+    // No credential asked for, or none answered: refused.
+    assert_eq!(
+        attest(&mut tpm, None).unwrap_err(),
+        AttestError::NotActivated
+    );
+    let c = v
+        .credential_for(&point)
+        .unwrap()
+        .expect("activation is due");
+    assert_eq!(
+        attest(&mut tpm, Some(&[0u8; 32])).unwrap_err(),
+        AttestError::NotActivated
+    );
+    // The wrong answer used the credential up: even its right secret is refused now.
+    let stale = tpm
+        .activate_credential(&c.id_object, &c.encrypted_secret)
+        .unwrap();
+    assert_eq!(
+        attest(&mut tpm, Some(&stale)).unwrap_err(),
+        AttestError::NotActivated
+    );
+    // A fresh credential, answered by the TPM.
+    let c = v.credential_for(&point).unwrap().unwrap();
+    let secret = tpm
+        .activate_credential(&c.id_object, &c.encrypted_secret)
+        .unwrap();
+    let (enrollment, _) = attest(&mut tpm, Some(&secret)).unwrap();
+    assert!(enrollment.activated);
+    // Activated: no more credentials, and quotes verify on their own.
+    assert!(v.credential_for(&point).unwrap().is_none());
+    attest(&mut tpm, None).unwrap();
+
+    // Another TPM's AK enrolled with this TPM's EK cannot activate.
+    let other_swtpm = Swtpm::start();
+    let mut other = Tpm::open(&other_swtpm.tcti()).unwrap();
+    let other_point = v
+        .enroll_template(
+            other.ak_template(),
+            Enrollment {
+                ipu_id: "ipu-2".into(),
+                ipu_class: "test-class".into(),
+                ek_template: Some(tpm.ek_template().unwrap()),
+                ..Enrollment::default()
+            },
+        )
+        .unwrap();
+    let c = v.credential_for(&other_point).unwrap().unwrap();
+    assert!(other
+        .activate_credential(&c.id_object, &c.encrypted_secret)
         .is_err());
 }

@@ -160,6 +160,8 @@ fn setup_with(opts: Options) -> (Setup, BrokerProcess) {
     run(Command::new(bin("ipu-image-svc"))
         .args(["tpm", "ak", "--tpm", &swtpm.tcti(), "--output"])
         .arg(d.join("ak.tpmt"))
+        .arg("--ek-output")
+        .arg(d.join("ek.tpmt"))
         .env("TSS2_LOG", "all+NONE"));
     let pcrs = {
         let mut tpm = ipu_image_svc::attest::Tpm::open(&swtpm.tcti()).unwrap();
@@ -292,11 +294,23 @@ socket = "run/keybroker.sock"
     run(broker
         .admin()
         .args(["keys", "create", "--id", "acme-kek", "--kind", "ec-p256"]));
+    // Without its endorsement key the IPU is not enrolled (the broker requires the pinning).
+    let out = broker
+        .admin()
+        .args(["ipus", "enroll", "--id", "ipu-1", "--class", "ipu-gen2"])
+        .arg("--ak-template")
+        .arg(d.join("ak.tpmt"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ek-template"));
     run(broker
         .admin()
         .args(["ipus", "enroll", "--id", "ipu-1", "--class", "ipu-gen2"])
         .arg("--ak-template")
-        .arg(d.join("ak.tpmt")));
+        .arg(d.join("ak.tpmt"))
+        .arg("--ek-template")
+        .arg(d.join("ek.tpmt")));
 
     // The publisher encrypts through the broker's key provider (command form), then signs.
     std::fs::write(
@@ -393,7 +407,9 @@ fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
     let denials = events(&log, "key.deny");
     assert_eq!(denials.len(), 1, "{denials:?}");
     assert!(denials[0]["reason"].as_str().unwrap().contains("globex"));
-    assert_eq!(events(&log, "admin.ipu_enroll").len(), 1);
+    // One refused enrollment (no EK), one accepted, one activation at the first attestation.
+    assert_eq!(events(&log, "admin.ipu_enroll").len(), 2);
+    assert_eq!(events(&log, "admin.ipu_activate").len(), 1);
     assert_eq!(events(&log, "admin.key_wrap").len(), 1);
     assert_eq!(events(&log, "attestation.verify").len(), 2);
 
@@ -402,6 +418,11 @@ fn an_attested_ipu_gets_provider_wrapped_layer_keys_and_others_are_refused() {
     let list = run(broker.admin().args(["ipus", "list", "--json"]));
     let ipus: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(ipus[0]["ipu_id"], "ipu-1");
+    assert_eq!(ipus[0]["pinned"], true);
+    assert_eq!(
+        ipus[0]["activated"], true,
+        "the first attestation activated it"
+    );
     run(&mut s.unpack("acme", "again.ext4"));
 
     // The running policy cannot be replaced by one of the same version with other content
