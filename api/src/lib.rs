@@ -14,3 +14,25 @@ pub mod keybroker {
 pub mod keyprovider {
     tonic::include_proto!("keyprovider");
 }
+
+/// Clients of the services that listen on Unix sockets.
+pub mod unix {
+    use std::path::PathBuf;
+
+    use tonic::transport::{Channel, Endpoint, Uri};
+
+    /// A gRPC channel to a Unix socket.
+    pub async fn connect(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
+        // The URI is a placeholder: the connector dials the socket.
+        Endpoint::from_static("http://unix.local")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+    }
+}

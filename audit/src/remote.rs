@@ -8,7 +8,7 @@ use api::audit::audit_writer_client::AuditWriterClient;
 use api::audit::{
     AppendRequest, CheckpointRequest, EventRecord, InclusionProofRequest, QueryRequest, TailRequest,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::event::Event;
 use crate::log::Receipt;
@@ -49,20 +49,6 @@ fn runtime(socket: &Path) -> Result<tokio::runtime::Runtime, AuditError> {
         .map_err(|e| unavailable(socket, e))
 }
 
-async fn connect(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
-    // The URI is a placeholder: the connector dials the Unix socket.
-    Endpoint::from_static("http://audit.local")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-}
-
 /// Appends through the daemon's writer socket.
 pub struct RemoteLog {
     socket: PathBuf,
@@ -74,7 +60,7 @@ impl RemoteLog {
     pub fn connect(socket: &Path) -> Result<Self, AuditError> {
         let rt = runtime(socket)?;
         let channel = rt
-            .block_on(connect(socket.to_path_buf()))
+            .block_on(api::unix::connect(socket.to_path_buf()))
             .map_err(|e| unavailable(socket, e))?;
         Ok(Self {
             socket: socket.to_path_buf(),
@@ -123,7 +109,7 @@ impl RemoteQuery {
     pub fn connect(socket: &Path) -> Result<Self, AuditError> {
         let rt = runtime(socket)?;
         let channel = rt
-            .block_on(connect(socket.to_path_buf()))
+            .block_on(api::unix::connect(socket.to_path_buf()))
             .map_err(|e| unavailable(socket, e))?;
         Ok(Self {
             socket: socket.to_path_buf(),

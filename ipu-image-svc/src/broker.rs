@@ -114,21 +114,13 @@ impl BrokerKeys {
             .quote(&challenge.nonce, &key.public(), &pcrs)
             .map_err(|e| e.to_string())?;
         let attested = rt
-            .block_on(
-                client.attest(AttestRequest {
-                    nonce: challenge.nonce.clone(),
-                    attest: evidence.attest,
-                    signature: evidence.signature,
-                    pcrs: evidence
-                        .pcrs
-                        .into_iter()
-                        .map(|(i, v)| (u32::from(i), v))
-                        .collect(),
-                    ak_public: tpm.ak_public().to_vec(),
-                    session_public: key.public(),
-                    activation: activation.to_vec(),
-                }),
-            )
+            .block_on(client.attest(attest_request(
+                evidence,
+                tpm.ak_public(),
+                &challenge.nonce,
+                key.public(),
+                &activation,
+            )))
             .map_err(|s| status("attestation", s))?
             .into_inner();
         tracing::info!(class = %attested.ipu_class, expires_in_secs = attested.expires_in_secs, "attested to the key broker");
@@ -144,6 +136,30 @@ impl BrokerKeys {
             provider_name: settings.provider_name.clone(),
             ipu_class: attested.ipu_class,
         })
+    }
+}
+
+/// The `Attest` request for a quote: the evidence, the AK it is checked with, the nonce and
+/// session key it binds, and the activation secret when the challenge carried a credential.
+pub fn attest_request(
+    evidence: keybroker::attest::Evidence,
+    ak_public: &[u8],
+    nonce: &[u8],
+    session_public: Vec<u8>,
+    activation: &[u8],
+) -> AttestRequest {
+    AttestRequest {
+        nonce: nonce.to_vec(),
+        attest: evidence.attest,
+        signature: evidence.signature,
+        pcrs: evidence
+            .pcrs
+            .into_iter()
+            .map(|(i, v)| (u32::from(i), v))
+            .collect(),
+        ak_public: ak_public.to_vec(),
+        session_public,
+        activation: activation.to_vec(),
     }
 }
 

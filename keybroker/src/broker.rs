@@ -269,6 +269,22 @@ impl Broker {
             .map_err(|e| BrokerError::Audit(e.to_string()))
     }
 
+    fn attestation_denied(
+        &self,
+        who: audit::event::Actor,
+        reason: String,
+    ) -> Result<(), BrokerError> {
+        self.record(
+            Event::new(
+                AUDIT_SERVICE,
+                EventKind::AttestationVerify,
+                Outcome::Denied,
+                reason,
+            )
+            .actor(who),
+        )
+    }
+
     /// Step 1: a nonce for the IPU to quote with.
     pub fn challenge(&self) -> Zeroizing<Vec<u8>> {
         self.verifier.nonces.issue()
@@ -293,15 +309,7 @@ impl Broker {
         match result {
             Ok(r) => Ok(r),
             Err(e) => {
-                self.record(
-                    Event::new(
-                        AUDIT_SERVICE,
-                        EventKind::AttestationVerify,
-                        Outcome::Denied,
-                        format!("challenge refused: {e}"),
-                    )
-                    .actor(actor(client)),
-                )?;
+                self.attestation_denied(actor(client), format!("challenge refused: {e}"))?;
                 Err(e.into())
             }
         }
@@ -379,15 +387,7 @@ impl Broker {
                 Ok(session)
             }
             Err(e) => {
-                self.record(
-                    Event::new(
-                        AUDIT_SERVICE,
-                        EventKind::AttestationVerify,
-                        Outcome::Denied,
-                        e.to_string(),
-                    )
-                    .actor(who),
-                )?;
+                self.attestation_denied(who, e.to_string())?;
                 Err(e.into())
             }
         }

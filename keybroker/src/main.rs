@@ -25,7 +25,7 @@ use keybroker::broker::{Broker, BrokerOptions};
 use keybroker::config::{AuditTarget, Config};
 use keybroker::keystore::KeyKind;
 use keybroker::service::{ipu_info, key_info};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -205,16 +205,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 async fn connect(socket: PathBuf) -> Result<Channel, String> {
     let what = socket.display().to_string();
-    // The URI is a placeholder: the connector dials the Unix socket.
-    Endpoint::from_static("http://keybroker.local")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    api::unix::connect(socket)
         .await
         .map_err(|e| format!("cannot reach the broker at {what}: {e}"))
 }

@@ -243,33 +243,14 @@ pub struct EncSignedLayer {
 
 pub fn enc_signed_layer() -> EncSignedLayer {
     let layout = fixtures().join("oci-layout");
-    let blob = |d: &str| {
-        std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(d.trim_start_matches("sha256:")),
-        )
-        .unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let image_digest = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "enc-signed")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(&blob(&image_digest)).unwrap();
+    let (image_digest, manifest) = crate::layout_manifest(&layout, "enc-signed");
     let layer = &manifest["layers"][0];
     let layer_digest = layer["digest"].as_str().unwrap().to_string();
     EncSignedLayer {
         image: format!("oci:{}:enc-signed", layout.display()),
         image_digest,
         annotations: serde_json::from_value(layer["annotations"].clone()).unwrap(),
-        blob: blob(&layer_digest),
+        blob: crate::layout_blob(&layout, &layer_digest),
         layer_digest,
     }
 }
@@ -296,17 +277,5 @@ pub fn attest_request(
     nonce: &[u8],
     session_public: Vec<u8>,
 ) -> AttestRequest {
-    AttestRequest {
-        nonce: nonce.to_vec(),
-        attest: evidence.attest,
-        signature: evidence.signature,
-        pcrs: evidence
-            .pcrs
-            .into_iter()
-            .map(|(i, v)| (u32::from(i), v))
-            .collect(),
-        ak_public: ak_public.to_vec(),
-        session_public,
-        activation: Vec::new(),
-    }
+    ipu_image_svc::broker::attest_request(evidence, ak_public, nonce, session_public, &[])
 }

@@ -27,6 +27,29 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A blob of an OCI layout, by digest.
+pub fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+    std::fs::read(layout.join("blobs/sha256").join(hex)).expect("blob")
+}
+
+/// The manifest a tag of an OCI layout names: its digest and its JSON.
+pub fn layout_manifest(layout: &Path, tag: &str) -> (String, serde_json::Value) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()))["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = serde_json::from_slice(&layout_blob(layout, &digest)).unwrap();
+    (digest, manifest)
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

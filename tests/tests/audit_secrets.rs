@@ -6,7 +6,7 @@ use std::path::Path;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use integration_tests::fixtures;
+use integration_tests::{fixtures, layout_manifest};
 use ipu_image_svc::pipeline::{Goal, PipelineConfig, Quiet, Report, TrustPipeline};
 use ocicrypt::keys::PrivateKey;
 use ocicrypt::{DecryptConfig, PrivateLayerOptions};
@@ -15,25 +15,7 @@ use policy::Policy;
 
 /// The layer keys and nonces of every encrypted layer of `tag` in the fixture layout.
 fn layer_secrets(tag: &str, key: &PrivateKey) -> Vec<Vec<u8>> {
-    let layout = fixtures().join("oci-layout");
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let digest = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let blob = |d: &str| {
-        layout
-            .join("blobs/sha256")
-            .join(d.strip_prefix("sha256:").unwrap())
-    };
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blob(&digest)).unwrap()).unwrap();
+    let (_, manifest) = layout_manifest(&fixtures().join("oci-layout"), tag);
     let mut secrets = Vec::new();
     for layer in manifest["layers"].as_array().unwrap() {
         let Some(jwe) = layer["annotations"][ocicrypt::ANNOTATION_KEYS_JWE].as_str() else {

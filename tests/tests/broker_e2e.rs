@@ -10,7 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::broker::Pki;
-use integration_tests::{bin, ext4_cat, ext4_extract, fixtures, scan_process_memory, Swtpm};
+use integration_tests::{
+    bin, ext4_cat, ext4_extract, fixtures, layout_manifest, scan_process_memory, Swtpm,
+};
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("runs");
@@ -548,24 +550,7 @@ fn base64_of(s: &str) -> String {
 
 /// The annotations of the first layer of a tag in an OCI layout.
 fn layer_annotations(layout: &Path, tag: &str) -> serde_json::Map<String, serde_json::Value> {
-    let blob = |digest: &str| -> serde_json::Value {
-        let path = layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"));
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let digest = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let manifest = blob(&digest);
+    let (_, manifest) = layout_manifest(layout, tag);
     manifest["layers"][0]["annotations"]
         .as_object()
         .unwrap()
