@@ -17,6 +17,7 @@ packages=(
     tpm2-tools       # cross-checks of quotes
     libtss2-dev      # tpm2-tss, linked by tss-esapi
     openssl          # the demo's TLS PKI for the key broker
+    libnbd-bin       # nbdinfo, nbdcopy, nbdfuse: third-party NBD clients of the clone export
     ca-certificates
 )
 

@@ -8,7 +8,9 @@
 //! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
 
 pub mod attest;
+pub mod blockstore;
 pub mod broker;
+pub mod export;
 pub mod fetch;
 pub mod pipeline;
 pub mod rootfs;

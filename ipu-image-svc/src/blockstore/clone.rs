@@ -1,0 +1,245 @@
+//! A per-function thin clone of a base device.
+//!
+//! The clone's data file is sparse and as large as the base. A cluster ([`CLUSTER`]) is
+//! either unwritten, read from the base, or written, in which case the whole cluster lives in
+//! the clone's file encrypted under the clone's own random XTS key. That key exists only in
+//! this process's secret memory: [`CloneDevice::erase`] revokes the device (every later I/O
+//! fails), drops the key (zeroized) and deletes the file; a crash of the process loses the key
+//! the same way, so whatever is left on disk is unreadable.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use super::base::BaseImage;
+use super::xts::{XtsCipher, XtsKey, BLOCK};
+use super::{check_range, BlockDevice, CLUSTER};
+
+const BLOCKS_PER_CLUSTER: u64 = CLUSTER / BLOCK as u64;
+
+/// What an erase did, for its audit event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Erasure {
+    pub clone_id: String,
+    /// The clone key's identifier (random, not derived from the key).
+    pub key_id: String,
+    /// Clusters that had been written (and were destroyed with the key).
+    pub clusters_written: u64,
+}
+
+struct State {
+    /// `None` once erased: every I/O fails from then on.
+    cipher: Option<XtsCipher>,
+    written: Vec<bool>,
+}
+
+pub struct CloneDevice {
+    id: String,
+    key_id: String,
+    base: Arc<BaseImage>,
+    file: File,
+    path: PathBuf,
+    state: RwLock<State>,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("system randomness");
+    hex::encode(b)
+}
+
+fn erased() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the clone was torn down and erased",
+    )
+}
+
+impl CloneDevice {
+    /// A new clone of `base` with a fresh key; its data file is created in `dir` (mode 0600).
+    pub fn create(base: Arc<BaseImage>, dir: &Path, id: &str) -> io::Result<Self> {
+        let key = XtsKey::generate()?;
+        let path = dir.join(format!("{id}.clone"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.set_len(base.size())?;
+        let clusters = base.size().div_ceil(CLUSTER) as usize;
+        Ok(Self {
+            id: id.to_string(),
+            key_id: random_hex(16),
+            base,
+            file,
+            path,
+            state: RwLock::new(State {
+                cipher: Some(XtsCipher::new(key)),
+                written: vec![false; clusters],
+            }),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The plaintext of cluster `c` (its in-device byte range is clipped to the size).
+    fn read_cluster(&self, state: &State, c: u64, buf: &mut [u8]) -> io::Result<()> {
+        let cipher = state.cipher.as_ref().ok_or_else(erased)?;
+        let first = c * BLOCKS_PER_CLUSTER;
+        if state.written[c as usize] {
+            self.file.read_exact_at(buf, first * BLOCK as u64)?;
+            cipher.decrypt(buf, first);
+            Ok(())
+        } else {
+            self.base.read_blocks(buf, first)
+        }
+    }
+
+    /// Bytes of cluster `c` inside the device.
+    fn cluster_len(&self, c: u64) -> usize {
+        (self.base.size() - c * CLUSTER).min(CLUSTER) as usize
+    }
+
+    /// Revokes the device, destroys its key and deletes its blocks. Idempotent: a second
+    /// call finds nothing left and says so with `None`.
+    pub fn erase(&self) -> io::Result<Option<Erasure>> {
+        let mut state = self.state.write().expect("not poisoned");
+        let Some(cipher) = state.cipher.take() else {
+            return Ok(None);
+        };
+        // The key is zeroized here; the file's remaining bytes are noise from now on.
+        drop(cipher);
+        let clusters_written = state.written.iter().filter(|w| **w).count() as u64;
+        state.written.iter_mut().for_each(|w| *w = false);
+        self.file.set_len(0)?;
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Some(Erasure {
+            clone_id: self.id.clone(),
+            key_id: self.key_id.clone(),
+            clusters_written,
+        }))
+    }
+
+    /// Whether the clone was erased.
+    pub fn is_erased(&self) -> bool {
+        self.state.read().expect("not poisoned").cipher.is_none()
+    }
+}
+
+impl BlockDevice for CloneDevice {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.size(), offset, buf.len())?;
+        let state = self.state.read().expect("not poisoned");
+        if state.cipher.is_none() {
+            return Err(erased());
+        }
+        let mut cluster = vec![0u8; CLUSTER as usize];
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let c = at / CLUSTER;
+            let within = (at - c * CLUSTER) as usize;
+            let len = self.cluster_len(c);
+            let n = (len - within).min(buf.len() - done);
+            self.read_cluster(&state, c, &mut cluster[..len])?;
+            buf[done..done + n].copy_from_slice(&cluster[within..within + n]);
+            done += n;
+        }
+        cluster.fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        check_range(self.size(), offset, data.len())?;
+        let mut state = self.state.write().expect("not poisoned");
+        if state.cipher.is_none() {
+            return Err(erased());
+        }
+        let mut cluster = vec![0u8; CLUSTER as usize];
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let c = at / CLUSTER;
+            let within = (at - c * CLUSTER) as usize;
+            let len = self.cluster_len(c);
+            let n = (len - within).min(data.len() - done);
+            // Copy on write: the rest of the cluster comes from where it lives now.
+            if n < len {
+                self.read_cluster(&state, c, &mut cluster[..len])?;
+            }
+            cluster[within..within + n].copy_from_slice(&data[done..done + n]);
+            let first = c * BLOCKS_PER_CLUSTER;
+            let cipher = state.cipher.as_ref().expect("checked above");
+            cipher.encrypt(&mut cluster[..len], first);
+            self.file
+                .write_all_at(&cluster[..len], first * BLOCK as u64)?;
+            state.written[c as usize] = true;
+            done += n;
+        }
+        cluster.fill(0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.is_erased() {
+            return Err(erased());
+        }
+        self.file.sync_data()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size(), offset, len as usize)?;
+        let mut state = self.state.write().expect("not poisoned");
+        if state.cipher.is_none() {
+            return Err(erased());
+        }
+        // Whole clusters only: they fall back to the base and their blocks are freed.
+        let first = offset.div_ceil(CLUSTER);
+        let end = (offset + len) / CLUSTER;
+        for c in first..end {
+            if state.written[c as usize] {
+                rustix::fs::fallocate(
+                    &self.file,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    c * CLUSTER,
+                    CLUSTER,
+                )?;
+                state.written[c as usize] = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for CloneDevice {
+    fn drop(&mut self) {
+        // A clone never outlives its process's memory of the key: dropped means erased.
+        let _ = self.erase();
+    }
+}

@@ -1,0 +1,341 @@
+//! An NBD server for one block device: the fixed newstyle handshake with OPT_INFO, OPT_GO,
+//! OPT_EXPORT_NAME, OPT_LIST and OPT_ABORT, then READ, WRITE (with FUA), FLUSH, TRIM and
+//! DISC with simple replies (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md).
+//! Structured replies and metadata contexts are declined, which every client handles.
+//!
+//! Everything the client sends is bounded: option data, request lengths, and ranges against
+//! the device's size. A revoked export answers every later request with ESHUTDOWN.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::blockstore::BlockDevice;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+const FLAG_NO_ZEROES: u16 = 1 << 1;
+const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
+const CLIENT_NO_ZEROES: u32 = 1 << 1;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TF_HAS_FLAGS: u16 = 1 << 0;
+const TF_READ_ONLY: u16 = 1 << 1;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_FLAG_FUA: u16 = 1 << 0;
+
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+const ESHUTDOWN: u32 = 108;
+
+/// Largest option payload read from a client.
+const MAX_OPTION: u32 = 64 * 1024;
+/// Largest READ or WRITE served (what the block size info advertises).
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+
+/// One exported device.
+pub struct Export {
+    pub name: String,
+    pub device: Arc<dyn BlockDevice>,
+    revoked: AtomicBool,
+}
+
+impl Export {
+    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
+        Self {
+            name: name.into(),
+            device,
+            revoked: AtomicBool::new(false),
+        }
+    }
+
+    /// Every later request fails (ESHUTDOWN) and new connections are refused.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    fn transmission_flags(&self) -> u16 {
+        let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA;
+        if self.device.read_only() {
+            f |= TF_READ_ONLY;
+        } else {
+            f |= TF_SEND_TRIM;
+        }
+        f
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client aborted the handshake or disconnected cleanly.
+    Client,
+    /// The export was revoked while connected.
+    Revoked,
+}
+
+fn protocol(m: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, m.into())
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    w.write_all(&out)
+}
+
+/// Serves one client connection until it disconnects, the export is revoked, or the client
+/// breaks the protocol (an error naming what was wrong).
+pub fn serve<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End> {
+    if export.is_revoked() {
+        return Ok(End::Revoked);
+    }
+    // Handshake.
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&hello)?;
+    let client_flags = read_u32(stream)?;
+    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
+        return Err(protocol("the client does not speak fixed newstyle"));
+    }
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol(format!("unknown client flags {client_flags:#x}")));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    loop {
+        if read_u64(stream)? != IHAVEOPT {
+            return Err(protocol("option without IHAVEOPT magic"));
+        }
+        let option = read_u32(stream)?;
+        let len = read_u32(stream)?;
+        if len > MAX_OPTION {
+            return Err(protocol(format!("option {option} of {len} bytes")));
+        }
+        let mut data = vec![0u8; len as usize];
+        stream.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                // No reply on error is possible here: the connection just closes.
+                if data != export.name.as_bytes() {
+                    return Err(protocol("unknown export name"));
+                }
+                let mut out = export.device.size().to_be_bytes().to_vec();
+                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                stream.write_all(&out)?;
+                break;
+            }
+            OPT_ABORT => {
+                option_reply(stream, option, REP_ACK, &[])?;
+                return Ok(End::Client);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_reply(stream, option, REP_ERR_INVALID, b"LIST takes no data")?;
+                    continue;
+                }
+                let mut item = (export.name.len() as u32).to_be_bytes().to_vec();
+                item.extend_from_slice(export.name.as_bytes());
+                option_reply(stream, option, REP_SERVER, &item)?;
+                option_reply(stream, option, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some(name) = parse_info_request(&data) else {
+                    option_reply(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        b"malformed INFO/GO request",
+                    )?;
+                    continue;
+                };
+                if name != export.name.as_bytes() && !(name.is_empty() && option == OPT_GO) {
+                    option_reply(stream, option, REP_ERR_UNKNOWN, b"no such export")?;
+                    continue;
+                }
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&export.device.size().to_be_bytes());
+                info.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                option_reply(stream, option, REP_INFO, &info)?;
+                let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                sizes.extend_from_slice(&1u32.to_be_bytes());
+                sizes.extend_from_slice(&4096u32.to_be_bytes());
+                sizes.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                option_reply(stream, option, REP_INFO, &sizes)?;
+                option_reply(stream, option, REP_ACK, &[])?;
+                if option == OPT_GO {
+                    break;
+                }
+            }
+            _ => option_reply(stream, option, REP_ERR_UNSUP, &[])?,
+        }
+    }
+    transmission(stream, export)
+}
+
+/// `u32 name length, name, u16 count, count * u16 info types`.
+fn parse_info_request(data: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4 + len)?;
+    let count = u16::from_be_bytes(data.get(4 + len..6 + len)?.try_into().ok()?) as usize;
+    (data.len() == 6 + len + 2 * count).then_some(name)
+}
+
+fn errno(e: &io::Error) -> u32 {
+    match e.kind() {
+        io::ErrorKind::InvalidInput => EINVAL,
+        io::ErrorKind::PermissionDenied => EPERM,
+        io::ErrorKind::NotConnected => ESHUTDOWN,
+        io::ErrorKind::StorageFull => ENOSPC,
+        _ => EIO,
+    }
+}
+
+fn reply(w: &mut impl Write, error: u32, handle: u64, data: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&handle.to_be_bytes());
+    out.extend_from_slice(data);
+    w.write_all(&out)
+}
+
+fn transmission<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End> {
+    let device = &export.device;
+    let mut buf = Vec::new();
+    loop {
+        let magic = match read_u32(stream) {
+            Ok(m) => m,
+            // A client that hangs up without DISC.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(End::Client),
+            Err(e) => return Err(e),
+        };
+        if magic != REQUEST_MAGIC {
+            return Err(protocol(format!("request magic {magic:#x}")));
+        }
+        let flags = read_u16(stream)?;
+        let kind = read_u16(stream)?;
+        let handle = read_u64(stream)?;
+        let offset = read_u64(stream)?;
+        let len = read_u32(stream)?;
+        if kind == CMD_WRITE {
+            if len > MAX_REQUEST {
+                return Err(protocol(format!("a {len}-byte write")));
+            }
+            buf.resize(len as usize, 0);
+            stream.read_exact(&mut buf)?;
+        }
+        if export.is_revoked() {
+            reply(stream, ESHUTDOWN, handle, &[])?;
+            return Ok(End::Revoked);
+        }
+        let in_range = offset
+            .checked_add(u64::from(len))
+            .is_some_and(|end| end <= device.size());
+        match kind {
+            CMD_READ => {
+                if len > MAX_REQUEST || !in_range {
+                    reply(stream, EINVAL, handle, &[])?;
+                    continue;
+                }
+                buf.resize(len as usize, 0);
+                match device.read_at(&mut buf, offset) {
+                    Ok(()) => reply(stream, 0, handle, &buf)?,
+                    Err(e) => reply(stream, errno(&e), handle, &[])?,
+                }
+                // Plaintext does not linger in the connection's buffer.
+                buf.fill(0);
+            }
+            CMD_WRITE => {
+                let result = if !in_range {
+                    Err(io::Error::from(io::ErrorKind::InvalidInput))
+                } else {
+                    device.write_at(&buf, offset).and_then(|()| {
+                        if flags & CMD_FLAG_FUA != 0 {
+                            device.flush()
+                        } else {
+                            Ok(())
+                        }
+                    })
+                };
+                buf.fill(0);
+                reply(stream, result.err().map_or(0, |e| errno(&e)), handle, &[])?;
+            }
+            CMD_FLUSH => {
+                let r = device.flush();
+                reply(stream, r.err().map_or(0, |e| errno(&e)), handle, &[])?;
+            }
+            CMD_TRIM => {
+                let r = if in_range {
+                    device.trim(offset, u64::from(len))
+                } else {
+                    Err(io::Error::from(io::ErrorKind::InvalidInput))
+                };
+                reply(stream, r.err().map_or(0, |e| errno(&e)), handle, &[])?;
+            }
+            CMD_DISC => return Ok(End::Client),
+            _ => reply(stream, ENOTSUP, handle, &[])?,
+        }
+    }
+}
