@@ -6,6 +6,7 @@ fn main() {
                 "proto/audit.proto",
                 "proto/keybroker.proto",
                 "proto/keyprovider.proto",
+                "proto/imagesvc.proto",
             ],
             &["proto"],
         )

@@ -10,6 +10,11 @@ pub mod keybroker {
     tonic::include_proto!("ipu.keybroker.v1");
 }
 
+/// ipu-image-svc's API for the host agent: prepare, tear down, list, watch clones.
+pub mod imagesvc {
+    tonic::include_proto!("ipu.imagesvc.v1");
+}
+
 /// The ocicrypt key provider protocol (JSON in a bytes field), as Go ocicrypt speaks it.
 pub mod keyprovider {
     tonic::include_proto!("keyprovider");

@@ -15,4 +15,5 @@ pub mod fetch;
 pub mod pipeline;
 pub mod rootfs;
 pub mod secret;
+pub mod service;
 pub mod unpack;

@@ -41,6 +41,62 @@ enum Top {
     /// This IPU's TPM.
     #[command(subcommand)]
     Tpm(TpmCommand),
+    /// Run the service: per-function clones of verified images, exported to the host agent
+    /// over NBD, torn down and erased at function exit (gRPC API on a Unix socket).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Bases, clones and export sockets.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/state"
+    )]
+    state_dir: PathBuf,
+    /// The API socket.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/ipu-image-svc/api.sock"
+    )]
+    socket: PathBuf,
+    /// The host agent's uid: the only one (with root) that may call the API and open exports.
+    #[arg(long, value_name = "UID", default_value = "0")]
+    host_agent_uid: u32,
+    /// How long a clone lives unless torn down first (e.g. 15m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    clone_ttl: std::time::Duration,
+    /// The signed deployment policy bundle (production path: the policy decides every Prepare).
+    #[arg(long, value_name = "FILE")]
+    policy_bundle: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    bundle_key: Vec<PathBuf>,
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/policy"
+    )]
+    bundle_state: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/blobs"
+    )]
+    cache: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/audit"
+    )]
+    audit_log: PathBuf,
+    #[arg(long, value_name = "SOCKET", conflicts_with = "audit_log")]
+    audit_socket: Option<PathBuf>,
+    #[arg(long, value_name = "HOST")]
+    insecure_http: Vec<String>,
+    #[command(flatten)]
+    broker: BrokerArgs,
 }
 
 #[derive(Subcommand)]
@@ -78,6 +134,137 @@ struct TpmArgs {
     ak_handle: u32,
 }
 
+impl BrokerArgs {
+    fn settings(&self, url: &str) -> BrokerSettings {
+        BrokerSettings {
+            url: url.to_string(),
+            server_name: self.broker_name.clone(),
+            ca: self.broker_ca.clone().expect("required by clap"),
+            cert: self.broker_cert.clone().expect("required by clap"),
+            key: self.broker_key.clone().expect("required by clap"),
+            tpm: self.tpm.tpm.clone(),
+            ak_handle: self.tpm.ak_handle,
+            provider_name: self.provider_name.clone(),
+        }
+    }
+}
+
+/// `ipu-image-svc serve`: the policy bundle loaded (and audited) once, then every Prepare
+/// attests to the broker and runs the trust pipeline under that policy.
+fn serve(args: ServeArgs) -> Result<(), String> {
+    use ipu_image_svc::service::{Service, ServiceOptions};
+    let sink: std::sync::Arc<dyn audit::AuditSink> = match &args.audit_socket {
+        Some(socket) => std::sync::Arc::new(
+            audit::RemoteLog::connect(socket)
+                .map_err(|e| format!("audit daemon {}: {e}", socket.display()))?,
+        ),
+        None => std::sync::Arc::new(
+            audit::local::open(
+                &args.audit_log,
+                &audit::local::default_origin("ipu-image-svc"),
+                None,
+            )
+            .map_err(|e| format!("audit log {}: {e}", args.audit_log.display()))?,
+        ),
+    };
+    let bundle = policy_bundle::load(
+        &args.policy_bundle,
+        &args.bundle_key,
+        &args.bundle_state,
+        sink.as_ref(),
+    )
+    .map_err(|e| e.message)?;
+    let Some(url) = args.broker.broker.clone() else {
+        return Err("serve needs --broker: layer keys come from the attested key broker".into());
+    };
+    let settings = args.broker.settings(&url);
+    let image_trust = bundle.image_trust;
+    let deployment = std::sync::Arc::new(bundle.deployment);
+    let cache = args.cache.clone();
+    let insecure = args.insecure_http.clone();
+    let factory_sink = sink.clone();
+    let factory: ipu_image_svc::service::PipelineFactory = Box::new(move |tenant, function| {
+        let keys = BrokerKeys::attest(&settings).map_err(|e| {
+            PipelineError::new(
+                FailureClass::NoDecryptionKey,
+                format!("key broker {}: {e}", settings.url),
+            )
+        })?;
+        let mut cfg = PipelineConfig::new(image_trust.clone(), cache.clone());
+        cfg.audit = Some(factory_sink.clone());
+        cfg.tenant = Some(tenant.to_string());
+        cfg.function = Some(function.to_string());
+        cfg.source.insecure_http_hosts = insecure.clone();
+        cfg.deployment = Some(ipu_image_svc::pipeline::Deployment {
+            policy: deployment.clone(),
+            ipu_class: Some(keys.ipu_class.clone()),
+        });
+        cfg.layer_keys = Some(std::sync::Arc::new(keys));
+        Ok(cfg)
+    });
+    let service = std::sync::Arc::new(
+        Service::start(
+            ServiceOptions {
+                state_dir: args.state_dir.clone(),
+                host_agent_uid: args.host_agent_uid,
+                clone_ttl: args.clone_ttl,
+            },
+            factory,
+            sink,
+        )
+        .map_err(|e| e.message)?,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        if let Some(dir) = args.socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&args.socket);
+        let listener = tokio::net::UnixListener::bind(&args.socket)
+            .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+        // Callers are checked by uid on every request; the mode keeps others out anyway.
+        std::os::unix::fs::chown(&args.socket, Some(args.host_agent_uid), None)
+            .map_err(|e| format!("{}: {e}", args.socket.display()))?;
+        std::fs::set_permissions(
+            &args.socket,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|e| format!("{}: {e}", args.socket.display()))?;
+        let reaper = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let s = service.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.reap_expired()).await;
+                }
+            })
+        };
+        eprintln!("ipu-image-svc: serving {}", args.socket.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        let stopping = service.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            // Tear down (and erase) every clone, then end the event streams, so the
+            // server's graceful stop does not wait on them.
+            let _ = tokio::task::spawn_blocking(move || stopping.shutdown()).await;
+        };
+        ipu_image_svc::service::grpc::serve(service.clone(), listener, args.host_agent_uid, stop)
+            .await
+            .map_err(|e| e.to_string())?;
+        reaper.abort();
+        let _ = std::fs::remove_file(&args.socket);
+        Ok::<_, String>(())
+    })
+}
+
 fn parse_handle(s: &str) -> Result<u32, String> {
     let h = u32::from_str_radix(s.trim_start_matches("0x"), 16)
         .map_err(|e| format!("{s:?} is not a hex handle: {e}"))?;
@@ -93,7 +280,7 @@ fn parse_handle(s: &str) -> Result<u32, String> {
 struct BrokerArgs {
     /// The key broker (`https://HOST:PORT`): attest with the TPM and obtain every layer key
     /// from it, sealed to this run's session key. Needs --tenant and --function.
-    #[arg(long, value_name = "URL", requires_all = ["broker_ca", "broker_cert", "broker_key"], conflicts_with = "decryption_key")]
+    #[arg(long, value_name = "URL", requires_all = ["broker_ca", "broker_cert", "broker_key"])]
     broker: Option<String>,
     /// The CA the broker's certificate chains to.
     #[arg(long, value_name = "FILE")]
@@ -203,7 +390,7 @@ struct UnpackArgs {
     output: PathBuf,
     /// PEM private key that may unwrap layer keys (repeatable). Development option, audited
     /// when used: production takes layer keys from the key broker (--broker).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "broker")]
     decryption_key: Vec<PathBuf>,
     #[command(flatten)]
     broker: BrokerArgs,
@@ -238,6 +425,15 @@ fn main() -> ExitCode {
 
     let cmd = match cli.command {
         Top::Image(cmd) => cmd,
+        Top::Serve(args) => {
+            return match serve(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ipu-image-svc: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Top::Tpm(command) => {
             let result = match command {
                 TpmCommand::Ak {
@@ -417,16 +613,7 @@ fn run(
             let (Some(tenant), Some(function)) = (&cfg.tenant, &cfg.function) else {
                 exit_usage("--broker needs --tenant and --function (the broker decides per tenant and function)");
             };
-            let settings = BrokerSettings {
-                url: url.clone(),
-                server_name: u.broker.broker_name.clone(),
-                ca: u.broker.broker_ca.clone().expect("required by clap"),
-                cert: u.broker.broker_cert.clone().expect("required by clap"),
-                key: u.broker.broker_key.clone().expect("required by clap"),
-                tpm: u.broker.tpm.tpm.clone(),
-                ak_handle: u.broker.tpm.ak_handle,
-                provider_name: u.broker.provider_name.clone(),
-            };
+            let settings = u.broker.settings(url);
             let keys = BrokerKeys::attest(&settings).map_err(|e| {
                 PipelineError::new(
                     FailureClass::NoDecryptionKey,
@@ -700,5 +887,14 @@ impl Progress for BarProgress {
         if let Some(bar) = self.bar.lock().expect("progress lock").take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -296,6 +296,10 @@ pub struct Report {
     pub layers: Vec<LayerReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<RootfsImage>,
+    /// The image config's `config` object (Cmd, Entrypoint, Env, WorkingDir, User), from
+    /// the verified config blob: what a runtime needs to start the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_config: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -569,6 +573,9 @@ impl TrustPipeline {
 
         let image = fetch::load_config(source.as_ref(), resolved)?;
         report.config_digest = Some(image.manifest.config.digest.clone());
+        report.runtime_config = serde_json::from_slice::<serde_json::Value>(&image.config_bytes)
+            .ok()
+            .and_then(|c| c.get("config").cloned());
         report.layers = image
             .manifest
             .layers

@@ -781,3 +781,260 @@ fn unix_socket_callers_get_the_role_of_their_uid_and_no_more() {
         "{wraps:?}"
     );
 }
+
+/// `ipu-image-svc serve` for the host agent (this test's uid).
+struct ImageService {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl ImageService {
+    fn start(s: &Setup) -> Self {
+        let socket = s.path("run/api.sock");
+        let _ = std::fs::remove_file(&socket);
+        let uid = rustix::process::getuid().as_raw();
+        let child = Command::new(bin("ipu-image-svc"))
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(s.path("ipu-state"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--host-agent-uid", &uid.to_string(), "--clone-ttl", "1h"])
+            .arg("--policy-bundle")
+            .arg(s.path("bundle.json"))
+            .arg("--bundle-key")
+            .arg(s.path("bundle-key/pub.pem"))
+            .arg("--bundle-state")
+            .arg(s.path("ipu-policy"))
+            .arg("--cache")
+            .arg(s.path("cache"))
+            .arg("--audit-log")
+            .arg(s.path("ipu-audit"))
+            .arg("--broker")
+            .arg(format!("https://127.0.0.1:{}", s.port))
+            .args(["--broker-name", "localhost"])
+            .arg("--broker-ca")
+            .arg(s.path("pki/ca.pem"))
+            .arg("--broker-cert")
+            .arg(s.path("pki/ipu.pem"))
+            .arg("--broker-key")
+            .arg(s.path("pki/ipu.key"))
+            .args(["--tpm", &s.swtpm.tcti()])
+            .env("TSS2_LOG", "all+NONE")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut me = Self { child, socket };
+        let start = Instant::now();
+        while !me.socket.exists() {
+            assert!(me.child.try_wait().unwrap().is_none(), "serve exited");
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    fn client(
+        &self,
+        rt: &tokio::runtime::Runtime,
+    ) -> api::imagesvc::image_service_client::ImageServiceClient<tonic::transport::Channel> {
+        let channel = rt
+            .block_on(api::unix::connect(self.socket.clone()))
+            .unwrap();
+        api::imagesvc::image_service_client::ImageServiceClient::new(channel)
+    }
+
+    fn signal(mut self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ImageService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nbd_uri(socket: &str, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={socket}")
+}
+
+/// The function lifecycle through the service's API: Prepare verifies, attests, builds the
+/// encrypted base and a clone per function and exports it; the host reads the image through
+/// NBD; functions never see each other's writes; Teardown hot-removes and erases with an
+/// audit commitment to the creation; a SIGKILLed service leaves orphans that the next start
+/// erases and audits.
+#[test]
+fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
+    use api::imagesvc::{ListRequest, PrepareRequest, TeardownRequest, WatchRequest};
+    let (s, broker) = setup();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = ImageService::start(&s);
+    let mut api = service.client(&rt);
+    let mut events = rt
+        .block_on(api.watch_events(WatchRequest {}))
+        .unwrap()
+        .into_inner();
+    let prepare = |api: &mut api::imagesvc::image_service_client::ImageServiceClient<_>,
+                   function: &str| {
+        rt.block_on(api.prepare(PrepareRequest {
+            tenant: "acme".into(),
+            function: function.into(),
+            image: s.image.clone(),
+        }))
+        .unwrap()
+        .into_inner()
+    };
+    let one = prepare(&mut api, "resize-1");
+    let two = prepare(&mut api, "resize-2");
+    assert_ne!(one.clone_id, two.clone_id);
+    assert!(
+        one.runtime_config_json.contains("/hello"),
+        "{}",
+        one.runtime_config_json
+    );
+
+    // The host reads the function's rootfs through the export.
+    let copy = s.path("one.img");
+    run(Command::new("nbdcopy")
+        .arg(nbd_uri(&one.socket, &one.export_name))
+        .arg(&copy));
+    assert_eq!(
+        ext4_cat(&copy, "/hello").as_deref(),
+        Some(&b"hello from a broker-keyed image\n"[..])
+    );
+    // Function one overwrites its device; function two still reads the image.
+    let noise = s.path("noise.img");
+    std::fs::write(&noise, vec![0xa5u8; one.size as usize]).unwrap();
+    run(Command::new("nbdcopy")
+        .arg(&noise)
+        .arg(nbd_uri(&one.socket, &one.export_name)));
+    let copy_two = s.path("two.img");
+    run(Command::new("nbdcopy")
+        .arg(nbd_uri(&two.socket, &two.export_name))
+        .arg(&copy_two));
+    assert!(ext4_cat(&copy_two, "/hello").is_some());
+    // Nothing on the IPU's storage holds the image or the function's bytes in clear.
+    for entry in walk(&s.path("ipu-state")) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes.windows(32).any(|w| w == [0xa5u8; 32]),
+            "{} holds function one's plaintext",
+            entry.display()
+        );
+        assert!(
+            !bytes
+                .windows(31)
+                .any(|w| w == b"hello from a broker-keyed image"),
+            "{} holds the image's plaintext",
+            entry.display()
+        );
+    }
+
+    // Teardown: the export goes, a second teardown finds nothing.
+    let erased = rt
+        .block_on(api.teardown(TeardownRequest {
+            clone_id: one.clone_id.clone(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(erased.erased);
+    assert!(!Path::new(&one.socket).exists());
+    let out = Command::new("nbdinfo")
+        .arg(nbd_uri(&one.socket, &one.export_name))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let again = rt
+        .block_on(api.teardown(TeardownRequest {
+            clone_id: one.clone_id.clone(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(!again.erased);
+    let list = rt.block_on(api.list(ListRequest {})).unwrap().into_inner();
+    assert_eq!(list.clones.len(), 1);
+    assert_eq!(list.clones[0].clone_id, two.clone_id);
+    // The host agent saw two attaches and one hot-remove.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = rt.block_on(events.message()).unwrap().unwrap();
+        seen.push((e.kind, e.clone_id));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("attach".to_string(), one.clone_id.clone()),
+            ("attach".to_string(), two.clone_id.clone()),
+            ("hot_remove".to_string(), one.clone_id.clone()),
+        ]
+    );
+
+    // A stopping service tears down what is left.
+    service.signal(libc::SIGTERM);
+    let log = s.path("ipu-audit");
+    let created = events_of(&log, "clone.create");
+    let erased = events_of(&log, "clone.erase");
+    assert_eq!((created.len(), erased.len()), (2, 2));
+    for c in &created {
+        let id = c["details"]["clone_id"].as_str().unwrap();
+        let key_id = c["details"]["key_id"].as_str().unwrap();
+        let e = erased
+            .iter()
+            .find(|e| e["details"]["clone_id"] == id)
+            .expect("every clone created is erased");
+        assert_eq!(
+            e["details"]["commitment"].as_str().unwrap(),
+            ipu_image_svc::service::erase_commitment(id, key_id, c["seq"].as_u64().unwrap())
+        );
+    }
+    assert!(std::fs::read_dir(s.path("ipu-state/clones"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    // SIGKILL during a function's life: the next start erases the orphan and says so.
+    let service = ImageService::start(&s);
+    let mut api = service.client(&rt);
+    let three = prepare(&mut api, "resize-3");
+    service.signal(libc::SIGKILL);
+    assert!(s
+        .path("ipu-state/clones")
+        .join(format!("{}.clone", three.clone_id))
+        .exists());
+    let service = ImageService::start(&s);
+    assert!(std::fs::read_dir(s.path("ipu-state/clones"))
+        .unwrap()
+        .next()
+        .is_none());
+    service.signal(libc::SIGTERM);
+    let orphans = events_of(&log, "recovery.orphan_erased");
+    assert_eq!(orphans.len(), 1);
+    assert_eq!(orphans[0]["details"]["clone_id"], three.clone_id.as_str());
+    run(Command::new(bin("audit"))
+        .args(["verify", "--log"])
+        .arg(&log)
+        .arg("--key")
+        .arg(log.join("verifier.pub")));
+    broker.stop();
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn events_of(log: &Path, kind: &str) -> Vec<serde_json::Value> {
+    events(log, kind)
+}

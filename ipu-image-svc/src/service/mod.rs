@@ -1,0 +1,480 @@
+//! The IPU service's function lifecycle, transport-free: `prepare` a function's clone of a
+//! verified image and export it to the host, `teardown` (hot-remove and cryptographic erase),
+//! `list`, events for the host agent, expiry, and recovery of orphans at start-up.
+//!
+//! Bases are cached by platform manifest digest for the life of the process (their keys live
+//! only in its memory), and every Prepare runs the image through the current policy again,
+//! cached or not. Clones and their keys never outlive the process: a crash is an erase, and
+//! the next start deletes what was left and audits it.
+
+pub mod grpc;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use audit::{AuditSink, Event, EventKind, KeyId, Outcome};
+use policy::reference::ImageReference;
+
+use crate::blockstore::base::BaseImage;
+use crate::blockstore::clone::CloneDevice;
+use crate::blockstore::xts::XtsKey;
+use crate::blockstore::BlockDevice;
+use crate::export::nbd::Export;
+use crate::export::UnixExport;
+use crate::pipeline::{
+    FailureClass, Goal, PipelineConfig, PipelineError, Quiet, Report, TrustPipeline, AUDIT_SERVICE,
+};
+
+/// Builds the pipeline configuration for one request (policy, keys, limits, audit sink).
+pub type PipelineFactory =
+    Box<dyn Fn(&str, &str) -> Result<PipelineConfig, PipelineError> + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// `bases/`, `clones/` and `exports/` live here.
+    pub state_dir: PathBuf,
+    /// The only uid (besides root) that may open exports and call the API.
+    pub host_agent_uid: u32,
+    /// How long a clone lives unless torn down first.
+    pub clone_ttl: Duration,
+}
+
+/// What Prepare hands the host agent.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub clone_id: String,
+    pub socket: PathBuf,
+    pub export_name: String,
+    pub size: u64,
+    pub manifest_digest: String,
+    pub runtime_config: Option<serde_json::Value>,
+    pub ttl: Duration,
+}
+
+/// An attach or hot-remove, for the host agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloneEvent {
+    pub kind: &'static str,
+    pub clone_id: String,
+    pub socket: PathBuf,
+    pub reason: String,
+}
+
+/// A clone as listed.
+#[derive(Clone, Debug)]
+pub struct CloneSummary {
+    pub clone_id: String,
+    pub tenant: String,
+    pub function: String,
+    pub image: String,
+    pub socket: PathBuf,
+    pub age: Duration,
+}
+
+struct Running {
+    clone: Arc<CloneDevice>,
+    export: UnixExport,
+    tenant: String,
+    function: String,
+    image: String,
+    digest: String,
+    created: Instant,
+    ttl: Duration,
+    /// The audit sequence number of the clone's creation, which its erase commits to.
+    creation_seq: u64,
+}
+
+pub struct Service {
+    opts: ServiceOptions,
+    factory: PipelineFactory,
+    audit: Arc<dyn AuditSink>,
+    bases: Mutex<HashMap<String, Arc<BaseImage>>>,
+    /// Held while a base is built, so two Prepares of one new image build it once.
+    building: Mutex<()>,
+    clones: Mutex<HashMap<String, Running>>,
+    events: tokio::sync::broadcast::Sender<CloneEvent>,
+    /// Set when the service stops: event streams end, so the API can close.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> PipelineError {
+    PipelineError::new(FailureClass::Io, format!("{what} {}: {e}", path.display()))
+}
+
+fn check_name(what: &str, v: &str) -> Result<(), PipelineError> {
+    if v.is_empty()
+        || v.len() > 128
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(PipelineError::new(
+            FailureClass::InvalidConfiguration,
+            format!("{what} {v:?}: 1 to 128 of A-Z a-z 0-9 - _ ."),
+        ));
+    }
+    Ok(())
+}
+
+/// The commitment an erase event carries: it names the clone, its key and the creation
+/// event, so an auditor can pair every creation with exactly one erase.
+pub fn erase_commitment(clone_id: &str, key_id: &str, creation_seq: u64) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"ipu-clone-erase-v1\0");
+    ctx.update(clone_id.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(key_id.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(&creation_seq.to_be_bytes());
+    hex::encode(ctx.finish().as_ref())
+}
+
+impl Service {
+    /// Starts the service: makes its directories and erases whatever a previous run left.
+    pub fn start(
+        opts: ServiceOptions,
+        factory: PipelineFactory,
+        audit: Arc<dyn AuditSink>,
+    ) -> Result<Self, PipelineError> {
+        for d in ["bases", "clones", "exports"] {
+            let dir = opts.state_dir.join(d);
+            std::fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
+            std::fs::set_permissions(
+                &dir,
+                std::os::unix::fs::PermissionsExt::from_mode(if d == "exports" {
+                    0o711
+                } else {
+                    0o700
+                }),
+            )
+            .map_err(|e| io_error("cannot protect", &dir, e))?;
+        }
+        let (events, _) = tokio::sync::broadcast::channel(256);
+        let (stopping, _) = tokio::sync::watch::channel(false);
+        let service = Self {
+            opts,
+            factory,
+            audit,
+            bases: Mutex::new(HashMap::new()),
+            building: Mutex::new(()),
+            clones: Mutex::new(HashMap::new()),
+            events,
+            stopping,
+        };
+        service.recover()?;
+        Ok(service)
+    }
+
+    fn record(&self, e: Event) -> Result<audit::Receipt, PipelineError> {
+        self.audit.append(e).map_err(|e| {
+            PipelineError::new(
+                FailureClass::Io,
+                format!("cannot write the audit event: {e}"),
+            )
+        })
+    }
+
+    /// Deletes what a crashed run left: clone files (their keys died with it, so they were
+    /// already unreadable: each is audited as an orphan erased), bases (keys gone too) and
+    /// sockets.
+    fn recover(&self) -> Result<(), PipelineError> {
+        let clones = self.opts.state_dir.join("clones");
+        let entries =
+            std::fs::read_dir(&clones).map_err(|e| io_error("cannot read", &clones, e))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            std::fs::remove_file(&path).map_err(|e| io_error("cannot delete", &path, e))?;
+            let clone_id = name.trim_end_matches(".clone").to_string();
+            self.record(
+                Event::new(
+                    AUDIT_SERVICE,
+                    EventKind::RecoveryOrphanErased,
+                    Outcome::Success,
+                    "a clone left by a previous run was deleted; its key died with that run",
+                )
+                .detail("clone_id", clone_id),
+            )?;
+        }
+        for d in ["bases", "exports"] {
+            let dir = self.opts.state_dir.join(d);
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CloneEvent> {
+        self.events.subscribe()
+    }
+
+    /// Becomes true when the service stops.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Verifies the image under the current policy, builds its base unless cached, makes the
+    /// function's clone and exports it.
+    pub fn prepare(
+        &self,
+        tenant: &str,
+        function: &str,
+        image: &str,
+    ) -> Result<Prepared, PipelineError> {
+        check_name("tenant", tenant)?;
+        check_name("function", function)?;
+        let reference = ImageReference::parse(image).map_err(|e| {
+            PipelineError::new(
+                FailureClass::InvalidConfiguration,
+                format!("image reference {image:?}: {e}"),
+            )
+        })?;
+        let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
+        // The current policy decides on every start, cached base or not.
+        let mut report = Report::default();
+        pipeline.run(&reference, &Goal::Verify, &Quiet, &mut report)?;
+        let digest = report
+            .platform_manifest_digest
+            .as_ref()
+            .map(|d| d.to_string())
+            .ok_or_else(|| PipelineError::new(FailureClass::Io, "no manifest digest"))?;
+        let base = self.base(&pipeline, &reference, &digest)?;
+
+        let mut suffix = [0u8; 6];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
+            .expect("system randomness");
+        let clone_id = format!("{tenant}.{function}.{}", hex::encode(suffix));
+        let clone = Arc::new(
+            CloneDevice::create(base, &self.opts.state_dir.join("clones"), &clone_id)
+                .map_err(|e| PipelineError::new(FailureClass::Io, format!("clone: {e}")))?,
+        );
+        let context = |e: Event| {
+            e.tenant(tenant.to_string())
+                .function(function.to_string())
+                .image(image.to_string(), Some(digest.clone()))
+                .detail("clone_id", clone_id.clone())
+        };
+        let mut created = context(Event::new(
+            AUDIT_SERVICE,
+            EventKind::CloneCreate,
+            Outcome::Success,
+            "copy-on-write clone of the verified base, under a new key held only in IPU memory",
+        ))
+        .detail("key_id", clone.key_id().to_string());
+        if let Ok(k) = KeyId::new(format!("clone:{}", clone.key_id())) {
+            created = created.key_id(k);
+        }
+        // Nothing is exported before its creation is on the record; a failure from here on
+        // erases the clone (dropping it does).
+        let receipt = self.record(created)?;
+        let socket = self
+            .opts
+            .state_dir
+            .join("exports")
+            .join(format!("{clone_id}.sock"));
+        let export = UnixExport::start(
+            Export::new(clone_id.clone(), clone.clone()),
+            &socket,
+            self.opts.host_agent_uid,
+        )
+        .map_err(|e| io_error("cannot export on", &socket, e))?;
+        self.record(context(Event::new(
+            AUDIT_SERVICE,
+            EventKind::ExportAttach,
+            Outcome::Success,
+            "exported to the host agent over NBD",
+        )))?;
+        let prepared = Prepared {
+            clone_id: clone_id.clone(),
+            socket: socket.clone(),
+            export_name: clone_id.clone(),
+            size: clone.size(),
+            manifest_digest: digest.clone(),
+            runtime_config: report.runtime_config.clone(),
+            ttl: self.opts.clone_ttl,
+        };
+        self.clones.lock().expect("not poisoned").insert(
+            clone_id.clone(),
+            Running {
+                clone,
+                export,
+                tenant: tenant.into(),
+                function: function.into(),
+                image: image.into(),
+                digest,
+                created: Instant::now(),
+                ttl: self.opts.clone_ttl,
+                creation_seq: receipt.seq,
+            },
+        );
+        let _ = self.events.send(CloneEvent {
+            kind: "attach",
+            clone_id,
+            socket,
+            reason: "prepared".into(),
+        });
+        Ok(prepared)
+    }
+
+    /// The cached base of `digest`, or a new one built from the pipeline's ext4 image.
+    fn base(
+        &self,
+        pipeline: &TrustPipeline,
+        reference: &ImageReference,
+        digest: &str,
+    ) -> Result<Arc<BaseImage>, PipelineError> {
+        if let Some(b) = self.bases.lock().expect("not poisoned").get(digest) {
+            return Ok(b.clone());
+        }
+        let _building = self.building.lock().expect("not poisoned");
+        if let Some(b) = self.bases.lock().expect("not poisoned").get(digest) {
+            return Ok(b.clone());
+        }
+        let name = digest.replace(':', "-");
+        let dir = self.opts.state_dir.join("bases");
+        let plain = dir.join(format!("{name}.ext4"));
+        let mut report = Report::default();
+        let built = pipeline.run(
+            reference,
+            &Goal::Unpack {
+                output: plain.clone(),
+            },
+            &Quiet,
+            &mut report,
+        );
+        let base = built.and_then(|()| {
+            BaseImage::build(
+                &plain,
+                &dir.join(format!("{name}.img")),
+                XtsKey::generate()
+                    .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?,
+            )
+            .map_err(|e| PipelineError::new(FailureClass::Io, format!("base image: {e}")))
+        });
+        // The plaintext image never stays: encrypted, or refused.
+        let _ = std::fs::remove_file(&plain);
+        let base = Arc::new(base?);
+        self.bases
+            .lock()
+            .expect("not poisoned")
+            .insert(digest.to_string(), base.clone());
+        Ok(base)
+    }
+
+    /// Hot-removes the export and erases the clone. Returns false when it was already gone.
+    pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, PipelineError> {
+        let Some(mut running) = self.clones.lock().expect("not poisoned").remove(clone_id) else {
+            return Ok(false);
+        };
+        running.export.revoke();
+        let context = |e: Event| {
+            e.tenant(running.tenant.clone())
+                .function(running.function.clone())
+                .image(running.image.clone(), Some(running.digest.clone()))
+                .detail("clone_id", clone_id.to_string())
+        };
+        self.record(context(Event::new(
+            AUDIT_SERVICE,
+            EventKind::ExportHotRemove,
+            Outcome::Success,
+            format!("export revoked ({reason}); open connections shut down"),
+        )))?;
+        let erasure = running.clone.erase();
+        let (outcome, text) = match &erasure {
+            Ok(Some(e)) => (
+                Outcome::Success,
+                format!(
+                    "clone key destroyed and {} written clusters deleted",
+                    e.clusters_written
+                ),
+            ),
+            Ok(None) => (Outcome::Success, "the clone was already erased".into()),
+            Err(e) => (
+                Outcome::Failure,
+                format!("key destroyed, but deleting the clone's blocks failed: {e}"),
+            ),
+        };
+        let mut event = context(Event::new(
+            AUDIT_SERVICE,
+            EventKind::CloneErase,
+            outcome,
+            text,
+        ))
+        .detail("key_id", running.clone.key_id().to_string())
+        .detail("creation_seq", running.creation_seq.to_string())
+        .detail(
+            "commitment",
+            erase_commitment(clone_id, running.clone.key_id(), running.creation_seq),
+        );
+        if let Ok(k) = KeyId::new(format!("clone:{}", running.clone.key_id())) {
+            event = event.key_id(k);
+        }
+        self.record(event)?;
+        let _ = self.events.send(CloneEvent {
+            kind: "hot_remove",
+            clone_id: clone_id.to_string(),
+            socket: running.export.socket().to_path_buf(),
+            reason: reason.to_string(),
+        });
+        erasure.map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?;
+        Ok(true)
+    }
+
+    /// Tears down every clone past its TTL; returns their ids.
+    pub fn reap_expired(&self) -> Vec<String> {
+        let expired: Vec<String> = self
+            .clones
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(_, r)| r.created.elapsed() >= r.ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            if let Err(e) = self.teardown(id, "TTL expired") {
+                tracing::error!(clone = %id, error = %e, "teardown on expiry failed");
+            }
+        }
+        expired
+    }
+
+    pub fn list(&self) -> Vec<CloneSummary> {
+        let mut all: Vec<CloneSummary> = self
+            .clones
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(id, r)| CloneSummary {
+                clone_id: id.clone(),
+                tenant: r.tenant.clone(),
+                function: r.function.clone(),
+                image: r.image.clone(),
+                socket: r.export.socket().to_path_buf(),
+                age: r.created.elapsed(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.clone_id.cmp(&b.clone_id));
+        all
+    }
+
+    /// Tears everything down (service shutdown), then ends the event streams.
+    pub fn shutdown(&self) {
+        let ids: Vec<String> = self
+            .clones
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Err(e) = self.teardown(&id, "service stopping") {
+                tracing::error!(clone = %id, error = %e, "teardown at shutdown failed");
+            }
+        }
+        let _ = self.stopping.send(true);
+    }
+}
