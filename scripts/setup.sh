@@ -18,6 +18,8 @@ packages=(
     libtss2-dev      # tpm2-tss, linked by tss-esapi
     openssl          # the demo's TLS PKI for the key broker
     libnbd-bin       # nbdinfo, nbdcopy, nbdfuse: third-party NBD clients of the clone export
+    fuse3            # nbdfuse's FUSE mounts (the host agent's attach without kernel nbd)
+    runc             # the host agent runs functions with it
     ca-certificates
 )
 

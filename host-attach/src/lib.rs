@@ -1,4 +1,9 @@
-//! Host side: attaches an exported clone, runs the function with runc, and
-//! the containerd decrypt hook.
+//! Host side of a function start: attach the clone the IPU exports (kernel nbd when present,
+//! else libnbd's nbdfuse and a loop device), mount it, write a hardened OCI runtime bundle from
+//! the image config, run it with runc, and undo all of it at exit. No key and no broker
+//! session ever reaches this process: it sees a block device.
 //!
-//! Not built yet: issues 6 and 7 fill this crate.
+//! (Issue 7 adds the containerd decrypt hook here.)
+
+pub mod attach;
+pub mod bundle;

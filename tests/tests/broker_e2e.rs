@@ -1038,3 +1038,63 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn events_of(log: &Path, kind: &str) -> Vec<serde_json::Value> {
     events(log, kind)
 }
+
+/// The host agent runs a function from the image through the whole chain: Prepare on the
+/// IPU, nbdfuse + loop + mount, a hardened OCI bundle, runc, the function's output and exit
+/// code, then unmount, detach and Teardown, whether the function succeeds or fails.
+#[test]
+fn host_attach_runs_a_function_from_the_image_and_tears_down() {
+    if !integration_tests::is_root() {
+        eprintln!("skipped: mounting and runc need root");
+        return;
+    }
+    let (s, broker) = setup_with(Options {
+        busybox: true,
+        ..Options::default()
+    });
+    let service = ImageService::start(&s);
+    let host_attach = |command: &[&str]| {
+        Command::new(bin("host-attach"))
+            .args(["run", "--api"])
+            .arg(&service.socket)
+            .args(["--tenant", "acme", "--function", "resize"])
+            .arg("--workdir")
+            .arg(s.path("host"))
+            .arg(&s.image)
+            .arg("--")
+            .args(command)
+            .output()
+            .unwrap()
+    };
+    let out = host_attach(&["/bin/busybox", "cat", "/hello"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a broker-keyed image\n"
+    );
+    // The function's exit code comes back; the clone is gone either way.
+    let out = host_attach(&["/bin/busybox", "sh", "-c", "echo out; exit 7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_dir(s.path("ipu-state/clones"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(
+        !s.path("host").exists(),
+        "the host agent cleans its workdir"
+    );
+    service.signal(libc::SIGTERM);
+    let log = s.path("ipu-audit");
+    assert_eq!(events_of(&log, "clone.erase").len(), 2);
+    broker.stop();
+}

@@ -1,0 +1,194 @@
+//! `host-attach run`: start one function from an image through the IPU, and clean up.
+//!
+//! Prepare on the IPU, attach and mount the exported clone, write the OCI bundle, `runc run`
+//! with this terminal's output, then (also after Ctrl-C, SIGTERM or a crashed function)
+//! unmount, detach and Teardown. The exit code is the function's.
+//!
+//! Exit codes: the function's own; 125 when the function could not be started; 2 usage.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use api::imagesvc::image_service_client::ImageServiceClient;
+use api::imagesvc::{PrepareRequest, TeardownRequest};
+use clap::{Parser, Subcommand};
+use host_attach::attach::Attachment;
+use host_attach::bundle::{config, Process};
+
+const EXIT_NOT_STARTED: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "host-attach",
+    version,
+    about = "Host agent: run functions from IPU-prepared images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Run a function from an image: Prepare, attach, mount, runc, and tear down at exit.
+    Run {
+        /// ipu-image-svc's API socket.
+        #[arg(
+            long,
+            value_name = "SOCKET",
+            default_value = "/run/ipu-image-svc/api.sock"
+        )]
+        api: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        function: String,
+        /// Where mounts and the bundle are made (default: a new directory under /run).
+        #[arg(long, value_name = "DIR")]
+        workdir: Option<PathBuf>,
+        /// The image reference (docker://... or oci:DIR:TAG).
+        image: String,
+        /// The command to run instead of the image's Cmd.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let Top::Run {
+        api,
+        tenant,
+        function,
+        workdir,
+        image,
+        command,
+    } = Cli::parse().command;
+    // Ctrl-C and SIGTERM reach the function (runc forwards them); here they only mark that
+    // the run is ending, so cleanup still happens.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, interrupted.clone()) {
+            eprintln!("host-attach: cannot handle signal {sig}: {e}");
+            return ExitCode::from(EXIT_NOT_STARTED);
+        }
+    }
+    match run(
+        &api,
+        &tenant,
+        &function,
+        workdir,
+        &image,
+        &command,
+        &interrupted,
+    ) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("host-attach: {e}");
+            ExitCode::from(EXIT_NOT_STARTED)
+        }
+    }
+}
+
+fn run(
+    api: &std::path::Path,
+    tenant: &str,
+    function: &str,
+    workdir: Option<PathBuf>,
+    image: &str,
+    command: &[String],
+    interrupted: &AtomicBool,
+) -> Result<u8, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let channel = rt
+        .block_on(api::unix::connect(api.to_path_buf()))
+        .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", api.display()))?;
+    let mut client = ImageServiceClient::new(channel);
+    let prepared = rt
+        .block_on(client.prepare(PrepareRequest {
+            tenant: tenant.into(),
+            function: function.into(),
+            image: image.into(),
+        }))
+        .map_err(|s| format!("Prepare: {}", s.message()))?
+        .into_inner();
+    let teardown = |client: &mut ImageServiceClient<_>| {
+        rt.block_on(client.teardown(TeardownRequest {
+            clone_id: prepared.clone_id.clone(),
+        }))
+        .map_err(|s| format!("Teardown of {}: {}", prepared.clone_id, s.message()))
+    };
+    let workdir =
+        workdir.unwrap_or_else(|| PathBuf::from("/run/host-attach").join(&prepared.clone_id));
+    let result = if interrupted.load(Ordering::SeqCst) {
+        Err("interrupted before the function started".to_string())
+    } else {
+        start_and_wait(&prepared, &workdir, command)
+    };
+    // Whatever happened, the clone goes: the IPU erases it.
+    let torn_down = teardown(&mut client);
+    let _ = std::fs::remove_dir_all(&workdir);
+    let code = result?;
+    torn_down?;
+    Ok(code)
+}
+
+fn start_and_wait(
+    prepared: &api::imagesvc::PrepareResponse,
+    workdir: &std::path::Path,
+    command: &[String],
+) -> Result<u8, String> {
+    std::fs::create_dir_all(workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
+    let rootfs = workdir.join("rootfs");
+    let mut attachment = Attachment::attach(
+        std::path::Path::new(&prepared.socket),
+        &prepared.export_name,
+        workdir,
+        &rootfs,
+    )?;
+    let image_config: serde_json::Value = if prepared.runtime_config_json.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&prepared.runtime_config_json)
+            .map_err(|e| format!("the image's runtime config: {e}"))?
+    };
+    let outcome = (|| {
+        let process = Process::from_image(&image_config, command, &rootfs)?;
+        let bundle = workdir.join("bundle");
+        std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(&config(&process, &rootfs, "function")).expect("json"),
+        )
+        .map_err(|e| e.to_string())?;
+        let status = Command::new("runc")
+            .arg("--root")
+            .arg(workdir.join("runc"))
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&prepared.clone_id)
+            .status()
+            .map_err(|e| format!("runc: {e}"))?;
+        Ok::<u8, String>(match status.code() {
+            Some(c) => c as u8,
+            None => 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0) as u8,
+        })
+    })();
+    let detached = attachment.detach();
+    let code = outcome?;
+    detached?;
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
