@@ -4,13 +4,15 @@
 # enrolled); a publisher builds an image from a busybox-static rootfs, encrypts
 # it through the broker's key provider and signs it; the IPU service verifies
 # it, attests with its TPM (swtpm here), gets the layer key from the broker,
-# decrypts, unpacks and builds the ext4 rootfs.
+# decrypts, unpacks, builds the encrypted base and a clone per function and
+# exports it; the host agent mounts it and runs the function with runc, then
+# tears it down (the clone is erased).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 echo "==> building the tools (release)"
-cargo build --release --locked -q -p ipu-image-svc -p publisher -p policy -p audit -p keybroker
+cargo build --release --locked -q -p ipu-image-svc -p publisher -p policy -p audit -p keybroker -p host-attach
 bin=$PWD/target/release
 demo=${DEMO_DIR:-$PWD/target/demo}
 rm -rf "$demo"
@@ -152,35 +154,36 @@ OCICRYPT_KEYPROVIDER_CONFIG=$demo/ocicrypt-keyprovider.json \
 echo "==> policy check"
 "$bin/policy" check --policy image-trust.json "oci:$demo/layout:demo"
 
-echo "==> IPU: verify the signature"
-"$bin/ipu-image-svc" image verify --audit-log audit --policy image-trust.json "oci:$demo/layout:demo"
+echo "==> IPU: verify the signature (the CLI; the service does it again on every start)"
+"$bin/ipu-image-svc" image verify --audit-log verify-audit --policy image-trust.json "oci:$demo/layout:demo"
 
-unpack() { # tenant function output
-    "$bin/ipu-image-svc" image unpack --audit-log audit --tenant "$1" --function "$2" \
-        --policy-bundle policy.bundle --bundle-key keys/policy/pub.pem --bundle-state ipu-policy \
-        --broker "https://127.0.0.1:$broker_port" --broker-name localhost --broker-ca pki/ca.pem \
-        --broker-cert pki/ipu.pem --broker-key pki/ipu.key --tpm "$tcti" \
-        --cache cache --output "$3" "oci:$demo/layout:demo"
-}
-echo "==> IPU: attest to the broker, get the layer key sealed to this run, decrypt, unpack, build ext4"
-unpack demo hello rootfs.ext4
+echo "==> IPU: ipu-image-svc serve (its API and the per-function exports on local sockets)"
+"$bin/ipu-image-svc" serve --state-dir ipu-state --socket run/ipu-api.sock --host-agent-uid "$(id -u)" \
+    --clone-ttl 10m --policy-bundle policy.bundle --bundle-key keys/policy/pub.pem --bundle-state ipu-policy \
+    --cache cache --audit-log audit \
+    --broker "https://127.0.0.1:$broker_port" --broker-name localhost --broker-ca pki/ca.pem \
+    --broker-cert pki/ipu.pem --broker-key pki/ipu.key --tpm "$tcti" &
+svc_pid=$!
+pids+=($svc_pid)
+for _ in $(seq 100); do [ -S run/ipu-api.sock ] && break; sleep 0.1; done
 
-echo "==> the rootfs, read back from the ext4 image"
-debugfs -R 'ls -l /' rootfs.ext4 2>/dev/null
-mkdir -p check
-debugfs -R 'rdump / check' rootfs.ext4 2>/dev/null >/dev/null
-chroot check /hello
+echo "==> host: run the function. The IPU verifies the signature, attests to the broker, decrypts"
+echo "    the layer with the released key, builds the encrypted base and a clone, and exports it;"
+echo "    the host agent mounts it, runs it with runc, and tears it down (the clone is erased)"
+"$bin/host-attach" run --api run/ipu-api.sock --tenant demo --function hello \
+    --workdir "$demo/host" "oci:$demo/layout:demo"
 
-echo "==> tenant guest may run images but the broker refuses it the key (exit code 3)"
+echo "==> tenant guest may run images, but the broker refuses it the key: nothing starts"
 set +e
-unpack guest hello guest.ext4
+"$bin/host-attach" run --api run/ipu-api.sock --tenant guest --function hello \
+    --workdir "$demo/host" "oci:$demo/layout:demo"
 rc=$?
 set -e
-[ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
+[ "$rc" = 125 ] || { echo "expected exit code 125 (not started), got $rc" >&2; exit 1; }
 
 echo "==> an unsigned image is refused (exit code 3)"
 set +e
-"$bin/ipu-image-svc" image verify --audit-log audit --policy image-trust.json "oci:$demo/layout:plain"
+"$bin/ipu-image-svc" image verify --audit-log verify-audit --policy image-trust.json "oci:$demo/layout:plain"
 rc=$?
 set -e
 [ "$rc" = 3 ] || { echo "expected exit code 3, got $rc" >&2; exit 1; }
@@ -191,8 +194,9 @@ kill "$broker_pid"; wait "$broker_pid" || true   # it owns its log while it runs
 "$bin/audit" query --log broker/audit
 "$bin/audit" verify --log broker/audit --key broker/audit/verifier.pub
 echo "==> the IPU's audit trail of these runs, and the log verified against its key"
+kill "$svc_pid"; wait "$svc_pid" || true
 "$bin/audit" query --log audit
 "$bin/audit" verify --log audit --key audit/verifier.pub
 "$bin/audit" prove --log audit --index 0 --output proof.json
 "$bin/audit" verify-proof --proof proof.json --key audit/verifier.pub
-echo "==> demo finished: $demo/rootfs.ext4"
+echo "==> demo finished (state under $demo)"

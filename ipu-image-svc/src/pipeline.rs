@@ -256,8 +256,14 @@ impl PipelineConfig {
 #[derive(Clone, Debug)]
 pub enum Goal {
     Verify,
+    /// Verify, then have the key source release every encrypted layer's key for this
+    /// request, and drop them: what a cached base must pass before it is used again (the
+    /// broker decides per tenant, function and IPU, and may have revoked the key since).
+    VerifyKeys,
     Pull,
-    Unpack { output: PathBuf },
+    Unpack {
+        output: PathBuf,
+    },
 }
 
 /// Progress notifications for a front end (progress bar, logs).
@@ -631,6 +637,9 @@ impl TrustPipeline {
         if matches!(goal, Goal::Verify) {
             return Ok(());
         }
+        if matches!(goal, Goal::VerifyKeys) {
+            return self.check_layer_keys(reference, &image.manifest, &report.layers, rec);
+        }
 
         let cache = BlobCache::new(&self.cfg.cache_dir)?;
         let mut paths = Vec::new();
@@ -730,6 +739,50 @@ impl TrustPipeline {
                 PipelineError::new(class, e.to_string())
             })?;
         report.rootfs = Some(built);
+        Ok(())
+    }
+
+    /// Every encrypted layer's key, released by the key source for this request and dropped
+    /// at once (secret memory, zeroized). Without a key source (local development keys) the
+    /// keys were already checked by unwrapping at unpack time, so nothing is asked.
+    fn check_layer_keys(
+        &self,
+        reference: &ImageReference,
+        manifest: &fetch::ImageManifest,
+        layers: &[LayerReport],
+        rec: &Recorder<'_>,
+    ) -> Result<(), PipelineError> {
+        let Some(source) = &self.cfg.layer_keys else {
+            return Ok(());
+        };
+        let image = reference.to_string();
+        let image_digest = rec.digest.borrow().clone().unwrap_or_default();
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            if !layers[i].encrypted {
+                continue;
+            }
+            let layer_digest = layer.digest.to_string();
+            let request = LayerKeyRequest {
+                image: &image,
+                image_digest: &image_digest,
+                layer_digest: &layer_digest,
+                annotations: &layer.annotations,
+                tenant: self.cfg.tenant.as_deref().unwrap_or(""),
+                function: self.cfg.function.as_deref().unwrap_or(""),
+            };
+            if let Err(e) = source.private_options(&request) {
+                let e = PipelineError::new(
+                    FailureClass::NoDecryptionKey,
+                    format!("layer {i} ({layer_digest}): key broker: {e}"),
+                );
+                rec.failure(
+                    EventKind::LayerDecrypt,
+                    &e,
+                    &[("layer", i.to_string()), ("layer_digest", layer_digest)],
+                )?;
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

@@ -891,6 +891,23 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
     let one = prepare(&mut api, "resize-1");
     let two = prepare(&mut api, "resize-2");
     assert_ne!(one.clone_id, two.clone_id);
+    // The base is cached now, but a tenant the broker refuses the key gets no clone of it:
+    // every Prepare has the layer keys released again for its own request.
+    let refused = rt
+        .block_on(api.prepare(PrepareRequest {
+            tenant: "globex".into(),
+            function: "resize-1".into(),
+            image: s.image.clone(),
+        }))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused
+            .message()
+            .contains("tenant \"globex\" may not use this key"),
+        "{}",
+        refused.message()
+    );
     assert!(
         one.runtime_config_json.contains("/hello"),
         "{}",

@@ -234,9 +234,10 @@ impl Service {
             )
         })?;
         let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
-        // The current policy decides on every start, cached base or not.
+        // The current policy decides on every start, cached base or not, and so does the
+        // broker: each encrypted layer's key must still be released to this request.
         let mut report = Report::default();
-        pipeline.run(&reference, &Goal::Verify, &Quiet, &mut report)?;
+        pipeline.run(&reference, &Goal::VerifyKeys, &Quiet, &mut report)?;
         let digest = report
             .platform_manifest_digest
             .as_ref()
