@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `tests/fixtures` (copied from the shared fixture set; never edited to fit the code).
-/// A binary of this workspace, from the target directory the tests run from (`cargo test
-/// --workspace` builds every binary before running any test).
+/// A binary of this workspace, from the target directory the tests run from. `cargo test`
+/// builds a package's binaries only for that package's own integration tests, so
+/// scripts/test.sh runs `cargo build --workspace --bins` first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe
@@ -21,7 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run the tests with `cargo test --workspace`",
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
         path.display()
     );
     path

@@ -100,17 +100,15 @@ impl Setup {
         self.dir.path().join(p)
     }
 
-    /// `ipu-image-svc image unpack --broker` for a tenant; the command, not yet run.
-    fn unpack(&self, tenant: &str, out: &str) -> Command {
-        let mut c = Command::new(bin("ipu-image-svc"));
-        c.args(["image", "unpack", "--quiet"])
-            .arg("--policy-bundle")
+    /// What every ipu-image-svc run of these tests shares: the policy bundle, the broker
+    /// with this IPU's certificate and TPM, the blob cache and the audit log.
+    fn ipu_args(&self, c: &mut Command) {
+        c.arg("--policy-bundle")
             .arg(self.path("bundle.json"))
             .arg("--bundle-key")
             .arg(self.path("bundle-key/pub.pem"))
             .arg("--bundle-state")
             .arg(self.path("ipu-policy"))
-            .args(["--tenant", tenant, "--function", "resize"])
             .arg("--broker")
             .arg(format!("https://127.0.0.1:{}", self.port))
             .args(["--broker-name", "localhost"])
@@ -124,8 +122,16 @@ impl Setup {
             .arg("--cache")
             .arg(self.path("cache"))
             .arg("--audit-log")
-            .arg(self.path("ipu-audit"))
-            .arg("--output")
+            .arg(self.path("ipu-audit"));
+    }
+
+    /// `ipu-image-svc image unpack --broker` for a tenant; the command, not yet run.
+    fn unpack(&self, tenant: &str, out: &str) -> Command {
+        let mut c = Command::new(bin("ipu-image-svc"));
+        c.args(["image", "unpack", "--quiet"])
+            .args(["--tenant", tenant, "--function", "resize"]);
+        self.ipu_args(&mut c);
+        c.arg("--output")
             .arg(self.path(out))
             .arg(&self.image)
             .env("TSS2_LOG", "all+NONE");
@@ -793,33 +799,16 @@ impl ImageService {
         let socket = s.path("run/api.sock");
         let _ = std::fs::remove_file(&socket);
         let uid = rustix::process::getuid().as_raw();
-        let child = Command::new(bin("ipu-image-svc"))
+        let mut command = Command::new(bin("ipu-image-svc"));
+        command
             .arg("serve")
             .arg("--state-dir")
             .arg(s.path("ipu-state"))
             .arg("--socket")
             .arg(&socket)
-            .args(["--host-agent-uid", &uid.to_string(), "--clone-ttl", "1h"])
-            .arg("--policy-bundle")
-            .arg(s.path("bundle.json"))
-            .arg("--bundle-key")
-            .arg(s.path("bundle-key/pub.pem"))
-            .arg("--bundle-state")
-            .arg(s.path("ipu-policy"))
-            .arg("--cache")
-            .arg(s.path("cache"))
-            .arg("--audit-log")
-            .arg(s.path("ipu-audit"))
-            .arg("--broker")
-            .arg(format!("https://127.0.0.1:{}", s.port))
-            .args(["--broker-name", "localhost"])
-            .arg("--broker-ca")
-            .arg(s.path("pki/ca.pem"))
-            .arg("--broker-cert")
-            .arg(s.path("pki/ipu.pem"))
-            .arg("--broker-key")
-            .arg(s.path("pki/ipu.key"))
-            .args(["--tpm", &s.swtpm.tcti()])
+            .args(["--host-agent-uid", &uid.to_string(), "--clone-ttl", "1h"]);
+        s.ipu_args(&mut command);
+        let child = command
             .env("TSS2_LOG", "all+NONE")
             .stderr(Stdio::null())
             .spawn()

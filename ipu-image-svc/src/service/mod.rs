@@ -248,7 +248,8 @@ impl Service {
         let mut suffix = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
             .expect("system randomness");
-        let clone_id = format!("{tenant}.{function}.{}", hex::encode(suffix));
+        let instance = hex::encode(suffix);
+        let clone_id = format!("{tenant}.{function}.{instance}");
         let clone = Arc::new(
             CloneDevice::create(base, &self.opts.state_dir.join("clones"), &clone_id)
                 .map_err(|e| PipelineError::new(FailureClass::Io, format!("clone: {e}")))?,
@@ -276,7 +277,8 @@ impl Service {
             .opts
             .state_dir
             .join("exports")
-            .join(format!("{clone_id}.sock"));
+            // Short: a Unix socket path has at most 107 bytes, tenant names have up to 128.
+            .join(format!("{instance}.sock"));
         let export = UnixExport::start(
             Export::new(clone_id.clone(), clone.clone()),
             &socket,
