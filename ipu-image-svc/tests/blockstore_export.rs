@@ -114,11 +114,16 @@ fn clones_copy_on_write_never_see_each_other_and_erase_completely() {
     // Erase: the file is gone, I/O fails, a second erase finds nothing.
     a.write_at(&secret, 0).unwrap();
     let clone_file = a.path().to_path_buf();
-    let erased = a.erase().unwrap().expect("first erase");
+    let mut erased = a.erase().unwrap().expect("first erase");
     assert_eq!(erased.clone_id, "fn-a");
     assert_eq!(erased.key_id, a.key_id());
     assert!(erased.clusters_written >= 1);
     assert!(!clone_file.exists());
+    // The leftover is noise until reclaimed, and gone after.
+    let leftover = erased.leftover.clone().unwrap();
+    assert!(!contains(&std::fs::read(&leftover).unwrap(), &secret[..48]));
+    erased.reclaim().unwrap();
+    assert!(!leftover.exists());
     let err = a.read_at(&mut got, 0).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotConnected);
     assert!(a.write_at(b"x", 0).is_err());

@@ -20,14 +20,45 @@ use super::{check_range, BlockDevice, CLUSTER};
 const BLOCKS_PER_CLUSTER: u64 = CLUSTER / BLOCK as u64;
 
 /// What an erase did, for its audit event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Erasure {
     pub clone_id: String,
     /// The clone key's identifier (random, not derived from the key).
     pub key_id: String,
     /// Clusters that had been written (and were destroyed with the key).
     pub clusters_written: u64,
+    /// The clone's former data file, renamed: unreadable noise now, still taking space until
+    /// [`Erasure::reclaim`] (freeing a large file's blocks takes time in proportion to them,
+    /// so a service does it off the teardown path).
+    pub leftover: Option<PathBuf>,
 }
+
+impl Erasure {
+    /// Frees the leftover's blocks and deletes it.
+    pub fn reclaim(&mut self) -> io::Result<()> {
+        if let Some(path) = self.leftover.take() {
+            reclaim(&path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes a leftover file of an erased clone (truncated first: its blocks go even if a
+/// handle is still open somewhere).
+pub fn reclaim(path: &Path) -> io::Result<()> {
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => f.set_len(0)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The suffix of an erased clone's leftover file.
+pub const LEFTOVER_EXTENSION: &str = "erased";
 
 struct State {
     /// `None` once erased: every I/O fails from then on.
@@ -114,8 +145,9 @@ impl CloneDevice {
         (self.base.size() - c * CLUSTER).min(CLUSTER) as usize
     }
 
-    /// Revokes the device, destroys its key and deletes its blocks. Idempotent: a second
-    /// call finds nothing left and says so with `None`.
+    /// Revokes the device and destroys its key: from here on the clone's data is unreadable
+    /// (cryptographic erase). Its file is renamed to a leftover the caller reclaims
+    /// ([`Erasure::reclaim`]). Idempotent: a second call finds nothing and says `None`.
     pub fn erase(&self) -> io::Result<Option<Erasure>> {
         let mut state = self.state.write().expect("not poisoned");
         let Some(cipher) = state.cipher.take() else {
@@ -125,16 +157,17 @@ impl CloneDevice {
         drop(cipher);
         let clusters_written = state.written.iter().filter(|w| **w).count() as u64;
         state.written.iter_mut().for_each(|w| *w = false);
-        self.file.set_len(0)?;
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        let leftover = self.path.with_extension(LEFTOVER_EXTENSION);
+        let leftover = match std::fs::rename(&self.path, &leftover) {
+            Ok(()) => Some(leftover),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
-        }
+        };
         Ok(Some(Erasure {
             clone_id: self.id.clone(),
             key_id: self.key_id.clone(),
             clusters_written,
+            leftover,
         }))
     }
 
@@ -240,6 +273,8 @@ impl BlockDevice for CloneDevice {
 impl Drop for CloneDevice {
     fn drop(&mut self) {
         // A clone never outlives its process's memory of the key: dropped means erased.
-        let _ = self.erase();
+        if let Ok(Some(mut erasure)) = self.erase() {
+            let _ = erasure.reclaim();
+        }
     }
 }

@@ -97,6 +97,14 @@ pub struct Service {
     events: tokio::sync::broadcast::Sender<CloneEvent>,
     /// Set when the service stops: event streams end, so the API can close.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Frees erased clones' blocks off the teardown path (a large clone's blocks take a
+    /// while); taken and joined at shutdown.
+    reclaimer: Mutex<
+        Option<(
+            std::sync::mpsc::Sender<PathBuf>,
+            std::thread::JoinHandle<()>,
+        )>,
+    >,
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> PipelineError {
@@ -153,6 +161,17 @@ impl Service {
         }
         let (events, _) = tokio::sync::broadcast::channel(256);
         let (stopping, _) = tokio::sync::watch::channel(false);
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+        let reclaim_thread = std::thread::Builder::new()
+            .name("clone-reclaim".into())
+            .spawn(move || {
+                for path in rx {
+                    if let Err(e) = crate::blockstore::clone::reclaim(&path) {
+                        tracing::error!(path = %path.display(), error = %e, "cannot reclaim an erased clone's blocks");
+                    }
+                }
+            })
+            .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?;
         let service = Self {
             opts,
             factory,
@@ -162,6 +181,7 @@ impl Service {
             clones: Mutex::new(HashMap::new()),
             events,
             stopping,
+            reclaimer: Mutex::new(Some((tx, reclaim_thread))),
         };
         service.recover()?;
         Ok(service)
@@ -186,6 +206,15 @@ impl Service {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
+            if path
+                .extension()
+                .is_some_and(|e| e == crate::blockstore::clone::LEFTOVER_EXTENSION)
+            {
+                // Erased (and audited) before the stop; only its blocks were still to free.
+                crate::blockstore::clone::reclaim(&path)
+                    .map_err(|e| io_error("cannot delete", &path, e))?;
+                continue;
+            }
             std::fs::remove_file(&path).map_err(|e| io_error("cannot delete", &path, e))?;
             let clone_id = name.trim_end_matches(".clone").to_string();
             self.record(
@@ -386,12 +415,12 @@ impl Service {
             Outcome::Success,
             format!("export revoked ({reason}); open connections shut down"),
         )))?;
-        let erasure = running.clone.erase();
+        let mut erasure = running.clone.erase();
         let (outcome, text) = match &erasure {
             Ok(Some(e)) => (
                 Outcome::Success,
                 format!(
-                    "clone key destroyed and {} written clusters deleted",
+                    "clone key destroyed: its {} written clusters are unreadable; their blocks are freed next",
                     e.clusters_written
                 ),
             ),
@@ -417,6 +446,18 @@ impl Service {
             event = event.key_id(k);
         }
         self.record(event)?;
+        if let Ok(Some(e)) = erasure.as_mut() {
+            if let Some(path) = e.leftover.take() {
+                let sent = match self.reclaimer.lock().expect("not poisoned").as_ref() {
+                    Some((tx, _)) => tx.send(path).map_err(|e| e.0),
+                    None => Err(path),
+                };
+                if let Err(path) = sent {
+                    // Stopping: free it here.
+                    let _ = crate::blockstore::clone::reclaim(&path);
+                }
+            }
+        }
         let _ = self.events.send(CloneEvent {
             kind: "hot_remove",
             clone_id: clone_id.to_string(),
@@ -479,5 +520,10 @@ impl Service {
             }
         }
         let _ = self.stopping.send(true);
+        // Every erased clone's blocks are freed before the service exits.
+        if let Some((tx, thread)) = self.reclaimer.lock().expect("not poisoned").take() {
+            drop(tx);
+            let _ = thread.join();
+        }
     }
 }
