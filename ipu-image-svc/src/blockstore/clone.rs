@@ -4,8 +4,9 @@
 //! either unwritten, read from the base, or written, in which case the whole cluster lives in
 //! the clone's file encrypted under the clone's own random XTS key. That key exists only in
 //! this process's secret memory: [`CloneDevice::erase`] revokes the device (every later I/O
-//! fails), drops the key (zeroized) and deletes the file; a crash of the process loses the key
-//! the same way, so whatever is left on disk is unreadable.
+//! fails), drops the key (zeroized) and renames the file to a leftover; a crash of the process
+//! loses the key the same way, so whatever is left on disk is unreadable. The erased file's
+//! blocks are then freed by whoever holds the [`Erasure`] (the service, off the teardown path).
 
 use std::fs::File;
 use std::io;

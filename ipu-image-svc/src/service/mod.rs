@@ -99,13 +99,14 @@ pub struct Service {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Frees erased clones' blocks off the teardown path (a large clone's blocks take a
     /// while); taken and joined at shutdown.
-    reclaimer: Mutex<
-        Option<(
-            std::sync::mpsc::Sender<PathBuf>,
-            std::thread::JoinHandle<()>,
-        )>,
-    >,
+    reclaimer: Mutex<Option<Reclaimer>>,
 }
+
+/// The reclaimer thread and the channel that feeds it erased clones' leftover files.
+type Reclaimer = (
+    std::sync::mpsc::Sender<PathBuf>,
+    std::thread::JoinHandle<()>,
+);
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> PipelineError {
     PipelineError::new(FailureClass::Io, format!("{what} {}: {e}", path.display()))
