@@ -1,0 +1,109 @@
+//! Warm start of a function (its image's base already cached): Prepare (policy, signature,
+//! layer keys checked again, clone, export) + attach (nbdfuse + loop device) + mount, p50 and
+//! p99 over `ROUNDS` (default 100) runs, in process against the `enc-signed` fixture with its
+//! RSA key. The first (cold) Prepare, which builds the base, is reported apart. Target: p50 at
+//! most 50 ms.
+//!
+//! Not included: the key broker round trip (this bench uses the fixture's local key; the
+//! attest + release round trip is `attest_release`, p50 about 5 ms with EC keys).
+//!
+//! `cargo bench -p integration-tests --bench warm_start` (root: loop devices and mounts)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use host_attach::attach::Attachment;
+use integration_tests::fixtures;
+use ipu_image_svc::pipeline::PipelineConfig;
+use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use ocicrypt::keys::PrivateKey;
+use ocicrypt::DecryptConfig;
+use policy::Policy;
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
+}
+
+fn main() {
+    if !integration_tests::is_root() {
+        println!("warm_start: skipped (needs root for loop devices and mounts)");
+        return;
+    }
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let audit = integration_tests::audit_log(&d.join("audit"));
+    let sink: Arc<dyn audit::AuditSink> = audit.clone();
+    let cache = d.join("cache");
+    let factory: PipelineFactory = Box::new(move |tenant, function| {
+        let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
+        let key = PrivateKey::from_pem(
+            &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+        )
+        .unwrap();
+        let mut cfg = PipelineConfig::new(policy, cache.clone());
+        cfg.decryption = DecryptConfig::new(vec![key]);
+        cfg.audit = Some(sink.clone());
+        cfg.tenant = Some(tenant.into());
+        cfg.function = Some(function.into());
+        Ok(cfg)
+    });
+    let service = Service::start(
+        ServiceOptions {
+            state_dir: d.join("state"),
+            host_agent_uid: 0,
+            clone_ttl: Duration::from_secs(3600),
+        },
+        factory,
+        audit,
+    )
+    .unwrap();
+    let image = format!("oci:{}:enc-signed", fixtures().join("oci-layout").display());
+    let (mut total, mut prepare, mut attach) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cold = Duration::ZERO;
+    for i in 0..=rounds {
+        let t0 = Instant::now();
+        let p = service.prepare("acme", &format!("fn{i}"), &image).unwrap();
+        let t1 = Instant::now();
+        let work = d.join(format!("host{i}"));
+        let mut a =
+            Attachment::attach(&p.socket, &p.export_name, &work, &work.join("rootfs")).unwrap();
+        let t2 = Instant::now();
+        if i == 0 {
+            cold = t2 - t0;
+        } else {
+            prepare.push(t1 - t0);
+            attach.push(t2 - t1);
+            total.push(t2 - t0);
+        }
+        assert!(work.join("rootfs/hello").exists(), "the image is mounted");
+        a.detach().unwrap();
+        service.teardown(&p.clone_id, "bench").unwrap();
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    service.shutdown();
+    println!("warm start of the enc-signed fixture, {rounds} runs (base cached), same run:");
+    println!(
+        "  Prepare + attach + mount: p50 {:7.2} ms  p99 {:7.2} ms   (target p50 <= 50 ms)",
+        pct(&mut total, 0.5),
+        pct(&mut total, 0.99)
+    );
+    println!(
+        "  Prepare alone:            p50 {:7.2} ms  p99 {:7.2} ms",
+        pct(&mut prepare, 0.5),
+        pct(&mut prepare, 0.99)
+    );
+    println!(
+        "  attach + mount alone:     p50 {:7.2} ms  p99 {:7.2} ms",
+        pct(&mut attach, 0.5),
+        pct(&mut attach, 0.99)
+    );
+    println!(
+        "  first (cold) start, building the base: {:.1} ms",
+        cold.as_secs_f64() * 1e3
+    );
+}
