@@ -4,6 +4,9 @@
 //! RSA key. The first (cold) Prepare, which builds the base, is reported apart. Target: p50 at
 //! most 50 ms.
 //!
+//! Then `CONCURRENT` (default 32) function starts of the same image at once (on this
+//! machine's 2 cores): all must succeed; p50 and p99 of their start times.
+//!
 //! Not included: the key broker round trip (this bench uses the fixture's local key; the
 //! attest + release round trip is `attest_release`, p50 about 5 ms with EC keys).
 //!
@@ -52,16 +55,18 @@ fn main() {
         cfg.function = Some(function.into());
         Ok(cfg)
     });
-    let service = Service::start(
-        ServiceOptions {
-            state_dir: d.join("state"),
-            host_agent_uid: 0,
-            clone_ttl: Duration::from_secs(3600),
-        },
-        factory,
-        audit,
-    )
-    .unwrap();
+    let service = Arc::new(
+        Service::start(
+            ServiceOptions {
+                state_dir: d.join("state"),
+                host_agent_uid: 0,
+                clone_ttl: Duration::from_secs(3600),
+            },
+            factory,
+            audit,
+        )
+        .unwrap(),
+    );
     let image = format!("oci:{}:enc-signed", fixtures().join("oci-layout").display());
     let (mut total, mut prepare, mut attach) = (Vec::new(), Vec::new(), Vec::new());
     let mut cold = Duration::ZERO;
@@ -85,7 +90,58 @@ fn main() {
         service.teardown(&p.clone_id, "bench").unwrap();
         let _ = std::fs::remove_dir_all(&work);
     }
+    // Concurrent starts: every one attached and mounted before any is torn down.
+    let concurrent: usize = std::env::var("CONCURRENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let barrier = Arc::new(std::sync::Barrier::new(concurrent));
+    let threads: Vec<_> = (0..concurrent)
+        .map(|i| {
+            let service = service.clone();
+            let image = image.clone();
+            let barrier = barrier.clone();
+            let work = d.join(format!("conc{i}"));
+            std::thread::spawn(move || {
+                barrier.wait();
+                let t0 = Instant::now();
+                let p = service.prepare("acme", &format!("conc{i}"), &image)?;
+                let a = Attachment::attach(&p.socket, &p.export_name, &work, &work.join("rootfs"))
+                    .map_err(|e| {
+                        ipu_image_svc::pipeline::PipelineError::new(
+                            ipu_image_svc::pipeline::FailureClass::Io,
+                            e,
+                        )
+                    })?;
+                let took = t0.elapsed();
+                let mounted = work.join("rootfs/hello").exists();
+                barrier.wait();
+                drop(a);
+                service.teardown(&p.clone_id, "bench")?;
+                let _ = std::fs::remove_dir_all(&work);
+                Ok::<_, ipu_image_svc::pipeline::PipelineError>((took, mounted))
+            })
+        })
+        .collect();
+    let mut started = Vec::new();
+    let mut failed = 0;
+    for t in threads {
+        match t.join().unwrap() {
+            Ok((took, true)) => started.push(took),
+            Ok((_, false)) => failed += 1,
+            Err(e) => {
+                eprintln!("a concurrent start failed: {e}");
+                failed += 1;
+            }
+        }
+    }
     service.shutdown();
+    println!(
+        "{concurrent} concurrent starts: {} succeeded, {failed} failed; start p50 {:.1} ms  p99 {:.1} ms",
+        started.len(),
+        pct(&mut started, 0.5),
+        pct(&mut started, 0.99)
+    );
     println!("warm start of the enc-signed fixture, {rounds} runs (base cached), same run:");
     println!(
         "  Prepare + attach + mount: p50 {:7.2} ms  p99 {:7.2} ms   (target p50 <= 50 ms)",
