@@ -3,6 +3,7 @@
 //! - ours: a fresh ipu-image-svc (empty cache): Prepare (fetch, verify the signature, decrypt,
 //!   unpack, build the ext4 base, encrypt it at rest, clone, export) + attach + mount + runc;
 //! - the seed: `skopeo copy --decryption-key` to an OCI layout, `umoci unpack`, `runc run`.
+//!
 //! Both print the image's `/hello`. Median of `ROUNDS` (default 5); target ratio <= 1.0.
 //!
 //! `cargo bench -p integration-tests --bench cold_start` (root: mounts and runc)
