@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use api::audit::audit_query_client::AuditQueryClient;
 use api::audit::audit_writer_client::AuditWriterClient;
 use api::audit::{
-    AppendRequest, CheckpointRequest, EventRecord, InclusionProofRequest, QueryRequest, TailRequest,
+    AppendRequest, AppendResponse, CheckpointRequest, EventRecord, InclusionProofRequest,
+    QueryRequest, TailRequest,
 };
 use tonic::transport::Channel;
 
@@ -49,23 +50,58 @@ fn runtime(socket: &Path) -> Result<tokio::runtime::Runtime, AuditError> {
         .map_err(|e| unavailable(socket, e))
 }
 
+/// One append handed to the client thread, and where its answer goes.
+type AppendJob = (
+    AppendRequest,
+    std::sync::mpsc::Sender<Result<AppendResponse, tonic::Status>>,
+);
+
 /// Appends through the daemon's writer socket.
+///
+/// The gRPC client and its runtime live on a thread of their own, so a `RemoteLog` may be
+/// used, and dropped, anywhere: from plain threads, from a service's blocking threads, and
+/// inside another runtime's async context (where creating or dropping a runtime panics).
 pub struct RemoteLog {
     socket: PathBuf,
-    rt: tokio::runtime::Runtime,
-    client: std::sync::Mutex<AuditWriterClient<Channel>>,
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<AppendJob>>,
 }
 
 impl RemoteLog {
     pub fn connect(socket: &Path) -> Result<Self, AuditError> {
-        let rt = runtime(socket)?;
-        let channel = rt
-            .block_on(api::unix::connect(socket.to_path_buf()))
+        let (jobs, queue) = std::sync::mpsc::channel::<AppendJob>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let path = socket.to_path_buf();
+        std::thread::Builder::new()
+            .name("audit-client".into())
+            .spawn(move || {
+                let connected = runtime(&path).and_then(|rt| {
+                    rt.block_on(api::unix::connect(path.clone()))
+                        .map(|channel| (rt, AuditWriterClient::new(channel)))
+                        .map_err(|e| unavailable(&path, e))
+                });
+                let (rt, client) = match connected {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                for (request, reply) in queue {
+                    let mut client = client.clone();
+                    let r = rt.block_on(client.append(request)).map(|r| r.into_inner());
+                    let _ = reply.send(r);
+                }
+            })
             .map_err(|e| unavailable(socket, e))?;
+        ready
+            .recv()
+            .map_err(|_| unavailable(socket, "the client thread stopped"))??;
         Ok(Self {
             socket: socket.to_path_buf(),
-            rt,
-            client: std::sync::Mutex::new(AuditWriterClient::new(channel)),
+            jobs: std::sync::Mutex::new(jobs),
         })
     }
 }
@@ -76,12 +112,14 @@ impl AuditSink for RemoteLog {
         let request = AppendRequest {
             event_json: serde_json::to_vec(&event).expect("events serialize"),
         };
-        let mut client = self.client.lock().expect("not poisoned").clone();
-        let r = self
-            .rt
-            .block_on(client.append(request))
-            .map_err(from_status)?
-            .into_inner();
+        let (reply, answer) = std::sync::mpsc::channel();
+        let stopped = || unavailable(&self.socket, "the client thread stopped");
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .send((request, reply))
+            .map_err(|_| stopped())?;
+        let r = answer.recv().map_err(|_| stopped())?.map_err(from_status)?;
         let leaf_hash = r
             .leaf_hash
             .try_into()

@@ -214,58 +214,16 @@ fn rpc_error(s: tonic::Status) -> String {
     s.message().to_string()
 }
 
-/// Audit events of a broker writing through `audit serve`: appended from a thread of their
-/// own, since the socket client runs its own runtime and the service's handlers already
-/// run inside one.
-struct SocketSink {
-    tx: std::sync::Mutex<std::sync::mpsc::Sender<SinkJob>>,
-}
-
-type SinkJob = (
-    audit::Event,
-    std::sync::mpsc::Sender<Result<audit::Receipt, audit::AuditError>>,
-);
-
-impl SocketSink {
-    fn connect(socket: &Path) -> Result<Self, String> {
-        let remote = audit::remote::RemoteLog::connect(socket)
-            .map_err(|e| format!("audit socket {}: {e}", socket.display()))?;
-        let (tx, rx) = std::sync::mpsc::channel::<SinkJob>();
-        std::thread::Builder::new()
-            .name("audit-sink".into())
-            .spawn(move || {
-                for (event, reply) in rx {
-                    let _ = reply.send(remote.append(event));
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            tx: std::sync::Mutex::new(tx),
-        })
-    }
-}
-
-impl AuditSink for SocketSink {
-    fn append(&self, event: audit::Event) -> Result<audit::Receipt, audit::AuditError> {
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        let sent = self
-            .tx
-            .lock()
-            .expect("not poisoned")
-            .send((event, reply_tx));
-        let gone = || audit::AuditError::Closed;
-        sent.map_err(|_| gone())?;
-        reply_rx.recv().map_err(|_| gone())?
-    }
-}
-
 fn audit_sink(target: &AuditTarget) -> Result<Arc<dyn AuditSink>, String> {
     Ok(match target {
         AuditTarget::Dir(dir) => Arc::new(
             audit::local::open(dir, &audit::local::default_origin("keybroker"), None)
                 .map_err(|e| format!("audit log {}: {e}", dir.display()))?,
         ),
-        AuditTarget::Socket(s) => Arc::new(SocketSink::connect(s)?),
+        AuditTarget::Socket(s) => Arc::new(
+            audit::RemoteLog::connect(s)
+                .map_err(|e| format!("audit socket {}: {e}", s.display()))?,
+        ),
     })
 }
 
