@@ -9,10 +9,11 @@ use integration_tests::broker::{broker, enc_signed_layer, key_store, verifier_fo
 use integration_tests::{audit_log, Swtpm};
 use ipu_image_svc::attest::Tpm;
 use keybroker::attest::binding;
-use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest, Wrapped};
+use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest, Session, Wrapped};
 use keybroker::keystore::{KeyStore, MasterKey};
 use keybroker::release::SessionKey;
 use ocicrypt::{PrivateLayerOptions, PublicLayerOptions};
+use zeroize::Zeroizing;
 
 const CLIENT: &str = "CN=ipu-1.example,O=platform";
 
@@ -22,6 +23,25 @@ struct Setup {
     broker: Broker,
     log: Arc<audit::AuditLog>,
     _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Challenge, quote bound to `key`, attest: an open session and the nonce it used.
+    fn attest(&mut self, key: &SessionKey) -> (Session, Zeroizing<Vec<u8>>) {
+        let nonce = self.broker.challenge();
+        let evidence = self.tpm.quote(&nonce, &key.public(), &PCRS).unwrap();
+        let session = self
+            .broker
+            .attest(
+                CLIENT,
+                &evidence,
+                self.tpm.ak_public(),
+                &nonce,
+                &key.public(),
+            )
+            .unwrap();
+        (session, nonce)
+    }
 }
 
 fn setup(session_ttl: Duration) -> Setup {
@@ -61,18 +81,7 @@ fn request(session: &str, tenant: &str) -> ReleaseRequest {
 fn attested_ipu_gets_the_layer_key_and_decrypts_the_layer() {
     let mut s = setup(Duration::from_secs(60));
     let session_key = SessionKey::generate();
-    let nonce = s.broker.challenge();
-    let evidence = s.tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
-    let session = s
-        .broker
-        .attest(
-            CLIENT,
-            &evidence,
-            s.tpm.ak_public(),
-            &nonce,
-            &session_key.public(),
-        )
-        .unwrap();
+    let (session, nonce) = s.attest(&session_key);
     assert_eq!(session.ipu_class, "ipu-gen2");
 
     let req = request(&session.id, "acme");
@@ -163,18 +172,7 @@ fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
     assert!(err.to_string().contains("another ephemeral key"), "{err}");
 
     // A session expires.
-    let nonce = s.broker.challenge();
-    let evidence = s.tpm.quote(&nonce, &ipu_key.public(), &PCRS).unwrap();
-    let session = s
-        .broker
-        .attest(
-            CLIENT,
-            &evidence,
-            s.tpm.ak_public(),
-            &nonce,
-            &ipu_key.public(),
-        )
-        .unwrap();
+    let (session, _) = s.attest(&ipu_key);
     std::thread::sleep(Duration::from_millis(400));
     let err = s
         .broker
@@ -183,18 +181,7 @@ fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
     assert!(matches!(err, BrokerError::NoSession), "{err}");
 
     // A revoked key is never released, even within a live session.
-    let nonce = s.broker.challenge();
-    let evidence = s.tpm.quote(&nonce, &ipu_key.public(), &PCRS).unwrap();
-    let session = s
-        .broker
-        .attest(
-            CLIENT,
-            &evidence,
-            s.tpm.ak_public(),
-            &nonce,
-            &ipu_key.public(),
-        )
-        .unwrap();
+    let (session, _) = s.attest(&ipu_key);
     s.broker.keys().revoke("fixtures-rsa", None).unwrap();
     let err = s
         .broker
@@ -211,18 +198,7 @@ fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
 fn after_a_restart_keys_remain_and_sessions_are_gone() {
     let mut s = setup(Duration::from_secs(60));
     let session_key = SessionKey::generate();
-    let nonce = s.broker.challenge();
-    let evidence = s.tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
-    let session = s
-        .broker
-        .attest(
-            CLIENT,
-            &evidence,
-            s.tpm.ak_public(),
-            &nonce,
-            &session_key.public(),
-        )
-        .unwrap();
+    let (session, _) = s.attest(&session_key);
     s.broker
         .release(CLIENT, &request(&session.id, "acme"))
         .unwrap();
