@@ -264,6 +264,13 @@ pub enum Goal {
     Unpack {
         output: PathBuf,
     },
+    /// What a function start needs, with one verification either way: `VerifyKeys` when
+    /// the platform manifest's digest is in `cached` (its base exists), else `Unpack` into
+    /// `output`. `Report::rootfs` says which it was.
+    Prepare {
+        output: PathBuf,
+        cached: std::collections::BTreeSet<String>,
+    },
 }
 
 /// Progress notifications for a front end (progress bar, logs).
@@ -445,7 +452,7 @@ impl TrustPipeline {
                 }
             }
         }
-        if result.is_ok() && matches!(goal, Goal::Unpack { .. }) {
+        if result.is_ok() && matches!(goal, Goal::Unpack { .. } | Goal::Prepare { .. }) {
             if let Some(rootfs) = &report.rootfs {
                 result = recorder.record(
                     EventKind::BaseBuild,
@@ -515,6 +522,18 @@ impl TrustPipeline {
         report.manifest_digest = Some(resolved.manifest_digest.clone());
         *rec.digest.borrow_mut() = Some(resolved.manifest_digest.to_string());
         report.platform_manifest_digest = Some(resolved.platform_manifest_digest.clone());
+        let goal = &match goal {
+            Goal::Prepare { output, cached } => {
+                if cached.contains(&resolved.platform_manifest_digest.to_string()) {
+                    Goal::VerifyKeys
+                } else {
+                    Goal::Unpack {
+                        output: output.clone(),
+                    }
+                }
+            }
+            other => other.clone(),
+        };
 
         progress.stage("verifying signatures");
         let signatures = if evaluation.precheck() == Precheck::SignatureRequired {

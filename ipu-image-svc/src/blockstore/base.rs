@@ -2,7 +2,7 @@
 //! key. Read-only; clones are made over it.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -17,62 +17,87 @@ pub struct BaseImage {
     path: PathBuf,
     size: u64,
     cipher: XtsCipher,
+    /// The blocks that hold data, as sorted, disjoint `[start, end)` block ranges. Blocks
+    /// outside them were holes in the plaintext image: they read as zeros, are neither
+    /// encrypted nor stored, and so cost nothing (an ext4 image is mostly free space). The map
+    /// lives in memory with the key, never on the storage it describes, so nobody with access
+    /// to that storage can punch a hole to make a block read as zeros.
+    extents: Vec<(u64, u64)>,
+}
+
+/// The data ranges of `file` (from `SEEK_DATA`/`SEEK_HOLE`) as block ranges, widened to whole
+/// blocks and merged.
+fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{seek, SeekFrom};
+    let block = BLOCK as u64;
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let data = match seek(file, SeekFrom::Data(offset)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = seek(file, SeekFrom::Hole(data))?.min(size);
+        let (start, end) = (data / block, hole.div_ceil(block));
+        match extents.last_mut() {
+            Some(last) if last.1 >= start => last.1 = last.1.max(end),
+            _ => extents.push((start, end)),
+        }
+        offset = hole;
+    }
+    Ok(extents)
 }
 
 impl BaseImage {
     /// Encrypts the plaintext image at `plain` into `dest` under `key` (the size rounded up
-    /// to whole blocks with zeros). `dest` appears only complete (written to a temporary name,
-    /// synced, renamed).
+    /// to whole blocks with zeros), block for block at the same offsets, skipping holes.
+    /// `dest` appears only complete (written to a temporary name, then renamed). It is not
+    /// synced: a base is a cache whose key dies with the process, so it never has to survive
+    /// a crash.
     pub fn build(plain: &Path, dest: &Path, key: XtsKey) -> io::Result<Self> {
         let cipher = XtsCipher::new(key);
-        let mut input = File::open(plain)?;
+        let input = File::open(plain)?;
+        let plain_size = input.metadata()?.len();
+        let size = plain_size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        let extents = data_extents(&input, plain_size)?;
         let tmp = dest.with_extension("partial");
-        let mut out = std::fs::OpenOptions::new()
+        let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         let result = (|| {
+            out.set_len(size)?;
             let mut buf = vec![0u8; CHUNK];
-            let mut block = 0u64;
-            loop {
-                let mut filled = 0;
-                while filled < CHUNK {
-                    let n = input.read(&mut buf[filled..])?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                if filled == 0 {
-                    break;
-                }
-                let whole = filled.div_ceil(BLOCK) * BLOCK;
-                buf[filled..whole].fill(0);
-                cipher.encrypt(&mut buf[..whole], block);
-                out.write_all(&buf[..whole])?;
-                block += (whole / BLOCK) as u64;
-                if filled < CHUNK {
-                    break;
+            for &(start, end) in &extents {
+                let mut block = start;
+                while block < end {
+                    let n = ((end - block) as usize).min(CHUNK / BLOCK);
+                    let chunk = &mut buf[..n * BLOCK];
+                    let offset = block * BLOCK as u64;
+                    let avail = (plain_size - offset).min(chunk.len() as u64) as usize;
+                    input.read_exact_at(&mut chunk[..avail], offset)?;
+                    chunk[avail..].fill(0);
+                    cipher.encrypt(chunk, block);
+                    out.write_all_at(chunk, offset)?;
+                    block += n as u64;
                 }
             }
             buf.fill(0);
-            out.sync_all()?;
-            Ok::<_, io::Error>(block * BLOCK as u64)
+            Ok::<_, io::Error>(())
         })();
-        let size = match result {
-            Ok(size) => size,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, dest)?;
         Ok(Self {
             file: File::open(dest)?,
             path: dest.to_path_buf(),
             size,
             cipher,
+            extents,
         })
     }
 
@@ -80,11 +105,41 @@ impl BaseImage {
         &self.path
     }
 
-    /// Reads and decrypts whole blocks starting at block `first` into `buf`.
+    /// Bytes of the image that are stored (encrypted); the rest are holes.
+    pub fn stored_bytes(&self) -> u64 {
+        self.extents.iter().map(|(s, e)| e - s).sum::<u64>() * BLOCK as u64
+    }
+
+    /// Reads and decrypts whole blocks starting at block `first` into `buf`; blocks in holes
+    /// read as zeros.
     pub(crate) fn read_blocks(&self, buf: &mut [u8], first: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, first * BLOCK as u64)?;
-        self.cipher.decrypt(buf, first);
+        let last = first + (buf.len() / BLOCK) as u64;
+        // The first extent that ends after `first`.
+        let mut i = self.extents.partition_point(|&(_, end)| end <= first);
+        let mut block = first;
+        while block < last {
+            let (data_start, data_end) = self.extents.get(i).copied().unwrap_or((last, last));
+            let hole_end = data_start.clamp(block, last);
+            let at = |b: u64| ((b - first) as usize) * BLOCK;
+            buf[at(block)..at(hole_end)].fill(0);
+            block = hole_end;
+            let data_end = data_end.min(last);
+            if block < data_end {
+                let range = &mut buf[at(block)..at(data_end)];
+                self.file.read_exact_at(range, block * BLOCK as u64)?;
+                self.cipher.decrypt(range, block);
+                block = data_end;
+            }
+            i += 1;
+        }
         Ok(())
+    }
+}
+
+impl Drop for BaseImage {
+    /// The file is useless without the key, which goes with `self`.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -128,5 +183,67 @@ impl BlockDevice for BaseImage {
 
     fn read_only(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A sparse plaintext image: data at the start, in the middle (not block aligned, ending
+    /// mid-block) and in the last, partial block; holes between.
+    fn sparse_plain(path: &Path) -> Vec<u8> {
+        let size = 64 * BLOCK as u64 * 16 + 1000;
+        let f = File::create(path).unwrap();
+        f.set_len(size).unwrap();
+        let mut expect = vec![0u8; size as usize];
+        let mut put = |offset: u64, len: usize, byte: u8| {
+            let data = vec![byte; len];
+            f.write_all_at(&data, offset).unwrap();
+            expect[offset as usize..offset as usize + len].copy_from_slice(&data);
+        };
+        put(0, 3 * BLOCK, 0x11);
+        put(300 * BLOCK as u64 + 17, 2 * BLOCK + 5, 0x22);
+        put(size - 700, 700, 0x33);
+        expect
+    }
+
+    #[test]
+    fn holes_read_as_zeros_and_are_not_stored() {
+        let d = tempfile::tempdir().unwrap();
+        let expect = sparse_plain(&d.path().join("plain"));
+        let base = BaseImage::build(
+            &d.path().join("plain"),
+            &d.path().join("base"),
+            XtsKey::generate().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            base.size(),
+            expect.len().div_ceil(BLOCK) as u64 * BLOCK as u64
+        );
+        // Data blocks only: 3 + 3 (the middle run straddles three blocks) + 1.
+        assert_eq!(base.stored_bytes(), 7 * BLOCK as u64);
+        let on_disk = std::fs::metadata(base.path()).unwrap().blocks() * 512;
+        assert!(on_disk <= 16 * BLOCK as u64, "{on_disk} bytes allocated");
+        let mut all = vec![0xffu8; base.size() as usize];
+        base.read_at(&mut all, 0).unwrap();
+        assert_eq!(&all[..expect.len()], &expect[..]);
+        assert!(all[expect.len()..].iter().all(|&b| b == 0));
+        // Reads that start and end inside holes, inside data, and across both.
+        for (offset, len) in [
+            (BLOCK as u64 * 2 + 100, BLOCK * 5),
+            (BLOCK as u64 * 299, BLOCK * 4 + 33),
+            (BLOCK as u64 * 100, BLOCK),
+            (expect.len() as u64 - 900, 900),
+        ] {
+            let mut buf = vec![0xffu8; len];
+            base.read_at(&mut buf, offset).unwrap();
+            assert_eq!(buf, expect[offset as usize..offset as usize + len]);
+        }
+        // No plaintext run is stored.
+        let stored = std::fs::read(base.path()).unwrap();
+        assert!(!stored.windows(64).any(|w| w.iter().all(|&b| b == 0x22)));
     }
 }

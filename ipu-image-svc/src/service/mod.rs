@@ -91,8 +91,11 @@ pub struct Service {
     factory: PipelineFactory,
     audit: Arc<dyn AuditSink>,
     bases: Mutex<HashMap<String, Arc<BaseImage>>>,
-    /// Held while a base is built, so two Prepares of one new image build it once.
-    building: Mutex<()>,
+    /// The platform manifest digest each image reference last resolved to.
+    resolved: Mutex<HashMap<String, String>>,
+    /// One lock per image reference not known to be cached, held while it is verified and
+    /// its base built, so that a burst of starts of a new image builds it once.
+    building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     clones: Mutex<HashMap<String, Running>>,
     events: tokio::sync::broadcast::Sender<CloneEvent>,
     /// Set when the service stops: event streams end, so the API can close.
@@ -178,7 +181,8 @@ impl Service {
             factory,
             audit,
             bases: Mutex::new(HashMap::new()),
-            building: Mutex::new(()),
+            resolved: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
             events,
             stopping,
@@ -264,21 +268,16 @@ impl Service {
             )
         })?;
         let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
-        // The current policy decides on every start, cached base or not, and so does the
-        // broker: each encrypted layer's key must still be released to this request.
-        let mut report = Report::default();
-        pipeline.run(&reference, &Goal::VerifyKeys, &Quiet, &mut report)?;
-        let digest = report
-            .platform_manifest_digest
-            .as_ref()
-            .map(|d| d.to_string())
-            .ok_or_else(|| PipelineError::new(FailureClass::Io, "no manifest digest"))?;
-        let base = self.base(&pipeline, &reference, &digest)?;
-
         let mut suffix = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
             .expect("system randomness");
         let instance = hex::encode(suffix);
+        // The current policy decides on every start, cached base or not, and so does the
+        // broker: each encrypted layer's key must still be released to this request. One
+        // verification serves both the check and, for a new image, the build.
+        let (digest, base, runtime_config) =
+            self.verified_base(&pipeline, &reference, image, &instance)?;
+
         let clone_id = format!("{tenant}.{function}.{instance}");
         let clone = Arc::new(
             CloneDevice::create(base, &self.opts.state_dir.join("clones"), &clone_id)
@@ -327,7 +326,7 @@ impl Service {
             export_name: clone_id.clone(),
             size: clone.size(),
             manifest_digest: digest.clone(),
-            runtime_config: report.runtime_config.clone(),
+            runtime_config,
             ttl: self.opts.clone_ttl,
         };
         self.clones.lock().expect("not poisoned").insert(
@@ -353,49 +352,103 @@ impl Service {
         Ok(prepared)
     }
 
-    /// The cached base of `digest`, or a new one built from the pipeline's ext4 image.
-    fn base(
+    /// Runs the image through the pipeline for this request and returns its platform
+    /// manifest digest and runtime configuration with its base: the cached one, or one built from the pipeline's ext4
+    /// image, encrypted at rest under a new key.
+    fn verified_base(
         &self,
         pipeline: &TrustPipeline,
         reference: &ImageReference,
-        digest: &str,
-    ) -> Result<Arc<BaseImage>, PipelineError> {
-        if let Some(b) = self.bases.lock().expect("not poisoned").get(digest) {
-            return Ok(b.clone());
-        }
-        let _building = self.building.lock().expect("not poisoned");
-        if let Some(b) = self.bases.lock().expect("not poisoned").get(digest) {
-            return Ok(b.clone());
-        }
-        let name = digest.replace(':', "-");
+        image: &str,
+        instance: &str,
+    ) -> Result<(String, Arc<BaseImage>, Option<serde_json::Value>), PipelineError> {
+        let is_cached = || {
+            let digest = self
+                .resolved
+                .lock()
+                .expect("not poisoned")
+                .get(image)
+                .cloned();
+            digest.is_some_and(|d| self.bases.lock().expect("not poisoned").contains_key(&d))
+        };
+        let flight = (!is_cached()).then(|| {
+            self.building
+                .lock()
+                .expect("not poisoned")
+                .entry(image.to_string())
+                .or_default()
+                .clone()
+        });
+        let _flight = match &flight {
+            // Another start of this image may have built it while this one waited.
+            Some(lock) => Some(lock.lock().expect("not poisoned")).filter(|_| !is_cached()),
+            None => None,
+        };
         let dir = self.opts.state_dir.join("bases");
-        let plain = dir.join(format!("{name}.ext4"));
+        let plain = dir.join(format!("{instance}.ext4"));
+        let cached = self
+            .bases
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .cloned()
+            .collect();
         let mut report = Report::default();
-        let built = pipeline.run(
+        let ran = pipeline.run(
             reference,
-            &Goal::Unpack {
+            &Goal::Prepare {
                 output: plain.clone(),
+                cached,
             },
             &Quiet,
             &mut report,
         );
-        let base = built.and_then(|()| {
-            BaseImage::build(
-                &plain,
-                &dir.join(format!("{name}.img")),
-                XtsKey::generate()
-                    .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?,
-            )
-            .map_err(|e| PipelineError::new(FailureClass::Io, format!("base image: {e}")))
+        let built = report.rootfs.is_some();
+        let result = ran.and_then(|()| {
+            let digest = report
+                .platform_manifest_digest
+                .as_ref()
+                .map(|d| d.to_string())
+                .ok_or_else(|| PipelineError::new(FailureClass::Io, "no manifest digest"))?;
+            let base = if built {
+                let base = BaseImage::build(
+                    &plain,
+                    &dir.join(format!("{instance}.img")),
+                    XtsKey::generate()
+                        .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?,
+                )
+                .map_err(|e| PipelineError::new(FailureClass::Io, format!("base image: {e}")))?;
+                self.bases
+                    .lock()
+                    .expect("not poisoned")
+                    .entry(digest.clone())
+                    // Built meanwhile under another reference: that one stays, this one is
+                    // dropped (and deleted).
+                    .or_insert_with(|| Arc::new(base))
+                    .clone()
+            } else {
+                self.bases
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&digest)
+                    .cloned()
+                    .ok_or_else(|| {
+                        PipelineError::new(
+                            FailureClass::Io,
+                            format!("the cached base of {digest} went away; start again"),
+                        )
+                    })?
+            };
+            Ok((digest, base))
         });
         // The plaintext image never stays: encrypted, or refused.
         let _ = std::fs::remove_file(&plain);
-        let base = Arc::new(base?);
-        self.bases
+        let (digest, base) = result?;
+        self.resolved
             .lock()
             .expect("not poisoned")
-            .insert(digest.to_string(), base.clone());
-        Ok(base)
+            .insert(image.to_string(), digest.clone());
+        Ok((digest, base, report.runtime_config))
     }
 
     /// Hot-removes the export and erases the clone. Returns false when it was already gone.
