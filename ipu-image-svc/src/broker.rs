@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use api::keybroker::key_broker_client::KeyBrokerClient;
 use api::keybroker::{AttestRequest, ChallengeRequest, ReleaseRequest};
@@ -38,19 +39,29 @@ pub struct BrokerSettings {
     pub provider_name: String,
 }
 
+/// An attested session: its key opens what the broker seals to it.
 struct Session {
-    rt: tokio::runtime::Runtime,
-    client: KeyBrokerClient<Channel>,
     id: String,
     key: SessionKey,
     salt: [u8; 32],
+    ipu_class: String,
+    /// When to attest again: a little before the broker lets the session expire.
+    renew_at: Instant,
 }
 
-/// An attested session with the broker; layer keys are requested through it.
+struct Connection {
+    rt: tokio::runtime::Runtime,
+    client: KeyBrokerClient<Channel>,
+    session: Option<Session>,
+}
+
+/// The IPU's standing relation with the broker: one attested session at a time, used for
+/// every layer key until it is close to expiring (or the broker says it is gone: expired,
+/// the broker restarted, or this IPU was revoked), then a new attestation. Each release is
+/// still decided by the broker for the tenant, function, image and layer it names.
 pub struct BrokerKeys {
-    session: Mutex<Session>,
-    provider_name: String,
-    pub ipu_class: String,
+    settings: BrokerSettings,
+    connection: Mutex<Connection>,
 }
 
 fn read(p: &PathBuf) -> Result<Vec<u8>, String> {
@@ -61,10 +72,25 @@ fn status(what: &str, s: tonic::Status) -> String {
     format!("{what}: {} ({:?})", s.message(), s.code())
 }
 
+/// Why a release failed: no session could be had, the broker said no, or what it sent
+/// could not be used here.
+enum ReleaseError {
+    Session(String),
+    Refused(tonic::Status),
+    Local(String),
+}
+
+/// A session is renewed when this much (or a tenth of its life, if less) remains.
+const RENEW_MARGIN: Duration = Duration::from_secs(10);
+
 impl BrokerKeys {
-    /// Connects, attests with the TPM and opens a session.
+    /// Connects and attests with the TPM, so that a broker or TPM problem shows at once.
     pub fn attest(settings: &BrokerSettings) -> Result<Self, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // One worker of its own, so the connection keeps running between requests (it
+        // answers the broker's pings and GOAWAY, and reconnects when the broker restarts).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("broker-client")
             .enable_all()
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
@@ -84,12 +110,47 @@ impl BrokerKeys {
         let channel = rt
             .block_on(endpoint.connect())
             .map_err(|e| format!("cannot reach the key broker at {}: {e}", settings.url))?;
-        let mut client = KeyBrokerClient::new(channel);
+        let mut connection = Connection {
+            rt,
+            client: KeyBrokerClient::new(channel),
+            session: None,
+        };
+        connection.session = Some(connection.attest(settings)?);
+        Ok(Self {
+            settings: settings.clone(),
+            connection: Mutex::new(connection),
+        })
+    }
+
+    /// The IPU class the broker attested, attesting again first when the session is due.
+    pub fn ipu_class(&self) -> Result<String, String> {
+        let mut c = self.connection.lock().expect("not poisoned");
+        Ok(c.session(&self.settings)?.ipu_class.clone())
+    }
+}
+
+impl Connection {
+    /// The current session, after a new attestation when there is none or it is due.
+    fn session(&mut self, settings: &BrokerSettings) -> Result<&Session, String> {
+        if self
+            .session
+            .as_ref()
+            .is_none_or(|s| Instant::now() >= s.renew_at)
+        {
+            self.session = None;
+            self.session = Some(self.attest(settings)?);
+        }
+        Ok(self.session.as_ref().expect("set above"))
+    }
+
+    /// Challenge, (credential activation,) quote, attest: a new session.
+    fn attest(&mut self, settings: &BrokerSettings) -> Result<Session, String> {
         let mut tpm =
             Tpm::open_persistent(&settings.tpm, settings.ak_handle).map_err(|e| e.to_string())?;
         let key = SessionKey::generate();
-        let challenge = rt
-            .block_on(client.challenge(ChallengeRequest {
+        let challenge = self
+            .rt
+            .block_on(self.client.challenge(ChallengeRequest {
                 ak_public: tpm.ak_public().to_vec(),
             }))
             .map_err(|s| status("challenge", s))?
@@ -113,8 +174,9 @@ impl BrokerKeys {
         let evidence = tpm
             .quote(&challenge.nonce, &key.public(), &pcrs)
             .map_err(|e| e.to_string())?;
-        let attested = rt
-            .block_on(client.attest(attest_request(
+        let attested = self
+            .rt
+            .block_on(self.client.attest(attest_request(
                 evidence,
                 tpm.ak_public(),
                 &challenge.nonce,
@@ -124,18 +186,47 @@ impl BrokerKeys {
             .map_err(|s| status("attestation", s))?
             .into_inner();
         tracing::info!(class = %attested.ipu_class, expires_in_secs = attested.expires_in_secs, "attested to the key broker");
-        let salt = binding(&challenge.nonce, &key.public());
-        Ok(Self {
-            session: Mutex::new(Session {
-                rt,
-                client,
-                id: attested.session_id,
-                key,
-                salt,
-            }),
-            provider_name: settings.provider_name.clone(),
+        let life = Duration::from_secs(attested.expires_in_secs);
+        Ok(Session {
+            id: attested.session_id,
+            salt: binding(&challenge.nonce, &key.public()),
+            key,
             ipu_class: attested.ipu_class,
+            renew_at: Instant::now() + life.saturating_sub(RENEW_MARGIN.min(life / 10)),
         })
+    }
+
+    /// One release through the current session, opened into secret memory.
+    fn release(
+        &mut self,
+        settings: &BrokerSettings,
+        request: &ReleaseRequest,
+        context: &[u8],
+    ) -> Result<SecretBuf, ReleaseError> {
+        let session = self.session(settings).map_err(ReleaseError::Session)?;
+        let request = ReleaseRequest {
+            session_id: session.id.clone(),
+            ..request.clone()
+        };
+        let released = self
+            .rt
+            .block_on(self.client.release(request))
+            .map_err(ReleaseError::Refused)?
+            .into_inner();
+        let session = self.session.as_ref().expect("attested above");
+        let sealed = SealedKey {
+            broker_public: released.broker_public,
+            ciphertext: released.ciphertext,
+        };
+        let opened = session
+            .key
+            .open(&sealed, &session.salt, context)
+            .map_err(|e| ReleaseError::Local(format!("the released key does not open: {e}")))?;
+        let mut secret = SecretBuf::new(opened.len())
+            .map_err(|e| ReleaseError::Local(format!("secret memory: {e}")))?;
+        secret.as_mut_slice().copy_from_slice(&opened);
+        // `opened` is zeroized as it drops here.
+        Ok(secret)
     }
 }
 
@@ -170,7 +261,7 @@ impl LayerKeySource for BrokerKeys {
             .iter()
             .find(|(k, _)| {
                 k.strip_prefix(ocicrypt::ANNOTATION_KEYS_PROVIDER_PREFIX)
-                    .is_some_and(|name| name == self.provider_name)
+                    .is_some_and(|name| name == self.settings.provider_name)
             })
             .map(|(_, v)| v.clone());
         let jwe = req.annotations.get(ocicrypt::ANNOTATION_KEYS_JWE).cloned();
@@ -180,9 +271,8 @@ impl LayerKeySource for BrokerKeys {
             (None, Some(j)) => (j, String::new()),
             (None, None) => return Err("the layer has no wrapped key for the key broker".into()),
         };
-        let mut s = self.session.lock().expect("not poisoned");
         let request = ReleaseRequest {
-            session_id: s.id.clone(),
+            session_id: String::new(),
             tenant: req.tenant.to_string(),
             function: req.function.to_string(),
             image: req.image.to_string(),
@@ -191,31 +281,20 @@ impl LayerKeySource for BrokerKeys {
             wrapped_jwe,
             wrapped_provider,
         };
-        let Session {
-            rt,
-            client,
-            key,
-            salt,
-            ..
-        } = &mut *s;
-        let released = rt
-            .block_on(client.release(request))
-            .map_err(|e| status("key release", e))?
-            .into_inner();
-        let sealed = SealedKey {
-            broker_public: released.broker_public,
-            ciphertext: released.ciphertext,
-        };
-        let opened = key
-            .open(
-                &sealed,
-                salt,
-                &release_context(req.image_digest, req.layer_digest),
-            )
-            .map_err(|e| format!("the released key does not open: {e}"))?;
-        let mut secret = SecretBuf::new(opened.len()).map_err(|e| format!("secret memory: {e}"))?;
-        secret.as_mut_slice().copy_from_slice(&opened);
-        // `opened` is zeroized as it drops here.
-        Ok(secret)
+        let context = release_context(req.image_digest, req.layer_digest);
+        let mut c = self.connection.lock().expect("not poisoned");
+        match c.release(&self.settings, &request, &context) {
+            // The broker no longer knows the session (expired early, restarted, or this
+            // IPU's enrollment was revoked): attest again, once.
+            Err(ReleaseError::Refused(e)) if e.code() == tonic::Code::Unauthenticated => {
+                c.session = None;
+                c.release(&self.settings, &request, &context)
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            ReleaseError::Session(e) | ReleaseError::Local(e) => e,
+            ReleaseError::Refused(s) => status("key release", s),
+        })
     }
 }

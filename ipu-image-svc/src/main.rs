@@ -149,8 +149,9 @@ impl BrokerArgs {
     }
 }
 
-/// `ipu-image-svc serve`: the policy bundle loaded (and audited) once, then every Prepare
-/// attests to the broker and runs the trust pipeline under that policy.
+/// `ipu-image-svc serve`: the policy bundle loaded (and audited) once and the IPU attested to
+/// the broker, then every Prepare runs the trust pipeline under that policy, with each layer
+/// key released by the broker for that request.
 fn serve(args: ServeArgs) -> Result<(), String> {
     use ipu_image_svc::service::{Service, ServiceOptions};
     let sink: std::sync::Arc<dyn audit::AuditSink> = match &args.audit_socket {
@@ -183,8 +184,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let cache = args.cache.clone();
     let insecure = args.insecure_http.clone();
     let factory_sink = sink.clone();
+    // Attested now, so that a broker or TPM problem stops the start; the session is renewed
+    // before it expires, or when the broker no longer knows it.
+    let keys = std::sync::Arc::new(
+        BrokerKeys::attest(&settings).map_err(|e| format!("key broker {}: {e}", settings.url))?,
+    );
     let factory: ipu_image_svc::service::PipelineFactory = Box::new(move |tenant, function| {
-        let keys = BrokerKeys::attest(&settings).map_err(|e| {
+        let ipu_class = keys.ipu_class().map_err(|e| {
             PipelineError::new(
                 FailureClass::NoDecryptionKey,
                 format!("key broker {}: {e}", settings.url),
@@ -197,9 +203,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         cfg.source.insecure_http_hosts = insecure.clone();
         cfg.deployment = Some(ipu_image_svc::pipeline::Deployment {
             policy: deployment.clone(),
-            ipu_class: Some(keys.ipu_class.clone()),
+            ipu_class: Some(ipu_class),
         });
-        cfg.layer_keys = Some(std::sync::Arc::new(keys));
+        cfg.layer_keys = Some(keys.clone());
         Ok(cfg)
     });
     let service = std::sync::Arc::new(
@@ -622,14 +628,16 @@ fn run(
             })?;
             // The class the broker attested is the class the deployment policy sees.
             if let Some(d) = cfg.deployment.as_mut() {
-                if d.ipu_class.as_ref().is_some_and(|c| *c != keys.ipu_class) {
+                let attested = keys
+                    .ipu_class()
+                    .map_err(|e| PipelineError::new(FailureClass::NoDecryptionKey, e))?;
+                if d.ipu_class.as_ref().is_some_and(|c| *c != attested) {
                     return Err(bad_config(format!(
-                        "--ipu-class {} but the broker attested this IPU as {}",
+                        "--ipu-class {} but the broker attested this IPU as {attested}",
                         d.ipu_class.as_deref().unwrap_or(""),
-                        keys.ipu_class
                     )));
                 }
-                d.ipu_class = Some(keys.ipu_class.clone());
+                d.ipu_class = Some(attested);
             }
             cfg.layer_keys = Some(std::sync::Arc::new(keys));
         }

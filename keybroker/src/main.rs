@@ -286,8 +286,23 @@ fn serve(config: &Path) -> Result<(), String> {
             }
         }
         let _ = stop_tx.send(());
-        while let Some(r) = servers.join_next().await {
-            r.map_err(|e| e.to_string())??;
+        // In-flight requests finish; a client that keeps an idle connection open does not
+        // hold the stop for longer than this.
+        let drain = async {
+            while let Some(r) = servers.join_next().await {
+                r.map_err(|e| e.to_string())??;
+            }
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(DRAIN_DEADLINE, drain).await {
+            Ok(r) => r?,
+            Err(_) => {
+                eprintln!(
+                    "keybroker: connections still open {} s after the stop; closing them",
+                    DRAIN_DEADLINE.as_secs()
+                );
+                servers.abort_all();
+            }
         }
         if let Some(unix) = &config.unix {
             let _ = std::fs::remove_file(&unix.socket);
@@ -295,6 +310,9 @@ fn serve(config: &Path) -> Result<(), String> {
         Ok::<_, String>(())
     })
 }
+
+/// How long a stopping broker waits for open connections.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, String> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -143,7 +143,8 @@ fn status(e: BrokerError) -> Status {
         | BrokerError::Denied(_)
         | BrokerError::NoUsableKey(_)
         | BrokerError::WrongClient => Status::permission_denied(e.to_string()),
-        BrokerError::NoSession => Status::failed_precondition(e.to_string()),
+        // Its own code, so a client knows to attest again (and nothing else means that).
+        BrokerError::NoSession => Status::unauthenticated(e.to_string()),
         BrokerError::Request(_) => Status::invalid_argument(e.to_string()),
         BrokerError::KeyStore(keystore::KeyStoreError::NotFound(_)) => {
             Status::not_found(e.to_string())

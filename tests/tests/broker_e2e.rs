@@ -1105,3 +1105,60 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
     assert_eq!(events_of(&log, "clone.erase").len(), 2);
     broker.stop();
 }
+
+/// `serve` attests once and keeps its session for every Prepare (each key release is still
+/// decided per request); when the broker forgets the session (here: it restarts) the service
+/// attests again by itself; when the operator revokes the IPU, its session ends with it and
+/// the next Prepare gets no key, and no clone.
+#[test]
+fn the_broker_session_is_reused_renewed_when_lost_and_ended_by_revocation() {
+    use api::imagesvc::PrepareRequest;
+    let (s, broker) = setup();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = ImageService::start(&s);
+    let mut api = service.client(&rt);
+    let prepare = |api: &mut api::imagesvc::image_service_client::ImageServiceClient<_>,
+                   function: &str| {
+        rt.block_on(api.prepare(PrepareRequest {
+            tenant: "acme".into(),
+            function: function.into(),
+            image: s.image.clone(),
+        }))
+    };
+    prepare(&mut api, "f-1").unwrap();
+    prepare(&mut api, "f-2").unwrap();
+    broker.stop();
+    let log = s.path("state/audit");
+    let attested = |log: &Path| {
+        events(log, "attestation.verify")
+            .iter()
+            .filter(|e| e["outcome"] == "allowed" || e["outcome"] == "success")
+            .count()
+    };
+    assert_eq!(attested(&log), 1, "one attestation serves both starts");
+    // 2 layers of keys per start... whatever the count, one release per layer per start.
+    let releases = events(&log, "key.release").len();
+    assert!(releases >= 2 && releases % 2 == 0, "{releases}");
+
+    // A restarted broker has no sessions: the service attests again on its own.
+    let broker = BrokerProcess::start(&s.config, &s.socket);
+    prepare(&mut api, "f-3").unwrap();
+
+    // Revoked: the session ends, and a new attestation is refused.
+    run(broker.admin().args(["ipus", "revoke", "--id", "ipu-1"]));
+    let refused = prepare(&mut api, "f-4").unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("attestation key was revoked"),
+        "{}",
+        refused.message()
+    );
+    let list = rt
+        .block_on(api.list(api::imagesvc::ListRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.clones.len(), 3, "no clone for the refused start");
+    service.signal(libc::SIGTERM);
+    broker.stop();
+    assert_eq!(attested(&log), 2);
+}
