@@ -76,7 +76,7 @@ fn status(what: &str, s: tonic::Status) -> String {
 /// could not be used here.
 enum ReleaseError {
     Session(String),
-    Refused(tonic::Status),
+    Refused(Box<tonic::Status>),
     Local(String),
 }
 
@@ -211,7 +211,7 @@ impl Connection {
         let released = self
             .rt
             .block_on(self.client.release(request))
-            .map_err(ReleaseError::Refused)?
+            .map_err(|s| ReleaseError::Refused(Box::new(s)))?
             .into_inner();
         let session = self.session.as_ref().expect("attested above");
         let sealed = SealedKey {
@@ -294,7 +294,7 @@ impl LayerKeySource for BrokerKeys {
         }
         .map_err(|e| match e {
             ReleaseError::Session(e) | ReleaseError::Local(e) => e,
-            ReleaseError::Refused(s) => status("key release", s),
+            ReleaseError::Refused(s) => status("key release", *s),
         })
     }
 }
