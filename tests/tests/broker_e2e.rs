@@ -1124,6 +1124,7 @@ fn the_broker_session_is_reused_renewed_when_lost_and_ended_by_revocation() {
             function: function.into(),
             image: s.image.clone(),
         }))
+        .map_err(Box::new)
     };
     prepare(&mut api, "f-1").unwrap();
     prepare(&mut api, "f-2").unwrap();
