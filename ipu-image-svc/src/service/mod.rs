@@ -150,7 +150,7 @@ impl Service {
         factory: PipelineFactory,
         audit: Arc<dyn AuditSink>,
     ) -> Result<Self, PipelineError> {
-        for d in ["bases", "clones", "exports"] {
+        for d in ["bases", "clones", "exports", "staging"] {
             let dir = opts.state_dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
             std::fs::set_permissions(
@@ -215,9 +215,21 @@ impl Service {
                 .extension()
                 .is_some_and(|e| e == crate::blockstore::clone::LEFTOVER_EXTENSION)
             {
-                // Erased (and audited) before the stop; only its blocks were still to free.
+                // Erased before the stop, with only its blocks still to free. Recorded too:
+                // the stop may have come between the erase and its `clone.erase` event, and
+                // every creation must be matched by an erase on the record.
                 crate::blockstore::clone::reclaim(&path)
                     .map_err(|e| io_error("cannot delete", &path, e))?;
+                let clone_id = name.trim_end_matches(".erased").to_string();
+                self.record(
+                    Event::new(
+                        AUDIT_SERVICE,
+                        EventKind::RecoveryOrphanErased,
+                        Outcome::Success,
+                        "the blocks of a clone erased before the stop were freed",
+                    )
+                    .detail("clone_id", clone_id),
+                )?;
                 continue;
             }
             std::fs::remove_file(&path).map_err(|e| io_error("cannot delete", &path, e))?;
@@ -232,10 +244,19 @@ impl Service {
                 .detail("clone_id", clone_id),
             )?;
         }
-        for d in ["bases", "exports"] {
+        // Bases (their keys died too), sockets, and unpack trees and ext4 images of starts
+        // that were cut short: those hold plaintext, so they go before anything is served.
+        for d in ["bases", "exports", "staging"] {
             let dir = self.opts.state_dir.join(d);
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let _ = std::fs::remove_file(entry.path());
+            let entries = std::fs::read_dir(&dir).map_err(|e| io_error("cannot read", &dir, e))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|e| io_error("cannot delete", &path, e))?;
             }
         }
         Ok(())
@@ -267,7 +288,10 @@ impl Service {
                 format!("image reference {image:?}: {e}"),
             )
         })?;
-        let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
+        let mut cfg = (self.factory)(tenant, function)?;
+        // Unpack trees hold plaintext: they live where a restart finds and deletes them.
+        cfg.staging_dir = Some(self.opts.state_dir.join("staging"));
+        let pipeline = TrustPipeline::new(cfg);
         let mut suffix = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
             .expect("system randomness");
