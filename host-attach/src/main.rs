@@ -65,8 +65,8 @@ fn main() -> ExitCode {
         image,
         command,
     } = Cli::parse().command;
-    // Ctrl-C and SIGTERM reach the function (runc forwards them); here they only mark that
-    // the run is ending, so cleanup still happens.
+    // Ctrl-C and SIGTERM mark that the run is ending: the function gets SIGTERM (through
+    // runc, which forwards it), then SIGKILL after a grace period, and cleanup still happens.
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(sig, interrupted.clone()) {
@@ -127,7 +127,7 @@ fn run(
     let result = if interrupted.load(Ordering::SeqCst) {
         Err("interrupted before the function started".to_string())
     } else {
-        start_and_wait(&prepared, &workdir, command)
+        start_and_wait(&prepared, &workdir, command, interrupted)
     };
     // Whatever happened, the clone goes: the IPU erases it.
     let torn_down = teardown(&mut client);
@@ -141,6 +141,7 @@ fn start_and_wait(
     prepared: &api::imagesvc::PrepareResponse,
     workdir: &std::path::Path,
     command: &[String],
+    interrupted: &AtomicBool,
 ) -> Result<u8, String> {
     std::fs::create_dir_all(workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
     let rootfs = workdir.join("rootfs");
@@ -165,14 +166,16 @@ fn start_and_wait(
             serde_json::to_vec_pretty(&config(&process, &rootfs, "function")).expect("json"),
         )
         .map_err(|e| e.to_string())?;
-        let status = Command::new("runc")
+        let runc_root = workdir.join("runc");
+        let mut runc = Command::new("runc")
             .arg("--root")
-            .arg(workdir.join("runc"))
+            .arg(&runc_root)
             .args(["run", "--bundle"])
             .arg(&bundle)
             .arg(&prepared.clone_id)
-            .status()
+            .spawn()
             .map_err(|e| format!("runc: {e}"))?;
+        let status = wait_forwarding_stop(&mut runc, &runc_root, &prepared.clone_id, interrupted)?;
         Ok::<u8, String>(match status.code() {
             Some(c) => c as u8,
             None => 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0) as u8,
@@ -182,6 +185,44 @@ fn start_and_wait(
     let code = outcome?;
     detached?;
     Ok(code)
+}
+
+/// How long a function has to exit after SIGTERM before it is killed.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for `runc run`; once the run is interrupted, sends it SIGTERM (runc passes it to the
+/// function), and SIGKILLs every process of the container when the grace period is over.
+fn wait_forwarding_stop(
+    runc: &mut std::process::Child,
+    runc_root: &std::path::Path,
+    id: &str,
+    interrupted: &AtomicBool,
+) -> Result<std::process::ExitStatus, String> {
+    let mut stopping_since: Option<std::time::Instant> = None;
+    let mut killed = false;
+    loop {
+        if let Some(status) = runc.try_wait().map_err(|e| format!("runc: {e}"))? {
+            return Ok(status);
+        }
+        match stopping_since {
+            None if interrupted.load(Ordering::SeqCst) => {
+                // SAFETY: kill(2) on our own child, which has not been reaped (try_wait
+                // above returned None), so its pid is still its own.
+                unsafe { libc::kill(runc.id() as i32, libc::SIGTERM) };
+                stopping_since = Some(std::time::Instant::now());
+            }
+            Some(since) if !killed && since.elapsed() >= STOP_GRACE => {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(runc_root)
+                    .args(["kill", "--all", id, "KILL"])
+                    .status();
+                killed = true;
+            }
+            _ => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

@@ -590,9 +590,60 @@ fn wait_for(path: &Path) {
 /// process that took part, the audit daemon that recorded the run and the function
 /// running from the image, holds no layer key in raw or base64 form. A control process
 /// that does hold a key shows the scan finds one.
+/// Layer 0's key of the `enc` image (learnt through the escrow recipient the setup wrapped it
+/// to as well): raw, base64 and hex, the forms a leak would take.
+fn layer_key_needles(s: &Setup) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let annotations = layer_annotations(&s.path("layout"), "enc");
+    let escrow = ocicrypt::keys::PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let privopts_json = ocicrypt::jwe::unwrap(
+        annotations[ocicrypt::ANNOTATION_KEYS_JWE].as_str().unwrap(),
+        &[escrow],
+    )
+    .unwrap();
+    let privopts = ocicrypt::PrivateLayerOptions::from_json(&privopts_json).unwrap();
+    vec![
+        privopts.symkey().to_vec(),
+        base64::engine::general_purpose::STANDARD
+            .encode(privopts.symkey())
+            .into_bytes(),
+        hex::encode(privopts.symkey()).into_bytes(),
+    ]
+}
+
+/// The scan's control: a process that holds the key (its base64 form, needle 1) is found.
+/// The process is returned so that it lives until the caller is done.
+fn scan_finds_a_holder(needles: &[Vec<u8>]) -> Daemon {
+    let mut control = Command::new("/bin/busybox")
+        .args([
+            "sh",
+            "-c",
+            "read k; /bin/busybox sleep 60; echo \"$k\" >/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = control.stdin.take().unwrap();
+        stdin.write_all(&needles[1]).unwrap();
+        stdin.write_all(b"\n").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let control = Daemon(control);
+    let found = scan_process_memory(control.0.id(), needles);
+    assert!(
+        found.found.contains(&1),
+        "the scan must find the key in a process that holds it: {found:?}"
+    );
+    control
+}
+
 #[test]
 fn no_layer_key_bytes_in_the_memory_of_host_side_processes() {
-    use base64::Engine;
     let audit_dir = tempfile::tempdir().unwrap();
     let a = audit_dir.path();
     run(Command::new(bin("audit"))
@@ -623,23 +674,7 @@ fn no_layer_key_bytes_in_the_memory_of_host_side_processes() {
         ..Options::default()
     });
 
-    // The layer's key, learnt through the escrow recipient.
-    let annotations = layer_annotations(&s.path("layout"), "enc");
-    let escrow = ocicrypt::keys::PrivateKey::from_pem(
-        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-    )
-    .unwrap();
-    let privopts_json = ocicrypt::jwe::unwrap(
-        annotations[ocicrypt::ANNOTATION_KEYS_JWE].as_str().unwrap(),
-        &[escrow],
-    )
-    .unwrap();
-    let privopts = ocicrypt::PrivateLayerOptions::from_json(&privopts_json).unwrap();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let needles = vec![
-        privopts.symkey().to_vec(),
-        b64.encode(privopts.symkey()).into_bytes(),
-    ];
+    let needles = layer_key_needles(&s);
 
     // The full run, recorded through the audit daemon.
     let mut unpack = s.unpack("acme", "acme.ext4");
@@ -682,27 +717,7 @@ fn no_layer_key_bytes_in_the_memory_of_host_side_processes() {
     std::thread::sleep(Duration::from_millis(300));
 
     // The control: a process holding the key in base64 is found.
-    let mut control = Command::new("/bin/busybox")
-        .args([
-            "sh",
-            "-c",
-            "read k; /bin/busybox sleep 60; echo \"$k\" >/dev/null",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = control.stdin.take().unwrap();
-        writeln!(stdin, "{}", b64.encode(privopts.symkey())).unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let control = Daemon(control);
-    let found = scan_process_memory(control.0.id(), &needles);
-    assert!(
-        found.found.contains(&1),
-        "the scan must find the key in a process that holds it: {found:?}"
-    );
+    let _control = scan_finds_a_holder(&needles);
 
     for (name, pid) in [
         ("audit daemon", audit_daemon.0.id()),
@@ -1271,4 +1286,138 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
         .arg(&log)
         .arg("--key")
         .arg(log.join("verifier.pub")));
+}
+
+/// Every process of the pid's tree: the pid and its descendants.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may hold spaces and parentheses: fields follow the last ')'.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        parents.push((pid, ppid));
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// While a function runs through `host-attach run`, neither the host agent nor any process it
+/// started (nbdfuse, runc, the function) holds the layer key in its memory, and no file on
+/// the host (its work directory, the mounted rootfs, the bundle, runc's state) holds it;
+/// after the run, no file of the whole test tree (host and IPU side) does either. A SIGTERM
+/// to the agent alone stops the function and still tears down.
+#[test]
+fn the_host_agent_and_host_files_hold_no_key_bytes() {
+    if !integration_tests::is_root() {
+        eprintln!("skipped: mounting and runc need root");
+        return;
+    }
+    let (s, broker) = setup_with(Options {
+        escrow_recipient: Some(fixtures().join("keys/rsa-2048/pub.pem")),
+        busybox: true,
+        ..Options::default()
+    });
+    let needles = layer_key_needles(&s);
+    let _control = scan_finds_a_holder(&needles);
+    let service = ImageService::start(&s);
+    let mut agent = Daemon(
+        Command::new(bin("host-attach"))
+            .args(["run", "--api"])
+            .arg(&service.socket)
+            .args(["--tenant", "acme", "--function", "scan"])
+            .arg("--workdir")
+            .arg(s.path("host"))
+            .arg(&s.image)
+            .args(["--", "/bin/busybox", "sh", "-c"])
+            .arg("/bin/busybox cat /hello; exec /bin/busybox sleep 600")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "hello from a broker-keyed image\n");
+
+    let tree = process_tree(agent.0.id());
+    assert!(tree.len() >= 3, "host-attach, nbdfuse, runc...: {tree:?}");
+    for pid in &tree {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // Gone since the listing, or without memory of its own (a zombie).
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.is_empty() || std::fs::File::open(format!("/proc/{pid}/mem")).is_err() {
+            continue;
+        }
+        eprintln!("scanning {} (pid {pid})", name.trim());
+        let scan = scan_process_memory(*pid, &needles);
+        assert!(
+            scan.found.is_empty(),
+            "{} (pid {pid}) holds layer key bytes: needles {:?}",
+            name.trim(),
+            scan.found
+        );
+        if *pid == agent.0.id() {
+            assert!(scan.bytes_scanned > 1_000_000, "{scan:?}");
+        }
+    }
+    let host_files = walk(&s.path("host"));
+    assert!(
+        host_files.iter().any(|p| p.ends_with("config.json")),
+        "{host_files:?}"
+    );
+    for file in &host_files {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        for (i, n) in needles.iter().enumerate() {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == &n[..]),
+                "{} holds needle {i}",
+                file.display()
+            );
+        }
+    }
+    // SIGTERM to the agent alone stops the function (SIGTERM, then SIGKILL after the
+    // grace period: the shell's exec'd sleep is the container's init and ignores SIGTERM),
+    // and the agent tears down.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = agent.0.wait().unwrap();
+    assert!(
+        matches!(status.code(), Some(137 | 143)),
+        "the function was stopped by a signal: {status}"
+    );
+    assert!(
+        !s.path("host").exists(),
+        "the host agent cleans its workdir"
+    );
+    assert!(!std::fs::read_dir(s.path("ipu-state/clones"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.path().extension().is_some_and(|x| x == "clone")));
+    service.signal(libc::SIGTERM);
+    broker.stop();
+    for file in walk(s.dir.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        for (i, n) in needles.iter().enumerate() {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == &n[..]),
+                "{} holds needle {i}",
+                file.display()
+            );
+        }
+    }
 }
