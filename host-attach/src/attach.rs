@@ -30,6 +30,32 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A device at least this much larger than its file system gets the file system grown.
+const GROW_THRESHOLD: u64 = 1 << 20;
+
+/// The size of the ext4 file system on `dev`, from its superblock.
+pub fn ext4_bytes(dev: &Path) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 1024];
+    std::fs::File::open(dev)
+        .and_then(|f| f.read_exact_at(&mut sb, 1024))
+        .map_err(|e| format!("cannot read the superblock of {}: {e}", dev.display()))?;
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes"));
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xef53 {
+        return Err(format!("{} holds no ext4 file system", dev.display()));
+    }
+    let log_block = u32_at(24);
+    if log_block > 6 {
+        return Err(format!("{}: block size 2^{} KiB", dev.display(), log_block));
+    }
+    let mut blocks = u64::from(u32_at(4));
+    // INCOMPAT_64BIT: the high half of the block count is used.
+    if u32_at(0x60) & 0x80 != 0 {
+        blocks |= u64::from(u32_at(0x150)) << 32;
+    }
+    Ok(blocks << (10 + log_block))
+}
+
 impl Attachment {
     /// Attaches `nbd+unix:///{export}?socket={socket}` under `workdir` and mounts the ext4 file
     /// system at `mountpoint` (nodev, nosuid).
@@ -71,6 +97,15 @@ impl Attachment {
             .args(["--find", "--show"])
             .arg(&file))?;
         a.loop_device = Some(dev.clone());
+        // The deployment policy may give the function a device larger than the image's file
+        // system: grow it into the device before mounting.
+        let device_bytes = std::fs::metadata(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .len();
+        let fs_bytes = ext4_bytes(Path::new(&dev))?;
+        if device_bytes >= fs_bytes + GROW_THRESHOLD {
+            run(Command::new("resize2fs").arg(&dev))?;
+        }
         std::fs::create_dir_all(mountpoint)
             .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
         run(Command::new("mount")
@@ -116,5 +151,30 @@ impl Attachment {
 impl Drop for Attachment {
     fn drop(&mut self) {
         let _ = self.detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_system_size_comes_from_the_superblock() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096"])
+            .arg(&img)
+            .arg("12M")
+            .output()
+            .expect("mkfs.ext4 (apt install e2fsprogs)");
+        assert!(out.status.success());
+        assert_eq!(ext4_bytes(&img).unwrap(), 12 << 20);
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        assert!(ext4_bytes(&img).unwrap_err().contains("no ext4"));
     }
 }

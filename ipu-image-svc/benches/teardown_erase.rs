@@ -52,7 +52,7 @@ fn main() {
         let mut shred = Vec::new();
         for round in 0..rounds {
             let clone =
-                CloneDevice::create(base.clone(), dir.path(), &format!("c{written}-{round}"))
+                CloneDevice::create(base.clone(), dir.path(), &format!("c{written}-{round}"), 0)
                     .unwrap();
             let mut at = 0;
             while at < written {

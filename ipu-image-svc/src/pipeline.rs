@@ -290,6 +290,9 @@ impl Progress for Quiet {}
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub image: String,
+    /// What the deployment policy requires of this request, when one decided it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<policy::deploy::Requirements>,
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<FailureClass>,
@@ -497,6 +500,7 @@ impl TrustPipeline {
         rec: &Recorder<'_>,
     ) -> Result<(), PipelineError> {
         let (limits, requirements) = self.deployment_gate(reference, rec)?;
+        report.requirements = requirements.clone();
         let evaluation = self.cfg.policy.requirements_for(reference);
         if evaluation.precheck() == Precheck::Rejected {
             let e = PipelineError::new(

@@ -76,8 +76,8 @@ fn the_base_is_encrypted_at_rest_and_reads_back_as_the_image() {
 fn clones_copy_on_write_never_see_each_other_and_erase_completely() {
     let dir = tempfile::tempdir().unwrap();
     let (base, plain) = base(dir.path());
-    let a = CloneDevice::create(base.clone(), dir.path(), "fn-a").unwrap();
-    let b = CloneDevice::create(base.clone(), dir.path(), "fn-b").unwrap();
+    let a = CloneDevice::create(base.clone(), dir.path(), "fn-a", 0).unwrap();
+    let b = CloneDevice::create(base.clone(), dir.path(), "fn-b", 0).unwrap();
     let secret = b"function A's private output, never on disk in clear".repeat(100);
     // Unaligned, spanning a cluster boundary.
     let at = CLUSTER * 3 - 1000;
@@ -134,6 +134,38 @@ fn clones_copy_on_write_never_see_each_other_and_erase_completely() {
     assert!(!b_file.exists());
 }
 
+/// A clone larger than its base (the deployment policy's clone size): the base's bytes, then
+/// zeros; writes past the base (and across its end) stay the clone's.
+#[test]
+fn a_clone_larger_than_its_base_reads_zeros_past_it_and_keeps_writes_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, plain) = base(dir.path());
+    let size = base.size() * 3 + 5000;
+    let c = CloneDevice::create(base.clone(), dir.path(), "fn-big", size).unwrap();
+    let size = size.div_ceil(4096) * 4096;
+    assert_eq!(c.size(), size);
+    let mut all = vec![0xffu8; size as usize];
+    c.read_at(&mut all, 0).unwrap();
+    assert_eq!(&all[..plain.len()], &plain[..]);
+    assert!(all[plain.len()..].iter().all(|&b| b == 0));
+    // A write across the base's end, and one at the very end of the device.
+    let across = base.size() - 3000;
+    c.write_at(&[0x77u8; 6000], across).unwrap();
+    c.write_at(&[0x66u8; 100], size - 100).unwrap();
+    let mut got = vec![0u8; 6000];
+    c.read_at(&mut got, across).unwrap();
+    assert!(got.iter().all(|&b| b == 0x77));
+    c.read_at(&mut got[..100], size - 100).unwrap();
+    assert!(got[..100].iter().all(|&b| b == 0x66));
+    let mut before = vec![0u8; 1000];
+    c.read_at(&mut before, across - 1000).unwrap();
+    assert_eq!(before, plain[(across - 1000) as usize..across as usize]);
+    assert!(c.read_at(&mut got[..1], size).is_err());
+    // Smaller than the base: the base's size.
+    let small = CloneDevice::create(base.clone(), dir.path(), "fn-small", 4096).unwrap();
+    assert_eq!(small.size(), base.size());
+}
+
 fn uri(export: &UnixExport) -> String {
     format!(
         "nbd+unix:///{}?socket={}",
@@ -150,7 +182,7 @@ fn uid() -> u32 {
 fn third_party_nbd_clients_read_and_write_the_clone_until_it_is_revoked() {
     let dir = tempfile::tempdir().unwrap();
     let (base, plain) = base(dir.path());
-    let clone = Arc::new(CloneDevice::create(base, dir.path(), "fn-c").unwrap());
+    let clone = Arc::new(CloneDevice::create(base, dir.path(), "fn-c", 0).unwrap());
     let socket = dir.path().join("fn-c.sock");
     let mut export = UnixExport::start(Export::new("fn-c", clone.clone()), &socket, uid()).unwrap();
 
@@ -234,7 +266,7 @@ fn only_the_allowed_uid_may_use_an_export() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (base, _) = base(dir.path());
-    let clone = Arc::new(CloneDevice::create(base, dir.path(), "fn-d").unwrap());
+    let clone = Arc::new(CloneDevice::create(base, dir.path(), "fn-d", 0).unwrap());
     let socket = dir.path().join("fn-d.sock");
     let export = UnixExport::start(Export::new("fn-d", clone), &socket, 0).unwrap();
     // Even with the socket opened up, another uid is disconnected by the peer check.

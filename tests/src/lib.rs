@@ -347,6 +347,11 @@ impl Drop for Swtpm {
     }
 }
 
+/// Whether `needle` occurs in `hay` (memchr's memmem: the tests search gigabytes).
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
+}
+
 /// What a memory scan of a process found.
 #[derive(Debug, Default)]
 pub struct MemoryScan {
@@ -389,7 +394,7 @@ pub fn scan_process_memory(pid: u32, needles: &[Vec<u8>]) -> MemoryScan {
             let mut window = std::mem::take(&mut tail);
             window.extend_from_slice(&buf);
             for (i, needle) in needles.iter().enumerate() {
-                if !scan.found.contains(&i) && window.windows(needle.len()).any(|w| w == needle) {
+                if !scan.found.contains(&i) && contains(&window, needle) {
                     scan.found.push(i);
                 }
             }

@@ -53,7 +53,7 @@ fn all_files(dir: &Path, out: &mut Vec<u8>) {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    integration_tests::contains(hay, needle)
 }
 
 #[test]

@@ -220,6 +220,7 @@ pcrs = {{ 0 = "{}", 7 = "{}" }}
 [[tenant]]
 name = "acme"
 require_encryption = true
+clone = {{ size = "512M", ttl = "90m" }}
 [[tenant.function]]
 name = "*"
 images = ["oci:*"]
@@ -862,6 +863,11 @@ impl Drop for ImageService {
     }
 }
 
+/// The size of the ext4 file system in an image file.
+fn ext4_bytes_of(image: &Path) -> u64 {
+    host_attach::attach::ext4_bytes(image).unwrap()
+}
+
 fn nbd_uri(socket: &str, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={socket}")
 }
@@ -895,6 +901,8 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
     let one = prepare(&mut api, "resize-1");
     let two = prepare(&mut api, "resize-2");
     assert_ne!(one.clone_id, two.clone_id);
+    // Size and lifetime as the deployment policy says for tenant acme.
+    assert_eq!((one.size, one.ttl_secs), (512 << 20, 90 * 60));
     // The base is cached now, but a tenant the broker refuses the key gets no clone of it:
     // every Prepare has the layer keys released again for its own request.
     let refused = rt
@@ -927,9 +935,11 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
         ext4_cat(&copy, "/hello").as_deref(),
         Some(&b"hello from a broker-keyed image\n"[..])
     );
-    // Function one overwrites its device; function two still reads the image.
+    // Function one overwrites the image's part of its device (the rest is room to grow);
+    // function two still reads the image.
     let noise = s.path("noise.img");
-    std::fs::write(&noise, vec![0xa5u8; one.size as usize]).unwrap();
+    let image_part = ext4_bytes_of(&copy).min(one.size);
+    std::fs::write(&noise, vec![0xa5u8; image_part as usize]).unwrap();
     run(Command::new("nbdcopy")
         .arg(&noise)
         .arg(nbd_uri(&one.socket, &one.export_name)));
@@ -942,14 +952,12 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
     for entry in walk(&s.path("ipu-state")) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
         assert!(
-            !bytes.windows(32).any(|w| w == [0xa5u8; 32]),
+            !integration_tests::contains(&bytes, &[0xa5u8; 32]),
             "{} holds function one's plaintext",
             entry.display()
         );
         assert!(
-            !bytes
-                .windows(31)
-                .any(|w| w == b"hello from a broker-keyed image"),
+            !integration_tests::contains(&bytes, b"hello from a broker-keyed image"),
             "{} holds the image's plaintext",
             entry.display()
         );
@@ -1098,6 +1106,20 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
         String::from_utf8_lossy(&out.stdout),
         "hello from a broker-keyed image\n"
     );
+    // The deployment policy gives acme's functions 512 MiB clones: the host grew the image's
+    // file system into the device.
+    let out = host_attach(&["/bin/busybox", "df", "-k", "/"]);
+    let df = String::from_utf8_lossy(&out.stdout);
+    let total_kib: u64 = df
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"));
+    assert!(
+        (400 << 10..=512 << 10).contains(&total_kib),
+        "{total_kib} KiB: {df}"
+    );
     // The function's exit code comes back; the clone is gone either way.
     let out = host_attach(&["/bin/busybox", "sh", "-c", "echo out; exit 7"]);
     assert_eq!(
@@ -1117,7 +1139,7 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
     );
     service.signal(libc::SIGTERM);
     let log = s.path("ipu-audit");
-    assert_eq!(events_of(&log, "clone.erase").len(), 2);
+    assert_eq!(events_of(&log, "clone.erase").len(), 3);
     broker.stop();
 }
 
@@ -1248,14 +1270,12 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
     {
         let bytes = std::fs::read(&entry).unwrap_or_default();
         assert!(
-            !bytes
-                .windows(31)
-                .any(|w| w == b"hello from a broker-keyed image"),
+            !integration_tests::contains(&bytes, b"hello from a broker-keyed image"),
             "{} holds the image's plaintext",
             entry.display()
         );
         assert!(
-            !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
+            !integration_tests::contains(&bytes, &[0x5au8; 64]),
             "{} holds the function's plaintext",
             entry.display()
         );
@@ -1384,7 +1404,7 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
         let bytes = std::fs::read(file).unwrap_or_default();
         for (i, n) in needles.iter().enumerate() {
             assert!(
-                !bytes.windows(n.len()).any(|w| w == &n[..]),
+                !integration_tests::contains(&bytes, n),
                 "{} holds needle {i}",
                 file.display()
             );
@@ -1414,7 +1434,7 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
         let bytes = std::fs::read(&file).unwrap_or_default();
         for (i, n) in needles.iter().enumerate() {
             assert!(
-                !bytes.windows(n.len()).any(|w| w == &n[..]),
+                !integration_tests::contains(&bytes, n),
                 "{} holds needle {i}",
                 file.display()
             );

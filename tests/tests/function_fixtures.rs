@@ -1,4 +1,4 @@
-//! A function runs from every accepted fixture of `tests/fixtures/EXPECTED.md`, served by the
+//! The function lifecycle on fixture images. A function runs from every accepted fixture of `tests/fixtures/EXPECTED.md`, served by the
 //! fixture registry: Prepare on the service (policy-A, the rsa-2048 key), attach (nbdfuse +
 //! loop device), mount, a hardened OCI bundle from the image's own config (its `Cmd` is
 //! `/hello`), `runc run`; it prints `hello from <tag>`. Then teardown. Every rejected fixture
@@ -19,7 +19,7 @@ use ocicrypt::keys::PrivateKey;
 use ocicrypt::DecryptConfig;
 use policy::Policy;
 
-fn service(d: &Path) -> (Service, Arc<audit::AuditLog>) {
+fn service(d: &Path, clone_ttl: Duration) -> (Service, Arc<audit::AuditLog>) {
     let audit = integration_tests::audit_log(&d.join("audit"));
     let sink: Arc<dyn audit::AuditSink> = audit.clone();
     let cache = d.join("cache");
@@ -42,7 +42,7 @@ fn service(d: &Path) -> (Service, Arc<audit::AuditLog>) {
         ServiceOptions {
             state_dir: d.join("state"),
             host_agent_uid: 0,
-            clone_ttl: Duration::from_secs(600),
+            clone_ttl,
         },
         factory,
         audit.clone(),
@@ -90,7 +90,7 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
     }
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
-    let (service, audit) = service(dir.path());
+    let (service, audit) = service(dir.path(), Duration::from_secs(600));
     let mut ran = Vec::new();
     for e in expected() {
         let image = registry.reference("fixtures/hello", &e.tag);
@@ -148,4 +148,59 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
     };
     assert_eq!(count(audit::EventKind::CloneCreate), 4);
     assert_eq!(count(audit::EventKind::CloneErase), 4);
+}
+
+/// A clone past its time to live is torn down as if the host had asked: the export goes (no
+/// new connection is accepted), the clone is erased on the record with the reason, and the
+/// host agent is told. One that is not yet due stays.
+#[test]
+fn an_expired_clone_is_hot_removed_and_erased() {
+    let registry = Registry::start_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let (service, audit) = service(dir.path(), Duration::from_millis(1500));
+    let mut events = service.subscribe();
+    let image = registry.reference("fixtures/hello", "enc-signed");
+    let p = service.prepare("acme", "short", &image).unwrap();
+    assert_eq!(p.ttl, Duration::from_millis(1500));
+    let uri = format!(
+        "nbd+unix:///{}?socket={}",
+        p.export_name,
+        p.socket.display()
+    );
+    let info = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(info.status.success());
+    assert!(service.reap_expired().is_empty(), "not due yet");
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(service.reap_expired(), vec![p.clone_id.clone()]);
+    assert!(service.list().is_empty());
+    assert!(!p.socket.exists());
+    assert!(!Command::new("nbdinfo")
+        .arg(&uri)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let attach = events.try_recv().unwrap();
+    let removed = events.try_recv().unwrap();
+    assert_eq!((attach.kind, removed.kind), ("attach", "hot_remove"));
+    assert_eq!(removed.reason, "TTL expired");
+    let erased = audit
+        .store()
+        .query(&audit::Query {
+            kind: Some(audit::EventKind::CloneErase),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap()
+        .events;
+    assert_eq!(erased.len(), 1);
+    assert_eq!(
+        erased[0].details.get("clone_id").map(String::as_str),
+        Some(p.clone_id.as_str())
+    );
+    service.shutdown();
 }

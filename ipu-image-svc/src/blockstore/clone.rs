@@ -71,6 +71,8 @@ pub struct CloneDevice {
     id: String,
     key_id: String,
     base: Arc<BaseImage>,
+    /// At least the base's size; past the base, unwritten clusters read as zeros.
+    size: u64,
     file: File,
     path: PathBuf,
     state: RwLock<State>,
@@ -92,7 +94,11 @@ fn erased() -> io::Error {
 
 impl CloneDevice {
     /// A new clone of `base` with a fresh key; its data file is created in `dir` (mode 0600).
-    pub fn create(base: Arc<BaseImage>, dir: &Path, id: &str) -> io::Result<Self> {
+    /// The device is `size` bytes (whole blocks), or the base's size if that is larger: room
+    /// past the base is for the host to grow the file system into.
+    pub fn create(base: Arc<BaseImage>, dir: &Path, id: &str, size: u64) -> io::Result<Self> {
+        let size = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        let size = size.max(base.size());
         let key = XtsKey::generate()?;
         let path = dir.join(format!("{id}.clone"));
         let file = std::fs::OpenOptions::new()
@@ -101,12 +107,13 @@ impl CloneDevice {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        file.set_len(base.size())?;
-        let clusters = base.size().div_ceil(CLUSTER) as usize;
+        file.set_len(size)?;
+        let clusters = size.div_ceil(CLUSTER) as usize;
         Ok(Self {
             id: id.to_string(),
             key_id: random_hex(16),
             base,
+            size,
             file,
             path,
             state: RwLock::new(State {
@@ -137,13 +144,20 @@ impl CloneDevice {
             cipher.decrypt(buf, first);
             Ok(())
         } else {
-            self.base.read_blocks(buf, first)
+            // From the base as far as it goes, zeros past it.
+            let base_blocks = self.base.size() / BLOCK as u64;
+            let from_base = (base_blocks.saturating_sub(first) as usize * BLOCK).min(buf.len());
+            buf[from_base..].fill(0);
+            if from_base > 0 {
+                self.base.read_blocks(&mut buf[..from_base], first)?;
+            }
+            Ok(())
         }
     }
 
     /// Bytes of cluster `c` inside the device.
     fn cluster_len(&self, c: u64) -> usize {
-        (self.base.size() - c * CLUSTER).min(CLUSTER) as usize
+        (self.size - c * CLUSTER).min(CLUSTER) as usize
     }
 
     /// Revokes the device and destroys its key: from here on the clone's data is unreadable
@@ -180,7 +194,7 @@ impl CloneDevice {
 
 impl BlockDevice for CloneDevice {
     fn size(&self) -> u64 {
-        self.base.size()
+        self.size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

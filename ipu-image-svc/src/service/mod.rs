@@ -37,7 +37,8 @@ pub struct ServiceOptions {
     pub state_dir: PathBuf,
     /// The only uid (besides root) that may open exports and call the API.
     pub host_agent_uid: u32,
-    /// How long a clone lives unless torn down first.
+    /// How long a clone lives unless torn down first, when the deployment policy does not
+    /// say.
     pub clone_ttl: Duration,
 }
 
@@ -299,13 +300,22 @@ impl Service {
         // The current policy decides on every start, cached base or not, and so does the
         // broker: each encrypted layer's key must still be released to this request. One
         // verification serves both the check and, for a new image, the build.
-        let (digest, base, runtime_config) =
-            self.verified_base(&pipeline, &reference, image, &instance)?;
+        let (digest, base, report) = self.verified_base(&pipeline, &reference, image, &instance)?;
 
         let clone_id = format!("{tenant}.{function}.{instance}");
+        // The deployment policy's clone size and lifetime, else the service's defaults.
+        let requirements = report.requirements.clone().unwrap_or_default();
+        let ttl = requirements
+            .clone_ttl_secs
+            .map_or(self.opts.clone_ttl, Duration::from_secs);
         let clone = Arc::new(
-            CloneDevice::create(base, &self.opts.state_dir.join("clones"), &clone_id)
-                .map_err(|e| PipelineError::new(FailureClass::Io, format!("clone: {e}")))?,
+            CloneDevice::create(
+                base,
+                &self.opts.state_dir.join("clones"),
+                &clone_id,
+                requirements.clone_size.unwrap_or(0),
+            )
+            .map_err(|e| PipelineError::new(FailureClass::Io, format!("clone: {e}")))?,
         );
         let context = |e: Event| {
             e.tenant(tenant.to_string())
@@ -350,8 +360,8 @@ impl Service {
             export_name: clone_id.clone(),
             size: clone.size(),
             manifest_digest: digest.clone(),
-            runtime_config,
-            ttl: self.opts.clone_ttl,
+            runtime_config: report.runtime_config,
+            ttl,
         };
         self.clones.lock().expect("not poisoned").insert(
             clone_id.clone(),
@@ -363,7 +373,7 @@ impl Service {
                 image: image.into(),
                 digest,
                 created: Instant::now(),
-                ttl: self.opts.clone_ttl,
+                ttl,
                 creation_seq: receipt.seq,
             },
         );
@@ -377,7 +387,8 @@ impl Service {
     }
 
     /// Runs the image through the pipeline for this request and returns its platform
-    /// manifest digest and runtime configuration with its base: the cached one, or one built from the pipeline's ext4
+    /// manifest digest and the pipeline's report (runtime configuration, what the deployment
+    /// policy requires) with its base: the cached one, or one built from the pipeline's ext4
     /// image, encrypted at rest under a new key.
     fn verified_base(
         &self,
@@ -385,7 +396,7 @@ impl Service {
         reference: &ImageReference,
         image: &str,
         instance: &str,
-    ) -> Result<(String, Arc<BaseImage>, Option<serde_json::Value>), PipelineError> {
+    ) -> Result<(String, Arc<BaseImage>, Report), PipelineError> {
         let is_cached = || {
             let digest = self
                 .resolved
@@ -472,7 +483,7 @@ impl Service {
             .lock()
             .expect("not poisoned")
             .insert(image.to_string(), digest.clone());
-        Ok((digest, base, report.runtime_config))
+        Ok((digest, base, report))
     }
 
     /// Hot-removes the export and erases the clone. Returns false when it was already gone.
