@@ -1,17 +1,40 @@
 //! Attaching an NBD export as a mounted file system, and undoing it in reverse order.
 //!
-//! This machine's kernel has no nbd driver, so the export is attached with `nbdfuse` (a FUSE
-//! file backed by the NBD connection) and a loop device over that file. Each step records how
-//! to undo itself; [`Attachment::detach`] (also run on drop) undoes them last first.
+//! This machine's kernel has no nbd driver, so the export becomes a FUSE file backed by the
+//! NBD connection, and a loop device over that file: `nbdfuse` for a Unix socket export, and
+//! `qemu-storage-daemon` (an NBD client with x509 TLS, exported as FUSE) for an export over
+//! TCP with TLS, since nbdfuse cannot be given TLS certificates. Each step records how to
+//! undo itself; [`Attachment::detach`] (also run on drop) undoes them last first.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where the export is.
+#[derive(Clone, Debug)]
+pub enum Export {
+    /// A Unix socket export.
+    Unix { socket: PathBuf, name: String },
+    /// An export over TCP with TLS; `certificates` holds `ca-cert.pem` (the IPU's CA),
+    /// `client-cert.pem` and `client-key.pem` (this host agent's).
+    Tls {
+        host: String,
+        port: u16,
+        name: String,
+        certificates: PathBuf,
+    },
+}
+
+/// The FUSE process serving the export as a file, and what to unmount to stop it.
+struct Fuse {
+    child: Child,
+    mountpoint: PathBuf,
+    tool: &'static str,
+}
+
 /// A mounted export.
 pub struct Attachment {
-    fuse_dir: PathBuf,
-    nbdfuse: Option<Child>,
+    fuse: Option<Fuse>,
     loop_device: Option<String>,
     mountpoint: Option<PathBuf>,
 }
@@ -57,42 +80,15 @@ pub fn ext4_bytes(dev: &Path) -> Result<u64, String> {
 }
 
 impl Attachment {
-    /// Attaches `nbd+unix:///{export}?socket={socket}` under `workdir` and mounts the ext4 file
-    /// system at `mountpoint` (nodev, nosuid).
-    pub fn attach(
-        socket: &Path,
-        export: &str,
-        workdir: &Path,
-        mountpoint: &Path,
-    ) -> Result<Self, String> {
-        let fuse_dir = workdir.join("nbd");
-        std::fs::create_dir_all(&fuse_dir).map_err(|e| format!("{}: {e}", fuse_dir.display()))?;
+    /// Attaches `export` under `workdir` and mounts its ext4 file system at `mountpoint`
+    /// (nodev, nosuid).
+    pub fn attach(export: &Export, workdir: &Path, mountpoint: &Path) -> Result<Self, String> {
         let mut a = Self {
-            fuse_dir: fuse_dir.clone(),
-            nbdfuse: None,
+            fuse: None,
             loop_device: None,
             mountpoint: None,
         };
-        let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
-        let child = Command::new("nbdfuse")
-            .arg(&fuse_dir)
-            .arg(&uri)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("nbdfuse (apt install libnbd-bin fuse3): {e}"))?;
-        a.nbdfuse = Some(child);
-        let file = fuse_dir.join("nbd");
-        let start = Instant::now();
-        while !file.exists() {
-            if let Some(status) = a.nbdfuse.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!("nbdfuse exited ({status}) before attaching {uri}"));
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                return Err(format!("nbdfuse did not attach {uri} within 10 s"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let file = a.start_fuse(export, workdir)?;
         let dev = run(Command::new("losetup")
             .args(["--find", "--show"])
             .arg(&file))?;
@@ -115,6 +111,77 @@ impl Attachment {
         Ok(a)
     }
 
+    /// Starts the FUSE file for `export` under `workdir`; returns the file once it serves the
+    /// export.
+    fn start_fuse(&mut self, export: &Export, workdir: &Path) -> Result<PathBuf, String> {
+        let mkdir =
+            |d: &Path| std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()));
+        let (mut command, file, mountpoint, tool, what) = match export {
+            Export::Unix { socket, name } => {
+                let dir = workdir.join("nbd");
+                mkdir(&dir)?;
+                let uri = format!("nbd+unix:///{name}?socket={}", socket.display());
+                let mut c = Command::new("nbdfuse");
+                c.arg(&dir).arg(&uri);
+                (c, dir.join("nbd"), dir, "nbdfuse", uri)
+            }
+            Export::Tls {
+                host,
+                port,
+                name,
+                certificates,
+            } => {
+                mkdir(workdir)?;
+                let file = workdir.join("nbd.img");
+                // qemu's FUSE export mounts over an existing regular file.
+                std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+                let option = |s: &str| s.replace(',', ",,");
+                let mut c = Command::new("qemu-storage-daemon");
+                c.arg("--object")
+                    .arg(format!(
+                        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                        option(&certificates.display().to_string())
+                    ))
+                    .arg("--blockdev")
+                    .arg(format!(
+                        "driver=nbd,node-name=disk,server.type=inet,server.host={},server.port={port},export={},tls-creds=tls0",
+                        option(host),
+                        option(name)
+                    ))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=fuse,id=export0,node-name=disk,writable=on,mountpoint={}",
+                        option(&file.display().to_string())
+                    ));
+                let what = format!("nbds://{host}:{port}/{name}");
+                (c, file.clone(), file, "qemu-storage-daemon", what)
+            }
+        };
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("{tool} (apt install libnbd-bin qemu-utils fuse3): {e}"))?;
+        self.fuse = Some(Fuse {
+            child,
+            mountpoint,
+            tool,
+        });
+        let fuse = self.fuse.as_mut().expect("set above");
+        let start = Instant::now();
+        // Served once the file exists (nbdfuse) or has the export's size (qemu).
+        while !std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
+            if let Some(status) = fuse.child.try_wait().ok().flatten() {
+                return Err(format!("{tool} exited ({status}) before attaching {what}"));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{tool} did not attach {what} within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(file)
+    }
+
     /// Unmounts, detaches the loop device, unmounts the FUSE file and stops nbdfuse. Every
     /// step is attempted; the first failure is returned.
     pub fn detach(&mut self) -> Result<(), String> {
@@ -130,15 +197,20 @@ impl Attachment {
         if let Some(dev) = self.loop_device.take() {
             note(run(Command::new("losetup").args(["-d", &dev])));
         }
-        if let Some(mut child) = self.nbdfuse.take() {
+        if let Some(mut fuse) = self.fuse.take() {
             note(run(Command::new("fusermount3")
                 .arg("-u")
-                .arg(&self.fuse_dir)));
+                .arg(&fuse.mountpoint)));
+            // nbdfuse exits once unmounted; qemu-storage-daemon is told to.
+            if fuse.tool == "qemu-storage-daemon" {
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(fuse.child.id() as i32, libc::SIGTERM) };
+            }
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() {
+            while fuse.child.try_wait().ok().flatten().is_none() {
                 if start.elapsed() > Duration::from_secs(5) {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    let _ = fuse.child.kill();
+                    let _ = fuse.child.wait();
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use api::imagesvc::image_service_client::ImageServiceClient;
 use api::imagesvc::{PrepareRequest, TeardownRequest};
 use clap::{Parser, Subcommand};
-use host_attach::attach::Attachment;
+use host_attach::attach::{Attachment, Export};
 use host_attach::bundle::{config, Process};
 
 const EXIT_NOT_STARTED: u8 = 125;
@@ -33,38 +33,38 @@ struct Cli {
 #[derive(Subcommand)]
 enum Top {
     /// Run a function from an image: Prepare, attach, mount, runc, and tear down at exit.
-    Run {
-        /// ipu-image-svc's API socket.
-        #[arg(
-            long,
-            value_name = "SOCKET",
-            default_value = "/run/ipu-image-svc/api.sock"
-        )]
-        api: PathBuf,
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        function: String,
-        /// Where mounts and the bundle are made (default: a new directory under /run).
-        #[arg(long, value_name = "DIR")]
-        workdir: Option<PathBuf>,
-        /// The image reference (docker://... or oci:DIR:TAG).
-        image: String,
-        /// The command to run instead of the image's Cmd.
-        #[arg(last = true)]
-        command: Vec<String>,
-    },
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// ipu-image-svc's API socket.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/ipu-image-svc/api.sock"
+    )]
+    api: PathBuf,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    function: String,
+    /// Where mounts and the bundle are made (default: a new directory under /run).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// For exports over TCP: this host agent's TLS files (`ca-cert.pem`, the CA of the
+    /// IPU's export certificate; `client-cert.pem` and `client-key.pem`, its own).
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// The image reference (docker://... or oci:DIR:TAG).
+    image: String,
+    /// The command to run instead of the image's Cmd.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 fn main() -> ExitCode {
-    let Top::Run {
-        api,
-        tenant,
-        function,
-        workdir,
-        image,
-        command,
-    } = Cli::parse().command;
+    let Top::Run(args) = Cli::parse().command;
     // Ctrl-C and SIGTERM mark that the run is ending: the function gets SIGTERM (through
     // runc, which forwards it), then SIGKILL after a grace period, and cleanup still happens.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -74,15 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_NOT_STARTED);
         }
     }
-    match run(
-        &api,
-        &tenant,
-        &function,
-        workdir,
-        &image,
-        &command,
-        &interrupted,
-    ) {
+    match run(&args, &interrupted) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("host-attach: {e}");
@@ -91,15 +83,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(
-    api: &std::path::Path,
-    tenant: &str,
-    function: &str,
-    workdir: Option<PathBuf>,
-    image: &str,
-    command: &[String],
-    interrupted: &AtomicBool,
-) -> Result<u8, String> {
+fn run(args: &RunArgs, interrupted: &AtomicBool) -> Result<u8, String> {
+    let api = &args.api;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -110,9 +95,9 @@ fn run(
     let mut client = ImageServiceClient::new(channel);
     let prepared = rt
         .block_on(client.prepare(PrepareRequest {
-            tenant: tenant.into(),
-            function: function.into(),
-            image: image.into(),
+            tenant: args.tenant.clone(),
+            function: args.function.clone(),
+            image: args.image.clone(),
         }))
         .map_err(|s| format!("Prepare: {}", s.message()))?
         .into_inner();
@@ -122,12 +107,16 @@ fn run(
         }))
         .map_err(|s| format!("Teardown of {}: {}", prepared.clone_id, s.message()))
     };
-    let workdir =
-        workdir.unwrap_or_else(|| PathBuf::from("/run/host-attach").join(&prepared.clone_id));
+    let workdir = args
+        .workdir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/run/host-attach").join(&prepared.clone_id));
     let result = if interrupted.load(Ordering::SeqCst) {
         Err("interrupted before the function started".to_string())
     } else {
-        start_and_wait(&prepared, &workdir, command, interrupted)
+        export_of(&prepared, args.tls_certificates.as_deref()).and_then(|export| {
+            start_and_wait(&prepared, &export, &workdir, &args.command, interrupted)
+        })
     };
     // Whatever happened, the clone goes: the IPU erases it.
     let torn_down = teardown(&mut client);
@@ -137,20 +126,46 @@ fn run(
     Ok(code)
 }
 
+/// Where the export is: its Unix socket, or its TCP address with this agent's TLS files.
+fn export_of(
+    prepared: &api::imagesvc::PrepareResponse,
+    tls_certificates: Option<&std::path::Path>,
+) -> Result<Export, String> {
+    let name = prepared.export_name.clone();
+    if prepared.address.is_empty() {
+        return Ok(Export::Unix {
+            socket: PathBuf::from(&prepared.socket),
+            name,
+        });
+    }
+    let address: std::net::SocketAddr = prepared
+        .address
+        .parse()
+        .map_err(|e| format!("export address {:?}: {e}", prepared.address))?;
+    let certificates = tls_certificates.ok_or_else(|| {
+        format!(
+            "the export is on {} (TLS): --tls-certificates DIR is needed",
+            prepared.address
+        )
+    })?;
+    Ok(Export::Tls {
+        host: address.ip().to_string(),
+        port: address.port(),
+        name,
+        certificates: certificates.to_path_buf(),
+    })
+}
+
 fn start_and_wait(
     prepared: &api::imagesvc::PrepareResponse,
+    export: &Export,
     workdir: &std::path::Path,
     command: &[String],
     interrupted: &AtomicBool,
 ) -> Result<u8, String> {
     std::fs::create_dir_all(workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
     let rootfs = workdir.join("rootfs");
-    let mut attachment = Attachment::attach(
-        std::path::Path::new(&prepared.socket),
-        &prepared.export_name,
-        workdir,
-        &rootfs,
-    )?;
+    let mut attachment = Attachment::attach(export, workdir, &rootfs)?;
     let image_config: serde_json::Value = if prepared.runtime_config_json.is_empty() {
         serde_json::Value::Null
     } else {

@@ -68,6 +68,19 @@ struct ServeArgs {
     /// How long a clone lives unless torn down first (e.g. 15m, 1h).
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     clone_ttl: std::time::Duration,
+    /// Export clones over TCP on this address (a new port per function) with NBD STARTTLS
+    /// forced and client certificates required, instead of Unix sockets.
+    #[arg(long, value_name = "IP", requires_all = ["export_cert", "export_key", "export_client_ca"])]
+    export_tcp: Option<std::net::IpAddr>,
+    /// The exports' TLS certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "export_tcp")]
+    export_cert: Option<PathBuf>,
+    /// The exports' TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "export_tcp")]
+    export_key: Option<PathBuf>,
+    /// The CA that issues host agents' client certificates (PEM).
+    #[arg(long, value_name = "FILE", requires = "export_tcp")]
+    export_client_ca: Option<PathBuf>,
     /// The signed deployment policy bundle (production path: the policy decides every Prepare).
     #[arg(long, value_name = "FILE")]
     policy_bundle: PathBuf,
@@ -153,7 +166,7 @@ impl BrokerArgs {
 /// the broker, then every Prepare runs the trust pipeline under that policy, with each layer
 /// key released by the broker for that request.
 fn serve(args: ServeArgs) -> Result<(), String> {
-    use ipu_image_svc::service::{Service, ServiceOptions};
+    use ipu_image_svc::service::{Service, ServiceOptions, TcpExports};
     let sink: std::sync::Arc<dyn audit::AuditSink> = match &args.audit_socket {
         Some(socket) => std::sync::Arc::new(
             audit::RemoteLog::connect(socket)
@@ -208,12 +221,25 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         cfg.layer_keys = Some(keys.clone());
         Ok(cfg)
     });
+    let tcp_exports = match (
+        args.export_tcp,
+        &args.export_cert,
+        &args.export_key,
+        &args.export_client_ca,
+    ) {
+        (Some(ip), Some(cert), Some(key), Some(ca)) => Some(TcpExports {
+            ip,
+            tls: ipu_image_svc::export::tls::server_config(cert, key, ca)?,
+        }),
+        _ => None,
+    };
     let service = std::sync::Arc::new(
         Service::start(
             ServiceOptions {
                 state_dir: args.state_dir.clone(),
                 host_agent_uid: args.host_agent_uid,
                 clone_ttl: args.clone_ttl,
+                tcp_exports,
             },
             factory,
             sink,

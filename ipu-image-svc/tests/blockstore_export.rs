@@ -13,7 +13,7 @@ use ipu_image_svc::blockstore::clone::CloneDevice;
 use ipu_image_svc::blockstore::xts::XtsKey;
 use ipu_image_svc::blockstore::{BlockDevice, CLUSTER};
 use ipu_image_svc::export::nbd::Export;
-use ipu_image_svc::export::UnixExport;
+use ipu_image_svc::export::HostExport;
 
 const MARK: &[u8] = b"plaintext-marker-of-the-base-image-0123456789";
 
@@ -166,12 +166,8 @@ fn a_clone_larger_than_its_base_reads_zeros_past_it_and_keeps_writes_there() {
     assert_eq!(small.size(), base.size());
 }
 
-fn uri(export: &UnixExport) -> String {
-    format!(
-        "nbd+unix:///{}?socket={}",
-        export.name(),
-        export.socket().display()
-    )
+fn uri(export: &HostExport) -> String {
+    export.endpoint().nbd_uri(export.name())
 }
 
 fn uid() -> u32 {
@@ -184,7 +180,7 @@ fn third_party_nbd_clients_read_and_write_the_clone_until_it_is_revoked() {
     let (base, plain) = base(dir.path());
     let clone = Arc::new(CloneDevice::create(base, dir.path(), "fn-c", 0).unwrap());
     let socket = dir.path().join("fn-c.sock");
-    let mut export = UnixExport::start(Export::new("fn-c", clone.clone()), &socket, uid()).unwrap();
+    let mut export = HostExport::unix(Export::new("fn-c", clone.clone()), &socket, uid()).unwrap();
 
     // nbdinfo sees the export and its size.
     let out = Command::new("nbdinfo")
@@ -268,7 +264,7 @@ fn only_the_allowed_uid_may_use_an_export() {
     let (base, _) = base(dir.path());
     let clone = Arc::new(CloneDevice::create(base, dir.path(), "fn-d", 0).unwrap());
     let socket = dir.path().join("fn-d.sock");
-    let export = UnixExport::start(Export::new("fn-d", clone), &socket, 0).unwrap();
+    let export = HostExport::unix(Export::new("fn-d", clone), &socket, 0).unwrap();
     // Even with the socket opened up, another uid is disconnected by the peer check.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -299,7 +295,7 @@ fn malformed_nbd_traffic_is_refused() {
         let (mut client, mut server) = UnixStream::pair().unwrap();
         client.write_all(&input).unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
-        let r = ipu_image_svc::export::nbd::serve(&mut server, &export);
+        let r = ipu_image_svc::export::nbd::serve(&mut server, &export, None);
         drop(server);
         let mut out = Vec::new();
         client.read_to_end(&mut out).unwrap();

@@ -69,6 +69,7 @@ fn ours(d: &Path, image: &str, round: usize) -> Duration {
             state_dir: state.join("state"),
             host_agent_uid: 0,
             clone_ttl: Duration::from_secs(600),
+            tcp_exports: None,
         },
         factory,
         audit,
@@ -77,7 +78,7 @@ fn ours(d: &Path, image: &str, round: usize) -> Duration {
     let p = service.prepare("acme", "hello", image).unwrap();
     let work = state.join("host");
     let rootfs = work.join("rootfs");
-    let mut a = Attachment::attach(&p.socket, &p.export_name, &work, &rootfs).unwrap();
+    let mut a = Attachment::attach(&integration_tests::host_export(&p), &work, &rootfs).unwrap();
     let process = Process::from_image(p.runtime_config.as_ref().unwrap(), &[], &rootfs).unwrap();
     let bundle = work.join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();

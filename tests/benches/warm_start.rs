@@ -61,6 +61,7 @@ fn main() {
                 state_dir: d.join("state"),
                 host_agent_uid: 0,
                 clone_ttl: Duration::from_secs(3600),
+                tcp_exports: None,
             },
             factory,
             audit,
@@ -75,8 +76,12 @@ fn main() {
         let p = service.prepare("acme", &format!("fn{i}"), &image).unwrap();
         let t1 = Instant::now();
         let work = d.join(format!("host{i}"));
-        let mut a =
-            Attachment::attach(&p.socket, &p.export_name, &work, &work.join("rootfs")).unwrap();
+        let mut a = Attachment::attach(
+            &integration_tests::host_export(&p),
+            &work,
+            &work.join("rootfs"),
+        )
+        .unwrap();
         let t2 = Instant::now();
         if i == 0 {
             cold = t2 - t0;
@@ -106,13 +111,17 @@ fn main() {
                 barrier.wait();
                 let t0 = Instant::now();
                 let p = service.prepare("acme", &format!("conc{i}"), &image)?;
-                let a = Attachment::attach(&p.socket, &p.export_name, &work, &work.join("rootfs"))
-                    .map_err(|e| {
-                        ipu_image_svc::pipeline::PipelineError::new(
-                            ipu_image_svc::pipeline::FailureClass::Io,
-                            e,
-                        )
-                    })?;
+                let a = Attachment::attach(
+                    &integration_tests::host_export(&p),
+                    &work,
+                    &work.join("rootfs"),
+                )
+                .map_err(|e| {
+                    ipu_image_svc::pipeline::PipelineError::new(
+                        ipu_image_svc::pipeline::FailureClass::Io,
+                        e,
+                    )
+                })?;
                 let took = t0.elapsed();
                 let mounted = work.join("rootfs/hello").exists();
                 barrier.wait();

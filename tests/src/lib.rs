@@ -347,6 +347,18 @@ impl Drop for Swtpm {
     }
 }
 
+/// How the host agent attaches a clone the service prepared on a Unix socket.
+pub fn host_export(p: &ipu_image_svc::service::Prepared) -> host_attach::attach::Export {
+    host_attach::attach::Export::Unix {
+        socket: p
+            .endpoint
+            .unix_socket()
+            .expect("a Unix socket export")
+            .to_path_buf(),
+        name: p.export_name.clone(),
+    }
+}
+
 /// Whether `needle` occurs in `hay` (memchr's memmem: the tests search gigabytes).
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(hay, needle).is_some()

@@ -14,12 +14,16 @@ use host_attach::attach::Attachment;
 use host_attach::bundle::{config, Process};
 use integration_tests::{expected, fixtures, is_root, Registry};
 use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions, TcpExports};
 use ocicrypt::keys::PrivateKey;
 use ocicrypt::DecryptConfig;
 use policy::Policy;
 
-fn service(d: &Path, clone_ttl: Duration) -> (Service, Arc<audit::AuditLog>) {
+fn service(
+    d: &Path,
+    clone_ttl: Duration,
+    tcp_exports: Option<TcpExports>,
+) -> (Service, Arc<audit::AuditLog>) {
     let audit = integration_tests::audit_log(&d.join("audit"));
     let sink: Arc<dyn audit::AuditSink> = audit.clone();
     let cache = d.join("cache");
@@ -43,6 +47,7 @@ fn service(d: &Path, clone_ttl: Duration) -> (Service, Arc<audit::AuditLog>) {
             state_dir: d.join("state"),
             host_agent_uid: 0,
             clone_ttl,
+            tcp_exports,
         },
         factory,
         audit.clone(),
@@ -90,7 +95,7 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
     }
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
-    let (service, audit) = service(dir.path(), Duration::from_secs(600));
+    let (service, audit) = service(dir.path(), Duration::from_secs(600), None);
     let mut ran = Vec::new();
     for e in expected() {
         let image = registry.reference("fixtures/hello", &e.tag);
@@ -112,7 +117,8 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
         assert_eq!(p.manifest_digest, e.digest, "{}", e.tag);
         let work = dir.path().join("host").join(&e.tag);
         let rootfs = work.join("rootfs");
-        let mut attachment = Attachment::attach(&p.socket, &p.export_name, &work, &rootfs).unwrap();
+        let mut attachment =
+            Attachment::attach(&integration_tests::host_export(&p), &work, &rootfs).unwrap();
         let output = run_function(
             &rootfs,
             &work,
@@ -157,16 +163,12 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
 fn an_expired_clone_is_hot_removed_and_erased() {
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
-    let (service, audit) = service(dir.path(), Duration::from_millis(1500));
+    let (service, audit) = service(dir.path(), Duration::from_millis(1500), None);
     let mut events = service.subscribe();
     let image = registry.reference("fixtures/hello", "enc-signed");
     let p = service.prepare("acme", "short", &image).unwrap();
     assert_eq!(p.ttl, Duration::from_millis(1500));
-    let uri = format!(
-        "nbd+unix:///{}?socket={}",
-        p.export_name,
-        p.socket.display()
-    );
+    let uri = p.endpoint.nbd_uri(&p.export_name);
     let info = Command::new("nbdinfo")
         .arg("--size")
         .arg(&uri)
@@ -177,7 +179,7 @@ fn an_expired_clone_is_hot_removed_and_erased() {
     std::thread::sleep(Duration::from_millis(1600));
     assert_eq!(service.reap_expired(), vec![p.clone_id.clone()]);
     assert!(service.list().is_empty());
-    assert!(!p.socket.exists());
+    assert!(!p.endpoint.unix_socket().unwrap().exists());
     assert!(!Command::new("nbdinfo")
         .arg(&uri)
         .output()
@@ -202,5 +204,125 @@ fn an_expired_clone_is_hot_removed_and_erased() {
         erased[0].details.get("clone_id").map(String::as_str),
         Some(p.clone_id.as_str())
     );
+    service.shutdown();
+}
+
+/// Exports over TCP: NBD with STARTTLS forced and a client certificate from the host agents'
+/// CA required. The host agent's libnbd (nbdinfo, nbdfuse) attaches with its certificates and
+/// the function runs; a client without TLS, without a certificate, or with one from another
+/// CA gets nothing; after teardown the port is closed.
+#[test]
+fn tcp_exports_need_tls_and_a_host_agent_certificate() {
+    use integration_tests::broker::Pki;
+    let registry = Registry::start_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // One platform CA issues the IPU's export certificate and the host agents' certificates.
+    let pki = Pki::new();
+    let write_pair = |dir: &Path, cert: &str, key: &str, (c, k): (String, String)| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(cert), c).unwrap();
+        std::fs::write(dir.join(key), k).unwrap();
+    };
+    write_pair(
+        &d.join("ipu"),
+        "export.pem",
+        "export.key",
+        pki.issue("ipu-1 export", None, true),
+    );
+    std::fs::write(d.join("ipu/host-ca.pem"), pki.ca_pem()).unwrap();
+    // The host agent's libnbd directory: the IPU's CA and its own client certificate.
+    let host_tls = d.join("host-tls");
+    write_pair(
+        &host_tls,
+        "client-cert.pem",
+        "client-key.pem",
+        pki.issue("host-agent", Some("host"), false),
+    );
+    std::fs::write(host_tls.join("ca-cert.pem"), pki.ca_pem()).unwrap();
+    // Another CA's client certificate.
+    let stranger_tls = d.join("stranger-tls");
+    write_pair(
+        &stranger_tls,
+        "client-cert.pem",
+        "client-key.pem",
+        Pki::new().issue("stranger", Some("host"), false),
+    );
+    std::fs::write(stranger_tls.join("ca-cert.pem"), pki.ca_pem()).unwrap();
+
+    let tls = ipu_image_svc::export::tls::server_config(
+        &d.join("ipu/export.pem"),
+        &d.join("ipu/export.key"),
+        &d.join("ipu/host-ca.pem"),
+    )
+    .unwrap();
+    let (service, _audit) = service(
+        d,
+        Duration::from_secs(600),
+        Some(TcpExports {
+            ip: "127.0.0.1".parse().unwrap(),
+            tls,
+        }),
+    );
+    let image = registry.reference("fixtures/hello", "enc-signed");
+    let p = service.prepare("acme", "remote", &image).unwrap();
+    let nbds = p.endpoint.nbd_uri(&p.export_name);
+    assert!(nbds.starts_with("nbds://127.0.0.1:"), "{nbds}");
+    let nbdinfo = |uri: &str| {
+        Command::new("nbdinfo")
+            .args(["--size", uri])
+            .output()
+            .unwrap()
+    };
+    let ok = nbdinfo(&format!("{nbds}?tls-certificates={}", host_tls.display()));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        p.size.to_string()
+    );
+    let plain = nbdinfo(&nbds.replace("nbds://", "nbd://"));
+    assert!(!plain.status.success(), "a client without TLS is refused");
+    let stranger = nbdinfo(&format!(
+        "{nbds}?tls-certificates={}",
+        stranger_tls.display()
+    ));
+    assert!(
+        !stranger.status.success(),
+        "another CA's certificate is refused"
+    );
+    let anonymous = d.join("anonymous-tls");
+    std::fs::create_dir_all(&anonymous).unwrap();
+    std::fs::write(anonymous.join("ca-cert.pem"), pki.ca_pem()).unwrap();
+    let anonymous = nbdinfo(&format!("{nbds}?tls-certificates={}", anonymous.display()));
+    assert!(
+        !anonymous.status.success(),
+        "a client without a certificate is refused"
+    );
+
+    if is_root() {
+        let work = d.join("host");
+        let rootfs = work.join("rootfs");
+        let address = match &p.endpoint {
+            ipu_image_svc::export::Endpoint::Tcp(a) => *a,
+            other => panic!("{other:?}"),
+        };
+        let export = host_attach::attach::Export::Tls {
+            host: address.ip().to_string(),
+            port: address.port(),
+            name: p.export_name.clone(),
+            certificates: host_tls.clone(),
+        };
+        let mut attachment = Attachment::attach(&export, &work, &rootfs).unwrap();
+        let out = run_function(&rootfs, &work, p.runtime_config.as_ref().unwrap(), "remote");
+        attachment.detach().unwrap();
+        assert_eq!(out, "hello from enc-signed\n");
+    }
+    assert!(service.teardown(&p.clone_id, "done").unwrap());
+    let gone = nbdinfo(&format!("{nbds}?tls-certificates={}", host_tls.display()));
+    assert!(!gone.status.success(), "the port is closed after teardown");
     service.shutdown();
 }

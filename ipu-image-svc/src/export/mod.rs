@@ -1,13 +1,16 @@
-//! Exporting a clone to the host. Here: NBD over a per-function Unix socket that only the
-//! host agent's uid may use (a software stand-in for the IPU's virtio-blk or NVMe function).
+//! Exporting a clone to the host (a software stand-in for the IPU's virtio-blk or NVMe
+//! function): NBD over a per-function Unix socket that only the host agent's uid may use, or
+//! over TCP with mutual TLS (NBD STARTTLS, forced) for a host agent on another machine.
 //!
-//! [`UnixExport::revoke`] is the hot-remove: the export refuses new connections, shuts down
-//! the open ones (in-flight requests fail), and removes its socket.
+//! [`HostExport::revoke`] is the hot-remove: the export refuses new connections, shuts down
+//! the open ones (in-flight requests fail), and removes its socket or closes its port.
 
 pub mod nbd;
+pub mod tls;
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,13 +19,64 @@ use std::thread::JoinHandle;
 
 use nbd::Export;
 
-/// An NBD export listening on a Unix socket.
-pub struct UnixExport {
+/// Where an export listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Endpoint {
+    /// The NBD URI of export `name` here (libnbd's syntax). Over TCP the client needs its
+    /// certificates too (`?tls-certificates=DIR`).
+    pub fn nbd_uri(&self, name: &str) -> String {
+        match self {
+            Endpoint::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+            Endpoint::Tcp(a) => format!("nbds://{a}/{name}"),
+        }
+    }
+
+    pub fn unix_socket(&self) -> Option<&Path> {
+        match self {
+            Endpoint::Unix(p) => Some(p),
+            Endpoint::Tcp(_) => None,
+        }
+    }
+}
+
+/// Shuts an open connection down (a clone of its socket), for revocation.
+type Shutdown = Box<dyn Fn() + Send>;
+
+/// An NBD export listening for the host agent.
+pub struct HostExport {
     export: Arc<Export>,
-    socket: PathBuf,
-    /// The open connections (clones of their sockets), to shut down on revocation.
-    connections: Arc<Mutex<HashMap<u64, UnixStream>>>,
+    endpoint: Endpoint,
+    connections: Arc<Mutex<HashMap<u64, Shutdown>>>,
     acceptor: Option<JoinHandle<()>>,
+}
+
+/// A connected socket of either kind.
+trait Socket: Read + Write + Send + Sized + 'static {
+    fn try_clone_socket(&self) -> io::Result<Self>;
+    fn shutdown_both(&self);
+}
+
+impl Socket for UnixStream {
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Socket for TcpStream {
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
@@ -30,60 +84,101 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid.as_raw())
 }
 
-impl UnixExport {
+impl HostExport {
     /// Listens on `socket` (mode 0600, in a directory that must exist) for clients whose uid
     /// is `allowed_uid` (the host agent's); others are disconnected at once.
-    pub fn start(export: Export, socket: &Path, allowed_uid: u32) -> io::Result<Self> {
+    pub fn unix(export: Export, socket: &Path, allowed_uid: u32) -> io::Result<Self> {
         let listener = UnixListener::bind(socket)?;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        let name = export.name.clone();
+        Self::start(
+            export,
+            Endpoint::Unix(socket.to_path_buf()),
+            move || listener.accept().map(|(s, _)| s),
+            move |stream: &UnixStream| match peer_uid(stream) {
+                Ok(uid) if uid == allowed_uid => true,
+                other => {
+                    tracing::warn!(export = %name, peer = ?other.ok(), "NBD connection from a uid that may not use this export refused");
+                    false
+                }
+            },
+            None,
+        )
+    }
+
+    /// Listens on a new port of `ip` for clients that start TLS (required) and present a
+    /// certificate `tls` accepts.
+    pub fn tcp(export: Export, ip: IpAddr, tls: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let listener = TcpListener::bind((ip, 0))?;
+        let addr = listener.local_addr()?;
+        Self::start(
+            export,
+            Endpoint::Tcp(addr),
+            move || {
+                let (s, _) = listener.accept()?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            },
+            |_: &TcpStream| true,
+            Some(tls),
+        )
+    }
+
+    fn start<S: Socket>(
+        export: Export,
+        endpoint: Endpoint,
+        accept: impl Fn() -> io::Result<S> + Send + 'static,
+        admit: impl Fn(&S) -> bool + Send + 'static,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<Self> {
         let export = Arc::new(export);
-        let connections = Arc::new(Mutex::new(HashMap::new()));
+        let connections: Arc<Mutex<HashMap<u64, Shutdown>>> = Arc::default();
         let acceptor = {
             let export = export.clone();
             let connections = connections.clone();
             std::thread::Builder::new()
                 .name(format!("nbd-{}", export.name))
                 .spawn(move || {
-                    for (n, stream) in listener.incoming().enumerate() {
-                        let n = n as u64;
+                    for n in 0u64.. {
+                        let stream = accept();
                         if export.is_revoked() {
                             break;
                         }
                         let Ok(mut stream) = stream else { continue };
-                        match peer_uid(&stream) {
-                            Ok(uid) if uid == allowed_uid => {}
-                            other => {
-                                tracing::warn!(export = %export.name, peer = ?other.ok(), "NBD connection from a uid that may not use this export refused");
-                                continue;
-                            }
+                        if !admit(&stream) {
+                            continue;
                         }
-                        if let Ok(clone) = stream.try_clone() {
-                            connections.lock().expect("not poisoned").insert(n, clone);
+                        if let Ok(clone) = stream.try_clone_socket() {
+                            connections
+                                .lock()
+                                .expect("not poisoned")
+                                .insert(n, Box::new(move || clone.shutdown_both()));
                         }
                         let export = export.clone();
                         let connections = connections.clone();
+                        let tls = tls.clone();
                         std::thread::spawn(move || {
-                            if let Err(e) = nbd::serve(&mut stream, &export) {
+                            if let Err(e) = nbd::serve(&mut stream, &export, tls.as_ref()) {
                                 tracing::info!(export = %export.name, error = %e, "NBD connection ended");
                             }
                             // Closed for the client too (the clone kept for revocation
                             // would otherwise hold it open).
                             connections.lock().expect("not poisoned").remove(&n);
-                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            stream.shutdown_both();
                         });
                     }
                 })?
         };
         Ok(Self {
             export,
-            socket: socket.to_path_buf(),
+            endpoint,
             connections,
             acceptor: Some(acceptor),
         })
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     pub fn name(&self) -> &str {
@@ -91,22 +186,27 @@ impl UnixExport {
     }
 
     /// Hot-remove: no new connections, open ones shut down (in-flight I/O fails), the
-    /// socket removed. Idempotent.
+    /// socket removed or the port closed. Idempotent.
     pub fn revoke(&mut self) {
         self.export.revoke();
-        for (_, c) in self.connections.lock().expect("not poisoned").drain() {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        for (_, shutdown) in self.connections.lock().expect("not poisoned").drain() {
+            shutdown();
         }
         if let Some(acceptor) = self.acceptor.take() {
-            // Wake the acceptor so it sees the revocation.
-            let _ = UnixStream::connect(&self.socket);
+            // Wake the acceptor so it sees the revocation (and drops the listener).
+            match &self.endpoint {
+                Endpoint::Unix(p) => drop(UnixStream::connect(p)),
+                Endpoint::Tcp(a) => drop(TcpStream::connect(a)),
+            }
             let _ = acceptor.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if let Endpoint::Unix(p) = &self.endpoint {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
-impl Drop for UnixExport {
+impl Drop for HostExport {
     fn drop(&mut self) {
         self.revoke();
     }

@@ -1,7 +1,12 @@
 //! An NBD server for one block device: the fixed newstyle handshake with OPT_INFO, OPT_GO,
-//! OPT_EXPORT_NAME, OPT_LIST and OPT_ABORT, then READ, WRITE (with FUA), FLUSH, TRIM and
-//! DISC with simple replies (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md).
-//! Structured replies and metadata contexts are declined, which every client handles.
+//! OPT_EXPORT_NAME, OPT_LIST, OPT_ABORT and OPT_STARTTLS, then READ, WRITE (with FUA), FLUSH,
+//! TRIM and DISC with simple replies
+//! (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md). Structured replies
+//! and metadata contexts are declined, which every client handles.
+//!
+//! Given a TLS configuration the server is in the protocol's "forced TLS" mode: before
+//! STARTTLS every option but ABORT is answered `ERR_TLS_REQD`, and the export is served only
+//! over the TLS session.
 //!
 //! Everything the client sends is bounded: option data, request lengths, and ranges against
 //! the device's size. A revoked export answers every later request with ESHUTDOWN.
@@ -26,6 +31,7 @@ const CLIENT_NO_ZEROES: u32 = 1 << 1;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 
@@ -34,6 +40,7 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
 const INFO_EXPORT: u16 = 0;
@@ -141,9 +148,21 @@ fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::
     w.write_all(&out)
 }
 
+/// How option haggling ended.
+enum Haggled {
+    Transmit,
+    StartTls,
+    Done(End),
+}
+
 /// Serves one client connection until it disconnects, the export is revoked, or the client
-/// breaks the protocol (an error naming what was wrong).
-pub fn serve<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End> {
+/// breaks the protocol (an error naming what was wrong). With `tls`, the client must upgrade
+/// with STARTTLS before anything else.
+pub fn serve<S: Read + Write>(
+    stream: &mut S,
+    export: &Export,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> io::Result<End> {
     if export.is_revoked() {
         return Ok(End::Revoked);
     }
@@ -161,6 +180,53 @@ pub fn serve<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End
         return Err(protocol(format!("unknown client flags {client_flags:#x}")));
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    match haggle(stream, export, no_zeroes, Tls::from(tls.is_some()))? {
+        Haggled::Transmit => transmission(stream, export),
+        Haggled::Done(end) => Ok(end),
+        Haggled::StartTls => {
+            let config = tls.expect("STARTTLS is accepted only with a TLS configuration");
+            let mut session = rustls::ServerConnection::new(config.clone())
+                .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+            let mut secure = rustls::Stream::new(&mut session, stream);
+            let end = match haggle(&mut secure, export, no_zeroes, Tls::Active)? {
+                Haggled::Transmit => transmission(&mut secure, export)?,
+                Haggled::Done(end) => end,
+                Haggled::StartTls => unreachable!("refused inside TLS"),
+            };
+            secure.conn.send_close_notify();
+            let _ = secure.flush();
+            Ok(end)
+        }
+    }
+}
+
+/// Where the connection stands with TLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// This export has no TLS configuration: STARTTLS is unsupported.
+    Unavailable,
+    /// TLS is required and not started yet.
+    Required,
+    /// The session is inside TLS.
+    Active,
+}
+
+impl From<bool> for Tls {
+    fn from(configured: bool) -> Self {
+        if configured {
+            Tls::Required
+        } else {
+            Tls::Unavailable
+        }
+    }
+}
+
+fn haggle<S: Read + Write>(
+    stream: &mut S,
+    export: &Export,
+    no_zeroes: bool,
+    tls: Tls,
+) -> io::Result<Haggled> {
     loop {
         if read_u64(stream)? != IHAVEOPT {
             return Err(protocol("option without IHAVEOPT magic"));
@@ -172,7 +238,31 @@ pub fn serve<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data)?;
+        if tls == Tls::Required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                // No error reply exists for this option: the connection just closes.
+                return Err(protocol("EXPORT_NAME before STARTTLS on a TLS-only export"));
+            }
+            option_reply(
+                stream,
+                option,
+                REP_ERR_TLS_REQD,
+                b"this export requires TLS",
+            )?;
+            continue;
+        }
         match option {
+            OPT_STARTTLS => match tls {
+                Tls::Required if data.is_empty() => {
+                    option_reply(stream, option, REP_ACK, &[])?;
+                    return Ok(Haggled::StartTls);
+                }
+                Tls::Required => {
+                    option_reply(stream, option, REP_ERR_INVALID, b"STARTTLS takes no data")?
+                }
+                Tls::Active => option_reply(stream, option, REP_ERR_INVALID, b"TLS is already on")?,
+                Tls::Unavailable => option_reply(stream, option, REP_ERR_UNSUP, &[])?,
+            },
             OPT_EXPORT_NAME => {
                 // No reply on error is possible here: the connection just closes.
                 if data != export.name.as_bytes() {
@@ -184,11 +274,11 @@ pub fn serve<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 stream.write_all(&out)?;
-                break;
+                return Ok(Haggled::Transmit);
             }
             OPT_ABORT => {
                 option_reply(stream, option, REP_ACK, &[])?;
-                return Ok(End::Client);
+                return Ok(Haggled::Done(End::Client));
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -225,13 +315,12 @@ pub fn serve<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<End
                 option_reply(stream, option, REP_INFO, &sizes)?;
                 option_reply(stream, option, REP_ACK, &[])?;
                 if option == OPT_GO {
-                    break;
+                    return Ok(Haggled::Transmit);
                 }
             }
             _ => option_reply(stream, option, REP_ERR_UNSUP, &[])?,
         }
     }
-    transmission(stream, export)
 }
 
 /// `u32 name length, name, u16 count, count * u16 info types`.

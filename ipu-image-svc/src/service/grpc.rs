@@ -52,6 +52,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(status)
 }
 
+/// The endpoint's Unix socket path, or "".
+fn unix_socket(e: &crate::export::Endpoint) -> String {
+    match e {
+        crate::export::Endpoint::Unix(p) => p.display().to_string(),
+        crate::export::Endpoint::Tcp(_) => String::new(),
+    }
+}
+
+/// The endpoint's TCP address, or "".
+fn tcp_address(e: &crate::export::Endpoint) -> String {
+    match e {
+        crate::export::Endpoint::Unix(_) => String::new(),
+        crate::export::Endpoint::Tcp(a) => a.to_string(),
+    }
+}
+
 #[tonic::async_trait]
 impl ImageService for Api {
     async fn prepare(
@@ -64,7 +80,8 @@ impl ImageService for Api {
         let p = blocking(move || service.prepare(&r.tenant, &r.function, &r.image)).await?;
         Ok(Response::new(PrepareResponse {
             clone_id: p.clone_id,
-            socket: p.socket.display().to_string(),
+            socket: unix_socket(&p.endpoint),
+            address: tcp_address(&p.endpoint),
             export_name: p.export_name,
             size: p.size,
             manifest_digest: p.manifest_digest,
@@ -95,7 +112,8 @@ impl ImageService for Api {
                 tenant: c.tenant,
                 function: c.function,
                 image: c.image,
-                socket: c.socket.display().to_string(),
+                socket: unix_socket(&c.endpoint),
+                address: tcp_address(&c.endpoint),
                 age_secs: c.age.as_secs(),
             })
             .collect();
@@ -124,7 +142,8 @@ impl ImageService for Api {
                         let event = CloneEvent {
                             kind: e.kind.to_string(),
                             clone_id: e.clone_id,
-                            socket: e.socket.display().to_string(),
+                            socket: unix_socket(&e.endpoint),
+                            address: tcp_address(&e.endpoint),
                             reason: e.reason,
                         };
                         if tx.send(Ok(event)).await.is_err() {

@@ -22,7 +22,7 @@ use crate::blockstore::clone::CloneDevice;
 use crate::blockstore::xts::XtsKey;
 use crate::blockstore::BlockDevice;
 use crate::export::nbd::Export;
-use crate::export::UnixExport;
+use crate::export::{Endpoint, HostExport};
 use crate::pipeline::{
     FailureClass, Goal, PipelineConfig, PipelineError, Quiet, Report, TrustPipeline, AUDIT_SERVICE,
 };
@@ -40,13 +40,23 @@ pub struct ServiceOptions {
     /// How long a clone lives unless torn down first, when the deployment policy does not
     /// say.
     pub clone_ttl: Duration,
+    /// Export over TCP with TLS (on a new port of this address per function) instead of
+    /// Unix sockets.
+    pub tcp_exports: Option<TcpExports>,
+}
+
+/// Where and how exports over TCP listen.
+#[derive(Clone, Debug)]
+pub struct TcpExports {
+    pub ip: std::net::IpAddr,
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 /// What Prepare hands the host agent.
 #[derive(Clone, Debug)]
 pub struct Prepared {
     pub clone_id: String,
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
     pub export_name: String,
     pub size: u64,
     pub manifest_digest: String,
@@ -59,7 +69,7 @@ pub struct Prepared {
 pub struct CloneEvent {
     pub kind: &'static str,
     pub clone_id: String,
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
     pub reason: String,
 }
 
@@ -70,13 +80,13 @@ pub struct CloneSummary {
     pub tenant: String,
     pub function: String,
     pub image: String,
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
     pub age: Duration,
 }
 
 struct Running {
     clone: Arc<CloneDevice>,
-    export: UnixExport,
+    export: HostExport,
     tenant: String,
     function: String,
     image: String,
@@ -336,18 +346,26 @@ impl Service {
         // Nothing is exported before its creation is on the record; a failure from here on
         // erases the clone (dropping it does).
         let receipt = self.record(created)?;
-        let socket = self
-            .opts
-            .state_dir
-            .join("exports")
-            // Short: a Unix socket path has at most 107 bytes, tenant names have up to 128.
-            .join(format!("{instance}.sock"));
-        let export = UnixExport::start(
-            Export::new(clone_id.clone(), clone.clone()),
-            &socket,
-            self.opts.host_agent_uid,
-        )
-        .map_err(|e| io_error("cannot export on", &socket, e))?;
+        let export = Export::new(clone_id.clone(), clone.clone());
+        let export = match &self.opts.tcp_exports {
+            Some(tcp) => HostExport::tcp(export, tcp.ip, tcp.tls.clone()).map_err(|e| {
+                PipelineError::new(
+                    FailureClass::Io,
+                    format!("cannot export on {}: {e}", tcp.ip),
+                )
+            })?,
+            None => {
+                // Short: a Unix socket path has at most 107 bytes, tenant names up to 128.
+                let socket = self
+                    .opts
+                    .state_dir
+                    .join("exports")
+                    .join(format!("{instance}.sock"));
+                HostExport::unix(export, &socket, self.opts.host_agent_uid)
+                    .map_err(|e| io_error("cannot export on", &socket, e))?
+            }
+        };
+        let endpoint = export.endpoint().clone();
         self.record(context(Event::new(
             AUDIT_SERVICE,
             EventKind::ExportAttach,
@@ -356,7 +374,7 @@ impl Service {
         )))?;
         let prepared = Prepared {
             clone_id: clone_id.clone(),
-            socket: socket.clone(),
+            endpoint: endpoint.clone(),
             export_name: clone_id.clone(),
             size: clone.size(),
             manifest_digest: digest.clone(),
@@ -380,7 +398,7 @@ impl Service {
         let _ = self.events.send(CloneEvent {
             kind: "attach",
             clone_id,
-            socket,
+            endpoint,
             reason: "prepared".into(),
         });
         Ok(prepared)
@@ -550,7 +568,7 @@ impl Service {
         let _ = self.events.send(CloneEvent {
             kind: "hot_remove",
             clone_id: clone_id.to_string(),
-            socket: running.export.socket().to_path_buf(),
+            endpoint: running.export.endpoint().clone(),
             reason: reason.to_string(),
         });
         erasure.map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?;
@@ -586,7 +604,7 @@ impl Service {
                 tenant: r.tenant.clone(),
                 function: r.function.clone(),
                 image: r.image.clone(),
-                socket: r.export.socket().to_path_buf(),
+                endpoint: r.export.endpoint().clone(),
                 age: r.created.elapsed(),
             })
             .collect();
