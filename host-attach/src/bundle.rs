@@ -1,7 +1,9 @@
 //! An OCI runtime bundle for one function, from the image's verified config, with hardened
 //! defaults: no capabilities, no new privileges, its own pid, network, ipc, uts, mount and
 //! cgroup namespaces, no devices beyond the runtime's minimal set, /proc and /sys masked and
-//! read-only where the runtime-spec's defaults say so, the root file system nodev and nosuid.
+//! read-only where the runtime-spec's defaults say so, the root file system nodev and nosuid,
+//! and a seccomp filter ([`seccomp`]) that refuses the system calls a function has no use
+//! for and that widen the kernel's attack surface.
 //!
 //! The document is written with serde_json rather than an OCI types crate: it is one fixed
 //! shape, and the runtime (runc) validates it.
@@ -142,8 +144,107 @@ pub fn config(process: &Process, rootfs: &Path, hostname: &str) -> Value {
             ],
             "readonlyPaths": [
                 "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
-            ]
+            ],
+            "seccomp": seccomp()
         }
+    })
+}
+
+/// System calls refused with EPERM: new namespaces and mounts, kernel keyrings, BPF and perf,
+/// module and kexec loading, tracing other processes, io_uring, clock and swap changes,
+/// reboot, and handle-based file opens. They need capabilities the function does not have,
+/// or open kernel surface it does not need (unprivileged user namespaces among them).
+const DENIED: &[&str] = &[
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "add_key",
+    "request_key",
+    "keyctl",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "quotactl_fd",
+    "syslog",
+    "lookup_dcookie",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "iopl",
+    "ioperm",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "vhangup",
+    "uselib",
+    "ustat",
+    "sysfs",
+    "_sysctl",
+    "fanotify_init",
+    "nfsservctl",
+];
+
+/// `clone` flags that make new namespaces (CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER,
+/// NEWPID, NEWNET): a clone with any of them is refused.
+const CLONE_NAMESPACE_FLAGS: [u64; 7] = [
+    0x0002_0000,
+    0x0200_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+];
+
+/// The seccomp section: allow by default, refuse [`DENIED`] and namespace-making `clone`
+/// calls with EPERM, and `clone3` (whose flags a filter cannot read) with ENOSYS, so the C
+/// library falls back to `clone`.
+pub fn seccomp() -> Value {
+    const EPERM: u32 = 1;
+    const ENOSYS: u32 = 38;
+    let mut syscalls = vec![
+        json!({"names": DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}),
+        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}),
+    ];
+    for flag in CLONE_NAMESPACE_FLAGS {
+        syscalls.push(json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]
+        }));
+    }
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": syscalls
     })
 }
 
@@ -182,5 +283,9 @@ mod tests {
         let cfg = config(&p, dir.path(), "fn");
         assert_eq!(cfg["process"]["noNewPrivileges"], true);
         assert_eq!(cfg["process"]["capabilities"]["bounding"], json!([]));
+        let denied = &cfg["linux"]["seccomp"]["syscalls"][0]["names"];
+        for call in ["unshare", "keyctl", "bpf", "mount", "ptrace"] {
+            assert!(denied.as_array().unwrap().contains(&json!(call)), "{call}");
+        }
     }
 }

@@ -68,6 +68,10 @@ struct ServeArgs {
     /// How long a clone lives unless torn down first (e.g. 15m, 1h).
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     clone_ttl: std::time::Duration,
+    /// How many image bases to keep for later starts (each is the image's file system,
+    /// encrypted; the least recently used one no function uses goes first).
+    #[arg(long, value_name = "N", default_value = "16")]
+    max_cached_bases: usize,
     /// Export clones over TCP on this address (a new port per function) with NBD STARTTLS
     /// forced and client certificates required, instead of Unix sockets.
     #[arg(long, value_name = "IP", requires_all = ["export_cert", "export_key", "export_client_ca"])]
@@ -240,6 +244,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 host_agent_uid: args.host_agent_uid,
                 clone_ttl: args.clone_ttl,
                 tcp_exports,
+                max_cached_bases: args.max_cached_bases,
             },
             factory,
             sink,

@@ -1,14 +1,15 @@
 //! Warm start of a function (its image's base already cached): Prepare (policy, signature,
-//! layer keys checked again, clone, export) + attach (nbdfuse + loop device) + mount, p50 and
-//! p99 over `ROUNDS` (default 100) runs, in process against the `enc-signed` fixture with its
-//! RSA key. The first (cold) Prepare, which builds the base, is reported apart. Target: p50 at
+//! layer keys released again by the broker, clone, export), attach (nbdfuse + loop device)
+//! and mount, p50 and p99 over `ROUNDS` (default 100) runs, in process against the
+//! `enc-signed` fixture. The first (cold) Prepare, which builds the base, is reported apart. Target: p50 at
 //! most 50 ms.
 //!
 //! Then `CONCURRENT` (default 32) function starts of the same image at once (on this
 //! machine's 2 cores): all must succeed; p50 and p99 of their start times.
 //!
-//! Not included: the key broker round trip (this bench uses the fixture's local key; the
-//! attest + release round trip is `attest_release`, p50 about 5 ms with EC keys).
+//! Layer keys come from the key broker (in process, over mutual TLS on loopback) through one
+//! attested session (a swtpm quote), as `ipu-image-svc serve` holds one: every Prepare has
+//! both layers' keys released again for its own request.
 //!
 //! `cargo bench -p integration-tests --bench warm_start` (root: loop devices and mounts)
 
@@ -19,8 +20,6 @@ use host_attach::attach::Attachment;
 use integration_tests::fixtures;
 use ipu_image_svc::pipeline::PipelineConfig;
 use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
-use ocicrypt::keys::PrivateKey;
-use ocicrypt::DecryptConfig;
 use policy::Policy;
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -37,19 +36,28 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    std::env::set_var("TSS2_LOG", "all+NONE");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     let audit = integration_tests::audit_log(&d.join("audit"));
     let sink: Arc<dyn audit::AuditSink> = audit.clone();
     let cache = d.join("cache");
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
-        let key = PrivateKey::from_pem(
-            &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    // The key broker (in process, mutual TLS on loopback) and the IPU's session with it, as
+    // `serve` holds one: every Prepare has each layer key released through it.
+    let swtpm = integration_tests::Swtpm::start();
+    let broker = {
+        let mut tpm = ipu_image_svc::attest::Tpm::open_persistent(
+            &swtpm.tcti(),
+            ipu_image_svc::attest::DEFAULT_AK_HANDLE,
         )
         .unwrap();
+        integration_tests::broker::start(&mut tpm)
+    };
+    let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("tls")));
+    let factory: PipelineFactory = Box::new(move |tenant, function| {
+        let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
         let mut cfg = PipelineConfig::new(policy, cache.clone());
-        cfg.decryption = DecryptConfig::new(vec![key]);
+        cfg.layer_keys = Some(keys.clone());
         cfg.audit = Some(sink.clone());
         cfg.tenant = Some(tenant.into());
         cfg.function = Some(function.into());
@@ -62,6 +70,7 @@ fn main() {
                 host_agent_uid: 0,
                 clone_ttl: Duration::from_secs(3600),
                 tcp_exports: None,
+                max_cached_bases: 16,
             },
             factory,
             audit,

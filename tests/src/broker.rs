@@ -87,7 +87,7 @@ pcrs = { 0 = "0000000000000000000000000000000000000000000000000000000000000000",
 name = "acme"
 [[tenant.function]]
 name = "*"
-images = ["oci:*"]
+images = ["oci:*", "docker://127.0.0.1:*"]
 [[tenant]]
 name = "globex"
 [[tenant.function]]
@@ -96,7 +96,7 @@ images = ["oci:*"]
 
 [[key]]
 id = "fixtures-rsa"
-images = ["oci:*"]
+images = ["oci:*", "docker://127.0.0.1:*"]
 tenants = ["acme"]
 ipu_classes = ["ipu-gen2"]
 
@@ -210,6 +210,33 @@ pub fn start(tpm: &mut Tpm) -> Running {
 }
 
 impl Running {
+    /// The broker's URL (its certificate names `localhost` and 127.0.0.1).
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The IPU side, as `ipu-image-svc serve` runs it: an attested session (TPM at `tcti`,
+    /// whose persisted AK [`start`] enrolled) that layer keys are released through. The
+    /// IPU's client certificate and the CA are written to `dir`.
+    pub fn ipu_keys(&self, tcti: &str, dir: &Path) -> ipu_image_svc::broker::BrokerKeys {
+        std::fs::create_dir_all(dir).unwrap();
+        let (cert, key) = self.pki.issue("ipu-1.example", Some("ipu"), false);
+        std::fs::write(dir.join("ca.pem"), self.pki.ca_pem()).unwrap();
+        std::fs::write(dir.join("ipu.pem"), cert).unwrap();
+        std::fs::write(dir.join("ipu.key"), key).unwrap();
+        ipu_image_svc::broker::BrokerKeys::attest(&ipu_image_svc::broker::BrokerSettings {
+            url: self.url(),
+            server_name: Some("localhost".into()),
+            ca: dir.join("ca.pem"),
+            cert: dir.join("ipu.pem"),
+            key: dir.join("ipu.key"),
+            tpm: tcti.to_string(),
+            ak_handle: ipu_image_svc::attest::DEFAULT_AK_HANDLE,
+            provider_name: "ipubroker".into(),
+        })
+        .unwrap()
+    }
+
     pub fn client(
         &self,
         identity: Option<(String, String)>,

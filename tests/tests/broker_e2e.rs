@@ -1120,6 +1120,25 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
         (400 << 10..=512 << 10).contains(&total_kib),
         "{total_kib} KiB: {df}"
     );
+    // The seccomp filter: no new namespaces (an unprivileged user namespace would open kernel
+    // surface), no kernel keyrings, no mounts.
+    for attempt in [
+        &["/bin/busybox", "unshare", "-U", "true"][..],
+        &["/bin/busybox", "unshare", "-n", "true"][..],
+        &["/bin/busybox", "mount", "-t", "tmpfs", "t", "/tmp"][..],
+    ] {
+        let out = host_attach(attempt);
+        assert!(
+            matches!(out.status.code(), Some(c) if c != 0 && c != 125),
+            "{attempt:?} ran: {:?}",
+            out.status
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("not permitted") || stderr.contains("permission denied"),
+            "{attempt:?}: {stderr}"
+        );
+    }
     // The function's exit code comes back; the clone is gone either way.
     let out = host_attach(&["/bin/busybox", "sh", "-c", "echo out; exit 7"]);
     assert_eq!(
@@ -1139,7 +1158,7 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
     );
     service.signal(libc::SIGTERM);
     let log = s.path("ipu-audit");
-    assert_eq!(events_of(&log, "clone.erase").len(), 3);
+    assert_eq!(events_of(&log, "clone.erase").len(), 6);
     broker.stop();
 }
 

@@ -48,6 +48,7 @@ fn service(
             host_agent_uid: 0,
             clone_ttl,
             tcp_exports,
+            max_cached_bases: 16,
         },
         factory,
         audit.clone(),
@@ -324,5 +325,74 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
     assert!(service.teardown(&p.clone_id, "done").unwrap());
     let gone = nbdinfo(&format!("{nbds}?tls-certificates={}", host_tls.display()));
     assert!(!gone.status.success(), "the port is closed after teardown");
+    service.shutdown();
+}
+
+/// The base cache is bounded: the least recently used base no function uses is deleted when a
+/// new one is built over the bound; one a running function uses stays.
+#[test]
+fn idle_bases_are_evicted_and_bases_in_use_stay() {
+    let registry = Registry::start_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let audit = integration_tests::audit_log(&d.join("audit"));
+    let sink: Arc<dyn audit::AuditSink> = audit.clone();
+    let cache = d.join("cache");
+    let factory: PipelineFactory = Box::new(move |tenant, function| {
+        let mut cfg = PipelineConfig::new(
+            Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
+            cache.clone(),
+        );
+        cfg.decryption = DecryptConfig::new(vec![PrivateKey::from_pem(
+            &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+        )
+        .unwrap()]);
+        cfg.audit = Some(sink.clone());
+        cfg.tenant = Some(tenant.into());
+        cfg.function = Some(function.into());
+        Ok(cfg)
+    });
+    let service = Service::start(
+        ServiceOptions {
+            state_dir: d.join("state"),
+            host_agent_uid: 0,
+            clone_ttl: Duration::from_secs(600),
+            tcp_exports: None,
+            max_cached_bases: 1,
+        },
+        factory,
+        audit,
+    )
+    .unwrap();
+    let bases = || {
+        std::fs::read_dir(d.join("state/bases"))
+            .unwrap()
+            .flatten()
+            .count()
+    };
+    let image = |tag: &str| registry.reference("fixtures/hello", tag);
+    let a = service
+        .prepare("acme", "a", &image("signed-cosign"))
+        .unwrap();
+    service.teardown(&a.clone_id, "done").unwrap();
+    assert_eq!(bases(), 1);
+    // A second image: the first base is idle, so it goes.
+    let b = service.prepare("acme", "b", &image("enc-signed")).unwrap();
+    assert_eq!(bases(), 1);
+    // A third while b's function runs: b's base stays, over the bound.
+    let c = service.prepare("acme", "c", &image("zstd")).unwrap();
+    assert_eq!(bases(), 2);
+    // b's base is still served from the cache (no rebuild), and reads right.
+    let b2 = service.prepare("acme", "b2", &image("enc-signed")).unwrap();
+    assert_eq!(bases(), 2);
+    for p in [&b, &c, &b2] {
+        service.teardown(&p.clone_id, "done").unwrap();
+    }
+    // The next build brings the cache back to its bound.
+    let a2 = service
+        .prepare("acme", "a2", &image("signed-cosign"))
+        .unwrap();
+    assert_eq!(bases(), 1);
+    service.teardown(&a2.clone_id, "done").unwrap();
     service.shutdown();
 }

@@ -7,6 +7,7 @@
 //! cached or not. Clones and their keys never outlive the process: a crash is an erase, and
 //! the next start deletes what was left and audits it.
 
+mod cache;
 pub mod grpc;
 
 use std::collections::HashMap;
@@ -43,6 +44,8 @@ pub struct ServiceOptions {
     /// Export over TCP with TLS (on a new port of this address per function) instead of
     /// Unix sockets.
     pub tcp_exports: Option<TcpExports>,
+    /// Bases kept for later starts; the least recently used one nobody uses goes first.
+    pub max_cached_bases: usize,
 }
 
 /// Where and how exports over TCP listen.
@@ -101,7 +104,7 @@ pub struct Service {
     opts: ServiceOptions,
     factory: PipelineFactory,
     audit: Arc<dyn AuditSink>,
-    bases: Mutex<HashMap<String, Arc<BaseImage>>>,
+    bases: Mutex<cache::BaseCache<BaseImage>>,
     /// The platform manifest digest each image reference last resolved to.
     resolved: Mutex<HashMap<String, String>>,
     /// One lock per image reference not known to be cached, held while it is verified and
@@ -174,6 +177,7 @@ impl Service {
             )
             .map_err(|e| io_error("cannot protect", &dir, e))?;
         }
+        let max_cached_bases = opts.max_cached_bases;
         let (events, _) = tokio::sync::broadcast::channel(256);
         let (stopping, _) = tokio::sync::watch::channel(false);
         let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
@@ -191,7 +195,7 @@ impl Service {
             opts,
             factory,
             audit,
-            bases: Mutex::new(HashMap::new()),
+            bases: Mutex::new(cache::BaseCache::new(max_cached_bases)),
             resolved: Mutex::new(HashMap::new()),
             building: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
@@ -422,7 +426,7 @@ impl Service {
                 .expect("not poisoned")
                 .get(image)
                 .cloned();
-            digest.is_some_and(|d| self.bases.lock().expect("not poisoned").contains_key(&d))
+            digest.is_some_and(|d| self.bases.lock().expect("not poisoned").contains(&d))
         };
         let flight = (!is_cached()).then(|| {
             self.building
@@ -439,24 +443,25 @@ impl Service {
         };
         let dir = self.opts.state_dir.join("bases");
         let plain = dir.join(format!("{instance}.ext4"));
-        let cached = self
-            .bases
-            .lock()
-            .expect("not poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        // Held for the run, so none of them is evicted before this start has its clone.
+        let cached = self.bases.lock().expect("not poisoned").snapshot();
         let mut report = Report::default();
         let ran = pipeline.run(
             reference,
             &Goal::Prepare {
                 output: plain.clone(),
-                cached,
+                cached: cached.keys().cloned().collect(),
             },
             &Quiet,
             &mut report,
         );
         let built = report.rootfs.is_some();
+        // Only this image's base stays held; the others may be evicted again.
+        let held = report
+            .platform_manifest_digest
+            .as_ref()
+            .and_then(|d| cached.get(&d.to_string()).cloned());
+        drop(cached);
         let result = ran.and_then(|()| {
             let digest = report
                 .platform_manifest_digest
@@ -471,26 +476,22 @@ impl Service {
                         .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?,
                 )
                 .map_err(|e| PipelineError::new(FailureClass::Io, format!("base image: {e}")))?;
-                self.bases
+                // Built meanwhile under another reference: that one stays, this one is
+                // dropped (and deleted).
+                let (base, evicted) = self
+                    .bases
                     .lock()
                     .expect("not poisoned")
-                    .entry(digest.clone())
-                    // Built meanwhile under another reference: that one stays, this one is
-                    // dropped (and deleted).
-                    .or_insert_with(|| Arc::new(base))
-                    .clone()
+                    .insert(&digest, base);
+                for e in evicted {
+                    tracing::info!(digest = %e, "idle base evicted from the cache");
+                }
+                base
             } else {
-                self.bases
-                    .lock()
-                    .expect("not poisoned")
-                    .get(&digest)
-                    .cloned()
-                    .ok_or_else(|| {
-                        PipelineError::new(
-                            FailureClass::Io,
-                            format!("the cached base of {digest} went away; start again"),
-                        )
-                    })?
+                self.bases.lock().expect("not poisoned").touch(&digest);
+                held.ok_or_else(|| {
+                    PipelineError::new(FailureClass::Io, format!("no cached base of {digest}"))
+                })?
             };
             Ok((digest, base))
         });
