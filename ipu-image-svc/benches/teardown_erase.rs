@@ -3,7 +3,8 @@
 //! of the same amount of data, all in the same run. Cryptographic erase should be flat in the
 //! size written (target: 1 GiB / 1 MiB at most 1.2); overwriting is linear. Freeing the erased
 //! clone's blocks, which the service does in the background after Teardown returns, is
-//! measured and printed too.
+//! measured and printed too. Before each erase the machine is left to settle (`sync`, 200 ms),
+//! so that the write-back of what was just written is not counted as the erase's cost.
 //!
 //! `cargo bench -p ipu-image-svc --bench teardown_erase` (needs about 3 GiB free in $TMPDIR)
 
@@ -61,6 +62,10 @@ fn main() {
                 at += n as u64;
             }
             clone.flush().unwrap();
+            // The writes' own tail (write-back of other files, page reclaim) is not the
+            // erase's cost: let the machine settle, the same way for both sizes.
+            Command::new("sync").status().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
             let t = Instant::now();
             let mut erased = clone.erase().unwrap().unwrap();
             erase.push(t.elapsed());

@@ -252,6 +252,9 @@ impl PipelineConfig {
     }
 }
 
+/// Layers fetched at once.
+const PARALLEL_FETCHES: usize = 4;
+
 /// How far to go.
 #[derive(Clone, Debug)]
 pub enum Goal {
@@ -274,7 +277,7 @@ pub enum Goal {
 }
 
 /// Progress notifications for a front end (progress bar, logs).
-pub trait Progress {
+pub trait Progress: Sync {
     fn stage(&self, _message: &str) {}
     /// `done` of `total` bytes of `label`.
     fn bytes(&self, _label: &str, _done: u64, _total: u64) {}
@@ -665,16 +668,38 @@ impl TrustPipeline {
         }
 
         let cache = BlobCache::new(&self.cfg.cache_dir)?;
-        let mut paths = Vec::new();
-        for (i, layer) in image.manifest.layers.iter().enumerate() {
-            let label = format!("layer {}/{}", i + 1, image.manifest.layers.len());
-            progress.stage(&format!("pulling {label} ({})", layer.digest));
-            let path = cache.fetch(source.as_ref(), layer, &|done, total| {
-                progress.bytes(&label, done, total)
-            })?;
+        // Layers are fetched (and verified) concurrently, a few at a time: a registry's
+        // latency is per request, and the layers are independent until they are applied.
+        let layers = &image.manifest.layers;
+        let mut paths = Vec::with_capacity(layers.len());
+        for (batch, chunk) in layers.chunks(PARALLEL_FETCHES).enumerate() {
+            let fetched: Vec<Result<PathBuf, FetchError>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, layer)| {
+                        let i = batch * PARALLEL_FETCHES + j;
+                        let label = format!("layer {}/{}", i + 1, layers.len());
+                        progress.stage(&format!("pulling {label} ({})", layer.digest));
+                        let (cache, source) = (&cache, source.as_ref());
+                        scope.spawn(move || {
+                            cache.fetch(source, layer, &|done, total| {
+                                progress.bytes(&label, done, total)
+                            })
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a fetch thread panicked"))
+                    .collect()
+            });
             progress.finish_bytes();
-            report.layers[i].cached_at = Some(path.clone());
-            paths.push(path);
+            for path in fetched {
+                let path = path?;
+                report.layers[paths.len()].cached_at = Some(path.clone());
+                paths.push(path);
+            }
         }
         let Goal::Unpack { output } = goal else {
             return Ok(());
