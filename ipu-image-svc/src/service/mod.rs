@@ -2,9 +2,9 @@
 //! verified image and export it to the host, `teardown` (hot-remove and cryptographic erase),
 //! `list`, events for the host agent, expiry, and recovery of orphans at start-up.
 //!
-//! Bases are cached by platform manifest digest for the life of the process (their keys live
-//! only in its memory), and every Prepare runs the image through the current policy again,
-//! cached or not. Clones and their keys never outlive the process: a crash is an erase, and
+//! Bases are cached by platform manifest digest, a bounded number of them, for at most the
+//! life of the process (their keys live only in its memory), and every Prepare runs the image
+//! through the current policy again, cached or not. Clones and their keys never outlive the process: a crash is an erase, and
 //! the next start deletes what was left and audits it.
 
 mod cache;
