@@ -21,6 +21,7 @@ packages=(
     fuse3            # nbdfuse's FUSE mounts (the host agent's attach without kernel nbd)
     qemu-utils       # qemu-img (a third-party NBD client), qemu-storage-daemon (TLS attach)
     runc             # the host agent runs functions with it
+    containerd       # the decrypt hook's tests run a real containerd (ctr)
     ca-certificates
 )
 

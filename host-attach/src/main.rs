@@ -18,6 +18,8 @@ use host_attach::attach::{Attachment, Export};
 use host_attach::bundle::{config, Process};
 
 const EXIT_NOT_STARTED: u8 = 125;
+/// `verify` refused or failed.
+const EXIT_VERIFY_FAILED: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +36,54 @@ struct Cli {
 enum Top {
     /// Run a function from an image: Prepare, attach, mount, runc, and tear down at exit.
     Run(RunArgs),
+    /// Have the IPU verify an image for a tenant and function (policy, signature, layer keys
+    /// released), so that containerd's decrypt hook (`ipu-decrypt-hook`) may then have its
+    /// layers decrypted: run before `ctr pull` of an encrypted image.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// ipu-image-svc's API socket.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/ipu-image-svc/api.sock"
+    )]
+    api: PathBuf,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    function: String,
+    /// The image reference (docker://... or oci:DIR:TAG).
+    image: String,
+}
+
+/// `host-attach verify`: prints the manifest digest and the layers.
+fn verify(args: &VerifyArgs) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let channel = api::unix::connect(args.api.clone())
+            .await
+            .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", args.api.display()))?;
+        let verified = ImageServiceClient::new(channel)
+            .verify(PrepareRequest {
+                tenant: args.tenant.clone(),
+                function: args.function.clone(),
+                image: args.image.clone(),
+            })
+            .await
+            .map_err(|s| format!("Verify: {}", s.message()))?
+            .into_inner();
+        println!("verified {} {}", args.image, verified.manifest_digest);
+        for layer in verified.layers {
+            println!("  layer {layer}");
+        }
+        Ok(())
+    })
 }
 
 #[derive(clap::Args)]
@@ -64,7 +114,18 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    let Top::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Top::Run(args) => args,
+        Top::Verify(args) => {
+            return match verify(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("host-attach: {e}");
+                    ExitCode::from(EXIT_VERIFY_FAILED)
+                }
+            };
+        }
+    };
     // Ctrl-C and SIGTERM mark that the run is ending: the function gets SIGTERM (through
     // runc, which forwards it), then SIGKILL after a grace period, and cleanup still happens.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -50,7 +50,8 @@ struct Session {
 }
 
 struct Connection {
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped (see `Drop`).
+    rt: Option<tokio::runtime::Runtime>,
     client: KeyBrokerClient<Channel>,
     session: Option<Session>,
 }
@@ -111,7 +112,7 @@ impl BrokerKeys {
             .block_on(endpoint.connect())
             .map_err(|e| format!("cannot reach the key broker at {}: {e}", settings.url))?;
         let mut connection = Connection {
-            rt,
+            rt: Some(rt),
             client: KeyBrokerClient::new(channel),
             session: None,
         };
@@ -126,6 +127,16 @@ impl BrokerKeys {
     pub fn ipu_class(&self) -> Result<String, String> {
         let mut c = self.connection.lock().expect("not poisoned");
         Ok(c.session(&self.settings)?.ipu_class.clone())
+    }
+}
+
+impl Drop for Connection {
+    /// Shut down without blocking: the last owner may be dropping this inside another
+    /// runtime's worker (a service shutting down), where a blocking shutdown would panic.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -150,6 +161,8 @@ impl Connection {
         let key = SessionKey::generate();
         let challenge = self
             .rt
+            .as_ref()
+            .expect("present until dropped")
             .block_on(self.client.challenge(ChallengeRequest {
                 ak_public: tpm.ak_public().to_vec(),
             }))
@@ -176,6 +189,8 @@ impl Connection {
             .map_err(|e| e.to_string())?;
         let attested = self
             .rt
+            .as_ref()
+            .expect("present until dropped")
             .block_on(self.client.attest(attest_request(
                 evidence,
                 tpm.ak_public(),
@@ -210,6 +225,8 @@ impl Connection {
         };
         let released = self
             .rt
+            .as_ref()
+            .expect("present until dropped")
             .block_on(self.client.release(request))
             .map_err(|s| ReleaseError::Refused(Box::new(s)))?
             .into_inner();

@@ -293,6 +293,9 @@ impl Progress for Quiet {}
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub image: String,
+    /// The platform manifest's layer descriptors (annotations included), once loaded.
+    #[serde(skip)]
+    pub layer_descriptors: Vec<fetch::Descriptor>,
     /// What the deployment policy requires of this request, when one decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requirements: Option<policy::deploy::Requirements>,
@@ -605,6 +608,7 @@ impl TrustPipeline {
 
         let image = fetch::load_config(source.as_ref(), resolved)?;
         report.config_digest = Some(image.manifest.config.digest.clone());
+        report.layer_descriptors = image.manifest.layers.clone();
         report.runtime_config = serde_json::from_slice::<serde_json::Value>(&image.config_bytes)
             .ok()
             .and_then(|c| c.get("config").cloned());

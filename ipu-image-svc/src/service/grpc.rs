@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use api::imagesvc::image_service_server::{ImageService, ImageServiceServer};
 use api::imagesvc::{
-    CloneEvent, CloneInfo, ListRequest, ListResponse, PrepareRequest, PrepareResponse,
-    TeardownRequest, TeardownResponse, WatchRequest,
+    CloneEvent, CloneInfo, DecryptLayerRequest, DecryptLayerResponse, DecryptLayerTrailer,
+    ListRequest, ListResponse, PrepareRequest, PrepareResponse, TeardownRequest, TeardownResponse,
+    VerifyResponse, WatchRequest,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::Service;
 use crate::pipeline::PipelineError;
@@ -50,6 +51,37 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(status)
+}
+
+/// The largest layer blob DecryptLayer takes.
+const MAX_BLOB: u64 = 16 << 30;
+/// Plaintext chunk sent back.
+const CHUNK: usize = 1 << 20;
+
+/// A DecryptLayer request's files on the IPU: deleted when dropped, whatever happened.
+struct Spool {
+    blob: std::path::PathBuf,
+    plain: std::path::PathBuf,
+}
+
+impl Spool {
+    fn new(dir: std::path::PathBuf) -> Self {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .expect("system randomness");
+        let id = hex::encode(id);
+        Self {
+            blob: dir.join(format!("decrypt-{id}.blob")),
+            plain: dir.join(format!("decrypt-{id}.plain")),
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.blob);
+        let _ = std::fs::remove_file(&self.plain);
+    }
 }
 
 /// The endpoint's Unix socket path, or "".
@@ -118,6 +150,160 @@ impl ImageService for Api {
             })
             .collect();
         Ok(Response::new(ListResponse { clones }))
+    }
+
+    type DecryptLayerStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<DecryptLayerResponse, Status>> + Send>,
+    >;
+
+    async fn verify(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        authorize(&req, self.host_agent_uid)?;
+        let r = req.into_inner();
+        let service = self.service.clone();
+        let (manifest_digest, layers) =
+            blocking(move || service.verify(&r.tenant, &r.function, &r.image)).await?;
+        Ok(Response::new(VerifyResponse {
+            manifest_digest,
+            layers,
+        }))
+    }
+
+    async fn decrypt_layer(
+        &self,
+        req: Request<Streaming<DecryptLayerRequest>>,
+    ) -> Result<Response<Self::DecryptLayerStream>, Status> {
+        authorize(&req, self.host_agent_uid)?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("an empty DecryptLayer stream"))?;
+        let header = first.header.ok_or_else(|| {
+            Status::invalid_argument("the first DecryptLayer message must carry the header")
+        })?;
+        let spool = Spool::new(self.service.spool_dir());
+        // The blob to the IPU's disk, hashed on the way.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let blob_path = spool.blob.clone();
+        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&blob_path)?;
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut size = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                ctx.update(&chunk);
+                f.write_all(&chunk)?;
+                size += chunk.len() as u64;
+            }
+            Ok((format!("sha256:{}", hex::encode(ctx.finish())), size))
+        });
+        let mut received = first.data.len() as u64;
+        let _ = tx.send(first.data).await;
+        let mut failed = None;
+        loop {
+            match inbound.message().await {
+                Ok(Some(m)) => {
+                    received += m.data.len() as u64;
+                    if received > MAX_BLOB {
+                        failed = Some(Status::resource_exhausted(format!(
+                            "a layer blob over {MAX_BLOB} bytes"
+                        )));
+                        break;
+                    }
+                    if tx.send(m.data).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        // The writer is done with the file before anything returns (the spool then deletes
+        // it, whatever happened).
+        let written = writer.await;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (digest, size) = written
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("spooling the blob: {e}")))?;
+        let service = self.service.clone();
+        let (blob, plain) = (spool.blob.clone(), spool.plain.clone());
+        let decrypted = blocking(move || {
+            let media_type = header.media_type.clone();
+            let payload = (!header.payload_descriptor_json.is_empty())
+                .then_some(header.payload_descriptor_json.as_str());
+            service.decrypt_layer(
+                &header.tenant,
+                &header.function,
+                &crate::service::decrypt::ReceivedBlob {
+                    path: &blob,
+                    digest: &digest,
+                    size,
+                    media_type: &media_type,
+                    payload_descriptor: payload,
+                },
+                &plain,
+            )
+        })
+        .await?;
+        // Verified: the plaintext goes out, then the trailer the hook checks.
+        let (out, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let file = std::fs::File::open(&spool.plain);
+            // Unlinked at once: only this reader still sees it.
+            drop(spool);
+            let mut file = match file {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = out.blocking_send(Err(Status::internal(e.to_string())));
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let m = DecryptLayerResponse {
+                            data: buf[..n].to_vec(),
+                            trailer: None,
+                        };
+                        if out.blocking_send(Ok(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = out.blocking_send(Err(Status::internal(e.to_string())));
+                        return;
+                    }
+                }
+            }
+            let _ = out.blocking_send(Ok(DecryptLayerResponse {
+                data: Vec::new(),
+                trailer: Some(DecryptLayerTrailer {
+                    size: decrypted.size,
+                    digest: decrypted.digest,
+                    media_type: decrypted.media_type,
+                }),
+            }));
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type WatchEventsStream =

@@ -8,6 +8,7 @@
 //! the next start deletes what was left and audits it.
 
 mod cache;
+pub mod decrypt;
 pub mod grpc;
 
 use std::collections::HashMap;
@@ -111,6 +112,9 @@ pub struct Service {
     /// its base built, so that a burst of starts of a new image builds it once.
     building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     clones: Mutex<HashMap<String, Running>>,
+    /// Layers of images verified per tenant and function, by blob digest (for the decrypt
+    /// hook).
+    known_layers: Mutex<HashMap<String, Vec<decrypt::KnownLayer>>>,
     events: tokio::sync::broadcast::Sender<CloneEvent>,
     /// Set when the service stops: event streams end, so the API can close.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -199,6 +203,7 @@ impl Service {
             resolved: Mutex::new(HashMap::new()),
             building: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
+            known_layers: Mutex::new(HashMap::new()),
             events,
             stopping,
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
@@ -277,6 +282,11 @@ impl Service {
         Ok(())
     }
 
+    /// Where requests' transient files go (deleted at start-up, like unpack trees).
+    pub(crate) fn spool_dir(&self) -> PathBuf {
+        self.opts.state_dir.join("staging")
+    }
+
     /// Events from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CloneEvent> {
         self.events.subscribe()
@@ -315,6 +325,7 @@ impl Service {
         // broker: each encrypted layer's key must still be released to this request. One
         // verification serves both the check and, for a new image, the build.
         let (digest, base, report) = self.verified_base(&pipeline, &reference, image, &instance)?;
+        self.remember_layers(tenant, function, &report);
 
         let clone_id = format!("{tenant}.{function}.{instance}");
         // The deployment policy's clone size and lifetime, else the service's defaults.

@@ -1,0 +1,192 @@
+//! `ipu-decrypt-hook`: containerd's stream processor for encrypted layers. The encrypted blob
+//! comes on stdin (and, when the client passed one, a payload on fd 3); it goes to
+//! ipu-image-svc, which decrypts it on the IPU with a key only the IPU gets, and the plaintext
+//! comes back to stdout. No key ever reaches this process.
+//!
+//! Any failure is one line on stderr (containerd shows it in its error) and exit code 1. The
+//! IPU sends plaintext only after verifying the blob's digest, the HMAC and the plaintext
+//! digest; this hook then checks the trailer (length and SHA-256 of what it wrote) before it
+//! exits 0, so a cut-off stream is never a success.
+//!
+//! containerd configuration: see docs/containerd-hook.md.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::imagesvc::image_service_client::ImageServiceClient;
+use api::imagesvc::{DecryptLayerHeader, DecryptLayerRequest};
+use clap::Parser;
+
+/// The payload type imgcrypt passes for ocicrypt layers.
+const PAYLOAD_TYPE: &str = "io.containerd.ocicrypt.v1.Payload";
+/// Largest payload read from fd 3.
+const MAX_PAYLOAD: u64 = 1 << 20;
+/// Blob chunk sent to the IPU.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Parser)]
+#[command(
+    name = "ipu-decrypt-hook",
+    version,
+    about = "containerd stream processor: encrypted layers decrypted on the IPU"
+)]
+struct Args {
+    /// ipu-image-svc's API socket.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/ipu-image-svc/api.sock"
+    )]
+    api: PathBuf,
+    /// The tenant and function the node pulls for (the deployment policy and the key broker
+    /// decide for them).
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    function: String,
+}
+
+/// protobuf `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Any {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// The layer descriptor (JSON) from the payload on fd 3, if containerd passed one.
+fn payload_descriptor() -> Result<Option<String>, String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // Is fd 3 open? (containerd opens it only when there is a payload.)
+    // SAFETY: F_GETFD on a descriptor number only queries it; a closed one fails with EBADF.
+    if unsafe { libc::fcntl(3, libc::F_GETFD) } == -1 {
+        return Ok(None);
+    }
+    // SAFETY: fd 3 is open (checked above) and nothing else in this process uses it: it was
+    // inherited from containerd for this purpose, and is owned (and closed) here.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(MAX_PAYLOAD + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the payload on fd 3: {e}"))?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if bytes.len() as u64 > MAX_PAYLOAD {
+        return Err(format!("the payload on fd 3 is over {MAX_PAYLOAD} bytes"));
+    }
+    let any = <Any as prost::Message>::decode(bytes.as_slice())
+        .map_err(|e| format!("the payload on fd 3 is not a protobuf Any: {e}"))?;
+    if !any.type_url.ends_with(PAYLOAD_TYPE) {
+        return Err(format!(
+            "the payload on fd 3 is a {:?}, not a {PAYLOAD_TYPE}",
+            any.type_url
+        ));
+    }
+    let payload: serde_json::Value = serde_json::from_slice(&any.value)
+        .map_err(|e| format!("the {PAYLOAD_TYPE} payload is not JSON: {e}"))?;
+    let descriptor = payload
+        .get("Descriptor")
+        .or_else(|| payload.get("descriptor"))
+        .ok_or_else(|| format!("the {PAYLOAD_TYPE} payload has no Descriptor"))?;
+    Ok(Some(descriptor.to_string()))
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let media_type = std::env::var("STREAM_PROCESSOR_MEDIATYPE").map_err(|_| {
+        "STREAM_PROCESSOR_MEDIATYPE is not set: run me as a containerd stream processor".to_string()
+    })?;
+    let payload = payload_descriptor()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let channel = api::unix::connect(args.api.clone())
+            .await
+            .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", args.api.display()))?;
+        let mut client = ImageServiceClient::new(channel);
+        // stdin is read on a thread of its own and streamed as it comes.
+        let (tx, rx) = tokio::sync::mpsc::channel::<DecryptLayerRequest>(4);
+        let header = DecryptLayerHeader {
+            tenant: args.tenant.clone(),
+            function: args.function.clone(),
+            media_type,
+            payload_descriptor_json: payload.unwrap_or_default(),
+        };
+        let reader = std::thread::spawn(move || -> Result<(), String> {
+            let mut stdin = std::io::stdin().lock();
+            let mut header = Some(header);
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = stdin
+                    .read(&mut buf)
+                    .map_err(|e| format!("reading the blob on stdin: {e}"))?;
+                if n == 0 && header.is_none() {
+                    return Ok(());
+                }
+                let m = DecryptLayerRequest {
+                    header: header.take(),
+                    data: buf[..n].to_vec(),
+                };
+                if tx.blocking_send(m).is_err() || n == 0 {
+                    return Ok(());
+                }
+            }
+        });
+        let response = client
+            .decrypt_layer(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| s.message().to_string())?;
+        let mut inbound = response.into_inner();
+        let mut stdout = std::io::stdout().lock();
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut written = 0u64;
+        let trailer = loop {
+            let Some(m) = inbound
+                .message()
+                .await
+                .map_err(|s| s.message().to_string())?
+            else {
+                return Err("the IPU ended the stream without its trailer".to_string());
+            };
+            if !m.data.is_empty() {
+                stdout
+                    .write_all(&m.data)
+                    .map_err(|e| format!("writing the plaintext to stdout: {e}"))?;
+                hash.update(&m.data);
+                written += m.data.len() as u64;
+            }
+            if let Some(t) = m.trailer {
+                break t;
+            }
+        };
+        stdout
+            .flush()
+            .map_err(|e| format!("writing the plaintext to stdout: {e}"))?;
+        reader
+            .join()
+            .map_err(|_| "the stdin reader panicked".to_string())??;
+        let digest = format!("sha256:{}", hex::encode(hash.finish()));
+        if written != trailer.size || digest != trailer.digest {
+            return Err(format!(
+                "the plaintext received ({written} bytes, {digest}) is not what the IPU verified ({} bytes, {})",
+                trailer.size, trailer.digest
+            ));
+        }
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipu-decrypt-hook: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

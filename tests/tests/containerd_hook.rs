@@ -1,0 +1,300 @@
+//! containerd's decrypt hook end to end, with Debian's containerd started by each test with
+//! its own root, state, socket and namespace, the fixture registry, and the IPU service in
+//! process behind its Unix API socket, taking layer keys from the key broker through an
+//! attested session (swtpm): `host-attach verify`, then `ctr pull` runs `ipu-decrypt-hook` for
+//! each encrypted layer and `ctr run` prints the fixture's output. Then what must fail, and
+//! how it shows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{bin, fixtures, is_root, Registry, Swtpm};
+use ipu_image_svc::pipeline::PipelineConfig;
+use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use policy::Policy;
+
+/// The IPU side: the key broker, the service and its API socket.
+struct Ipu {
+    _swtpm: Swtpm,
+    broker: integration_tests::broker::Running,
+    service: Arc<Service>,
+    api: PathBuf,
+    audit: Arc<audit::AuditLog>,
+    _rt: tokio::runtime::Runtime,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Ipu {
+    fn start(d: &Path) -> Self {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+        let swtpm = Swtpm::start();
+        let broker = {
+            let mut tpm = ipu_image_svc::attest::Tpm::open_persistent(
+                &swtpm.tcti(),
+                ipu_image_svc::attest::DEFAULT_AK_HANDLE,
+            )
+            .unwrap();
+            integration_tests::broker::start(&mut tpm)
+        };
+        let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
+        let audit = integration_tests::audit_log(&d.join("ipu-audit"));
+        let sink: Arc<dyn audit::AuditSink> = audit.clone();
+        let cache = d.join("ipu-cache");
+        let factory: PipelineFactory = Box::new(move |tenant, function| {
+            let mut cfg = PipelineConfig::new(
+                Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
+                cache.clone(),
+            );
+            cfg.layer_keys = Some(keys.clone());
+            cfg.audit = Some(sink.clone());
+            cfg.tenant = Some(tenant.into());
+            cfg.function = Some(function.into());
+            Ok(cfg)
+        });
+        let service = Arc::new(
+            Service::start(
+                ServiceOptions {
+                    state_dir: d.join("ipu-state"),
+                    host_agent_uid: 0,
+                    clone_ttl: Duration::from_secs(600),
+                    tcp_exports: None,
+                    max_cached_bases: 4,
+                },
+                factory,
+                audit.clone(),
+            )
+            .unwrap(),
+        );
+        let api = d.join("api.sock");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(&api).unwrap()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(ipu_image_svc::service::grpc::serve(
+            service.clone(),
+            listener,
+            0,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            _swtpm: swtpm,
+            broker,
+            service,
+            api,
+            audit,
+            _rt: rt,
+            _stop: stop,
+        }
+    }
+
+    /// `layer.decrypt` events the hook's requests left, with their outcomes.
+    fn hook_decrypts(&self) -> Vec<String> {
+        self.audit
+            .store()
+            .query(&audit::Query {
+                kind: Some(audit::EventKind::LayerDecrypt),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .events
+            .into_iter()
+            .filter(|e| e.details.get("via").map(String::as_str) == Some("decrypt-hook"))
+            .map(|e| e.outcome.as_str().to_string())
+            .collect()
+    }
+}
+
+/// containerd with its own root, state and socket, and the hook as its stream processor for
+/// encrypted layers (gzip, zstd and uncompressed), run for `tenant` and `function`.
+struct Containerd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    fn start(d: &Path, api: &Path, tenant: &str, function: &str) -> Self {
+        let dir = d.join("containerd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let hook = bin("ipu-decrypt-hook");
+        let mut processors = String::new();
+        for (id, plain) in [
+            ("tar.gzip", "application/vnd.oci.image.layer.v1.tar+gzip"),
+            ("tar.zstd", "application/vnd.oci.image.layer.v1.tar+zstd"),
+            ("tar", "application/vnd.oci.image.layer.v1.tar"),
+        ] {
+            processors.push_str(&format!(
+                r#"[stream_processors."io.containerd.ocicrypt.decoder.v1.{id}"]
+  accepts = ["{plain}+encrypted"]
+  returns = "{plain}"
+  path = "{}"
+  args = ["--api", "{}", "--tenant", "{tenant}", "--function", "{function}"]
+"#,
+                hook.display(),
+                api.display()
+            ));
+        }
+        // Top-level keys before the first table, or TOML puts them in it.
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{socket}"
+{processors}"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .expect("containerd (apt install containerd; scripts/setup.sh does)");
+        let mut me = Self { child, socket };
+        let start = Instant::now();
+        while !me.socket.exists() {
+            assert!(me.child.try_wait().unwrap().is_none(), "containerd exited");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "containerd not up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", namespace])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn verify(ipu: &Ipu, tenant: &str, function: &str, image: &str) -> Output {
+    Command::new(bin("host-attach"))
+        .args(["verify", "--api"])
+        .arg(&ipu.api)
+        .args(["--tenant", tenant, "--function", function, image])
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
+    if !is_root() {
+        eprintln!("skipped: containerd needs root");
+        return;
+    }
+    let registry = Registry::start_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let ipu = Ipu::start(dir.path());
+    let ctd = Containerd::start(dir.path(), &ipu.api, "acme", "pull");
+    let image = format!("{}/fixtures/hello:enc-signed", registry.host());
+
+    // Not verified yet: the hook refuses, and says what to do.
+    let refused = ctd.ctr("before", &["images", "pull", "--plain-http", &image]);
+    assert!(!refused.status.success());
+    let message = text(&refused);
+    assert!(
+        message.contains("ipu-decrypt-hook:")
+            && message.contains("no stream processor payload")
+            && message.contains("verify the image first"),
+        "{message}"
+    );
+
+    let verified = verify(&ipu, "acme", "pull", &format!("docker://{image}"));
+    assert!(verified.status.success(), "{}", text(&verified));
+    let pulled = ctd.ctr("ns1", &["images", "pull", "--plain-http", &image]);
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    let ran = ctd.ctr("ns1", &["run", "--rm", &image, "hello-1"]);
+    assert!(ran.status.success(), "{}", text(&ran));
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "hello from enc-signed\n"
+    );
+    // One refused and two decrypted layers on the IPU's record.
+    let outcomes = ipu.hook_decrypts();
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "success").count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "denied").count(),
+        1,
+        "{outcomes:?}"
+    );
+    ipu.service.shutdown();
+}
+
+#[test]
+fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
+    if !is_root() {
+        eprintln!("skipped: containerd needs root");
+        return;
+    }
+    let registry = Registry::start_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let ipu = Ipu::start(dir.path());
+    let image = format!("{}/fixtures/hello:enc-signed", registry.host());
+    let verified = verify(&ipu, "acme", "pull", &format!("docker://{image}"));
+    assert!(verified.status.success(), "{}", text(&verified));
+    // The operator revokes the key after the image was verified: the broker denies the
+    // release the hook's request needs.
+    ipu.broker
+        .broker
+        .revoke_key("test-operator", "fixtures-rsa", None)
+        .unwrap();
+    let ctd = Containerd::start(dir.path(), &ipu.api, "acme", "pull");
+    let denied = ctd.ctr("ns-denied", &["images", "pull", "--plain-http", &image]);
+    assert!(!denied.status.success());
+    let message = text(&denied);
+    assert!(
+        message.contains("ipu-decrypt-hook:") && message.contains("key broker"),
+        "{message}"
+    );
+    drop(ctd);
+
+    // The IPU unreachable.
+    let nowhere = dir.path().join("nowhere");
+    std::fs::create_dir_all(&nowhere).unwrap();
+    let ctd = Containerd::start(&nowhere, &nowhere.join("api.sock"), "acme", "pull");
+    let unreachable = ctd.ctr("ns-down", &["images", "pull", "--plain-http", &image]);
+    assert!(!unreachable.status.success());
+    let message = text(&unreachable);
+    assert!(
+        message.contains("ipu-decrypt-hook: cannot reach ipu-image-svc"),
+        "{message}"
+    );
+}
