@@ -296,6 +296,9 @@ pub struct Report {
     /// The platform manifest's layer descriptors (annotations included), once loaded.
     #[serde(skip)]
     pub layer_descriptors: Vec<fetch::Descriptor>,
+    /// The verified config's diff_ids, layer by layer.
+    #[serde(skip)]
+    pub layer_diff_ids: Vec<Digest>,
     /// What the deployment policy requires of this request, when one decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requirements: Option<policy::deploy::Requirements>,
@@ -609,6 +612,7 @@ impl TrustPipeline {
         let image = fetch::load_config(source.as_ref(), resolved)?;
         report.config_digest = Some(image.manifest.config.digest.clone());
         report.layer_descriptors = image.manifest.layers.clone();
+        report.layer_diff_ids = image.config.diff_ids.clone();
         report.runtime_config = serde_json::from_slice::<serde_json::Value>(&image.config_bytes)
             .ok()
             .and_then(|c| c.get("config").cloned());

@@ -243,11 +243,21 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
         String::from_utf8_lossy(&ran.stdout),
         "hello from enc-signed\n"
     );
-    // One refused and two decrypted layers on the IPU's record.
+    // The zstd variant (skopeo-encrypted zstd layers) through the zstd processor.
+    let zstd = format!("{}/fixtures/hello:zstd", registry.host());
+    let verified = verify(&ipu, "acme", "pull", &format!("docker://{zstd}"));
+    assert!(verified.status.success(), "{}", text(&verified));
+    let pulled = ctd.ctr("ns1", &["images", "pull", "--plain-http", &zstd]);
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    let ran = ctd.ctr("ns1", &["run", "--rm", &zstd, "hello-2"]);
+    assert!(ran.status.success(), "{}", text(&ran));
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from zstd\n");
+    // One refused and three decrypted layers on the IPU's record: zstd's first layer has the
+    // same diff_id as enc-signed's, so containerd reuses that snapshot instead of applying it.
     let outcomes = ipu.hook_decrypts();
     assert_eq!(
         outcomes.iter().filter(|o| *o == "success").count(),
-        2,
+        3,
         "{outcomes:?}"
     );
     assert_eq!(

@@ -59,13 +59,20 @@ struct Any {
 /// The layer descriptor (JSON) from the payload on fd 3, if containerd passed one.
 fn payload_descriptor() -> Result<Option<String>, String> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    // Is fd 3 open? (containerd opens it only when there is a payload.)
-    // SAFETY: F_GETFD on a descriptor number only queries it; a closed one fails with EBADF.
-    if unsafe { libc::fcntl(3, libc::F_GETFD) } == -1 {
+    // containerd passes the payload as a pipe on fd 3, and only when there is one. Anything
+    // else there (containerd 1.6 leaks a socket into its children as fd 3) is not a payload,
+    // and reading it would never end.
+    // SAFETY: fstat on a descriptor number only queries it; a closed one fails with EBADF,
+    // and `st` is a plain C struct the call fills.
+    let is_pipe = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(3, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+    };
+    if !is_pipe {
         return Ok(None);
     }
-    // SAFETY: fd 3 is open (checked above) and nothing else in this process uses it: it was
-    // inherited from containerd for this purpose, and is owned (and closed) here.
+    // SAFETY: fd 3 is an open pipe (checked above) and nothing else in this process uses it:
+    // containerd passed it for this purpose; it is owned (and closed) here.
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
     let mut bytes = Vec::new();
     std::fs::File::from(fd)

@@ -29,6 +29,8 @@ pub(crate) struct KnownLayer {
     pub image: String,
     pub image_digest: String,
     pub descriptor: Descriptor,
+    /// The verified config's diff_id for this layer.
+    pub diff_id: Option<String>,
 }
 
 /// What a decryption produced.
@@ -64,8 +66,9 @@ impl Service {
             return;
         };
         let mut known = self.known_layers.lock().expect("not poisoned");
-        for d in &report.layer_descriptors {
+        for (i, d) in report.layer_descriptors.iter().enumerate() {
             let layer = KnownLayer {
+                diff_id: report.layer_diff_ids.get(i).map(|d| d.to_string()),
                 tenant: tenant.into(),
                 function: function.into(),
                 image: report.image.clone(),
@@ -176,6 +179,27 @@ impl Service {
         result
     }
 
+    /// `sha256:<hex>` of the decompressed plaintext at `path`.
+    fn plaintext_diff_id(&self, path: &Path, media_type: &str) -> Result<String, PipelineError> {
+        let io = |e: std::io::Error| {
+            PipelineError::new(FailureClass::Io, format!("hashing the plaintext: {e}"))
+        };
+        let compression = crate::unpack::Compression::from_media_type(media_type)
+            .map_err(|e| refused(e.to_string()))?;
+        let file = BufReader::new(File::open(path).map_err(io)?);
+        let mut decoder = compression.decoder(file).map_err(io)?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = std::io::Read::read(&mut decoder, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        Ok(format!("sha256:{}", hex::encode(ctx.finish())))
+    }
+
     fn decrypt_known(
         &self,
         tenant: &str,
@@ -263,7 +287,27 @@ impl Service {
         out.flush().map_err(|e| io("the plaintext spool", e))?;
         // Every byte was read: the HMAC over the ciphertext and the plaintext digest from the
         // private options must both match, or nothing is sent.
-        let authenticated = decryptor.finish().map_err(integrity)?;
+        let (authenticated, stale) = decryptor
+            .finish_allowing_stale_digest()
+            .map_err(integrity)?;
+        if let Some(stale) = stale {
+            // A publisher that recompressed the layer left the old digest in the private
+            // options (as skopeo does with zstd). The signed config's diff_id can still vouch
+            // for the content: the decompressed plaintext must hash to it.
+            let diff_id = self.plaintext_diff_id(plaintext, &media_type)?;
+            if known.diff_id.as_deref() != Some(diff_id.as_str()) {
+                return Err(PipelineError::new(
+                    FailureClass::DigestMismatch,
+                    format!(
+                        "layer {}: decrypted digest {} does not match {} from the private options, and its diff_id {diff_id} is not the verified config's",
+                        d.digest,
+                        authenticated.plaintext_digest(),
+                        stale.declared
+                    ),
+                ));
+            }
+            tracing::warn!(layer = %d.digest, declared = %stale.declared, "stale digest in the private options; the signed diff_id vouches for the content");
+        }
         Ok(DecryptedLayer {
             size,
             digest: authenticated.plaintext_digest().to_string(),
