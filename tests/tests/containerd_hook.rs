@@ -202,6 +202,18 @@ fn verify(ipu: &Ipu, tenant: &str, function: &str, image: &str) -> Output {
         .unwrap()
 }
 
+/// containerd 1.6 shows a processor's stderr when the processor's exit wins the race against
+/// the end of its (empty) output; otherwise it reports the empty layer's diff id instead.
+/// Either way the pull fails; the hook's own line is checked directly in
+/// `the_hooks_failure_is_one_line_and_exit_1`.
+const EMPTY_LAYER_DIFF_ID: &str =
+    "wrong diff id calculated on extraction \"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\"";
+
+fn shows_hook_failure(message: &str, hook_text: &[&str]) -> bool {
+    message.contains(EMPTY_LAYER_DIFF_ID)
+        || (message.contains("ipu-decrypt-hook:") && hook_text.iter().all(|t| message.contains(t)))
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -227,9 +239,10 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
     assert!(!refused.status.success());
     let message = text(&refused);
     assert!(
-        message.contains("ipu-decrypt-hook:")
-            && message.contains("no stream processor payload")
-            && message.contains("verify the image first"),
+        shows_hook_failure(
+            &message,
+            &["no stream processor payload", "verify the image first"]
+        ),
         "{message}"
     );
 
@@ -290,10 +303,10 @@ fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
     let denied = ctd.ctr("ns-denied", &["images", "pull", "--plain-http", &image]);
     assert!(!denied.status.success());
     let message = text(&denied);
-    assert!(
-        message.contains("ipu-decrypt-hook:") && message.contains("key broker"),
-        "{message}"
-    );
+    assert!(shows_hook_failure(&message, &["key broker"]), "{message}");
+    // The IPU's record says why, whatever containerd showed.
+    let outcomes = ipu.hook_decrypts();
+    assert!(outcomes.iter().any(|o| o == "denied"), "{outcomes:?}");
     drop(ctd);
 
     // The IPU unreachable.
@@ -304,7 +317,63 @@ fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
     assert!(!unreachable.status.success());
     let message = text(&unreachable);
     assert!(
-        message.contains("ipu-decrypt-hook: cannot reach ipu-image-svc"),
+        shows_hook_failure(&message, &["cannot reach ipu-image-svc"]),
         "{message}"
     );
+}
+
+/// The hook as containerd runs it, without containerd in between: the encrypted blob on stdin,
+/// the media type in the environment. A failure is exactly one line on stderr, exit code 1,
+/// and nothing on stdout; a socket leaked on fd 3 is not taken for a payload.
+#[test]
+fn the_hooks_failure_is_one_line_and_exit_1() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let blob = integration_tests::broker::enc_signed_layer();
+    let run = |api: &Path| {
+        let mut child = Command::new(bin("ipu-decrypt-hook"))
+            .arg("--api")
+            .arg(api)
+            .args(["--tenant", "acme", "--function", "pull"])
+            .env(
+                "STREAM_PROCESSOR_MEDIATYPE",
+                "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&blob.blob).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // The IPU unreachable.
+    let out = run(&dir.path().join("nowhere.sock"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("ipu-decrypt-hook: cannot reach ipu-image-svc at "),
+        "{stderr}"
+    );
+    // Reachable, but the layer is in no verified image: refused, one line, nothing out.
+    let ipu = Ipu::start(dir.path());
+    let out = run(&ipu.api);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no stream processor payload") && stderr.contains("verify the image first"),
+        "{stderr}"
+    );
+    // Without the environment containerd sets, it says so.
+    let out = Command::new(bin("ipu-decrypt-hook"))
+        .args(["--tenant", "acme", "--function", "pull"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("STREAM_PROCESSOR_MEDIATYPE"));
 }

@@ -192,6 +192,10 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // containerd (1.6) reports a processor that quits while it is still writing the
+            // blob as a wrong diff id of an empty layer, and this message is lost: take the
+            // rest of the blob first, so that the failure shown is this one.
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
             eprintln!("ipu-decrypt-hook: {e}");
             ExitCode::from(1)
         }
