@@ -377,3 +377,83 @@ fn the_hooks_failure_is_one_line_and_exit_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("STREAM_PROCESSOR_MEDIATYPE"));
 }
+
+/// While the hook streams a decrypted layer out (held up by a reader that does not read, so
+/// it is alive after the IPU used the key), its memory holds no byte of the layer key: raw,
+/// base64 or hex. The scanner finding a key where one is held is shown in
+/// `broker_e2e::no_layer_key_bytes_in_the_memory_of_host_side_processes`.
+#[test]
+fn the_hook_holds_no_key_bytes() {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    if !is_root() {
+        eprintln!("skipped: reading another process's memory needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ipu = Ipu::start(dir.path());
+    let layer = integration_tests::broker::enc_signed_layer();
+    let verified = verify(&ipu, "acme", "pull", &layer.image);
+    assert!(verified.status.success(), "{}", text(&verified));
+    // The layer key, learnt from the fixture's JWE with the fixture's private key.
+    let rsa = ocicrypt::keys::PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let privopts = ocicrypt::PrivateLayerOptions::from_json(
+        &ocicrypt::jwe::unwrap(&layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE], &[rsa]).unwrap(),
+    )
+    .unwrap();
+    let key = privopts.symkey().to_vec();
+    let needles = vec![
+        key.clone(),
+        base64::engine::general_purpose::STANDARD
+            .encode(&key)
+            .into_bytes(),
+        hex::encode(&key).into_bytes(),
+    ];
+    let mut hook = Command::new(bin("ipu-decrypt-hook"))
+        .arg("--api")
+        .arg(&ipu.api)
+        .args(["--tenant", "acme", "--function", "pull"])
+        .env(
+            "STREAM_PROCESSOR_MEDIATYPE",
+            "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    hook.stdin.take().unwrap().write_all(&layer.blob).unwrap();
+    // The IPU has decrypted (and recorded it); the hook is blocked writing its output.
+    let start = Instant::now();
+    while !ipu.hook_decrypts().iter().any(|o| o == "success") {
+        assert!(start.elapsed() < Duration::from_secs(30), "no decryption");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let scan = integration_tests::scan_process_memory(hook.id(), &needles);
+    assert!(scan.bytes_scanned > 1_000_000, "{scan:?}");
+    assert!(
+        scan.found.is_empty(),
+        "the hook holds layer key bytes: {:?}",
+        scan.found
+    );
+    let mut plaintext = Vec::new();
+    hook.stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut plaintext)
+        .unwrap();
+    let out = hook.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        format!("sha256:{}", integration_tests::sha256_hex(&plaintext)),
+        privopts.digest()
+    );
+}
