@@ -2,6 +2,7 @@
 //! serving it on 127.0.0.1, and ext4 inspection with e2fsprogs.
 
 pub mod broker;
+pub mod containerd;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

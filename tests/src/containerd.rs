@@ -1,0 +1,204 @@
+//! Harness for the containerd decrypt hook: the IPU side in process (key broker with a swtpm
+//! attestation, the service and its API socket) and a containerd per test with the hook as its
+//! stream processor.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipu_image_svc::pipeline::PipelineConfig;
+use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use policy::Policy;
+
+use crate::{bin, fixtures, Swtpm};
+
+/// The IPU side: the key broker, the service and its API socket.
+pub struct Ipu {
+    _swtpm: Swtpm,
+    pub broker: crate::broker::Running,
+    pub service: Arc<Service>,
+    pub api: PathBuf,
+    pub audit: Arc<audit::AuditLog>,
+    _rt: tokio::runtime::Runtime,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Ipu {
+    /// Starts everything under `d`; images are trusted by `trust_policy` (a fixture policy).
+    pub fn start(d: &Path, trust_policy: &str) -> Self {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+        let swtpm = Swtpm::start();
+        let broker = {
+            let mut tpm = ipu_image_svc::attest::Tpm::open_persistent(
+                &swtpm.tcti(),
+                ipu_image_svc::attest::DEFAULT_AK_HANDLE,
+            )
+            .unwrap();
+            crate::broker::start(&mut tpm)
+        };
+        let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
+        let audit = crate::audit_log(&d.join("ipu-audit"));
+        let sink: Arc<dyn audit::AuditSink> = audit.clone();
+        let cache = d.join("ipu-cache");
+        let trust_policy = trust_policy.to_string();
+        let factory: PipelineFactory = Box::new(move |tenant, function| {
+            let mut cfg = PipelineConfig::new(
+                Policy::from_file(&fixtures().join("policies").join(&trust_policy)).unwrap(),
+                cache.clone(),
+            );
+            cfg.layer_keys = Some(keys.clone());
+            cfg.audit = Some(sink.clone());
+            cfg.tenant = Some(tenant.into());
+            cfg.function = Some(function.into());
+            Ok(cfg)
+        });
+        let service = Arc::new(
+            Service::start(
+                ServiceOptions {
+                    state_dir: d.join("ipu-state"),
+                    host_agent_uid: 0,
+                    clone_ttl: Duration::from_secs(600),
+                    tcp_exports: None,
+                    max_cached_bases: 4,
+                },
+                factory,
+                audit.clone(),
+            )
+            .unwrap(),
+        );
+        let api = d.join("api.sock");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(&api).unwrap()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(ipu_image_svc::service::grpc::serve(
+            service.clone(),
+            listener,
+            0,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            _swtpm: swtpm,
+            broker,
+            service,
+            api,
+            audit,
+            _rt: rt,
+            _stop: stop,
+        }
+    }
+
+    /// `layer.decrypt` events the hook's requests left, with their outcomes.
+    pub fn hook_decrypts(&self) -> Vec<String> {
+        self.audit
+            .store()
+            .query(&audit::Query {
+                kind: Some(audit::EventKind::LayerDecrypt),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .events
+            .into_iter()
+            .filter(|e| e.details.get("via").map(String::as_str) == Some("decrypt-hook"))
+            .map(|e| e.outcome.as_str().to_string())
+            .collect()
+    }
+}
+
+/// containerd with its own root, state and socket, and the hook as its stream processor for
+/// encrypted layers (gzip, zstd and uncompressed), run for `tenant` and `function`.
+pub struct Containerd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(d: &Path, api: &Path, tenant: &str, function: &str) -> Self {
+        let dir = d.join("containerd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let hook = bin("ipu-decrypt-hook");
+        let mut processors = String::new();
+        for (id, plain) in [
+            ("tar.gzip", "application/vnd.oci.image.layer.v1.tar+gzip"),
+            ("tar.zstd", "application/vnd.oci.image.layer.v1.tar+zstd"),
+            ("tar", "application/vnd.oci.image.layer.v1.tar"),
+        ] {
+            processors.push_str(&format!(
+                r#"[stream_processors."io.containerd.ocicrypt.decoder.v1.{id}"]
+  accepts = ["{plain}+encrypted"]
+  returns = "{plain}"
+  path = "{}"
+  args = ["--api", "{}", "--tenant", "{tenant}", "--function", "{function}"]
+"#,
+                hook.display(),
+                api.display()
+            ));
+        }
+        // Top-level keys before the first table, or TOML puts them in it.
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{socket}"
+{processors}"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .expect("containerd (apt install containerd; scripts/setup.sh does)");
+        let mut me = Self { child, socket };
+        let start = Instant::now();
+        while !me.socket.exists() {
+            assert!(me.child.try_wait().unwrap().is_none(), "containerd exited");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "containerd not up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    pub fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", namespace])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `host-attach verify` of `image` for `tenant` and `function`.
+pub fn verify(ipu: &Ipu, tenant: &str, function: &str, image: &str) -> Output {
+    Command::new(bin("host-attach"))
+        .args(["verify", "--api"])
+        .arg(&ipu.api)
+        .args(["--tenant", tenant, "--function", function, image])
+        .output()
+        .unwrap()
+}
