@@ -1,0 +1,123 @@
+//! Pull + unpack through containerd of an image with one large layer (default 200 MB of
+//! incompressible data, `LAYER_MB`): encrypted, through `ipu-decrypt-hook` and the IPU (the
+//! `host-attach verify` before the pull counted too), against the same image unencrypted,
+//! same run, each on a fresh containerd. Median of `ROUNDS` (default 3); target: at most 1.3x
+//! the plain pull.
+//!
+//! The IPU runs in process with layer keys from the key broker through an attested session
+//! (swtpm), as in `tests/tests/containerd_hook.rs`.
+//!
+//! `cargo build --release --workspace --bins && cargo bench -p integration-tests --bench
+//! containerd_pull` (root: containerd; the hook and tools are run from target/release)
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::containerd::{verify, Containerd, Ipu};
+use integration_tests::{bin, fixtures, is_root, Registry};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("command");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A rootfs with busybox, /hello and `mb` MB of random bytes.
+fn rootfs(dir: &Path, mb: usize) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    std::fs::write(dir.join("hello"), "hello from a large image\n").unwrap();
+    let mut f = std::fs::File::create(dir.join("data.bin")).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..mb {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut chunk).unwrap();
+        f.write_all(&chunk).unwrap();
+    }
+}
+
+fn main() {
+    if !is_root() {
+        println!("containerd_pull: skipped (needs root for containerd)");
+        return;
+    }
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, mb) = (env("ROUNDS", 3), env("LAYER_MB", 200));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    rootfs(&d.join("rootfs"), mb);
+    let layout = d.join("layout");
+    run(Command::new(bin("ocipub"))
+        .args(["build", "--rootfs"])
+        .arg(d.join("rootfs"))
+        .arg("--layout")
+        .arg(&layout)
+        .args(["--tag", "plain", "--cmd", "/hello"]));
+    run(Command::new(bin("ocipub"))
+        .args(["encrypt", "--layout"])
+        .arg(&layout)
+        .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
+        .arg(format!(
+            "jwe:{}",
+            fixtures().join("keys/rsa-2048/pub.pem").display()
+        )));
+    let registry = Registry::start(None);
+    for tag in ["plain", "enc"] {
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/bench/large:{tag}", registry.host())));
+    }
+    let ipu = Ipu::start(d, "policy-accept-anything.json");
+    let (mut plain, mut enc) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for (tag, times) in [("plain", &mut plain), ("enc", &mut enc)] {
+            let home = d.join(format!("ctd-{tag}-{round}"));
+            let ctd = Containerd::start(&home, &ipu.api, "acme", "pull");
+            let image = format!("{}/bench/large:{tag}", registry.host());
+            let t = Instant::now();
+            if tag == "enc" {
+                let v = verify(&ipu, "acme", "pull", &format!("docker://{image}"));
+                assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+            }
+            let out = ctd.ctr("bench", &["images", "pull", "--plain-http", &image]);
+            times.push(t.elapsed());
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            drop(ctd);
+            let _ = std::fs::remove_dir_all(&home);
+        }
+    }
+    let (p, e) = (median(plain), median(enc));
+    println!("containerd pull + unpack of one {mb} MB layer, median of {rounds} rounds, same run:");
+    println!(
+        "  plain image:                                   {:8.1} ms",
+        p.as_secs_f64() * 1e3
+    );
+    println!(
+        "  encrypted, verify + hook + IPU decryption:     {:8.1} ms",
+        e.as_secs_f64() * 1e3
+    );
+    println!(
+        "  ratio encrypted / plain: {:.2} (target <= 1.3)",
+        e.as_secs_f64() / p.as_secs_f64()
+    );
+}
