@@ -1327,6 +1327,29 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
         .arg(log.join("verifier.pub")));
 }
 
+/// A host agent that is stopped as a user would stop it, SIGTERM, if a test ends early: it
+/// then unmounts, detaches and tears down (a SIGKILL would leave its mounts behind).
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while self.0.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Every process of the pid's tree: the pid and its descendants.
 fn process_tree(root: u32) -> Vec<u32> {
     let mut parents = Vec::new();
@@ -1371,7 +1394,7 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
     let needles = layer_key_needles(&s);
     let _control = scan_finds_a_holder(&needles);
     let service = ImageService::start(&s);
-    let mut agent = Daemon(
+    let mut agent = Agent(
         Command::new(bin("host-attach"))
             .args(["run", "--api"])
             .arg(&service.socket)
