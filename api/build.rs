@@ -7,6 +7,7 @@ fn main() {
                 "proto/keybroker.proto",
                 "proto/keyprovider.proto",
                 "proto/imagesvc.proto",
+                "proto/containerd_diff.proto",
             ],
             &["proto"],
         )

@@ -20,6 +20,12 @@ pub mod keyprovider {
     tonic::include_proto!("keyprovider");
 }
 
+/// containerd's diff service (Apply with stream processor payloads), for tests that drive
+/// containerd the way imgcrypt-aware clients do.
+pub mod containerd_diff {
+    tonic::include_proto!("containerd.services.diff.v1");
+}
+
 /// Clients of the services that listen on Unix sockets.
 pub mod unix {
     use std::path::PathBuf;

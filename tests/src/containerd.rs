@@ -115,7 +115,7 @@ impl Ipu {
 /// encrypted layers (gzip, zstd and uncompressed), run for `tenant` and `function`.
 pub struct Containerd {
     child: Child,
-    socket: PathBuf,
+    pub socket: PathBuf,
 }
 
 impl Containerd {

@@ -267,3 +267,147 @@ fn the_hook_holds_no_key_bytes() {
         privopts.digest()
     );
 }
+
+/// A layer applied through containerd's diff service with a stream processor payload, as an
+/// imgcrypt-aware client does: containerd passes the payload to the hook on fd 3, the IPU
+/// checks its descriptor against the blob, and the layer is applied (the returned diff_id is
+/// the verified config's). A payload naming another blob is refused, and audited.
+#[test]
+fn a_payload_carrying_apply_through_the_diff_service() {
+    use api::containerd_diff::diff_client::DiffClient;
+    use api::containerd_diff::{Any, ApplyRequest, Descriptor, Mount};
+    if !is_root() {
+        eprintln!("skipped: containerd needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ipu = Ipu::start(dir.path(), "policy-A.json");
+    let layer = integration_tests::broker::enc_signed_layer();
+    let verified = verify(&ipu, "acme", "pull", &layer.image);
+    assert!(verified.status.success(), "{}", text(&verified));
+    let ctd = Containerd::start(dir.path(), &ipu.api, "acme", "pull");
+    let ns = "apply";
+    let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
+    // The image's content into containerd's store (fetched, not unpacked).
+    let registry = Registry::start_fixtures();
+    let fetched = ctd.ctr(
+        ns,
+        &[
+            "content",
+            "fetch",
+            "--plain-http",
+            &format!("{}/fixtures/hello:enc-signed", registry.host()),
+        ],
+    );
+    assert!(fetched.status.success(), "{}", text(&fetched));
+    // The config's diff_id of that layer: what a correct apply must produce.
+    let (_, manifest) =
+        integration_tests::layout_manifest(&fixtures().join("oci-layout"), "enc-signed");
+    let config: serde_json::Value = serde_json::from_slice(&integration_tests::layout_blob(
+        &fixtures().join("oci-layout"),
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let diff_id = config["rootfs"]["diff_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let apply = |key: &str, payload_digest: &str| {
+        // A fresh, empty snapshot to apply into, and its mounts.
+        let prepare = ctd.ctr(
+            ns,
+            &["snapshots", "--snapshotter", "native", "prepare", key],
+        );
+        assert!(prepare.status.success(), "{}", text(&prepare));
+        let mounts = ctd.ctr(
+            ns,
+            &[
+                "snapshots",
+                "--snapshotter",
+                "native",
+                "mounts",
+                "/unused",
+                key,
+            ],
+        );
+        assert!(mounts.status.success(), "{}", text(&mounts));
+        // `mount -t bind SOURCE /unused -o rbind,rw`
+        let line = String::from_utf8_lossy(&mounts.stdout).trim().to_string();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[..3], ["mount", "-t", "bind"], "{line}");
+        let mount = Mount {
+            r#type: words[2].to_string(),
+            source: words[3].to_string(),
+            options: words[6].split(',').map(String::from).collect(),
+        };
+        let payload = serde_json::json!({
+            "DecryptConfig": {"Parameters": {}},
+            "Descriptor": {"mediaType": media_type, "digest": payload_digest, "size": layer.blob.len()}
+        });
+        let mut request = tonic::Request::new(ApplyRequest {
+            diff: Some(Descriptor {
+                media_type: media_type.into(),
+                digest: layer.layer_digest.clone(),
+                size: layer.blob.len() as i64,
+                annotations: Default::default(),
+            }),
+            mounts: vec![mount],
+            payloads: [(
+                "io.containerd.ocicrypt.decoder.v1.tar.gzip".to_string(),
+                Any {
+                    type_url: "io.containerd.ocicrypt.v1.Payload".into(),
+                    value: payload.to_string().into_bytes(),
+                },
+            )]
+            .into(),
+        });
+        request
+            .metadata_mut()
+            .insert("containerd-namespace", ns.parse().unwrap());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let channel = api::unix::connect(ctd.socket.clone()).await.unwrap();
+            DiffClient::new(channel)
+                .apply(request)
+                .await
+                .map_err(Box::new)
+        })
+    };
+    let applied = apply("apply-ok", &layer.layer_digest)
+        .unwrap()
+        .into_inner()
+        .applied
+        .unwrap();
+    assert_eq!(applied.digest, diff_id);
+    assert_eq!(applied.media_type, "application/vnd.oci.image.layer.v1.tar");
+
+    // A payload that names another blob.
+    let other = format!("sha256:{}", "0".repeat(64));
+    let refused = apply("apply-bad", &other).unwrap_err();
+    let message = refused.message().to_string();
+    assert!(
+        message.contains(EMPTY_LAYER_DIFF_ID) || message.contains("payload names"),
+        "{message}"
+    );
+    let denied: Vec<String> = ipu
+        .audit
+        .store()
+        .query(&audit::Query {
+            kind: Some(audit::EventKind::LayerDecrypt),
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap()
+        .events
+        .into_iter()
+        .filter(|e| e.outcome.as_str() == "denied")
+        .map(|e| e.reason)
+        .collect();
+    assert!(
+        denied
+            .iter()
+            .any(|m| m.contains("the stream processor payload names")),
+        "{denied:?}"
+    );
+}
