@@ -59,17 +59,31 @@ struct VerifyArgs {
     image: String,
 }
 
-/// `host-attach verify`: prints the manifest digest and the layers.
-fn verify(args: &VerifyArgs) -> Result<(), String> {
+/// A runtime for this process's few calls, and a client of ipu-image-svc's API at `api`.
+fn connect(
+    api: &std::path::Path,
+) -> Result<
+    (
+        tokio::runtime::Runtime,
+        ImageServiceClient<tonic::transport::Channel>,
+    ),
+    String,
+> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let channel = rt
+        .block_on(api::unix::connect(api.to_path_buf()))
+        .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", api.display()))?;
+    Ok((rt, ImageServiceClient::new(channel)))
+}
+
+/// `host-attach verify`: prints the manifest digest and the layers.
+fn verify(args: &VerifyArgs) -> Result<(), String> {
+    let (rt, mut client) = connect(&args.api)?;
     rt.block_on(async {
-        let channel = api::unix::connect(args.api.clone())
-            .await
-            .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", args.api.display()))?;
-        let verified = ImageServiceClient::new(channel)
+        let verified = client
             .verify(PrepareRequest {
                 tenant: args.tenant.clone(),
                 function: args.function.clone(),
@@ -145,15 +159,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs, interrupted: &AtomicBool) -> Result<u8, String> {
-    let api = &args.api;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let channel = rt
-        .block_on(api::unix::connect(api.to_path_buf()))
-        .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", api.display()))?;
-    let mut client = ImageServiceClient::new(channel);
+    let (rt, mut client) = connect(&args.api)?;
     let prepared = rt
         .block_on(client.prepare(PrepareRequest {
             tenant: args.tenant.clone(),

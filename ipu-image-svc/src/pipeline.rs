@@ -171,16 +171,20 @@ fn from_unpack(e: UnpackError, layer: usize, digest: &Digest) -> PipelineError {
     PipelineError::new(class, format!("layer {layer} ({digest}): {}", e.message))
 }
 
-fn from_ocicrypt(e: ocicrypt::Error, layer: usize, digest: &Digest) -> PipelineError {
+/// The failure class of an ocicrypt error.
+pub(crate) fn ocicrypt_class(e: &ocicrypt::Error) -> FailureClass {
     use ocicrypt::ErrorClass as C;
-    let class = match e.class() {
+    match e.class() {
         C::NoKey => FailureClass::NoDecryptionKey,
         C::Integrity => FailureClass::DigestMismatch,
         C::Malformed => FailureClass::MalformedImage,
         C::Unsupported => FailureClass::UnsupportedImage,
         C::Io => FailureClass::Io,
-    };
-    PipelineError::new(class, format!("layer {layer} ({digest}): {e}"))
+    }
+}
+
+fn from_ocicrypt(e: ocicrypt::Error, layer: usize, digest: &Digest) -> PipelineError {
+    PipelineError::new(ocicrypt_class(&e), format!("layer {layer} ({digest}): {e}"))
 }
 
 /// Everything the pipeline needs besides the image reference.

@@ -285,6 +285,22 @@ fn only_the_allowed_uid_may_use_an_export() {
 
 /// A hostile client: bad magic, oversized options, reads out of range. Each gets its error
 /// and the server stays sane.
+/// Appends a client option (IHAVEOPT, option, length, data) to `m`.
+fn option(m: &mut Vec<u8>, option: u32, data: &[u8]) {
+    m.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+    m.extend(option.to_be_bytes());
+    m.extend((data.len() as u32).to_be_bytes());
+    m.extend(data);
+}
+
+/// An INFO/GO request's data for export `name`, asking for no particular information.
+fn go_request(name: &[u8]) -> Vec<u8> {
+    let mut go = (name.len() as u32).to_be_bytes().to_vec();
+    go.extend(name);
+    go.extend(0u16.to_be_bytes());
+    go
+}
+
 #[test]
 fn malformed_nbd_traffic_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -313,16 +329,8 @@ fn malformed_nbd_traffic_is_refused() {
     assert!(r.unwrap_err().to_string().contains("bytes"));
     // GO for a name that is not exported, then a clean abort.
     let mut m = 3u32.to_be_bytes().to_vec();
-    let mut go = 4u32.to_be_bytes().to_vec();
-    go.extend(b"nope");
-    go.extend(0u16.to_be_bytes());
-    m.extend(0x4948_4156_454f_5054u64.to_be_bytes());
-    m.extend(7u32.to_be_bytes());
-    m.extend((go.len() as u32).to_be_bytes());
-    m.extend(&go);
-    m.extend(0x4948_4156_454f_5054u64.to_be_bytes());
-    m.extend(2u32.to_be_bytes());
-    m.extend(0u32.to_be_bytes());
+    option(&mut m, 7, &go_request(b"nope"));
+    option(&mut m, 2, &[]);
     let (r, out) = serve(m);
     assert_eq!(r.unwrap(), ipu_image_svc::export::nbd::End::Client);
     // After the 18-byte greeting: the first reply (magic, option, type) is ERR_UNKNOWN.
@@ -330,13 +338,7 @@ fn malformed_nbd_traffic_is_refused() {
     assert_eq!(&out[18 + 12..18 + 16], &0x8000_0006u32.to_be_bytes());
     // GO for the export, then a read past the end: EINVAL, then DISC.
     let mut m = 3u32.to_be_bytes().to_vec();
-    let mut go = 4u32.to_be_bytes().to_vec();
-    go.extend(b"base");
-    go.extend(0u16.to_be_bytes());
-    m.extend(0x4948_4156_454f_5054u64.to_be_bytes());
-    m.extend(7u32.to_be_bytes());
-    m.extend((go.len() as u32).to_be_bytes());
-    m.extend(&go);
+    option(&mut m, 7, &go_request(b"base"));
     for (kind, offset, len) in [(0u16, size - 10, 4096u32), (1u16, 0, 0), (2u16, 0, 0)] {
         m.extend(0x2560_9513u32.to_be_bytes());
         m.extend(0u16.to_be_bytes());

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use host_attach::attach::Attachment;
-use host_attach::bundle::{config, Process};
 use integration_tests::{fixtures, Registry};
 use ipu_image_svc::pipeline::PipelineConfig;
 use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
@@ -25,23 +24,6 @@ use policy::Policy;
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn runc(bundle: &Path, root: &Path, id: &str) -> String {
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["run", "--bundle"])
-        .arg(bundle)
-        .arg(id)
-        .output()
-        .expect("runc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Our cold start and, apart, its attestation.
@@ -86,15 +68,12 @@ fn ours(
     let work = state.join("host");
     let rootfs = work.join("rootfs");
     let mut a = Attachment::attach(&integration_tests::host_export(&p), &work, &rootfs).unwrap();
-    let process = Process::from_image(p.runtime_config.as_ref().unwrap(), &[], &rootfs).unwrap();
-    let bundle = work.join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    std::fs::write(
-        bundle.join("config.json"),
-        config(&process, &rootfs, "f").to_string(),
-    )
-    .unwrap();
-    let out = runc(&bundle, &work.join("runc"), &format!("ours{round}"));
+    let out = integration_tests::run_function(
+        &rootfs,
+        &work,
+        p.runtime_config.as_ref().unwrap(),
+        &format!("ours{round}"),
+    );
     let took = t.elapsed();
     assert!(out.contains("hello from enc-signed"), "{out}");
     a.detach().unwrap();
@@ -141,7 +120,7 @@ fn seed(d: &Path, image: &str, round: usize) -> Duration {
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     c["process"]["terminal"] = serde_json::Value::Bool(false);
     std::fs::write(&config_path, c.to_string()).unwrap();
-    let out = runc(
+    let out = integration_tests::runc_run(
         &dir.join("bundle"),
         &dir.join("runc"),
         &format!("seed{round}"),

@@ -360,6 +360,45 @@ pub fn host_export(p: &ipu_image_svc::service::Prepared) -> host_attach::attach:
     }
 }
 
+/// `runc run` of the bundle at `bundle` (state under `root`) as `id`; its stdout. Panics
+/// unless it succeeds.
+pub fn runc_run(bundle: &Path, root: &Path, id: &str) -> String {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .output()
+        .expect("runc");
+    assert!(
+        out.status.success(),
+        "{id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the image's own command from the mounted `rootfs` as the host agent does (its hardened
+/// bundle under `work`, runc); the function's stdout.
+pub fn run_function(
+    rootfs: &Path,
+    work: &Path,
+    runtime_config: &serde_json::Value,
+    id: &str,
+) -> String {
+    use host_attach::bundle::{config, Process};
+    let process = Process::from_image(runtime_config, &[], rootfs).unwrap();
+    let bundle = work.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(
+        bundle.join("config.json"),
+        config(&process, rootfs, "function").to_string(),
+    )
+    .unwrap();
+    runc_run(&bundle, &work.join("runc"), id)
+}
+
 /// Whether `needle` occurs in `hay` (memchr's memmem: the tests search gigabytes).
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(hay, needle).is_some()

@@ -24,6 +24,16 @@ fn shows_hook_failure(message: &str, hook_text: &[&str]) -> bool {
         || (message.contains("ipu-decrypt-hook:") && hook_text.iter().all(|t| message.contains(t)))
 }
 
+/// The IPU under `d` with the `enc-signed` fixture's layout image verified for tenant acme,
+/// function pull; and that image's first layer.
+fn ipu_with_verified_layer(d: &Path) -> (Ipu, integration_tests::broker::EncSignedLayer) {
+    let ipu = Ipu::start(d, "policy-A.json");
+    let layer = integration_tests::broker::enc_signed_layer();
+    let verified = verify(&ipu, "acme", "pull", &layer.image);
+    assert!(verified.status.success(), "{}", text(&verified));
+    (ipu, layer)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -201,10 +211,7 @@ fn the_hook_holds_no_key_bytes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ipu = Ipu::start(dir.path(), "policy-A.json");
-    let layer = integration_tests::broker::enc_signed_layer();
-    let verified = verify(&ipu, "acme", "pull", &layer.image);
-    assert!(verified.status.success(), "{}", text(&verified));
+    let (ipu, layer) = ipu_with_verified_layer(dir.path());
     // The layer key, learnt from the fixture's JWE with the fixture's private key.
     let rsa = ocicrypt::keys::PrivateKey::from_pem(
         &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
@@ -281,10 +288,7 @@ fn a_payload_carrying_apply_through_the_diff_service() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ipu = Ipu::start(dir.path(), "policy-A.json");
-    let layer = integration_tests::broker::enc_signed_layer();
-    let verified = verify(&ipu, "acme", "pull", &layer.image);
-    assert!(verified.status.success(), "{}", text(&verified));
+    let (ipu, layer) = ipu_with_verified_layer(dir.path());
     let ctd = Containerd::start(dir.path(), &ipu.api, "acme", "pull");
     let ns = "apply";
     let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";

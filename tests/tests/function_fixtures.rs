@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use host_attach::attach::Attachment;
-use host_attach::bundle::{config, Process};
 use integration_tests::{expected, fixtures, is_root, Registry};
 use ipu_image_svc::pipeline::PipelineConfig;
 use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions, TcpExports};
@@ -19,10 +18,11 @@ use ocicrypt::keys::PrivateKey;
 use ocicrypt::DecryptConfig;
 use policy::Policy;
 
+/// The service in process (policy-A, the rsa-2048 key) under `d`, its options as `configure`
+/// leaves them.
 fn service(
     d: &Path,
-    clone_ttl: Duration,
-    tcp_exports: Option<TcpExports>,
+    configure: impl FnOnce(&mut ServiceOptions),
 ) -> (Service, Arc<audit::AuditLog>) {
     let audit = integration_tests::audit_log(&d.join("audit"));
     let sink: Arc<dyn audit::AuditSink> = audit.clone();
@@ -42,50 +42,16 @@ fn service(
         cfg.source.insecure_http_hosts = vec!["127.0.0.1".into()];
         Ok(cfg)
     });
-    let service = Service::start(
-        ServiceOptions {
-            state_dir: d.join("state"),
-            host_agent_uid: 0,
-            clone_ttl,
-            tcp_exports,
-            max_cached_bases: 16,
-        },
-        factory,
-        audit.clone(),
-    )
-    .unwrap();
+    let mut options = ServiceOptions {
+        state_dir: d.join("state"),
+        host_agent_uid: 0,
+        clone_ttl: Duration::from_secs(600),
+        tcp_exports: None,
+        max_cached_bases: 16,
+    };
+    configure(&mut options);
+    let service = Service::start(options, factory, audit.clone()).unwrap();
     (service, audit)
-}
-
-/// Runs the image's own command in the attached rootfs; returns its stdout.
-fn run_function(
-    rootfs: &Path,
-    work: &Path,
-    runtime_config: &serde_json::Value,
-    id: &str,
-) -> String {
-    let process = Process::from_image(runtime_config, &[], rootfs).unwrap();
-    let bundle = work.join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    std::fs::write(
-        bundle.join("config.json"),
-        config(&process, rootfs, "function").to_string(),
-    )
-    .unwrap();
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(work.join("runc"))
-        .args(["run", "--bundle"])
-        .arg(&bundle)
-        .arg(id)
-        .output()
-        .expect("runc");
-    assert!(
-        out.status.success(),
-        "{id}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -96,7 +62,7 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
     }
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
-    let (service, audit) = service(dir.path(), Duration::from_secs(600), None);
+    let (service, audit) = service(dir.path(), |_| {});
     let mut ran = Vec::new();
     for e in expected() {
         let image = registry.reference("fixtures/hello", &e.tag);
@@ -120,7 +86,7 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
         let rootfs = work.join("rootfs");
         let mut attachment =
             Attachment::attach(&integration_tests::host_export(&p), &work, &rootfs).unwrap();
-        let output = run_function(
+        let output = integration_tests::run_function(
             &rootfs,
             &work,
             p.runtime_config.as_ref().expect("the image has a config"),
@@ -164,7 +130,7 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
 fn an_expired_clone_is_hot_removed_and_erased() {
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
-    let (service, audit) = service(dir.path(), Duration::from_millis(1500), None);
+    let (service, audit) = service(dir.path(), |o| o.clone_ttl = Duration::from_millis(1500));
     let mut events = service.subscribe();
     let image = registry.reference("fixtures/hello", "enc-signed");
     let p = service.prepare("acme", "short", &image).unwrap();
@@ -257,14 +223,12 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
         &d.join("ipu/host-ca.pem"),
     )
     .unwrap();
-    let (service, _audit) = service(
-        d,
-        Duration::from_secs(600),
-        Some(TcpExports {
+    let (service, _audit) = service(d, |o| {
+        o.tcp_exports = Some(TcpExports {
             ip: "127.0.0.1".parse().unwrap(),
             tls,
-        }),
-    );
+        })
+    });
     let image = registry.reference("fixtures/hello", "enc-signed");
     let p = service.prepare("acme", "remote", &image).unwrap();
     let nbds = p.endpoint.nbd_uri(&p.export_name);
@@ -318,7 +282,12 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
             certificates: host_tls.clone(),
         };
         let mut attachment = Attachment::attach(&export, &work, &rootfs).unwrap();
-        let out = run_function(&rootfs, &work, p.runtime_config.as_ref().unwrap(), "remote");
+        let out = integration_tests::run_function(
+            &rootfs,
+            &work,
+            p.runtime_config.as_ref().unwrap(),
+            "remote",
+        );
         attachment.detach().unwrap();
         assert_eq!(out, "hello from enc-signed\n");
     }
@@ -335,35 +304,7 @@ fn idle_bases_are_evicted_and_bases_in_use_stay() {
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let audit = integration_tests::audit_log(&d.join("audit"));
-    let sink: Arc<dyn audit::AuditSink> = audit.clone();
-    let cache = d.join("cache");
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let mut cfg = PipelineConfig::new(
-            Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
-            cache.clone(),
-        );
-        cfg.decryption = DecryptConfig::new(vec![PrivateKey::from_pem(
-            &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-        )
-        .unwrap()]);
-        cfg.audit = Some(sink.clone());
-        cfg.tenant = Some(tenant.into());
-        cfg.function = Some(function.into());
-        Ok(cfg)
-    });
-    let service = Service::start(
-        ServiceOptions {
-            state_dir: d.join("state"),
-            host_agent_uid: 0,
-            clone_ttl: Duration::from_secs(600),
-            tcp_exports: None,
-            max_cached_bases: 1,
-        },
-        factory,
-        audit,
-    )
-    .unwrap();
+    let (service, _audit) = service(d, |o| o.max_cached_bases = 1);
     let bases = || {
         std::fs::read_dir(d.join("state/bases"))
             .unwrap()

@@ -47,15 +47,6 @@ struct Args {
     function: String,
 }
 
-/// protobuf `google.protobuf.Any`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Any {
-    #[prost(string, tag = "1")]
-    type_url: String,
-    #[prost(bytes = "vec", tag = "2")]
-    value: Vec<u8>,
-}
-
 /// The layer descriptor (JSON) from the payload on fd 3, if containerd passed one.
 fn payload_descriptor() -> Result<Option<String>, String> {
     use std::os::fd::{FromRawFd, OwnedFd};
@@ -85,7 +76,8 @@ fn payload_descriptor() -> Result<Option<String>, String> {
     if bytes.len() as u64 > MAX_PAYLOAD {
         return Err(format!("the payload on fd 3 is over {MAX_PAYLOAD} bytes"));
     }
-    let any = <Any as prost::Message>::decode(bytes.as_slice())
+    // containerd marshals it as a google.protobuf.Any.
+    let any = <api::containerd_diff::Any as prost::Message>::decode(bytes.as_slice())
         .map_err(|e| format!("the payload on fd 3 is not a protobuf Any: {e}"))?;
     if !any.type_url.ends_with(PAYLOAD_TYPE) {
         return Err(format!(

@@ -235,15 +235,10 @@ impl Service {
             PipelineError::new(FailureClass::Io, format!("{what}: {e}"))
         };
         let integrity = |e: ocicrypt::Error| {
-            use ocicrypt::ErrorClass as C;
-            let class = match e.class() {
-                C::NoKey => FailureClass::NoDecryptionKey,
-                C::Integrity => FailureClass::DigestMismatch,
-                C::Malformed => FailureClass::MalformedImage,
-                C::Unsupported => FailureClass::UnsupportedImage,
-                C::Io => FailureClass::Io,
-            };
-            PipelineError::new(class, format!("layer {}: {e}", d.digest))
+            PipelineError::new(
+                crate::pipeline::ocicrypt_class(&e),
+                format!("layer {}: {e}", d.digest),
+            )
         };
         let reader = BufReader::with_capacity(
             256 * 1024,
