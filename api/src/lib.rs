@@ -32,10 +32,20 @@ pub mod unix {
 
     use tonic::transport::{Channel, Endpoint, Uri};
 
+    /// HTTP/2 flow-control windows for the local API. Layers stream through it in 1 MiB
+    /// messages; with h2's default 64 KiB stream window every message would wait for several
+    /// window updates. Over a local socket a window costs only memory.
+    pub const STREAM_WINDOW: u32 = 8 << 20;
+    pub const CONNECTION_WINDOW: u32 = 16 << 20;
+    /// Largest HTTP/2 frame the server accepts (the client's default is h2's 16 KiB).
+    pub const MAX_FRAME: u32 = 1 << 20;
+
     /// A gRPC channel to a Unix socket.
     pub async fn connect(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
         // The URI is a placeholder: the connector dials the socket.
         Endpoint::from_static("http://unix.local")
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let socket = socket.clone();
                 async move {

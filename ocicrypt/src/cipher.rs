@@ -34,6 +34,13 @@ pub struct AuthenticatedLayer {
 }
 
 impl AuthenticatedLayer {
+    pub(crate) fn new(plaintext_digest: String, plaintext_size: u64) -> Self {
+        Self {
+            plaintext_digest,
+            plaintext_size,
+        }
+    }
+
     /// `sha256:<hex>` of the plaintext (the layer's digest before encryption).
     pub fn plaintext_digest(&self) -> &str {
         &self.plaintext_digest
@@ -173,6 +180,16 @@ pub fn decrypt_layer_with<R: Read>(
 ) -> Result<LayerDecryptor<R>, Error> {
     crate::log_hardware_once();
     let pubopts = PublicLayerOptions::from_annotations(annotations)?;
+    let privopts = unwrap_private_options(annotations, dc)?;
+    LayerDecryptor::with_options_and_mode(ciphertext, &pubopts, &privopts, mode)
+}
+
+/// The private options (layer key, nonce, plaintext digest) unwrapped from a layer's
+/// `keys.jwe` annotation with the configured keys.
+pub fn unwrap_private_options(
+    annotations: &Annotations,
+    dc: &DecryptConfig,
+) -> Result<PrivateLayerOptions, Error> {
     let jwe_annotation = annotations.get(crate::ANNOTATION_KEYS_JWE).ok_or_else(|| {
         let providers: Vec<&str> = annotations
             .keys()
@@ -191,8 +208,7 @@ pub fn decrypt_layer_with<R: Read>(
         }
     })?;
     let opts_json = jwe::unwrap(jwe_annotation, dc.keys())?;
-    let privopts = PrivateLayerOptions::from_json(&opts_json)?;
-    LayerDecryptor::with_options_and_mode(ciphertext, &pubopts, &privopts, mode)
+    PrivateLayerOptions::from_json(&opts_json)
 }
 
 impl<R: Read> LayerDecryptor<R> {

@@ -12,6 +12,10 @@
 //! the HMAC over the whole ciphertext and the plaintext digest were checked. Callers keep the
 //! plaintext private until they hold that proof.
 //!
+//! Where the ciphertext is stored where only the caller writes, [`CiphertextVerifier`] checks
+//! the HMAC in a first pass and its [`VerifiedCiphertext`] opens a [`VerifiedDecryptor`]
+//! whose plaintext may be released as it comes (every byte of it was authenticated).
+//!
 //! Speed: decryption is two SHA-256 passes (HMAC over the ciphertext, digest of the plaintext)
 //! plus AES-CTR. With more than one CPU the HMAC runs on a helper thread ([`HmacMode`]);
 //! `cargo bench -p ocicrypt --bench decrypt_throughput` measures both modes against skopeo.
@@ -22,15 +26,17 @@ pub mod jwe;
 pub mod keyprovider;
 pub mod keys;
 mod options;
+mod two_pass;
 
 use std::collections::BTreeMap;
 
 pub use cipher::{
-    decrypt_layer, decrypt_layer_with, AuthenticatedLayer, HmacMode, LayerDecryptor,
-    LayerEncryptor, StaleDigest,
+    decrypt_layer, decrypt_layer_with, unwrap_private_options, AuthenticatedLayer, HmacMode,
+    LayerDecryptor, LayerEncryptor, StaleDigest,
 };
 pub use hw::{hardware_acceleration, HwAccel};
 pub use options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
+pub use two_pass::{CiphertextVerifier, VerifiedCiphertext, VerifiedDecryptor};
 
 pub(crate) use hw::log_hardware_once;
 

@@ -95,6 +95,21 @@ impl Ipu {
 
     /// `layer.decrypt` events the hook's requests left, with their outcomes.
     pub fn hook_decrypts(&self) -> Vec<String> {
+        self.hook_decrypt_events()
+            .into_iter()
+            .map(|e| e.outcome.as_str().to_string())
+            .collect()
+    }
+
+    /// The reasons of [`hook_decrypts`](Self::hook_decrypts)' events, in the same order.
+    pub fn hook_decrypt_reasons(&self) -> Vec<String> {
+        self.hook_decrypt_events()
+            .into_iter()
+            .map(|e| e.reason)
+            .collect()
+    }
+
+    fn hook_decrypt_events(&self) -> Vec<audit::Event> {
         self.audit
             .store()
             .query(&audit::Query {
@@ -106,7 +121,6 @@ impl Ipu {
             .events
             .into_iter()
             .filter(|e| e.details.get("via").map(String::as_str) == Some("decrypt-hook"))
-            .map(|e| e.outcome.as_str().to_string())
             .collect()
     }
 }

@@ -415,3 +415,286 @@ fn a_payload_carrying_apply_through_the_diff_service() {
         "{denied:?}"
     );
 }
+
+/// Runs `cmd`, which must succeed.
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+}
+
+/// The repository a [`signed_encrypted_image`] claims.
+const IDENTITY: &str = "example.test/hook/image";
+
+/// An image built here in the layout `d/layout` under tag `enc`: busybox, an executable
+/// `/hello` printing `hello from <compression>`, and `data_mb` MB of random bytes, in one
+/// layer compressed with `compression` (gzip, zstd, none), encrypted to the fixtures' RSA key
+/// (which the test broker holds), signed with a key made here. Returns the layout and a trust
+/// policy accepting that signature for the layout.
+fn signed_encrypted_image(
+    d: &Path,
+    compression: &str,
+    data_mb: usize,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let rootfs = d.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let hello = rootfs.join("hello");
+    std::fs::write(
+        &hello,
+        format!("#!/bin/busybox sh\necho hello from {compression}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hello, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut data = std::fs::File::create(rootfs.join("data.bin")).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..data_mb {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut chunk).unwrap();
+        data.write_all(&chunk).unwrap();
+    }
+    let layout = d.join("layout");
+    run(Command::new(bin("ocipub"))
+        .args(["build", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--layout")
+        .arg(&layout)
+        .args([
+            "--tag",
+            "plain",
+            "--cmd",
+            "/hello",
+            "--compression",
+            compression,
+        ]));
+    run(Command::new(bin("ocipub"))
+        .args(["encrypt", "--layout"])
+        .arg(&layout)
+        .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
+        .arg(format!(
+            "jwe:{}",
+            fixtures().join("keys/rsa-2048/pub.pem").display()
+        )));
+    run(Command::new(bin("ocipub"))
+        .args(["keygen", "--kind", "ec-p256", "--out"])
+        .arg(d.join("signing")));
+    sign(&layout, d, "enc");
+    let policy = d.join("trust-policy.json");
+    std::fs::write(
+        &policy,
+        serde_json::json!({
+            "default": [{"type": "reject"}],
+            "transports": {"oci": {layout.display().to_string(): [{
+                "type": "sigstoreSigned",
+                "keyPath": d.join("signing/pub.pem"),
+                "signedIdentity": {"type": "exactRepository", "dockerRepository": IDENTITY}
+            }]}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    (layout, policy)
+}
+
+/// Signs `tag` of `layout` with the key [`signed_encrypted_image`] made in `d`.
+fn sign(layout: &Path, d: &Path, tag: &str) {
+    run(Command::new(bin("ocipub"))
+        .args(["sign", "--layout"])
+        .arg(layout)
+        .args(["--tag", tag, "--key"])
+        .arg(d.join("signing/priv.pem"))
+        .args(["--identity", IDENTITY]));
+}
+
+/// The hook run by hand for `tenant` acme, function pull, with `blob` on stdin; its stdout
+/// is not read until `wait` (so a large layer holds it up).
+fn spawn_hook(api: &Path, media_type: &str) -> std::process::Child {
+    Command::new(bin("ipu-decrypt-hook"))
+        .arg("--api")
+        .arg(api)
+        .args(["--tenant", "acme", "--function", "pull"])
+        .env("STREAM_PROCESSOR_MEDIATYPE", media_type)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The uncompressed variant (`tar+encrypted`, returned as `tar`) through containerd: the
+/// IPU verifies the signed image from its layout, containerd pulls the same manifest from a
+/// registry through the hook, and `ctr run` prints the image's output.
+#[test]
+fn an_uncompressed_encrypted_layer_through_containerd() {
+    if !is_root() {
+        eprintln!("skipped: containerd needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (layout, policy) = signed_encrypted_image(d, "none", 1);
+    let (digest, manifest) = integration_tests::layout_manifest(&layout, "enc");
+    assert_eq!(
+        manifest["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+encrypted"
+    );
+    let registry = Registry::start(None);
+    let image = format!("{}/hook/tar:enc", registry.host());
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:enc", layout.display()))
+        .arg(format!("docker://{image}")));
+    let ipu = Ipu::start(d, policy.to_str().unwrap());
+    let verified = verify(
+        &ipu,
+        "acme",
+        "pull",
+        &format!("oci:{}:enc", layout.display()),
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+    assert!(text(&verified).contains(&digest), "{}", text(&verified));
+    let ctd = Containerd::start(d, &ipu.api, "acme", "pull");
+    let pulled = ctd.ctr("tar", &["images", "pull", "--plain-http", &image]);
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    let ran = ctd.ctr("tar", &["run", "--rm", &image, "hello-tar"]);
+    assert!(ran.status.success(), "{}", text(&ran));
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from none\n");
+    assert_eq!(ipu.hook_decrypts(), ["success"]);
+    ipu.service.shutdown();
+}
+
+/// A signed image whose layer HMAC (in the signed manifest) does not match its ciphertext,
+/// as a publisher bug or a key mix-up leaves it: the IPU checks the HMAC over the whole blob
+/// before it releases a byte, so the hook writes nothing, fails with one line, and the IPU
+/// records why.
+#[test]
+fn a_layer_failing_its_hmac_releases_no_plaintext() {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (layout, policy) = signed_encrypted_image(d, "gzip", 2);
+    // The manifest with another HMAC in the layer's public options, tagged and signed.
+    let (_, mut manifest) = integration_tests::layout_manifest(&layout, "enc");
+    let annotation = "org.opencontainers.image.enc.pubopts";
+    let layer = &mut manifest["layers"][0];
+    let mut pubopts: serde_json::Value = serde_json::from_slice(
+        &STANDARD
+            .decode(layer["annotations"][annotation].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut hmac = STANDARD.decode(pubopts["hmac"].as_str().unwrap()).unwrap();
+    hmac[0] ^= 1;
+    pubopts["hmac"] = STANDARD.encode(hmac).into();
+    layer["annotations"][annotation] = STANDARD.encode(pubopts.to_string()).into();
+    let blob_digest = layer["digest"].as_str().unwrap().to_string();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let hex = integration_tests::sha256_hex(&bytes);
+    std::fs::write(layout.join("blobs/sha256").join(&hex), &bytes).unwrap();
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{hex}"),
+            "size": bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "bad-hmac"}
+        }));
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    sign(&layout, d, "bad-hmac");
+
+    let ipu = Ipu::start(d, policy.to_str().unwrap());
+    let verified = verify(
+        &ipu,
+        "acme",
+        "pull",
+        &format!("oci:{}:bad-hmac", layout.display()),
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+    let mut hook = spawn_hook(
+        &ipu.api,
+        "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+    );
+    hook.stdin
+        .take()
+        .unwrap()
+        .write_all(&integration_tests::layout_blob(&layout, &blob_digest))
+        .unwrap();
+    let out = hook.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "{} plaintext bytes left the IPU",
+        out.stdout.len()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("HMAC does not match"), "{stderr}");
+    // Refused as an integrity failure, before any release.
+    assert_eq!(ipu.hook_decrypts(), ["denied"]);
+    assert!(
+        ipu.hook_decrypt_reasons()[0].contains("HMAC does not match"),
+        "{:?}",
+        ipu.hook_decrypt_reasons()
+    );
+    ipu.service.shutdown();
+}
+
+/// A host that stops reading in the middle of a layer (the hook killed while the IPU streams
+/// 32 MB, more than the transport buffers) leaves a record on the IPU of how far it got, after
+/// the release.
+#[test]
+fn a_stream_the_host_stops_reading_is_recorded() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (layout, policy) = signed_encrypted_image(d, "gzip", 32);
+    let (_, manifest) = integration_tests::layout_manifest(&layout, "enc");
+    let blob =
+        integration_tests::layout_blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    let ipu = Ipu::start(d, policy.to_str().unwrap());
+    let verified = verify(
+        &ipu,
+        "acme",
+        "pull",
+        &format!("oci:{}:enc", layout.display()),
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+    let mut hook = spawn_hook(
+        &ipu.api,
+        "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+    );
+    hook.stdin.take().unwrap().write_all(&blob).unwrap();
+    let start = Instant::now();
+    while ipu.hook_decrypts().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no release");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hook.kill().unwrap();
+    hook.wait().unwrap();
+    let start = Instant::now();
+    while ipu.hook_decrypts().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no record of the end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ipu.hook_decrypts(), ["success", "failure"]);
+    let reasons = ipu.hook_decrypt_reasons();
+    assert!(
+        reasons[1].contains("the plaintext stream to the host stopped after"),
+        "{reasons:?}"
+    );
+    ipu.service.shutdown();
+}

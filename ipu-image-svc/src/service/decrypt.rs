@@ -8,11 +8,11 @@
 //! host could claim any image in it.
 
 use std::fs::File;
-use std::io::{BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use audit::{Event, EventKind, Outcome};
+use audit::{AuditSink, Event, EventKind, Outcome};
 use policy::reference::ImageReference;
 
 use super::{check_name, Service};
@@ -115,18 +115,20 @@ impl Service {
         Ok((digest, layers))
     }
 
-    /// Decrypts a received blob into `plaintext` (created, mode 0600) for `tenant` and
-    /// `function`: the blob must be a layer of an image verified for them, match its
-    /// descriptor (and the payload's, if any), and its key is released by the key source for
-    /// this request. The HMAC and the plaintext digest are verified before this returns;
-    /// on any failure `plaintext` is removed. Audited either way.
-    pub fn decrypt_layer(
+    /// Opens a received blob for decryption for `tenant` and `function`: the blob must be a
+    /// layer of an image verified for them and match its descriptor (and the payload's, if
+    /// any); its key is released by the key source for this request, and its HMAC is checked
+    /// over the whole stored blob before this returns. The returned stream yields plaintext
+    /// that was authenticated, as it is decrypted.
+    ///
+    /// The release is recorded (`layer.decrypt`) before any plaintext can leave; a refusal is
+    /// recorded and returned; a stream that later fails records that too (see [`LayerStream`]).
+    pub fn open_layer(
         &self,
         tenant: &str,
         function: &str,
         blob: &ReceivedBlob<'_>,
-        plaintext: &Path,
-    ) -> Result<DecryptedLayer, PipelineError> {
+    ) -> Result<LayerStream, PipelineError> {
         check_name("tenant", tenant)?;
         check_name("function", function)?;
         let known = self
@@ -139,7 +141,16 @@ impl Service {
                     .find(|k| k.tenant == tenant && k.function == function)
                     .cloned()
             });
-        let result = match &known {
+        let record = LayerRecord {
+            audit: self.audit.clone(),
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            layer_digest: blob.digest.to_string(),
+            image: known
+                .as_ref()
+                .map(|k| (k.image.clone(), k.image_digest.clone())),
+        };
+        let opened = match known {
             None => Err(refused(match blob.payload_descriptor {
                 None => format!(
                     "layer {} is in no image this IPU verified for tenant {tenant:?}, function {function:?}, and containerd passed no stream processor payload: verify the image first (ImageService.Verify, `host-attach verify`), then pull",
@@ -150,64 +161,44 @@ impl Service {
                     blob.digest
                 ),
             })),
-            Some(k) => self.decrypt_known(tenant, function, k, blob, plaintext),
+            Some(k) => self.authenticate(tenant, function, k, blob),
         };
-        let mut event = Event::new(
-            AUDIT_SERVICE,
-            EventKind::LayerDecrypt,
-            match &result {
-                Ok(_) => Outcome::Success,
-                Err(e) if e.class.is_rejection() => Outcome::Denied,
-                Err(_) => Outcome::Failure,
-            },
-            match &result {
-                Ok(_) => "layer decrypted for containerd's decrypt hook; HMAC and plaintext digest verified; plaintext sent to the host".to_string(),
-                Err(e) => e.message.clone(),
-            },
-        )
-        .tenant(tenant.to_string())
-        .function(function.to_string())
-        .detail("layer_digest", blob.digest.to_string())
-        .detail("via", "decrypt-hook".to_string());
-        if let Some(k) = &known {
-            event = event.image(k.image.clone(), Some(k.image_digest.clone()));
-        }
-        if result.is_err() {
-            let _ = std::fs::remove_file(plaintext);
-        }
-        self.record(event)?;
-        result
-    }
-
-    /// `sha256:<hex>` of the decompressed plaintext at `path`.
-    fn plaintext_diff_id(&self, path: &Path, media_type: &str) -> Result<String, PipelineError> {
-        let io = |e: std::io::Error| {
-            PipelineError::new(FailureClass::Io, format!("hashing the plaintext: {e}"))
-        };
-        let compression = crate::unpack::Compression::from_media_type(media_type)
-            .map_err(|e| refused(e.to_string()))?;
-        let file = BufReader::new(File::open(path).map_err(io)?);
-        let mut decoder = compression.decoder(file).map_err(io)?;
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = std::io::Read::read(&mut decoder, &mut buf).map_err(io)?;
-            if n == 0 {
-                break;
+        match opened {
+            Ok(opened) => {
+                record.record(
+                    Outcome::Success,
+                    "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted".into(),
+                    None,
+                )?;
+                Ok(LayerStream {
+                    opened: Some(opened),
+                    record: Some(record),
+                    sent: 0,
+                })
             }
-            ctx.update(&buf[..n]);
+            Err(e) => {
+                record.record(
+                    if e.class.is_rejection() {
+                        Outcome::Denied
+                    } else {
+                        Outcome::Failure
+                    },
+                    e.message.clone(),
+                    None,
+                )?;
+                Err(e)
+            }
         }
-        Ok(format!("sha256:{}", hex::encode(ctx.finish())))
     }
 
-    fn decrypt_known(
+    /// Everything up to the release: descriptor and payload checks, the key, the first pass.
+    fn authenticate(
         &self,
         tenant: &str,
         function: &str,
-        known: &KnownLayer,
+        known: KnownLayer,
         blob: &ReceivedBlob<'_>,
-        plaintext: &Path,
-    ) -> Result<DecryptedLayer, PipelineError> {
+    ) -> Result<Opened, PipelineError> {
         let d = &known.descriptor;
         if d.size != blob.size || d.media_type != blob.media_type {
             return Err(refused(format!(
@@ -231,66 +222,216 @@ impl Service {
             .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
             .to_string();
         let cfg = (self.factory)(tenant, function)?;
-        let io = |what: &str, e: std::io::Error| {
-            PipelineError::new(FailureClass::Io, format!("{what}: {e}"))
+        let layer_digest = d.digest.to_string();
+        let integrity = |e: ocicrypt::Error| {
+            PipelineError::new(
+                crate::pipeline::ocicrypt_class(&e),
+                format!("layer {layer_digest}: {e}"),
+            )
         };
+        let privopts = match &cfg.layer_keys {
+            Some(source) => source
+                .private_options(&LayerKeyRequest {
+                    image: &known.image,
+                    image_digest: &known.image_digest,
+                    layer_digest: &layer_digest,
+                    annotations: &d.annotations,
+                    tenant,
+                    function,
+                })
+                .map_err(|e| {
+                    PipelineError::new(
+                        FailureClass::NoDecryptionKey,
+                        format!("layer {layer_digest}: key broker: {e}"),
+                    )
+                })
+                .and_then(|secret| {
+                    ocicrypt::PrivateLayerOptions::from_json(secret.as_slice()).map_err(integrity)
+                })?,
+            None => ocicrypt::unwrap_private_options(&d.annotations, &cfg.decryption)
+                .map_err(integrity)?,
+        };
+        let pubopts =
+            ocicrypt::PublicLayerOptions::from_annotations(&d.annotations).map_err(integrity)?;
+        // First pass: the HMAC over the stored blob. Only this process writes the spool.
+        let mut verifier =
+            ocicrypt::CiphertextVerifier::new(&pubopts, &privopts).map_err(integrity)?;
+        verifier
+            .update_from(open_blob(blob.path)?)
+            .map_err(|e| io("reading the received blob", e))?;
+        let proof = verifier.verify().map_err(integrity)?;
+        let decryptor = ocicrypt::VerifiedDecryptor::new(open_blob(blob.path)?, &privopts, proof);
+        Ok(Opened {
+            decryptor,
+            blob: blob.path.to_path_buf(),
+            pubopts,
+            privopts,
+            media_type,
+            known,
+        })
+    }
+}
+
+fn io(what: &str, e: std::io::Error) -> PipelineError {
+    PipelineError::new(FailureClass::Io, format!("{what}: {e}"))
+}
+
+fn open_blob(path: &Path) -> Result<BufReader<File>, PipelineError> {
+    Ok(BufReader::with_capacity(
+        256 * 1024,
+        File::open(path).map_err(|e| io("the received blob", e))?,
+    ))
+}
+
+/// The `layer.decrypt` events of one request.
+struct LayerRecord {
+    audit: Arc<dyn AuditSink>,
+    tenant: String,
+    function: String,
+    layer_digest: String,
+    /// Image name and manifest digest, when the layer is known.
+    image: Option<(String, String)>,
+}
+
+impl LayerRecord {
+    fn record(
+        &self,
+        outcome: Outcome,
+        reason: String,
+        sent: Option<u64>,
+    ) -> Result<(), PipelineError> {
+        let mut event = Event::new(AUDIT_SERVICE, EventKind::LayerDecrypt, outcome, reason)
+            .tenant(self.tenant.clone())
+            .function(self.function.clone())
+            .detail("layer_digest", self.layer_digest.clone())
+            .detail("via", "decrypt-hook".to_string());
+        if let Some((image, digest)) = &self.image {
+            event = event.image(image.clone(), Some(digest.clone()));
+        }
+        if let Some(sent) = sent {
+            event = event.detail("plaintext_bytes_sent", sent.to_string());
+        }
+        self.audit.append(event).map(drop).map_err(|e| {
+            PipelineError::new(
+                FailureClass::Io,
+                format!("cannot write the audit event: {e}"),
+            )
+        })
+    }
+}
+
+/// What [`Service::authenticate`] hands to the stream.
+struct Opened {
+    decryptor: ocicrypt::VerifiedDecryptor<BufReader<File>>,
+    blob: PathBuf,
+    pubopts: ocicrypt::PublicLayerOptions,
+    /// Zeroized on drop; kept for the rare second look at a stale digest.
+    privopts: ocicrypt::PrivateLayerOptions,
+    media_type: String,
+    known: KnownLayer,
+}
+
+/// An authenticated layer, decrypting as it is read ([`std::io::Read`]).
+///
+/// [`finish`](Self::finish) checks the length and the plaintext digest (the trailer the hook
+/// waits for is sent only after it). A stream that fails, or is dropped before `finish`,
+/// records a `layer.decrypt` failure: every release has its end on the record.
+pub struct LayerStream {
+    /// Taken by `finish`.
+    opened: Option<Opened>,
+    record: Option<LayerRecord>,
+    sent: u64,
+}
+
+impl std::fmt::Debug for LayerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerStream")
+            .field(
+                "layer",
+                &self
+                    .opened
+                    .as_ref()
+                    .map(|o| o.known.descriptor.digest.to_string()),
+            )
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::io::Read for LayerStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let opened = self
+            .opened
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the layer stream was finished"))?;
+        let n = opened.decryptor.read(buf)?;
+        self.sent += n as u64;
+        Ok(n)
+    }
+}
+
+impl LayerStream {
+    /// Ends a stream that reached the end of its plaintext: the length and the plaintext
+    /// digest must match (a stale digest only when the decompressed plaintext matches the
+    /// verified diff_id). A failure is recorded.
+    pub fn finish(mut self) -> Result<DecryptedLayer, PipelineError> {
+        let opened = self.opened.take().expect("finished once");
+        let result = opened.check();
+        match &result {
+            Ok(_) => self.record = None,
+            Err(e) => self.abandon_with(&format!("{}; no trailer was sent", e.message)),
+        }
+        result
+    }
+
+    /// Ends a stream that cannot go on (`why`), recording it.
+    pub fn abandon(mut self, why: &str) {
+        self.abandon_with(why);
+    }
+
+    fn abandon_with(&mut self, why: &str) {
+        if let Some(record) = self.record.take() {
+            let _ = record.record(
+                Outcome::Failure,
+                format!(
+                    "the plaintext stream to the host stopped after {} bytes: {why}",
+                    self.sent
+                ),
+                Some(self.sent),
+            );
+        }
+    }
+}
+
+impl Drop for LayerStream {
+    fn drop(&mut self) {
+        self.abandon_with("the stream ended before the layer was complete");
+    }
+}
+
+impl Opened {
+    fn check(self) -> Result<DecryptedLayer, PipelineError> {
+        let d = &self.known.descriptor;
         let integrity = |e: ocicrypt::Error| {
             PipelineError::new(
                 crate::pipeline::ocicrypt_class(&e),
                 format!("layer {}: {e}", d.digest),
             )
         };
-        let reader = BufReader::with_capacity(
-            256 * 1024,
-            File::open(blob.path).map_err(|e| io("the received blob", e))?,
-        );
-        let mut decryptor = match &cfg.layer_keys {
-            Some(source) => {
-                let layer_digest = d.digest.to_string();
-                let secret = source
-                    .private_options(&LayerKeyRequest {
-                        image: &known.image,
-                        image_digest: &known.image_digest,
-                        layer_digest: &layer_digest,
-                        annotations: &d.annotations,
-                        tenant,
-                        function,
-                    })
-                    .map_err(|e| {
-                        PipelineError::new(
-                            FailureClass::NoDecryptionKey,
-                            format!("layer {}: key broker: {e}", d.digest),
-                        )
-                    })?;
-                let privopts = ocicrypt::PrivateLayerOptions::from_json(secret.as_slice())
-                    .map_err(integrity)?;
-                let pubopts = ocicrypt::PublicLayerOptions::from_annotations(&d.annotations)
-                    .map_err(integrity)?;
-                ocicrypt::LayerDecryptor::with_options(reader, &pubopts, &privopts)
-                    .map_err(integrity)?
-            }
-            None => ocicrypt::decrypt_layer(reader, &d.annotations, &cfg.decryption)
-                .map_err(integrity)?,
-        };
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(plaintext)
-            .map_err(|e| io("the plaintext spool", e))?;
-        let size = std::io::copy(&mut decryptor, &mut out).map_err(|e| io("decrypting", e))?;
-        out.flush().map_err(|e| io("the plaintext spool", e))?;
-        // Every byte was read: the HMAC over the ciphertext and the plaintext digest from the
-        // private options must both match, or nothing is sent.
-        let (authenticated, stale) = decryptor
-            .finish_allowing_stale_digest()
-            .map_err(integrity)?;
+        let (authenticated, stale) = self.decryptor.finish().map_err(integrity)?;
         if let Some(stale) = stale {
             // A publisher that recompressed the layer left the old digest in the private
             // options (as skopeo does with zstd). The signed config's diff_id can still vouch
-            // for the content: the decompressed plaintext must hash to it.
-            let diff_id = self.plaintext_diff_id(plaintext, &media_type)?;
-            if known.diff_id.as_deref() != Some(diff_id.as_str()) {
+            // for the content: the decompressed plaintext must hash to it. A second look at
+            // the stored blob, only in this case.
+            let plain = ocicrypt::LayerDecryptor::with_options(
+                open_blob(&self.blob)?,
+                &self.pubopts,
+                &self.privopts,
+            )
+            .map_err(integrity)?;
+            let diff_id = diff_id(plain, &self.media_type)?;
+            if self.known.diff_id.as_deref() != Some(diff_id.as_str()) {
                 return Err(PipelineError::new(
                     FailureClass::DigestMismatch,
                     format!(
@@ -304,9 +445,37 @@ impl Service {
             tracing::warn!(layer = %d.digest, declared = %stale.declared, "stale digest in the private options; the signed diff_id vouches for the content");
         }
         Ok(DecryptedLayer {
-            size,
+            size: authenticated.plaintext_size(),
             digest: authenticated.plaintext_digest().to_string(),
-            media_type,
+            media_type: self.media_type,
         })
     }
+}
+
+/// `sha256:<hex>` of the decompressed plaintext `plain` yields; `plain`'s HMAC must match.
+fn diff_id<R: std::io::Read>(
+    mut plain: ocicrypt::LayerDecryptor<R>,
+    media_type: &str,
+) -> Result<String, PipelineError> {
+    let io = |e: std::io::Error| io("hashing the plaintext", e);
+    let compression = crate::unpack::Compression::from_media_type(media_type)
+        .map_err(|e| refused(e.to_string()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    {
+        let mut decoder = compression
+            .decoder(BufReader::new(&mut plain))
+            .map_err(io)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = std::io::Read::read(&mut decoder, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+    }
+    plain
+        .finish_allowing_stale_digest()
+        .map_err(|e| PipelineError::new(crate::pipeline::ocicrypt_class(&e), e.to_string()))?;
+    Ok(format!("sha256:{}", hex::encode(ctx.finish())))
 }

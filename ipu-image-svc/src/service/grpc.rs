@@ -58,10 +58,95 @@ const MAX_BLOB: u64 = 16 << 30;
 /// Plaintext chunk sent back.
 const CHUNK: usize = 1 << 20;
 
-/// A DecryptLayer request's files on the IPU: deleted when dropped, whatever happened.
+/// Receives a DecryptLayer request's blob into `path` (created, mode 0600), hashed on the
+/// way. The hash and the write run on a thread each: one SHA-256 pass alone is about as slow
+/// as the stream.
+async fn receive_blob(
+    first: Vec<u8>,
+    inbound: &mut Streaming<DecryptLayerRequest>,
+    path: &std::path::Path,
+) -> Result<(String, u64), Status> {
+    type Chunk = Arc<Vec<u8>>;
+    let (to_writer, mut writes) = tokio::sync::mpsc::channel::<Chunk>(8);
+    let (to_hasher, mut hashes) = tokio::sync::mpsc::channel::<Chunk>(8);
+    let path = path.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        while let Some(chunk) = writes.blocking_recv() {
+            f.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        while let Some(chunk) = hashes.blocking_recv() {
+            ctx.update(&chunk);
+        }
+        format!("sha256:{}", hex::encode(ctx.finish()))
+    });
+    let mut received = 0u64;
+    let mut next = Some(first);
+    let failed = loop {
+        let data = match next.take() {
+            Some(data) => data,
+            None => match inbound.message().await {
+                Ok(Some(m)) => m.data,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            },
+        };
+        received += data.len() as u64;
+        if received > MAX_BLOB {
+            break Some(Status::resource_exhausted(format!(
+                "a layer blob over {MAX_BLOB} bytes"
+            )));
+        }
+        let chunk = Arc::new(data);
+        if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
+            // The writer failed; its error is reported below.
+            break None;
+        }
+    };
+    drop((to_writer, to_hasher));
+    // Both are done with the blob before anything returns (the spool then deletes it,
+    // whatever happened).
+    let written = writer.await;
+    let digest = hasher.await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    written
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("spooling the blob: {e}")))?;
+    Ok((
+        digest.map_err(|e| Status::internal(e.to_string()))?,
+        received,
+    ))
+}
+
+/// Reads until `buf` is full or the end.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A DecryptLayer request's spooled blob on the IPU: deleted when dropped, whatever happened.
 struct Spool {
     blob: std::path::PathBuf,
-    plain: std::path::PathBuf,
 }
 
 impl Spool {
@@ -72,7 +157,6 @@ impl Spool {
         let id = hex::encode(id);
         Self {
             blob: dir.join(format!("decrypt-{id}.blob")),
-            plain: dir.join(format!("decrypt-{id}.plain")),
         }
     }
 }
@@ -80,7 +164,6 @@ impl Spool {
 impl Drop for Spool {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.blob);
-        let _ = std::fs::remove_file(&self.plain);
     }
 }
 
@@ -186,96 +269,34 @@ impl ImageService for Api {
         })?;
         let spool = Spool::new(self.service.spool_dir());
         // The blob to the IPU's disk, hashed on the way.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-        let blob_path = spool.blob.clone();
-        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&blob_path)?;
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            let mut size = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                ctx.update(&chunk);
-                f.write_all(&chunk)?;
-                size += chunk.len() as u64;
-            }
-            Ok((format!("sha256:{}", hex::encode(ctx.finish())), size))
-        });
-        let mut received = first.data.len() as u64;
-        let _ = tx.send(first.data).await;
-        let mut failed = None;
-        loop {
-            match inbound.message().await {
-                Ok(Some(m)) => {
-                    received += m.data.len() as u64;
-                    if received > MAX_BLOB {
-                        failed = Some(Status::resource_exhausted(format!(
-                            "a layer blob over {MAX_BLOB} bytes"
-                        )));
-                        break;
-                    }
-                    if tx.send(m.data).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(tx);
-        // The writer is done with the file before anything returns (the spool then deletes
-        // it, whatever happened).
-        let written = writer.await;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let (digest, size) = written
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("spooling the blob: {e}")))?;
+        let (digest, size) = receive_blob(first.data, &mut inbound, &spool.blob).await?;
         let service = self.service.clone();
-        let (blob, plain) = (spool.blob.clone(), spool.plain.clone());
-        let decrypted = blocking(move || {
-            let media_type = header.media_type.clone();
+        let blob = spool.blob.clone();
+        let mut layer = blocking(move || {
             let payload = (!header.payload_descriptor_json.is_empty())
                 .then_some(header.payload_descriptor_json.as_str());
-            service.decrypt_layer(
+            service.open_layer(
                 &header.tenant,
                 &header.function,
                 &crate::service::decrypt::ReceivedBlob {
                     path: &blob,
                     digest: &digest,
                     size,
-                    media_type: &media_type,
+                    media_type: &header.media_type,
                     payload_descriptor: payload,
                 },
-                &plain,
             )
         })
         .await?;
-        // Verified: the plaintext goes out, then the trailer the hook checks.
+        // Authenticated: the plaintext goes out as it is decrypted, then the trailer the hook
+        // waits for, sent only once the length and plaintext digest are checked.
         let (out, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let file = std::fs::File::open(&spool.plain);
-            // Unlinked at once: only this reader still sees it.
-            drop(spool);
-            let mut file = match file {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = out.blocking_send(Err(Status::internal(e.to_string())));
-                    return;
-                }
-            };
+            // The spool (and the blob in it) lives until the stream ends.
+            let _spool = spool;
             let mut buf = vec![0u8; CHUNK];
             loop {
-                match file.read(&mut buf) {
+                match read_full(&mut layer, &mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
                         let m = DecryptLayerResponse {
@@ -283,23 +304,29 @@ impl ImageService for Api {
                             trailer: None,
                         };
                         if out.blocking_send(Ok(m)).is_err() {
+                            layer.abandon("the host stopped reading");
                             return;
                         }
                     }
                     Err(e) => {
-                        let _ = out.blocking_send(Err(Status::internal(e.to_string())));
+                        let why = format!("reading the stored blob: {e}");
+                        let _ = out.blocking_send(Err(Status::internal(why.clone())));
+                        layer.abandon(&why);
                         return;
                     }
                 }
             }
-            let _ = out.blocking_send(Ok(DecryptLayerResponse {
-                data: Vec::new(),
-                trailer: Some(DecryptLayerTrailer {
-                    size: decrypted.size,
-                    digest: decrypted.digest,
-                    media_type: decrypted.media_type,
+            let _ = out.blocking_send(match layer.finish() {
+                Ok(decrypted) => Ok(DecryptLayerResponse {
+                    data: Vec::new(),
+                    trailer: Some(DecryptLayerTrailer {
+                        size: decrypted.size,
+                        digest: decrypted.digest,
+                        media_type: decrypted.media_type,
+                    }),
                 }),
-            }));
+                Err(e) => Err(status(e)),
+            });
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -360,6 +387,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        .initial_stream_window_size(api::unix::STREAM_WINDOW)
+        .initial_connection_window_size(api::unix::CONNECTION_WINDOW)
+        .max_frame_size(api::unix::MAX_FRAME)
         .add_service(ImageServiceServer::new(Api {
             service,
             host_agent_uid,
