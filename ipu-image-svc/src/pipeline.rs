@@ -267,6 +267,11 @@ pub enum Goal {
     /// request, and drop them: what a cached base must pass before it is used again (the
     /// broker decides per tenant, function and IPU, and may have revoked the key since).
     VerifyKeys,
+    /// `VerifyKeys`, and the first bytes of each encrypted layer's blob
+    /// ([`Report::layer_prefixes`]): the host will stream these blobs back for decryption
+    /// (containerd's decrypt hook), and a known prefix lets the IPU recognise a blob, and
+    /// authenticate it, while it arrives.
+    VerifyForDecryption,
     Pull,
     Unpack {
         output: PathBuf,
@@ -278,6 +283,35 @@ pub enum Goal {
         output: PathBuf,
         cached: std::collections::BTreeSet<String>,
     },
+}
+
+/// How many leading bytes of an encrypted blob [`Goal::VerifyForDecryption`] records: with
+/// ciphertext under a random key and nonce, 64 bytes tell blobs apart.
+pub const BLOB_PREFIX_LEN: usize = 64;
+
+/// The prefixes of `manifest`'s encrypted layers (see [`Report::layer_prefixes`]). A source
+/// that cannot give one costs only the hint.
+fn blob_prefixes(
+    source: &dyn fetch::ImageSource,
+    manifest: &fetch::ImageManifest,
+    report: &Report,
+) -> Vec<Vec<u8>> {
+    manifest
+        .layers
+        .iter()
+        .zip(&report.layers)
+        .map(|(layer, r)| {
+            if !r.encrypted {
+                return Vec::new();
+            }
+            source
+                .blob_prefix(&layer.digest, BLOB_PREFIX_LEN)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(layer = %layer.digest, error = %e, "no blob prefix; the layer is recognised only once received whole");
+                    Vec::new()
+                })
+        })
+        .collect()
 }
 
 /// Progress notifications for a front end (progress bar, logs).
@@ -303,6 +337,11 @@ pub struct Report {
     /// The verified config's diff_ids, layer by layer.
     #[serde(skip)]
     pub layer_diff_ids: Vec<Digest>,
+    /// For [`Goal::VerifyForDecryption`]: the first [`BLOB_PREFIX_LEN`] bytes of each
+    /// encrypted layer's blob (empty for the others, or where the source failed to give
+    /// them), as the source gave them: a hint for recognising the blob, never trusted.
+    #[serde(skip)]
+    pub layer_prefixes: Vec<Vec<u8>>,
     /// What the deployment policy requires of this request, when one decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requirements: Option<policy::deploy::Requirements>,
@@ -675,8 +714,12 @@ impl TrustPipeline {
         if matches!(goal, Goal::Verify) {
             return Ok(());
         }
-        if matches!(goal, Goal::VerifyKeys) {
-            return self.check_layer_keys(reference, &image.manifest, &report.layers, rec);
+        if matches!(goal, Goal::VerifyKeys | Goal::VerifyForDecryption) {
+            self.check_layer_keys(reference, &image.manifest, &report.layers, rec)?;
+            if matches!(goal, Goal::VerifyForDecryption) {
+                report.layer_prefixes = blob_prefixes(source.as_ref(), &image.manifest, report);
+            }
+            return Ok(());
         }
 
         let cache = BlobCache::new(&self.cfg.cache_dir)?;

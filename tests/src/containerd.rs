@@ -109,6 +109,14 @@ impl Ipu {
             .collect()
     }
 
+    /// Where the HMAC of each released layer was checked (`hmac_checked`), in order.
+    pub fn hook_hmac_checks(&self) -> Vec<String> {
+        self.hook_decrypt_events()
+            .into_iter()
+            .filter_map(|e| e.details.get("hmac_checked").cloned())
+            .collect()
+    }
+
     fn hook_decrypt_events(&self) -> Vec<audit::Event> {
         self.audit
             .store()

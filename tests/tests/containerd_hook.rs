@@ -98,6 +98,12 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
         1,
         "{outcomes:?}"
     );
+    // Verified images' blobs are recognised from their first bytes, so each was
+    // authenticated as containerd streamed it.
+    assert_eq!(
+        ipu.hook_hmac_checks(),
+        ["on arrival (recognised from its start)"; 3]
+    );
     ipu.service.shutdown();
 }
 
@@ -385,6 +391,11 @@ fn a_payload_carrying_apply_through_the_diff_service() {
         .unwrap();
     assert_eq!(applied.digest, diff_id);
     assert_eq!(applied.media_type, "application/vnd.oci.image.layer.v1.tar");
+    // Recognised by the digest the payload names, and authenticated as it arrived.
+    assert_eq!(
+        ipu.hook_hmac_checks(),
+        ["on arrival (recognised from its start)"]
+    );
 
     // A payload that names another blob.
     let other = format!("sha256:{}", "0".repeat(64));
@@ -640,10 +651,30 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("HMAC does not match"), "{stderr}");
-    // Refused as an integrity failure, before any release.
-    assert_eq!(ipu.hook_decrypts(), ["denied"]);
+    // The same blob with a start too short to be recognised: checked in a pass over the
+    // stored blob instead of on arrival, with the same outcome.
+    let blob = integration_tests::layout_blob(&layout, &blob_digest);
+    let (sent, refused) = decrypt_over_api(
+        &ipu.api,
+        "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+        vec![blob[..16].to_vec(), blob[16..].to_vec()],
+    );
     assert!(
-        ipu.hook_decrypt_reasons()[0].contains("HMAC does not match"),
+        sent.is_empty(),
+        "{} plaintext bytes left the IPU",
+        sent.len()
+    );
+    let refused = refused.unwrap_err();
+    assert!(
+        refused.message().contains("HMAC does not match"),
+        "{refused:?}"
+    );
+    // Refused as an integrity failure, before any release, both times.
+    assert_eq!(ipu.hook_decrypts(), ["denied", "denied"]);
+    assert!(
+        ipu.hook_decrypt_reasons()
+            .iter()
+            .all(|r| r.contains("HMAC does not match")),
         "{:?}",
         ipu.hook_decrypt_reasons()
     );
@@ -694,6 +725,131 @@ fn a_stream_the_host_stops_reading_is_recorded() {
     let reasons = ipu.hook_decrypt_reasons();
     assert!(
         reasons[1].contains("the plaintext stream to the host stopped after"),
+        "{reasons:?}"
+    );
+    ipu.service.shutdown();
+}
+
+/// A DecryptLayer call for tenant acme, function pull, straight to the IPU's API, the blob in
+/// `chunks`: the plaintext it sent, and its trailer or its error.
+fn decrypt_over_api(
+    api: &Path,
+    media_type: &str,
+    chunks: Vec<Vec<u8>>,
+) -> (
+    Vec<u8>,
+    Result<api::imagesvc::DecryptLayerTrailer, tonic::Status>,
+) {
+    use api::imagesvc::image_service_client::ImageServiceClient;
+    use api::imagesvc::{DecryptLayerHeader, DecryptLayerRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client =
+            ImageServiceClient::new(api::unix::connect(api.to_path_buf()).await.unwrap());
+        let header = DecryptLayerHeader {
+            tenant: "acme".into(),
+            function: "pull".into(),
+            media_type: media_type.into(),
+            payload_descriptor_json: String::new(),
+        };
+        let requests: Vec<DecryptLayerRequest> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| DecryptLayerRequest {
+                header: (i == 0).then(|| header.clone()),
+                data,
+            })
+            .collect();
+        let mut plaintext = Vec::new();
+        let mut inbound = match client.decrypt_layer(tokio_stream::iter(requests)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (plaintext, Err(s)),
+        };
+        loop {
+            match inbound.message().await {
+                Ok(Some(m)) => {
+                    plaintext.extend_from_slice(&m.data);
+                    if let Some(t) = m.trailer {
+                        return (plaintext, Ok(t));
+                    }
+                }
+                Ok(None) => return (plaintext, Err(tonic::Status::data_loss("no trailer"))),
+                Err(s) => return (plaintext, Err(s)),
+            }
+        }
+    })
+}
+
+/// The IPU recognises a verified layer's blob by its first bytes and authenticates it while it
+/// arrives; a blob whose start is too short to tell is authenticated in a pass over the stored
+/// blob instead. Both give the same plaintext and trailer. A blob that starts like a verified
+/// layer but is another is refused like any unknown blob, and the key released for it as it
+/// started is recorded as unused.
+#[test]
+fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ipu, layer) = ipu_with_verified_layer(dir.path());
+    let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
+    let rsa = ocicrypt::keys::PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    let privopts = ocicrypt::PrivateLayerOptions::from_json(
+        &ocicrypt::jwe::unwrap(&layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE], &[rsa]).unwrap(),
+    )
+    .unwrap();
+
+    // Whole: recognised from its start.
+    let (early, trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
+    let trailer = trailer.unwrap();
+    // 16 bytes first: too few to recognise; authenticated once stored.
+    let (late, late_trailer) = decrypt_over_api(
+        &ipu.api,
+        media_type,
+        vec![layer.blob[..16].to_vec(), layer.blob[16..].to_vec()],
+    );
+    assert_eq!(late_trailer.unwrap(), trailer);
+    assert_eq!(early, late);
+    assert_eq!(trailer.size, early.len() as u64);
+    assert_eq!(trailer.digest, privopts.digest());
+    assert_eq!(
+        format!("sha256:{}", integration_tests::sha256_hex(&early)),
+        privopts.digest()
+    );
+    assert_eq!(
+        trailer.media_type,
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+
+    // The start of the layer, then something else.
+    let mut impostor = layer.blob[..4096].to_vec();
+    impostor.extend_from_slice(&[0u8; 4096]);
+    let (sent, refused) = decrypt_over_api(&ipu.api, media_type, vec![impostor]);
+    assert!(sent.is_empty());
+    let refused = refused.unwrap_err();
+    assert!(
+        refused
+            .message()
+            .contains("is in no image this IPU verified"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        ipu.hook_decrypts(),
+        ["success", "success", "failure", "denied"]
+    );
+    assert_eq!(
+        ipu.hook_hmac_checks(),
+        [
+            "on arrival (recognised from its start)",
+            "over the stored blob"
+        ]
+    );
+    let reasons = ipu.hook_decrypt_reasons();
+    assert!(
+        reasons[2].contains("released for a blob as it started to arrive was not used"),
         "{reasons:?}"
     );
     ipu.service.shutdown();

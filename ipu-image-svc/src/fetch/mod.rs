@@ -99,6 +99,16 @@ pub trait ImageSource: Send + Sync {
     fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<RawManifest>, FetchError>;
     /// The raw blob stream (unchecked).
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError>;
+    /// The first `len` bytes of a blob (fewer if it is shorter), unchecked: a hint only,
+    /// never content anything is built from.
+    fn blob_prefix(&self, digest: &Digest, len: usize) -> Result<Vec<u8>, FetchError> {
+        let mut prefix = Vec::with_capacity(len);
+        self.open_blob_raw(digest)?
+            .take(len as u64)
+            .read_to_end(&mut prefix)
+            .map_err(|e| FetchError::from_io(e, &format!("blob {digest}")))?;
+        Ok(prefix)
+    }
 }
 
 /// Options for opening sources.

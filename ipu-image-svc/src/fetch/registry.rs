@@ -95,12 +95,12 @@ impl RegistrySource {
     fn get(
         &self,
         url: &str,
-        accept: Option<&str>,
+        headers: &[(&str, &str)],
     ) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
         for attempt in 0..2 {
             let mut req = self.agent.get(url);
-            if let Some(a) = accept {
-                req = req.header("Accept", a);
+            for (name, value) in headers {
+                req = req.header(*name, *value);
             }
             if let Some(h) = self.auth_header() {
                 req = req.header("Authorization", &h);
@@ -276,7 +276,7 @@ impl ImageSource for RegistrySource {
             ManifestRef::Default => "latest".into(),
         };
         let url = format!("{}/manifests/{reference}", self.base);
-        let resp = self.get(&url, Some(ACCEPTED))?;
+        let resp = self.get(&url, &[("Accept", ACCEPTED)])?;
         match resp.status().as_u16() {
             200 => {}
             404 => return Ok(None),
@@ -309,10 +309,31 @@ impl ImageSource for RegistrySource {
     }
 
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError> {
+        self.open_blob_range(digest, &[])
+    }
+
+    fn blob_prefix(&self, digest: &Digest, len: usize) -> Result<Vec<u8>, FetchError> {
+        // A range request; a registry that ignores it sends the whole blob, cut here.
+        let range = format!("bytes=0-{}", len.saturating_sub(1));
+        let mut prefix = Vec::with_capacity(len);
+        self.open_blob_range(digest, &[("Range", &range)])?
+            .take(len as u64)
+            .read_to_end(&mut prefix)
+            .map_err(|e| FetchError::from_io(e, &format!("blob {digest}")))?;
+        Ok(prefix)
+    }
+}
+
+impl RegistrySource {
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        headers: &[(&str, &str)],
+    ) -> Result<Box<dyn Read + Send>, FetchError> {
         let url = format!("{}/blobs/{digest}", self.base);
-        let resp = self.get(&url, None)?;
+        let resp = self.get(&url, headers)?;
         match resp.status().as_u16() {
-            200 => Ok(Box::new(resp.into_body().into_reader())),
+            200 | 206 => Ok(Box::new(resp.into_body().into_reader())),
             404 => Err(FetchError::new(
                 FetchErrorClass::NotFound,
                 format!("GET {url}: blob not found"),

@@ -31,6 +31,9 @@ pub(crate) struct KnownLayer {
     pub descriptor: Descriptor,
     /// The verified config's diff_id for this layer.
     pub diff_id: Option<String>,
+    /// The blob's first bytes, when the verification fetched them (see
+    /// [`Goal::VerifyForDecryption`]): how the blob is recognised as it starts to arrive.
+    pub prefix: Vec<u8>,
 }
 
 /// What a decryption produced.
@@ -67,22 +70,30 @@ impl Service {
         };
         let mut known = self.known_layers.lock().expect("not poisoned");
         for (i, d) in report.layer_descriptors.iter().enumerate() {
-            let layer = KnownLayer {
+            let entries = known.entry(d.digest.to_string()).or_default();
+            // A blob's prefix does not change with the image it is in: keep one learnt before.
+            let mut prefix = report.layer_prefixes.get(i).cloned().unwrap_or_default();
+            if prefix.is_empty() {
+                if let Some(k) = entries.iter().find(|k| !k.prefix.is_empty()) {
+                    prefix = k.prefix.clone();
+                }
+            }
+            entries.retain(|k| !(k.tenant == tenant && k.function == function));
+            entries.push(KnownLayer {
                 diff_id: report.layer_diff_ids.get(i).map(|d| d.to_string()),
                 tenant: tenant.into(),
                 function: function.into(),
                 image: report.image.clone(),
                 image_digest: digest.to_string(),
                 descriptor: d.clone(),
-            };
-            let entries = known.entry(d.digest.to_string()).or_default();
-            entries.retain(|k| !(k.tenant == tenant && k.function == function));
-            entries.push(layer);
+                prefix,
+            });
         }
     }
 
     /// Verifies `image` for `tenant` and `function` (policy, signature, every layer key
-    /// released for this request) and remembers its layers. Returns the manifest digest and
+    /// released for this request) and remembers its layers, with the first bytes of each
+    /// encrypted blob. Returns the manifest digest and
     /// the layers' blob digests.
     pub fn verify(
         &self,
@@ -100,7 +111,7 @@ impl Service {
         })?;
         let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
         let mut report = Report::default();
-        pipeline.run(&reference, &Goal::VerifyKeys, &Quiet, &mut report)?;
+        pipeline.run(&reference, &Goal::VerifyForDecryption, &Quiet, &mut report)?;
         self.remember_layers(tenant, function, &report);
         let digest = report
             .manifest_digest
@@ -115,113 +126,75 @@ impl Service {
         Ok((digest, layers))
     }
 
-    /// Opens a received blob for decryption for `tenant` and `function`: the blob must be a
-    /// layer of an image verified for them and match its descriptor (and the payload's, if
-    /// any); its key is released by the key source for this request, and its HMAC is checked
-    /// over the whole stored blob before this returns. The returned stream yields plaintext
-    /// that was authenticated, as it is decrypted.
+    /// Recognises a blob from its start, before it has arrived whole: by the digest a
+    /// stream processor payload names, or by its first bytes among the encrypted layers
+    /// verified for `tenant` and `function` with `media_type`. The layer's key is then
+    /// released at once, so that its HMAC can be computed while the blob arrives.
     ///
-    /// The release is recorded (`layer.decrypt`) before any plaintext can leave; a refusal is
-    /// recorded and returned; a stream that later fails records that too (see [`LayerStream`]).
-    pub fn open_layer(
+    /// Only a hint: [`open_layer`](Self::open_layer) still matches the whole blob's digest,
+    /// and a blob that turns out to be another one is handled as if nothing was recognised.
+    /// `None` when nothing (or more than one layer) matches.
+    pub fn recognise(
         &self,
         tenant: &str,
         function: &str,
-        blob: &ReceivedBlob<'_>,
-    ) -> Result<LayerStream, PipelineError> {
-        check_name("tenant", tenant)?;
-        check_name("function", function)?;
-        let known = self
-            .known_layers
-            .lock()
-            .expect("not poisoned")
-            .get(blob.digest)
-            .and_then(|all| {
-                all.iter()
-                    .find(|k| k.tenant == tenant && k.function == function)
+        media_type: &str,
+        payload_digest: Option<&str>,
+        start: &[u8],
+    ) -> Option<EarlyLayer> {
+        check_name("tenant", tenant).ok()?;
+        check_name("function", function).ok()?;
+        let known = {
+            let all = self.known_layers.lock().expect("not poisoned");
+            let mut candidates = all.iter().flat_map(|(digest, layers)| {
+                layers
+                    .iter()
+                    .filter(move |k| {
+                        k.tenant == tenant
+                            && k.function == function
+                            && k.descriptor.media_type == media_type
+                            && match payload_digest {
+                                Some(p) => p == digest,
+                                None => {
+                                    !k.prefix.is_empty()
+                                        && start.len() >= k.prefix.len()
+                                        && start[..k.prefix.len()] == k.prefix[..]
+                                }
+                            }
+                    })
                     .cloned()
             });
-        let record = LayerRecord {
-            audit: self.audit.clone(),
-            tenant: tenant.to_string(),
-            function: function.to_string(),
-            layer_digest: blob.digest.to_string(),
-            image: known
-                .as_ref()
-                .map(|k| (k.image.clone(), k.image_digest.clone())),
-        };
-        let opened = match known {
-            None => Err(refused(match blob.payload_descriptor {
-                None => format!(
-                    "layer {} is in no image this IPU verified for tenant {tenant:?}, function {function:?}, and containerd passed no stream processor payload: verify the image first (ImageService.Verify, `host-attach verify`), then pull",
-                    blob.digest
-                ),
-                Some(_) => format!(
-                    "layer {} is in no image this IPU verified for tenant {tenant:?}, function {function:?}; a payload does not say which image a layer belongs to, so the policy cannot decide: verify the image first (ImageService.Verify, `host-attach verify`)",
-                    blob.digest
-                ),
-            })),
-            Some(k) => self.authenticate(tenant, function, k, blob),
-        };
-        match opened {
-            Ok(opened) => {
-                record.record(
-                    Outcome::Success,
-                    "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted".into(),
-                    None,
-                )?;
-                Ok(LayerStream {
-                    opened: Some(opened),
-                    record: Some(record),
-                    sent: 0,
-                })
+            let first = candidates.next()?;
+            if candidates.next().is_some() {
+                return None;
             }
-            Err(e) => {
-                record.record(
-                    if e.class.is_rejection() {
-                        Outcome::Denied
-                    } else {
-                        Outcome::Failure
-                    },
-                    e.message.clone(),
-                    None,
-                )?;
-                Err(e)
-            }
-        }
+            first
+        };
+        let keys = self.layer_keys(tenant, function, &known);
+        let verifier = match &keys {
+            Ok(k) => ocicrypt::CiphertextVerifier::new(&k.pubopts, &k.privopts).ok(),
+            Err(_) => None,
+        };
+        Some(EarlyLayer {
+            record: keys
+                .is_ok()
+                .then(|| LayerRecord::new(self, tenant, function, &known)),
+            known,
+            keys: Some(keys),
+            verifier,
+            proof: None,
+        })
     }
 
-    /// Everything up to the release: descriptor and payload checks, the key, the first pass.
-    fn authenticate(
+    /// Releases `known`'s key for `tenant` and `function`: from the key source (the broker,
+    /// which decides now and audits it), or unwrapped with the configured keys.
+    fn layer_keys(
         &self,
         tenant: &str,
         function: &str,
-        known: KnownLayer,
-        blob: &ReceivedBlob<'_>,
-    ) -> Result<Opened, PipelineError> {
+        known: &KnownLayer,
+    ) -> Result<LayerKeys, PipelineError> {
         let d = &known.descriptor;
-        if d.size != blob.size || d.media_type != blob.media_type {
-            return Err(refused(format!(
-                "the blob ({} bytes, {}) does not match layer {} of {} ({} bytes, {})",
-                blob.size, blob.media_type, d.digest, known.image, d.size, d.media_type
-            )));
-        }
-        if let Some(json) = blob.payload_descriptor {
-            let payload: serde_json::Value = serde_json::from_str(json)
-                .map_err(|e| refused(format!("the stream processor payload's descriptor: {e}")))?;
-            if payload["digest"].as_str() != Some(blob.digest)
-                || payload["size"].as_u64() != Some(blob.size)
-            {
-                return Err(refused(format!(
-                    "the stream processor payload names {} ({} bytes), not the blob received ({}, {} bytes)",
-                    payload["digest"], payload["size"], blob.digest, blob.size
-                )));
-            }
-        }
-        let media_type = ocicrypt::decrypted_media_type(&d.media_type)
-            .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
-            .to_string();
-        let cfg = (self.factory)(tenant, function)?;
         let layer_digest = d.digest.to_string();
         let integrity = |e: ocicrypt::Error| {
             PipelineError::new(
@@ -229,6 +202,7 @@ impl Service {
                 format!("layer {layer_digest}: {e}"),
             )
         };
+        let cfg = (self.factory)(tenant, function)?;
         let privopts = match &cfg.layer_keys {
             Some(source) => source
                 .private_options(&LayerKeyRequest {
@@ -253,22 +227,263 @@ impl Service {
         };
         let pubopts =
             ocicrypt::PublicLayerOptions::from_annotations(&d.annotations).map_err(integrity)?;
-        // First pass: the HMAC over the stored blob. Only this process writes the spool.
-        let mut verifier =
-            ocicrypt::CiphertextVerifier::new(&pubopts, &privopts).map_err(integrity)?;
-        verifier
-            .update_from(open_blob(blob.path)?)
-            .map_err(|e| io("reading the received blob", e))?;
-        let proof = verifier.verify().map_err(integrity)?;
-        let decryptor = ocicrypt::VerifiedDecryptor::new(open_blob(blob.path)?, &privopts, proof);
+        Ok(LayerKeys { pubopts, privopts })
+    }
+
+    /// Opens a received blob for decryption for `tenant` and `function`: the blob must be a
+    /// layer of an image verified for them and match its descriptor (and the payload's, if
+    /// any); its key is released by the key source for this request, and its HMAC is checked
+    /// over the whole stored blob before this returns. The returned stream yields plaintext
+    /// that was authenticated, as it is decrypted.
+    ///
+    /// The release is recorded (`layer.decrypt`) before any plaintext can leave; a refusal is
+    /// recorded and returned; a stream that later fails records that too (see [`LayerStream`]).
+    ///
+    /// `early` is what [`recognise`](Self::recognise) made of the blob's start, if anything:
+    /// when it is this blob, its key and the HMAC computed on arrival are used.
+    pub fn open_layer(
+        &self,
+        tenant: &str,
+        function: &str,
+        blob: &ReceivedBlob<'_>,
+        early: Option<EarlyLayer>,
+    ) -> Result<LayerStream, PipelineError> {
+        check_name("tenant", tenant)?;
+        check_name("function", function)?;
+        let known = self
+            .known_layers
+            .lock()
+            .expect("not poisoned")
+            .get(blob.digest)
+            .and_then(|all| {
+                all.iter()
+                    .find(|k| k.tenant == tenant && k.function == function)
+                    .cloned()
+            });
+        let record = LayerRecord {
+            audit: self.audit.clone(),
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            layer_digest: blob.digest.to_string(),
+            image: known
+                .as_ref()
+                .map(|k| (k.image.clone(), k.image_digest.clone())),
+        };
+        // What was recognised early is used only if it is this blob.
+        let early = early.and_then(|e| {
+            if known.is_some() && e.known.descriptor.digest.to_string() == blob.digest {
+                Some(e)
+            } else {
+                e.discard(&format!(
+                    "the blob received is {}, not the layer its start suggested",
+                    blob.digest
+                ));
+                None
+            }
+        });
+        let opened = match known {
+            None => Err(refused(match blob.payload_descriptor {
+                None => format!(
+                    "layer {} is in no image this IPU verified for tenant {tenant:?}, function {function:?}, and containerd passed no stream processor payload: verify the image first (ImageService.Verify, `host-attach verify`), then pull",
+                    blob.digest
+                ),
+                Some(_) => format!(
+                    "layer {} is in no image this IPU verified for tenant {tenant:?}, function {function:?}; a payload does not say which image a layer belongs to, so the policy cannot decide: verify the image first (ImageService.Verify, `host-attach verify`)",
+                    blob.digest
+                ),
+            })),
+            Some(k) => self.authenticate(tenant, function, k, blob, early),
+        };
+        match opened {
+            Ok(opened) => {
+                record.record(
+                    Outcome::Success,
+                    "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted".into(),
+                    &[(
+                        "hmac_checked",
+                        if opened.on_arrival {
+                            "on arrival (recognised from its start)"
+                        } else {
+                            "over the stored blob"
+                        }
+                        .to_string(),
+                    )],
+                )?;
+                Ok(LayerStream {
+                    opened: Some(opened),
+                    record: Some(record),
+                    sent: 0,
+                })
+            }
+            Err(e) => {
+                record.record(
+                    if e.class.is_rejection() {
+                        Outcome::Denied
+                    } else {
+                        Outcome::Failure
+                    },
+                    e.message.clone(),
+                    &[],
+                )?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything up to the release: descriptor and payload checks, the key, the HMAC over
+    /// the whole blob (computed on arrival when `early` recognised it, else in a first pass
+    /// over the stored blob).
+    fn authenticate(
+        &self,
+        tenant: &str,
+        function: &str,
+        known: KnownLayer,
+        blob: &ReceivedBlob<'_>,
+        early: Option<EarlyLayer>,
+    ) -> Result<Opened, PipelineError> {
+        let d = &known.descriptor;
+        if d.size != blob.size || d.media_type != blob.media_type {
+            return Err(refused(format!(
+                "the blob ({} bytes, {}) does not match layer {} of {} ({} bytes, {})",
+                blob.size, blob.media_type, d.digest, known.image, d.size, d.media_type
+            )));
+        }
+        if let Some(json) = blob.payload_descriptor {
+            let payload: serde_json::Value = serde_json::from_str(json)
+                .map_err(|e| refused(format!("the stream processor payload's descriptor: {e}")))?;
+            if payload["digest"].as_str() != Some(blob.digest)
+                || payload["size"].as_u64() != Some(blob.size)
+            {
+                return Err(refused(format!(
+                    "the stream processor payload names {} ({} bytes), not the blob received ({}, {} bytes)",
+                    payload["digest"], payload["size"], blob.digest, blob.size
+                )));
+            }
+        }
+        let media_type = ocicrypt::decrypted_media_type(&d.media_type)
+            .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
+            .to_string();
+        let integrity = |e: ocicrypt::Error| {
+            PipelineError::new(
+                crate::pipeline::ocicrypt_class(&e),
+                format!("layer {}: {e}", d.digest),
+            )
+        };
+        let early = early.map(EarlyLayer::used).transpose()?.flatten();
+        let on_arrival = early.is_some();
+        let (keys, proof) = match early {
+            Some((keys, proof)) => (keys, proof.map_err(integrity)?),
+            None => {
+                let keys = self.layer_keys(tenant, function, &known)?;
+                // First pass: the HMAC over the stored blob. Only this process writes the
+                // spool.
+                let mut verifier = ocicrypt::CiphertextVerifier::new(&keys.pubopts, &keys.privopts)
+                    .map_err(integrity)?;
+                verifier
+                    .update_from(open_blob(blob.path)?)
+                    .map_err(|e| io("reading the received blob", e))?;
+                let proof = verifier.verify().map_err(integrity)?;
+                (keys, proof)
+            }
+        };
+        let decryptor =
+            ocicrypt::VerifiedDecryptor::new(open_blob(blob.path)?, &keys.privopts, proof);
         Ok(Opened {
             decryptor,
             blob: blob.path.to_path_buf(),
-            pubopts,
-            privopts,
+            keys,
             media_type,
             known,
+            on_arrival,
         })
+    }
+}
+
+/// A layer's public options and its private options (the key, zeroized on drop), released
+/// for one request.
+struct LayerKeys {
+    pubopts: ocicrypt::PublicLayerOptions,
+    privopts: ocicrypt::PrivateLayerOptions,
+}
+
+/// A blob [`Service::recognise`]d from its start: the layer it should be, that layer's key
+/// (or why there is none), and the HMAC computed while the blob arrives.
+///
+/// A key released for it and never used (the blob did not arrive whole, or was another
+/// one) is recorded as a `layer.decrypt` failure when this is dropped.
+pub struct EarlyLayer {
+    known: KnownLayer,
+    /// Taken by [`used`](Self::used).
+    keys: Option<Result<LayerKeys, PipelineError>>,
+    /// Taken by the receiver, which feeds it the blob as it arrives.
+    verifier: Option<ocicrypt::CiphertextVerifier>,
+    proof: Option<Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>>,
+    /// Set while a released key is unused.
+    record: Option<LayerRecord>,
+}
+
+impl std::fmt::Debug for EarlyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EarlyLayer")
+            .field("layer", &self.known.descriptor.digest.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EarlyLayer {
+    /// The HMAC to feed with the blob as it arrives (`None` without a key).
+    pub fn take_verifier(&mut self) -> Option<ocicrypt::CiphertextVerifier> {
+        self.verifier.take()
+    }
+
+    /// The HMAC's verdict over the whole blob, from the verifier taken above.
+    pub fn authenticated(&mut self, proof: Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>) {
+        self.proof = Some(proof);
+    }
+
+    /// The keys and the verdict for [`Service::authenticate`]; `None` when there is no
+    /// verdict (no key, or the receiver never ran the HMAC), so that the stored blob gets
+    /// its first pass. A key error is returned as is (the broker refused this request).
+    #[allow(clippy::type_complexity)]
+    fn used(
+        mut self,
+    ) -> Result<
+        Option<(
+            LayerKeys,
+            Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>,
+        )>,
+        PipelineError,
+    > {
+        self.record = None;
+        match (self.keys.take().expect("used once"), self.proof.take()) {
+            (Err(e), _) => Err(e),
+            (Ok(keys), Some(proof)) => Ok(Some((keys, proof))),
+            (Ok(_), None) => Ok(None),
+        }
+    }
+
+    fn discard(mut self, why: &str) {
+        if let Some(record) = self.record.take() {
+            let _ = record.record(
+                Outcome::Failure,
+                format!(
+                    "the layer key released for a blob as it started to arrive was not used: {why}"
+                ),
+                &[],
+            );
+        }
+    }
+}
+
+impl Drop for EarlyLayer {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            let _ = record.record(
+                Outcome::Failure,
+                "the layer key released for a blob as it started to arrive was not used: the blob did not arrive whole".into(),
+                &[],
+            );
+        }
     }
 }
 
@@ -294,11 +509,21 @@ struct LayerRecord {
 }
 
 impl LayerRecord {
+    fn new(service: &Service, tenant: &str, function: &str, known: &KnownLayer) -> Self {
+        Self {
+            audit: service.audit.clone(),
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            layer_digest: known.descriptor.digest.to_string(),
+            image: Some((known.image.clone(), known.image_digest.clone())),
+        }
+    }
+
     fn record(
         &self,
         outcome: Outcome,
         reason: String,
-        sent: Option<u64>,
+        details: &[(&str, String)],
     ) -> Result<(), PipelineError> {
         let mut event = Event::new(AUDIT_SERVICE, EventKind::LayerDecrypt, outcome, reason)
             .tenant(self.tenant.clone())
@@ -308,8 +533,8 @@ impl LayerRecord {
         if let Some((image, digest)) = &self.image {
             event = event.image(image.clone(), Some(digest.clone()));
         }
-        if let Some(sent) = sent {
-            event = event.detail("plaintext_bytes_sent", sent.to_string());
+        for (name, value) in details {
+            event = event.detail(*name, value.clone());
         }
         self.audit.append(event).map(drop).map_err(|e| {
             PipelineError::new(
@@ -324,11 +549,12 @@ impl LayerRecord {
 struct Opened {
     decryptor: ocicrypt::VerifiedDecryptor<BufReader<File>>,
     blob: PathBuf,
-    pubopts: ocicrypt::PublicLayerOptions,
-    /// Zeroized on drop; kept for the rare second look at a stale digest.
-    privopts: ocicrypt::PrivateLayerOptions,
+    /// Kept for the rare second look at a stale digest.
+    keys: LayerKeys,
     media_type: String,
     known: KnownLayer,
+    /// Whether the HMAC was computed as the blob arrived (else in a pass over it stored).
+    on_arrival: bool,
 }
 
 /// An authenticated layer, decrypting as it is read ([`std::io::Read`]).
@@ -397,7 +623,7 @@ impl LayerStream {
                     "the plaintext stream to the host stopped after {} bytes: {why}",
                     self.sent
                 ),
-                Some(self.sent),
+                &[("plaintext_bytes_sent", self.sent.to_string())],
             );
         }
     }
@@ -426,8 +652,8 @@ impl Opened {
             // the stored blob, only in this case.
             let plain = ocicrypt::LayerDecryptor::with_options(
                 open_blob(&self.blob)?,
-                &self.pubopts,
-                &self.privopts,
+                &self.keys.pubopts,
+                &self.keys.privopts,
             )
             .map_err(integrity)?;
             let diff_id = diff_id(plain, &self.media_type)?;

@@ -11,8 +11,9 @@ use api::imagesvc::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use super::decrypt::EarlyLayer;
 use super::Service;
-use crate::pipeline::PipelineError;
+use crate::pipeline::{PipelineError, BLOB_PREFIX_LEN};
 
 pub struct Api {
     service: Arc<Service>,
@@ -58,17 +59,35 @@ const MAX_BLOB: u64 = 16 << 30;
 /// Plaintext chunk sent back.
 const CHUNK: usize = 1 << 20;
 
+/// The HMAC's verdict over a received blob.
+type Authenticated = Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>;
+
 /// Receives a DecryptLayer request's blob into `path` (created, mode 0600), hashed on the
-/// way. The hash and the write run on a thread each: one SHA-256 pass alone is about as slow
-/// as the stream.
+/// way, and fed to `verifier` (the layer's HMAC) when the blob was recognised from its
+/// start. The hash, the HMAC and the write run on a thread each: one SHA-256 pass alone is
+/// about as slow as the stream.
 async fn receive_blob(
     first: Vec<u8>,
     inbound: &mut Streaming<DecryptLayerRequest>,
     path: &std::path::Path,
-) -> Result<(String, u64), Status> {
+    verifier: Option<ocicrypt::CiphertextVerifier>,
+) -> Result<(String, u64, Option<Authenticated>), Status> {
     type Chunk = Arc<Vec<u8>>;
     let (to_writer, mut writes) = tokio::sync::mpsc::channel::<Chunk>(8);
     let (to_hasher, mut hashes) = tokio::sync::mpsc::channel::<Chunk>(8);
+    let (to_mac, mac) = match verifier {
+        Some(mut verifier) => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(8);
+            let mac = tokio::task::spawn_blocking(move || {
+                while let Some(chunk) = rx.blocking_recv() {
+                    verifier.update(&chunk);
+                }
+                verifier.verify()
+            });
+            (Some(tx), Some(mac))
+        }
+        None => (None, None),
+    };
     let path = path.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
@@ -108,16 +127,24 @@ async fn receive_blob(
             )));
         }
         let chunk = Arc::new(data);
+        if let Some(to_mac) = &to_mac {
+            // The HMAC thread only stops at the end.
+            let _ = to_mac.send(chunk.clone()).await;
+        }
         if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
             // The writer failed; its error is reported below.
             break None;
         }
     };
-    drop((to_writer, to_hasher));
-    // Both are done with the blob before anything returns (the spool then deletes it,
+    drop((to_writer, to_hasher, to_mac));
+    // All are done with the blob before anything returns (the spool then deletes it,
     // whatever happened).
     let written = writer.await;
     let digest = hasher.await;
+    let authenticated = match mac {
+        Some(mac) => Some(mac.await.map_err(|e| Status::internal(e.to_string()))?),
+        None => None,
+    };
     if let Some(e) = failed {
         return Err(e);
     }
@@ -127,6 +154,7 @@ async fn receive_blob(
     Ok((
         digest.map_err(|e| Status::internal(e.to_string()))?,
         received,
+        authenticated,
     ))
 }
 
@@ -269,7 +297,38 @@ impl ImageService for Api {
         })?;
         let spool = Spool::new(self.service.spool_dir());
         // The blob to the IPU's disk, hashed on the way.
-        let (digest, size) = receive_blob(first.data, &mut inbound, &spool.blob).await?;
+        // A blob recognised from its start (the payload's digest, or its first bytes) has its
+        // key released now and its HMAC computed while it arrives.
+        let mut early = {
+            let service = self.service.clone();
+            let (tenant, function, media_type) = (
+                header.tenant.clone(),
+                header.function.clone(),
+                header.media_type.clone(),
+            );
+            let payload_digest =
+                serde_json::from_str::<serde_json::Value>(&header.payload_descriptor_json)
+                    .ok()
+                    .and_then(|d| d["digest"].as_str().map(str::to_string));
+            let start = first.data[..first.data.len().min(BLOB_PREFIX_LEN)].to_vec();
+            tokio::task::spawn_blocking(move || {
+                service.recognise(
+                    &tenant,
+                    &function,
+                    &media_type,
+                    payload_digest.as_deref(),
+                    &start,
+                )
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+        };
+        let verifier = early.as_mut().and_then(EarlyLayer::take_verifier);
+        let (digest, size, proof) =
+            receive_blob(first.data, &mut inbound, &spool.blob, verifier).await?;
+        if let (Some(early), Some(proof)) = (early.as_mut(), proof) {
+            early.authenticated(proof);
+        }
         let service = self.service.clone();
         let blob = spool.blob.clone();
         let mut layer = blocking(move || {
@@ -285,6 +344,7 @@ impl ImageService for Api {
                     media_type: &header.media_type,
                     payload_descriptor: payload,
                 },
+                early,
             )
         })
         .await?;
