@@ -6,6 +6,12 @@
 //! the deployment policy and the broker decide. A stream processor payload, when containerd
 //! passes one, is checked against the blob; it cannot stand in for a verified image, since the
 //! host could claim any image in it.
+//!
+//! Order of a request: [`Service::recognise`] (from the blob's first bytes or the payload's
+//! digest: the key released early, the HMAC computed on arrival), the blob stored and hashed
+//! (in `grpc`), [`Service::open_layer`] (matched by its digest, authenticated: nothing leaves
+//! before the HMAC matched), then the [`LayerStream`] decrypting it as it is sent, whose
+//! `finish` checks the length and plaintext digest before the trailer.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -232,9 +238,9 @@ impl Service {
 
     /// Opens a received blob for decryption for `tenant` and `function`: the blob must be a
     /// layer of an image verified for them and match its descriptor (and the payload's, if
-    /// any); its key is released by the key source for this request, and its HMAC is checked
-    /// over the whole stored blob before this returns. The returned stream yields plaintext
-    /// that was authenticated, as it is decrypted.
+    /// any); its key is released by the key source for this request, and its HMAC over the
+    /// whole blob is checked before this returns. The returned stream yields plaintext that
+    /// was authenticated, as it is decrypted.
     ///
     /// The release is recorded (`layer.decrypt`) before any plaintext can leave; a refusal is
     /// recorded and returned; a stream that later fails records that too (see [`LayerStream`]).
@@ -409,8 +415,8 @@ struct LayerKeys {
 /// A blob [`Service::recognise`]d from its start: the layer it should be, that layer's key
 /// (or why there is none), and the HMAC computed while the blob arrives.
 ///
-/// A key released for it and never used (the blob did not arrive whole, or was another
-/// one) is recorded as a `layer.decrypt` failure when this is dropped.
+/// A key released for it and never used (the blob did not arrive whole, was another one, or
+/// was refused) is recorded as a `layer.decrypt` failure.
 pub struct EarlyLayer {
     known: KnownLayer,
     /// Taken by [`used`](Self::used).
@@ -480,7 +486,7 @@ impl Drop for EarlyLayer {
         if let Some(record) = self.record.take() {
             let _ = record.record(
                 Outcome::Failure,
-                "the layer key released for a blob as it started to arrive was not used: the blob did not arrive whole".into(),
+                "the layer key released for a blob as it started to arrive was not used: the request failed before the blob was decrypted".into(),
                 &[],
             );
         }
