@@ -296,7 +296,6 @@ impl ImageService for Api {
             Status::invalid_argument("the first DecryptLayer message must carry the header")
         })?;
         let spool = Spool::new(self.service.spool_dir());
-        // The blob to the IPU's disk, hashed on the way.
         // A blob recognised from its start (the payload's digest, or its first bytes) has its
         // key released now and its HMAC computed while it arrives.
         let mut early = {
@@ -323,6 +322,7 @@ impl ImageService for Api {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
         };
+        // The blob to the IPU's disk, hashed (and authenticated, if recognised) on the way.
         let verifier = early.as_mut().and_then(EarlyLayer::take_verifier);
         let (digest, size, proof) =
             receive_blob(first.data, &mut inbound, &spool.blob, verifier).await?;
