@@ -208,6 +208,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+impl Containerd {
+    /// `ctr run --rm IMAGE` in `namespace`: the run's output. containerd can lose the output
+    /// of a process that prints and exits at once (the shim's FIFO copy races the exit;
+    /// containerd/containerd#770, concourse/concourse#6775), so a successful run that printed
+    /// nothing is run again, up to three times; a run that fails, or prints anything, is
+    /// returned as it is.
+    pub fn run_image(&self, namespace: &str, image: &str, id: &str) -> Output {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let out = self.ctr(
+                namespace,
+                &["run", "--rm", image, &format!("{id}-{attempt}")],
+            );
+            if !out.status.success() || !out.stdout.is_empty() || attempt == 3 {
+                return out;
+            }
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -70,7 +70,7 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
     assert!(verified.status.success(), "{}", text(&verified));
     let pulled = ctd.ctr("ns1", &["images", "pull", "--plain-http", &image]);
     assert!(pulled.status.success(), "{}", text(&pulled));
-    let ran = ctd.ctr("ns1", &["run", "--rm", &image, "hello-1"]);
+    let ran = ctd.run_image("ns1", &image, "hello-1");
     assert!(ran.status.success(), "{}", text(&ran));
     assert_eq!(
         String::from_utf8_lossy(&ran.stdout),
@@ -82,7 +82,7 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
     assert!(verified.status.success(), "{}", text(&verified));
     let pulled = ctd.ctr("ns1", &["images", "pull", "--plain-http", &zstd]);
     assert!(pulled.status.success(), "{}", text(&pulled));
-    let ran = ctd.ctr("ns1", &["run", "--rm", &zstd, "hello-2"]);
+    let ran = ctd.run_image("ns1", &zstd, "hello-2");
     assert!(ran.status.success(), "{}", text(&ran));
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from zstd\n");
     // One refused and three decrypted layers on the IPU's record: zstd's first layer has the
@@ -107,6 +107,10 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
     ipu.service.shutdown();
 }
 
+/// A key the policy denies: for a tenant not allowed the image's key, the verification fails
+/// on the broker's denial and the hook refuses the unverified layer; a key revoked after the
+/// verification fails the pull at the hook (denial audited with the broker's reason). And the
+/// IPU unreachable fails it clearly.
 #[test]
 fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
     if !is_root() {
@@ -117,6 +121,25 @@ fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let ipu = Ipu::start(dir.path(), "policy-A.json");
     let image = format!("{}/fixtures/hello:enc-signed", registry.host());
+
+    // A node pulling for tenant globex, whose policy allows it the image but not the key it
+    // is encrypted to: the verification fails on the broker's denial, and so does the pull.
+    let layout_image = format!("oci:{}:enc-signed", fixtures().join("oci-layout").display());
+    let denied = verify(&ipu, "globex", "pull", &layout_image);
+    assert!(!denied.status.success());
+    assert!(text(&denied).contains("key broker"), "{}", text(&denied));
+    let globex = dir.path().join("globex");
+    let ctd = Containerd::start(&globex, &ipu.api, "globex", "pull");
+    let refused = ctd.ctr("ns-globex", &["images", "pull", "--plain-http", &image]);
+    assert!(!refused.status.success());
+    let message = text(&refused);
+    assert!(
+        shows_hook_failure(&message, &["verify the image first"]),
+        "{message}"
+    );
+    drop(ctd);
+    assert_eq!(ipu.hook_decrypts(), ["denied"]);
+
     let verified = verify(&ipu, "acme", "pull", &format!("docker://{image}"));
     assert!(verified.status.success(), "{}", text(&verified));
     // The operator revokes the key after the image was verified: the broker denies the
@@ -132,7 +155,18 @@ fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
     assert!(shows_hook_failure(&message, &["key broker"]), "{message}");
     // The IPU's record says why, whatever containerd showed.
     let outcomes = ipu.hook_decrypts();
-    assert!(outcomes.iter().any(|o| o == "denied"), "{outcomes:?}");
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "denied").count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert!(
+        ipu.hook_decrypt_reasons()
+            .iter()
+            .any(|r| r.contains("key broker")),
+        "{:?}",
+        ipu.hook_decrypt_reasons()
+    );
     drop(ctd);
 
     // The IPU unreachable.
@@ -572,7 +606,7 @@ fn an_uncompressed_encrypted_layer_through_containerd() {
     let ctd = Containerd::start(d, &ipu.api, "acme", "pull");
     let pulled = ctd.ctr("tar", &["images", "pull", "--plain-http", &image]);
     assert!(pulled.status.success(), "{}", text(&pulled));
-    let ran = ctd.ctr("tar", &["run", "--rm", &image, "hello-tar"]);
+    let ran = ctd.run_image("tar", &image, "hello-tar");
     assert!(ran.status.success(), "{}", text(&ran));
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from none\n");
     assert_eq!(ipu.hook_decrypts(), ["success"]);
