@@ -21,26 +21,11 @@ use std::sync::Arc;
 use audit::{AuditSink, Event, EventKind, Outcome};
 use policy::reference::ImageReference;
 
+use super::known::KnownLayer;
 use super::{check_name, Service};
-use crate::fetch::Descriptor;
 use crate::pipeline::{
     FailureClass, Goal, LayerKeyRequest, PipelineError, Quiet, Report, TrustPipeline, AUDIT_SERVICE,
 };
-
-/// A layer of an image verified for a tenant and function.
-#[derive(Clone, Debug)]
-pub(crate) struct KnownLayer {
-    pub tenant: String,
-    pub function: String,
-    pub image: String,
-    pub image_digest: String,
-    pub descriptor: Descriptor,
-    /// The verified config's diff_id for this layer.
-    pub diff_id: Option<String>,
-    /// The blob's first bytes, when the verification fetched them (see
-    /// [`Goal::VerifyForDecryption`]): how the blob is recognised as it starts to arrive.
-    pub prefix: Vec<u8>,
-}
 
 /// What a decryption produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,23 +61,14 @@ impl Service {
         };
         let mut known = self.known_layers.lock().expect("not poisoned");
         for (i, d) in report.layer_descriptors.iter().enumerate() {
-            let entries = known.entry(d.digest.to_string()).or_default();
-            // A blob's prefix does not change with the image it is in: keep one learnt before.
-            let mut prefix = report.layer_prefixes.get(i).cloned().unwrap_or_default();
-            if prefix.is_empty() {
-                if let Some(k) = entries.iter().find(|k| !k.prefix.is_empty()) {
-                    prefix = k.prefix.clone();
-                }
-            }
-            entries.retain(|k| !(k.tenant == tenant && k.function == function));
-            entries.push(KnownLayer {
+            known.remember(KnownLayer {
                 diff_id: report.layer_diff_ids.get(i).map(|d| d.to_string()),
                 tenant: tenant.into(),
                 function: function.into(),
                 image: report.image.clone(),
                 image_digest: digest.to_string(),
                 descriptor: d.clone(),
-                prefix,
+                prefix: report.layer_prefixes.get(i).cloned().unwrap_or_default(),
             });
         }
     }
@@ -150,32 +126,13 @@ impl Service {
     ) -> Option<EarlyLayer> {
         check_name("tenant", tenant).ok()?;
         check_name("function", function).ok()?;
-        let known = {
-            let all = self.known_layers.lock().expect("not poisoned");
-            let mut candidates = all.iter().flat_map(|(digest, layers)| {
-                layers
-                    .iter()
-                    .filter(move |k| {
-                        k.tenant == tenant
-                            && k.function == function
-                            && k.descriptor.media_type == media_type
-                            && match payload_digest {
-                                Some(p) => p == digest,
-                                None => {
-                                    !k.prefix.is_empty()
-                                        && start.len() >= k.prefix.len()
-                                        && start[..k.prefix.len()] == k.prefix[..]
-                                }
-                            }
-                    })
-                    .cloned()
-            });
-            let first = candidates.next()?;
-            if candidates.next().is_some() {
-                return None;
-            }
-            first
-        };
+        let known = self.known_layers.lock().expect("not poisoned").recognise(
+            tenant,
+            function,
+            media_type,
+            payload_digest,
+            start,
+        )?;
         let keys = self.layer_keys(tenant, function, &known);
         let verifier = match &keys {
             Ok(k) => ocicrypt::CiphertextVerifier::new(&k.pubopts, &k.privopts).ok(),
@@ -256,16 +213,11 @@ impl Service {
     ) -> Result<LayerStream, PipelineError> {
         check_name("tenant", tenant)?;
         check_name("function", function)?;
-        let known = self
-            .known_layers
-            .lock()
-            .expect("not poisoned")
-            .get(blob.digest)
-            .and_then(|all| {
-                all.iter()
-                    .find(|k| k.tenant == tenant && k.function == function)
-                    .cloned()
-            });
+        let known =
+            self.known_layers
+                .lock()
+                .expect("not poisoned")
+                .get(blob.digest, tenant, function);
         let record = LayerRecord {
             audit: self.audit.clone(),
             tenant: tenant.to_string(),

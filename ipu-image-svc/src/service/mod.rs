@@ -10,6 +10,7 @@
 mod cache;
 pub mod decrypt;
 pub mod grpc;
+mod known;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -113,8 +114,8 @@ pub struct Service {
     building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     clones: Mutex<HashMap<String, Running>>,
     /// Layers of images verified per tenant and function, by blob digest (for the decrypt
-    /// hook).
-    known_layers: Mutex<HashMap<String, Vec<decrypt::KnownLayer>>>,
+    /// hook); bounded.
+    known_layers: Mutex<known::KnownLayers>,
     events: tokio::sync::broadcast::Sender<CloneEvent>,
     /// Set when the service stops: event streams end, so the API can close.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -203,7 +204,7 @@ impl Service {
             resolved: Mutex::new(HashMap::new()),
             building: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
-            known_layers: Mutex::new(HashMap::new()),
+            known_layers: Mutex::new(known::KnownLayers::new()),
             events,
             stopping,
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
