@@ -104,8 +104,9 @@ impl Attachment {
         }
         std::fs::create_dir_all(mountpoint)
             .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+        // noatime: reading a file must not write its inode back through the export.
         run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "nodev,nosuid", &dev])
+            .args(["-t", "ext4", "-o", "nodev,nosuid,noatime", &dev])
             .arg(mountpoint))?;
         a.mountpoint = Some(mountpoint.to_path_buf());
         Ok(a)
