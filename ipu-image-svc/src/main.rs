@@ -72,6 +72,10 @@ struct ServeArgs {
     /// encrypted; the least recently used one no function uses goes first).
     #[arg(long, value_name = "N", default_value = "16")]
     max_cached_bases: usize,
+    /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have
+    /// the image's layers decrypted; then the image must be verified again.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    verified_layer_ttl: std::time::Duration,
     /// Export clones over TCP on this address (a new port per function) with NBD STARTTLS
     /// forced and client certificates required, instead of Unix sockets.
     #[arg(long, value_name = "IP", requires_all = ["export_cert", "export_key", "export_client_ca"])]
@@ -245,6 +249,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 clone_ttl: args.clone_ttl,
                 tcp_exports,
                 max_cached_bases: args.max_cached_bases,
+                verified_layer_ttl: args.verified_layer_ttl,
             },
             factory,
             sink,

@@ -59,6 +59,7 @@ fn ours(
             clone_ttl: Duration::from_secs(600),
             tcp_exports: None,
             max_cached_bases: 16,
+            verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
         },
         factory,
         audit,

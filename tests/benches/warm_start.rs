@@ -71,6 +71,7 @@ fn main() {
                 clone_ttl: Duration::from_secs(3600),
                 tcp_exports: None,
                 max_cached_bases: 16,
+                verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
             },
             factory,
             audit,

@@ -27,6 +27,15 @@ pub struct Ipu {
 impl Ipu {
     /// Starts everything under `d`; images are trusted by `trust_policy` (a fixture policy).
     pub fn start(d: &Path, trust_policy: &str) -> Self {
+        Self::start_with_ttl(
+            d,
+            trust_policy,
+            ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
+        )
+    }
+
+    /// [`start`](Self::start), with verifications good for `verified_layer_ttl`.
+    pub fn start_with_ttl(d: &Path, trust_policy: &str, verified_layer_ttl: Duration) -> Self {
         std::env::set_var("TSS2_LOG", "all+NONE");
         let swtpm = Swtpm::start();
         let broker = {
@@ -61,6 +70,7 @@ impl Ipu {
                     clone_ttl: Duration::from_secs(600),
                     tcp_exports: None,
                     max_cached_bases: 4,
+                    verified_layer_ttl,
                 },
                 factory,
                 audit.clone(),

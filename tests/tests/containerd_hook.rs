@@ -888,3 +888,35 @@ fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
     );
     ipu.service.shutdown();
 }
+
+/// A verification is good for a while (`--verified-layer-ttl`), not forever: a blob sent
+/// after that is refused with the advice to verify again, and audited; verified again, it
+/// decrypts.
+#[test]
+fn an_expired_verification_is_refused_until_verified_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough for the second verification and its decryption on a loaded machine.
+    let ipu = Ipu::start_with_ttl(dir.path(), "policy-A.json", Duration::from_secs(3));
+    let layer = integration_tests::broker::enc_signed_layer();
+    let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
+    let verified = verify(&ipu, "acme", "pull", &layer.image);
+    assert!(verified.status.success(), "{}", text(&verified));
+    std::thread::sleep(Duration::from_millis(3200));
+    let (sent, refused) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
+    assert!(sent.is_empty());
+    let refused = refused.unwrap_err();
+    assert!(
+        refused
+            .message()
+            .contains("longer than a verification is good for (3 s)")
+            && refused.message().contains("verify the image again"),
+        "{refused:?}"
+    );
+    let verified = verify(&ipu, "acme", "pull", &layer.image);
+    assert!(verified.status.success(), "{}", text(&verified));
+    let (sent, trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
+    let trailer = trailer.unwrap();
+    assert_eq!(trailer.size, sent.len() as u64);
+    assert_eq!(ipu.hook_decrypts(), ["denied", "success"]);
+    ipu.service.shutdown();
+}

@@ -48,6 +48,7 @@ fn service(
         clone_ttl: Duration::from_secs(600),
         tcp_exports: None,
         max_cached_bases: 16,
+        verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
     };
     configure(&mut options);
     let service = Service::start(options, factory, audit.clone()).unwrap();

@@ -17,11 +17,12 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use audit::{AuditSink, Event, EventKind, Outcome};
 use policy::reference::ImageReference;
 
-use super::known::KnownLayer;
+use super::known::{KnownLayer, Lookup};
 use super::{check_name, Service};
 use crate::pipeline::{
     FailureClass, Goal, LayerKeyRequest, PipelineError, Quiet, Report, TrustPipeline, AUDIT_SERVICE,
@@ -60,8 +61,9 @@ impl Service {
             return;
         };
         let mut known = self.known_layers.lock().expect("not poisoned");
+        let now = Instant::now();
         for (i, d) in report.layer_descriptors.iter().enumerate() {
-            known.remember(KnownLayer {
+            let layer = KnownLayer {
                 diff_id: report.layer_diff_ids.get(i).map(|d| d.to_string()),
                 tenant: tenant.into(),
                 function: function.into(),
@@ -69,7 +71,8 @@ impl Service {
                 image_digest: digest.to_string(),
                 descriptor: d.clone(),
                 prefix: report.layer_prefixes.get(i).cloned().unwrap_or_default(),
-            });
+            };
+            known.remember(layer, now);
         }
     }
 
@@ -132,6 +135,7 @@ impl Service {
             media_type,
             payload_digest,
             start,
+            Instant::now(),
         )?;
         let keys = self.layer_keys(tenant, function, &known);
         let verifier = match &keys {
@@ -213,11 +217,17 @@ impl Service {
     ) -> Result<LayerStream, PipelineError> {
         check_name("tenant", tenant)?;
         check_name("function", function)?;
-        let known =
-            self.known_layers
-                .lock()
-                .expect("not poisoned")
-                .get(blob.digest, tenant, function);
+        let lookup = self.known_layers.lock().expect("not poisoned").get(
+            blob.digest,
+            tenant,
+            function,
+            Instant::now(),
+        );
+        let (known, expired) = match lookup {
+            Lookup::Known(k) => (Some(*k), None),
+            Lookup::Expired { age } => (None, Some(age)),
+            Lookup::Unknown => (None, None),
+        };
         let record = LayerRecord {
             audit: self.audit.clone(),
             tenant: tenant.to_string(),
@@ -239,8 +249,14 @@ impl Service {
                 None
             }
         });
-        let opened = match known {
-            None => Err(refused(match blob.payload_descriptor {
+        let opened = match (known, expired) {
+            (None, Some(age)) => Err(refused(format!(
+                "layer {} was verified for tenant {tenant:?}, function {function:?} {} s ago, longer than a verification is good for ({} s): verify the image again (ImageService.Verify, `host-attach verify`), then pull",
+                blob.digest,
+                age.as_secs(),
+                self.opts.verified_layer_ttl.as_secs()
+            ))),
+            (None, None) => Err(refused(match blob.payload_descriptor {
                 None => format!(
                     "layer {} is in no image this IPU verified for tenant {tenant:?}, function {function:?}, and containerd passed no stream processor payload: verify the image first (ImageService.Verify, `host-attach verify`), then pull",
                     blob.digest
@@ -250,7 +266,7 @@ impl Service {
                     blob.digest
                 ),
             })),
-            Some(k) => self.authenticate(tenant, function, k, blob, early),
+            (Some(k), _) => self.authenticate(tenant, function, k, blob, early),
         };
         match opened {
             Ok(opened) => {

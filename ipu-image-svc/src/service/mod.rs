@@ -10,7 +10,7 @@
 mod cache;
 pub mod decrypt;
 pub mod grpc;
-mod known;
+pub mod known;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,9 @@ pub struct ServiceOptions {
     pub tcp_exports: Option<TcpExports>,
     /// Bases kept for later starts; the least recently used one nobody uses goes first.
     pub max_cached_bases: usize,
+    /// How long a verification (`verify`, or a Prepare) lets containerd's decrypt hook have
+    /// the image's layers decrypted.
+    pub verified_layer_ttl: Duration,
 }
 
 /// Where and how exports over TCP listen.
@@ -196,6 +199,7 @@ impl Service {
                 }
             })
             .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?;
+        let known_layers = known::KnownLayers::new(opts.verified_layer_ttl);
         let service = Self {
             opts,
             factory,
@@ -204,7 +208,7 @@ impl Service {
             resolved: Mutex::new(HashMap::new()),
             building: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
-            known_layers: Mutex::new(known::KnownLayers::new()),
+            known_layers: Mutex::new(known_layers),
             events,
             stopping,
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
