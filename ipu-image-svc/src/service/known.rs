@@ -45,9 +45,6 @@ pub(crate) enum Lookup {
     Unknown,
 }
 
-/// Where an entry is: blob digest, tenant, function.
-type Key = (String, String, String);
-
 /// An entry: its place in the order, when it was verified, the layer.
 struct Entry {
     seq: u64,
@@ -58,8 +55,8 @@ struct Entry {
 pub(crate) struct KnownLayers {
     by_digest: HashMap<String, Vec<Entry>>,
     /// Entries by the order they were remembered in (oldest first, so also the first to
-    /// expire).
-    order: BTreeMap<u64, (Instant, Key)>,
+    /// expire): when they were verified, and their blob digest.
+    order: BTreeMap<u64, (Instant, String)>,
     next: u64,
     limit: usize,
     ttl: Duration,
@@ -105,10 +102,7 @@ impl KnownLayers {
         }
         let seq = self.next;
         self.next += 1;
-        self.order.insert(
-            seq,
-            (now, (digest, layer.tenant.clone(), layer.function.clone())),
-        );
+        self.order.insert(seq, (now, digest));
         entries.push(Entry {
             seq,
             verified_at: now,
@@ -127,7 +121,7 @@ impl KnownLayers {
     }
 
     fn forget_oldest(&mut self) {
-        let Some((seq, (_, (digest, _, _)))) = self.order.pop_first() else {
+        let Some((seq, (_, digest))) = self.order.pop_first() else {
             return;
         };
         if let Some(entries) = self.by_digest.get_mut(&digest) {
