@@ -78,8 +78,7 @@ impl Service {
 
     /// Verifies `image` for `tenant` and `function` (policy, signature, every layer key
     /// released for this request) and remembers its layers, with the first bytes of each
-    /// encrypted blob. Returns the manifest digest and
-    /// the layers' blob digests.
+    /// encrypted blob. Returns the manifest digest and the layers' blob digests.
     pub fn verify(
         &self,
         tenant: &str,
