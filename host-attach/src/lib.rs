@@ -3,7 +3,10 @@
 //! the image config, run it with runc, and undo all of it at exit. No key and no broker
 //! session ever reaches this process: it sees a block device.
 //!
-//! (Issue 7 adds the containerd decrypt hook here.)
+//! The containerd decrypt hook (`ipu-decrypt-hook`, issue 7) lives here too: it streams
+//! encrypted layers to the IPU and plaintext back, and `payload` reads what containerd passes
+//! it.
 
 pub mod attach;
 pub mod bundle;
+pub mod payload;

@@ -22,11 +22,8 @@ use std::process::ExitCode;
 use api::imagesvc::image_service_client::ImageServiceClient;
 use api::imagesvc::{DecryptLayerHeader, DecryptLayerRequest};
 use clap::Parser;
+use host_attach::payload;
 
-/// The payload type imgcrypt passes for ocicrypt layers.
-const PAYLOAD_TYPE: &str = "io.containerd.ocicrypt.v1.Payload";
-/// Largest payload read from fd 3.
-const MAX_PAYLOAD: u64 = 1 << 20;
 /// Blob chunk sent to the IPU.
 const CHUNK: usize = 1 << 20;
 
@@ -72,31 +69,10 @@ fn payload_descriptor() -> Result<Option<String>, String> {
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
     let mut bytes = Vec::new();
     std::fs::File::from(fd)
-        .take(MAX_PAYLOAD + 1)
+        .take(payload::MAX_PAYLOAD as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("reading the payload on fd 3: {e}"))?;
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    if bytes.len() as u64 > MAX_PAYLOAD {
-        return Err(format!("the payload on fd 3 is over {MAX_PAYLOAD} bytes"));
-    }
-    // containerd marshals it as a google.protobuf.Any.
-    let any = <api::containerd_diff::Any as prost::Message>::decode(bytes.as_slice())
-        .map_err(|e| format!("the payload on fd 3 is not a protobuf Any: {e}"))?;
-    if !any.type_url.ends_with(PAYLOAD_TYPE) {
-        return Err(format!(
-            "the payload on fd 3 is a {:?}, not a {PAYLOAD_TYPE}",
-            any.type_url
-        ));
-    }
-    let payload: serde_json::Value = serde_json::from_slice(&any.value)
-        .map_err(|e| format!("the {PAYLOAD_TYPE} payload is not JSON: {e}"))?;
-    let descriptor = payload
-        .get("Descriptor")
-        .or_else(|| payload.get("descriptor"))
-        .ok_or_else(|| format!("the {PAYLOAD_TYPE} payload has no Descriptor"))?;
-    Ok(Some(descriptor.to_string()))
+    payload::descriptor(&bytes)
 }
 
 /// Reads until `buf` is full or the end.
