@@ -9,4 +9,5 @@
 
 pub mod attach;
 pub mod bundle;
+pub mod ipu;
 pub mod payload;

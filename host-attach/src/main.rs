@@ -16,6 +16,7 @@ use api::imagesvc::{PrepareRequest, TeardownRequest};
 use clap::{Parser, Subcommand};
 use host_attach::attach::{Attachment, Export};
 use host_attach::bundle::{config, Process};
+use host_attach::ipu::IpuApi;
 
 const EXIT_NOT_STARTED: u8 = 125;
 /// `verify` refused or failed.
@@ -44,24 +45,15 @@ enum Top {
 
 #[derive(clap::Args)]
 struct VerifyArgs {
-    /// ipu-image-svc's API socket.
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        default_value = "/run/ipu-image-svc/api.sock"
-    )]
-    api: PathBuf,
-    #[arg(long)]
-    tenant: String,
-    #[arg(long)]
-    function: String,
+    #[command(flatten)]
+    ipu: IpuApi,
     /// The image reference (docker://... or oci:DIR:TAG).
     image: String,
 }
 
-/// A runtime for this process's few calls, and a client of ipu-image-svc's API at `api`.
+/// A runtime for this process's few calls, and a client of ipu-image-svc's API.
 fn connect(
-    api: &std::path::Path,
+    ipu: &IpuApi,
 ) -> Result<
     (
         tokio::runtime::Runtime,
@@ -73,20 +65,18 @@ fn connect(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let channel = rt
-        .block_on(api::unix::connect(api.to_path_buf()))
-        .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", api.display()))?;
-    Ok((rt, ImageServiceClient::new(channel)))
+    let client = rt.block_on(ipu.connect())?;
+    Ok((rt, client))
 }
 
 /// `host-attach verify`: prints the manifest digest and the layers.
 fn verify(args: &VerifyArgs) -> Result<(), String> {
-    let (rt, mut client) = connect(&args.api)?;
+    let (rt, mut client) = connect(&args.ipu)?;
     rt.block_on(async {
         let verified = client
             .verify(PrepareRequest {
-                tenant: args.tenant.clone(),
-                function: args.function.clone(),
+                tenant: args.ipu.tenant.clone(),
+                function: args.ipu.function.clone(),
                 image: args.image.clone(),
             })
             .await
@@ -102,17 +92,8 @@ fn verify(args: &VerifyArgs) -> Result<(), String> {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// ipu-image-svc's API socket.
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        default_value = "/run/ipu-image-svc/api.sock"
-    )]
-    api: PathBuf,
-    #[arg(long)]
-    tenant: String,
-    #[arg(long)]
-    function: String,
+    #[command(flatten)]
+    ipu: IpuApi,
     /// Where mounts and the bundle are made (default: a new directory under /run).
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
@@ -159,11 +140,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs, interrupted: &AtomicBool) -> Result<u8, String> {
-    let (rt, mut client) = connect(&args.api)?;
+    let (rt, mut client) = connect(&args.ipu)?;
     let prepared = rt
         .block_on(client.prepare(PrepareRequest {
-            tenant: args.tenant.clone(),
-            function: args.function.clone(),
+            tenant: args.ipu.tenant.clone(),
+            function: args.ipu.function.clone(),
             image: args.image.clone(),
         }))
         .map_err(|s| format!("Prepare: {}", s.message()))?

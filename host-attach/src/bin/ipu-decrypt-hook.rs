@@ -16,12 +16,11 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::imagesvc::image_service_client::ImageServiceClient;
 use api::imagesvc::{DecryptLayerHeader, DecryptLayerRequest};
 use clap::Parser;
+use host_attach::ipu::IpuApi;
 use host_attach::payload;
 
 /// Blob chunk sent to the IPU.
@@ -34,19 +33,8 @@ const CHUNK: usize = 1 << 20;
     about = "containerd stream processor: encrypted layers decrypted on the IPU"
 )]
 struct Args {
-    /// ipu-image-svc's API socket.
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        default_value = "/run/ipu-image-svc/api.sock"
-    )]
-    api: PathBuf,
-    /// The tenant and function the node pulls for (the deployment policy and the key broker
-    /// decide for them).
-    #[arg(long)]
-    tenant: String,
-    #[arg(long)]
-    function: String,
+    #[command(flatten)]
+    ipu: IpuApi,
 }
 
 /// The layer descriptor (JSON) from the payload on fd 3, if containerd passed one.
@@ -113,15 +101,12 @@ fn run(args: Args) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let channel = api::unix::connect(args.api.clone())
-            .await
-            .map_err(|e| format!("cannot reach ipu-image-svc at {}: {e}", args.api.display()))?;
-        let mut client = ImageServiceClient::new(channel);
+        let mut client = args.ipu.connect().await?;
         // stdin is read on a thread of its own and streamed as it comes.
         let (tx, rx) = tokio::sync::mpsc::channel::<DecryptLayerRequest>(4);
         let header = DecryptLayerHeader {
-            tenant: args.tenant.clone(),
-            function: args.function.clone(),
+            tenant: args.ipu.tenant.clone(),
+            function: args.ipu.function.clone(),
             media_type,
             payload_descriptor_json: payload.unwrap_or_default(),
         };

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use audit::{AuditSink, Event, EventKind, Outcome};
-use policy::reference::ImageReference;
 
 use super::known::{KnownLayer, Lookup};
 use super::{check_name, Service};
@@ -85,14 +84,7 @@ impl Service {
         function: &str,
         image: &str,
     ) -> Result<(String, Vec<String>), PipelineError> {
-        check_name("tenant", tenant)?;
-        check_name("function", function)?;
-        let reference = ImageReference::parse(image).map_err(|e| {
-            PipelineError::new(
-                FailureClass::InvalidConfiguration,
-                format!("image reference {image:?}: {e}"),
-            )
-        })?;
+        let reference = super::request(tenant, function, image)?;
         let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
         let mut report = Report::default();
         pipeline.run(&reference, &Goal::VerifyForDecryption, &Quiet, &mut report)?;

@@ -158,20 +158,6 @@ async fn receive_blob(
     ))
 }
 
-/// Reads until `buf` is full or the end.
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
 /// A DecryptLayer request's spooled blob on the IPU: deleted when dropped, whatever happened.
 struct Spool {
     blob: std::path::PathBuf,
@@ -356,7 +342,8 @@ impl ImageService for Api {
             let _spool = spool;
             let mut buf = vec![0u8; CHUNK];
             loop {
-                match read_full(&mut layer, &mut buf) {
+                // Reads of the stored blob fill `buf` (1 MiB) until its end.
+                match std::io::Read::read(&mut layer, &mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
                         let m = DecryptLayerResponse {

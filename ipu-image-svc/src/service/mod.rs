@@ -152,6 +152,18 @@ fn check_name(what: &str, v: &str) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// A request's tenant and function checked, and its image reference parsed.
+fn request(tenant: &str, function: &str, image: &str) -> Result<ImageReference, PipelineError> {
+    check_name("tenant", tenant)?;
+    check_name("function", function)?;
+    ImageReference::parse(image).map_err(|e| {
+        PipelineError::new(
+            FailureClass::InvalidConfiguration,
+            format!("image reference {image:?}: {e}"),
+        )
+    })
+}
+
 /// The commitment an erase event carries: it names the clone, its key and the creation
 /// event, so an auditor can pair every creation with exactly one erase.
 pub fn erase_commitment(clone_id: &str, key_id: &str, creation_seq: u64) -> String {
@@ -310,14 +322,7 @@ impl Service {
         function: &str,
         image: &str,
     ) -> Result<Prepared, PipelineError> {
-        check_name("tenant", tenant)?;
-        check_name("function", function)?;
-        let reference = ImageReference::parse(image).map_err(|e| {
-            PipelineError::new(
-                FailureClass::InvalidConfiguration,
-                format!("image reference {image:?}: {e}"),
-            )
-        })?;
+        let reference = request(tenant, function, image)?;
         let mut cfg = (self.factory)(tenant, function)?;
         // Unpack trees hold plaintext: they live where a restart finds and deletes them.
         cfg.staging_dir = Some(self.opts.state_dir.join("staging"));
