@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use host_attach::attach::Attachment;
 use integration_tests::{fixtures, Registry};
-use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
-use policy::Policy;
+use ipu_image_svc::service::{Service, ServiceOptions};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -36,22 +34,15 @@ fn ours(
 ) -> (Duration, Duration) {
     let state = d.join(format!("ours{round}"));
     let audit = integration_tests::audit_log(&state.join("audit"));
-    let sink: Arc<dyn audit::AuditSink> = audit.clone();
-    let cache = state.join("cache");
     let t = Instant::now();
     let keys = Arc::new(broker.ipu_keys(tcti, &state.join("tls")));
     let attested = t.elapsed();
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let mut cfg = PipelineConfig::new(
-            Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
-            cache.clone(),
-        );
-        cfg.layer_keys = Some(keys.clone());
-        cfg.audit = Some(sink.clone());
-        cfg.tenant = Some(tenant.into());
-        cfg.function = Some(function.into());
-        Ok(cfg)
-    });
+    let factory = integration_tests::broker::pipeline_factory(
+        fixtures().join("policies/policy-A.json"),
+        state.join("cache"),
+        keys,
+        audit.clone(),
+    );
     let service = Service::start(
         ServiceOptions {
             state_dir: state.join("state"),
@@ -146,15 +137,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     // The key broker (in process, mutual TLS on loopback) and the IPU's TPM, whose persisted
     // AK the broker enrolls.
-    let swtpm = integration_tests::Swtpm::start();
-    let broker = {
-        let mut tpm = ipu_image_svc::attest::Tpm::open_persistent(
-            &swtpm.tcti(),
-            ipu_image_svc::attest::DEFAULT_AK_HANDLE,
-        )
-        .unwrap();
-        integration_tests::broker::start(&mut tpm)
-    };
+    let (swtpm, broker) = integration_tests::broker::start_with_tpm();
     let (mut o, mut a, mut s) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (took, attested) = ours(dir.path(), &image, round, &broker, &swtpm.tcti());

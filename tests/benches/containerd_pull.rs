@@ -11,40 +11,15 @@
 //! `cargo build --release --workspace --bins && cargo bench -p integration-tests --bench
 //! containerd_pull` (root: containerd; the hook and tools are run from target/release)
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::containerd::{verify, Containerd, Ipu};
-use integration_tests::{bin, fixtures, is_root, Registry};
+use integration_tests::{is_root, run_ok, Registry};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("command");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A rootfs with busybox, /hello and `mb` MB of random bytes.
-fn rootfs(dir: &Path, mb: usize) {
-    use std::io::Write;
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    std::fs::write(dir.join("hello"), "hello from a large image\n").unwrap();
-    let mut f = std::fs::File::create(dir.join("data.bin")).unwrap();
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..mb {
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut chunk).unwrap();
-        f.write_all(&chunk).unwrap();
-    }
 }
 
 fn main() {
@@ -62,28 +37,15 @@ fn main() {
     let unpack_only = env("UNPACK_ONLY", 0) == 1;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    rootfs(&d.join("rootfs"), mb);
-    let layout = d.join("layout");
-    run(Command::new(bin("ocipub"))
-        .args(["build", "--rootfs"])
-        .arg(d.join("rootfs"))
-        .arg("--layout")
-        .arg(&layout)
-        .args(["--tag", "plain", "--cmd", "/hello"]));
-    run(Command::new(bin("ocipub"))
-        .args(["encrypt", "--layout"])
-        .arg(&layout)
-        .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
-        .arg(format!(
-            "jwe:{}",
-            fixtures().join("keys/rsa-2048/pub.pem").display()
-        )));
+    let layout = integration_tests::containerd::encrypted_image(d, "gzip", mb);
     let registry = Registry::start(None);
     for tag in ["plain", "enc"] {
-        run(Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/bench/large:{tag}", registry.host())));
+        run_ok(
+            Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                .arg(format!("oci:{}:{tag}", layout.display()))
+                .arg(format!("docker://{}/bench/large:{tag}", registry.host())),
+        );
     }
     let ipu = Ipu::start(d, "policy-accept-anything.json");
     let (mut plain, mut enc) = (Vec::new(), Vec::new());

@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use host_attach::attach::Attachment;
 use integration_tests::fixtures;
-use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
-use policy::Policy;
+use ipu_image_svc::service::{Service, ServiceOptions};
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
@@ -40,29 +38,16 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     let audit = integration_tests::audit_log(&d.join("audit"));
-    let sink: Arc<dyn audit::AuditSink> = audit.clone();
-    let cache = d.join("cache");
     // The key broker (in process, mutual TLS on loopback) and the IPU's session with it, as
     // `serve` holds one: every Prepare has each layer key released through it.
-    let swtpm = integration_tests::Swtpm::start();
-    let broker = {
-        let mut tpm = ipu_image_svc::attest::Tpm::open_persistent(
-            &swtpm.tcti(),
-            ipu_image_svc::attest::DEFAULT_AK_HANDLE,
-        )
-        .unwrap();
-        integration_tests::broker::start(&mut tpm)
-    };
+    let (swtpm, broker) = integration_tests::broker::start_with_tpm();
     let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("tls")));
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
-        let mut cfg = PipelineConfig::new(policy, cache.clone());
-        cfg.layer_keys = Some(keys.clone());
-        cfg.audit = Some(sink.clone());
-        cfg.tenant = Some(tenant.into());
-        cfg.function = Some(function.into());
-        Ok(cfg)
-    });
+    let factory = integration_tests::broker::pipeline_factory(
+        fixtures().join("policies/policy-A.json"),
+        d.join("cache"),
+        keys,
+        audit.clone(),
+    );
     let service = Arc::new(
         Service::start(
             ServiceOptions {

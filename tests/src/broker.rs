@@ -166,6 +166,37 @@ pub fn broker(
     Broker::new(verifier, keys, policy, session_ttl, log)
 }
 
+/// The broker in process and the IPU's TPM (swtpm), whose persisted AK the broker enrolled.
+pub fn start_with_tpm() -> (crate::Swtpm, Running) {
+    let swtpm = crate::Swtpm::start();
+    let mut tpm =
+        Tpm::open_persistent(&swtpm.tcti(), ipu_image_svc::attest::DEFAULT_AK_HANDLE).unwrap();
+    let running = start(&mut tpm);
+    (swtpm, running)
+}
+
+/// The pipeline configuration `ipu-image-svc serve` makes per request: images trusted by the
+/// policy file `trust_policy`, blobs cached in `cache`, layer keys released through `keys`,
+/// events to `sink`.
+pub fn pipeline_factory(
+    trust_policy: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    keys: Arc<ipu_image_svc::broker::BrokerKeys>,
+    sink: Arc<dyn audit::AuditSink>,
+) -> ipu_image_svc::service::PipelineFactory {
+    Box::new(move |tenant, function| {
+        let mut cfg = ipu_image_svc::pipeline::PipelineConfig::new(
+            policy::Policy::from_file(&trust_policy).unwrap(),
+            cache.clone(),
+        );
+        cfg.layer_keys = Some(keys.clone());
+        cfg.audit = Some(sink.clone());
+        cfg.tenant = Some(tenant.into());
+        cfg.function = Some(function.into());
+        Ok(cfg)
+    })
+}
+
 pub fn start(tpm: &mut Tpm) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let log = audit_log(&dir.path().join("audit"));

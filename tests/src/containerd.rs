@@ -7,9 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
-use policy::Policy;
+use ipu_image_svc::service::{Service, ServiceOptions};
 
 use crate::{bin, fixtures, Swtpm};
 
@@ -37,31 +35,15 @@ impl Ipu {
     /// [`start`](Self::start), with verifications good for `verified_layer_ttl`.
     pub fn start_with_ttl(d: &Path, trust_policy: &str, verified_layer_ttl: Duration) -> Self {
         std::env::set_var("TSS2_LOG", "all+NONE");
-        let swtpm = Swtpm::start();
-        let broker = {
-            let mut tpm = ipu_image_svc::attest::Tpm::open_persistent(
-                &swtpm.tcti(),
-                ipu_image_svc::attest::DEFAULT_AK_HANDLE,
-            )
-            .unwrap();
-            crate::broker::start(&mut tpm)
-        };
+        let (swtpm, broker) = crate::broker::start_with_tpm();
         let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
         let audit = crate::audit_log(&d.join("ipu-audit"));
-        let sink: Arc<dyn audit::AuditSink> = audit.clone();
-        let cache = d.join("ipu-cache");
-        let trust_policy = trust_policy.to_string();
-        let factory: PipelineFactory = Box::new(move |tenant, function| {
-            let mut cfg = PipelineConfig::new(
-                Policy::from_file(&fixtures().join("policies").join(&trust_policy)).unwrap(),
-                cache.clone(),
-            );
-            cfg.layer_keys = Some(keys.clone());
-            cfg.audit = Some(sink.clone());
-            cfg.tenant = Some(tenant.into());
-            cfg.function = Some(function.into());
-            Ok(cfg)
-        });
+        let factory = crate::broker::pipeline_factory(
+            fixtures().join("policies").join(trust_policy),
+            d.join("ipu-cache"),
+            keys,
+            audit.clone(),
+        );
         let service = Arc::new(
             Service::start(
                 ServiceOptions {
@@ -244,6 +226,58 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An image built under `d` in the layout `d/layout`, tags `plain` and `enc`: busybox, an
+/// executable `/hello` printing `hello from <compression>`, and `data_mb` MB of random bytes,
+/// in one layer compressed with `compression` (gzip, zstd, none); `enc` is it encrypted to the
+/// fixtures' RSA key (which the test broker holds). Returns the layout.
+pub fn encrypted_image(d: &Path, compression: &str, data_mb: usize) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let rootfs = d.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let hello = rootfs.join("hello");
+    std::fs::write(
+        &hello,
+        format!("#!/bin/busybox sh\necho hello from {compression}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hello, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut data = std::fs::File::create(rootfs.join("data.bin")).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..data_mb {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut chunk).unwrap();
+        data.write_all(&chunk).unwrap();
+    }
+    let layout = d.join("layout");
+    crate::run_ok(
+        Command::new(bin("ocipub"))
+            .args(["build", "--rootfs"])
+            .arg(&rootfs)
+            .arg("--layout")
+            .arg(&layout)
+            .args([
+                "--tag",
+                "plain",
+                "--cmd",
+                "/hello",
+                "--compression",
+                compression,
+            ]),
+    );
+    crate::run_ok(
+        Command::new(bin("ocipub"))
+            .args(["encrypt", "--layout"])
+            .arg(&layout)
+            .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
+            .arg(format!(
+                "jwe:{}",
+                fixtures().join("keys/rsa-2048/pub.pem").display()
+            )),
+    );
+    layout
 }
 
 /// `host-attach verify` of `image` for `tenant` and `function`.

@@ -29,6 +29,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `cmd`, which must succeed.
+pub fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A blob of an OCI layout, by digest.
 pub fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
     let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");

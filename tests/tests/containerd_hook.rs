@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::containerd::{verify, Containerd, Ipu};
-use integration_tests::{bin, fixtures, is_root, Registry};
+use integration_tests::{bin, fixtures, is_root, run_ok, Registry};
 
 /// containerd 1.6 shows a processor's stderr when the processor's exit wins the race against
 /// the end of its (empty) output; otherwise it reports the empty layer's diff id instead.
@@ -194,19 +194,7 @@ fn the_hooks_failure_is_one_line_and_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let blob = integration_tests::broker::enc_signed_layer();
     let run = |api: &Path| {
-        let mut child = Command::new(bin("ipu-decrypt-hook"))
-            .arg("--api")
-            .arg(api)
-            .args(["--tenant", "acme", "--function", "pull"])
-            .env(
-                "STREAM_PROCESSOR_MEDIATYPE",
-                "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_hook(api, GZIP_ENCRYPTED);
         child.stdin.take().unwrap().write_all(&blob.blob).unwrap();
         child.wait_with_output().unwrap()
     };
@@ -256,14 +244,7 @@ fn the_hook_holds_no_key_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (ipu, layer) = ipu_with_verified_layer(dir.path());
     // The layer key, learnt from the fixture's JWE with the fixture's private key.
-    let rsa = ocicrypt::keys::PrivateKey::from_pem(
-        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-    )
-    .unwrap();
-    let privopts = ocicrypt::PrivateLayerOptions::from_json(
-        &ocicrypt::jwe::unwrap(&layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE], &[rsa]).unwrap(),
-    )
-    .unwrap();
+    let privopts = fixture_private_options(&layer);
     let key = privopts.symkey().to_vec();
     let needles = vec![
         key.clone(),
@@ -272,19 +253,7 @@ fn the_hook_holds_no_key_bytes() {
             .into_bytes(),
         hex::encode(&key).into_bytes(),
     ];
-    let mut hook = Command::new(bin("ipu-decrypt-hook"))
-        .arg("--api")
-        .arg(&ipu.api)
-        .args(["--tenant", "acme", "--function", "pull"])
-        .env(
-            "STREAM_PROCESSOR_MEDIATYPE",
-            "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
     hook.stdin.take().unwrap().write_all(&layer.blob).unwrap();
     // The IPU has decrypted (and recorded it); the hook is blocked writing its output.
     let start = Instant::now();
@@ -334,7 +303,7 @@ fn a_payload_carrying_apply_through_the_diff_service() {
     let (ipu, layer) = ipu_with_verified_layer(dir.path());
     let ctd = Containerd::start(dir.path(), &ipu.api, "acme", "pull");
     let ns = "apply";
-    let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
+    let media_type = GZIP_ENCRYPTED;
     // The image's content into containerd's store (fetched, not unpacked).
     let registry = Registry::start_fixtures();
     let fetched = ctd.ctr(
@@ -455,18 +424,11 @@ fn a_payload_carrying_apply_through_the_diff_service() {
         }
     }
     let denied: Vec<String> = ipu
-        .audit
-        .store()
-        .query(&audit::Query {
-            kind: Some(audit::EventKind::LayerDecrypt),
-            limit: 100,
-            ..Default::default()
-        })
-        .unwrap()
-        .events
+        .hook_decrypts()
         .into_iter()
-        .filter(|e| e.outcome.as_str() == "denied")
-        .map(|e| e.reason)
+        .zip(ipu.hook_decrypt_reasons())
+        .filter(|(outcome, _)| outcome == "denied")
+        .map(|(_, reason)| reason)
         .collect();
     assert!(
         denied
@@ -476,68 +438,23 @@ fn a_payload_carrying_apply_through_the_diff_service() {
     );
 }
 
-/// Runs `cmd`, which must succeed.
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", text(&out));
-}
-
 /// The repository a [`signed_encrypted_image`] claims.
 const IDENTITY: &str = "example.test/hook/image";
 
-/// An image built here in the layout `d/layout` under tag `enc`: busybox, an executable
-/// `/hello` printing `hello from <compression>`, and `data_mb` MB of random bytes, in one
-/// layer compressed with `compression` (gzip, zstd, none), encrypted to the fixtures' RSA key
-/// (which the test broker holds), signed with a key made here. Returns the layout and a trust
-/// policy accepting that signature for the layout.
+/// [`encrypted_image`](integration_tests::containerd::encrypted_image)'s `enc` tag signed
+/// with a key made here. Returns the layout and a trust policy accepting that signature for
+/// the layout.
 fn signed_encrypted_image(
     d: &Path,
     compression: &str,
     data_mb: usize,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let rootfs = d.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    let hello = rootfs.join("hello");
-    std::fs::write(
-        &hello,
-        format!("#!/bin/busybox sh\necho hello from {compression}\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hello, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut data = std::fs::File::create(rootfs.join("data.bin")).unwrap();
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..data_mb {
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut chunk).unwrap();
-        data.write_all(&chunk).unwrap();
-    }
-    let layout = d.join("layout");
-    run(Command::new(bin("ocipub"))
-        .args(["build", "--rootfs"])
-        .arg(&rootfs)
-        .arg("--layout")
-        .arg(&layout)
-        .args([
-            "--tag",
-            "plain",
-            "--cmd",
-            "/hello",
-            "--compression",
-            compression,
-        ]));
-    run(Command::new(bin("ocipub"))
-        .args(["encrypt", "--layout"])
-        .arg(&layout)
-        .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
-        .arg(format!(
-            "jwe:{}",
-            fixtures().join("keys/rsa-2048/pub.pem").display()
-        )));
-    run(Command::new(bin("ocipub"))
-        .args(["keygen", "--kind", "ec-p256", "--out"])
-        .arg(d.join("signing")));
+    let layout = integration_tests::containerd::encrypted_image(d, compression, data_mb);
+    run_ok(
+        Command::new(bin("ocipub"))
+            .args(["keygen", "--kind", "ec-p256", "--out"])
+            .arg(d.join("signing")),
+    );
     sign(&layout, d, "enc");
     let policy = d.join("trust-policy.json");
     std::fs::write(
@@ -558,12 +475,32 @@ fn signed_encrypted_image(
 
 /// Signs `tag` of `layout` with the key [`signed_encrypted_image`] made in `d`.
 fn sign(layout: &Path, d: &Path, tag: &str) {
-    run(Command::new(bin("ocipub"))
-        .args(["sign", "--layout"])
-        .arg(layout)
-        .args(["--tag", tag, "--key"])
-        .arg(d.join("signing/priv.pem"))
-        .args(["--identity", IDENTITY]));
+    run_ok(
+        Command::new(bin("ocipub"))
+            .args(["sign", "--layout"])
+            .arg(layout)
+            .args(["--tag", tag, "--key"])
+            .arg(d.join("signing/priv.pem"))
+            .args(["--identity", IDENTITY]),
+    );
+}
+
+/// The encrypted gzip layer type of the fixtures.
+const GZIP_ENCRYPTED: &str = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
+
+/// The private options (layer key, plaintext digest) of a fixture layer, unwrapped with the
+/// fixtures' RSA key: what the test knows and the host must not.
+fn fixture_private_options(
+    layer: &integration_tests::broker::EncSignedLayer,
+) -> ocicrypt::PrivateLayerOptions {
+    let rsa = ocicrypt::keys::PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap();
+    ocicrypt::PrivateLayerOptions::from_json(
+        &ocicrypt::jwe::unwrap(&layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE], &[rsa]).unwrap(),
+    )
+    .unwrap()
 }
 
 /// The hook run by hand for `tenant` acme, function pull, with `blob` on stdin; its stdout
@@ -600,15 +537,17 @@ fn an_uncompressed_encrypted_layer_through_containerd() {
     );
     let registry = Registry::start(None);
     let image = format!("{}/hook/tar:enc", registry.host());
-    run(Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("oci:{}:enc", layout.display()))
-        .arg(format!("docker://{image}")));
+    run_ok(
+        Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!("oci:{}:enc", layout.display()))
+            .arg(format!("docker://{image}")),
+    );
     let ipu = Ipu::start(d, policy.to_str().unwrap());
     let verified = verify(
         &ipu,
@@ -681,10 +620,7 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
         &format!("oci:{}:bad-hmac", layout.display()),
     );
     assert!(verified.status.success(), "{}", text(&verified));
-    let mut hook = spawn_hook(
-        &ipu.api,
-        "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
-    );
+    let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
     hook.stdin
         .take()
         .unwrap()
@@ -705,7 +641,7 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
     let blob = integration_tests::layout_blob(&layout, &blob_digest);
     let (sent, refused) = decrypt_over_api(
         &ipu.api,
-        "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+        GZIP_ENCRYPTED,
         vec![blob[..16].to_vec(), blob[16..].to_vec()],
     );
     assert!(
@@ -750,10 +686,7 @@ fn a_stream_the_host_stops_reading_is_recorded() {
         &format!("oci:{}:enc", layout.display()),
     );
     assert!(verified.status.success(), "{}", text(&verified));
-    let mut hook = spawn_hook(
-        &ipu.api,
-        "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
-    );
+    let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
     hook.stdin.take().unwrap().write_all(&blob).unwrap();
     let start = Instant::now();
     while ipu.hook_decrypts().is_empty() {
@@ -841,15 +774,8 @@ fn decrypt_over_api(
 fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let (ipu, layer) = ipu_with_verified_layer(dir.path());
-    let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
-    let rsa = ocicrypt::keys::PrivateKey::from_pem(
-        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-    )
-    .unwrap();
-    let privopts = ocicrypt::PrivateLayerOptions::from_json(
-        &ocicrypt::jwe::unwrap(&layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE], &[rsa]).unwrap(),
-    )
-    .unwrap();
+    let media_type = GZIP_ENCRYPTED;
+    let privopts = fixture_private_options(&layer);
 
     // Whole: recognised from its start.
     let (early, trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
@@ -913,7 +839,7 @@ fn an_expired_verification_is_refused_until_verified_again() {
     // Long enough for the second verification and its decryption on a loaded machine.
     let ipu = Ipu::start_with_ttl(dir.path(), "policy-A.json", Duration::from_secs(3));
     let layer = integration_tests::broker::enc_signed_layer();
-    let media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
+    let media_type = GZIP_ENCRYPTED;
     let verified = verify(&ipu, "acme", "pull", &layer.image);
     assert!(verified.status.success(), "{}", text(&verified));
     std::thread::sleep(Duration::from_millis(3200));
