@@ -58,3 +58,62 @@ pub fn open(dir: &Path, origin: &str, signer_path: Option<&Path>) -> Result<Audi
     let signer = load_or_create_signer(signer_path.unwrap_or(&default), origin)?;
     AuditLog::open(dir, origin, signer, LogOptions::default())
 }
+
+/// Where a service writes its audit events: the log daemon's writer socket, or a log
+/// directory the service opens itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// `audit serve`'s writer socket.
+    Socket(std::path::PathBuf),
+    /// A log directory, opened with [`open`].
+    Dir {
+        dir: std::path::PathBuf,
+        /// The log's name in its checkpoints (default: [`default_origin`] of the service).
+        origin: Option<String>,
+        /// The checkpoint signing key (default: `<dir>/signer.key`, created on first use).
+        signer: Option<std::path::PathBuf>,
+    },
+}
+
+impl AuditTarget {
+    /// A log directory with the default origin and signer.
+    pub fn dir(dir: impl Into<std::path::PathBuf>) -> Self {
+        AuditTarget::Dir {
+            dir: dir.into(),
+            origin: None,
+            signer: None,
+        }
+    }
+
+    /// The socket when given, else the directory (how every command-line chooses).
+    pub fn socket_or_dir(socket: Option<&Path>, dir: &Path) -> Self {
+        match socket {
+            Some(s) => AuditTarget::Socket(s.to_path_buf()),
+            None => AuditTarget::dir(dir),
+        }
+    }
+
+    /// Opens the sink for `service` (the default origin's first part).
+    pub fn open(&self, service: &str) -> Result<std::sync::Arc<dyn crate::AuditSink>, AuditError> {
+        Ok(match self {
+            AuditTarget::Socket(socket) => std::sync::Arc::new(crate::RemoteLog::connect(socket)?),
+            AuditTarget::Dir {
+                dir,
+                origin,
+                signer,
+            } => {
+                let origin = origin.clone().unwrap_or_else(|| default_origin(service));
+                std::sync::Arc::new(open(dir, &origin, signer.as_deref())?)
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for AuditTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditTarget::Socket(s) => write!(f, "audit daemon {}", s.display()),
+            AuditTarget::Dir { dir, .. } => write!(f, "audit log {}", dir.display()),
+        }
+    }
+}

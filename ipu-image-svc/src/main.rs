@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use ipu_image_svc::broker::{BrokerKeys, BrokerSettings};
 use ipu_image_svc::fetch::Platform;
+use ipu_image_svc::keys::broker_client::{BrokerKeys, BrokerSettings};
 use ipu_image_svc::pipeline::{
     FailureClass, Goal, PipelineConfig, PipelineError, Progress, Report, TrustPipeline, EXIT_USAGE,
 };
@@ -543,7 +543,7 @@ fn main() -> ExitCode {
 }
 
 fn write_ak(tpm: &TpmArgs, output: &Path, ek_output: Option<&Path>) -> Result<(), String> {
-    let mut t = ipu_image_svc::attest::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
+    let mut t = ipu_image_svc::tpm::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
         .map_err(|e| e.to_string())?;
     std::fs::write(output, t.ak_template())
         .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
@@ -561,7 +561,7 @@ fn write_ak(tpm: &TpmArgs, output: &Path, ek_output: Option<&Path>) -> Result<()
 }
 
 fn print_pcrs(tpm: &TpmArgs, pcrs: &[u8]) -> Result<(), String> {
-    let mut t = ipu_image_svc::attest::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
+    let mut t = ipu_image_svc::tpm::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
         .map_err(|e| e.to_string())?;
     let values = t.read_pcrs(pcrs).map_err(|e| e.to_string())?;
     let fields: Vec<String> = values

@@ -159,6 +159,22 @@ const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
 const OID_ED25519: &str = "1.3.101.112";
 
+/// A key file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read key {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key {}: {reason}", path.display())]
+    Invalid {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
 impl VerificationKey {
     /// Parses every `PUBLIC KEY` PEM block in `pem` (cosign and containers accept several).
     pub fn from_pem(pem_text: &[u8]) -> Result<Vec<Self>, String> {
@@ -175,6 +191,28 @@ impl VerificationKey {
                 Self::from_spki_der(b.contents())
             })
             .collect()
+    }
+
+    /// Every key of every PEM file in `paths` (the trusted signers of policy bundles, for
+    /// example); the first unreadable or invalid file is the error.
+    pub fn from_pem_files(
+        paths: &[impl AsRef<std::path::Path>],
+    ) -> Result<Vec<Self>, KeyFileError> {
+        let mut keys = Vec::new();
+        for path in paths {
+            let path = path.as_ref();
+            let pem = std::fs::read(path).map_err(|source| KeyFileError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            keys.extend(
+                Self::from_pem(&pem).map_err(|reason| KeyFileError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: reason.to_string(),
+                })?,
+            );
+        }
+        Ok(keys)
     }
 
     pub fn from_spki_der(der: &[u8]) -> Result<Self, String> {

@@ -28,7 +28,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let swtpm = integration_tests::Swtpm::start();
-    let mut tpm = ipu_image_svc::attest::Tpm::open(&swtpm.tcti()).unwrap();
+    let mut tpm = ipu_image_svc::tpm::Tpm::open(&swtpm.tcti()).unwrap();
     let running = integration_tests::broker::start(&mut tpm);
     let mut ipu = running
         .client(Some(running.pki.issue("ipu-1.example", Some("ipu"), false)))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use api::keybroker::key_broker_client::KeyBrokerClient;
 use api::keybroker::{AttestRequest, ReleaseRequest};
-use ipu_image_svc::attest::Tpm;
+use ipu_image_svc::tpm::Tpm;
 use keybroker::attest::{Enrollment, Evidence, Verifier};
 use keybroker::broker::Broker;
 use keybroker::keystore::{KeyStore, MasterKey};
@@ -170,7 +170,7 @@ pub fn broker(
 pub fn start_with_tpm() -> (crate::Swtpm, Running) {
     let swtpm = crate::Swtpm::start();
     let mut tpm =
-        Tpm::open_persistent(&swtpm.tcti(), ipu_image_svc::attest::DEFAULT_AK_HANDLE).unwrap();
+        Tpm::open_persistent(&swtpm.tcti(), ipu_image_svc::tpm::DEFAULT_AK_HANDLE).unwrap();
     let running = start(&mut tpm);
     (swtpm, running)
 }
@@ -181,7 +181,7 @@ pub fn start_with_tpm() -> (crate::Swtpm, Running) {
 pub fn pipeline_factory(
     trust_policy: std::path::PathBuf,
     cache: std::path::PathBuf,
-    keys: Arc<ipu_image_svc::broker::BrokerKeys>,
+    keys: Arc<ipu_image_svc::keys::broker_client::BrokerKeys>,
     sink: Arc<dyn audit::AuditSink>,
 ) -> ipu_image_svc::service::PipelineFactory {
     Box::new(move |tenant, function| {
@@ -249,22 +249,28 @@ impl Running {
     /// The IPU side, as `ipu-image-svc serve` runs it: an attested session (TPM at `tcti`,
     /// whose persisted AK [`start`] enrolled) that layer keys are released through. The
     /// IPU's client certificate and the CA are written to `dir`.
-    pub fn ipu_keys(&self, tcti: &str, dir: &Path) -> ipu_image_svc::broker::BrokerKeys {
+    pub fn ipu_keys(
+        &self,
+        tcti: &str,
+        dir: &Path,
+    ) -> ipu_image_svc::keys::broker_client::BrokerKeys {
         std::fs::create_dir_all(dir).unwrap();
         let (cert, key) = self.pki.issue("ipu-1.example", Some("ipu"), false);
         std::fs::write(dir.join("ca.pem"), self.pki.ca_pem()).unwrap();
         std::fs::write(dir.join("ipu.pem"), cert).unwrap();
         std::fs::write(dir.join("ipu.key"), key).unwrap();
-        ipu_image_svc::broker::BrokerKeys::attest(&ipu_image_svc::broker::BrokerSettings {
-            url: self.url(),
-            server_name: Some("localhost".into()),
-            ca: dir.join("ca.pem"),
-            cert: dir.join("ipu.pem"),
-            key: dir.join("ipu.key"),
-            tpm: tcti.to_string(),
-            ak_handle: ipu_image_svc::attest::DEFAULT_AK_HANDLE,
-            provider_name: "ipubroker".into(),
-        })
+        ipu_image_svc::keys::broker_client::BrokerKeys::attest(
+            &ipu_image_svc::keys::broker_client::BrokerSettings {
+                url: self.url(),
+                server_name: Some("localhost".into()),
+                ca: dir.join("ca.pem"),
+                cert: dir.join("ipu.pem"),
+                key: dir.join("ipu.key"),
+                tpm: tcti.to_string(),
+                ak_handle: ipu_image_svc::tpm::DEFAULT_AK_HANDLE,
+                provider_name: "ipubroker".into(),
+            },
+        )
         .unwrap()
     }
 
@@ -335,5 +341,11 @@ pub fn attest_request(
     nonce: &[u8],
     session_public: Vec<u8>,
 ) -> AttestRequest {
-    ipu_image_svc::broker::attest_request(evidence, ak_public, nonce, session_public, &[])
+    ipu_image_svc::keys::broker_client::attest_request(
+        evidence,
+        ak_public,
+        nonce,
+        session_public,
+        &[],
+    )
 }

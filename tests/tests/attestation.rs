@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use integration_tests::Swtpm;
-use ipu_image_svc::attest::Tpm;
+use ipu_image_svc::tpm::Tpm;
 use keybroker::attest::{AttestError, Enrollment, ReferencePcrs, Verifier};
 
 const PCRS: [u8; 3] = [0, 7, 16];

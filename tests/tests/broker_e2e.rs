@@ -172,7 +172,7 @@ fn setup_with(opts: Options) -> (Setup, BrokerProcess) {
         .arg(d.join("ek.tpmt"))
         .env("TSS2_LOG", "all+NONE"));
     let pcrs = {
-        let mut tpm = ipu_image_svc::attest::Tpm::open(&swtpm.tcti()).unwrap();
+        let mut tpm = ipu_image_svc::tpm::Tpm::open(&swtpm.tcti()).unwrap();
         tpm.read_pcrs(&[0, 7]).unwrap()
     };
 

@@ -5,7 +5,7 @@
 use api::keybroker::ChallengeRequest;
 use integration_tests::broker::{attest_request, fixture_release, start, Pki, PCRS};
 use integration_tests::Swtpm;
-use ipu_image_svc::attest::Tpm;
+use ipu_image_svc::tpm::Tpm;
 use keybroker::attest::binding;
 use keybroker::broker::release_context;
 use keybroker::release::{SealedKey, SessionKey};

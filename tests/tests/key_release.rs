@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use integration_tests::broker::{broker, enc_signed_layer, key_store, verifier_for, PCRS};
 use integration_tests::{audit_log, Swtpm};
-use ipu_image_svc::attest::Tpm;
+use ipu_image_svc::tpm::Tpm;
 use keybroker::attest::binding;
 use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest, Session, Wrapped};
 use keybroker::keystore::{KeyStore, MasterKey};

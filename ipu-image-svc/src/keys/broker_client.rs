@@ -17,9 +17,9 @@ use keybroker::broker::release_context;
 use keybroker::release::{SealedKey, SessionKey};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::attest::Tpm;
 use crate::pipeline::{LayerKeyRequest, LayerKeySource};
 use crate::secret::SecretBuf;
+use crate::tpm::Tpm;
 
 /// How to reach the broker and attest to it.
 #[derive(Clone, Debug)]
