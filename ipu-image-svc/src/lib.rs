@@ -1,20 +1,43 @@
-//! IPU image service: pull, verify, decrypt, unpack and build the rootfs.
+//! IPU image service: the data path from an image reference to a function's exported clone.
 //!
-//! - [`fetch`]: registries and OCI layouts, digest-checked streams, the verified blob cache.
+//! The stages, in the order a request goes through them, each handing the next a typed value:
+//! - [`fetch`]: registries and OCI layouts, digest-checked streams, the verified blob cache
+//!   ([`fetch::pull`] fetches a verified image's layers).
+//! - [`verify`]: deployment policy admission, trust policy, manifest, signatures, config:
+//!   a [`verify::VerifiedImage`].
+//! - [`keys`]: the one layer-key release (key broker through [`keys::broker_client`], or
+//!   local development keys): a [`keys::LayerKey`] per encrypted layer.
+//! - [`decrypt`]: ocicrypt streaming and two-pass decryption with a released key.
 //! - [`unpack`]: safe OCI layer application into a private staging tree.
 //! - [`rootfs`]: the ext4 image (`mkfs.ext4 -d`).
-//! - [`tpm`]: the TPM attestation key and quotes for the key broker.
-//! - [`keys`]: layer keys, from the key broker ([`keys::broker_client`]) or local files.
-//! - [`secret`]: memory for key material (memfd_secret, else locked and not dumped).
-//! - [`pipeline`]: verify -> pull -> decrypt/unpack -> publish, with typed outcomes.
+//! - [`build`]: decrypt, unpack and rootfs for every layer of a pulled image.
+//! - [`blockstore`]: the encrypted base, copy-on-write clones, cryptographic erase.
+//! - [`export`]: clones exported to the host over NBD.
+//! - [`service`]: Prepare (the cache decision), Teardown, Verify and the decrypt hook's
+//!   DecryptLayer, transport-free, with [`service::grpc`] as its API.
+//!
+//! Around them: [`pipeline`] composes the stages for one request; [`command`] sets up, and
+//! [`report`] runs and reports, the CLI's `image verify|pull|unpack`; [`policy_bundle`]
+//! installs the signed running policy; [`error`] classifies failures (exit codes, gRPC status); [`record`] writes a
+//! request's audit events; [`progress`] is what a front end hears; [`tpm`] is the TPM
+//! prover for the key broker; [`secret`] is memory for key material.
 
 pub mod blockstore;
+pub mod build;
+pub mod command;
+pub mod decrypt;
+pub mod error;
 pub mod export;
 pub mod fetch;
 pub mod keys;
 pub mod pipeline;
+pub mod policy_bundle;
+pub mod progress;
+pub mod record;
+pub mod report;
 pub mod rootfs;
 pub mod secret;
 pub mod service;
 pub mod tpm;
 pub mod unpack;
+pub mod verify;

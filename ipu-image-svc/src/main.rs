@@ -1,24 +1,25 @@
-//! `ipu-image-svc`: verify, pull and unpack confidential images.
+//! `ipu-image-svc`: verify, pull and unpack confidential images; serve per-function clones.
+//!
+//! Argument parsing and wiring only: the work is in the library (`command` and `report` for
+//! `image`, `service::daemon` for `serve`, `tpm` for `tpm`).
 //!
 //! Exit codes: 0 accepted (and done), 3 rejected by policy or verification, 1 operational
 //! error, 2 usage error.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 
+use audit::local::AuditTarget;
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ipu_image_svc::command::{ImageOptions, PolicySource, UnpackOptions};
+use ipu_image_svc::error::EXIT_USAGE;
 use ipu_image_svc::fetch::Platform;
-use ipu_image_svc::keys::broker_client::{BrokerKeys, BrokerSettings};
-use ipu_image_svc::pipeline::{
-    FailureClass, Goal, PipelineConfig, PipelineError, Progress, Report, TrustPipeline, EXIT_USAGE,
-};
-use ocicrypt::keys::PrivateKey;
-use ocicrypt::DecryptConfig;
+use ipu_image_svc::keys::broker_client::BrokerSettings;
+use ipu_image_svc::progress::TerminalProgress;
+use ipu_image_svc::report::{self, ImageCommand as Command, Outcome, Report};
+use ipu_image_svc::service::daemon::{DaemonConfig, TcpExportFiles};
+use ipu_image_svc::service::ServiceOptions;
 use policy::reference::ImageReference;
-use policy::Policy;
-use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(
@@ -156,9 +157,10 @@ struct TpmArgs {
 }
 
 impl BrokerArgs {
-    fn settings(&self, url: &str) -> BrokerSettings {
-        BrokerSettings {
-            url: url.to_string(),
+    fn settings(&self) -> Option<BrokerSettings> {
+        let url = self.broker.clone()?;
+        Some(BrokerSettings {
+            url,
             server_name: self.broker_name.clone(),
             ca: self.broker_ca.clone().expect("required by clap"),
             cert: self.broker_cert.clone().expect("required by clap"),
@@ -166,145 +168,8 @@ impl BrokerArgs {
             tpm: self.tpm.tpm.clone(),
             ak_handle: self.tpm.ak_handle,
             provider_name: self.provider_name.clone(),
-        }
+        })
     }
-}
-
-/// `ipu-image-svc serve`: the policy bundle loaded (and audited) once and the IPU attested to
-/// the broker, then every Prepare runs the trust pipeline under that policy, with each layer
-/// key released by the broker for that request.
-fn serve(args: ServeArgs) -> Result<(), String> {
-    use ipu_image_svc::service::{Service, ServiceOptions, TcpExports};
-    let sink: std::sync::Arc<dyn audit::AuditSink> = match &args.audit_socket {
-        Some(socket) => std::sync::Arc::new(
-            audit::RemoteLog::connect(socket)
-                .map_err(|e| format!("audit daemon {}: {e}", socket.display()))?,
-        ),
-        None => std::sync::Arc::new(
-            audit::local::open(
-                &args.audit_log,
-                &audit::local::default_origin("ipu-image-svc"),
-                None,
-            )
-            .map_err(|e| format!("audit log {}: {e}", args.audit_log.display()))?,
-        ),
-    };
-    let bundle = policy_bundle::load(
-        &args.policy_bundle,
-        &args.bundle_key,
-        &args.bundle_state,
-        sink.as_ref(),
-    )
-    .map_err(|e| e.message)?;
-    let Some(url) = args.broker.broker.clone() else {
-        return Err("serve needs --broker: layer keys come from the attested key broker".into());
-    };
-    let settings = args.broker.settings(&url);
-    let image_trust = bundle.image_trust;
-    let deployment = std::sync::Arc::new(bundle.deployment);
-    let cache = args.cache.clone();
-    let insecure = args.insecure_http.clone();
-    let factory_sink = sink.clone();
-    // Attested now, so that a broker or TPM problem stops the start; the session is renewed
-    // before it expires, or when the broker no longer knows it.
-    let keys = std::sync::Arc::new(
-        BrokerKeys::attest(&settings).map_err(|e| format!("key broker {}: {e}", settings.url))?,
-    );
-    let factory: ipu_image_svc::service::PipelineFactory = Box::new(move |tenant, function| {
-        let ipu_class = keys.ipu_class().map_err(|e| {
-            PipelineError::new(
-                FailureClass::NoDecryptionKey,
-                format!("key broker {}: {e}", settings.url),
-            )
-        })?;
-        let mut cfg = PipelineConfig::new(image_trust.clone(), cache.clone());
-        cfg.audit = Some(factory_sink.clone());
-        cfg.tenant = Some(tenant.to_string());
-        cfg.function = Some(function.to_string());
-        cfg.source.insecure_http_hosts = insecure.clone();
-        cfg.deployment = Some(ipu_image_svc::pipeline::Deployment {
-            policy: deployment.clone(),
-            ipu_class: Some(ipu_class),
-        });
-        cfg.layer_keys = Some(keys.clone());
-        Ok(cfg)
-    });
-    let tcp_exports = match (
-        args.export_tcp,
-        &args.export_cert,
-        &args.export_key,
-        &args.export_client_ca,
-    ) {
-        (Some(ip), Some(cert), Some(key), Some(ca)) => Some(TcpExports {
-            ip,
-            tls: ipu_image_svc::export::tls::server_config(cert, key, ca)?,
-        }),
-        _ => None,
-    };
-    let service = std::sync::Arc::new(
-        Service::start(
-            ServiceOptions {
-                state_dir: args.state_dir.clone(),
-                host_agent_uid: args.host_agent_uid,
-                clone_ttl: args.clone_ttl,
-                tcp_exports,
-                max_cached_bases: args.max_cached_bases,
-                verified_layer_ttl: args.verified_layer_ttl,
-            },
-            factory,
-            sink,
-        )
-        .map_err(|e| e.message)?,
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        if let Some(dir) = args.socket.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        let _ = std::fs::remove_file(&args.socket);
-        let listener = tokio::net::UnixListener::bind(&args.socket)
-            .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
-        // Callers are checked by uid on every request; the mode keeps others out anyway.
-        std::os::unix::fs::chown(&args.socket, Some(args.host_agent_uid), None)
-            .map_err(|e| format!("{}: {e}", args.socket.display()))?;
-        std::fs::set_permissions(
-            &args.socket,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .map_err(|e| format!("{}: {e}", args.socket.display()))?;
-        let reaper = {
-            let service = service.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    let s = service.clone();
-                    let _ = tokio::task::spawn_blocking(move || s.reap_expired()).await;
-                }
-            })
-        };
-        eprintln!("ipu-image-svc: serving {}", args.socket.display());
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        let stopping = service.clone();
-        let stop = async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            // Tear down (and erase) every clone, then end the event streams, so the
-            // server's graceful stop does not wait on them.
-            let _ = tokio::task::spawn_blocking(move || stopping.shutdown()).await;
-        };
-        ipu_image_svc::service::grpc::serve(service.clone(), listener, args.host_agent_uid, stop)
-            .await
-            .map_err(|e| e.to_string())?;
-        reaper.abort();
-        let _ = std::fs::remove_file(&args.socket);
-        Ok::<_, String>(())
-    })
 }
 
 fn parse_handle(s: &str) -> Result<u32, String> {
@@ -464,59 +329,154 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+    match cli.command {
+        Top::Image(cmd) => image(cmd),
+        Top::Serve(args) => done(serve(args)),
+        Top::Tpm(TpmCommand::Ak {
+            tpm,
+            output,
+            ek_output,
+        }) => done(write_ak(&tpm, &output, ek_output.as_deref())),
+        Top::Tpm(TpmCommand::Pcrs { tpm, pcrs }) => done(print_pcrs(&tpm, &pcrs)),
+    }
+}
 
-    let cmd = match cli.command {
-        Top::Image(cmd) => cmd,
-        Top::Serve(args) => {
-            return match serve(args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ipu-image-svc: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+fn done(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipu-image-svc: {e}");
+            ExitCode::FAILURE
         }
-        Top::Tpm(command) => {
-            let result = match command {
-                TpmCommand::Ak {
-                    tpm,
-                    output,
-                    ek_output,
-                } => write_ak(&tpm, &output, ek_output.as_deref()),
-                TpmCommand::Pcrs { tpm, pcrs } => print_pcrs(&tpm, &pcrs),
-            };
-            return match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ipu-image-svc: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let Some(broker) = args.broker.settings() else {
+        return Err("serve needs --broker: layer keys come from the attested key broker".into());
     };
-    let (common, goal, unpack) = match cmd {
-        ImageCommand::Verify(c) => (c, Goal::Verify, None),
-        ImageCommand::Pull(c) => (c, Goal::Pull, None),
+    let tcp_exports = match (
+        args.export_tcp,
+        args.export_cert,
+        args.export_key,
+        args.export_client_ca,
+    ) {
+        (Some(ip), Some(cert), Some(key), Some(client_ca)) => Some(
+            TcpExportFiles {
+                ip,
+                cert,
+                key,
+                client_ca,
+            }
+            .load()
+            .map_err(|e| e.message)?,
+        ),
+        _ => None,
+    };
+    ipu_image_svc::service::daemon::run(DaemonConfig {
+        service: ServiceOptions {
+            state_dir: args.state_dir,
+            host_agent_uid: args.host_agent_uid,
+            clone_ttl: args.clone_ttl,
+            tcp_exports,
+            max_cached_bases: args.max_cached_bases,
+            verified_layer_ttl: args.verified_layer_ttl,
+        },
+        socket: args.socket,
+        policy_bundle: args.policy_bundle,
+        bundle_keys: args.bundle_key,
+        bundle_state: args.bundle_state,
+        cache: args.cache,
+        audit: AuditTarget::socket_or_dir(args.audit_socket.as_deref(), &args.audit_log),
+        insecure_http: args.insecure_http,
+        broker,
+    })
+    .map_err(|e| e.message)
+}
+
+fn image(cmd: ImageCommand) -> ExitCode {
+    let (common, command, unpack) = match cmd {
+        ImageCommand::Verify(c) => (c, Command::Verify, None),
+        ImageCommand::Pull(c) => (c, Command::Pull, None),
         ImageCommand::Unpack(u) => {
-            let (common, output, rest) = u.split();
-            (common, Goal::Unpack { output }, Some(rest))
+            let output = u.output.clone();
+            let (common, rest) = u.split();
+            (common, Command::Unpack { output }, Some(rest))
         }
     };
-    let json = common.json;
-    let mut report = Report {
-        image: common.image.clone(),
-        ..Report::default()
+    let reference = match ImageReference::parse(&common.image) {
+        Ok(r) => r,
+        Err(e) => exit_usage(&format!("image reference {:?}: {e}", common.image)),
     };
-    let code = match run(common, goal, unpack, &mut report) {
+    let platform = match Platform::parse(&common.platform) {
+        Ok(p) => p,
+        Err(e) => exit_usage(&format!("--platform {}: {e}", common.platform)),
+    };
+    if unpack.as_ref().is_some_and(|u| u.broker.is_some())
+        && (common.tenant.is_none() || common.function.is_none())
+    {
+        exit_usage(
+            "--broker needs --tenant and --function (the broker decides per tenant and function)",
+        );
+    }
+    let policy = match (common.policy, common.policy_bundle) {
+        (Some(p), _) => PolicySource::TrustPolicy(p),
+        (None, Some(path)) => PolicySource::Bundle {
+            path,
+            keys: common.bundle_key,
+            state: common.bundle_state,
+        },
+        (None, None) => exit_usage("--policy or --policy-bundle is required"),
+    };
+    let options = ImageOptions {
+        image: common.image.clone(),
+        policy,
+        ipu_class: common.ipu_class,
+        cache: common.cache,
+        platform,
+        insecure_http: common.insecure_http,
+        audit: match common.audit_socket {
+            Some(socket) => AuditTarget::Socket(socket),
+            None => AuditTarget::Dir {
+                dir: common.audit_log,
+                origin: common.audit_origin,
+                signer: common.audit_signer,
+            },
+        },
+        tenant: common.tenant,
+        function: common.function,
+        unpack,
+    };
+    let hw = ocicrypt::hardware_acceleration();
+    tracing::info!(
+        aes_ni = hw.aes_ni,
+        vaes = hw.vaes,
+        sha_ni = hw.sha_ni,
+        "crypto acceleration"
+    );
+    let (report, result) = match ipu_image_svc::command::set_up(&options) {
+        Ok((pipeline, keys)) => {
+            let progress = TerminalProgress::new(common.quiet || common.json);
+            let ran = report::run(&pipeline, &keys, &reference, &command, &progress);
+            ipu_image_svc::progress::Progress::finish_bytes(&progress);
+            ran
+        }
+        // Failed before the pipeline ran (policy, audit or key files).
+        Err(e) => (
+            Report {
+                image: common.image.clone(),
+                outcome: Outcome::Error,
+                class: Some(e.class),
+                error: Some(e.message.clone()),
+                ..Report::default()
+            },
+            Err(e),
+        ),
+    };
+    let code = match &result {
         Ok(()) => 0,
         Err(e) => {
-            if report.class.is_none() {
-                // Failed before the pipeline ran (policy or key files).
-                report.outcome = ipu_image_svc::pipeline::Outcome::Error;
-                report.class = Some(e.class);
-                report.error = Some(e.message.clone());
-            }
-            if !json {
+            if !common.json {
                 let what = if e.class.is_rejection() {
                     "rejected"
                 } else {
@@ -531,13 +491,13 @@ fn main() -> ExitCode {
             e.exit_code()
         }
     };
-    if json {
+    if common.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("report serializes")
         );
     } else if code == 0 {
-        print_text(&report);
+        print!("{}", report.to_text());
     }
     ExitCode::from(code as u8)
 }
@@ -564,31 +524,15 @@ fn print_pcrs(tpm: &TpmArgs, pcrs: &[u8]) -> Result<(), String> {
     let mut t = ipu_image_svc::tpm::Tpm::open_persistent(&tpm.tpm, tpm.ak_handle)
         .map_err(|e| e.to_string())?;
     let values = t.read_pcrs(pcrs).map_err(|e| e.to_string())?;
-    let fields: Vec<String> = values
-        .iter()
-        .map(|(i, v)| format!("{i} = \"{}\"", hex::encode(v)))
-        .collect();
-    println!("pcrs = {{ {} }}", fields.join(", "));
+    println!("{}", ipu_image_svc::tpm::pcrs_line(&values));
     Ok(())
 }
 
-/// Unpack-only options, split off so `run` takes plain values.
-struct UnpackOptions {
-    decryption_key: Vec<PathBuf>,
-    broker: BrokerArgs,
-    staging_dir: Option<PathBuf>,
-    allow_device_nodes: bool,
-    max_unpacked_bytes: Option<u64>,
-    max_file_size: Option<u64>,
-    max_inodes: Option<u64>,
-    free_space: Option<u64>,
-}
-
 impl UnpackArgs {
-    fn split(self) -> (CommonArgs, PathBuf, UnpackOptions) {
+    fn split(self) -> (CommonArgs, UnpackOptions) {
         let rest = UnpackOptions {
-            decryption_key: self.decryption_key,
-            broker: self.broker,
+            decryption_keys: self.decryption_key,
+            broker: self.broker.settings(),
             staging_dir: self.staging_dir,
             allow_device_nodes: self.allow_device_nodes,
             max_unpacked_bytes: self.max_unpacked_bytes,
@@ -596,342 +540,13 @@ impl UnpackArgs {
             max_inodes: self.max_inodes,
             free_space: self.free_space,
         };
-        (self.common, self.output, rest)
-    }
-}
-
-/// A bad policy or key file: an operational error (exit code 1).
-fn bad_config(message: String) -> PipelineError {
-    PipelineError::new(FailureClass::InvalidConfiguration, message)
-}
-
-fn run(
-    common: CommonArgs,
-    goal: Goal,
-    unpack: Option<UnpackOptions>,
-    report: &mut Report,
-) -> Result<(), PipelineError> {
-    let reference = match ImageReference::parse(&common.image) {
-        Ok(r) => r,
-        Err(e) => exit_usage(&format!("image reference {:?}: {e}", common.image)),
-    };
-    let platform = match Platform::parse(&common.platform) {
-        Ok(p) => p,
-        Err(e) => exit_usage(&format!("--platform {}: {e}", common.platform)),
-    };
-    let sink: std::sync::Arc<dyn audit::AuditSink> = match &common.audit_socket {
-        Some(socket) => std::sync::Arc::new(audit::RemoteLog::connect(socket).map_err(|e| {
-            PipelineError::new(
-                FailureClass::Io,
-                format!("audit daemon {}: {e}", socket.display()),
-            )
-        })?),
-        None => std::sync::Arc::new(open_audit(&common)?),
-    };
-    let (policy, deployment) = match (&common.policy, &common.policy_bundle) {
-        (Some(p), _) => (
-            Policy::from_file(p).map_err(|e| bad_config(e.to_string()))?,
-            None,
-        ),
-        (None, Some(b)) => {
-            let loaded =
-                policy_bundle::load(b, &common.bundle_key, &common.bundle_state, sink.as_ref())?;
-            (loaded.image_trust, Some(loaded.deployment))
-        }
-        (None, None) => exit_usage("--policy or --policy-bundle is required"),
-    };
-    let mut cfg = PipelineConfig::new(policy, common.cache.clone());
-    cfg.audit = Some(sink);
-    cfg.deployment = deployment.map(|d| ipu_image_svc::pipeline::Deployment {
-        policy: std::sync::Arc::new(d),
-        ipu_class: common.ipu_class.clone(),
-    });
-    cfg.tenant = common.tenant.clone();
-    cfg.function = common.function.clone();
-    cfg.source.platform = platform;
-    cfg.source.insecure_http_hosts = common.insecure_http.clone();
-    if let Some(u) = unpack {
-        if let Some(url) = &u.broker.broker {
-            let (Some(tenant), Some(function)) = (&cfg.tenant, &cfg.function) else {
-                exit_usage("--broker needs --tenant and --function (the broker decides per tenant and function)");
-            };
-            let settings = u.broker.settings(url);
-            let keys = BrokerKeys::attest(&settings).map_err(|e| {
-                PipelineError::new(
-                    FailureClass::NoDecryptionKey,
-                    format!("key broker {url} (tenant {tenant}, function {function}): {e}"),
-                )
-            })?;
-            // The class the broker attested is the class the deployment policy sees.
-            if let Some(d) = cfg.deployment.as_mut() {
-                let attested = keys
-                    .ipu_class()
-                    .map_err(|e| PipelineError::new(FailureClass::NoDecryptionKey, e))?;
-                if d.ipu_class.as_ref().is_some_and(|c| *c != attested) {
-                    return Err(bad_config(format!(
-                        "--ipu-class {} but the broker attested this IPU as {attested}",
-                        d.ipu_class.as_deref().unwrap_or(""),
-                    )));
-                }
-                d.ipu_class = Some(attested);
-            }
-            cfg.layer_keys = Some(std::sync::Arc::new(keys));
-        }
-        if !u.decryption_key.is_empty() {
-            tracing::warn!("--decryption-key is a development option: private keys on this host; the key broker replaces it");
-        }
-        let mut keys = Vec::new();
-        for path in &u.decryption_key {
-            let pem = Zeroizing::new(std::fs::read(path).map_err(|e| {
-                bad_config(format!(
-                    "cannot read decryption key {}: {e}",
-                    path.display()
-                ))
-            })?);
-            keys.push(
-                PrivateKey::from_pem(&pem)
-                    .map_err(|e| bad_config(format!("decryption key {}: {e}", path.display())))?,
-            );
-        }
-        if !keys.is_empty() {
-            // A development option, but a security decision all the same: on the record.
-            let algorithms: Vec<&str> = keys.iter().map(|k| k.algorithm()).collect();
-            let sink = cfg.audit.as_ref().expect("set above");
-            let mut event = audit::Event::new(
-                    ipu_image_svc::pipeline::AUDIT_SERVICE,
-                    audit::EventKind::Admin("dev_decryption_key".into()),
-                    audit::Outcome::Success,
-                    "--decryption-key: layer keys unwrapped with private keys read from this host's disk (development option; the key broker replaces it)",
-                )
-                .image(common.image.clone(), None)
-                .detail("algorithms", algorithms.join(","));
-            event.tenant = cfg.tenant.clone();
-            event.function = cfg.function.clone();
-            sink.append(event).map_err(|e| {
-                PipelineError::new(
-                    FailureClass::Io,
-                    format!("cannot write the audit event: {e}"),
-                )
-            })?;
-        }
-        cfg.decryption = DecryptConfig::new(keys);
-        cfg.staging_dir = u.staging_dir;
-        cfg.limits.allow_device_nodes = u.allow_device_nodes;
-        if let Some(v) = u.max_unpacked_bytes {
-            cfg.limits.max_unpacked_bytes = v;
-        }
-        if let Some(v) = u.max_file_size {
-            cfg.limits.max_file_size = v;
-        }
-        if let Some(v) = u.max_inodes {
-            cfg.limits.max_inodes = v;
-        }
-        if let Some(v) = u.free_space {
-            cfg.rootfs.free_bytes = v;
-        }
-    }
-    let hw = ocicrypt::hardware_acceleration();
-    tracing::info!(
-        aes_ni = hw.aes_ni,
-        vaes = hw.vaes,
-        sha_ni = hw.sha_ni,
-        "crypto acceleration"
-    );
-    let progress = BarProgress::new(common.quiet || common.json);
-    let result = TrustPipeline::new(cfg).run(&reference, &goal, &progress, report);
-    progress.done();
-    result
-}
-
-/// Opens the audit log, creating its signing key on first use.
-fn open_audit(common: &CommonArgs) -> Result<audit::AuditLog, PipelineError> {
-    let origin = common
-        .audit_origin
-        .clone()
-        .unwrap_or_else(|| audit::local::default_origin("ipu-image-svc"));
-    audit::local::open(&common.audit_log, &origin, common.audit_signer.as_deref()).map_err(|e| {
-        let class = match e {
-            audit::AuditError::Request(_) => FailureClass::InvalidConfiguration,
-            _ => FailureClass::Io,
-        };
-        PipelineError::new(
-            class,
-            format!("audit log {}: {e}", common.audit_log.display()),
-        )
-    })
-}
-
-mod policy_bundle {
-    //! Loading a signed policy bundle: trusted signer, no rollback below the running
-    //! version, every load audited; the accepted bundle becomes the running one.
-
-    use std::path::{Path, PathBuf};
-
-    use audit::{AuditSink, Event, EventKind, Outcome};
-    use ipu_image_svc::pipeline::{FailureClass, PipelineError, AUDIT_SERVICE};
-    use policy::deploy::bundle::{BundleStore, InstallError, VerifiedBundle};
-    use policy::sigstore::VerificationKey;
-
-    fn config(m: String) -> PipelineError {
-        PipelineError::new(FailureClass::InvalidConfiguration, m)
-    }
-
-    pub fn load(
-        path: &Path,
-        key_files: &[PathBuf],
-        state: &Path,
-        sink: &dyn AuditSink,
-    ) -> Result<VerifiedBundle, PipelineError> {
-        let mut keys = Vec::new();
-        for k in key_files {
-            let pem = std::fs::read(k)
-                .map_err(|e| config(format!("cannot read bundle key {}: {e}", k.display())))?;
-            keys.extend(
-                VerificationKey::from_pem(&pem)
-                    .map_err(|e| config(format!("bundle key {}: {e}", k.display())))?,
-            );
-        }
-        let bytes = std::fs::read(path)
-            .map_err(|e| config(format!("cannot read {}: {e}", path.display())))?;
-        let record = |outcome, reason: String| {
-            sink.append(
-                Event::new(
-                    AUDIT_SERVICE,
-                    EventKind::Admin("policy_load".into()),
-                    outcome,
-                    reason,
-                )
-                .detail("bundle", path.display().to_string()),
-            )
-            .map_err(|e| {
-                PipelineError::new(
-                    FailureClass::Io,
-                    format!("cannot write the audit event: {e}"),
-                )
-            })
-        };
-        let verified = match BundleStore::new(state).install(&bytes, &keys) {
-            Ok(v) => v,
-            Err(InstallError::State(e)) => return Err(config(e)),
-            Err(InstallError::Rejected(e)) => {
-                record(Outcome::Denied, e.to_string())?;
-                return Err(PipelineError::new(
-                    FailureClass::RejectedByPolicy,
-                    format!("policy bundle {}: {e}", path.display()),
-                ));
-            }
-        };
-        record(
-            Outcome::Allowed,
-            format!(
-                "policy bundle version {} signed by {}",
-                verified.content.version, verified.signer
-            ),
-        )?;
-        Ok(verified)
+        (self.common, rest)
     }
 }
 
 fn exit_usage(message: &str) -> ! {
     eprintln!("ipu-image-svc: {message}");
     std::process::exit(EXIT_USAGE);
-}
-
-fn print_text(report: &Report) {
-    println!("accepted: {}", report.image);
-    if let Some(d) = &report.manifest_digest {
-        println!("  manifest  {d}");
-    }
-    if let Some(p) = &report.policy {
-        println!("  policy    {} (scope {}): {}", p.policy, p.scope, p.reason);
-    }
-    for l in &report.layers {
-        let mut line = format!(
-            "  layer {}   {} {} bytes{}",
-            l.index,
-            l.digest,
-            l.size,
-            if l.encrypted { " encrypted" } else { "" }
-        );
-        if let Some(d) = &l.diff_id {
-            line.push_str(&format!(
-                " -> diff_id {d} ({} entries)",
-                l.entries.unwrap_or(0)
-            ));
-        }
-        println!("{line}");
-    }
-    if let Some(r) = &report.rootfs {
-        let t = &r.tree;
-        println!(
-            "  rootfs    {} ({} bytes ext4, uuid {})",
-            r.path.display(),
-            r.image_bytes,
-            r.uuid
-        );
-        println!(
-            "            {} files ({} bytes), {} directories, {} symlinks, {} hardlinks, {} setuid, {} device nodes",
-            t.regular_files,
-            t.content_bytes,
-            t.directories,
-            t.symlinks,
-            t.hardlinks,
-            t.setuid_files,
-            t.device_nodes
-        );
-    }
-}
-
-/// A progress bar for long pulls on stderr (hidden when not a terminal or when quiet).
-struct BarProgress {
-    bar: Mutex<Option<ProgressBar>>,
-    quiet: bool,
-}
-
-impl BarProgress {
-    fn new(quiet: bool) -> Self {
-        Self {
-            bar: Mutex::new(None),
-            quiet,
-        }
-    }
-
-    fn done(&self) {
-        self.finish_bytes();
-    }
-}
-
-impl Progress for BarProgress {
-    fn stage(&self, message: &str) {
-        tracing::debug!("{message}");
-    }
-
-    fn bytes(&self, label: &str, done: u64, total: u64) {
-        if self.quiet {
-            return;
-        }
-        let mut guard = self.bar.lock().expect("progress lock");
-        let bar = guard.get_or_insert_with(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar.set_message(label.to_string());
-            bar
-        });
-        bar.set_length(total);
-        bar.set_position(done);
-    }
-
-    fn finish_bytes(&self) {
-        if let Some(bar) = self.bar.lock().expect("progress lock").take() {
-            bar.finish_and_clear();
-        }
-    }
 }
 
 #[cfg(test)]

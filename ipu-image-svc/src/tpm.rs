@@ -321,3 +321,27 @@ impl Tpm {
             .map_err(tpm("PCR extend"))
     }
 }
+
+/// SHA-256 PCR values as a deployment policy `pcrs = { ... }` line (an IPU class's reference
+/// values, read from a known-good IPU).
+pub fn pcrs_line(values: &BTreeMap<u8, Vec<u8>>) -> String {
+    let fields: Vec<String> = values
+        .iter()
+        .map(|(i, v)| format!("{i} = \"{}\"", hex::encode(v)))
+        .collect();
+    format!("pcrs = {{ {} }}", fields.join(", "))
+}
+
+#[cfg(test)]
+mod pcrs_line_tests {
+    #[test]
+    fn a_policy_line_in_index_order() {
+        let values = [(7u8, vec![0xab; 2]), (0u8, vec![0x01])]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            super::pcrs_line(&values),
+            r#"pcrs = { 0 = "01", 7 = "abab" }"#
+        );
+    }
+}

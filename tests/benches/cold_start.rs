@@ -40,7 +40,6 @@ fn ours(
     let factory = integration_tests::broker::pipeline_factory(
         fixtures().join("policies/policy-A.json"),
         state.join("cache"),
-        keys,
         audit.clone(),
     );
     let service = Service::start(
@@ -53,6 +52,7 @@ fn ours(
             verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
         },
         factory,
+        ipu_image_svc::keys::KeySource::Broker(keys),
         audit,
     )
     .unwrap();

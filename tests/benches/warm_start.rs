@@ -45,7 +45,6 @@ fn main() {
     let factory = integration_tests::broker::pipeline_factory(
         fixtures().join("policies/policy-A.json"),
         d.join("cache"),
-        keys,
         audit.clone(),
     );
     let service = Arc::new(
@@ -59,6 +58,7 @@ fn main() {
                 verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
             },
             factory,
+            ipu_image_svc::keys::KeySource::Broker(keys),
             audit,
         )
         .unwrap(),
@@ -112,10 +112,7 @@ fn main() {
                     &work.join("rootfs"),
                 )
                 .map_err(|e| {
-                    ipu_image_svc::pipeline::PipelineError::new(
-                        ipu_image_svc::pipeline::FailureClass::Io,
-                        e,
-                    )
+                    ipu_image_svc::error::Error::new(ipu_image_svc::error::FailureClass::Io, e)
                 })?;
                 let took = t0.elapsed();
                 let mounted = work.join("rootfs/hello").exists();
@@ -123,7 +120,7 @@ fn main() {
                 drop(a);
                 service.teardown(&p.clone_id, "bench")?;
                 let _ = std::fs::remove_dir_all(&work);
-                Ok::<_, ipu_image_svc::pipeline::PipelineError>((took, mounted))
+                Ok::<_, ipu_image_svc::error::Error>((took, mounted))
             })
         })
         .collect();

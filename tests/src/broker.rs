@@ -176,12 +176,11 @@ pub fn start_with_tpm() -> (crate::Swtpm, Running) {
 }
 
 /// The pipeline configuration `ipu-image-svc serve` makes per request: images trusted by the
-/// policy file `trust_policy`, blobs cached in `cache`, layer keys released through `keys`,
-/// events to `sink`.
+/// policy file `trust_policy`, blobs cached in `cache`, events to `sink` (layer keys come
+/// from the service's key source).
 pub fn pipeline_factory(
     trust_policy: std::path::PathBuf,
     cache: std::path::PathBuf,
-    keys: Arc<ipu_image_svc::keys::broker_client::BrokerKeys>,
     sink: Arc<dyn audit::AuditSink>,
 ) -> ipu_image_svc::service::PipelineFactory {
     Box::new(move |tenant, function| {
@@ -189,7 +188,6 @@ pub fn pipeline_factory(
             policy::Policy::from_file(&trust_policy).unwrap(),
             cache.clone(),
         );
-        cfg.layer_keys = Some(keys.clone());
         cfg.audit = Some(sink.clone());
         cfg.tenant = Some(tenant.into());
         cfg.function = Some(function.into());

@@ -41,7 +41,6 @@ impl Ipu {
         let factory = crate::broker::pipeline_factory(
             fixtures().join("policies").join(trust_policy),
             d.join("ipu-cache"),
-            keys,
             audit.clone(),
         );
         let service = Arc::new(
@@ -55,6 +54,7 @@ impl Ipu {
                     verified_layer_ttl,
                 },
                 factory,
+                ipu_image_svc::keys::KeySource::Broker(keys),
                 audit.clone(),
             )
             .unwrap(),

@@ -7,7 +7,10 @@ use std::path::Path;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use integration_tests::{fixtures, layout_manifest};
-use ipu_image_svc::pipeline::{Goal, PipelineConfig, Quiet, Report, TrustPipeline};
+use ipu_image_svc::keys::KeySource;
+use ipu_image_svc::pipeline::{PipelineConfig, TrustPipeline};
+use ipu_image_svc::progress::Quiet;
+use ipu_image_svc::report::{self, ImageCommand};
 use ocicrypt::keys::PrivateKey;
 use ocicrypt::{DecryptConfig, PrivateLayerOptions};
 use policy::reference::ImageReference;
@@ -71,7 +74,9 @@ fn a_full_pipeline_run_leaves_no_key_bytes_in_the_audit_log() {
             Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
             scratch.path().join("cache"),
         );
-        cfg.decryption = DecryptConfig::new(vec![PrivateKey::from_pem(&pem).unwrap()]);
+        let keys = KeySource::local(DecryptConfig::new(
+            vec![PrivateKey::from_pem(&pem).unwrap()],
+        ));
         cfg.audit = Some(log.clone());
         cfg.tenant = Some("acme".into());
         let reference = ImageReference::parse(&format!(
@@ -79,14 +84,14 @@ fn a_full_pipeline_run_leaves_no_key_bytes_in_the_audit_log() {
             fixtures().join("oci-layout").display()
         ))
         .unwrap();
-        let mut report = Report::default();
-        let _ = TrustPipeline::new(cfg).run(
+        let _ = report::run(
+            &TrustPipeline::new(cfg),
+            &keys,
             &reference,
-            &Goal::Unpack {
+            &ImageCommand::Unpack {
                 output: scratch.path().join(format!("{tag}.ext4")),
             },
             &Quiet,
-            &mut report,
         );
     }
     let events = log.store().size().unwrap();
@@ -139,17 +144,16 @@ fn a_run_that_cannot_write_its_audit_events_fails_closed() {
         fixtures().join("oci-layout").display()
     ))
     .unwrap();
-    let mut report = Report::default();
-    let err = TrustPipeline::new(cfg)
-        .run(
-            &reference,
-            &Goal::Unpack {
-                output: output.clone(),
-            },
-            &Quiet,
-            &mut report,
-        )
-        .unwrap_err();
+    let (report, result) = report::run(
+        &TrustPipeline::new(cfg),
+        &KeySource::none(),
+        &reference,
+        &ImageCommand::Unpack {
+            output: output.clone(),
+        },
+        &Quiet,
+    );
+    let err = result.unwrap_err();
     assert_eq!(err.class.as_str(), "io", "{}", err.message);
     assert!(err.message.contains("audit"), "{}", err.message);
     assert!(!output.exists());

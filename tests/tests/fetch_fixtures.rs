@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use integration_tests::{expected, fixtures, Registry};
-use ipu_image_svc::pipeline::{
-    FailureClass, Goal, PipelineConfig, PipelineError, Quiet, Report, TrustPipeline,
-};
+use ipu_image_svc::error::{Error as PipelineError, FailureClass};
+use ipu_image_svc::keys::KeySource;
+use ipu_image_svc::pipeline::{PipelineConfig, TrustPipeline};
+use ipu_image_svc::progress::Quiet;
+use ipu_image_svc::report::{self, ImageCommand, Report};
 use ocicrypt::keys::PrivateKey;
 use ocicrypt::DecryptConfig;
 use policy::reference::ImageReference;
@@ -52,17 +54,19 @@ fn unpack(reference: &str) -> Outcome {
     let scratch = tempfile::tempdir().unwrap();
     let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
     let cache = scratch.path().join("cache");
-    let mut cfg = PipelineConfig::new(policy, cache.clone());
+    let cfg = PipelineConfig::new(policy, cache.clone());
     let pem = fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap();
-    cfg.decryption = DecryptConfig::new(vec![PrivateKey::from_pem(&pem).unwrap()]);
-    let mut report = Report::default();
-    let result = TrustPipeline::new(cfg).run(
+    let keys = KeySource::local(DecryptConfig::new(
+        vec![PrivateKey::from_pem(&pem).unwrap()],
+    ));
+    let (report, result) = report::run(
+        &TrustPipeline::new(cfg),
+        &keys,
         &ImageReference::parse(reference).unwrap(),
-        &Goal::Unpack {
+        &ImageCommand::Unpack {
             output: scratch.path().join("out.ext4"),
         },
         &Quiet,
-        &mut report,
     );
     Outcome {
         report,
@@ -248,15 +252,14 @@ fn a_config_that_disagrees_with_its_manifest_is_malformed() {
         Policy::from_file(&policy_path).unwrap(),
         scratch.path().join("cache"),
     );
-    let mut report = Report::default();
-    let err = TrustPipeline::new(cfg)
-        .run(
-            &ImageReference::parse(&format!("oci:{}:liar", layout.display())).unwrap(),
-            &Goal::Pull,
-            &Quiet,
-            &mut report,
-        )
-        .unwrap_err();
+    let (_, result) = report::run(
+        &TrustPipeline::new(cfg),
+        &KeySource::none(),
+        &ImageReference::parse(&format!("oci:{}:liar", layout.display())).unwrap(),
+        &ImageCommand::Pull,
+        &Quiet,
+    );
+    let err = result.unwrap_err();
     assert_eq!(err.class, FailureClass::MalformedImage, "{}", err.message);
     assert!(
         err.message.contains("1 diff_ids for 2 layers"),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use host_attach::attach::Attachment;
 use integration_tests::{expected, fixtures, is_root, Registry};
+use ipu_image_svc::keys::KeySource;
 use ipu_image_svc::pipeline::PipelineConfig;
 use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions, TcpExports};
 use ocicrypt::keys::PrivateKey;
@@ -32,10 +33,6 @@ fn service(
             Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
             cache.clone(),
         );
-        cfg.decryption = DecryptConfig::new(vec![PrivateKey::from_pem(
-            &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
-        )
-        .unwrap()]);
         cfg.audit = Some(sink.clone());
         cfg.tenant = Some(tenant.into());
         cfg.function = Some(function.into());
@@ -51,7 +48,11 @@ fn service(
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
     };
     configure(&mut options);
-    let service = Service::start(options, factory, audit.clone()).unwrap();
+    let keys = KeySource::local(DecryptConfig::new(vec![PrivateKey::from_pem(
+        &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
+    )
+    .unwrap()]));
+    let service = Service::start(options, factory, keys, audit.clone()).unwrap();
     (service, audit)
 }
 

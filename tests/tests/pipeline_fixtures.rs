@@ -9,9 +9,11 @@ use integration_tests::{
     expected, ext4_cat, ext4_extract, ext4_fsck_clean, ext4_ls, ext4_stat, fixtures, is_root,
     sha256_hex, Expected, Registry,
 };
-use ipu_image_svc::pipeline::{
-    FailureClass, Goal, Outcome, PipelineConfig, PipelineError, Quiet, Report, TrustPipeline,
-};
+use ipu_image_svc::error::{Error as PipelineError, FailureClass};
+use ipu_image_svc::keys::KeySource;
+use ipu_image_svc::pipeline::{PipelineConfig, TrustPipeline};
+use ipu_image_svc::progress::Quiet;
+use ipu_image_svc::report::{self, ImageCommand, Outcome, Report};
 use ocicrypt::keys::PrivateKey;
 use ocicrypt::DecryptConfig;
 use policy::reference::ImageReference;
@@ -55,18 +57,23 @@ fn run(reference: &str, policy_file: &str, keys: &[&str], goal: &str) -> Run {
     let scratch = tempfile::tempdir().unwrap();
     let mut cfg = PipelineConfig::new(policy(policy_file), scratch.path().join("cache"));
     cfg.staging_dir = Some(scratch.path().join("staging"));
-    cfg.decryption = DecryptConfig::new(keys.iter().map(|k| key(k)).collect());
-    let goal = match goal {
-        "verify" => Goal::Verify,
-        "pull" => Goal::Pull,
-        "unpack" => Goal::Unpack {
+    let keys = KeySource::local(DecryptConfig::new(keys.iter().map(|k| key(k)).collect()));
+    let command = match goal {
+        "verify" => ImageCommand::Verify,
+        "pull" => ImageCommand::Pull,
+        "unpack" => ImageCommand::Unpack {
             output: scratch.path().join("rootfs.ext4"),
         },
         other => panic!("goal {other}"),
     };
     let reference = ImageReference::parse(reference).expect("reference parses");
-    let mut report = Report::default();
-    let result = TrustPipeline::new(cfg).run(&reference, &goal, &Quiet, &mut report);
+    let (report, result) = report::run(
+        &TrustPipeline::new(cfg),
+        &keys,
+        &reference,
+        &command,
+        &Quiet,
+    );
     Run {
         report,
         result,

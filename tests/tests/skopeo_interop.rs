@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use integration_tests::{ext4_cat, fixtures, Registry};
-use ipu_image_svc::pipeline::{Goal, PipelineConfig, Quiet, Report, TrustPipeline};
+use ipu_image_svc::keys::KeySource;
+use ipu_image_svc::pipeline::{PipelineConfig, TrustPipeline};
+use ipu_image_svc::progress::Quiet;
+use ipu_image_svc::report::{self, ImageCommand};
 use ocicrypt::keys::{PrivateKey, PublicKey};
 use ocicrypt::{DecryptConfig, EncryptConfig};
 use policy::reference::ImageReference;
@@ -181,24 +184,24 @@ fn skopeo_encrypts_ours_decrypts_rsa_and_ec() {
 
         // The whole pipeline: verify (accept anything), decrypt, unpack, ext4.
         let scratch = tempfile::tempdir().unwrap();
-        let mut cfg = PipelineConfig::new(
+        let cfg = PipelineConfig::new(
             Policy::from_file(&policy_file).unwrap(),
             scratch.path().join("cache"),
         );
-        cfg.decryption = DecryptConfig::new(vec![private(recipient)]);
+        let keys = KeySource::local(DecryptConfig::new(vec![private(recipient)]));
         let output = scratch.path().join("rootfs.ext4");
         let reference = ImageReference::parse(&format!("oci:{}:enc", out.display())).unwrap();
-        let mut report = Report::default();
-        TrustPipeline::new(cfg)
-            .run(
-                &reference,
-                &Goal::Unpack {
-                    output: output.clone(),
-                },
-                &Quiet,
-                &mut report,
-            )
-            .unwrap_or_else(|e| panic!("{recipient}: {e:?}"));
+        report::run(
+            &TrustPipeline::new(cfg),
+            &keys,
+            &reference,
+            &ImageCommand::Unpack {
+                output: output.clone(),
+            },
+            &Quiet,
+        )
+        .1
+        .unwrap_or_else(|e| panic!("{recipient}: {e:?}"));
         assert_eq!(
             ext4_cat(&output, "/hello").unwrap(),
             b"#!/bin/sh\necho hello from interop\n"
@@ -275,12 +278,12 @@ fn our_signatures_have_cosign_format_and_verify_through_a_registry() {
     ] {
         let policy = Policy::parse(policy_for(&public).as_bytes(), "test", None).unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        let mut report = Report::default();
-        let result = TrustPipeline::new(PipelineConfig::new(policy, scratch.path().join("c"))).run(
+        let (report, result) = report::run(
+            &TrustPipeline::new(PipelineConfig::new(policy, scratch.path().join("c"))),
+            &KeySource::none(),
             &reference,
-            &Goal::Verify,
+            &ImageCommand::Verify,
             &Quiet,
-            &mut report,
         );
         match (accept, result) {
             (true, Ok(())) => {

@@ -11,8 +11,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -85,11 +84,13 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
 }
 
 impl HostExport {
-    /// Listens on `socket` (mode 0600, in a directory that must exist) for clients whose uid
-    /// is `allowed_uid` (the host agent's); others are disconnected at once.
+    /// Listens on `socket` (mode 0600, owned by `allowed_uid`, both set before it listens)
+    /// for clients whose uid is `allowed_uid` (the host agent's); others are disconnected at
+    /// once.
     pub fn unix(export: Export, socket: &Path, allowed_uid: u32) -> io::Result<Self> {
-        let listener = UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        let listener =
+            unix_listen::bind(socket, unix_listen::Access::owner_only(Some(allowed_uid)))
+                .map_err(io::Error::other)?;
         let name = export.name.clone();
         Self::start(
             export,

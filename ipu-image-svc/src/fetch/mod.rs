@@ -8,6 +8,7 @@
 mod cache;
 mod layout;
 mod manifest;
+pub mod pull;
 mod registry;
 
 use std::io::{self, Read};

@@ -17,7 +17,7 @@ use keybroker::broker::release_context;
 use keybroker::release::{SealedKey, SessionKey};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::pipeline::{LayerKeyRequest, LayerKeySource};
+use super::{KeyError, LayerKeyRequest, LayerKeySource};
 use crate::secret::SecretBuf;
 use crate::tpm::Tpm;
 
@@ -65,28 +65,44 @@ pub struct BrokerKeys {
     connection: Mutex<Connection>,
 }
 
-fn read(p: &PathBuf) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+fn read(p: &PathBuf) -> Result<Vec<u8>, KeyError> {
+    std::fs::read(p).map_err(|e| KeyError::Failed(format!("cannot read {}: {e}", p.display())))
 }
 
-fn status(what: &str, s: tonic::Status) -> String {
-    format!("{what}: {} ({:?})", s.message(), s.code())
+/// A broker's answer other than OK: unavailable when it did not answer (down, restarting,
+/// timed out), else its decision.
+fn status(what: &str, s: tonic::Status) -> KeyError {
+    use tonic::Code;
+    let text = format!("{what}: {} ({:?})", s.message(), s.code());
+    match s.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            KeyError::Unavailable(text)
+        }
+        Code::Internal | Code::ResourceExhausted | Code::Aborted | Code::DataLoss => {
+            KeyError::Failed(text)
+        }
+        _ => KeyError::Denied(text),
+    }
 }
 
 /// Why a release failed: no session could be had, the broker said no, or what it sent
 /// could not be used here.
 enum ReleaseError {
-    Session(String),
+    Session(KeyError),
     Refused(Box<tonic::Status>),
-    Local(String),
+    Local(KeyError),
 }
+
+/// How long connecting to the broker, and one request to it, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A session is renewed when this much (or a tenth of its life, if less) remains.
 const RENEW_MARGIN: Duration = Duration::from_secs(10);
 
 impl BrokerKeys {
     /// Connects and attests with the TPM, so that a broker or TPM problem shows at once.
-    pub fn attest(settings: &BrokerSettings) -> Result<Self, String> {
+    pub fn attest(settings: &BrokerSettings) -> Result<Self, KeyError> {
         // One worker of its own, so the connection keeps running between requests (it
         // answers the broker's pings and GOAWAY, and reconnects when the broker restarts).
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -94,7 +110,7 @@ impl BrokerKeys {
             .thread_name("broker-client")
             .enable_all()
             .build()
-            .map_err(|e| format!("runtime: {e}"))?;
+            .map_err(|e| KeyError::Failed(format!("runtime: {e}")))?;
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&settings.ca)?))
             .identity(Identity::from_pem(
@@ -105,12 +121,17 @@ impl BrokerKeys {
             tls = tls.domain_name(name.clone());
         }
         let endpoint = Channel::from_shared(settings.url.clone())
-            .map_err(|e| format!("broker URL {:?}: {e}", settings.url))?
+            .map_err(|e| KeyError::Failed(format!("broker URL {:?}: {e}", settings.url)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
             .tls_config(tls)
-            .map_err(|e| format!("broker TLS: {e}"))?;
-        let channel = rt
-            .block_on(endpoint.connect())
-            .map_err(|e| format!("cannot reach the key broker at {}: {e}", settings.url))?;
+            .map_err(|e| KeyError::Failed(format!("broker TLS: {e}")))?;
+        let channel = rt.block_on(endpoint.connect()).map_err(|e| {
+            KeyError::Unavailable(format!(
+                "cannot reach the key broker at {}: {e}",
+                settings.url
+            ))
+        })?;
         let mut connection = Connection {
             rt: Some(rt),
             client: KeyBrokerClient::new(channel),
@@ -124,7 +145,7 @@ impl BrokerKeys {
     }
 
     /// The IPU class the broker attested, attesting again first when the session is due.
-    pub fn ipu_class(&self) -> Result<String, String> {
+    pub fn ipu_class(&self) -> Result<String, KeyError> {
         let mut c = self.connection.lock().expect("not poisoned");
         Ok(c.session(&self.settings)?.ipu_class.clone())
     }
@@ -142,7 +163,7 @@ impl Drop for Connection {
 
 impl Connection {
     /// The current session, after a new attestation when there is none or it is due.
-    fn session(&mut self, settings: &BrokerSettings) -> Result<&Session, String> {
+    fn session(&mut self, settings: &BrokerSettings) -> Result<&Session, KeyError> {
         if self
             .session
             .as_ref()
@@ -155,9 +176,10 @@ impl Connection {
     }
 
     /// Challenge, (credential activation,) quote, attest: a new session.
-    fn attest(&mut self, settings: &BrokerSettings) -> Result<Session, String> {
+    fn attest(&mut self, settings: &BrokerSettings) -> Result<Session, KeyError> {
+        let tpm_failed = |e: &dyn std::fmt::Display| KeyError::Failed(format!("TPM: {e}"));
         let mut tpm =
-            Tpm::open_persistent(&settings.tpm, settings.ak_handle).map_err(|e| e.to_string())?;
+            Tpm::open_persistent(&settings.tpm, settings.ak_handle).map_err(|e| tpm_failed(&e))?;
         let key = SessionKey::generate();
         let challenge = self
             .rt
@@ -171,7 +193,10 @@ impl Connection {
         let pcrs: Vec<u8> = challenge
             .pcrs
             .iter()
-            .map(|&p| u8::try_from(p).map_err(|_| format!("the broker asks for PCR {p}")))
+            .map(|&p| {
+                u8::try_from(p)
+                    .map_err(|_| KeyError::Failed(format!("the broker asks for PCR {p}")))
+            })
             .collect::<Result<_, _>>()?;
         // Until this AK has proven it lives in the TPM of the EK it was enrolled with, the
         // broker sends a credential only that TPM can activate.
@@ -182,11 +207,11 @@ impl Connection {
                 &challenge.credential_id_object,
                 &challenge.credential_secret,
             )
-            .map_err(|e| format!("credential activation: {e}"))?
+            .map_err(|e| tpm_failed(&format!("credential activation: {e}")))?
         };
         let evidence = tpm
             .quote(&challenge.nonce, &key.public(), &pcrs)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| tpm_failed(&e))?;
         let attested = self
             .rt
             .as_ref()
@@ -238,9 +263,13 @@ impl Connection {
         let opened = session
             .key
             .open(&sealed, &session.salt, context)
-            .map_err(|e| ReleaseError::Local(format!("the released key does not open: {e}")))?;
+            .map_err(|e| {
+                ReleaseError::Local(KeyError::Failed(format!(
+                    "the released key does not open: {e}"
+                )))
+            })?;
         let mut secret = SecretBuf::new(opened.len())
-            .map_err(|e| ReleaseError::Local(format!("secret memory: {e}")))?;
+            .map_err(|e| ReleaseError::Local(KeyError::Failed(format!("secret memory: {e}"))))?;
         secret.as_mut_slice().copy_from_slice(&opened);
         // `opened` is zeroized as it drops here.
         Ok(secret)
@@ -272,7 +301,7 @@ pub fn attest_request(
 }
 
 impl LayerKeySource for BrokerKeys {
-    fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<SecretBuf, String> {
+    fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<SecretBuf, KeyError> {
         let provider_annotation = req
             .annotations
             .iter()
@@ -286,7 +315,11 @@ impl LayerKeySource for BrokerKeys {
         let (wrapped_jwe, wrapped_provider) = match (provider_annotation, jwe) {
             (Some(p), _) => (String::new(), p),
             (None, Some(j)) => (j, String::new()),
-            (None, None) => return Err("the layer has no wrapped key for the key broker".into()),
+            (None, None) => {
+                return Err(KeyError::NoWrappedKey(
+                    "the layer has no wrapped key for the key broker".into(),
+                ))
+            }
         };
         let request = ReleaseRequest {
             session_id: String::new(),

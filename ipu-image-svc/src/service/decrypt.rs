@@ -23,9 +23,12 @@ use audit::{AuditSink, Event, EventKind, Outcome};
 
 use super::known::{KnownLayer, Lookup};
 use super::{check_name, Service};
-use crate::pipeline::{
-    FailureClass, Goal, LayerKeyRequest, PipelineError, Quiet, Report, TrustPipeline, AUDIT_SERVICE,
-};
+use crate::error::{ocicrypt_class, Error, FailureClass};
+use crate::keys::{KeyFor, LayerKey};
+use crate::pipeline::TrustPipeline;
+use crate::progress::Quiet;
+use crate::record::AUDIT_SERVICE;
+use crate::verify::VerifiedImage;
 
 /// What a decryption produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,27 +52,31 @@ pub struct ReceivedBlob<'a> {
     pub payload_descriptor: Option<&'a str>,
 }
 
-fn refused(message: String) -> PipelineError {
-    PipelineError::new(FailureClass::RejectedByPolicy, message)
+fn refused(message: String) -> Error {
+    Error::new(FailureClass::RejectedByPolicy, message)
 }
 
 impl Service {
-    /// Records the layers of an image the pipeline accepted for `tenant` and `function`.
-    pub(crate) fn remember_layers(&self, tenant: &str, function: &str, report: &Report) {
-        let Some(digest) = report.manifest_digest.as_ref() else {
-            return;
-        };
+    /// Records the layers of an image verified for `tenant` and `function`, with the
+    /// first bytes of their blobs where known (`prefixes`, by layer; may be empty).
+    pub(crate) fn remember_layers(
+        &self,
+        tenant: &str,
+        function: &str,
+        image: &VerifiedImage,
+        prefixes: &[Vec<u8>],
+    ) {
         let mut known = self.known_layers.lock().expect("not poisoned");
         let now = Instant::now();
-        for (i, d) in report.layer_descriptors.iter().enumerate() {
+        for layer in &image.layers {
             let layer = KnownLayer {
-                diff_id: report.layer_diff_ids.get(i).map(|d| d.to_string()),
+                diff_id: Some(layer.diff_id.to_string()),
                 tenant: tenant.into(),
                 function: function.into(),
-                image: report.image.clone(),
-                image_digest: digest.to_string(),
-                descriptor: d.clone(),
-                prefix: report.layer_prefixes.get(i).cloned().unwrap_or_default(),
+                image: image.reference.to_string(),
+                image_digest: image.manifest_digest.to_string(),
+                descriptor: layer.descriptor.clone(),
+                prefix: prefixes.get(layer.index).cloned().unwrap_or_default(),
             };
             known.remember(layer, now);
         }
@@ -83,23 +90,23 @@ impl Service {
         tenant: &str,
         function: &str,
         image: &str,
-    ) -> Result<(String, Vec<String>), PipelineError> {
+    ) -> Result<(String, Vec<String>), Error> {
         let reference = super::request(tenant, function, image)?;
         let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
-        let mut report = Report::default();
-        pipeline.run(&reference, &Goal::VerifyForDecryption, &Quiet, &mut report)?;
-        self.remember_layers(tenant, function, &report);
-        let digest = report
-            .manifest_digest
-            .as_ref()
-            .map(|d| d.to_string())
-            .unwrap_or_default();
-        let layers = report
-            .layer_descriptors
+        let request = pipeline.request(&reference);
+        let verified = request.finish((|| {
+            let verified = request.verify(&reference, &Quiet)?;
+            request.check_keys(&self.keys, &verified)?;
+            Ok(verified)
+        })())?;
+        let prefixes = crate::verify::blob_prefixes(&verified);
+        self.remember_layers(tenant, function, &verified, &prefixes);
+        let layers = verified
+            .layers
             .iter()
-            .map(|d| d.digest.to_string())
+            .map(|l| l.descriptor.digest.to_string())
             .collect();
-        Ok((digest, layers))
+        Ok((verified.manifest_digest.to_string(), layers))
     }
 
     /// Recognises a blob from its start, before it has arrived whole: by the digest a
@@ -144,48 +151,23 @@ impl Service {
         })
     }
 
-    /// Releases `known`'s key for `tenant` and `function`: from the key source (the broker,
-    /// which decides now and audits it), or unwrapped with the configured keys.
+    /// Releases `known`'s key for `tenant` and `function` (the broker decides now, and
+    /// audits it).
     fn layer_keys(
         &self,
         tenant: &str,
         function: &str,
         known: &KnownLayer,
-    ) -> Result<LayerKeys, PipelineError> {
-        let d = &known.descriptor;
-        let layer_digest = d.digest.to_string();
-        let integrity = |e: ocicrypt::Error| {
-            PipelineError::new(
-                crate::pipeline::ocicrypt_class(&e),
-                format!("layer {layer_digest}: {e}"),
-            )
-        };
-        let cfg = (self.factory)(tenant, function)?;
-        let privopts = match &cfg.layer_keys {
-            Some(source) => source
-                .private_options(&LayerKeyRequest {
-                    image: &known.image,
-                    image_digest: &known.image_digest,
-                    layer_digest: &layer_digest,
-                    annotations: &d.annotations,
-                    tenant,
-                    function,
-                })
-                .map_err(|e| {
-                    PipelineError::new(
-                        FailureClass::NoDecryptionKey,
-                        format!("layer {layer_digest}: key broker: {e}"),
-                    )
-                })
-                .and_then(|secret| {
-                    ocicrypt::PrivateLayerOptions::from_json(secret.as_slice()).map_err(integrity)
-                })?,
-            None => ocicrypt::unwrap_private_options(&d.annotations, &cfg.decryption)
-                .map_err(integrity)?,
-        };
-        let pubopts =
-            ocicrypt::PublicLayerOptions::from_annotations(&d.annotations).map_err(integrity)?;
-        Ok(LayerKeys { pubopts, privopts })
+    ) -> Result<LayerKey, Error> {
+        self.keys
+            .release(&KeyFor {
+                image: &known.image,
+                image_digest: &known.image_digest,
+                layer: &known.descriptor,
+                tenant,
+                function,
+            })
+            .map_err(|e| Error::from(e).context(format!("layer {}", known.descriptor.digest)))
     }
 
     /// Opens a received blob for decryption for `tenant` and `function`: the blob must be a
@@ -205,7 +187,7 @@ impl Service {
         function: &str,
         blob: &ReceivedBlob<'_>,
         early: Option<EarlyLayer>,
-    ) -> Result<LayerStream, PipelineError> {
+    ) -> Result<LayerStream, Error> {
         check_name("tenant", tenant)?;
         check_name("function", function)?;
         let lookup = self.known_layers.lock().expect("not poisoned").get(
@@ -305,7 +287,7 @@ impl Service {
         known: KnownLayer,
         blob: &ReceivedBlob<'_>,
         early: Option<EarlyLayer>,
-    ) -> Result<Opened, PipelineError> {
+    ) -> Result<Opened, Error> {
         let d = &known.descriptor;
         if d.size != blob.size || d.media_type != blob.media_type {
             return Err(refused(format!(
@@ -328,12 +310,8 @@ impl Service {
         let media_type = ocicrypt::decrypted_media_type(&d.media_type)
             .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
             .to_string();
-        let integrity = |e: ocicrypt::Error| {
-            PipelineError::new(
-                crate::pipeline::ocicrypt_class(&e),
-                format!("layer {}: {e}", d.digest),
-            )
-        };
+        let integrity =
+            |e: ocicrypt::Error| Error::new(ocicrypt_class(&e), format!("layer {}: {e}", d.digest));
         let early = early.map(EarlyLayer::used).transpose()?.flatten();
         let on_arrival = early.is_some();
         let (keys, proof) = match early {
@@ -364,13 +342,6 @@ impl Service {
     }
 }
 
-/// A layer's public options and its private options (the key, zeroized on drop), released
-/// for one request.
-struct LayerKeys {
-    pubopts: ocicrypt::PublicLayerOptions,
-    privopts: ocicrypt::PrivateLayerOptions,
-}
-
 /// A blob [`Service::recognise`]d from its start: the layer it should be, that layer's key
 /// (or why there is none), and the HMAC computed while the blob arrives.
 ///
@@ -379,7 +350,7 @@ struct LayerKeys {
 pub struct EarlyLayer {
     known: KnownLayer,
     /// Taken by [`used`](Self::used).
-    keys: Option<Result<LayerKeys, PipelineError>>,
+    keys: Option<Result<LayerKey, Error>>,
     /// Taken by the receiver, which feeds it the blob as it arrives.
     verifier: Option<ocicrypt::CiphertextVerifier>,
     proof: Option<Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>>,
@@ -414,10 +385,10 @@ impl EarlyLayer {
         mut self,
     ) -> Result<
         Option<(
-            LayerKeys,
+            LayerKey,
             Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>,
         )>,
-        PipelineError,
+        Error,
     > {
         self.record = None;
         match (self.keys.take().expect("used once"), self.proof.take()) {
@@ -452,11 +423,11 @@ impl Drop for EarlyLayer {
     }
 }
 
-fn io(what: &str, e: std::io::Error) -> PipelineError {
-    PipelineError::new(FailureClass::Io, format!("{what}: {e}"))
+fn io(what: &str, e: std::io::Error) -> Error {
+    Error::new(FailureClass::Io, format!("{what}: {e}"))
 }
 
-fn open_blob(path: &Path) -> Result<BufReader<File>, PipelineError> {
+fn open_blob(path: &Path) -> Result<BufReader<File>, Error> {
     Ok(BufReader::with_capacity(
         256 * 1024,
         File::open(path).map_err(|e| io("the received blob", e))?,
@@ -489,7 +460,7 @@ impl LayerRecord {
         outcome: Outcome,
         reason: String,
         details: &[(&str, String)],
-    ) -> Result<(), PipelineError> {
+    ) -> Result<(), Error> {
         let mut event = Event::new(AUDIT_SERVICE, EventKind::LayerDecrypt, outcome, reason)
             .tenant(self.tenant.clone())
             .function(self.function.clone())
@@ -502,7 +473,7 @@ impl LayerRecord {
             event = event.detail(*name, value.clone());
         }
         self.audit.append(event).map(drop).map_err(|e| {
-            PipelineError::new(
+            Error::new(
                 FailureClass::Io,
                 format!("cannot write the audit event: {e}"),
             )
@@ -515,7 +486,7 @@ struct Opened {
     decryptor: ocicrypt::VerifiedDecryptor<BufReader<File>>,
     blob: PathBuf,
     /// Kept for the rare second look at a stale digest.
-    keys: LayerKeys,
+    keys: LayerKey,
     media_type: String,
     known: KnownLayer,
     /// Whether the HMAC was computed as the blob arrived (else in a pass over it stored).
@@ -565,7 +536,7 @@ impl LayerStream {
     /// Ends a stream that reached the end of its plaintext: the length and the plaintext
     /// digest must match (a stale digest only when the decompressed plaintext matches the
     /// verified diff_id). A failure is recorded.
-    pub fn finish(mut self) -> Result<DecryptedLayer, PipelineError> {
+    pub fn finish(mut self) -> Result<DecryptedLayer, Error> {
         let opened = self.opened.take().expect("finished once");
         let result = opened.check();
         match &result {
@@ -601,14 +572,10 @@ impl Drop for LayerStream {
 }
 
 impl Opened {
-    fn check(self) -> Result<DecryptedLayer, PipelineError> {
+    fn check(self) -> Result<DecryptedLayer, Error> {
         let d = &self.known.descriptor;
-        let integrity = |e: ocicrypt::Error| {
-            PipelineError::new(
-                crate::pipeline::ocicrypt_class(&e),
-                format!("layer {}: {e}", d.digest),
-            )
-        };
+        let integrity =
+            |e: ocicrypt::Error| Error::new(ocicrypt_class(&e), format!("layer {}: {e}", d.digest));
         let (authenticated, stale) = self.decryptor.finish().map_err(integrity)?;
         if let Some(stale) = stale {
             // A publisher that recompressed the layer left the old digest in the private
@@ -621,9 +588,9 @@ impl Opened {
                 &self.keys.privopts,
             )
             .map_err(integrity)?;
-            let diff_id = diff_id(plain, &self.media_type)?;
+            let diff_id = crate::decrypt::diff_id(plain, &self.media_type)?;
             if self.known.diff_id.as_deref() != Some(diff_id.as_str()) {
-                return Err(PipelineError::new(
+                return Err(Error::new(
                     FailureClass::DigestMismatch,
                     format!(
                         "layer {}: decrypted digest {} does not match {} from the private options, and its diff_id {diff_id} is not the verified config's",
@@ -641,32 +608,4 @@ impl Opened {
             media_type: self.media_type,
         })
     }
-}
-
-/// `sha256:<hex>` of the decompressed plaintext `plain` yields; `plain`'s HMAC must match.
-fn diff_id<R: std::io::Read>(
-    mut plain: ocicrypt::LayerDecryptor<R>,
-    media_type: &str,
-) -> Result<String, PipelineError> {
-    let io = |e: std::io::Error| io("hashing the plaintext", e);
-    let compression = crate::unpack::Compression::from_media_type(media_type)
-        .map_err(|e| refused(e.to_string()))?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    {
-        let mut decoder = compression
-            .decoder(BufReader::new(&mut plain))
-            .map_err(io)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = std::io::Read::read(&mut decoder, &mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            ctx.update(&buf[..n]);
-        }
-    }
-    plain
-        .finish_allowing_stale_digest()
-        .map_err(|e| PipelineError::new(crate::pipeline::ocicrypt_class(&e), e.to_string()))?;
-    Ok(format!("sha256:{}", hex::encode(ctx.finish())))
 }

@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::decrypt::EarlyLayer;
 use super::Service;
-use crate::pipeline::{PipelineError, BLOB_PREFIX_LEN};
+use crate::error::Error;
+use crate::verify::BLOB_PREFIX_LEN;
 
 pub struct Api {
     service: Arc<Service>,
@@ -37,16 +38,12 @@ fn authorize<T>(req: &Request<T>, host_agent_uid: u32) -> Result<(), Status> {
     }
 }
 
-fn status(e: PipelineError) -> Status {
-    if e.class.is_rejection() {
-        Status::permission_denied(format!("rejected ({}): {}", e.class.as_str(), e.message))
-    } else {
-        Status::failed_precondition(format!("{}: {}", e.class.as_str(), e.message))
-    }
+fn status(e: Error) -> Status {
+    e.to_status()
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, PipelineError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await

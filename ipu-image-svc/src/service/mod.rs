@@ -8,6 +8,7 @@
 //! the next start deletes what was left and audits it.
 
 mod cache;
+pub mod daemon;
 pub mod decrypt;
 pub mod grpc;
 pub mod known;
@@ -24,15 +25,17 @@ use crate::blockstore::base::BaseImage;
 use crate::blockstore::clone::CloneDevice;
 use crate::blockstore::xts::XtsKey;
 use crate::blockstore::BlockDevice;
+use crate::error::{Error, FailureClass};
 use crate::export::nbd::Export;
 use crate::export::{Endpoint, HostExport};
-use crate::pipeline::{
-    FailureClass, Goal, PipelineConfig, PipelineError, Quiet, Report, TrustPipeline, AUDIT_SERVICE,
-};
+use crate::keys::KeySource;
+use crate::pipeline::{PipelineConfig, TrustPipeline};
+use crate::progress::Quiet;
+use crate::record::AUDIT_SERVICE;
+use crate::verify::VerifiedImage;
 
-/// Builds the pipeline configuration for one request (policy, keys, limits, audit sink).
-pub type PipelineFactory =
-    Box<dyn Fn(&str, &str) -> Result<PipelineConfig, PipelineError> + Send + Sync>;
+/// Builds the pipeline configuration for one request (policy, limits, audit sink).
+pub type PipelineFactory = Box<dyn Fn(&str, &str) -> Result<PipelineConfig, Error> + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
@@ -108,6 +111,8 @@ struct Running {
 pub struct Service {
     opts: ServiceOptions,
     factory: PipelineFactory,
+    /// Where every request's layer keys come from (one attested broker session).
+    keys: KeySource,
     audit: Arc<dyn AuditSink>,
     bases: Mutex<cache::BaseCache<BaseImage>>,
     /// The platform manifest digest each image reference last resolved to.
@@ -133,18 +138,18 @@ type Reclaimer = (
     std::thread::JoinHandle<()>,
 );
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> PipelineError {
-    PipelineError::new(FailureClass::Io, format!("{what} {}: {e}", path.display()))
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::new(FailureClass::Io, format!("{what} {}: {e}", path.display()))
 }
 
-fn check_name(what: &str, v: &str) -> Result<(), PipelineError> {
+fn check_name(what: &str, v: &str) -> Result<(), Error> {
     if v.is_empty()
         || v.len() > 128
         || !v
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return Err(PipelineError::new(
+        return Err(Error::new(
             FailureClass::InvalidConfiguration,
             format!("{what} {v:?}: 1 to 128 of A-Z a-z 0-9 - _ ."),
         ));
@@ -153,11 +158,11 @@ fn check_name(what: &str, v: &str) -> Result<(), PipelineError> {
 }
 
 /// A request's tenant and function checked, and its image reference parsed.
-fn request(tenant: &str, function: &str, image: &str) -> Result<ImageReference, PipelineError> {
+fn request(tenant: &str, function: &str, image: &str) -> Result<ImageReference, Error> {
     check_name("tenant", tenant)?;
     check_name("function", function)?;
     ImageReference::parse(image).map_err(|e| {
-        PipelineError::new(
+        Error::new(
             FailureClass::InvalidConfiguration,
             format!("image reference {image:?}: {e}"),
         )
@@ -182,8 +187,9 @@ impl Service {
     pub fn start(
         opts: ServiceOptions,
         factory: PipelineFactory,
+        keys: KeySource,
         audit: Arc<dyn AuditSink>,
-    ) -> Result<Self, PipelineError> {
+    ) -> Result<Self, Error> {
         for d in ["bases", "clones", "exports", "staging"] {
             let dir = opts.state_dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
@@ -210,11 +216,12 @@ impl Service {
                     }
                 }
             })
-            .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?;
+            .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
         let known_layers = known::KnownLayers::new(opts.verified_layer_ttl);
         let service = Self {
             opts,
             factory,
+            keys,
             audit,
             bases: Mutex::new(cache::BaseCache::new(max_cached_bases)),
             resolved: Mutex::new(HashMap::new()),
@@ -229,9 +236,9 @@ impl Service {
         Ok(service)
     }
 
-    fn record(&self, e: Event) -> Result<audit::Receipt, PipelineError> {
+    fn record(&self, e: Event) -> Result<audit::Receipt, Error> {
         self.audit.append(e).map_err(|e| {
-            PipelineError::new(
+            Error::new(
                 FailureClass::Io,
                 format!("cannot write the audit event: {e}"),
             )
@@ -241,7 +248,7 @@ impl Service {
     /// Deletes what a crashed run left: clone files (their keys died with it, so they were
     /// already unreadable: each is audited as an orphan erased), bases (keys gone too) and
     /// sockets.
-    fn recover(&self) -> Result<(), PipelineError> {
+    fn recover(&self) -> Result<(), Error> {
         let clones = self.opts.state_dir.join("clones");
         let entries =
             std::fs::read_dir(&clones).map_err(|e| io_error("cannot read", &clones, e))?;
@@ -316,12 +323,7 @@ impl Service {
 
     /// Verifies the image under the current policy, builds its base unless cached, makes the
     /// function's clone and exports it.
-    pub fn prepare(
-        &self,
-        tenant: &str,
-        function: &str,
-        image: &str,
-    ) -> Result<Prepared, PipelineError> {
+    pub fn prepare(&self, tenant: &str, function: &str, image: &str) -> Result<Prepared, Error> {
         let reference = request(tenant, function, image)?;
         let mut cfg = (self.factory)(tenant, function)?;
         // Unpack trees hold plaintext: they live where a restart finds and deletes them.
@@ -334,12 +336,13 @@ impl Service {
         // The current policy decides on every start, cached base or not, and so does the
         // broker: each encrypted layer's key must still be released to this request. One
         // verification serves both the check and, for a new image, the build.
-        let (digest, base, report) = self.verified_base(&pipeline, &reference, image, &instance)?;
-        self.remember_layers(tenant, function, &report);
+        let (digest, base, verified) =
+            self.verified_base(&pipeline, &reference, image, &instance)?;
+        self.remember_layers(tenant, function, &verified, &[]);
 
         let clone_id = format!("{tenant}.{function}.{instance}");
         // The deployment policy's clone size and lifetime, else the service's defaults.
-        let requirements = report.requirements.clone().unwrap_or_default();
+        let requirements = verified.admission.requirements.clone().unwrap_or_default();
         let ttl = requirements
             .clone_ttl_secs
             .map_or(self.opts.clone_ttl, Duration::from_secs);
@@ -350,7 +353,7 @@ impl Service {
                 &clone_id,
                 requirements.clone_size.unwrap_or(0),
             )
-            .map_err(|e| PipelineError::new(FailureClass::Io, format!("clone: {e}")))?,
+            .map_err(|e| Error::new(FailureClass::Io, format!("clone: {e}")))?,
         );
         let context = |e: Event| {
             e.tenant(tenant.to_string())
@@ -374,7 +377,7 @@ impl Service {
         let export = Export::new(clone_id.clone(), clone.clone());
         let export = match &self.opts.tcp_exports {
             Some(tcp) => HostExport::tcp(export, tcp.ip, tcp.tls.clone()).map_err(|e| {
-                PipelineError::new(
+                Error::new(
                     FailureClass::Io,
                     format!("cannot export on {}: {e}", tcp.ip),
                 )
@@ -403,7 +406,7 @@ impl Service {
             export_name: clone_id.clone(),
             size: clone.size(),
             manifest_digest: digest.clone(),
-            runtime_config: report.runtime_config,
+            runtime_config: verified.runtime_config.clone(),
             ttl,
         };
         self.clones.lock().expect("not poisoned").insert(
@@ -429,17 +432,19 @@ impl Service {
         Ok(prepared)
     }
 
-    /// Runs the image through the pipeline for this request and returns its platform
-    /// manifest digest and the pipeline's report (runtime configuration, what the deployment
-    /// policy requires) with its base: the cached one, or one built from the pipeline's ext4
-    /// image, encrypted at rest under a new key.
+    /// Verifies the image for this request and returns its platform manifest digest, its
+    /// base and the verified image (runtime configuration, what the deployment policy
+    /// requires). The cache decision is made here, once the verified platform manifest is
+    /// known: a cached base is used only after every layer key was released again for this
+    /// request; otherwise the image is built into an ext4 image and encrypted at rest into a
+    /// new base under a new key.
     fn verified_base(
         &self,
         pipeline: &TrustPipeline,
         reference: &ImageReference,
         image: &str,
         instance: &str,
-    ) -> Result<(String, Arc<BaseImage>, Report), PipelineError> {
+    ) -> Result<(String, Arc<BaseImage>, VerifiedImage), Error> {
         let is_cached = || {
             let digest = self
                 .resolved
@@ -465,69 +470,56 @@ impl Service {
         let dir = self.opts.state_dir.join("bases");
         let plain = dir.join(format!("{instance}.ext4"));
         // Held for the run, so none of them is evicted before this start has its clone.
-        let cached = self.bases.lock().expect("not poisoned").snapshot();
-        let mut report = Report::default();
-        let ran = pipeline.run(
-            reference,
-            &Goal::Prepare {
-                output: plain.clone(),
-                cached: cached.keys().cloned().collect(),
-            },
-            &Quiet,
-            &mut report,
-        );
-        let built = report.rootfs.is_some();
-        // Only this image's base stays held; the others may be evicted again.
-        let held = report
-            .platform_manifest_digest
-            .as_ref()
-            .and_then(|d| cached.get(&d.to_string()).cloned());
-        drop(cached);
-        let result = ran.and_then(|()| {
-            let digest = report
-                .platform_manifest_digest
-                .as_ref()
-                .map(|d| d.to_string())
-                .ok_or_else(|| PipelineError::new(FailureClass::Io, "no manifest digest"))?;
-            let base = if built {
-                let base = BaseImage::build(
-                    &plain,
-                    &dir.join(format!("{instance}.img")),
-                    XtsKey::generate()
-                        .map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?,
-                )
-                .map_err(|e| PipelineError::new(FailureClass::Io, format!("base image: {e}")))?;
-                // Built meanwhile under another reference: that one stays, this one is
-                // dropped (and deleted).
-                let (base, evicted) = self
-                    .bases
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(&digest, base);
-                for e in evicted {
-                    tracing::info!(digest = %e, "idle base evicted from the cache");
+        let mut cached = self.bases.lock().expect("not poisoned").snapshot();
+        let request = pipeline.request(reference);
+        let result = request.finish((|| {
+            let verified = request.verify(reference, &Quiet)?;
+            let digest = verified.platform_manifest_digest.to_string();
+            // Only this image's base stays held; the others may be evicted again.
+            let held = cached.remove(&digest);
+            cached.clear();
+            let base = match held {
+                Some(base) => {
+                    request.check_keys(&self.keys, &verified)?;
+                    self.bases.lock().expect("not poisoned").touch(&digest);
+                    base
                 }
-                base
-            } else {
-                self.bases.lock().expect("not poisoned").touch(&digest);
-                held.ok_or_else(|| {
-                    PipelineError::new(FailureClass::Io, format!("no cached base of {digest}"))
-                })?
+                None => {
+                    request.build(&verified, &self.keys, &plain, &Quiet)?;
+                    let base = BaseImage::build(
+                        &plain,
+                        &dir.join(format!("{instance}.img")),
+                        XtsKey::generate()
+                            .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?,
+                    )
+                    .map_err(|e| Error::new(FailureClass::Io, format!("base image: {e}")))?;
+                    // Built meanwhile under another reference: that one stays, this one is
+                    // dropped (and deleted).
+                    let (base, evicted) = self
+                        .bases
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(&digest, base);
+                    for e in evicted {
+                        tracing::info!(digest = %e, "idle base evicted from the cache");
+                    }
+                    base
+                }
             };
-            Ok((digest, base))
-        });
+            Ok((digest, base, verified))
+        })());
         // The plaintext image never stays: encrypted, or refused.
         let _ = std::fs::remove_file(&plain);
-        let (digest, base) = result?;
+        let (digest, base, verified) = result?;
         self.resolved
             .lock()
             .expect("not poisoned")
             .insert(image.to_string(), digest.clone());
-        Ok((digest, base, report))
+        Ok((digest, base, verified))
     }
 
     /// Hot-removes the export and erases the clone. Returns false when it was already gone.
-    pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, PipelineError> {
+    pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, Error> {
         let Some(mut running) = self.clones.lock().expect("not poisoned").remove(clone_id) else {
             return Ok(false);
         };
@@ -593,7 +585,7 @@ impl Service {
             endpoint: running.export.endpoint().clone(),
             reason: reason.to_string(),
         });
-        erasure.map_err(|e| PipelineError::new(FailureClass::Io, e.to_string()))?;
+        erasure.map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
         Ok(true)
     }
 

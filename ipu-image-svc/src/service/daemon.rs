@@ -1,0 +1,141 @@
+//! `ipu-image-svc serve` as a library: the policy bundle installed (and audited) once, the
+//! IPU attested to the broker, the service started, its API served on a Unix socket until
+//! SIGTERM or SIGINT, then every clone torn down.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use audit::local::AuditTarget;
+
+use super::{PipelineFactory, Service, ServiceOptions, TcpExports};
+use crate::error::Error;
+use crate::keys::broker_client::{BrokerKeys, BrokerSettings};
+use crate::keys::KeySource;
+use crate::pipeline::PipelineConfig;
+use crate::record::AUDIT_SERVICE;
+use crate::verify::Deployment;
+
+/// Everything `serve` takes.
+pub struct DaemonConfig {
+    pub service: ServiceOptions,
+    /// The API socket.
+    pub socket: PathBuf,
+    pub policy_bundle: PathBuf,
+    pub bundle_keys: Vec<PathBuf>,
+    pub bundle_state: PathBuf,
+    pub cache: PathBuf,
+    pub audit: AuditTarget,
+    pub insecure_http: Vec<String>,
+    pub broker: BrokerSettings,
+}
+
+/// TLS exports: the certificate chain, key and client CA files.
+pub struct TcpExportFiles {
+    pub ip: std::net::IpAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl TcpExportFiles {
+    pub fn load(&self) -> Result<TcpExports, Error> {
+        Ok(TcpExports {
+            ip: self.ip,
+            tls: crate::export::tls::server_config(&self.cert, &self.key, &self.client_ca)
+                .map_err(Error::invalid)?,
+        })
+    }
+}
+
+/// Runs the service until it is stopped.
+pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
+    let sink = cfg
+        .audit
+        .open(AUDIT_SERVICE)
+        .map_err(|e| Error::invalid(format!("{}: {e}", cfg.audit)))?;
+    let bundle = crate::policy_bundle::install(
+        &cfg.policy_bundle,
+        &cfg.bundle_keys,
+        &cfg.bundle_state,
+        sink.as_ref(),
+    )?;
+    let settings = cfg.broker.clone();
+    // Attested now, so that a broker or TPM problem stops the start; the session is renewed
+    // before it expires, or when the broker no longer knows it.
+    let broker = Arc::new(
+        BrokerKeys::attest(&settings)
+            .map_err(|e| Error::from(e).context(format!("key broker {}", settings.url)))?,
+    );
+    let image_trust = bundle.image_trust;
+    let deployment = Arc::new(bundle.deployment);
+    let (cache, insecure, factory_sink) =
+        (cfg.cache.clone(), cfg.insecure_http.clone(), sink.clone());
+    let class_source = broker.clone();
+    let factory: PipelineFactory = Box::new(move |tenant, function| {
+        let ipu_class = class_source
+            .ipu_class()
+            .map_err(|e| Error::from(e).context(format!("key broker {}", settings.url)))?;
+        let mut pipeline = PipelineConfig::new(image_trust.clone(), cache.clone());
+        pipeline.audit = Some(factory_sink.clone());
+        pipeline.tenant = Some(tenant.to_string());
+        pipeline.function = Some(function.to_string());
+        pipeline.source.insecure_http_hosts = insecure.clone();
+        pipeline.deployment = Some(Deployment {
+            policy: deployment.clone(),
+            ipu_class: Some(ipu_class),
+        });
+        Ok(pipeline)
+    });
+    let host_agent_uid = cfg.service.host_agent_uid;
+    let service = Arc::new(Service::start(
+        cfg.service,
+        factory,
+        KeySource::Broker(broker),
+        sink,
+    )?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("cannot start the runtime for", &cfg.socket, e))?;
+    rt.block_on(async {
+        // Callers are checked by uid on every request; the mode keeps others out anyway.
+        let listener = unix_listen::bind(
+            &cfg.socket,
+            unix_listen::Access::owner_only(Some(host_agent_uid)),
+        )
+        .map_err(|e| Error::invalid(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("cannot listen on", &cfg.socket, e))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| Error::io("cannot listen on", &cfg.socket, e))?;
+        let reaper = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let s = service.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.reap_expired()).await;
+                }
+            })
+        };
+        eprintln!("ipu-image-svc: serving {}", cfg.socket.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| Error::io("cannot handle SIGTERM for", &cfg.socket, e))?;
+        let stopping = service.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            // Tear down (and erase) every clone, then end the event streams, so the
+            // server's graceful stop does not wait on them.
+            let _ = tokio::task::spawn_blocking(move || stopping.shutdown()).await;
+        };
+        let served = super::grpc::serve(service.clone(), listener, host_agent_uid, stop).await;
+        reaper.abort();
+        unix_listen::remove(&cfg.socket);
+        served.map_err(|e| Error::new(crate::error::FailureClass::Io, format!("the API: {e}")))
+    })
+}
