@@ -126,12 +126,23 @@ impl BrokerKeys {
             .timeout(REQUEST_TIMEOUT)
             .tls_config(tls)
             .map_err(|e| KeyError::Failed(format!("broker TLS: {e}")))?;
-        let channel = rt.block_on(endpoint.connect()).map_err(|e| {
-            KeyError::Unavailable(format!(
-                "cannot reach the key broker at {}: {e}",
-                settings.url
-            ))
-        })?;
+        // The whole connection, TLS handshake included, within the deadline: a broker that
+        // accepts and says nothing is as unavailable as one that is down.
+        let channel = rt
+            .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await })
+            .map_err(|_| {
+                KeyError::Unavailable(format!(
+                    "the key broker at {} did not answer within {} s",
+                    settings.url,
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| {
+                KeyError::Unavailable(format!(
+                    "cannot reach the key broker at {}: {e}",
+                    settings.url
+                ))
+            })?;
         let mut connection = Connection {
             rt: Some(rt),
             client: KeyBrokerClient::new(channel),

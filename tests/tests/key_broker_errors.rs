@@ -1,0 +1,162 @@
+//! A key broker that is down or silent is an operational failure (exit code 1, gRPC
+//! `Unavailable`: the platform may retry elsewhere); a broker's refusal is a decision about
+//! the request (exit code 3, gRPC `PermissionDenied`: retrying changes nothing). Each with
+//! its positive control against the same broker.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{bin, fixtures};
+use ipu_image_svc::error::{FailureClass, EXIT_OPERATIONAL, EXIT_REJECTED};
+use ipu_image_svc::keys::KeySource;
+use ipu_image_svc::service::{Service, ServiceOptions};
+
+fn image() -> String {
+    format!("oci:{}:enc-signed", fixtures().join("oci-layout").display())
+}
+
+#[test]
+fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
+    std::env::set_var("TSS2_LOG", "all+NONE");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (swtpm, broker) = integration_tests::broker::start_with_tpm();
+    let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("tls")));
+    let audit = integration_tests::audit_log(&d.join("audit"));
+    let factory = integration_tests::broker::pipeline_factory(
+        fixtures().join("policies/policy-A.json"),
+        d.join("cache"),
+        audit.clone(),
+    );
+    let service = Service::start(
+        ServiceOptions {
+            state_dir: d.join("state"),
+            host_agent_uid: 0,
+            clone_ttl: Duration::from_secs(600),
+            tcp_exports: None,
+            max_cached_bases: 4,
+            verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
+        },
+        factory,
+        KeySource::Broker(keys),
+        audit,
+    )
+    .unwrap();
+
+    // Positive control: the broker releases acme's key.
+    let prepared = service.prepare("acme", "f-1", &image()).unwrap();
+    service.teardown(&prepared.clone_id, "test").unwrap();
+
+    // A denial: the policy gives globex no key.
+    let denied = service.prepare("globex", "f-2", &image()).unwrap_err();
+    assert_eq!(denied.class, FailureClass::NoDecryptionKey, "{denied}");
+    assert_eq!(denied.exit_code(), EXIT_REJECTED);
+    assert_eq!(denied.to_status().code(), tonic::Code::PermissionDenied);
+
+    // The broker stops: the same request that worked is now an operational failure.
+    drop(broker);
+    let down = service.prepare("acme", "f-3", &image()).unwrap_err();
+    assert_eq!(down.class, FailureClass::KeyBrokerUnavailable, "{down}");
+    assert_eq!(down.exit_code(), EXIT_OPERATIONAL);
+    assert_eq!(down.to_status().code(), tonic::Code::Unavailable);
+    assert!(service.list().is_empty(), "no clone for a refused start");
+    service.shutdown();
+}
+
+/// `ipu-image-svc image unpack --broker URL` for tenant acme, with the IPU's TLS files in
+/// `tls`; returns the exit code and the JSON report.
+fn unpack(d: &Path, url: &str, tcti: &str, tenant: &str) -> (i32, serde_json::Value) {
+    let tls = d.join("tls");
+    let out = Command::new(bin("ipu-image-svc"))
+        .args(["image", "unpack", "--json", "--quiet", "--policy"])
+        .arg(fixtures().join("policies/policy-A.json"))
+        .args(["--broker", url, "--broker-name", "localhost", "--broker-ca"])
+        .arg(tls.join("ca.pem"))
+        .arg("--broker-cert")
+        .arg(tls.join("ipu.pem"))
+        .arg("--broker-key")
+        .arg(tls.join("ipu.key"))
+        .args(["--tpm", tcti, "--tenant", tenant, "--function", "f"])
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--audit-log")
+        .arg(d.join("audit"))
+        .arg("--output")
+        .arg(d.join(format!("{tenant}.ext4")))
+        .arg(image())
+        .env("TSS2_LOG", "all+NONE")
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), report)
+}
+
+#[test]
+fn the_cli_exits_1_for_a_broker_down_or_silent_and_3_for_a_denial() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (swtpm, broker) = integration_tests::broker::start_with_tpm();
+    // Writes the IPU's certificate, key and the CA to d/tls (and attests once).
+    drop(broker.ipu_keys(&swtpm.tcti(), &d.join("tls")));
+
+    // Positive control, and a denial, from the running broker.
+    let (code, report) = unpack(d, &broker.url(), &swtpm.tcti(), "acme");
+    assert_eq!(
+        (code, &report["outcome"]),
+        (0, &"accepted".into()),
+        "{report}"
+    );
+    let (code, report) = unpack(d, &broker.url(), &swtpm.tcti(), "globex");
+    assert_eq!(code, 3, "{report}");
+    assert_eq!(report["class"], "no-decryption-key");
+
+    // Nobody listens.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (code, report) = unpack(
+        d,
+        &format!("https://127.0.0.1:{closed}"),
+        &swtpm.tcti(),
+        "acme",
+    );
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["class"], "key-broker-unavailable");
+
+    // A broker that accepts the connection and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = silent.accept() {
+            kept.push(s);
+            if kept.len() >= 4 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let t = Instant::now();
+    let (code, report) = unpack(
+        d,
+        &format!("https://127.0.0.1:{port}"),
+        &swtpm.tcti(),
+        "acme",
+    );
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["class"], "key-broker-unavailable");
+    assert!(
+        report["error"].as_str().unwrap().contains("did not answer"),
+        "{report}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+    drop(held);
+}
