@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use api::imagesvc::image_service_client::ImageServiceClient;
-use api::imagesvc::{PrepareRequest, TeardownRequest};
+use api::imagesvc::{PrepareRequest, TeardownRequest, VerifyRequest};
 use clap::{Parser, Subcommand};
 use host_attach::attach::{Attachment, Export};
 use host_attach::bundle::{config, Process};
@@ -74,7 +74,7 @@ fn verify(args: &VerifyArgs) -> Result<(), String> {
     let (rt, mut client) = connect(&args.ipu)?;
     rt.block_on(async {
         let verified = client
-            .verify(PrepareRequest {
+            .verify(VerifyRequest {
                 tenant: args.ipu.tenant.clone(),
                 function: args.ipu.function.clone(),
                 image: args.image.clone(),

@@ -391,7 +391,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         insecure_http: args.insecure_http,
         broker,
     })
-    .map_err(|e| e.message)
+    .map_err(|e| e.to_string())
 }
 
 fn image(cmd: ImageCommand) -> ExitCode {

@@ -105,22 +105,24 @@ fn main() {
             std::thread::spawn(move || {
                 barrier.wait();
                 let t0 = Instant::now();
-                let p = service.prepare("acme", &format!("conc{i}"), &image)?;
+                let p = service
+                    .prepare("acme", &format!("conc{i}"), &image)
+                    .map_err(|e| e.to_string())?;
                 let a = Attachment::attach(
                     &integration_tests::host_export(&p),
                     &work,
                     &work.join("rootfs"),
                 )
-                .map_err(|e| {
-                    ipu_image_svc::error::Error::new(ipu_image_svc::error::FailureClass::Io, e)
-                })?;
+                .map_err(|e| e.to_string())?;
                 let took = t0.elapsed();
                 let mounted = work.join("rootfs/hello").exists();
                 barrier.wait();
                 drop(a);
-                service.teardown(&p.clone_id, "bench")?;
+                service
+                    .teardown(&p.clone_id, "bench")
+                    .map_err(|e| e.to_string())?;
                 let _ = std::fs::remove_dir_all(&work);
-                Ok::<_, ipu_image_svc::error::Error>((took, mounted))
+                Ok::<_, String>((took, mounted))
             })
         })
         .collect();

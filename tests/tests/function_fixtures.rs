@@ -72,17 +72,11 @@ fn a_function_runs_from_each_accepted_fixture_and_rejected_ones_get_no_clone() {
         let prepared = service.prepare("acme", &function, &image);
         if !e.accept {
             let err = prepared.expect_err(&e.tag);
-            assert_eq!(
-                err.class.as_str(),
-                e.reason_class,
-                "{}: {}",
-                e.tag,
-                err.message
-            );
+            assert_eq!(err.class().as_str(), e.reason_class, "{}: {}", e.tag, err);
             assert!(service.list().is_empty(), "{}: a clone was made", e.tag);
             continue;
         }
-        let p = prepared.unwrap_or_else(|err| panic!("{}: {}", e.tag, err.message));
+        let p = prepared.unwrap_or_else(|err| panic!("{}: {}", e.tag, err));
         assert_eq!(p.manifest_digest, e.digest, "{}", e.tag);
         let work = dir.path().join("host").join(&e.tag);
         let rootfs = work.join("rootfs");

@@ -51,14 +51,14 @@ fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
 
     // A denial: the policy gives globex no key.
     let denied = service.prepare("globex", "f-2", &image()).unwrap_err();
-    assert_eq!(denied.class, FailureClass::NoDecryptionKey, "{denied}");
+    assert_eq!(denied.class(), FailureClass::NoDecryptionKey, "{denied}");
     assert_eq!(denied.exit_code(), EXIT_REJECTED);
     assert_eq!(denied.to_status().code(), tonic::Code::PermissionDenied);
 
     // The broker stops: the same request that worked is now an operational failure.
     drop(broker);
     let down = service.prepare("acme", "f-3", &image()).unwrap_err();
-    assert_eq!(down.class, FailureClass::KeyBrokerUnavailable, "{down}");
+    assert_eq!(down.class(), FailureClass::KeyBrokerUnavailable, "{down}");
     assert_eq!(down.exit_code(), EXIT_OPERATIONAL);
     assert_eq!(down.to_status().code(), tonic::Code::Unavailable);
     assert!(service.list().is_empty(), "no clone for a refused start");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use audit::local::AuditTarget;
 
-use super::{PipelineFactory, Service, ServiceOptions, TcpExports};
+use super::{PipelineFactory, Service, ServiceError, ServiceOptions, TcpExports};
 use crate::error::Error;
 use crate::keys::broker_client::{BrokerKeys, BrokerSettings};
 use crate::keys::KeySource;
@@ -49,7 +49,7 @@ impl TcpExportFiles {
 }
 
 /// Runs the service until it is stopped.
-pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
+pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
     let sink = cfg
         .audit
         .open(AUDIT_SERVICE)
@@ -97,19 +97,19 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::io("cannot start the runtime for", &cfg.socket, e))?;
+        .map_err(|e| ServiceError::device("cannot start the runtime", e))?;
     rt.block_on(async {
+        let listen_error = |e: std::io::Error| {
+            ServiceError::device(format!("cannot listen on {}", cfg.socket.display()), e)
+        };
         // Callers are checked by uid on every request; the mode keeps others out anyway.
         let listener = unix_listen::bind(
             &cfg.socket,
             unix_listen::Access::owner_only(Some(host_agent_uid)),
         )
-        .map_err(|e| Error::invalid(e.to_string()))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("cannot listen on", &cfg.socket, e))?;
-        let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(|e| Error::io("cannot listen on", &cfg.socket, e))?;
+        .map_err(|e| ServiceError::device("the API socket", std::io::Error::other(e)))?;
+        listener.set_nonblocking(true).map_err(listen_error)?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(listen_error)?;
         let reaper = {
             let service = service.clone();
             tokio::spawn(async move {
@@ -122,7 +122,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         };
         eprintln!("ipu-image-svc: serving {}", cfg.socket.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| Error::io("cannot handle SIGTERM for", &cfg.socket, e))?;
+            .map_err(|e| ServiceError::device("cannot handle SIGTERM", e))?;
         let stopping = service.clone();
         let stop = async move {
             tokio::select! {
@@ -136,6 +136,6 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         let served = super::grpc::serve(service.clone(), listener, host_agent_uid, stop).await;
         reaper.abort();
         unix_listen::remove(&cfg.socket);
-        served.map_err(|e| Error::new(crate::error::FailureClass::Io, format!("the API: {e}")))
+        served.map_err(|e| ServiceError::device("the API", std::io::Error::other(e)))
     })
 }

@@ -22,7 +22,7 @@ use std::time::Instant;
 use audit::{AuditSink, Event, EventKind, Outcome};
 
 use super::known::{KnownLayer, Lookup};
-use super::{check_name, Service};
+use super::{check_name, Service, ServiceError};
 use crate::error::{ocicrypt_class, Error, FailureClass};
 use crate::keys::{KeyFor, LayerKey};
 use crate::pipeline::TrustPipeline;
@@ -52,8 +52,8 @@ pub struct ReceivedBlob<'a> {
     pub payload_descriptor: Option<&'a str>,
 }
 
-fn refused(message: String) -> Error {
-    Error::new(FailureClass::RejectedByPolicy, message)
+fn refused(message: String) -> ServiceError {
+    ServiceError::Refused(message)
 }
 
 impl Service {
@@ -90,7 +90,7 @@ impl Service {
         tenant: &str,
         function: &str,
         image: &str,
-    ) -> Result<(String, Vec<String>), Error> {
+    ) -> Result<(String, Vec<String>), ServiceError> {
         let reference = super::request(tenant, function, image)?;
         let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
         let request = pipeline.request(&reference);
@@ -158,7 +158,7 @@ impl Service {
         tenant: &str,
         function: &str,
         known: &KnownLayer,
-    ) -> Result<LayerKey, Error> {
+    ) -> Result<LayerKey, ServiceError> {
         self.keys
             .release(&KeyFor {
                 image: &known.image,
@@ -167,7 +167,11 @@ impl Service {
                 tenant,
                 function,
             })
-            .map_err(|e| Error::from(e).context(format!("layer {}", known.descriptor.digest)))
+            .map_err(|e| {
+                Error::from(e)
+                    .context(format!("layer {}", known.descriptor.digest))
+                    .into()
+            })
     }
 
     /// Opens a received blob for decryption for `tenant` and `function`: the blob must be a
@@ -187,7 +191,7 @@ impl Service {
         function: &str,
         blob: &ReceivedBlob<'_>,
         early: Option<EarlyLayer>,
-    ) -> Result<LayerStream, Error> {
+    ) -> Result<LayerStream, ServiceError> {
         check_name("tenant", tenant)?;
         check_name("function", function)?;
         let lookup = self.known_layers.lock().expect("not poisoned").get(
@@ -264,12 +268,12 @@ impl Service {
             }
             Err(e) => {
                 record.record(
-                    if e.class.is_rejection() {
+                    if e.class().is_rejection() {
                         Outcome::Denied
                     } else {
                         Outcome::Failure
                     },
-                    e.message.clone(),
+                    e.to_string(),
                     &[],
                 )?;
                 Err(e)
@@ -287,7 +291,7 @@ impl Service {
         known: KnownLayer,
         blob: &ReceivedBlob<'_>,
         early: Option<EarlyLayer>,
-    ) -> Result<Opened, Error> {
+    ) -> Result<Opened, ServiceError> {
         let d = &known.descriptor;
         if d.size != blob.size || d.media_type != blob.media_type {
             return Err(refused(format!(
@@ -350,7 +354,7 @@ impl Service {
 pub struct EarlyLayer {
     known: KnownLayer,
     /// Taken by [`used`](Self::used).
-    keys: Option<Result<LayerKey, Error>>,
+    keys: Option<Result<LayerKey, ServiceError>>,
     /// Taken by the receiver, which feeds it the blob as it arrives.
     verifier: Option<ocicrypt::CiphertextVerifier>,
     proof: Option<Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>>,
@@ -388,7 +392,7 @@ impl EarlyLayer {
             LayerKey,
             Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>,
         )>,
-        Error,
+        ServiceError,
     > {
         self.record = None;
         match (self.keys.take().expect("used once"), self.proof.take()) {
@@ -423,11 +427,11 @@ impl Drop for EarlyLayer {
     }
 }
 
-fn io(what: &str, e: std::io::Error) -> Error {
-    Error::new(FailureClass::Io, format!("{what}: {e}"))
+fn io(what: &str, e: std::io::Error) -> ServiceError {
+    ServiceError::device(what, e)
 }
 
-fn open_blob(path: &Path) -> Result<BufReader<File>, Error> {
+fn open_blob(path: &Path) -> Result<BufReader<File>, ServiceError> {
     Ok(BufReader::with_capacity(
         256 * 1024,
         File::open(path).map_err(|e| io("the received blob", e))?,
@@ -460,7 +464,7 @@ impl LayerRecord {
         outcome: Outcome,
         reason: String,
         details: &[(&str, String)],
-    ) -> Result<(), Error> {
+    ) -> Result<(), ServiceError> {
         let mut event = Event::new(AUDIT_SERVICE, EventKind::LayerDecrypt, outcome, reason)
             .tenant(self.tenant.clone())
             .function(self.function.clone())
@@ -472,12 +476,10 @@ impl LayerRecord {
         for (name, value) in details {
             event = event.detail(*name, value.clone());
         }
-        self.audit.append(event).map(drop).map_err(|e| {
-            Error::new(
-                FailureClass::Io,
-                format!("cannot write the audit event: {e}"),
-            )
-        })
+        self.audit
+            .append(event)
+            .map(drop)
+            .map_err(ServiceError::Audit)
     }
 }
 
@@ -536,12 +538,12 @@ impl LayerStream {
     /// Ends a stream that reached the end of its plaintext: the length and the plaintext
     /// digest must match (a stale digest only when the decompressed plaintext matches the
     /// verified diff_id). A failure is recorded.
-    pub fn finish(mut self) -> Result<DecryptedLayer, Error> {
+    pub fn finish(mut self) -> Result<DecryptedLayer, ServiceError> {
         let opened = self.opened.take().expect("finished once");
         let result = opened.check();
         match &result {
             Ok(_) => self.record = None,
-            Err(e) => self.abandon_with(&format!("{}; no trailer was sent", e.message)),
+            Err(e) => self.abandon_with(&format!("{e}; no trailer was sent")),
         }
         result
     }
@@ -572,7 +574,7 @@ impl Drop for LayerStream {
 }
 
 impl Opened {
-    fn check(self) -> Result<DecryptedLayer, Error> {
+    fn check(self) -> Result<DecryptedLayer, ServiceError> {
         let d = &self.known.descriptor;
         let integrity =
             |e: ocicrypt::Error| Error::new(ocicrypt_class(&e), format!("layer {}: {e}", d.digest));
@@ -590,7 +592,7 @@ impl Opened {
             .map_err(integrity)?;
             let diff_id = crate::decrypt::diff_id(plain, &self.media_type)?;
             if self.known.diff_id.as_deref() != Some(diff_id.as_str()) {
-                return Err(Error::new(
+                return Err(ServiceError::Image(Error::new(
                     FailureClass::DigestMismatch,
                     format!(
                         "layer {}: decrypted digest {} does not match {} from the private options, and its diff_id {diff_id} is not the verified config's",
@@ -598,7 +600,7 @@ impl Opened {
                         authenticated.plaintext_digest(),
                         stale.declared
                     ),
-                ));
+                )));
             }
             tracing::warn!(layer = %d.digest, declared = %stale.declared, "stale digest in the private options; the signed diff_id vouches for the content");
         }

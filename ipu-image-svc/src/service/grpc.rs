@@ -7,13 +7,13 @@ use api::imagesvc::image_service_server::{ImageService, ImageServiceServer};
 use api::imagesvc::{
     CloneEvent, CloneInfo, DecryptLayerRequest, DecryptLayerResponse, DecryptLayerTrailer,
     ListRequest, ListResponse, PrepareRequest, PrepareResponse, TeardownRequest, TeardownResponse,
-    VerifyResponse, WatchRequest,
+    VerifyRequest, VerifyResponse, WatchRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use super::decrypt::EarlyLayer;
 use super::Service;
-use crate::error::Error;
+use super::ServiceError;
 use crate::verify::BLOB_PREFIX_LEN;
 
 pub struct Api {
@@ -38,12 +38,12 @@ fn authorize<T>(req: &Request<T>, host_agent_uid: u32) -> Result<(), Status> {
     }
 }
 
-fn status(e: Error) -> Status {
+fn status(e: ServiceError) -> Status {
     e.to_status()
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
@@ -252,7 +252,7 @@ impl ImageService for Api {
 
     async fn verify(
         &self,
-        req: Request<PrepareRequest>,
+        req: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
         authorize(&req, self.host_agent_uid)?;
         let r = req.into_inner();

@@ -10,6 +10,7 @@
 mod cache;
 pub mod daemon;
 pub mod decrypt;
+pub mod error;
 pub mod grpc;
 pub mod known;
 
@@ -33,6 +34,7 @@ use crate::pipeline::{PipelineConfig, TrustPipeline};
 use crate::progress::Quiet;
 use crate::record::AUDIT_SERVICE;
 use crate::verify::VerifiedImage;
+pub use error::ServiceError;
 
 /// Builds the pipeline configuration for one request (policy, limits, audit sink).
 pub type PipelineFactory = Box<dyn Fn(&str, &str) -> Result<PipelineConfig, Error> + Send + Sync>;
@@ -138,35 +140,30 @@ type Reclaimer = (
     std::thread::JoinHandle<()>,
 );
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::new(FailureClass::Io, format!("{what} {}: {e}", path.display()))
+fn io_error(what: &'static str, path: &Path, e: std::io::Error) -> ServiceError {
+    ServiceError::storage(what, path, e)
 }
 
-fn check_name(what: &str, v: &str) -> Result<(), Error> {
+fn check_name(what: &str, v: &str) -> Result<(), ServiceError> {
     if v.is_empty()
         || v.len() > 128
         || !v
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return Err(Error::new(
-            FailureClass::InvalidConfiguration,
-            format!("{what} {v:?}: 1 to 128 of A-Z a-z 0-9 - _ ."),
-        ));
+        return Err(ServiceError::BadRequest(format!(
+            "{what} {v:?}: 1 to 128 of A-Z a-z 0-9 - _ ."
+        )));
     }
     Ok(())
 }
 
 /// A request's tenant and function checked, and its image reference parsed.
-fn request(tenant: &str, function: &str, image: &str) -> Result<ImageReference, Error> {
+fn request(tenant: &str, function: &str, image: &str) -> Result<ImageReference, ServiceError> {
     check_name("tenant", tenant)?;
     check_name("function", function)?;
-    ImageReference::parse(image).map_err(|e| {
-        Error::new(
-            FailureClass::InvalidConfiguration,
-            format!("image reference {image:?}: {e}"),
-        )
-    })
+    ImageReference::parse(image)
+        .map_err(|e| ServiceError::BadRequest(format!("image reference {image:?}: {e}")))
 }
 
 /// The commitment an erase event carries: it names the clone, its key and the creation
@@ -189,7 +186,7 @@ impl Service {
         factory: PipelineFactory,
         keys: KeySource,
         audit: Arc<dyn AuditSink>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, ServiceError> {
         for d in ["bases", "clones", "exports", "staging"] {
             let dir = opts.state_dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
@@ -216,7 +213,7 @@ impl Service {
                     }
                 }
             })
-            .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
+            .map_err(|e| ServiceError::device("cannot start the reclaimer thread", e))?;
         let known_layers = known::KnownLayers::new(opts.verified_layer_ttl);
         let service = Self {
             opts,
@@ -236,19 +233,14 @@ impl Service {
         Ok(service)
     }
 
-    fn record(&self, e: Event) -> Result<audit::Receipt, Error> {
-        self.audit.append(e).map_err(|e| {
-            Error::new(
-                FailureClass::Io,
-                format!("cannot write the audit event: {e}"),
-            )
-        })
+    fn record(&self, e: Event) -> Result<audit::Receipt, ServiceError> {
+        self.audit.append(e).map_err(ServiceError::Audit)
     }
 
     /// Deletes what a crashed run left: clone files (their keys died with it, so they were
     /// already unreadable: each is audited as an orphan erased), bases (keys gone too) and
     /// sockets.
-    fn recover(&self) -> Result<(), Error> {
+    fn recover(&self) -> Result<(), ServiceError> {
         let clones = self.opts.state_dir.join("clones");
         let entries =
             std::fs::read_dir(&clones).map_err(|e| io_error("cannot read", &clones, e))?;
@@ -323,7 +315,12 @@ impl Service {
 
     /// Verifies the image under the current policy, builds its base unless cached, makes the
     /// function's clone and exports it.
-    pub fn prepare(&self, tenant: &str, function: &str, image: &str) -> Result<Prepared, Error> {
+    pub fn prepare(
+        &self,
+        tenant: &str,
+        function: &str,
+        image: &str,
+    ) -> Result<Prepared, ServiceError> {
         let reference = request(tenant, function, image)?;
         let mut cfg = (self.factory)(tenant, function)?;
         // Unpack trees hold plaintext: they live where a restart finds and deletes them.
@@ -353,7 +350,7 @@ impl Service {
                 &clone_id,
                 requirements.clone_size.unwrap_or(0),
             )
-            .map_err(|e| Error::new(FailureClass::Io, format!("clone: {e}")))?,
+            .map_err(|e| ServiceError::device("clone", e))?,
         );
         let context = |e: Event| {
             e.tenant(tenant.to_string())
@@ -376,12 +373,8 @@ impl Service {
         let receipt = self.record(created)?;
         let export = Export::new(clone_id.clone(), clone.clone());
         let export = match &self.opts.tcp_exports {
-            Some(tcp) => HostExport::tcp(export, tcp.ip, tcp.tls.clone()).map_err(|e| {
-                Error::new(
-                    FailureClass::Io,
-                    format!("cannot export on {}: {e}", tcp.ip),
-                )
-            })?,
+            Some(tcp) => HostExport::tcp(export, tcp.ip, tcp.tls.clone())
+                .map_err(|e| ServiceError::device(format!("cannot export on {}", tcp.ip), e))?,
             None => {
                 // Short: a Unix socket path has at most 107 bytes, tenant names up to 128.
                 let socket = self
@@ -444,7 +437,7 @@ impl Service {
         reference: &ImageReference,
         image: &str,
         instance: &str,
-    ) -> Result<(String, Arc<BaseImage>, VerifiedImage), Error> {
+    ) -> Result<(String, Arc<BaseImage>, VerifiedImage), ServiceError> {
         let is_cached = || {
             let digest = self
                 .resolved
@@ -519,7 +512,7 @@ impl Service {
     }
 
     /// Hot-removes the export and erases the clone. Returns false when it was already gone.
-    pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, Error> {
+    pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, ServiceError> {
         let Some(mut running) = self.clones.lock().expect("not poisoned").remove(clone_id) else {
             return Ok(false);
         };
@@ -585,7 +578,7 @@ impl Service {
             endpoint: running.export.endpoint().clone(),
             reason: reason.to_string(),
         });
-        erasure.map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
+        erasure.map_err(|e| ServiceError::device(format!("erasing clone {clone_id}"), e))?;
         Ok(true)
     }
 
