@@ -19,6 +19,16 @@
 //! Speed: decryption is two SHA-256 passes (HMAC over the ciphertext, digest of the plaintext)
 //! plus AES-CTR. With more than one CPU the HMAC runs on a helper thread ([`HmacMode`]);
 //! `cargo bench -p ocicrypt --bench decrypt_throughput` measures both modes against skopeo.
+//!
+//! Modules:
+//! - `cipher`: the AES-256-CTR + HMAC-SHA256 layer cipher as streams ([`LayerEncryptor`],
+//!   [`LayerDecryptor`]) and the unwrapping of private options with [`DecryptConfig`].
+//! - `two_pass`: [`CiphertextVerifier`], [`VerifiedCiphertext`], [`VerifiedDecryptor`].
+//! - `options`: the public (`pubopts`) and private layer options.
+//! - [`jwe`]: JWE key wrapping (RSA-OAEP, ECDH-ES+A256KW on P-256/384/521; A256GCM).
+//! - [`keyprovider`]: the key provider protocol and `provider:<name>:<param>` recipients.
+//! - [`keys`]: JWE recipient keys, public and private (RSA, EC P-256/P-384/P-521).
+//! - `hw`: which AES and SHA instructions this CPU has.
 
 mod cipher;
 mod hw;
