@@ -97,8 +97,13 @@ impl Default for Platform {
     }
 }
 
+/// A platform string that is not `os/architecture[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("platform {0:?} is not os/architecture[/variant]")]
+pub struct PlatformError(pub String);
+
 impl Platform {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, PlatformError> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
             [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Self {
@@ -113,7 +118,7 @@ impl Platform {
                     variant: Some(variant.to_string()),
                 })
             }
-            _ => Err(format!("platform {s:?} is not os/architecture[/variant]")),
+            _ => Err(PlatformError(s.to_string())),
         }
     }
 }

@@ -20,7 +20,9 @@ use sha2::{Digest as _, Sha256};
 
 pub use cache::BlobCache;
 pub use layout::OciLayoutSource;
-pub use manifest::{Descriptor, ImageConfig, ImageManifest, ManifestKind, Platform, RuntimeConfig};
+pub use manifest::{
+    Descriptor, ImageConfig, ImageManifest, ManifestKind, Platform, PlatformError, RuntimeConfig,
+};
 pub use registry::RegistrySource;
 
 /// Upper bound on manifests, indexes and configs held in memory.

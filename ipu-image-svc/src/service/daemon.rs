@@ -43,7 +43,7 @@ impl TcpExportFiles {
         Ok(TcpExports {
             ip: self.ip,
             tls: crate::export::tls::server_config(&self.cert, &self.key, &self.client_ca)
-                .map_err(Error::invalid)?,
+                .map_err(|e| Error::invalid(e.to_string()))?,
         })
     }
 }
