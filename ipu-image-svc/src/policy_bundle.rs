@@ -77,17 +77,9 @@ mod tests {
 
     use super::*;
 
-    const DEPLOYMENT: &str = r#"
-schema = 1
-image_trust_policy = "image-trust.json"
-
-[[tenant]]
-name = "acme"
-
-[[tenant.function]]
-name = "*"
-images = ["docker://registry.example/acme/*"]
-"#;
+    /// The documented example (docs/examples/policy), so the tests sign what operators read.
+    const DEPLOYMENT: &str = include_str!("../../docs/examples/policy/deployment.toml");
+    const IMAGE_TRUST: &str = include_str!("../../docs/examples/policy/image-trust.json");
 
     /// Keeps what is appended.
     #[derive(Default)]
@@ -127,7 +119,7 @@ images = ["docker://registry.example/acme/*"]
         let content = BundleContent {
             version,
             deployment: DEPLOYMENT.into(),
-            image_trust: r#"{"default": [{"type": "reject"}]}"#.into(),
+            image_trust: IMAGE_TRUST.into(),
         };
         let path = dir.join(format!("v{version}.bundle"));
         std::fs::write(&path, bundle::sign(&content, private).unwrap()).unwrap();

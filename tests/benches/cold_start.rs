@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use host_attach::attach::Attachment;
 use integration_tests::{fixtures, Registry};
-use ipu_image_svc::service::{Service, ServiceOptions};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -37,25 +36,13 @@ fn ours(
     let t = Instant::now();
     let keys = Arc::new(broker.ipu_keys(tcti, &state.join("tls")));
     let attested = t.elapsed();
-    let factory = integration_tests::broker::pipeline_factory(
+    let service = integration_tests::broker::ipu_service(
+        integration_tests::broker::service_options(state.join("state")),
         fixtures().join("policies/policy-A.json"),
         state.join("cache"),
-        audit.clone(),
-    );
-    let service = Service::start(
-        ServiceOptions {
-            state_dir: state.join("state"),
-            host_agent_uid: 0,
-            clone_ttl: Duration::from_secs(600),
-            tcp_exports: None,
-            max_cached_bases: 16,
-            verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
-        },
-        factory,
-        ipu_image_svc::keys::KeySource::Broker(keys),
+        keys,
         audit,
-    )
-    .unwrap();
+    );
     let p = service.prepare("acme", "hello", image).unwrap();
     let work = state.join("host");
     let rootfs = work.join("rootfs");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use host_attach::attach::Attachment;
 use integration_tests::fixtures;
-use ipu_image_svc::service::{Service, ServiceOptions};
+use ipu_image_svc::service::ServiceOptions;
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
@@ -42,27 +42,16 @@ fn main() {
     // `serve` holds one: every Prepare has each layer key released through it.
     let (swtpm, broker) = integration_tests::broker::start_with_tpm();
     let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("tls")));
-    let factory = integration_tests::broker::pipeline_factory(
+    let service = Arc::new(integration_tests::broker::ipu_service(
+        ServiceOptions {
+            clone_ttl: Duration::from_secs(3600),
+            ..integration_tests::broker::service_options(d.join("state"))
+        },
         fixtures().join("policies/policy-A.json"),
         d.join("cache"),
-        audit.clone(),
-    );
-    let service = Arc::new(
-        Service::start(
-            ServiceOptions {
-                state_dir: d.join("state"),
-                host_agent_uid: 0,
-                clone_ttl: Duration::from_secs(3600),
-                tcp_exports: None,
-                max_cached_bases: 16,
-                verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
-            },
-            factory,
-            ipu_image_svc::keys::KeySource::Broker(keys),
-            audit,
-        )
-        .unwrap(),
-    );
+        keys,
+        audit,
+    ));
     let image = format!("oci:{}:enc-signed", fixtures().join("oci-layout").display());
     let (mut total, mut prepare, mut attach) = (Vec::new(), Vec::new(), Vec::new());
     let mut cold = Duration::ZERO;

@@ -347,3 +347,36 @@ pub fn attest_request(
         &[],
     )
 }
+
+/// Service options as the tests and benches use them: state in `state_dir`, clones live 10
+/// minutes, 16 bases cached, exports on Unix sockets for root, the default verification TTL.
+pub fn service_options(state_dir: std::path::PathBuf) -> ipu_image_svc::service::ServiceOptions {
+    ipu_image_svc::service::ServiceOptions {
+        state_dir,
+        host_agent_uid: 0,
+        clone_ttl: Duration::from_secs(600),
+        tcp_exports: None,
+        max_cached_bases: 16,
+        verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
+    }
+}
+
+/// An IPU service as `ipu-image-svc serve` runs one, in process: images trusted by the
+/// policy file `trust_policy`, blobs cached in `cache`, every layer key released through
+/// `keys` (one attested broker session), events to `audit`.
+pub fn ipu_service(
+    options: ipu_image_svc::service::ServiceOptions,
+    trust_policy: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    keys: Arc<ipu_image_svc::keys::broker_client::BrokerKeys>,
+    audit: Arc<audit::AuditLog>,
+) -> ipu_image_svc::service::Service {
+    let factory = pipeline_factory(trust_policy, cache, audit.clone());
+    ipu_image_svc::service::Service::start(
+        options,
+        factory,
+        ipu_image_svc::keys::KeySource::Broker(keys),
+        audit,
+    )
+    .unwrap()
+}

@@ -38,27 +38,17 @@ impl Ipu {
         let (swtpm, broker) = crate::broker::start_with_tpm();
         let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
         let audit = crate::audit_log(&d.join("ipu-audit"));
-        let factory = crate::broker::pipeline_factory(
+        let service = Arc::new(crate::broker::ipu_service(
+            ServiceOptions {
+                max_cached_bases: 4,
+                verified_layer_ttl,
+                ..crate::broker::service_options(d.join("ipu-state"))
+            },
             fixtures().join("policies").join(trust_policy),
             d.join("ipu-cache"),
+            keys,
             audit.clone(),
-        );
-        let service = Arc::new(
-            Service::start(
-                ServiceOptions {
-                    state_dir: d.join("ipu-state"),
-                    host_agent_uid: 0,
-                    clone_ttl: Duration::from_secs(600),
-                    tcp_exports: None,
-                    max_cached_bases: 4,
-                    verified_layer_ttl,
-                },
-                factory,
-                ipu_image_svc::keys::KeySource::Broker(keys),
-                audit.clone(),
-            )
-            .unwrap(),
-        );
+        ));
         let api = d.join("api.sock");
         let rt = tokio::runtime::Runtime::new().unwrap();
         let listener = {

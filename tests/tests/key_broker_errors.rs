@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{bin, fixtures};
 use ipu_image_svc::error::{FailureClass, EXIT_OPERATIONAL, EXIT_REJECTED};
-use ipu_image_svc::keys::KeySource;
-use ipu_image_svc::service::{Service, ServiceOptions};
+use ipu_image_svc::service::ServiceOptions;
 
 fn image() -> String {
     format!("oci:{}:enc-signed", fixtures().join("oci-layout").display())
@@ -25,25 +24,16 @@ fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
     let (swtpm, broker) = integration_tests::broker::start_with_tpm();
     let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("tls")));
     let audit = integration_tests::audit_log(&d.join("audit"));
-    let factory = integration_tests::broker::pipeline_factory(
+    let service = integration_tests::broker::ipu_service(
+        ServiceOptions {
+            max_cached_bases: 4,
+            ..integration_tests::broker::service_options(d.join("state"))
+        },
         fixtures().join("policies/policy-A.json"),
         d.join("cache"),
-        audit.clone(),
-    );
-    let service = Service::start(
-        ServiceOptions {
-            state_dir: d.join("state"),
-            host_agent_uid: 0,
-            clone_ttl: Duration::from_secs(600),
-            tcp_exports: None,
-            max_cached_bases: 4,
-            verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
-        },
-        factory,
-        KeySource::Broker(keys),
+        keys,
         audit,
-    )
-    .unwrap();
+    );
 
     // Positive control: the broker releases acme's key.
     let prepared = service.prepare("acme", "f-1", &image()).unwrap();
