@@ -114,7 +114,7 @@ fn main() {
                 .map_err(|e| {
                     ipu_image_svc::pipeline::PipelineError::new(
                         ipu_image_svc::pipeline::FailureClass::Io,
-                        e,
+                        e.to_string(),
                     )
                 })?;
                 let took = t0.elapsed();
