@@ -334,6 +334,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_tool_is_named_with_its_stderr() {
+        let e = run(Tool::Umount, ["/nonexistent/host-attach-test"]).unwrap_err();
+        match &e {
+            AttachError::Failed { tool, stderr } => {
+                assert_eq!(*tool, Tool::Umount);
+                assert!(stderr.contains("/nonexistent/host-attach-test"), "{stderr}");
+            }
+            e => panic!("{e}"),
+        }
+        assert!(e.to_string().starts_with("\"umount\" failed: "), "{e}");
+    }
+
+    #[test]
     fn the_file_system_size_comes_from_the_superblock() {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("fs.img");

@@ -311,4 +311,40 @@ mod tests {
             assert!(denied.as_array().unwrap().contains(&json!(call)), "{call}");
         }
     }
+
+    #[test]
+    fn each_bad_config_field_is_its_own_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "app:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "staff:x:50:\n").unwrap();
+        for (config, want) in [
+            (json!({"Cmd": []}), BundleError::NoCommand),
+            (
+                json!({"Cmd": ["x"], "WorkingDir": "w"}),
+                BundleError::RelativeWorkingDir("w".into()),
+            ),
+            (
+                json!({"Cmd": ["x"], "User": "nobody"}),
+                BundleError::UnknownUser("nobody".into()),
+            ),
+            (
+                json!({"Cmd": ["x"], "User": "app:wheel"}),
+                BundleError::UnknownGroup("wheel".into()),
+            ),
+        ] {
+            assert_eq!(
+                Process::from_image(&config, &[], dir.path()).unwrap_err(),
+                want
+            );
+        }
+        assert_eq!(
+            BundleError::UnknownGroup("wheel".into()).to_string(),
+            "image group \"wheel\" is not in the image's /etc/group"
+        );
+    }
 }

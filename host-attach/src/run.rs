@@ -76,10 +76,12 @@ impl Interrupt {
         Ok(interrupt)
     }
 
+    /// The flag itself, for [`crate::runc::run`] to watch.
     pub fn flag(&self) -> &AtomicBool {
         &self.0
     }
 
+    /// Whether the run is ending.
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
