@@ -6,8 +6,10 @@
 //! TCP with TLS, since nbdfuse cannot be given TLS certificates. Each step records how to
 //! undo itself; [`Attachment::detach`] (also run on drop) undoes them last first.
 
+use std::ffi::OsStr;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where the export is.
@@ -25,11 +27,89 @@ pub enum Export {
     },
 }
 
+/// The tools an attachment runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tool {
+    /// libnbd's NBD client as a FUSE file (Unix socket exports).
+    Nbdfuse,
+    /// qemu's NBD client with TLS, exported as a FUSE file (TCP exports).
+    QemuStorageDaemon,
+    Losetup,
+    Resize2fs,
+    Mount,
+    Umount,
+    Fusermount3,
+}
+
+impl Tool {
+    /// The program run.
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::Nbdfuse => "nbdfuse",
+            Self::QemuStorageDaemon => "qemu-storage-daemon",
+            Self::Losetup => "losetup",
+            Self::Resize2fs => "resize2fs",
+            Self::Mount => "mount",
+            Self::Umount => "umount",
+            Self::Fusermount3 => "fusermount3",
+        }
+    }
+}
+
+impl std::fmt::Display for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.program())
+    }
+}
+
+/// Why attaching or detaching failed: which step, on what.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// A tool could not be run.
+    #[error("\"{tool}\": {source}")]
+    Run { tool: Tool, source: io::Error },
+    /// A tool failed; its stderr.
+    #[error("\"{tool}\" failed: {stderr}")]
+    Failed { tool: Tool, stderr: String },
+    /// The FUSE client could not be started.
+    #[error("{tool} (apt install libnbd-bin qemu-utils fuse3): {source}")]
+    FuseStart { tool: Tool, source: io::Error },
+    /// The FUSE client exited before it served the export.
+    #[error("{tool} exited ({status}) before attaching {export}")]
+    FuseExited {
+        tool: Tool,
+        status: ExitStatus,
+        export: String,
+    },
+    /// The FUSE client did not serve the export in time.
+    #[error("{tool} did not attach {export} within 10 s")]
+    FuseTimeout { tool: Tool, export: String },
+    /// A directory or file of the attachment.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// The device's superblock could not be read.
+    #[error("cannot read the superblock of {}: {source}", device.display())]
+    Superblock { device: PathBuf, source: io::Error },
+    /// The device holds no ext4 file system.
+    #[error("{} holds no ext4 file system", device.display())]
+    NotExt4 { device: PathBuf },
+    /// The ext4 superblock's block size is out of range.
+    #[error("{}: block size 2^{log_block} KiB", device.display())]
+    BlockSize { device: PathBuf, log_block: u32 },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> AttachError + '_ {
+    move |source| AttachError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// The FUSE process serving the export as a file, and what to unmount to stop it.
 struct Fuse {
     child: Child,
     mountpoint: PathBuf,
-    tool: &'static str,
+    tool: Tool,
 }
 
 /// A mounted export.
@@ -39,16 +119,20 @@ pub struct Attachment {
     mountpoint: Option<PathBuf>,
 }
 
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
+/// Runs `tool` with `args`; its stdout.
+fn run<S: AsRef<OsStr>>(
+    tool: Tool,
+    args: impl IntoIterator<Item = S>,
+) -> Result<String, AttachError> {
+    let out = Command::new(tool.program())
+        .args(args)
         .output()
-        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+        .map_err(|source| AttachError::Run { tool, source })?;
     if !out.status.success() {
-        return Err(format!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(AttachError::Failed {
+            tool,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -57,19 +141,27 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 const GROW_THRESHOLD: u64 = 1 << 20;
 
 /// The size of the ext4 file system on `dev`, from its superblock.
-pub fn ext4_bytes(dev: &Path) -> Result<u64, String> {
+pub fn ext4_bytes(dev: &Path) -> Result<u64, AttachError> {
     use std::os::unix::fs::FileExt;
     let mut sb = [0u8; 1024];
     std::fs::File::open(dev)
         .and_then(|f| f.read_exact_at(&mut sb, 1024))
-        .map_err(|e| format!("cannot read the superblock of {}: {e}", dev.display()))?;
+        .map_err(|source| AttachError::Superblock {
+            device: dev.to_path_buf(),
+            source,
+        })?;
     let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes"));
     if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xef53 {
-        return Err(format!("{} holds no ext4 file system", dev.display()));
+        return Err(AttachError::NotExt4 {
+            device: dev.to_path_buf(),
+        });
     }
     let log_block = u32_at(24);
     if log_block > 6 {
-        return Err(format!("{}: block size 2^{} KiB", dev.display(), log_block));
+        return Err(AttachError::BlockSize {
+            device: dev.to_path_buf(),
+            log_block,
+        });
     }
     let mut blocks = u64::from(u32_at(4));
     // INCOMPAT_64BIT: the high half of the block count is used.
@@ -82,49 +174,54 @@ pub fn ext4_bytes(dev: &Path) -> Result<u64, String> {
 impl Attachment {
     /// Attaches `export` under `workdir` and mounts its ext4 file system at `mountpoint`
     /// (nodev, nosuid).
-    pub fn attach(export: &Export, workdir: &Path, mountpoint: &Path) -> Result<Self, String> {
+    pub fn attach(export: &Export, workdir: &Path, mountpoint: &Path) -> Result<Self, AttachError> {
         let mut a = Self {
             fuse: None,
             loop_device: None,
             mountpoint: None,
         };
         let file = a.start_fuse(export, workdir)?;
-        let dev = run(Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&file))?;
+        let dev = run(
+            Tool::Losetup,
+            [OsStr::new("--find"), OsStr::new("--show"), file.as_os_str()],
+        )?;
         a.loop_device = Some(dev.clone());
         // The deployment policy may give the function a device larger than the image's file
         // system: grow it into the device before mounting.
-        let device_bytes = std::fs::metadata(&file)
-            .map_err(|e| format!("{}: {e}", file.display()))?
-            .len();
+        let device_bytes = std::fs::metadata(&file).map_err(io_error(&file))?.len();
         let fs_bytes = ext4_bytes(Path::new(&dev))?;
         if device_bytes >= fs_bytes + GROW_THRESHOLD {
-            run(Command::new("resize2fs").arg(&dev))?;
+            run(Tool::Resize2fs, [&dev])?;
         }
-        std::fs::create_dir_all(mountpoint)
-            .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+        std::fs::create_dir_all(mountpoint).map_err(io_error(mountpoint))?;
         // noatime: reading a file must not write its inode back through the export.
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "nodev,nosuid,noatime", &dev])
-            .arg(mountpoint))?;
+        run(
+            Tool::Mount,
+            [
+                OsStr::new("-t"),
+                OsStr::new("ext4"),
+                OsStr::new("-o"),
+                OsStr::new("nodev,nosuid,noatime"),
+                OsStr::new(&dev),
+                mountpoint.as_os_str(),
+            ],
+        )?;
         a.mountpoint = Some(mountpoint.to_path_buf());
         Ok(a)
     }
 
     /// Starts the FUSE file for `export` under `workdir`; returns the file once it serves the
     /// export.
-    fn start_fuse(&mut self, export: &Export, workdir: &Path) -> Result<PathBuf, String> {
-        let mkdir =
-            |d: &Path| std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()));
+    fn start_fuse(&mut self, export: &Export, workdir: &Path) -> Result<PathBuf, AttachError> {
+        let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(io_error(d));
         let (mut command, file, mountpoint, tool, what) = match export {
             Export::Unix { socket, name } => {
                 let dir = workdir.join("nbd");
                 mkdir(&dir)?;
                 let uri = format!("nbd+unix:///{name}?socket={}", socket.display());
-                let mut c = Command::new("nbdfuse");
+                let mut c = Command::new(Tool::Nbdfuse.program());
                 c.arg(&dir).arg(&uri);
-                (c, dir.join("nbd"), dir, "nbdfuse", uri)
+                (c, dir.join("nbd"), dir, Tool::Nbdfuse, uri)
             }
             Export::Tls {
                 host,
@@ -135,9 +232,9 @@ impl Attachment {
                 mkdir(workdir)?;
                 let file = workdir.join("nbd.img");
                 // qemu's FUSE export mounts over an existing regular file.
-                std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+                std::fs::File::create(&file).map_err(io_error(&file))?;
                 let option = |s: &str| s.replace(',', ",,");
-                let mut c = Command::new("qemu-storage-daemon");
+                let mut c = Command::new(Tool::QemuStorageDaemon.program());
                 c.arg("--object")
                     .arg(format!(
                         "tls-creds-x509,id=tls0,endpoint=client,dir={}",
@@ -155,14 +252,14 @@ impl Attachment {
                         option(&file.display().to_string())
                     ));
                 let what = format!("nbds://{host}:{port}/{name}");
-                (c, file.clone(), file, "qemu-storage-daemon", what)
+                (c, file.clone(), file, Tool::QemuStorageDaemon, what)
             }
         };
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("{tool} (apt install libnbd-bin qemu-utils fuse3): {e}"))?;
+            .map_err(|source| AttachError::FuseStart { tool, source })?;
         self.fuse = Some(Fuse {
             child,
             mountpoint,
@@ -173,10 +270,14 @@ impl Attachment {
         // Served once the file exists (nbdfuse) or has the export's size (qemu).
         while !std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
             if let Some(status) = fuse.child.try_wait().ok().flatten() {
-                return Err(format!("{tool} exited ({status}) before attaching {what}"));
+                return Err(AttachError::FuseExited {
+                    tool,
+                    status,
+                    export: what,
+                });
             }
             if start.elapsed() > Duration::from_secs(10) {
-                return Err(format!("{tool} did not attach {what} within 10 s"));
+                return Err(AttachError::FuseTimeout { tool, export: what });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -185,25 +286,26 @@ impl Attachment {
 
     /// Unmounts, detaches the loop device, unmounts the FUSE file and stops nbdfuse. Every
     /// step is attempted; the first failure is returned.
-    pub fn detach(&mut self) -> Result<(), String> {
+    pub fn detach(&mut self) -> Result<(), AttachError> {
         let mut first = None;
-        let mut note = |r: Result<String, String>| {
+        let mut note = |r: Result<String, AttachError>| {
             if let Err(e) = r {
                 first.get_or_insert(e);
             }
         };
         if let Some(m) = self.mountpoint.take() {
-            note(run(Command::new("umount").arg(&m)));
+            note(run(Tool::Umount, [&m]));
         }
         if let Some(dev) = self.loop_device.take() {
-            note(run(Command::new("losetup").args(["-d", &dev])));
+            note(run(Tool::Losetup, ["-d", &dev]));
         }
         if let Some(mut fuse) = self.fuse.take() {
-            note(run(Command::new("fusermount3")
-                .arg("-u")
-                .arg(&fuse.mountpoint)));
+            note(run(
+                Tool::Fusermount3,
+                [OsStr::new("-u"), fuse.mountpoint.as_os_str()],
+            ));
             // nbdfuse exits once unmounted; qemu-storage-daemon is told to.
-            if fuse.tool == "qemu-storage-daemon" {
+            if fuse.tool == Tool::QemuStorageDaemon {
                 // SAFETY: kill(2) on our own child, not yet reaped.
                 unsafe { libc::kill(fuse.child.id() as i32, libc::SIGTERM) };
             }
@@ -232,6 +334,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_tool_is_named_with_its_stderr() {
+        let e = run(Tool::Umount, ["/nonexistent/host-attach-test"]).unwrap_err();
+        match &e {
+            AttachError::Failed { tool, stderr } => {
+                assert_eq!(*tool, Tool::Umount);
+                assert!(stderr.contains("/nonexistent/host-attach-test"), "{stderr}");
+            }
+            e => panic!("{e}"),
+        }
+        assert!(e.to_string().starts_with("\"umount\" failed: "), "{e}");
+    }
+
+    #[test]
     fn the_file_system_size_comes_from_the_superblock() {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("fs.img");
@@ -248,6 +363,9 @@ mod tests {
         assert!(out.status.success());
         assert_eq!(ext4_bytes(&img).unwrap(), 12 << 20);
         std::fs::write(&img, vec![0u8; 4096]).unwrap();
-        assert!(ext4_bytes(&img).unwrap_err().contains("no ext4"));
+        assert!(ext4_bytes(&img)
+            .unwrap_err()
+            .to_string()
+            .contains("no ext4"));
     }
 }

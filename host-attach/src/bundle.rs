@@ -12,6 +12,23 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+/// What in the image config cannot be run.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BundleError {
+    /// Neither `Entrypoint` nor `Cmd` nor the caller names a command.
+    #[error("the image names no command (Entrypoint/Cmd) and none was given")]
+    NoCommand,
+    /// `WorkingDir` is relative.
+    #[error("WorkingDir {0:?} is not absolute")]
+    RelativeWorkingDir(String),
+    /// `User` names a user the image's /etc/passwd does not have.
+    #[error("image user {0:?} is not in the image's /etc/passwd")]
+    UnknownUser(String),
+    /// `User` names a group the image's /etc/group does not have.
+    #[error("image group {0:?} is not in the image's /etc/group")]
+    UnknownGroup(String),
+}
+
 /// What to run, from the image config and the caller's overrides.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Process {
@@ -33,7 +50,7 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 /// `uid`, `uid:gid`, `name` or `name:group`, names resolved in the image's own /etc files.
-fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
+fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), BundleError> {
     if user.is_empty() {
         return Ok((0, 0));
     }
@@ -56,7 +73,7 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
         Ok(n) => (n, None),
         Err(_) => lookup("etc/passwd", u)
             .filter(|(uid, _)| *uid != u32::MAX)
-            .ok_or_else(|| format!("image user {u:?} is not in the image's /etc/passwd"))?,
+            .ok_or_else(|| BundleError::UnknownUser(u.to_string()))?,
     };
     let gid = match g {
         None => passwd_gid.unwrap_or(0),
@@ -65,7 +82,7 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
             Err(_) => lookup("etc/group", g)
                 .map(|(gid, _)| gid)
                 .filter(|gid| *gid != u32::MAX)
-                .ok_or_else(|| format!("image group {g:?} is not in the image's /etc/group"))?,
+                .ok_or_else(|| BundleError::UnknownGroup(g.to_string()))?,
         },
     };
     Ok((uid, gid))
@@ -74,7 +91,11 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
 impl Process {
     /// From the image config's `config` object (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`,
     /// `User`); `command`, when not empty, replaces `Cmd`.
-    pub fn from_image(config: &Value, command: &[String], rootfs: &Path) -> Result<Self, String> {
+    pub fn from_image(
+        config: &Value,
+        command: &[String],
+        rootfs: &Path,
+    ) -> Result<Self, BundleError> {
         let mut args = strings(&config["Entrypoint"]);
         if command.is_empty() {
             args.extend(strings(&config["Cmd"]));
@@ -82,7 +103,7 @@ impl Process {
             args.extend(command.iter().cloned());
         }
         if args.is_empty() {
-            return Err("the image names no command (Entrypoint/Cmd) and none was given".into());
+            return Err(BundleError::NoCommand);
         }
         let mut env = strings(&config["Env"]);
         if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -94,7 +115,7 @@ impl Process {
             .unwrap_or("/")
             .to_string();
         if !cwd.starts_with('/') {
-            return Err(format!("WorkingDir {cwd:?} is not absolute"));
+            return Err(BundleError::RelativeWorkingDir(cwd));
         }
         let (uid, gid) = resolve_user(config["User"].as_str().unwrap_or(""), rootfs)?;
         Ok(Self {
@@ -277,7 +298,9 @@ mod tests {
             ),
             (json!({"Cmd": ["x"], "WorkingDir": "rel"}), "not absolute"),
         ] {
-            let e = Process::from_image(&config, &[], dir.path()).unwrap_err();
+            let e = Process::from_image(&config, &[], dir.path())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e}");
         }
         let cfg = config(&p, dir.path(), "fn");
@@ -287,5 +310,41 @@ mod tests {
         for call in ["unshare", "keyctl", "bpf", "mount", "ptrace"] {
             assert!(denied.as_array().unwrap().contains(&json!(call)), "{call}");
         }
+    }
+
+    #[test]
+    fn each_bad_config_field_is_its_own_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "app:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "staff:x:50:\n").unwrap();
+        for (config, want) in [
+            (json!({"Cmd": []}), BundleError::NoCommand),
+            (
+                json!({"Cmd": ["x"], "WorkingDir": "w"}),
+                BundleError::RelativeWorkingDir("w".into()),
+            ),
+            (
+                json!({"Cmd": ["x"], "User": "nobody"}),
+                BundleError::UnknownUser("nobody".into()),
+            ),
+            (
+                json!({"Cmd": ["x"], "User": "app:wheel"}),
+                BundleError::UnknownGroup("wheel".into()),
+            ),
+        ] {
+            assert_eq!(
+                Process::from_image(&config, &[], dir.path()).unwrap_err(),
+                want
+            );
+        }
+        assert_eq!(
+            BundleError::UnknownGroup("wheel".into()).to_string(),
+            "image group \"wheel\" is not in the image's /etc/group"
+        );
     }
 }

@@ -6,8 +6,16 @@
 //! The containerd decrypt hook (`ipu-decrypt-hook`, issue 7) lives here too: it streams
 //! encrypted layers to the IPU and plaintext back, and `payload` reads what containerd passes
 //! it.
+//!
+//! The binaries (`src/main.rs`, `src/bin/ipu-decrypt-hook.rs`) only parse their arguments and
+//! call [`run`], [`verify`] or [`hook`]; [`exit`] maps the outcomes to exit codes.
 
 pub mod attach;
 pub mod bundle;
+pub mod exit;
+pub mod hook;
 pub mod ipu;
 pub mod payload;
+pub mod run;
+pub mod runc;
+pub mod verify;

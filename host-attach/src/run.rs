@@ -1,0 +1,290 @@
+//! `host-attach run`: one function started from an image through the IPU, and cleaned up.
+//!
+//! Prepare on the IPU, attach and mount the exported clone ([`crate::attach`]), write the OCI
+//! bundle from the image config ([`crate::bundle`]), `runc run` with this terminal's output
+//! ([`crate::runc`]), then (also after Ctrl-C, SIGTERM or a crashed function) unmount, detach
+//! and Teardown. The outcome is the function's exit code; [`crate::exit`] maps it and the
+//! failures to the process's.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use api::imagesvc::{PrepareRequest, PrepareResponse, TeardownRequest};
+
+use crate::attach::{AttachError, Attachment, Export};
+use crate::bundle::{BundleError, Process};
+use crate::ipu::{Client, IpuApi, IpuError};
+use crate::runc::RuncError;
+
+/// The function to run, besides where the IPU is and whom it is for.
+#[derive(Clone, Debug, Default)]
+pub struct Function {
+    /// The image reference (docker://... or oci:DIR:TAG).
+    pub image: String,
+    /// The command to run instead of the image's Cmd (none: the image's).
+    pub command: Vec<String>,
+    /// Where mounts and the bundle are made (none: a new directory under /run).
+    pub workdir: Option<PathBuf>,
+    /// For exports over TCP: this host agent's TLS files.
+    pub tls_certificates: Option<PathBuf>,
+}
+
+/// Why the function could not be started, or its run not finished cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot handle signal {signal}: {source}")]
+    Signal { signal: i32, source: io::Error },
+    #[error(transparent)]
+    Ipu(#[from] IpuError),
+    #[error("interrupted before the function started")]
+    Interrupted,
+    /// The export's TCP address from Prepare.
+    #[error("export address {address:?}: {source}")]
+    ExportAddress {
+        address: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("the export is on {address} (TLS): --tls-certificates DIR is needed")]
+    NoTlsCertificates { address: String },
+    #[error("{}: {source}", path.display())]
+    Workdir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("the image's runtime config: {0}")]
+    RuntimeConfig(#[source] serde_json::Error),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Runc(#[from] RuncError),
+}
+
+/// Set once Ctrl-C or SIGTERM arrives: the run is ending. The function gets SIGTERM (through
+/// runc, which forwards it), then SIGKILL after a grace period, and cleanup still happens.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    /// Set by SIGINT and SIGTERM from now on.
+    pub fn on_signals() -> Result<Self, RunError> {
+        let interrupt = Self::default();
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, interrupt.0.clone())
+                .map_err(|source| RunError::Signal { signal, source })?;
+        }
+        Ok(interrupt)
+    }
+
+    /// The flag itself, for [`crate::runc::run`] to watch.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+
+    /// Whether the run is ending.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs `function` from an image prepared by the IPU at `ipu`, and tears everything down,
+/// whatever happened; the function's exit code.
+pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u8, RunError> {
+    let (rt, mut client) = ipu.connect_blocking()?;
+    let prepared = rt
+        .block_on(client.prepare(PrepareRequest {
+            tenant: ipu.tenant.clone(),
+            function: ipu.function.clone(),
+            image: function.image.clone(),
+        }))
+        .map_err(|status| IpuError::Prepare(status.into()))?
+        .into_inner();
+    let teardown = |client: &mut Client| {
+        rt.block_on(client.teardown(TeardownRequest {
+            clone_id: prepared.clone_id.clone(),
+        }))
+        .map_err(|status| IpuError::Teardown {
+            clone_id: prepared.clone_id.clone(),
+            status: status.into(),
+        })
+    };
+    let workdir = workdir(function, &prepared);
+    let result = if interrupt.is_set() {
+        Err(RunError::Interrupted)
+    } else {
+        export_of(&prepared, function.tls_certificates.as_deref()).and_then(|export| {
+            start_and_wait(&prepared, &export, &workdir, &function.command, interrupt)
+        })
+    };
+    // Whatever happened, the clone goes: the IPU erases it.
+    let torn_down = teardown(&mut client);
+    let _ = std::fs::remove_dir_all(&workdir);
+    let code = result?;
+    torn_down?;
+    Ok(code)
+}
+
+/// Where the run's mounts and bundle are made: the one given, or one of the clone's own.
+fn workdir(function: &Function, prepared: &PrepareResponse) -> PathBuf {
+    function
+        .workdir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/run/host-attach").join(&prepared.clone_id))
+}
+
+/// Where the export is: its Unix socket, or its TCP address with this agent's TLS files.
+pub fn export_of(
+    prepared: &PrepareResponse,
+    tls_certificates: Option<&Path>,
+) -> Result<Export, RunError> {
+    let name = prepared.export_name.clone();
+    if prepared.address.is_empty() {
+        return Ok(Export::Unix {
+            socket: PathBuf::from(&prepared.socket),
+            name,
+        });
+    }
+    let address: std::net::SocketAddr =
+        prepared
+            .address
+            .parse()
+            .map_err(|source| RunError::ExportAddress {
+                address: prepared.address.clone(),
+                source,
+            })?;
+    let certificates = tls_certificates.ok_or_else(|| RunError::NoTlsCertificates {
+        address: prepared.address.clone(),
+    })?;
+    Ok(Export::Tls {
+        host: address.ip().to_string(),
+        port: address.port(),
+        name,
+        certificates: certificates.to_path_buf(),
+    })
+}
+
+/// The image's runtime config from Prepare (JSON; null when there is none).
+fn image_config(prepared: &PrepareResponse) -> Result<serde_json::Value, RunError> {
+    if prepared.runtime_config_json.is_empty() {
+        Ok(serde_json::Value::Null)
+    } else {
+        serde_json::from_str(&prepared.runtime_config_json).map_err(RunError::RuntimeConfig)
+    }
+}
+
+/// Attaches and mounts the export, runs the function in its bundle, and detaches.
+fn start_and_wait(
+    prepared: &PrepareResponse,
+    export: &Export,
+    workdir: &Path,
+    command: &[String],
+    interrupt: &Interrupt,
+) -> Result<u8, RunError> {
+    std::fs::create_dir_all(workdir).map_err(|source| RunError::Workdir {
+        path: workdir.to_path_buf(),
+        source,
+    })?;
+    let rootfs = workdir.join("rootfs");
+    let mut attachment = Attachment::attach(export, workdir, &rootfs)?;
+    let image_config = image_config(prepared)?;
+    let outcome = (|| {
+        let process = Process::from_image(&image_config, command, &rootfs)?;
+        let bundle = workdir.join("bundle");
+        crate::runc::write_bundle(&bundle, &process, &rootfs)?;
+        let status = crate::runc::run(
+            &bundle,
+            &workdir.join("runc"),
+            &prepared.clone_id,
+            interrupt.flag(),
+        )?;
+        Ok::<u8, RunError>(crate::exit::of_function(status))
+    })();
+    let detached = attachment.detach();
+    let code = outcome?;
+    detached?;
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepared(address: &str) -> PrepareResponse {
+        PrepareResponse {
+            clone_id: "c1".into(),
+            export_name: "e1".into(),
+            socket: "/run/ipu/nbd.sock".into(),
+            address: address.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_export_is_the_unix_socket_or_the_tls_address() {
+        match export_of(&prepared(""), None).unwrap() {
+            Export::Unix { socket, name } => {
+                assert_eq!(socket, Path::new("/run/ipu/nbd.sock"));
+                assert_eq!(name, "e1");
+            }
+            e => panic!("{e:?}"),
+        }
+        match export_of(&prepared("192.0.2.1:10809"), Some(Path::new("/tls"))).unwrap() {
+            Export::Tls {
+                host,
+                port,
+                name,
+                certificates,
+            } => {
+                assert_eq!(
+                    (host.as_str(), port, name.as_str()),
+                    ("192.0.2.1", 10809, "e1")
+                );
+                assert_eq!(certificates, Path::new("/tls"));
+            }
+            e => panic!("{e:?}"),
+        }
+        let e = export_of(&prepared("192.0.2.1:10809"), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the export is on 192.0.2.1:10809 (TLS): --tls-certificates DIR is needed"
+        );
+        let e = export_of(&prepared("nowhere"), Some(Path::new("/tls"))).unwrap_err();
+        assert!(
+            e.to_string().starts_with("export address \"nowhere\": "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_workdir_is_the_one_given_or_the_clones() {
+        let p = prepared("");
+        assert_eq!(
+            workdir(&Function::default(), &p),
+            Path::new("/run/host-attach/c1")
+        );
+        let given = Function {
+            workdir: Some("/tmp/w".into()),
+            ..Default::default()
+        };
+        assert_eq!(workdir(&given, &p), Path::new("/tmp/w"));
+    }
+
+    #[test]
+    fn the_image_config_is_json_or_null() {
+        let mut p = prepared("");
+        assert_eq!(image_config(&p).unwrap(), serde_json::Value::Null);
+        p.runtime_config_json = r#"{"Cmd":["x"]}"#.into();
+        assert_eq!(image_config(&p).unwrap()["Cmd"][0], "x");
+        p.runtime_config_json = "{".into();
+        let e = image_config(&p).unwrap_err().to_string();
+        assert!(e.starts_with("the image's runtime config: "), "{e}");
+    }
+
+    #[test]
+    fn an_interrupt_is_a_flag_the_signals_set() {
+        let i = Interrupt::default();
+        assert!(!i.is_set());
+        i.flag().store(true, Ordering::SeqCst);
+        assert!(i.clone().is_set());
+    }
+}
