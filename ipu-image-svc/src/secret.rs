@@ -115,9 +115,9 @@ impl SecretBuf {
             protection: Protection::LockedNoDump,
         };
         // SAFETY: p..p+len is the mapping made above (owned by `buf`, unmapped on drop).
-        if unsafe { libc::mlock(p, len) } != 0
-            || unsafe { libc::madvise(p, len, libc::MADV_DONTDUMP) } != 0
-        {
+        let locked = unsafe { libc::mlock(p, len) } == 0;
+        // SAFETY: the same mapping; advice changes no memory contents.
+        if !locked || unsafe { libc::madvise(p, len, libc::MADV_DONTDUMP) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(buf)
