@@ -15,11 +15,12 @@ use policy::deploy::{evaluate_key_release, DeployRequest, DeploymentPolicy};
 use policy::sigstore::VerificationKey;
 use zeroize::Zeroizing;
 
-use crate::attest::{binding, classes_from_policy, AttestError, EnrolledIpu, Enrollment};
-use crate::attest::{Evidence, Verifier};
+use broker_protocol::{binding, release_context, seal, Evidence, SealedKey, DEFAULT_PROVIDER_NAME};
+
+use crate::credential::Credential;
 use crate::keystore::{KeyInfo, KeyKind, KeyStore, KeyStoreError, MasterKey};
-use crate::provider::{self, ProviderWrapping};
-use crate::release::{seal, SealedKey};
+use crate::verifier::{classes_from_policy, AttestError, EnrolledIpu, Enrollment, Verifier};
+use crate::wrapping::ProviderWrapping;
 
 pub const AUDIT_SERVICE: &str = "keybroker";
 
@@ -112,7 +113,7 @@ impl BrokerOptions {
             bundle_keys: Vec::new(),
             session_ttl: Duration::from_secs(300),
             nonce_lifetime: Duration::from_secs(60),
-            provider_name: provider::DEFAULT_NAME.into(),
+            provider_name: DEFAULT_PROVIDER_NAME.into(),
             master_key_tpm: None,
             require_ek: true,
         }
@@ -177,11 +178,6 @@ fn random_id() -> String {
     hex::encode(b)
 }
 
-/// The context a released key is sealed to: it opens for this image and layer only.
-pub fn release_context(image_digest: &str, layer_digest: &str) -> Vec<u8> {
-    format!("image {image_digest} layer {layer_digest}").into_bytes()
-}
-
 impl Broker {
     /// A broker with a fixed policy and in-memory enrollments (tests, embedded use).
     pub fn new(
@@ -199,7 +195,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             session_ttl,
             audit,
-            provider_name: provider::DEFAULT_NAME.into(),
+            provider_name: DEFAULT_PROVIDER_NAME.into(),
             require_ek: false,
             unsealed: Mutex::new(HashMap::new()),
         }
@@ -298,7 +294,7 @@ impl Broker {
         &self,
         client: &str,
         ak_public: &[u8],
-    ) -> Result<(Vec<u8>, Option<crate::credential::Credential>), BrokerError> {
+    ) -> Result<(Vec<u8>, Option<Credential>), BrokerError> {
         let result = self.verifier.enrollment(ak_public).and_then(|e| {
             let pcrs = self
                 .verifier
@@ -558,7 +554,8 @@ impl Broker {
                     .map_err(|e| BrokerError::Request(e.to_string()))?;
                 let mut last = None;
                 for w in wrappings {
-                    let w = ProviderWrapping::decode(&w).map_err(BrokerError::Request)?;
+                    let w = ProviderWrapping::decode(&w)
+                        .map_err(|e| BrokerError::Request(e.to_string()))?;
                     let Some(info) = allowed
                         .iter()
                         .find(|k| k.id == w.key_id && k.version == w.version)

@@ -13,12 +13,13 @@
 //! - [`service`]: gRPC over mutual TLS (roles from the certificate OU) and over a Unix
 //!   socket (roles from the peer's uid); [`config`]: `keybroker serve`'s configuration.
 
-pub mod attest;
 pub mod broker;
 pub mod config;
 pub mod credential;
 pub mod keystore;
 pub mod provider;
-pub mod release;
 pub mod sealing;
 pub mod service;
+pub mod tpm2;
+pub mod verifier;
+pub mod wrapping;

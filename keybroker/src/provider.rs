@@ -3,46 +3,15 @@
 //! usable version of that key. Unwrapping through this door is the same policy-checked,
 //! audited release as the broker's own `Release`, and needs an attested session.
 //!
-//! The wrapping (the provider annotation's bytes) is JSON naming the key and version, with
-//! the private options as JWE to that version's public key: the broker alone can open it,
-//! and rotation leaves older images readable until their version is revoked.
+//! The wrapping itself (the provider annotation's bytes) is [`crate::wrapping`].
 
 use ocicrypt::keyprovider::{self, Reply, Request};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::broker::{Broker, BrokerError, ReleaseRequest, Wrapped};
 
 /// The provider name publishers configure unless the broker is told otherwise.
-pub const DEFAULT_NAME: &str = "ipubroker";
-
-/// Largest wrapping accepted.
-const MAX_WRAPPING: usize = 64 * 1024;
-
-/// What the broker puts in a provider annotation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderWrapping {
-    #[serde(rename = "kid")]
-    pub key_id: String,
-    pub version: u32,
-    /// The private options as a `keys.jwe` annotation value to that version's public key.
-    pub jwe: String,
-}
-
-impl ProviderWrapping {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("wrappings serialize")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.len() > MAX_WRAPPING {
-            return Err(format!("a {}-byte key wrapping", bytes.len()));
-        }
-        serde_json::from_slice(bytes)
-            .map_err(|e| format!("the key provider annotation is not this broker's: {e}"))
-    }
-}
+pub use broker_protocol::DEFAULT_PROVIDER_NAME as DEFAULT_NAME;
 
 /// The release a keyunwrap asks for, from its decryption parameters for this provider:
 /// `session=`, `tenant=`, `function=`, `image=`, `image-digest=`, `layer-digest=`.

@@ -25,10 +25,10 @@ use der::Decode;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::attest::{EnrolledIpu, Evidence};
 use crate::broker::{self, Broker, BrokerError, Wrapped};
 use crate::keystore::{self, KeyKind};
 use crate::provider::{self, Door};
+use crate::verifier::{EnrolledIpu, Evidence};
 
 /// OID of the organizationalUnitName attribute.
 const OID_OU: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("2.5.4.11");
