@@ -27,10 +27,11 @@ pub struct EndorsementKey {
 
 impl EndorsementKey {
     /// Parses an ECC P-256 EK's marshalled TPMT_PUBLIC (SHA-256 name, AES-128-CFB, a
-    /// restricted decryption key).
+    /// restricted decryption key). The error says what is wrong with it, not that it is the
+    /// endorsement key: the caller says that.
     pub fn parse(template: &[u8]) -> Result<Self, Malformed> {
         use crate::tpm2::object_attributes::*;
-        let bad = |m: &str| Malformed(format!("endorsement key: {m}"));
+        let bad = |m: &str| Malformed(m.to_string());
         let mut r = Reader::new(template);
         if r.u16("type")? != ALG_ECC {
             return Err(bad("not an ECC key (only ECC P-256 EKs are supported)"));

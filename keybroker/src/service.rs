@@ -145,7 +145,9 @@ fn status(e: BrokerError) -> Status {
         | BrokerError::WrongClient => Status::permission_denied(e.to_string()),
         // Its own code, so a client knows to attest again (and nothing else means that).
         BrokerError::NoSession => Status::unauthenticated(e.to_string()),
-        BrokerError::Request(_) => Status::invalid_argument(e.to_string()),
+        BrokerError::Request(_) | BrokerError::Wrapping(_) | BrokerError::Seal(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         BrokerError::KeyStore(keystore::KeyStoreError::NotFound(_)) => {
             Status::not_found(e.to_string())
         }
@@ -155,7 +157,19 @@ fn status(e: BrokerError) -> Status {
         BrokerError::KeyStore(
             keystore::KeyStoreError::Invalid(_) | keystore::KeyStoreError::Revoked(_),
         ) => Status::failed_precondition(e.to_string()),
-        BrokerError::Admin(_) => Status::failed_precondition(e.to_string()),
+        // The broker's state and administration (before, one catch-all variant with this code).
+        BrokerError::StateDir { .. }
+        | BrokerError::MasterKeyIsFile(_)
+        | BrokerError::MasterKeyIsSealed(_)
+        | BrokerError::BundleKey(_)
+        | BrokerError::RunningPolicy(_)
+        | BrokerError::Class(_)
+        | BrokerError::Enrollment(_)
+        | BrokerError::EndorsementKeyRequired
+        | BrokerError::PublicKey(_)
+        | BrokerError::FixedPolicy
+        | BrokerError::NoBundleKeys
+        | BrokerError::PolicyState(_) => Status::failed_precondition(e.to_string()),
         BrokerError::Audit(_) | BrokerError::KeyStore(_) => Status::internal(e.to_string()),
     }
 }

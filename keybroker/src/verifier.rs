@@ -61,6 +61,8 @@ pub enum AttestError {
     WrongSelection { got: Vec<u8>, want: Vec<u8> },
     #[error("the quoted PCR digest does not match the PCR values sent")]
     PcrDigestMismatch,
+    #[error("the attestation key's activation could not be recorded: {0}")]
+    ActivationNotRecorded(String),
     #[error("PCR {index} is {got} but the IPU class expects {want}")]
     PcrMismatch {
         index: u8,
@@ -73,6 +75,45 @@ impl From<Malformed> for AttestError {
     fn from(e: Malformed) -> Self {
         AttestError::Malformed(e.0)
     }
+}
+
+/// Why an enrollment (or its revocation) was refused or could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollmentError {
+    /// The AK's template is not an attestation key, or does not parse.
+    #[error(transparent)]
+    AkTemplate(AttestError),
+    #[error("endorsement key: {0}")]
+    EkTemplate(Malformed),
+    #[error("unknown IPU class {0:?} (not in the running deployment policy, or without PCR reference values)")]
+    UnknownClass(String),
+    #[error("the attestation key is not an uncompressed P-256 point")]
+    BadPoint,
+    #[error("IPU id {0:?}: 1 to 128 printable characters")]
+    BadIpuId(String),
+    #[error("this attestation key is enrolled for another IPU")]
+    AkOfAnotherIpu,
+    #[error("no IPU {0:?} is enrolled")]
+    NotEnrolled(String),
+    #[error("enrollment store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("enrollment {key:?} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A deployment policy's IPU class this verifier cannot check quotes against.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClassError {
+    #[error("IPU class {class}: PCR bank {bank} (the broker verifies sha256 quotes)")]
+    Bank { class: String, bank: String },
+    #[error("IPU class {class}: PCR {index:?}")]
+    PcrIndex { class: String, index: String },
+    #[error("IPU class {class}: PCR {index} is not a SHA-256 hex digest")]
+    PcrValue { class: String, index: u8 },
 }
 
 impl Quote {
@@ -296,34 +337,35 @@ pub struct EnrolledIpu {
 /// A class measured only through an event log has no entry (this verifier checks PCRs).
 pub fn classes_from_policy(
     policy: &policy::deploy::DeploymentPolicy,
-) -> Result<HashMap<String, ReferencePcrs>, String> {
+) -> Result<HashMap<String, ReferencePcrs>, ClassError> {
     let mut classes = HashMap::new();
     for c in &policy.ipu_classes {
         if c.pcrs.is_empty() {
             continue;
         }
         if c.pcr_bank.get_ref() != "sha256" {
-            return Err(format!(
-                "IPU class {}: PCR bank {} (the broker verifies sha256 quotes)",
-                c.name.get_ref(),
-                c.pcr_bank.get_ref()
-            ));
+            return Err(ClassError::Bank {
+                class: c.name.get_ref().to_string(),
+                bank: c.pcr_bank.get_ref().to_string(),
+            });
         }
         let mut pcrs = ReferencePcrs::new();
         for (index, value) in &c.pcrs {
-            let i: u8 = index
-                .parse()
-                .ok()
-                .filter(|i| *i < 24)
-                .ok_or_else(|| format!("IPU class {}: PCR {index:?}", c.name.get_ref()))?;
+            let i: u8 =
+                index
+                    .parse()
+                    .ok()
+                    .filter(|i| *i < 24)
+                    .ok_or_else(|| ClassError::PcrIndex {
+                        class: c.name.get_ref().to_string(),
+                        index: index.to_string(),
+                    })?;
             let v = hex::decode(value.get_ref())
                 .ok()
                 .filter(|v| v.len() == 32)
-                .ok_or_else(|| {
-                    format!(
-                        "IPU class {}: PCR {i} is not a SHA-256 hex digest",
-                        c.name.get_ref()
-                    )
+                .ok_or_else(|| ClassError::PcrValue {
+                    class: c.name.get_ref().to_string(),
+                    index: i,
                 })?;
             pcrs.insert(i, v);
         }
@@ -369,16 +411,15 @@ impl Verifier {
         classes: HashMap<String, ReferencePcrs>,
         nonce_lifetime: Duration,
         store: sled::Tree,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EnrollmentError> {
         let mut enrolled = HashMap::new();
         for r in store.iter() {
-            let (k, v) = r.map_err(|e| format!("enrollment store: {e}"))?;
-            let e: EnrolledIpu = serde_json::from_slice(&v).map_err(|e| {
-                format!(
-                    "enrollment {:?} is corrupt: {e}",
-                    String::from_utf8_lossy(&k)
-                )
-            })?;
+            let (k, v) = r?;
+            let e: EnrolledIpu =
+                serde_json::from_slice(&v).map_err(|source| EnrollmentError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?;
             enrolled.insert(e.ak_public, e.enrollment);
         }
         Ok(Self {
@@ -397,10 +438,14 @@ impl Verifier {
 
     /// Enrolls an AK from its marshalled `TPMT_PUBLIC` (see [`check_ak_template`]); returns
     /// its public point, the key quotes are then checked with.
-    pub fn enroll_template(&self, template: &[u8], mut e: Enrollment) -> Result<Vec<u8>, String> {
-        let point = check_ak_template(template).map_err(|e| e.to_string())?;
+    pub fn enroll_template(
+        &self,
+        template: &[u8],
+        mut e: Enrollment,
+    ) -> Result<Vec<u8>, EnrollmentError> {
+        let point = check_ak_template(template).map_err(EnrollmentError::AkTemplate)?;
         if let Some(ek) = &e.ek_template {
-            EndorsementKey::parse(ek).map_err(|e| e.to_string())?;
+            EndorsementKey::parse(ek).map_err(EnrollmentError::EkTemplate)?;
         }
         e.ak_name = Some(credential::object_name(template));
         e.activated = false;
@@ -415,7 +460,8 @@ impl Verifier {
         let Some(ek) = e.ek_template.as_ref().filter(|_| !e.activated) else {
             return Ok(None);
         };
-        let ek = EndorsementKey::parse(ek)?;
+        let ek = EndorsementKey::parse(ek)
+            .map_err(|e| AttestError::Malformed(format!("endorsement key: {e}")))?;
         let name = e
             .ak_name
             .clone()
@@ -433,33 +479,27 @@ impl Verifier {
 
     /// Enrolls an AK (SEC1 point) for an IPU of a known class. An IPU enrolled again (a new
     /// AK after re-provisioning) replaces its earlier AK.
-    pub fn enroll(&self, ak_public: &[u8], e: Enrollment) -> Result<(), String> {
+    pub fn enroll(&self, ak_public: &[u8], e: Enrollment) -> Result<(), EnrollmentError> {
         if !self
             .classes
             .read()
             .expect("not poisoned")
             .contains_key(&e.ipu_class)
         {
-            return Err(format!(
-                "unknown IPU class {:?} (not in the running deployment policy, or without PCR reference values)",
-                e.ipu_class
-            ));
+            return Err(EnrollmentError::UnknownClass(e.ipu_class));
         }
         if ak_public.len() != 65 || ak_public[0] != 4 {
-            return Err("the attestation key is not an uncompressed P-256 point".into());
+            return Err(EnrollmentError::BadPoint);
         }
         if e.ipu_id.is_empty() || e.ipu_id.len() > 128 || e.ipu_id.contains(char::is_control) {
-            return Err(format!(
-                "IPU id {:?}: 1 to 128 printable characters",
-                e.ipu_id
-            ));
+            return Err(EnrollmentError::BadIpuId(e.ipu_id));
         }
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         if enrolled
             .iter()
             .any(|(ak, x)| x.ipu_id != e.ipu_id && ak.as_slice() == ak_public)
         {
-            return Err("this attestation key is enrolled for another IPU".into());
+            return Err(EnrollmentError::AkOfAnotherIpu);
         }
         self.persist(&EnrolledIpu {
             ak_public: ak_public.to_vec(),
@@ -471,15 +511,14 @@ impl Verifier {
         Ok(())
     }
 
-    fn persist(&self, e: &EnrolledIpu) -> Result<(), String> {
+    fn persist(&self, e: &EnrolledIpu) -> Result<(), EnrollmentError> {
         if let Some(store) = &self.store {
             store
                 .insert(
                     e.enrollment.ipu_id.as_bytes(),
                     serde_json::to_vec(e).expect("enrollments serialize"),
                 )
-                .and_then(|_| store.flush())
-                .map_err(|err| format!("enrollment store: {err}"))?;
+                .and_then(|_| store.flush())?;
         }
         Ok(())
     }
@@ -496,12 +535,12 @@ impl Verifier {
     }
 
     /// Revokes an IPU's AK: its quotes are refused from now on (it stays listed).
-    pub fn revoke_ipu(&self, ipu_id: &str) -> Result<EnrolledIpu, String> {
+    pub fn revoke_ipu(&self, ipu_id: &str) -> Result<EnrolledIpu, EnrollmentError> {
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         let (ak, e) = enrolled
             .iter_mut()
             .find(|(_, e)| e.ipu_id == ipu_id)
-            .ok_or_else(|| format!("no IPU {ipu_id:?} is enrolled"))?;
+            .ok_or_else(|| EnrollmentError::NotEnrolled(ipu_id.to_string()))?;
         let mut updated = e.clone();
         updated.revoked = true;
         let record = EnrolledIpu {
@@ -587,12 +626,12 @@ impl Verifier {
         if enrollment.needs_activation() {
             enrollment.activated = true;
             self.update(ak_public, &enrollment)
-                .map_err(AttestError::Malformed)?;
+                .map_err(|e| AttestError::ActivationNotRecorded(e.to_string()))?;
         }
         Ok((enrollment, quote))
     }
 
-    fn update(&self, ak_public: &[u8], e: &Enrollment) -> Result<(), String> {
+    fn update(&self, ak_public: &[u8], e: &Enrollment) -> Result<(), EnrollmentError> {
         self.persist(&EnrolledIpu {
             ak_public: ak_public.to_vec(),
             enrollment: e.clone(),
