@@ -13,11 +13,15 @@
 //! - [`service`]: gRPC over mutual TLS (roles from the certificate OU) and over a Unix
 //!   socket (roles from the peer's uid); [`config`]: `keybroker serve`'s configuration.
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod credential;
+pub mod daemon;
 pub mod keystore;
+pub mod output;
 pub mod provider;
+pub mod provider_command;
 pub mod sealing;
 pub mod service;
 pub mod tpm2;
