@@ -38,8 +38,17 @@ pub enum BrokerError {
     Denied(String),
     #[error("the layer is not wrapped to any key the policy allows here ({0})")]
     NoUsableKey(String),
+    // Malformed requests; each an invalid argument for a caller.
+    /// The provider annotation does not split into wrappings.
     #[error("malformed request: {0}")]
-    Request(String),
+    Annotation(#[source] ocicrypt::Error),
+    /// The private options cannot be wrapped (key provider WrapKey).
+    #[error("malformed request: {0}")]
+    Wrap(#[source] ocicrypt::Error),
+    #[error("malformed request: the wrapping does not open: {0}")]
+    WrappingDoesNotOpen(#[source] ocicrypt::Error),
+    #[error("malformed request: no wrapping")]
+    NoWrapping,
     /// A key provider annotation that is not this broker's wrapping.
     #[error("malformed request: {0}")]
     Wrapping(#[from] WrappingError),
@@ -573,7 +582,7 @@ impl Broker {
             }
             Wrapped::Provider(annotation) => {
                 let wrappings = ocicrypt::keyprovider::split_annotation(annotation)
-                    .map_err(|e| BrokerError::Request(e.to_string()))?;
+                    .map_err(BrokerError::Annotation)?;
                 let mut last = None;
                 for w in wrappings {
                     let w = ProviderWrapping::decode(&w)?;
@@ -594,13 +603,11 @@ impl Broker {
                     };
                     let key = self.private_key(&info.id, info.version)?;
                     let privopts = ocicrypt::jwe::unwrap(&w.jwe, std::slice::from_ref(&*key))
-                        .map_err(|e| {
-                            BrokerError::Request(format!("the wrapping does not open: {e}"))
-                        })?;
+                        .map_err(BrokerError::WrappingDoesNotOpen)?;
                     let delivered = deliver(&session, &privopts)?;
                     return Ok((info.id.clone(), session.ipu_id.clone(), delivered));
                 }
-                Err(last.unwrap_or_else(|| BrokerError::Request("no wrapping".into())))
+                Err(last.unwrap_or(BrokerError::NoWrapping))
             }
         }
     }
@@ -623,8 +630,7 @@ impl Broker {
                 .ok_or_else(|| KeyStoreError::Revoked(key_id.to_string()))?;
             let public = ocicrypt::keys::PublicKey::from_pem(newest.public_pem.as_bytes())
                 .map_err(BrokerError::PublicKey)?;
-            let jwe = ocicrypt::jwe::wrap(optsdata, &[public])
-                .map_err(|e| BrokerError::Request(e.to_string()))?;
+            let jwe = ocicrypt::jwe::wrap(optsdata, &[public]).map_err(BrokerError::Wrap)?;
             Ok::<_, BrokerError>((
                 newest.version,
                 ProviderWrapping {
