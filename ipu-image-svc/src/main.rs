@@ -201,7 +201,7 @@ struct BrokerArgs {
     #[arg(long, value_name = "NAME")]
     broker_name: Option<String>,
     /// The broker's key provider name.
-    #[arg(long, value_name = "NAME", default_value = keybroker::provider::DEFAULT_NAME)]
+    #[arg(long, value_name = "NAME", default_value = broker_protocol::DEFAULT_PROVIDER_NAME)]
     provider_name: String,
     #[command(flatten)]
     tpm: TpmArgs,

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use keybroker::attest::{binding, Evidence};
+use broker_protocol::{binding, Evidence};
 use tss_esapi::abstraction::{ak, ek, pcr, DefaultKey};
 use tss_esapi::handles::KeyHandle;
 use tss_esapi::interface_types::algorithm::{

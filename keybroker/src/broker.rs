@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 use audit::{AuditSink, Event, EventKind, KeyId, Outcome};
 use policy::deploy::bundle::{BundleStore, InstallError, VerifiedBundle};
 use policy::deploy::{evaluate_key_release, DeployRequest, DeploymentPolicy};
-use policy::sigstore::VerificationKey;
+use policy::sigstore::{KeyFileError, VerificationKey};
 use zeroize::Zeroizing;
 
-use crate::attest::{binding, classes_from_policy, AttestError, EnrolledIpu, Enrollment};
-use crate::attest::{Evidence, Verifier};
+use broker_protocol::DEFAULT_PROVIDER_NAME;
+use broker_protocol::{binding, release_context, seal, Evidence, ReleaseError, SealedKey};
+
+use crate::credential::Credential;
 use crate::keystore::{KeyInfo, KeyKind, KeyStore, KeyStoreError, MasterKey};
-use crate::provider::{self, ProviderWrapping};
-use crate::release::{seal, SealedKey};
+use crate::verifier::{classes_from_policy, AttestError, ClassError, EnrolledIpu, Enrollment};
+use crate::verifier::{EnrollmentError, Verifier};
+use crate::wrapping::{ProviderWrapping, WrappingError};
 
 pub const AUDIT_SERVICE: &str = "keybroker";
 
@@ -35,14 +38,58 @@ pub enum BrokerError {
     Denied(String),
     #[error("the layer is not wrapped to any key the policy allows here ({0})")]
     NoUsableKey(String),
+    // Malformed requests; each an invalid argument for a caller.
+    /// The provider annotation does not split into wrappings.
     #[error("malformed request: {0}")]
-    Request(String),
+    Annotation(#[source] ocicrypt::Error),
+    /// The private options cannot be wrapped (key provider WrapKey).
+    #[error("malformed request: {0}")]
+    Wrap(#[source] ocicrypt::Error),
+    #[error("malformed request: the wrapping does not open: {0}")]
+    WrappingDoesNotOpen(#[source] ocicrypt::Error),
+    #[error("malformed request: no wrapping")]
+    NoWrapping,
+    /// A key provider annotation that is not this broker's wrapping.
+    #[error("malformed request: {0}")]
+    Wrapping(#[from] WrappingError),
+    /// The session key given at attestation cannot be sealed to.
+    #[error("malformed request: {0}")]
+    Seal(#[from] ReleaseError),
     #[error("audit log: {0}")]
-    Audit(String),
+    Audit(#[from] audit::AuditError),
     #[error("key store: {0}")]
     KeyStore(#[from] KeyStoreError),
+    // The broker's state and administration; each a failed precondition for a caller.
+    #[error("{}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} exists but the master key is to be TPM-sealed: this state was made with a master key file", .0.display())]
+    MasterKeyIsFile(PathBuf),
+    #[error("the master key is TPM-sealed ({}): configure the TPM (master_key_tpm)", .0.display())]
+    MasterKeyIsSealed(PathBuf),
+    #[error("policy bundle keys: {0}")]
+    BundleKey(#[from] KeyFileError),
+    /// The running policy bundle does not verify (the message names its file).
     #[error("{0}")]
-    Admin(String),
+    RunningPolicy(String),
+    #[error(transparent)]
+    Class(#[from] ClassError),
+    #[error(transparent)]
+    Enrollment(#[from] EnrollmentError),
+    #[error("enrollment needs the IPU's endorsement key (--ek-template), so its attestation key can prove it lives in that TPM")]
+    EndorsementKeyRequired,
+    #[error("{0}")]
+    PublicKey(#[source] ocicrypt::Error),
+    #[error("this broker was started with a fixed policy")]
+    FixedPolicy,
+    #[error("no bundle keys are configured: policy bundles cannot be trusted")]
+    NoBundleKeys,
+    /// The bundle store cannot be read or written (the message names the place).
+    #[error("{0}")]
+    PolicyState(String),
 }
 
 /// An attested session.
@@ -112,7 +159,7 @@ impl BrokerOptions {
             bundle_keys: Vec::new(),
             session_ttl: Duration::from_secs(300),
             nonce_lifetime: Duration::from_secs(60),
-            provider_name: provider::DEFAULT_NAME.into(),
+            provider_name: DEFAULT_PROVIDER_NAME.into(),
             master_key_tpm: None,
             require_ek: true,
         }
@@ -126,19 +173,13 @@ impl BrokerOptions {
         match &self.master_key_tpm {
             Some(tcti) => {
                 if file.exists() {
-                    return Err(BrokerError::Admin(format!(
-                        "{} exists but the master key is to be TPM-sealed: this state was made with a master key file",
-                        file.display()
-                    )));
+                    return Err(BrokerError::MasterKeyIsFile(file));
                 }
                 Ok(crate::sealing::load_or_create_sealed(&sealed, tcti)?)
             }
             None => {
                 if sealed.exists() {
-                    return Err(BrokerError::Admin(format!(
-                        "the master key is TPM-sealed ({}): configure the TPM (master_key_tpm)",
-                        sealed.display()
-                    )));
+                    return Err(BrokerError::MasterKeyIsSealed(sealed));
                 }
                 Ok(MasterKey::load_or_create(&file)?)
             }
@@ -177,11 +218,6 @@ fn random_id() -> String {
     hex::encode(b)
 }
 
-/// The context a released key is sealed to: it opens for this image and layer only.
-pub fn release_context(image_digest: &str, layer_digest: &str) -> Vec<u8> {
-    format!("image {image_digest} layer {layer_digest}").into_bytes()
-}
-
 impl Broker {
     /// A broker with a fixed policy and in-memory enrollments (tests, embedded use).
     pub fn new(
@@ -199,7 +235,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             session_ttl,
             audit,
-            provider_name: provider::DEFAULT_NAME.into(),
+            provider_name: DEFAULT_PROVIDER_NAME.into(),
             require_ek: false,
             unsealed: Mutex::new(HashMap::new()),
         }
@@ -210,27 +246,21 @@ impl Broker {
     /// bundle keys. Sessions and nonces start empty.
     pub fn open(opts: &BrokerOptions, audit: Arc<dyn AuditSink>) -> Result<Self, BrokerError> {
         let dir = &opts.state_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| BrokerError::Admin(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| BrokerError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
         let keys = KeyStore::open(dir, opts.master_key()?)?;
-        let mut trusted = Vec::new();
-        for k in &opts.bundle_keys {
-            let pem = std::fs::read(k).map_err(|e| {
-                BrokerError::Admin(format!("cannot read bundle key {}: {e}", k.display()))
-            })?;
-            trusted.extend(
-                VerificationKey::from_pem(&pem)
-                    .map_err(|e| BrokerError::Admin(format!("bundle key {}: {e}", k.display())))?,
-            );
-        }
+        let trusted = VerificationKey::from_pem_files(&opts.bundle_keys)?;
         let store = BundleStore::new(dir.join("policy"));
-        let running = store.running(&trusted).map_err(BrokerError::Admin)?;
+        let running = store
+            .running(&trusted)
+            .map_err(BrokerError::RunningPolicy)?;
         let classes = match &running {
-            Some(b) => classes_from_policy(&b.deployment).map_err(BrokerError::Admin)?,
+            Some(b) => classes_from_policy(&b.deployment)?,
             None => HashMap::new(),
         };
-        let verifier = Verifier::with_store(classes, opts.nonce_lifetime, keys.tree("ipus")?)
-            .map_err(BrokerError::Admin)?;
+        let verifier = Verifier::with_store(classes, opts.nonce_lifetime, keys.tree("ipus")?)?;
         Ok(Self {
             verifier,
             keys,
@@ -256,17 +286,14 @@ impl Broker {
 
     /// Replaces the deployment policy (after its bundle was verified and audited).
     pub fn set_policy(&self, policy: DeploymentPolicy) -> Result<(), BrokerError> {
-        let classes = classes_from_policy(&policy).map_err(BrokerError::Admin)?;
+        let classes = classes_from_policy(&policy)?;
         self.verifier.set_classes(classes);
         *self.policy.write().expect("not poisoned") = Some(Arc::new(policy));
         Ok(())
     }
 
     fn record(&self, e: Event) -> Result<(), BrokerError> {
-        self.audit
-            .append(e)
-            .map(|_| ())
-            .map_err(|e| BrokerError::Audit(e.to_string()))
+        self.audit.append(e).map(|_| ()).map_err(BrokerError::Audit)
     }
 
     fn attestation_denied(
@@ -298,7 +325,7 @@ impl Broker {
         &self,
         client: &str,
         ak_public: &[u8],
-    ) -> Result<(Vec<u8>, Option<crate::credential::Credential>), BrokerError> {
+    ) -> Result<(Vec<u8>, Option<Credential>), BrokerError> {
         let result = self.verifier.enrollment(ak_public).and_then(|e| {
             let pcrs = self
                 .verifier
@@ -402,7 +429,7 @@ impl Broker {
                 &release_context(&req.image_digest, &req.layer_digest),
                 privopts,
             )
-            .map_err(|e| BrokerError::Request(e.to_string()))
+            .map_err(BrokerError::from)
         })
     }
 
@@ -555,10 +582,10 @@ impl Broker {
             }
             Wrapped::Provider(annotation) => {
                 let wrappings = ocicrypt::keyprovider::split_annotation(annotation)
-                    .map_err(|e| BrokerError::Request(e.to_string()))?;
+                    .map_err(BrokerError::Annotation)?;
                 let mut last = None;
                 for w in wrappings {
-                    let w = ProviderWrapping::decode(&w).map_err(BrokerError::Request)?;
+                    let w = ProviderWrapping::decode(&w)?;
                     let Some(info) = allowed
                         .iter()
                         .find(|k| k.id == w.key_id && k.version == w.version)
@@ -576,13 +603,11 @@ impl Broker {
                     };
                     let key = self.private_key(&info.id, info.version)?;
                     let privopts = ocicrypt::jwe::unwrap(&w.jwe, std::slice::from_ref(&*key))
-                        .map_err(|e| {
-                            BrokerError::Request(format!("the wrapping does not open: {e}"))
-                        })?;
+                        .map_err(BrokerError::WrappingDoesNotOpen)?;
                     let delivered = deliver(&session, &privopts)?;
                     return Ok((info.id.clone(), session.ipu_id.clone(), delivered));
                 }
-                Err(last.unwrap_or_else(|| BrokerError::Request("no wrapping".into())))
+                Err(last.unwrap_or(BrokerError::NoWrapping))
             }
         }
     }
@@ -604,9 +629,8 @@ impl Broker {
                 .find(|k| !k.revoked)
                 .ok_or_else(|| KeyStoreError::Revoked(key_id.to_string()))?;
             let public = ocicrypt::keys::PublicKey::from_pem(newest.public_pem.as_bytes())
-                .map_err(|e| BrokerError::Admin(e.to_string()))?;
-            let jwe = ocicrypt::jwe::wrap(optsdata, &[public])
-                .map_err(|e| BrokerError::Request(e.to_string()))?;
+                .map_err(BrokerError::PublicKey)?;
+            let jwe = ocicrypt::jwe::wrap(optsdata, &[public]).map_err(BrokerError::Wrap)?;
             Ok::<_, BrokerError>((
                 newest.version,
                 ProviderWrapping {
@@ -726,22 +750,17 @@ impl Broker {
     ) -> Result<EnrolledIpu, BrokerError> {
         self.admin(who, "ipu_enroll", ipu_id, || {
             if ek_template.is_none() && self.require_ek {
-                return Err(BrokerError::Admin(
-                    "enrollment needs the IPU's endorsement key (--ek-template), so its attestation key can prove it lives in that TPM".into(),
-                ));
+                return Err(BrokerError::EndorsementKeyRequired);
             }
-            let point = self
-                .verifier
-                .enroll_template(
-                    ak_template,
-                    Enrollment {
-                        ipu_id: ipu_id.to_string(),
-                        ipu_class: ipu_class.to_string(),
-                        ek_template: ek_template.map(<[u8]>::to_vec),
-                        ..Enrollment::default()
-                    },
-                )
-                .map_err(BrokerError::Admin)?;
+            let point = self.verifier.enroll_template(
+                ak_template,
+                Enrollment {
+                    ipu_id: ipu_id.to_string(),
+                    ipu_class: ipu_class.to_string(),
+                    ek_template: ek_template.map(<[u8]>::to_vec),
+                    ..Enrollment::default()
+                },
+            )?;
             let e = self
                 .verifier
                 .list()
@@ -759,10 +778,7 @@ impl Broker {
 
     pub fn revoke_ipu(&self, who: &str, ipu_id: &str) -> Result<EnrolledIpu, BrokerError> {
         self.admin(who, "ipu_revoke", ipu_id, || {
-            let e = self
-                .verifier
-                .revoke_ipu(ipu_id)
-                .map_err(BrokerError::Admin)?;
+            let e = self.verifier.revoke_ipu(ipu_id)?;
             // Its open sessions end with it.
             self.sessions
                 .lock()
@@ -775,13 +791,9 @@ impl Broker {
     /// Loads a signed deployment policy bundle: trusted signer, no rollback; audited as
     /// `admin.policy_load` (a refused bundle is a denial).
     pub fn load_policy(&self, who: &str, bundle: &[u8]) -> Result<VerifiedBundle, BrokerError> {
-        let (store, trusted) = self.bundles.as_ref().ok_or_else(|| {
-            BrokerError::Admin("this broker was started with a fixed policy".into())
-        })?;
+        let (store, trusted) = self.bundles.as_ref().ok_or(BrokerError::FixedPolicy)?;
         if trusted.is_empty() {
-            return Err(BrokerError::Admin(
-                "no bundle keys are configured: policy bundles cannot be trusted".into(),
-            ));
+            return Err(BrokerError::NoBundleKeys);
         }
         // The IPU classes must be usable by this verifier before the bundle becomes the
         // running one: a bundle that installs but cannot be enforced would lock IPUs out.
@@ -789,7 +801,9 @@ impl Broker {
             .map_err(InstallError::Rejected)
             .and_then(|b| {
                 classes_from_policy(&b.deployment).map_err(|e| {
-                    InstallError::Rejected(policy::deploy::bundle::BundleError::Deployment(e))
+                    InstallError::Rejected(policy::deploy::bundle::BundleError::Deployment(
+                        e.to_string(),
+                    ))
                 })
             })
             .and_then(|_| store.install(bundle, trusted));
@@ -800,7 +814,7 @@ impl Broker {
                     InstallError::Rejected(e) => {
                         (Outcome::Denied, BrokerError::Denied(e.to_string()))
                     }
-                    InstallError::State(e) => (Outcome::Failure, BrokerError::Admin(e)),
+                    InstallError::State(e) => (Outcome::Failure, BrokerError::PolicyState(e)),
                 };
                 self.record(
                     Event::new(

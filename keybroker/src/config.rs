@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use audit::local::AuditTarget;
 use serde::Deserialize;
 
 use crate::broker::BrokerOptions;
@@ -73,13 +74,49 @@ struct RawUnix {
     roles: BTreeMap<String, String>,
 }
 
-/// Where the broker's audit events go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AuditTarget {
-    /// A log directory the broker writes itself.
-    Dir(PathBuf),
-    /// The writer socket of `audit serve`.
-    Socket(PathBuf),
+/// What is wrong with a configuration, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A mistake in the file at `path`.
+    #[error("{}: {source}", path.display())]
+    In {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("{what} = {value:?}: {source}")]
+    Duration {
+        what: &'static str,
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("{0} must be longer than zero")]
+    ZeroDuration(&'static str),
+    #[error("provider_name {0:?}: letters, digits, - _ .")]
+    ProviderName(String),
+    #[error("give audit_log or audit_socket, not both")]
+    TwoAuditTargets,
+    #[error("tls.listen = {value:?}: {source}")]
+    Listen {
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("unix.roles: {0:?} is not a numeric uid")]
+    Uid(String),
+    #[error("unix.roles: role {role:?} for uid {uid} (admin, publisher or auditor; IPUs attest over TLS)")]
+    UnixRole { role: String, uid: u32 },
+    #[error("nothing to serve: configure [tls], [unix] or both")]
+    NothingToServe,
 }
 
 #[derive(Clone, Debug)]
@@ -108,14 +145,22 @@ pub struct Config {
 
 pub const ROLES: [&str; 4] = ["admin", "publisher", "ipu", "auditor"];
 
-fn duration(what: &str, v: Option<&str>, default: Duration) -> Result<Duration, String> {
+fn duration(
+    what: &'static str,
+    v: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
         Some(s) => humantime::parse_duration(s)
-            .map_err(|e| format!("{what} = {s:?}: {e}"))
+            .map_err(|source| ConfigError::Duration {
+                what,
+                value: s.to_string(),
+                source,
+            })
             .and_then(|d| {
                 if d.is_zero() {
-                    Err(format!("{what} must be longer than zero"))
+                    Err(ConfigError::ZeroDuration(what))
                 } else {
                     Ok(d)
                 }
@@ -124,15 +169,19 @@ fn duration(what: &str, v: Option<&str>, default: Duration) -> Result<Duration, 
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
-            .map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| ConfigError::In {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
-    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
-        let raw: Raw = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text)?;
         let at = |p: &Path| base.join(p);
         let mut broker = BrokerOptions::new(at(&raw.state_dir));
         broker.bundle_keys = raw.bundle_keys.iter().map(|p| at(p)).collect();
@@ -152,7 +201,7 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             {
-                return Err(format!("provider_name {name:?}: letters, digits, - _ ."));
+                return Err(ConfigError::ProviderName(name));
             }
             broker.provider_name = name;
         }
@@ -161,18 +210,18 @@ impl Config {
             broker.require_ek = r;
         }
         let audit = match (raw.audit_log, raw.audit_socket) {
-            (Some(_), Some(_)) => return Err("give audit_log or audit_socket, not both".into()),
-            (Some(d), None) => AuditTarget::Dir(at(&d)),
+            (Some(_), Some(_)) => return Err(ConfigError::TwoAuditTargets),
+            (Some(d), None) => AuditTarget::dir(at(&d)),
             (None, Some(s)) => AuditTarget::Socket(at(&s)),
-            (None, None) => AuditTarget::Dir(crate::broker::default_audit_dir(&broker.state_dir)),
+            (None, None) => AuditTarget::dir(crate::broker::default_audit_dir(&broker.state_dir)),
         };
         let tls = match raw.tls {
             None => None,
             Some(t) => Some(TlsListener {
-                listen: t
-                    .listen
-                    .parse()
-                    .map_err(|e| format!("tls.listen = {:?}: {e}", t.listen))?,
+                listen: t.listen.parse().map_err(|source| ConfigError::Listen {
+                    value: t.listen.clone(),
+                    source,
+                })?,
                 cert: at(&t.cert),
                 key: at(&t.key),
                 client_ca: at(&t.client_ca),
@@ -183,13 +232,9 @@ impl Config {
             Some(u) => {
                 let mut roles = BTreeMap::new();
                 for (uid, role) in u.roles {
-                    let uid: u32 = uid
-                        .parse()
-                        .map_err(|_| format!("unix.roles: {uid:?} is not a numeric uid"))?;
+                    let uid: u32 = uid.parse().map_err(|_| ConfigError::Uid(uid.clone()))?;
                     if !ROLES.contains(&role.as_str()) || role == "ipu" {
-                        return Err(format!(
-                            "unix.roles: role {role:?} for uid {uid} (admin, publisher or auditor; IPUs attest over TLS)"
-                        ));
+                        return Err(ConfigError::UnixRole { role, uid });
                     }
                     roles.insert(uid, role);
                 }
@@ -200,7 +245,7 @@ impl Config {
             }
         };
         if tls.is_none() && unix.is_none() {
-            return Err("nothing to serve: configure [tls], [unix] or both".into());
+            return Err(ConfigError::NothingToServe);
         }
         Ok(Self {
             broker,
@@ -236,7 +281,7 @@ roles = { "1000" = "publisher" }
         .unwrap();
         assert_eq!(c.broker.state_dir, Path::new("/etc/kb/state"));
         assert_eq!(c.broker.session_ttl, Duration::from_secs(120));
-        assert_eq!(c.audit, AuditTarget::Dir("/etc/kb/state/audit".into()));
+        assert_eq!(c.audit, AuditTarget::dir("/etc/kb/state/audit"));
         let tls = c.tls.unwrap();
         assert_eq!(tls.client_ca, Path::new("/etc/ca.pem"));
         assert_eq!(c.unix.unwrap().roles[&1000], "publisher");
@@ -254,7 +299,7 @@ roles = { "1000" = "publisher" }
             ("state_dir = \"s\"\naudit_log = \"a\"\naudit_socket = \"b\"\n[unix]\nsocket = \"x\"\n", "not both"),
         ];
         for (text, want) in cases {
-            let e = Config::parse(text, Path::new("/")).unwrap_err();
+            let e = Config::parse(text, Path::new("/")).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
     }

@@ -13,12 +13,10 @@ use ring::digest::{digest, SHA256};
 use ring::hmac;
 use zeroize::Zeroizing;
 
-use crate::attest::{AttestError, Reader, ALG_SHA256};
+use crate::tpm2::{Malformed, Reader, ALG_ECC, ALG_SHA256, ECC_NIST_P256};
 
-const ALG_ECC: u16 = 0x0023;
 const ALG_AES: u16 = 0x0006;
 const ALG_CFB: u16 = 0x0043;
-const ECC_NIST_P256: u16 = 0x0003;
 
 /// What an EK's TPMT_PUBLIC says that MakeCredential needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,10 +27,11 @@ pub struct EndorsementKey {
 
 impl EndorsementKey {
     /// Parses an ECC P-256 EK's marshalled TPMT_PUBLIC (SHA-256 name, AES-128-CFB, a
-    /// restricted decryption key).
-    pub fn parse(template: &[u8]) -> Result<Self, AttestError> {
-        use crate::attest::object_attributes::*;
-        let bad = |m: &str| AttestError::Malformed(format!("endorsement key: {m}"));
+    /// restricted decryption key). The error says what is wrong with it, not that it is the
+    /// endorsement key: the caller says that.
+    pub fn parse(template: &[u8]) -> Result<Self, Malformed> {
+        use crate::tpm2::object_attributes::*;
+        let bad = |m: &str| Malformed(m.to_string());
         let mut r = Reader::new(template);
         if r.u16("type")? != ALG_ECC {
             return Err(bad("not an ECC key (only ECC P-256 EKs are supported)"));

@@ -141,6 +141,16 @@ impl std::str::FromStr for KeyKind {
 }
 
 impl KeyKind {
+    /// The kind's name, as [`FromStr`](std::str::FromStr) parses it and the admin API takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Rsa2048 => "rsa-2048",
+            KeyKind::Rsa4096 => "rsa-4096",
+            KeyKind::EcP256 => "ec-p256",
+            KeyKind::EcP384 => "ec-p384",
+        }
+    }
+
     /// A fresh private key of this kind (PKCS#8 PEM).
     fn generate(self) -> Result<Zeroizing<String>, KeyStoreError> {
         use p256::pkcs8::{EncodePrivateKey, LineEnding};

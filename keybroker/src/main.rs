@@ -8,24 +8,13 @@
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use api::keybroker::key_admin_client::KeyAdminClient;
-use api::keybroker::{
-    CreateKeyRequest, EnrollIpuRequest, ImportKeyRequest, IpuIdRequest, KeyIdRequest, KeyInfo,
-    ListRequest, LoadPolicyRequest, RevokeKeyRequest,
-};
-use api::keyprovider::key_provider_service_client::KeyProviderServiceClient;
-use api::keyprovider::KeyProviderKeyWrapProtocolInput;
-use audit::AuditSink;
 use clap::{Parser, Subcommand, ValueEnum};
-use keybroker::broker::{Broker, BrokerOptions};
-use keybroker::config::{AuditTarget, Config};
+use keybroker::admin::{self, AdminError, LocalOptions, Target};
 use keybroker::keystore::KeyKind;
-use keybroker::service::{ipu_info, key_info};
-use tonic::transport::Channel;
+use keybroker::output;
 
 #[derive(Parser)]
 #[command(
@@ -97,13 +86,13 @@ enum Kind {
     EcP384,
 }
 
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Rsa2048 => "rsa-2048",
-            Kind::Rsa4096 => "rsa-4096",
-            Kind::EcP256 => "ec-p256",
-            Kind::EcP384 => "ec-p384",
+impl From<Kind> for KeyKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Rsa2048 => KeyKind::Rsa2048,
+            Kind::Rsa4096 => KeyKind::Rsa4096,
+            Kind::EcP256 => KeyKind::EcP256,
+            Kind::EcP384 => KeyKind::EcP384,
         }
     }
 }
@@ -183,9 +172,13 @@ enum PolicyCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Serve { config } => serve(config),
-        Command::Keyprovider => keyprovider(&cli),
-        _ => admin(&cli),
+        Command::Serve { config } => {
+            keybroker::daemon::serve_file(config).map_err(|e| e.to_string())
+        }
+        Command::Keyprovider => {
+            keybroker::provider_command::run(cli.socket.as_deref()).map_err(|e| e.to_string())
+        }
+        _ => admin(&cli).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,427 +189,61 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))
-}
-
-async fn connect(socket: PathBuf) -> Result<Channel, String> {
-    let what = socket.display().to_string();
-    api::unix::connect(socket)
-        .await
-        .map_err(|e| format!("cannot reach the broker at {what}: {e}"))
-}
-
-fn rpc_error(s: tonic::Status) -> String {
-    s.message().to_string()
-}
-
-fn audit_sink(target: &AuditTarget) -> Result<Arc<dyn AuditSink>, String> {
-    Ok(match target {
-        AuditTarget::Dir(dir) => Arc::new(
-            audit::local::open(dir, &audit::local::default_origin("keybroker"), None)
-                .map_err(|e| format!("audit log {}: {e}", dir.display()))?,
-        ),
-        AuditTarget::Socket(s) => Arc::new(
-            audit::RemoteLog::connect(s)
-                .map_err(|e| format!("audit socket {}: {e}", s.display()))?,
-        ),
-    })
-}
-
-fn serve(config: &Path) -> Result<(), String> {
-    let config = Config::load(config)?;
-    let sink = audit_sink(&config.audit)?;
-    let broker = Arc::new(Broker::open(&config.broker, sink).map_err(|e| e.to_string())?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    rt.block_on(async move {
-        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
-        let mut servers = tokio::task::JoinSet::new();
-        if let Some(tls) = &config.tls {
-            let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-            let files = keybroker::service::TlsFiles {
-                cert_pem: read(&tls.cert)?,
-                key_pem: read(&tls.key)?,
-                client_ca_pem: read(&tls.client_ca)?,
-            };
-            let listener = tokio::net::TcpListener::bind(tls.listen)
-                .await
-                .map_err(|e| format!("cannot listen on {}: {e}", tls.listen))?;
-            eprintln!(
-                "keybroker: serving mutual TLS on {}",
-                listener.local_addr().map_err(|e| e.to_string())?
-            );
-            let mut stop = stop_tx.subscribe();
-            let b = broker.clone();
-            servers.spawn(async move {
-                keybroker::service::serve(b, listener, files, async move {
-                    let _ = stop.recv().await;
-                })
-                .await
-                .map_err(|e| format!("TLS listener: {e}"))
-            });
-        }
-        if let Some(unix) = &config.unix {
-            let listener = bind_unix(&unix.socket)?;
-            eprintln!("keybroker: serving {}", unix.socket.display());
-            let mut stop = stop_tx.subscribe();
-            let b = broker.clone();
-            let roles = unix.roles.clone();
-            servers.spawn(async move {
-                keybroker::service::serve_unix(b, listener, roles, async move {
-                    let _ = stop.recv().await;
-                })
-                .await
-                .map_err(|e| format!("Unix listener: {e}"))
-            });
-        }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-            Some(r) = servers.join_next() => {
-                r.map_err(|e| e.to_string())??;
-            }
-        }
-        let _ = stop_tx.send(());
-        // In-flight requests finish; a client that keeps an idle connection open does not
-        // hold the stop for longer than this.
-        let drain = async {
-            while let Some(r) = servers.join_next().await {
-                r.map_err(|e| e.to_string())??;
-            }
-            Ok::<_, String>(())
-        };
-        match tokio::time::timeout(DRAIN_DEADLINE, drain).await {
-            Ok(r) => r?,
-            Err(_) => {
-                eprintln!(
-                    "keybroker: connections still open {} s after the stop; closing them",
-                    DRAIN_DEADLINE.as_secs()
-                );
-                servers.abort_all();
-            }
-        }
-        if let Some(unix) = &config.unix {
-            let _ = std::fs::remove_file(&unix.socket);
-        }
-        Ok::<_, String>(())
-    })
-}
-
-/// How long a stopping broker waits for open connections.
-const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-
-fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, String> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        // Left by a broker that died; a live one would hold the state directory's lock,
-        // which this broker already took.
-        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    // Anyone may connect: callers are told apart by their kernel-reported uid, and uids
-    // without a role are refused per request.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(listener)
-}
-
-fn keyprovider(cli: &Cli) -> Result<(), String> {
-    use std::io::{Read, Write};
-    let socket = cli
-        .socket
-        .clone()
-        .ok_or("keyprovider needs --socket (the running broker's Unix socket)")?;
-    let mut input = zeroize::Zeroizing::new(Vec::new());
-    std::io::stdin()
-        .take(1 << 20)
-        .read_to_end(&mut input)
-        .map_err(|e| format!("stdin: {e}"))?;
-    let op = serde_json::from_slice::<ocicrypt::keyprovider::Request>(&input)
-        .map_err(|e| format!("malformed key provider request: {e}"))?
-        .op;
-    let rt = runtime()?;
-    let output = rt.block_on(async {
-        let mut client = KeyProviderServiceClient::new(connect(socket).await?);
-        let req = KeyProviderKeyWrapProtocolInput {
-            key_provider_key_wrap_protocol_input: input.to_vec(),
-        };
-        let reply = if op == ocicrypt::keyprovider::OP_UNWRAP {
-            client.un_wrap_key(req).await
-        } else {
-            client.wrap_key(req).await
-        };
-        reply
-            .map(|r| r.into_inner().key_provider_key_wrap_protocol_output)
-            .map_err(rpc_error)
-    })?;
-    let output = zeroize::Zeroizing::new(output);
-    std::io::stdout()
-        .write_all(&output)
-        .map_err(|e| format!("stdout: {e}"))
-}
-
-/// Administrative operations, on a running broker or on its state directory.
-// One per process.
-#[allow(clippy::large_enum_variant)]
-enum Target {
-    Remote(tokio::runtime::Runtime, KeyAdminClient<Channel>),
-    Local(Broker, String),
-}
-
-impl Target {
-    fn open(cli: &Cli) -> Result<Self, String> {
-        if let Some(socket) = &cli.socket {
-            let rt = runtime()?;
-            let channel = rt.block_on(connect(socket.clone()))?;
-            return Ok(Target::Remote(rt, KeyAdminClient::new(channel)));
-        }
-        let audit_dir = cli
-            .audit_log
-            .clone()
-            .unwrap_or_else(|| keybroker::broker::default_audit_dir(&cli.dir));
-        let sink = audit_sink(&AuditTarget::Dir(audit_dir))?;
-        let mut opts = BrokerOptions::new(&cli.dir);
-        opts.bundle_keys = cli.bundle_key.clone();
-        opts.master_key_tpm = cli.master_key_tpm.clone();
-        let broker = Broker::open(&opts, sink).map_err(|e| {
-            if e.to_string().contains("lock") {
-                format!(
-                    "{e} (a broker is running on {}: use --socket)",
-                    cli.dir.display()
-                )
-            } else {
-                e.to_string()
-            }
-        })?;
-        let actor = cli
-            .actor
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "unknown".into());
-        Ok(Target::Local(broker, actor))
-    }
-}
-
-/// Runs one admin call on whichever target: `$local` with the broker and actor, `$remote`
-/// with the client.
-macro_rules! call {
-    ($t:expr, |$b:ident, $who:ident| $local:expr, |$c:ident| $remote:expr) => {
-        match $t {
-            Target::Local($b, $who) => $local.map_err(|e| e.to_string()),
-            Target::Remote(rt, $c) => rt
-                .block_on($remote)
-                .map(|r| r.into_inner())
-                .map_err(rpc_error),
-        }
+fn admin(cli: &Cli) -> Result<(), AdminError> {
+    let local = LocalOptions {
+        dir: cli.dir.clone(),
+        audit_log: cli.audit_log.clone(),
+        actor: cli.actor.clone(),
+        bundle_keys: cli.bundle_key.clone(),
+        master_key_tpm: cli.master_key_tpm.clone(),
     };
-}
-
-fn print_key_json(keys: &[KeyInfo]) {
-    let v: Vec<serde_json::Value> = keys
-        .iter()
-        .map(|k| {
-            serde_json::json!({
-                "id": k.id, "version": k.version, "algorithm": k.algorithm,
-                "public_pem": k.public_pem, "created": k.created, "revoked": k.revoked,
-            })
-        })
-        .collect();
-    println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
-}
-
-fn admin(cli: &Cli) -> Result<(), String> {
-    let mut target = Target::open(cli)?;
-    let t = &mut target;
+    let mut t = Target::open(cli.socket.as_deref(), &local)?;
     match &cli.command {
         Command::Keys(Keys::Create { id, kind }) => {
-            let kk: KeyKind = kind.name().parse().map_err(|e| format!("{e}"))?;
-            let k = call!(t, |b, who| b.create_key(who, id, kk).map(key_info), |c| c
-                .create_key(CreateKeyRequest {
-                    id: id.clone(),
-                    kind: kind.name().into()
-                }))?;
-            print!("{}", k.public_pem);
+            print!("{}", t.create_key(id, (*kind).into())?.public_pem);
         }
         Command::Keys(Keys::Import { id, key }) => {
-            let pem = zeroize::Zeroizing::new(
-                std::fs::read(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?,
-            );
-            let k = call!(t, |b, who| b.import_key(who, id, &pem).map(key_info), |c| c
-                .import_key(ImportKeyRequest {
-                    id: id.clone(),
-                    private_pem: pem.to_vec()
-                }))?;
-            print!("{}", k.public_pem);
+            let pem = zeroize::Zeroizing::new(admin::read(key)?);
+            print!("{}", t.import_key(id, &pem)?.public_pem);
         }
         Command::Keys(Keys::Rotate { id }) => {
-            let k = call!(t, |b, who| b.rotate_key(who, id).map(key_info), |c| c
-                .rotate_key(KeyIdRequest { id: id.clone() }))?;
-            eprintln!(
-                "keybroker: {} version {} ({})",
-                k.id, k.version, k.algorithm
-            );
+            let k = t.rotate_key(id)?;
+            eprint!("{}", output::rotated(&k));
             print!("{}", k.public_pem);
         }
-        Command::Keys(Keys::Revoke { id, version }) => {
-            call!(
-                t,
-                |b, who| b.revoke_key(who, id, *version).map(|_| ()),
-                |c| async {
-                    c.revoke_key(RevokeKeyRequest {
-                        id: id.clone(),
-                        version: version.unwrap_or(0),
-                    })
-                    .await
-                    .map(|r| r.map(|_| ()))
-                }
-            )?;
-        }
+        Command::Keys(Keys::Revoke { id, version }) => t.revoke_key(id, *version)?,
         Command::Keys(Keys::List { json }) => {
-            let keys = call!(
-                t,
-                |b, _who| b
-                    .keys()
-                    .list()
-                    .map(|v| v.into_iter().map(key_info).collect::<Vec<_>>()),
-                |c| async { c.list_keys(ListRequest {}).await.map(|r| r.map(|l| l.keys)) }
-            )?;
+            let keys = t.list_keys()?;
             if *json {
-                print_key_json(&keys);
+                print!("{}", output::keys_json(&keys));
             } else {
-                for k in keys {
-                    println!(
-                        "{:<32} v{:<4} {:<10} {} {}",
-                        k.id,
-                        k.version,
-                        k.algorithm,
-                        audit::event::format_time(k.created * 1_000_000_000),
-                        if k.revoked { "REVOKED" } else { "active" }
-                    );
-                }
+                print!("{}", output::keys_text(&keys));
             }
         }
-        Command::Keys(Keys::Public { id }) => {
-            let keys = call!(
-                t,
-                |b, _who| b
-                    .keys()
-                    .versions(id)
-                    .map(|v| v.into_iter().map(key_info).collect::<Vec<_>>()),
-                |c| async { c.list_keys(ListRequest {}).await.map(|r| r.map(|l| l.keys)) }
-            )?;
-            let newest = keys
-                .into_iter()
-                .filter(|k| &k.id == id && !k.revoked)
-                .max_by_key(|k| k.version)
-                .ok_or_else(|| format!("no usable key {id:?}"))?;
-            print!("{}", newest.public_pem);
-        }
+        Command::Keys(Keys::Public { id }) => print!("{}", t.newest_key(id)?.public_pem),
         Command::Ipus(Ipus::Enroll {
             id,
             class,
             ak_template,
             ek_template,
         }) => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-            };
-            let template = read(ak_template)?;
-            let ek = ek_template.as_ref().map(read).transpose()?;
-            let e = call!(
-                t,
-                |b, who| b
-                    .enroll_ipu(who, id, class, &template, ek.as_deref())
-                    .map(ipu_info),
-                |c| c.enroll_ipu(EnrollIpuRequest {
-                    ipu_id: id.clone(),
-                    ipu_class: class.clone(),
-                    ak_template: template.clone(),
-                    ek_template: ek.clone().unwrap_or_default(),
-                })
-            )?;
-            println!(
-                "{} enrolled in class {} (AK {})",
-                e.ipu_id,
-                e.ipu_class,
-                hex::encode(&e.ak_public[..9])
-            );
+            let template = admin::read(ak_template)?;
+            let ek = ek_template.as_deref().map(admin::read).transpose()?;
+            let e = t.enroll_ipu(id, class, &template, ek.as_deref())?;
+            print!("{}", output::enrolled(&e));
         }
-        Command::Ipus(Ipus::Revoke { id }) => {
-            call!(t, |b, who| b.revoke_ipu(who, id).map(|_| ()), |c| async {
-                c.revoke_ipu(IpuIdRequest { ipu_id: id.clone() })
-                    .await
-                    .map(|r| r.map(|_| ()))
-            })?;
-        }
+        Command::Ipus(Ipus::Revoke { id }) => t.revoke_ipu(id)?,
         Command::Ipus(Ipus::List { json }) => {
-            let ipus = call!(
-                t,
-                |b, _who| Ok::<_, String>(
-                    b.verifier
-                        .list()
-                        .into_iter()
-                        .map(ipu_info)
-                        .collect::<Vec<_>>()
-                ),
-                |c| async { c.list_ipus(ListRequest {}).await.map(|r| r.map(|l| l.ipus)) }
-            )?;
+            let ipus = t.list_ipus()?;
             if *json {
-                let v: Vec<serde_json::Value> = ipus
-                    .iter()
-                    .map(|e| serde_json::json!({
-                        "ipu_id": e.ipu_id, "ipu_class": e.ipu_class,
-                        "ak_public": hex::encode(&e.ak_public), "enrolled": e.enrolled, "revoked": e.revoked,
-                        "pinned": e.pinned, "activated": e.activated,
-                    }))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+                print!("{}", output::ipus_json(&ipus));
             } else {
-                for e in ipus {
-                    let state = match (e.revoked, e.pinned, e.activated) {
-                        (true, _, _) => "REVOKED",
-                        (false, true, true) => "active, pinned to its EK",
-                        (false, true, false) => "awaiting activation",
-                        (false, false, _) => "active, not pinned",
-                    };
-                    println!(
-                        "{:<24} {:<16} {} {state}",
-                        e.ipu_id,
-                        e.ipu_class,
-                        audit::event::format_time(e.enrolled * 1_000_000_000),
-                    );
-                }
+                print!("{}", output::ipus_text(&ipus));
             }
         }
         Command::Policy(PolicyCmd::Load { bundle }) => {
-            let bytes = std::fs::read(bundle)
-                .map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
-            let (version, signer) = call!(
-                t,
-                |b, who| b
-                    .load_policy(who, &bytes)
-                    .map(|v| (v.content.version, v.signer)),
-                |c| async {
-                    c.load_policy(LoadPolicyRequest {
-                        bundle: bytes.clone(),
-                    })
-                    .await
-                    .map(|r| r.map(|p| (p.version, p.signer)))
-                }
-            )?;
-            println!("policy bundle version {version} signed by {signer} is running");
+            let (version, signer) = t.load_policy(&admin::read(bundle)?)?;
+            print!("{}", output::policy_loaded(version, &signer));
         }
         Command::Serve { .. } | Command::Keyprovider => unreachable!("dispatched in main"),
     }

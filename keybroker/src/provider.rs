@@ -3,45 +3,52 @@
 //! usable version of that key. Unwrapping through this door is the same policy-checked,
 //! audited release as the broker's own `Release`, and needs an attested session.
 //!
-//! The wrapping (the provider annotation's bytes) is JSON naming the key and version, with
-//! the private options as JWE to that version's public key: the broker alone can open it,
-//! and rotation leaves older images readable until their version is revoked.
+//! The wrapping itself (the provider annotation's bytes) is [`crate::wrapping`].
 
 use ocicrypt::keyprovider::{self, Reply, Request};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::broker::{Broker, BrokerError, ReleaseRequest, Wrapped};
 
 /// The provider name publishers configure unless the broker is told otherwise.
-pub const DEFAULT_NAME: &str = "ipubroker";
+pub use broker_protocol::DEFAULT_PROVIDER_NAME as DEFAULT_NAME;
 
-/// Largest wrapping accepted.
-const MAX_WRAPPING: usize = 64 * 1024;
-
-/// What the broker puts in a provider annotation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderWrapping {
-    #[serde(rename = "kid")]
-    pub key_id: String,
-    pub version: u32,
-    /// The private options as a `keys.jwe` annotation value to that version's public key.
-    pub jwe: String,
+/// A key provider message the broker cannot act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderRequestError {
+    #[error("key provider request over 1 MiB")]
+    TooLarge,
+    #[error("key provider request: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("key provider operation {0:?} (keywrap or keyunwrap)")]
+    UnknownOperation(String),
+    #[error("{door:?} requested through the {method:?} method")]
+    WrongMethod { door: Door, method: Door },
+    #[error("keywrap names no key for provider {name:?} (use provider:{name}:<key id>)")]
+    NoKeyId { name: String },
+    #[error("the key id is not UTF-8")]
+    KeyIdNotUtf8,
+    #[error("keywrap without optsdata")]
+    NoOptsdata,
+    #[error("keyunwrap needs decryption parameters for provider {name:?} (session=, tenant=, function=, image=, image-digest=, layer-digest=)")]
+    NoParameters { name: String },
+    #[error("a decryption parameter is not UTF-8")]
+    ParameterNotUtf8,
+    #[error("decryption parameter {0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error("keyunwrap: missing decryption parameter {0}=")]
+    MissingParameter(&'static str),
+    #[error("keyunwrap without an annotation")]
+    NoAnnotation,
 }
 
-impl ProviderWrapping {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("wrappings serialize")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.len() > MAX_WRAPPING {
-            return Err(format!("a {}-byte key wrapping", bytes.len()));
-        }
-        serde_json::from_slice(bytes)
-            .map_err(|e| format!("the key provider annotation is not this broker's: {e}"))
-    }
+/// Why the door refused a message: it is malformed, or the broker refused it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("malformed request: {0}")]
+    Request(#[from] ProviderRequestError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 /// The release a keyunwrap asks for, from its decryption parameters for this provider:
@@ -49,31 +56,28 @@ impl ProviderWrapping {
 fn unwrap_request(
     name: &str,
     request: &Request,
-) -> Result<(ReleaseRequest, Zeroizing<Vec<u8>>), BrokerError> {
-    let bad = |m: String| BrokerError::Request(m);
+) -> Result<(ReleaseRequest, Zeroizing<Vec<u8>>), ProviderRequestError> {
     let params = request
         .keyunwrapparams
         .dc
         .as_ref()
         .and_then(|dc| dc.parameters.get(name))
-        .ok_or_else(|| {
-            bad(format!(
-                "keyunwrap needs decryption parameters for provider {name:?} (session=, tenant=, function=, image=, image-digest=, layer-digest=)"
-            ))
+        .ok_or_else(|| ProviderRequestError::NoParameters {
+            name: name.to_string(),
         })?;
     let mut fields = std::collections::BTreeMap::new();
     for p in params {
         let text = std::str::from_utf8(p.as_slice())
-            .map_err(|_| bad("a decryption parameter is not UTF-8".into()))?;
+            .map_err(|_| ProviderRequestError::ParameterNotUtf8)?;
         let (k, v) = text
             .split_once('=')
-            .ok_or_else(|| bad(format!("decryption parameter {text:?} is not key=value")))?;
+            .ok_or_else(|| ProviderRequestError::NotKeyValue(text.to_string()))?;
         fields.insert(k.to_string(), v.to_string());
     }
-    let mut take = |k: &str| {
+    let mut take = |k: &'static str| {
         fields
             .remove(k)
-            .ok_or_else(|| bad(format!("keyunwrap: missing decryption parameter {k}=")))
+            .ok_or(ProviderRequestError::MissingParameter(k))
     };
     let req = ReleaseRequest {
         session_id: take("session")?,
@@ -88,7 +92,7 @@ fn unwrap_request(
         .keyunwrapparams
         .annotation
         .as_ref()
-        .ok_or_else(|| bad("keyunwrap without an annotation".into()))?;
+        .ok_or(ProviderRequestError::NoAnnotation)?;
     Ok((req, annotation.0.clone()))
 }
 
@@ -105,15 +109,12 @@ pub fn handle(
     broker: &Broker,
     client: &str,
     input: &[u8],
-    may: impl Fn(Door) -> Result<(), BrokerError>,
-) -> Result<Vec<u8>, BrokerError> {
+    may: impl Fn(Door) -> Result<(), ProviderError>,
+) -> Result<Vec<u8>, ProviderError> {
     if input.len() > 1 << 20 {
-        return Err(BrokerError::Request(
-            "key provider request over 1 MiB".into(),
-        ));
+        return Err(ProviderRequestError::TooLarge.into());
     }
-    let request: Request = serde_json::from_slice(input)
-        .map_err(|e| BrokerError::Request(format!("key provider request: {e}")))?;
+    let request: Request = serde_json::from_slice(input).map_err(ProviderRequestError::Json)?;
     let name = broker.provider_name();
     let reply = match request.op.as_str() {
         keyprovider::OP_WRAP => {
@@ -124,17 +125,15 @@ pub fn handle(
                 .as_ref()
                 .and_then(|ec| ec.parameters.get(name))
                 .and_then(|v| v.first())
-                .ok_or_else(|| {
-                    BrokerError::Request(format!(
-                        "keywrap names no key for provider {name:?} (use provider:{name}:<key id>)"
-                    ))
+                .ok_or_else(|| ProviderRequestError::NoKeyId {
+                    name: name.to_string(),
                 })?;
             let key_id = std::str::from_utf8(key_id.as_slice())
-                .map_err(|_| BrokerError::Request("the key id is not UTF-8".into()))?;
+                .map_err(|_| ProviderRequestError::KeyIdNotUtf8)?;
             let optsdata = params
                 .optsdata
                 .as_ref()
-                .ok_or_else(|| BrokerError::Request("keywrap without optsdata".into()))?;
+                .ok_or(ProviderRequestError::NoOptsdata)?;
             Reply::wrapped(broker.wrap(client, key_id, optsdata.as_slice())?)
         }
         keyprovider::OP_UNWRAP => {
@@ -143,11 +142,7 @@ pub fn handle(
             req.wrapped = Wrapped::Provider(keyprovider::join_annotation(&[annotation.to_vec()]));
             Reply::unwrapped(broker.release_unsealed(client, &req)?)
         }
-        other => {
-            return Err(BrokerError::Request(format!(
-                "key provider operation {other:?} (keywrap or keyunwrap)"
-            )))
-        }
+        other => return Err(ProviderRequestError::UnknownOperation(other.to_string()).into()),
     };
     Ok(serde_json::to_vec(&reply).expect("replies serialize"))
 }

@@ -25,10 +25,10 @@ use der::Decode;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::attest::{EnrolledIpu, Evidence};
 use crate::broker::{self, Broker, BrokerError, Wrapped};
 use crate::keystore::{self, KeyKind};
-use crate::provider::{self, Door};
+use crate::provider::{self, Door, ProviderError};
+use crate::verifier::{EnrolledIpu, Evidence};
 
 /// OID of the organizationalUnitName attribute.
 const OID_OU: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("2.5.4.11");
@@ -145,7 +145,12 @@ fn status(e: BrokerError) -> Status {
         | BrokerError::WrongClient => Status::permission_denied(e.to_string()),
         // Its own code, so a client knows to attest again (and nothing else means that).
         BrokerError::NoSession => Status::unauthenticated(e.to_string()),
-        BrokerError::Request(_) => Status::invalid_argument(e.to_string()),
+        BrokerError::Annotation(_)
+        | BrokerError::Wrap(_)
+        | BrokerError::WrappingDoesNotOpen(_)
+        | BrokerError::NoWrapping
+        | BrokerError::Wrapping(_)
+        | BrokerError::Seal(_) => Status::invalid_argument(e.to_string()),
         BrokerError::KeyStore(keystore::KeyStoreError::NotFound(_)) => {
             Status::not_found(e.to_string())
         }
@@ -155,18 +160,50 @@ fn status(e: BrokerError) -> Status {
         BrokerError::KeyStore(
             keystore::KeyStoreError::Invalid(_) | keystore::KeyStoreError::Revoked(_),
         ) => Status::failed_precondition(e.to_string()),
-        BrokerError::Admin(_) => Status::failed_precondition(e.to_string()),
+        // The broker's state and administration (before, one catch-all variant with this code).
+        BrokerError::StateDir { .. }
+        | BrokerError::MasterKeyIsFile(_)
+        | BrokerError::MasterKeyIsSealed(_)
+        | BrokerError::BundleKey(_)
+        | BrokerError::RunningPolicy(_)
+        | BrokerError::Class(_)
+        | BrokerError::Enrollment(_)
+        | BrokerError::EndorsementKeyRequired
+        | BrokerError::PublicKey(_)
+        | BrokerError::FixedPolicy
+        | BrokerError::NoBundleKeys
+        | BrokerError::PolicyState(_) => Status::failed_precondition(e.to_string()),
         BrokerError::Audit(_) | BrokerError::KeyStore(_) => Status::internal(e.to_string()),
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+/// The gRPC status of a refusal.
+trait ToStatus {
+    fn to_status(self) -> Status;
+}
+
+impl ToStatus for BrokerError {
+    fn to_status(self) -> Status {
+        status(self)
+    }
+}
+
+impl ToStatus for ProviderError {
+    fn to_status(self) -> Status {
+        match self {
+            ProviderError::Request(_) => Status::invalid_argument(self.to_string()),
+            ProviderError::Broker(e) => status(e),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static, E: ToStatus + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(status)
+        .map_err(ToStatus::to_status)
 }
 
 pub struct KeyBrokerService {
@@ -487,9 +524,9 @@ impl ProviderService {
         let output = blocking(move || {
             provider::handle(&b, &who.subject, &input, |door| {
                 if door != want {
-                    return Err(BrokerError::Request(format!(
-                        "{door:?} requested through the {want:?} method"
-                    )));
+                    return Err(
+                        provider::ProviderRequestError::WrongMethod { door, method: want }.into(),
+                    );
                 }
                 let allowed: &[&str] = match door {
                     Door::Wrap => &["publisher", "admin"],
@@ -498,7 +535,7 @@ impl ProviderService {
                 if allowed.contains(&who.role.as_str()) {
                     Ok(())
                 } else {
-                    Err(BrokerError::Denied(format!(
+                    Err(ProviderError::Broker(BrokerError::Denied(format!(
                         "role {:?} may not {} (needs {})",
                         who.role,
                         if door == Door::Wrap {
@@ -507,7 +544,7 @@ impl ProviderService {
                             "unwrap keys"
                         },
                         allowed.join(" or ")
-                    )))
+                    ))))
                 }
             })
         })

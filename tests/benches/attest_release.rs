@@ -11,10 +11,10 @@
 use std::time::{Duration, Instant};
 
 use api::keybroker::ChallengeRequest;
+use broker_protocol::binding;
+use broker_protocol::release_context;
+use broker_protocol::{SealedKey, SessionKey};
 use integration_tests::broker::attest_request;
-use keybroker::attest::binding;
-use keybroker::broker::release_context;
-use keybroker::release::{SealedKey, SessionKey};
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();

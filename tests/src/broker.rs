@@ -10,10 +10,10 @@ use std::time::Duration;
 use api::keybroker::key_broker_client::KeyBrokerClient;
 use api::keybroker::{AttestRequest, ReleaseRequest};
 use ipu_image_svc::tpm::Tpm;
-use keybroker::attest::{Enrollment, Evidence, Verifier};
 use keybroker::broker::Broker;
 use keybroker::keystore::{KeyStore, MasterKey};
 use keybroker::service::TlsFiles;
+use keybroker::verifier::{Enrollment, Evidence, Verifier};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 

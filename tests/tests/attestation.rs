@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use integration_tests::Swtpm;
 use ipu_image_svc::tpm::Tpm;
-use keybroker::attest::{AttestError, Enrollment, ReferencePcrs, Verifier};
+use keybroker::verifier::{AttestError, Enrollment, ReferencePcrs, Verifier};
 
 const PCRS: [u8; 3] = [0, 7, 16];
 
@@ -176,8 +176,8 @@ fn an_unenrolled_ak_and_a_changed_pcr_are_refused() {
 /// bound; only that session opens it, and only for that layer.
 #[test]
 fn a_released_key_opens_only_in_the_attested_session() {
-    use keybroker::attest::binding;
-    use keybroker::release::{seal, SessionKey};
+    use broker_protocol::binding;
+    use broker_protocol::{seal, SessionKey};
     let swtpm = Swtpm::start();
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let broker = broker_for(&mut tpm);
@@ -227,7 +227,10 @@ fn enrollment_accepts_the_ak_and_refuses_the_endorsement_key() {
     v.verify(&evidence, &point, &n, EPHEMERAL).unwrap();
 
     let ek = tpm.ek_template().unwrap();
-    let err = v.enroll_template(&ek, enrollment()).unwrap_err();
+    let err = v
+        .enroll_template(&ek, enrollment())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not an attestation key"), "{err}");
     assert!(err.contains("must not decrypt"), "{err}");
     assert!(v
@@ -271,7 +274,7 @@ fn a_credential_activates_only_on_the_tpm_and_ak_it_was_made_for() {
 /// first good activation it attests without one.
 #[test]
 fn an_ak_pinned_to_its_ek_attests_only_after_activation() {
-    use keybroker::attest::AttestError;
+    use keybroker::verifier::AttestError;
     let swtpm = Swtpm::start();
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let reference = tpm.read_pcrs(&PCRS).unwrap();

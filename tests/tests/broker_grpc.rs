@@ -3,12 +3,12 @@
 //! a certificate are refused.
 
 use api::keybroker::ChallengeRequest;
+use broker_protocol::binding;
+use broker_protocol::release_context;
+use broker_protocol::{SealedKey, SessionKey};
 use integration_tests::broker::{attest_request, fixture_release, start, Pki, PCRS};
 use integration_tests::Swtpm;
 use ipu_image_svc::tpm::Tpm;
-use keybroker::attest::binding;
-use keybroker::broker::release_context;
-use keybroker::release::{SealedKey, SessionKey};
 
 #[test]
 fn an_ipu_certificate_attests_and_gets_a_key_others_are_refused() {

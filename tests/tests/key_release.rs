@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker_protocol::binding;
+use broker_protocol::release_context;
+use broker_protocol::SessionKey;
 use integration_tests::broker::{broker, enc_signed_layer, key_store, verifier_for, PCRS};
 use integration_tests::{audit_log, Swtpm};
 use ipu_image_svc::tpm::Tpm;
-use keybroker::attest::binding;
-use keybroker::broker::{release_context, Broker, BrokerError, ReleaseRequest, Session, Wrapped};
+use keybroker::broker::{Broker, BrokerError, ReleaseRequest, Session, Wrapped};
 use keybroker::keystore::{KeyStore, MasterKey};
-use keybroker::release::SessionKey;
 use ocicrypt::{PrivateLayerOptions, PublicLayerOptions};
 use zeroize::Zeroizing;
 

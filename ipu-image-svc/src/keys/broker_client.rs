@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use api::keybroker::key_broker_client::KeyBrokerClient;
 use api::keybroker::{AttestRequest, ChallengeRequest, ReleaseRequest};
-use keybroker::attest::binding;
-use keybroker::broker::release_context;
-use keybroker::release::{SealedKey, SessionKey};
+use broker_protocol::{binding, release_context, SealedKey, SessionKey};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{KeyError, LayerKeyRequest, LayerKeySource};
@@ -290,7 +288,7 @@ impl Connection {
 /// The `Attest` request for a quote: the evidence, the AK it is checked with, the nonce and
 /// session key it binds, and the activation secret when the challenge carried a credential.
 pub fn attest_request(
-    evidence: keybroker::attest::Evidence,
+    evidence: broker_protocol::Evidence,
     ak_public: &[u8],
     nonce: &[u8],
     session_public: Vec<u8>,

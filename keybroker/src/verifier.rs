@@ -1,4 +1,5 @@
-//! Verifying TPM 2.0 quotes: the broker's side of attestation.
+//! Verifying TPM 2.0 quotes: the broker's side of attestation (the IPU's side, the prover,
+//! is `ipu_image_svc::tpm`).
 //!
 //! The IPU quotes the PCRs its class's policy names with an enrolled attestation key (AK),
 //! with qualifying data `SHA-256(nonce || ephemeral public key)`, so a quote proves a fresh
@@ -11,27 +12,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ring::digest::{digest, Context, SHA256};
+use ring::digest::{digest, SHA256};
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use zeroize::Zeroizing;
 
-/// `TPM_GENERATED_VALUE`: the structure was made by a TPM.
-pub const TPM_GENERATED: u32 = 0xff54_4347;
-/// `TPM_ST_ATTEST_QUOTE`.
-pub const ST_ATTEST_QUOTE: u16 = 0x8018;
-/// `TPM_ALG_SHA256`.
-pub const ALG_SHA256: u16 = 0x000b;
+pub use broker_protocol::{binding, Evidence};
 
-/// What the IPU sends: the quote, its signature, and the PCR values it quoted.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Evidence {
-    /// The marshalled `TPMS_ATTEST` the TPM signed.
-    pub attest: Vec<u8>,
-    /// ECDSA P-256 signature, `r || s`, each left-padded to 32 bytes.
-    pub signature: Vec<u8>,
-    /// SHA-256 bank PCR index -> value, for every quoted PCR.
-    pub pcrs: BTreeMap<u8, Vec<u8>>,
-}
+use crate::credential::{self, Credential, EndorsementKey};
+use crate::tpm2::{Malformed, Reader, ALG_ECC, ALG_ECDAA, ALG_NULL, ALG_SHA256, ECC_NIST_P256};
+use crate::tpm2::{ST_ATTEST_QUOTE, TPM_GENERATED};
 
 /// A parsed `TPMS_ATTEST` of a quote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +61,8 @@ pub enum AttestError {
     WrongSelection { got: Vec<u8>, want: Vec<u8> },
     #[error("the quoted PCR digest does not match the PCR values sent")]
     PcrDigestMismatch,
+    #[error("the attestation key's activation could not be recorded: {0}")]
+    ActivationNotRecorded(String),
     #[error("PCR {index} is {got} but the IPU class expects {want}")]
     PcrMismatch {
         index: u8,
@@ -80,62 +71,55 @@ pub enum AttestError {
     },
 }
 
-/// A cursor over TPM-marshalled (big-endian) structures.
-pub(crate) struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
+impl From<Malformed> for AttestError {
+    fn from(e: Malformed) -> Self {
+        AttestError::Malformed(e.0)
+    }
 }
 
-impl<'a> Reader<'a> {
-    pub(crate) fn new(b: &'a [u8]) -> Self {
-        Self { b, at: 0 }
-    }
+/// Why an enrollment (or its revocation) was refused or could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollmentError {
+    /// The AK's template is not an attestation key, or does not parse.
+    #[error(transparent)]
+    AkTemplate(AttestError),
+    #[error("endorsement key: {0}")]
+    EkTemplate(Malformed),
+    #[error("unknown IPU class {0:?} (not in the running deployment policy, or without PCR reference values)")]
+    UnknownClass(String),
+    #[error("the attestation key is not an uncompressed P-256 point")]
+    BadPoint,
+    #[error("IPU id {0:?}: 1 to 128 printable characters")]
+    BadIpuId(String),
+    #[error("this attestation key is enrolled for another IPU")]
+    AkOfAnotherIpu,
+    #[error("no IPU {0:?} is enrolled")]
+    NotEnrolled(String),
+    #[error("enrollment store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("enrollment {key:?} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
-    /// Everything was read.
-    pub(crate) fn done(&self) -> bool {
-        self.at == self.b.len()
-    }
-
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], AttestError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.b.len())
-            .ok_or_else(|| {
-                AttestError::Malformed(format!("{what}: needs {n} bytes at offset {}", self.at))
-            })?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    pub(crate) fn u8(&mut self, what: &str) -> Result<u8, AttestError> {
-        Ok(self.take(1, what)?[0])
-    }
-    pub(crate) fn u16(&mut self, what: &str) -> Result<u16, AttestError> {
-        Ok(u16::from_be_bytes(
-            self.take(2, what)?.try_into().expect("2"),
-        ))
-    }
-    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, AttestError> {
-        Ok(u32::from_be_bytes(
-            self.take(4, what)?.try_into().expect("4"),
-        ))
-    }
-    pub(crate) fn u64(&mut self, what: &str) -> Result<u64, AttestError> {
-        Ok(u64::from_be_bytes(
-            self.take(8, what)?.try_into().expect("8"),
-        ))
-    }
-    pub(crate) fn tpm2b(&mut self, what: &str) -> Result<Vec<u8>, AttestError> {
-        let n = self.u16(what)? as usize;
-        Ok(self.take(n, what)?.to_vec())
-    }
+/// A deployment policy's IPU class this verifier cannot check quotes against.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClassError {
+    #[error("IPU class {class}: PCR bank {bank} (the broker verifies sha256 quotes)")]
+    Bank { class: String, bank: String },
+    #[error("IPU class {class}: PCR {index:?}")]
+    PcrIndex { class: String, index: String },
+    #[error("IPU class {class}: PCR {index} is not a SHA-256 hex digest")]
+    PcrValue { class: String, index: u8 },
 }
 
 impl Quote {
     /// Parses a marshalled `TPMS_ATTEST` that must be a TPM-generated quote.
     pub fn parse(attest: &[u8]) -> Result<Self, AttestError> {
-        let mut r = Reader { b: attest, at: 0 };
+        let mut r = Reader::new(attest);
         if r.u32("magic")? != TPM_GENERATED {
             return Err(AttestError::Malformed(
                 "not generated by a TPM (magic)".into(),
@@ -170,10 +154,10 @@ impl Quote {
             selection.push((hash, indexes));
         }
         let pcr_digest = r.tpm2b("pcrDigest")?;
-        if r.at != attest.len() {
+        if !r.done() {
             return Err(AttestError::Malformed(format!(
                 "{} bytes after the quote",
-                attest.len() - r.at
+                r.remaining()
             )));
         }
         Ok(Self {
@@ -187,14 +171,6 @@ impl Quote {
             pcr_digest,
         })
     }
-}
-
-/// The qualifying data an IPU must quote with: `SHA-256(nonce || ephemeral public key)`.
-pub fn binding(nonce: &[u8], ephemeral_public: &[u8]) -> [u8; 32] {
-    let mut ctx = Context::new(&SHA256);
-    ctx.update(nonce);
-    ctx.update(ephemeral_public);
-    ctx.finish().as_ref().try_into().expect("32")
 }
 
 /// Reference values: the SHA-256 bank PCRs an IPU class must show.
@@ -361,34 +337,35 @@ pub struct EnrolledIpu {
 /// A class measured only through an event log has no entry (this verifier checks PCRs).
 pub fn classes_from_policy(
     policy: &policy::deploy::DeploymentPolicy,
-) -> Result<HashMap<String, ReferencePcrs>, String> {
+) -> Result<HashMap<String, ReferencePcrs>, ClassError> {
     let mut classes = HashMap::new();
     for c in &policy.ipu_classes {
         if c.pcrs.is_empty() {
             continue;
         }
         if c.pcr_bank.get_ref() != "sha256" {
-            return Err(format!(
-                "IPU class {}: PCR bank {} (the broker verifies sha256 quotes)",
-                c.name.get_ref(),
-                c.pcr_bank.get_ref()
-            ));
+            return Err(ClassError::Bank {
+                class: c.name.get_ref().to_string(),
+                bank: c.pcr_bank.get_ref().to_string(),
+            });
         }
         let mut pcrs = ReferencePcrs::new();
         for (index, value) in &c.pcrs {
-            let i: u8 = index
-                .parse()
-                .ok()
-                .filter(|i| *i < 24)
-                .ok_or_else(|| format!("IPU class {}: PCR {index:?}", c.name.get_ref()))?;
+            let i: u8 =
+                index
+                    .parse()
+                    .ok()
+                    .filter(|i| *i < 24)
+                    .ok_or_else(|| ClassError::PcrIndex {
+                        class: c.name.get_ref().to_string(),
+                        index: index.to_string(),
+                    })?;
             let v = hex::decode(value.get_ref())
                 .ok()
                 .filter(|v| v.len() == 32)
-                .ok_or_else(|| {
-                    format!(
-                        "IPU class {}: PCR {i} is not a SHA-256 hex digest",
-                        c.name.get_ref()
-                    )
+                .ok_or_else(|| ClassError::PcrValue {
+                    class: c.name.get_ref().to_string(),
+                    index: i,
                 })?;
             pcrs.insert(i, v);
         }
@@ -434,16 +411,15 @@ impl Verifier {
         classes: HashMap<String, ReferencePcrs>,
         nonce_lifetime: Duration,
         store: sled::Tree,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EnrollmentError> {
         let mut enrolled = HashMap::new();
         for r in store.iter() {
-            let (k, v) = r.map_err(|e| format!("enrollment store: {e}"))?;
-            let e: EnrolledIpu = serde_json::from_slice(&v).map_err(|e| {
-                format!(
-                    "enrollment {:?} is corrupt: {e}",
-                    String::from_utf8_lossy(&k)
-                )
-            })?;
+            let (k, v) = r?;
+            let e: EnrolledIpu =
+                serde_json::from_slice(&v).map_err(|source| EnrollmentError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?;
             enrolled.insert(e.ak_public, e.enrollment);
         }
         Ok(Self {
@@ -462,12 +438,16 @@ impl Verifier {
 
     /// Enrolls an AK from its marshalled `TPMT_PUBLIC` (see [`check_ak_template`]); returns
     /// its public point, the key quotes are then checked with.
-    pub fn enroll_template(&self, template: &[u8], mut e: Enrollment) -> Result<Vec<u8>, String> {
-        let point = check_ak_template(template).map_err(|e| e.to_string())?;
+    pub fn enroll_template(
+        &self,
+        template: &[u8],
+        mut e: Enrollment,
+    ) -> Result<Vec<u8>, EnrollmentError> {
+        let point = check_ak_template(template).map_err(EnrollmentError::AkTemplate)?;
         if let Some(ek) = &e.ek_template {
-            crate::credential::EndorsementKey::parse(ek).map_err(|e| e.to_string())?;
+            EndorsementKey::parse(ek).map_err(EnrollmentError::EkTemplate)?;
         }
-        e.ak_name = Some(crate::credential::object_name(template));
+        e.ak_name = Some(credential::object_name(template));
         e.activated = false;
         self.enroll(&point, e)?;
         Ok(point)
@@ -475,15 +455,13 @@ impl Verifier {
 
     /// A credential for an AK that must still prove it shares a TPM with its enrolled EK
     /// (`None` when no proof is due). The secret is kept until the next attestation.
-    pub fn credential_for(
-        &self,
-        ak_public: &[u8],
-    ) -> Result<Option<crate::credential::Credential>, AttestError> {
+    pub fn credential_for(&self, ak_public: &[u8]) -> Result<Option<Credential>, AttestError> {
         let e = self.enrollment(ak_public)?;
         let Some(ek) = e.ek_template.as_ref().filter(|_| !e.activated) else {
             return Ok(None);
         };
-        let ek = crate::credential::EndorsementKey::parse(ek)?;
+        let ek = EndorsementKey::parse(ek)
+            .map_err(|e| AttestError::Malformed(format!("endorsement key: {e}")))?;
         let name = e
             .ak_name
             .clone()
@@ -491,7 +469,7 @@ impl Verifier {
         let mut secret = Zeroizing::new([0u8; 32]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), secret.as_mut())
             .expect("system randomness");
-        let credential = crate::credential::make_credential(&ek, &name, secret.as_ref());
+        let credential = credential::make_credential(&ek, &name, secret.as_ref());
         self.credentials
             .lock()
             .expect("not poisoned")
@@ -501,33 +479,27 @@ impl Verifier {
 
     /// Enrolls an AK (SEC1 point) for an IPU of a known class. An IPU enrolled again (a new
     /// AK after re-provisioning) replaces its earlier AK.
-    pub fn enroll(&self, ak_public: &[u8], e: Enrollment) -> Result<(), String> {
+    pub fn enroll(&self, ak_public: &[u8], e: Enrollment) -> Result<(), EnrollmentError> {
         if !self
             .classes
             .read()
             .expect("not poisoned")
             .contains_key(&e.ipu_class)
         {
-            return Err(format!(
-                "unknown IPU class {:?} (not in the running deployment policy, or without PCR reference values)",
-                e.ipu_class
-            ));
+            return Err(EnrollmentError::UnknownClass(e.ipu_class));
         }
         if ak_public.len() != 65 || ak_public[0] != 4 {
-            return Err("the attestation key is not an uncompressed P-256 point".into());
+            return Err(EnrollmentError::BadPoint);
         }
         if e.ipu_id.is_empty() || e.ipu_id.len() > 128 || e.ipu_id.contains(char::is_control) {
-            return Err(format!(
-                "IPU id {:?}: 1 to 128 printable characters",
-                e.ipu_id
-            ));
+            return Err(EnrollmentError::BadIpuId(e.ipu_id));
         }
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         if enrolled
             .iter()
             .any(|(ak, x)| x.ipu_id != e.ipu_id && ak.as_slice() == ak_public)
         {
-            return Err("this attestation key is enrolled for another IPU".into());
+            return Err(EnrollmentError::AkOfAnotherIpu);
         }
         self.persist(&EnrolledIpu {
             ak_public: ak_public.to_vec(),
@@ -539,15 +511,14 @@ impl Verifier {
         Ok(())
     }
 
-    fn persist(&self, e: &EnrolledIpu) -> Result<(), String> {
+    fn persist(&self, e: &EnrolledIpu) -> Result<(), EnrollmentError> {
         if let Some(store) = &self.store {
             store
                 .insert(
                     e.enrollment.ipu_id.as_bytes(),
                     serde_json::to_vec(e).expect("enrollments serialize"),
                 )
-                .and_then(|_| store.flush())
-                .map_err(|err| format!("enrollment store: {err}"))?;
+                .and_then(|_| store.flush())?;
         }
         Ok(())
     }
@@ -564,12 +535,12 @@ impl Verifier {
     }
 
     /// Revokes an IPU's AK: its quotes are refused from now on (it stays listed).
-    pub fn revoke_ipu(&self, ipu_id: &str) -> Result<EnrolledIpu, String> {
+    pub fn revoke_ipu(&self, ipu_id: &str) -> Result<EnrolledIpu, EnrollmentError> {
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         let (ak, e) = enrolled
             .iter_mut()
             .find(|(_, e)| e.ipu_id == ipu_id)
-            .ok_or_else(|| format!("no IPU {ipu_id:?} is enrolled"))?;
+            .ok_or_else(|| EnrollmentError::NotEnrolled(ipu_id.to_string()))?;
         let mut updated = e.clone();
         updated.revoked = true;
         let record = EnrolledIpu {
@@ -655,12 +626,12 @@ impl Verifier {
         if enrollment.needs_activation() {
             enrollment.activated = true;
             self.update(ak_public, &enrollment)
-                .map_err(AttestError::Malformed)?;
+                .map_err(|e| AttestError::ActivationNotRecorded(e.to_string()))?;
         }
         Ok((enrollment, quote))
     }
 
-    fn update(&self, ak_public: &[u8], e: &Enrollment) -> Result<(), String> {
+    fn update(&self, ak_public: &[u8], e: &Enrollment) -> Result<(), EnrollmentError> {
         self.persist(&EnrolledIpu {
             ak_public: ak_public.to_vec(),
             enrollment: e.clone(),
@@ -711,28 +682,13 @@ impl Verifier {
     }
 }
 
-/// TPMA_OBJECT bits an attestation key must have (TPM 2.0 Part 2, 8.3).
-pub mod object_attributes {
-    pub const FIXED_TPM: u32 = 1 << 1;
-    pub const FIXED_PARENT: u32 = 1 << 4;
-    pub const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
-    pub const RESTRICTED: u32 = 1 << 16;
-    pub const DECRYPT: u32 = 1 << 17;
-    pub const SIGN: u32 = 1 << 18;
-}
-
-const ALG_ECC: u16 = 0x0023;
-const ALG_NULL: u16 = 0x0010;
-const ALG_ECDAA: u16 = 0x001a;
-const ECC_NIST_P256: u16 = 0x0003;
-
 /// Checks an AK's marshalled `TPMT_PUBLIC` at enrollment: an ECC P-256 key that never left
 /// the TPM (fixedTPM, fixedParent, sensitiveDataOrigin), restricted to signing TPM-made
 /// structures (restricted, sign, not decrypt: an endorsement key is a decryption key and is
 /// refused). Returns its public point (SEC1 uncompressed).
 pub fn check_ak_template(template: &[u8]) -> Result<Vec<u8>, AttestError> {
-    use object_attributes::*;
-    let mut r = Reader { b: template, at: 0 };
+    use crate::tpm2::object_attributes::*;
+    let mut r = Reader::new(template);
     if r.u16("type")? != ALG_ECC {
         return Err(AttestError::Malformed(
             "the attestation key is not an ECC key".into(),
@@ -767,7 +723,7 @@ pub fn check_ak_template(template: &[u8]) -> Result<Vec<u8>, AttestError> {
         let _hash = r.u16("kdf hashAlg")?;
     }
     let (x, y) = (r.tpm2b("x")?, r.tpm2b("y")?);
-    if x.len() > 32 || y.len() > 32 || r.at != template.len() {
+    if x.len() > 32 || y.len() > 32 || !r.done() {
         return Err(AttestError::Malformed(
             "the attestation key's point is malformed".into(),
         ));

@@ -14,6 +14,11 @@ use zeroize::Zeroizing;
 
 const LABEL: &[u8] = b"ipu-key-release-v1";
 
+/// The context a released key is sealed to: it opens for this image and layer only.
+pub fn release_context(image_digest: &str, layer_digest: &str) -> Vec<u8> {
+    format!("image {image_digest} layer {layer_digest}").into_bytes()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReleaseError {
     #[error("the session public key is not an uncompressed P-256 point")]
