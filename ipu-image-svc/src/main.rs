@@ -812,7 +812,7 @@ mod policy_bundle {
         };
         let verified = match BundleStore::new(state).install(&bytes, &keys) {
             Ok(v) => v,
-            Err(InstallError::State(e)) => return Err(config(e)),
+            Err(InstallError::State(e)) => return Err(config(e.to_string())),
             Err(InstallError::Rejected(e)) => {
                 record(Outcome::Denied, e.to_string())?;
                 return Err(PipelineError::new(

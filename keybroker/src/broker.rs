@@ -224,7 +224,9 @@ impl Broker {
             );
         }
         let store = BundleStore::new(dir.join("policy"));
-        let running = store.running(&trusted).map_err(BrokerError::Admin)?;
+        let running = store
+            .running(&trusted)
+            .map_err(|e| BrokerError::Admin(e.to_string()))?;
         let classes = match &running {
             Some(b) => classes_from_policy(&b.deployment).map_err(BrokerError::Admin)?,
             None => HashMap::new(),
@@ -800,7 +802,7 @@ impl Broker {
                     InstallError::Rejected(e) => {
                         (Outcome::Denied, BrokerError::Denied(e.to_string()))
                     }
-                    InstallError::State(e) => (Outcome::Failure, BrokerError::Admin(e)),
+                    InstallError::State(e) => (Outcome::Failure, BrokerError::Admin(e.to_string())),
                 };
                 self.record(
                     Event::new(
