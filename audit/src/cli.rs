@@ -38,6 +38,12 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("creating {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("creating {path} (it must not exist): {source}")]
     CreateNew {
         path: PathBuf,
@@ -136,7 +142,7 @@ pub fn read_verifier(path: &Path) -> Result<NoteVerifier, CliError> {
 /// returns the verifier key line.
 pub fn keygen(name: &str, out: &Path) -> Result<String, CliError> {
     let (signer, encoded) = CheckpointSigner::generate(name)?;
-    std::fs::create_dir_all(out).map_err(|source| CliError::Write {
+    std::fs::create_dir_all(out).map_err(|source| CliError::CreateDir {
         path: out.to_path_buf(),
         source,
     })?;
