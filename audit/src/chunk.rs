@@ -38,42 +38,55 @@ pub struct Chunk<'a> {
     pub events: Vec<&'a [u8]>,
 }
 
-fn take(bytes: &[u8], at: usize, n: usize) -> Result<&[u8], String> {
-    bytes
-        .get(at..at + n)
-        .ok_or_else(|| format!("chunk ends after {} bytes", bytes.len()))
+/// Why stored bytes are not a chunk.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk ends after {len} bytes")]
+    Truncated { len: usize },
+    #[error("chunk claims {count} events in {len} bytes")]
+    BadCount { count: usize, len: usize },
+    #[error("an event of {len} bytes")]
+    EventTooLarge { len: usize },
+    #[error("{extra} bytes after the last event")]
+    TrailingBytes { extra: usize },
 }
 
-fn u32_at(bytes: &[u8], at: usize) -> Result<usize, String> {
+fn take(bytes: &[u8], at: usize, n: usize) -> Result<&[u8], ChunkError> {
+    bytes
+        .get(at..at + n)
+        .ok_or(ChunkError::Truncated { len: bytes.len() })
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Result<usize, ChunkError> {
     Ok(u32::from_be_bytes(take(bytes, at, 4)?.try_into().expect("4")) as usize)
 }
 
 /// The event count, checked against the chunk's size.
-fn count(bytes: &[u8]) -> Result<usize, String> {
+fn count(bytes: &[u8]) -> Result<usize, ChunkError> {
     let count = u32_at(bytes, 0)?;
     if count == 0 || count > bytes.len() / 36 {
-        return Err(format!(
-            "chunk claims {count} events in {} bytes",
-            bytes.len()
-        ));
+        return Err(ChunkError::BadCount {
+            count,
+            len: bytes.len(),
+        });
     }
     Ok(count)
 }
 
 /// The length of the event whose length prefix is at `at`.
-fn event_len(bytes: &[u8], at: usize) -> Result<usize, String> {
+fn event_len(bytes: &[u8], at: usize) -> Result<usize, ChunkError> {
     let len = u32_at(bytes, at)?;
     if len > MAX_EVENT_BYTES {
-        return Err(format!("an event of {len} bytes"));
+        return Err(ChunkError::EventTooLarge { len });
     }
     Ok(len)
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Chunk<'_>, String> {
+pub fn decode(bytes: &[u8]) -> Result<Chunk<'_>, ChunkError> {
     let count = count(bytes)?;
     let leaves = (0..count)
         .map(|i| Ok(take(bytes, 4 + 32 * i, 32)?.try_into().expect("32")))
-        .collect::<Result<Vec<Hash>, String>>()?;
+        .collect::<Result<Vec<Hash>, ChunkError>>()?;
     let mut at = 4 + 32 * count;
     let mut events = Vec::with_capacity(count);
     for _ in 0..count {
@@ -82,13 +95,15 @@ pub fn decode(bytes: &[u8]) -> Result<Chunk<'_>, String> {
         at += 4 + len;
     }
     if at != bytes.len() {
-        return Err(format!("{} bytes after the last event", bytes.len() - at));
+        return Err(ChunkError::TrailingBytes {
+            extra: bytes.len() - at,
+        });
     }
     Ok(Chunk { leaves, events })
 }
 
 /// Event `i` of a chunk and its stored leaf, without decoding the others.
-pub fn event_at(bytes: &[u8], i: usize) -> Result<Option<(&[u8], Hash)>, String> {
+pub fn event_at(bytes: &[u8], i: usize) -> Result<Option<(&[u8], Hash)>, ChunkError> {
     let count = count(bytes)?;
     if i >= count {
         return Ok(None);

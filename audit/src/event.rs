@@ -69,8 +69,8 @@ impl EventKind {
 }
 
 impl FromStr for EventKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = EventError;
+    fn from_str(s: &str) -> Result<Self, EventError> {
         Ok(match s {
             "policy.decision" => EventKind::PolicyDecision,
             "signature.verify" => EventKind::SignatureVerify,
@@ -95,7 +95,7 @@ impl FromStr for EventKind {
                 {
                     EventKind::Admin(a.to_string())
                 }
-                _ => return Err(format!("unknown event kind {other:?}")),
+                _ => return Err(EventError::UnknownKind(other.to_string())),
             },
         })
     }
@@ -146,14 +146,14 @@ impl Outcome {
 }
 
 impl FromStr for Outcome {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = EventError;
+    fn from_str(s: &str) -> Result<Self, EventError> {
         Ok(match s {
             "allowed" => Outcome::Allowed,
             "denied" => Outcome::Denied,
             "success" => Outcome::Success,
             "failure" => Outcome::Failure,
-            other => return Err(format!("unknown outcome {other:?}")),
+            other => return Err(EventError::UnknownOutcome(other.to_string())),
         })
     }
 }
@@ -188,13 +188,10 @@ pub struct KeyId(String);
 
 impl KeyId {
     /// An id of at most 256 printable ASCII characters.
-    pub fn new(id: impl Into<String>) -> Result<Self, String> {
+    pub fn new(id: impl Into<String>) -> Result<Self, EventError> {
         let id = id.into();
         if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!(
-                "key id must be 1 to 256 printable ASCII characters, got {} bytes",
-                id.len()
-            ));
+            return Err(EventError::KeyId { len: id.len() });
         }
         Ok(Self(id))
     }
@@ -296,8 +293,8 @@ impl Event {
         serde_json::to_vec(self).expect("events serialize")
     }
 
-    pub fn from_canonical(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("not an audit event: {e}"))
+    pub fn from_canonical(bytes: &[u8]) -> Result<Self, EventError> {
+        serde_json::from_slice(bytes).map_err(|e| EventError::NotAnEvent(e.to_string()))
     }
 
     pub fn time(&self) -> SystemTime {
@@ -305,24 +302,27 @@ impl Event {
     }
 
     /// Checks the bounds on untrusted text; the log refuses events that break them.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), EventError> {
         let check = |name: &str, s: &str, max: usize| {
             if s.len() > max {
-                return Err(format!("{name} is {} bytes (limit {max})", s.len()));
+                return Err(EventError::TooLong {
+                    field: name.to_string(),
+                    len: s.len(),
+                    max,
+                });
             }
             if s.contains('\0') {
-                return Err(format!("{name} contains a NUL byte"));
+                return Err(EventError::Nul {
+                    field: name.to_string(),
+                });
             }
             Ok(())
         };
         if self.v != SCHEMA_VERSION {
-            return Err(format!(
-                "schema version {} (this log writes {SCHEMA_VERSION})",
-                self.v
-            ));
+            return Err(EventError::SchemaVersion { found: self.v });
         }
         if self.service.is_empty() {
-            return Err("service is empty".into());
+            return Err(EventError::EmptyService);
         }
         check("service", &self.service, MAX_FIELD_LEN)?;
         for (name, v) in [
@@ -344,16 +344,14 @@ impl Event {
         }
         check("reason", &self.reason, MAX_REASON_LEN)?;
         if self.key_ids.len() > MAX_KEY_IDS {
-            return Err(format!(
-                "{} key ids (limit {MAX_KEY_IDS})",
-                self.key_ids.len()
-            ));
+            return Err(EventError::TooManyKeyIds {
+                count: self.key_ids.len(),
+            });
         }
         if self.details.len() > MAX_DETAILS {
-            return Err(format!(
-                "{} details (limit {MAX_DETAILS})",
-                self.details.len()
-            ));
+            return Err(EventError::TooManyDetails {
+                count: self.details.len(),
+            });
         }
         for (k, v) in &self.details {
             check("detail key", k, 64)?;
@@ -369,13 +367,56 @@ pub fn format_time(time_ns: u64) -> String {
 }
 
 /// Parses RFC 3339 (`2026-11-29T08:00:00Z`) into Unix nanoseconds.
-pub fn parse_time(s: &str) -> Result<u64, String> {
-    let t = humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))?;
+pub fn parse_time(s: &str) -> Result<u64, TimeError> {
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| TimeError::NotRfc3339 {
+        input: s.to_string(),
+        reason: e.to_string(),
+    })?;
     let d = t
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| format!("{s:?} is before 1970"))?;
-    u64::try_from(d.as_nanos()).map_err(|_| format!("{s:?} is too far in the future"))
+        .map_err(|_| TimeError::Before1970(s.to_string()))?;
+    u64::try_from(d.as_nanos()).map_err(|_| TimeError::TooFar(s.to_string()))
+}
+
+/// Why an event, or a part of one, was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("unknown event kind {0:?}")]
+    UnknownKind(String),
+    #[error("unknown outcome {0:?}")]
+    UnknownOutcome(String),
+    #[error("key id must be 1 to 256 printable ASCII characters, got {len} bytes")]
+    KeyId { len: usize },
+    /// The bytes are not the JSON of an event (the parser's message).
+    #[error("not an audit event: {0}")]
+    NotAnEvent(String),
+    #[error("schema version {found} (this log writes {SCHEMA_VERSION})")]
+    SchemaVersion { found: u32 },
+    #[error("service is empty")]
+    EmptyService,
+    #[error("{field} is {len} bytes (limit {max})")]
+    TooLong {
+        field: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("{field} contains a NUL byte")]
+    Nul { field: String },
+    #[error("{count} key ids (limit {MAX_KEY_IDS})")]
+    TooManyKeyIds { count: usize },
+    #[error("{count} details (limit {MAX_DETAILS})")]
+    TooManyDetails { count: usize },
+}
+
+/// Why a time argument was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    #[error("{input:?} is not an RFC 3339 time: {reason}")]
+    NotRfc3339 { input: String, reason: String },
+    #[error("{0:?} is before 1970")]
+    Before1970(String),
+    #[error("{0:?} is too far in the future")]
+    TooFar(String),
 }
 
 #[cfg(test)]

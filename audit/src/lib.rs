@@ -13,6 +13,7 @@
 //! - [`proof`]: self-contained inclusion proofs an auditor verifies offline.
 //! - [`service`]: the log daemon (gRPC on a writer socket and a read-only query socket).
 //! - [`remote`]: its clients; [`remote::AuditSink`] is what services write to.
+//! - [`cli`]: the operations of the `audit` command line and their output.
 //!
 //! Key material cannot be put into an event: key types implement neither `Serialize` nor
 //! `Into<KeyId>`. This does not compile:
@@ -41,6 +42,7 @@
 
 pub mod checkpoint;
 pub mod chunk;
+pub mod cli;
 pub mod event;
 pub mod local;
 pub mod log;
@@ -61,12 +63,26 @@ use std::path::Path;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum AuditError {
+    /// A request the log refuses (bad arguments, nothing to prove yet); the caller's to fix.
     #[error("invalid request: {0}")]
     Request(String),
+    /// An event the log refuses to store.
+    #[error("invalid request: {0}")]
+    InvalidEvent(#[from] event::EventError),
+    /// The log's own storage (sled) failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// The log daemon answered with an error other than a refused request.
+    #[error("storage: audit daemon: {code}: {message}")]
+    Daemon { code: String, message: String },
+    /// The daemon's gRPC server stopped with an error.
+    #[error("storage: gRPC server: {0}")]
+    Server(String),
     #[error("{path}: {message}")]
     Io { path: String, message: String },
+    /// A daemon socket could not be bound.
+    #[error(transparent)]
+    Listen(std::sync::Arc<unix_listen::ListenError>),
     #[error("the audit log in {0} is held by another process")]
     Busy(String),
     #[error("the log is corrupt at event {index}: {reason}")]

@@ -294,7 +294,7 @@ impl AuditLog {
 
     /// Appends an event and returns once it is durable. `seq` and `time_ns` are assigned.
     pub fn append(&self, event: Event) -> Result<Receipt, AuditError> {
-        event.validate().map_err(AuditError::Request)?;
+        event.validate()?;
         let (done, wait) = mpsc::channel();
         self.send(Request::Append(Box::new(event), done))?;
         wait.recv().map_err(|_| AuditError::Closed)?
@@ -303,7 +303,7 @@ impl AuditLog {
     /// Appends several events in one commit; returns once all are durable.
     pub fn append_many(&self, events: Vec<Event>) -> Result<Vec<Receipt>, AuditError> {
         for e in &events {
-            e.validate().map_err(AuditError::Request)?;
+            e.validate()?;
         }
         let (done, wait) = mpsc::channel();
         self.send(Request::AppendMany(events, done))?;

@@ -6,11 +6,31 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::NoteError;
 use crate::checkpoint::NoteVerifier;
-use crate::event::Event;
+use crate::event::{Event, EventError};
 use crate::merkle;
 use crate::store::Store;
 use crate::AuditError;
+
+/// Why an inclusion proof does not prove its event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[source] NoteError),
+    #[error("the proof is for size {proof} but the checkpoint is for {checkpoint}")]
+    SizeMismatch { proof: u64, checkpoint: u64 },
+    #[error("event is not base64")]
+    EventNotBase64,
+    #[error("proof hash {0:?} is not 32 bytes of hex")]
+    BadHash(String),
+    #[error("inclusion: {0}")]
+    Inclusion(#[source] merkle::ProofError),
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error("the event says it is {says} but is proven at {proven_at}")]
+    WrongIndex { says: u64, proven_at: u64 },
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,19 +81,19 @@ impl InclusionBundle {
     }
 
     /// Verifies offline; returns the event it proves.
-    pub fn verify(&self, verifier: &NoteVerifier) -> Result<Event, String> {
+    pub fn verify(&self, verifier: &NoteVerifier) -> Result<Event, BundleError> {
         let cp = verifier
             .open_checkpoint(&self.checkpoint)
-            .map_err(|e| format!("checkpoint: {e}"))?;
+            .map_err(BundleError::Checkpoint)?;
         if cp.size != self.tree_size {
-            return Err(format!(
-                "the proof is for size {} but the checkpoint is for {}",
-                self.tree_size, cp.size
-            ));
+            return Err(BundleError::SizeMismatch {
+                proof: self.tree_size,
+                checkpoint: cp.size,
+            });
         }
         let bytes = B64
             .decode(&self.event)
-            .map_err(|_| "event is not base64".to_string())?;
+            .map_err(|_| BundleError::EventNotBase64)?;
         let proof = self
             .proof
             .iter()
@@ -81,7 +101,7 @@ impl InclusionBundle {
                 hex::decode(h)
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| format!("proof hash {h:?} is not 32 bytes of hex"))
+                    .ok_or_else(|| BundleError::BadHash(h.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         merkle::verify_inclusion(
@@ -91,13 +111,13 @@ impl InclusionBundle {
             &proof,
             &cp.root,
         )
-        .map_err(|e| format!("inclusion: {e}"))?;
+        .map_err(BundleError::Inclusion)?;
         let event = Event::from_canonical(&bytes)?;
         if event.seq != self.index {
-            return Err(format!(
-                "the event says it is {} but is proven at {}",
-                event.seq, self.index
-            ));
+            return Err(BundleError::WrongIndex {
+                says: event.seq,
+                proven_at: self.index,
+            });
         }
         Ok(event)
     }

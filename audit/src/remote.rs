@@ -39,7 +39,10 @@ fn unavailable(socket: &Path, e: impl std::fmt::Display) -> AuditError {
 fn from_status(s: tonic::Status) -> AuditError {
     match s.code() {
         tonic::Code::InvalidArgument => AuditError::Request(s.message().to_string()),
-        code => AuditError::Storage(format!("audit daemon: {code}: {}", s.message())),
+        code => AuditError::Daemon {
+            code: code.to_string(),
+            message: s.message().to_string(),
+        },
     }
 }
 
@@ -108,7 +111,7 @@ impl RemoteLog {
 
 impl AuditSink for RemoteLog {
     fn append(&self, event: Event) -> Result<Receipt, AuditError> {
-        event.validate().map_err(AuditError::Request)?;
+        event.validate()?;
         let request = AppendRequest {
             event_json: serde_json::to_vec(&event).expect("events serialize"),
         };

@@ -3,7 +3,6 @@
 //! read-only query socket (mode 0660: auditors query, follow and get proofs). The query
 //! socket has no append method at all.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +25,7 @@ use crate::{AuditError, AuditLog};
 fn status(e: AuditError) -> Status {
     match e {
         AuditError::Request(m) => Status::invalid_argument(m),
+        AuditError::InvalidEvent(e) => Status::invalid_argument(e.to_string()),
         AuditError::Closed => Status::unavailable("the audit log is closing"),
         other => Status::internal(other.to_string()),
     }
@@ -82,13 +82,13 @@ fn parse_query(r: &QueryRequest) -> Result<Query, Status> {
             .as_deref()
             .map(str::parse)
             .transpose()
-            .map_err(Status::invalid_argument)?,
+            .map_err(|e: crate::event::EventError| Status::invalid_argument(e.to_string()))?,
         outcome: r
             .outcome
             .as_deref()
             .map(str::parse)
             .transpose()
-            .map_err(Status::invalid_argument)?,
+            .map_err(|e: crate::event::EventError| Status::invalid_argument(e.to_string()))?,
         after: r.after,
         limit: if r.limit == 0 { 100 } else { r.limit as usize },
     })
@@ -196,18 +196,15 @@ impl AuditQuery for Reader {
     }
 }
 
+/// Listens on `path` with `mode` (a socket left by a previous run is replaced: we hold the
+/// log's lock, so nobody serves it).
 fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, AuditError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
-    }
-    // A socket left by a previous run (we hold the log's lock, so nobody serves it).
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        std::fs::remove_file(path).map_err(|e| AuditError::io(path, e))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| AuditError::io(path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    let listener = unix_listen::bind(path, unix_listen::Access { mode, owner: None })
+        .map_err(|e| AuditError::Listen(Arc::new(e)))?;
+    listener
+        .set_nonblocking(true)
         .map_err(|e| AuditError::io(path, e))?;
-    Ok(listener)
+    tokio::net::UnixListener::from_std(listener).map_err(|e| AuditError::io(path, e))
 }
 
 /// Serves `log` until SIGTERM or SIGINT; `ready` is called once both sockets listen.
@@ -226,8 +223,9 @@ pub fn serve(
         let writer = bind(writer_socket, 0o600)?;
         let query = bind(query_socket, 0o660)?;
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("signal handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -250,7 +248,7 @@ pub fn serve(
         let servers = async { tokio::try_join!(writer_server, query_server) };
         tokio::pin!(servers);
         tokio::select! {
-            r = &mut servers => r.map(|_| ()).map_err(|e| AuditError::Storage(format!("gRPC server: {e}")))?,
+            r = &mut servers => r.map(|_| ()).map_err(|e| AuditError::Server(e.to_string()))?,
             _ = shutdown => {
                 let _ = stop_tx.send(());
                 // In-flight appends finish; idle clients that never read the GOAWAY (a

@@ -74,10 +74,10 @@ fn be_u64(v: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(v.try_into().ok()?))
 }
 
-fn corrupt(index: u64, reason: impl Into<String>) -> AuditError {
+fn corrupt(index: u64, reason: impl std::fmt::Display) -> AuditError {
     AuditError::Corrupt {
         index,
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
 }
 

@@ -74,7 +74,7 @@ pub enum BrokerError {
     BundleKey(#[from] KeyFileError),
     /// The running policy bundle does not verify (the message names its file).
     #[error("{0}")]
-    RunningPolicy(String),
+    RunningPolicy(#[source] policy::deploy::bundle::StateError),
     #[error(transparent)]
     Class(#[from] ClassError),
     #[error(transparent)]
@@ -89,7 +89,7 @@ pub enum BrokerError {
     NoBundleKeys,
     /// The bundle store cannot be read or written (the message names the place).
     #[error("{0}")]
-    PolicyState(String),
+    PolicyState(#[source] policy::deploy::bundle::StateError),
 }
 
 /// An attested session.

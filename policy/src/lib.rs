@@ -12,8 +12,12 @@
 //! - [`deploy`]: the deployment policy (tenants, functions, image scopes, keys, IPU classes,
 //!   limits) in TOML, with positioned errors, lint, and a pure decision function.
 //!
+//! - [`cli`]: the operations of the `policy` command line (check, lint, explain, test, diff,
+//!   keygen, sign, verify) and the rendering of their reports.
+//!
 //! Evaluation is a pure function so that every service calling it reaches the same decision.
 
+pub mod cli;
 pub mod deploy;
 pub mod reference;
 pub mod sigstore;

@@ -3,20 +3,12 @@
 //! Exit codes: 0 ok / allowed, 3 rejected or denied (or lint warnings, or a bundle refused),
 //! 1 operational error (unreadable or invalid input), 2 usage error.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use policy::deploy::bundle::{self, BundleContent};
-use policy::deploy::{self, DeployRequest};
-use policy::reference::ImageReference;
-use policy::sigstore::VerificationKey;
-use policy::trust::Precheck;
-use policy::Policy;
-
-const EXIT_DENIED: u8 = 3;
+use policy::cli::{self, CliError, PolicySource};
+use policy::deploy::DeployRequest;
 
 #[derive(Parser)]
 #[command(
@@ -136,43 +128,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<VerificationKey>, String> {
-    let mut keys = Vec::new();
-    for p in paths {
-        keys.extend(
-            VerificationKey::from_pem(read(p)?.as_bytes())
-                .map_err(|e| format!("key {}: {e}", p.display()))?,
-        );
-    }
-    Ok(keys)
-}
-
-fn run(command: Command) -> Result<u8, String> {
+fn run(command: Command) -> Result<u8, CliError> {
     match command {
         Command::Check {
             policy,
             image,
             json,
-        } => check(&policy, &image, json),
-        Command::Lint { deployment } => {
-            let text = read(&deployment)?;
-            let origin = deployment.display().to_string();
-            let doc = deploy::parse(&text, &origin).map_err(|e| e.to_string())?;
-            let warnings = deploy::lint(&doc, &text);
-            for w in &warnings {
-                println!("{origin}:{w}");
-            }
-            if warnings.is_empty() {
-                println!("{origin}: ok");
-                Ok(0)
-            } else {
-                Ok(EXIT_DENIED)
-            }
-        }
+        } => cli::check(&policy, &image, json),
+        Command::Lint { deployment } => cli::lint(&deployment),
         Command::Explain {
             policy,
             bundle,
@@ -184,16 +147,9 @@ fn run(command: Command) -> Result<u8, String> {
             key_id,
             json,
         } => {
-            let doc = match (policy, bundle) {
-                (Some(p), _) => deploy::parse(&read(&p)?, &p.display().to_string())
-                    .map_err(|e| e.to_string())?,
-                (None, Some(b)) => {
-                    let bytes = std::fs::read(&b)
-                        .map_err(|e| format!("cannot read {}: {e}", b.display()))?;
-                    bundle::verify(&bytes, &trusted_keys(&key)?, None)
-                        .map_err(|e| format!("{}: {e}", b.display()))?
-                        .deployment
-                }
+            let source = match (policy, bundle) {
+                (Some(p), _) => PolicySource::File(p),
+                (None, Some(path)) => PolicySource::Bundle { path, keys: key },
                 (None, None) => unreachable!("clap requires one"),
             };
             let request = DeployRequest {
@@ -202,234 +158,22 @@ fn run(command: Command) -> Result<u8, String> {
                 image,
                 ipu_class,
             };
-            let decision = match &key_id {
-                Some(k) => deploy::evaluate_key_release(&doc, &request, k),
-                None => deploy::evaluate(&doc, &request),
-            };
-            if json {
-                let out = serde_json::json!({ "request": request, "key_id": key_id, "decision": decision });
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("serializes")
-                );
-            } else {
-                println!(
-                    "decision:    {}",
-                    if decision.allowed {
-                        "allowed"
-                    } else {
-                        "denied"
-                    }
-                );
-                println!("decided by:  {}", decision.decided_by);
-                println!("reason:      {}", decision.reason);
-                for c in &decision.consulted {
-                    println!(
-                        "consulted:   {} ({}): {}",
-                        c.rule,
-                        if c.matched { "matched" } else { "skipped" },
-                        c.note
-                    );
-                }
-                if let Some(r) = &decision.requirements {
-                    println!(
-                        "requires:    signature={} encryption={} hardware crypto={}",
-                        r.require_signature, r.require_encryption, r.require_hardware_crypto
-                    );
-                    println!(
-                        "limits:      {}",
-                        serde_json::to_string(r).expect("serializes")
-                    );
-                }
-            }
-            Ok(if decision.allowed { 0 } else { EXIT_DENIED })
+            cli::explain(&source, &request, key_id.as_deref(), json)
         }
-        Command::Test { policy, cases } => {
-            let doc = load_deployment(&policy)?;
-            let suite = deploy::suite::parse_cases(&read(&cases)?, &cases.display().to_string())?;
-            let results = deploy::suite::run(&doc, &suite)?;
-            let failed = results.iter().filter(|r| !r.passed).count();
-            for r in &results {
-                println!(
-                    "{} {}: {}",
-                    if r.passed { "PASS" } else { "FAIL" },
-                    r.label,
-                    r.detail
-                );
-            }
-            println!("{} cases, {failed} failed", results.len());
-            Ok(if failed == 0 { 0 } else { EXIT_DENIED })
-        }
-        Command::Diff { old, new, requests } => {
-            let (a, b) = (load_deployment(&old)?, load_deployment(&new)?);
-            let suite =
-                deploy::suite::parse_cases(&read(&requests)?, &requests.display().to_string())?;
-            let changes = deploy::suite::diff(&a, &b, &suite);
-            for c in &changes {
-                let word = |allowed: bool| if allowed { "allow" } else { "deny" };
-                println!(
-                    "{} -> {}: {}\n  old: {} ({})\n  new: {} ({})",
-                    word(c.old.allowed),
-                    word(c.new.allowed),
-                    c.label,
-                    c.old.decided_by,
-                    c.old.reason,
-                    c.new.decided_by,
-                    c.new.reason
-                );
-            }
-            println!(
-                "{} of {} requests change outcome",
-                changes.len(),
-                suite.cases.len()
-            );
-            Ok(if changes.is_empty() { 0 } else { EXIT_DENIED })
-        }
-        Command::Keygen { out } => {
-            let rng = ring::rand::SystemRandom::new();
-            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-                .map_err(|_| "no randomness".to_string())?;
-            let keypair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-                .map_err(|_| "generated key does not parse".to_string())?;
-            use ring::signature::KeyPair;
-            let spki = bundle::ed25519_spki(keypair.public_key().as_ref());
-            std::fs::create_dir_all(&out)
-                .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-            let private =
-                zeroize::Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref())));
-            let path = out.join("priv.pem");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| {
-                    format!("cannot create {} (it must not exist): {e}", path.display())
-                })?;
-            f.write_all(private.as_bytes()).map_err(|e| e.to_string())?;
-            std::fs::write(
-                out.join("pub.pem"),
-                pem::encode(&pem::Pem::new("PUBLIC KEY", spki)),
-            )
-            .map_err(|e| e.to_string())?;
-            println!("wrote {0}/priv.pem and {0}/pub.pem", out.display());
-            Ok(0)
-        }
+        Command::Test { policy, cases } => cli::test(&policy, &cases),
+        Command::Diff { old, new, requests } => cli::diff(&old, &new, &requests),
+        Command::Keygen { out } => cli::keygen(&out),
         Command::Sign {
             deployment,
             image_trust,
             version,
             key,
             output,
-        } => {
-            let text = read(&deployment)?;
-            let doc = deploy::parse(&text, &deployment.display().to_string())
-                .map_err(|e| e.to_string())?;
-            let trust_path = image_trust.unwrap_or_else(|| {
-                deployment
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join(&doc.image_trust_policy)
-            });
-            let trust = read(&trust_path)?;
-            Policy::parse(trust.as_bytes(), &trust_path.display().to_string(), None)
-                .map_err(|e| e.to_string())?;
-            let private = zeroize::Zeroizing::new(
-                std::fs::read(&key).map_err(|e| format!("cannot read {}: {e}", key.display()))?,
-            );
-            let signed = bundle::sign(
-                &BundleContent {
-                    version,
-                    deployment: text,
-                    image_trust: trust,
-                },
-                &private,
-            )
-            .map_err(|e| e.to_string())?;
-            std::fs::write(&output, signed)
-                .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
-            println!("signed version {version} into {}", output.display());
-            Ok(0)
-        }
+        } => cli::sign(&deployment, image_trust.as_deref(), version, &key, &output),
         Command::Verify {
-            bundle: path,
+            bundle,
             key,
             running,
-        } => {
-            let keys = trusted_keys(&key)?;
-            let running = match running {
-                Some(r) => {
-                    let bytes = std::fs::read(&r)
-                        .map_err(|e| format!("cannot read {}: {e}", r.display()))?;
-                    Some(
-                        bundle::verify(&bytes, &keys, None)
-                            .map_err(|e| format!("running bundle {}: {e}", r.display()))?
-                            .content,
-                    )
-                }
-                None => None,
-            };
-            let bytes =
-                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            match bundle::verify(&bytes, &keys, running.as_ref().map(|c| (c.version, c))) {
-                Ok(b) => {
-                    println!(
-                        "ok: version {} signed by {}; {} tenants, {} key rules, {} IPU classes",
-                        b.content.version,
-                        b.signer,
-                        b.deployment.tenants.len(),
-                        b.deployment.keys.len(),
-                        b.deployment.ipu_classes.len()
-                    );
-                    Ok(0)
-                }
-                Err(e) => {
-                    println!("refused: {e}");
-                    Ok(EXIT_DENIED)
-                }
-            }
-        }
+        } => cli::verify(&bundle, &key, running.as_deref()),
     }
-}
-
-fn load_deployment(path: &Path) -> Result<deploy::DeploymentPolicy, String> {
-    deploy::parse(&read(path)?, &path.display().to_string()).map_err(|e| e.to_string())
-}
-
-fn check(policy: &Path, image: &str, json: bool) -> Result<u8, String> {
-    let reference = ImageReference::parse(image).map_err(|e| e.to_string())?;
-    let policy = Policy::from_file(policy).map_err(|e| e.to_string())?;
-    let evaluation = policy.requirements_for(&reference);
-    let precheck = evaluation.precheck();
-    let requirements: Vec<String> = evaluation
-        .requirements
-        .iter()
-        .map(|r| r.to_string())
-        .collect();
-    if json {
-        let out = serde_json::json!({
-            "image": reference.to_string(),
-            "scope": evaluation.scope,
-            "requirements": requirements,
-            "decision": precheck,
-        });
-        println!("{out}");
-    } else {
-        println!("image:        {reference}");
-        println!("scope:        {}", evaluation.scope);
-        for r in &requirements {
-            println!("requirement:  {r}");
-        }
-        let words = match precheck {
-            Precheck::Rejected => "rejected by policy",
-            Precheck::AcceptedWithoutSignature => "accepted without signature verification",
-            Precheck::SignatureRequired => "accepted only with a valid signature (checked at pull)",
-        };
-        println!("decision:     {words}");
-    }
-    Ok(if precheck == Precheck::Rejected {
-        EXIT_DENIED
-    } else {
-        0
-    })
 }

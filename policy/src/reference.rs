@@ -363,7 +363,8 @@ impl OciLayoutReference {
             }
         }
         Ok(Self {
-            dir: absolute_normalized(dir).map_err(|e| err(&input, e))?,
+            dir: absolute_normalized(dir)
+                .map_err(|e| err(&input, format!("cannot read current directory: {e}")))?,
             image: image.map(str::to_string),
         })
     }
@@ -403,7 +404,8 @@ impl DirReference {
             return Err(err(&input, "empty directory"));
         }
         Ok(Self {
-            dir: absolute_normalized(dir).map_err(|e| err(&input, e))?,
+            dir: absolute_normalized(dir)
+                .map_err(|e| err(&input, format!("cannot read current directory: {e}")))?,
         })
     }
 
@@ -429,11 +431,12 @@ fn path_scopes(dir: &Path) -> Vec<String> {
     scopes
 }
 
-fn absolute_normalized(p: &Path) -> Result<PathBuf, String> {
+/// An absolute path without `.` and `..` (the error: the current directory is unreadable).
+fn absolute_normalized(p: &Path) -> Result<PathBuf, std::io::Error> {
     let base = if p.is_absolute() {
         PathBuf::from("/")
     } else {
-        std::env::current_dir().map_err(|e| format!("cannot read current directory: {e}"))?
+        std::env::current_dir()?
     };
     let mut out = base;
     for c in p.components() {

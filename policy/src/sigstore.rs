@@ -79,25 +79,42 @@ struct Image {
 
 const PAYLOAD_TYPE: &str = "cosign container image signature";
 
+/// Why a simple-signing payload was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload of {len} bytes exceeds {MAX_PAYLOAD_LEN}")]
+    TooLarge { len: usize },
+    /// Not the strict JSON shape (the parser's message).
+    #[error("payload is not simple-signing JSON: {0}")]
+    NotSimpleSigning(String),
+    #[error("payload type {0:?} is not {PAYLOAD_TYPE:?}")]
+    WrongType(String),
+    #[error("payload manifest digest: {0}")]
+    Digest(#[source] crate::reference::ReferenceError),
+}
+
+/// Why a payload could not be signed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    #[error("signing key is not an ECDSA P-256 PKCS#8 key: {0}")]
+    NotP256Pkcs8(String),
+    #[error("signing failed")]
+    Failed,
+}
+
 impl SimpleSigningPayload {
     /// Strict parse of a payload (only after its signature verified).
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, PayloadError> {
         if bytes.len() > MAX_PAYLOAD_LEN {
-            return Err(format!(
-                "payload of {} bytes exceeds {MAX_PAYLOAD_LEN}",
-                bytes.len()
-            ));
+            return Err(PayloadError::TooLarge { len: bytes.len() });
         }
         let json: PayloadJson = serde_json::from_slice(bytes)
-            .map_err(|e| format!("payload is not simple-signing JSON: {e}"))?;
+            .map_err(|e| PayloadError::NotSimpleSigning(e.to_string()))?;
         if json.critical.kind != PAYLOAD_TYPE {
-            return Err(format!(
-                "payload type {:?} is not {PAYLOAD_TYPE:?}",
-                json.critical.kind
-            ));
+            return Err(PayloadError::WrongType(json.critical.kind));
         }
         let digest = Digest::parse(&json.critical.image.docker_manifest_digest)
-            .map_err(|e| format!("payload manifest digest: {e}"))?;
+            .map_err(PayloadError::Digest)?;
         Ok(Self {
             docker_reference: json.critical.identity.docker_reference,
             docker_manifest_digest: digest,
@@ -124,17 +141,17 @@ impl SimpleSigningPayload {
 }
 
 /// Signs a payload with an ECDSA P-256 PKCS#8 (DER) private key; returns the DER signature.
-pub fn sign_simple_signing(payload: &[u8], pkcs8_der: &[u8]) -> Result<Vec<u8>, String> {
+pub fn sign_simple_signing(payload: &[u8], pkcs8_der: &[u8]) -> Result<Vec<u8>, SignError> {
     let rng = ring::rand::SystemRandom::new();
     let key = signature::EcdsaKeyPair::from_pkcs8(
         &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
         pkcs8_der,
         &rng,
     )
-    .map_err(|e| format!("signing key is not an ECDSA P-256 PKCS#8 key: {e}"))?;
+    .map_err(|e| SignError::NotP256Pkcs8(e.to_string()))?;
     key.sign(&rng, payload)
         .map(|s| s.as_ref().to_vec())
-        .map_err(|_| "signing failed".to_string())
+        .map_err(|_| SignError::Failed)
 }
 
 /// A public key accepted by a `sigstoreSigned` requirement.
@@ -159,6 +176,27 @@ const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
 const OID_ED25519: &str = "1.3.101.112";
 
+/// Why a public key (PEM or SPKI DER) was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not PEM: {0}")]
+    NotPem(String),
+    #[error("no PEM block found")]
+    NoPemBlock,
+    #[error("PEM block {0:?} is not a PUBLIC KEY")]
+    NotAPublicKey(String),
+    #[error("not a SubjectPublicKeyInfo: {0}")]
+    NotSpki(String),
+    #[error("EC key without named curve: {0}")]
+    NoNamedCurve(String),
+    #[error("unsupported EC curve {0} (P-256, P-384)")]
+    UnsupportedCurve(String),
+    #[error("unsupported public key algorithm {0} (ECDSA P-256/P-384, Ed25519)")]
+    UnsupportedAlgorithm(String),
+    #[error("public key bit string is not byte aligned")]
+    NotByteAligned,
+}
+
 /// A key file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
@@ -171,22 +209,23 @@ pub enum KeyFileError {
     #[error("key {}: {reason}", path.display())]
     Invalid {
         path: std::path::PathBuf,
-        reason: String,
+        #[source]
+        reason: KeyError,
     },
 }
 
 impl VerificationKey {
     /// Parses every `PUBLIC KEY` PEM block in `pem` (cosign and containers accept several).
-    pub fn from_pem(pem_text: &[u8]) -> Result<Vec<Self>, String> {
-        let blocks = pem::parse_many(pem_text).map_err(|e| format!("not PEM: {e}"))?;
+    pub fn from_pem(pem_text: &[u8]) -> Result<Vec<Self>, KeyError> {
+        let blocks = pem::parse_many(pem_text).map_err(|e| KeyError::NotPem(e.to_string()))?;
         if blocks.is_empty() {
-            return Err("no PEM block found".into());
+            return Err(KeyError::NoPemBlock);
         }
         blocks
             .iter()
             .map(|b| {
                 if b.tag() != "PUBLIC KEY" {
-                    return Err(format!("PEM block {:?} is not a PUBLIC KEY", b.tag()));
+                    return Err(KeyError::NotAPublicKey(b.tag().to_string()));
                 }
                 Self::from_spki_der(b.contents())
             })
@@ -208,41 +247,37 @@ impl VerificationKey {
             keys.extend(
                 Self::from_pem(&pem).map_err(|reason| KeyFileError::Invalid {
                     path: path.to_path_buf(),
-                    reason: reason.to_string(),
+                    reason,
                 })?,
             );
         }
         Ok(keys)
     }
 
-    pub fn from_spki_der(der: &[u8]) -> Result<Self, String> {
+    pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
         let spki = spki::SubjectPublicKeyInfoRef::from_der(der)
-            .map_err(|e| format!("not a SubjectPublicKeyInfo: {e}"))?;
+            .map_err(|e| KeyError::NotSpki(e.to_string()))?;
         let oid = spki.algorithm.oid.to_string();
         let algorithm = match oid.as_str() {
             OID_EC_PUBLIC_KEY => {
                 let curve = spki
                     .algorithm
                     .parameters_oid()
-                    .map_err(|e| format!("EC key without named curve: {e}"))?
+                    .map_err(|e| KeyError::NoNamedCurve(e.to_string()))?
                     .to_string();
                 match curve.as_str() {
                     OID_P256 => KeyAlgorithm::EcdsaP256,
                     OID_P384 => KeyAlgorithm::EcdsaP384,
-                    other => return Err(format!("unsupported EC curve {other} (P-256, P-384)")),
+                    other => return Err(KeyError::UnsupportedCurve(other.to_string())),
                 }
             }
             OID_ED25519 => KeyAlgorithm::Ed25519,
-            other => {
-                return Err(format!(
-                    "unsupported public key algorithm {other} (ECDSA P-256/P-384, Ed25519)"
-                ))
-            }
+            other => return Err(KeyError::UnsupportedAlgorithm(other.to_string())),
         };
         let public = spki
             .subject_public_key
             .as_bytes()
-            .ok_or("public key bit string is not byte aligned")?
+            .ok_or(KeyError::NotByteAligned)?
             .to_vec();
         let fingerprint = format!(
             "sha256:{}",
@@ -357,6 +392,74 @@ mod tests {
     }
 
     #[test]
+    fn from_pem_files_reads_every_key_and_names_the_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, key) = keypair();
+        let (_, other) = keypair();
+        let spki = |k: &VerificationKey| {
+            // The SPKI DER of a P-256 key: fixed prefix + point.
+            let mut der =
+                hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+            der.extend_from_slice(&k.public);
+            der
+        };
+        let good = dir.path().join("good.pem");
+        std::fs::write(
+            &good,
+            pem::encode_many(&[
+                pem::Pem::new("PUBLIC KEY", spki(&key)),
+                pem::Pem::new("PUBLIC KEY", spki(&other)),
+            ]),
+        )
+        .unwrap();
+        let keys = VerificationKey::from_pem_files(&[&good]).unwrap();
+        assert_eq!(keys, vec![key.clone(), other]);
+
+        let missing = dir.path().join("missing.pem");
+        let e = VerificationKey::from_pem_files(&[&good, &missing]).unwrap_err();
+        assert!(
+            matches!(&e, KeyFileError::Read { path, .. } if *path == missing),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot read key {}: ", missing.display())),
+            "{e}"
+        );
+
+        let text = dir.path().join("text.pem");
+        std::fs::write(&text, "not a key\n").unwrap();
+        let e = VerificationKey::from_pem_files(&[&text]).unwrap_err();
+        assert!(
+            matches!(&e, KeyFileError::Invalid { path, reason: KeyError::NoPemBlock } if *path == text),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("key {}: no PEM block found", text.display())
+        );
+
+        let private = dir.path().join("private.pem");
+        std::fs::write(
+            &private,
+            pem::encode(&pem::Pem::new("PRIVATE KEY", vec![1, 2, 3])),
+        )
+        .unwrap();
+        let e = VerificationKey::from_pem_files(&[good, private.clone()]).unwrap_err();
+        assert!(
+            matches!(&e, KeyFileError::Invalid { path, reason: KeyError::NotAPublicKey(tag) } if *path == private && tag == "PRIVATE KEY"),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "key {}: PEM block \"PRIVATE KEY\" is not a PUBLIC KEY",
+                private.display()
+            )
+        );
+    }
+
+    #[test]
     fn rejects_unsupported_keys() {
         // An RSA SPKI header (rsaEncryption OID) is refused by name.
         let rsa = hex::decode("300d06092a864886f70d0101010500").unwrap();
@@ -364,6 +467,6 @@ mod tests {
         der.extend_from_slice(&rsa);
         der.extend_from_slice(&[0x03, 0x02, 0x00, 0x00]);
         let err = VerificationKey::from_spki_der(&der).unwrap_err();
-        assert!(err.contains("1.2.840.113549.1.1.1"), "{err}");
+        assert!(err.to_string().contains("1.2.840.113549.1.1.1"), "{err}");
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::reference::{Digest, DockerReference, ImageReference, Transport};
+use crate::reference::{Digest, DockerReference, ImageReference, ReferenceError, Transport};
 use crate::sigstore::{SignatureFormat, SimpleSigningPayload, VerificationKey};
 
 /// A parse or load error, with the file and JSON path it is about.
@@ -388,7 +388,7 @@ fn parse_requirement(ctx: &Ctx, v: &Value, path: &str) -> Result<Requirement, Po
                 let pem = base64::engine::general_purpose::STANDARD
                     .decode(data)
                     .map_err(|e| ctx.err(&kd, format!("keyData is not base64: {e}")))?;
-                keys = VerificationKey::from_pem(&pem).map_err(|e| ctx.err(&kd, e))?;
+                keys = VerificationKey::from_pem(&pem).map_err(|e| ctx.err(&kd, e.to_string()))?;
             }
             let identity = match obj.get("signedIdentity") {
                 None => IdentityRule::MatchRepoDigestOrExact,
@@ -655,41 +655,81 @@ fn check_sigstore(
 }
 
 /// Checks a signature's claimed identity against the image under a `signedIdentity` rule.
+/// Why a signature's claimed identity does not match the image under a `signedIdentity`
+/// rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("signed identity {signed:?} is not a docker reference: {source}")]
+    NotADockerReference {
+        signed: String,
+        #[source]
+        source: ReferenceError,
+    },
+    #[error("identity rule {rule} needs the image's own docker reference, which a {transport} reference has not; use exactReference or exactRepository")]
+    NoDockerReference {
+        rule: String,
+        transport: &'static str,
+    },
+    #[error("image {0} has neither tag nor digest")]
+    NoTagNorDigest(String),
+    #[error("signed identity {signed} is not exactly {image}")]
+    NotExactly { signed: String, image: String },
+    #[error("signed repository {signed} is not {image}")]
+    OtherRepository { signed: String, image: String },
+    #[error("signed identity {signed} is not the required {required}")]
+    NotTheRequiredReference { signed: String, required: String },
+    #[error("signed repository {signed} is not the required {required}")]
+    NotTheRequiredRepository { signed: String, required: String },
+    #[error("remapped identity {remapped:?}: {source}")]
+    Remapped {
+        remapped: String,
+        #[source]
+        source: ReferenceError,
+    },
+}
+
 pub fn identity_matches(
     rule: &IdentityRule,
     image: &ImageReference,
     signed: &str,
-) -> Result<(), String> {
-    let signed_ref = DockerReference::parse_name_only_allowed(signed)
-        .map_err(|e| format!("signed identity {signed:?} is not a docker reference: {e}"))?;
+) -> Result<(), IdentityError> {
+    let signed_ref = DockerReference::parse_name_only_allowed(signed).map_err(|source| {
+        IdentityError::NotADockerReference {
+            signed: signed.to_string(),
+            source,
+        }
+    })?;
     let need_image = || {
-        image.docker_reference().ok_or_else(|| {
-            format!(
-                "identity rule {rule} needs the image's own docker reference, which a {} reference has not; use exactReference or exactRepository",
-                image.transport().name()
-            )
-        })
+        image
+            .docker_reference()
+            .ok_or_else(|| IdentityError::NoDockerReference {
+                rule: rule.to_string(),
+                transport: image.transport().name(),
+            })
     };
-    let exact = |img: &DockerReference| -> Result<(), String> {
+    let other_repository = |img: &DockerReference| IdentityError::OtherRepository {
+        signed: signed_ref.repository().to_string(),
+        image: img.repository().to_string(),
+    };
+    let exact = |img: &DockerReference| -> Result<(), IdentityError> {
         if img.tag().is_none() && img.digest().is_none() {
-            return Err(format!("image {img} has neither tag nor digest"));
+            return Err(IdentityError::NoTagNorDigest(img.to_string()));
         }
         if img.to_string() == signed_ref.to_string() {
             Ok(())
         } else {
-            Err(format!("signed identity {signed_ref} is not exactly {img}"))
+            Err(IdentityError::NotExactly {
+                signed: signed_ref.to_string(),
+                image: img.to_string(),
+            })
         }
     };
-    let repo_digest_or_exact = |img: &DockerReference| -> Result<(), String> {
+    let repo_digest_or_exact = |img: &DockerReference| -> Result<(), IdentityError> {
         if img.digest().is_some() && img.tag().is_none() {
             if img.repository() == signed_ref.repository() {
                 Ok(())
             } else {
-                Err(format!(
-                    "signed repository {} is not {}",
-                    signed_ref.repository(),
-                    img.repository()
-                ))
+                Err(other_repository(img))
             }
         } else {
             exact(img)
@@ -703,30 +743,27 @@ pub fn identity_matches(
             if img.repository() == signed_ref.repository() {
                 Ok(())
             } else {
-                Err(format!(
-                    "signed repository {} is not {}",
-                    signed_ref.repository(),
-                    img.repository()
-                ))
+                Err(other_repository(img))
             }
         }
         IdentityRule::ExactReference(want) => {
             if want.to_string() == signed_ref.to_string() {
                 Ok(())
             } else {
-                Err(format!(
-                    "signed identity {signed_ref} is not the required {want}"
-                ))
+                Err(IdentityError::NotTheRequiredReference {
+                    signed: signed_ref.to_string(),
+                    required: want.to_string(),
+                })
             }
         }
         IdentityRule::ExactRepository(want) => {
             if *want == signed_ref.repository() {
                 Ok(())
             } else {
-                Err(format!(
-                    "signed repository {} is not the required {want}",
-                    signed_ref.repository()
-                ))
+                Err(IdentityError::NotTheRequiredRepository {
+                    signed: signed_ref.repository().to_string(),
+                    required: want.to_string(),
+                })
             }
         }
         IdentityRule::RemapIdentity {
@@ -739,8 +776,10 @@ pub fn identity_matches(
                 // The prefix must end at a component boundary.
                 Some(rest) if rest.is_empty() || rest.starts_with(['/', ':', '@']) => {
                     let s = format!("{signed_prefix}{rest}");
-                    DockerReference::parse(&s)
-                        .map_err(|e| format!("remapped identity {s:?}: {e}"))?
+                    DockerReference::parse(&s).map_err(|source| IdentityError::Remapped {
+                        remapped: s,
+                        source,
+                    })?
                 }
                 _ => img.clone(),
             };

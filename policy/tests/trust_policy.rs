@@ -391,6 +391,7 @@ fn identity_rules() {
     let oci = r("oci:/tmp/l:t");
     assert!(identity_matches(&MatchRepository, &oci, "reg.io/ns/app")
         .unwrap_err()
+        .to_string()
         .contains("exactRepository"));
     assert!(identity_matches(
         &ExactRepository("reg.io/ns/app".into()),

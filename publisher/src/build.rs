@@ -9,10 +9,37 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use sha2::{Digest as _, Sha256};
 
-use crate::layout::{Descriptor, Layout, Manifest, OCI_CONFIG, OCI_MANIFEST};
+use crate::layout::{Descriptor, Layout, LayoutError, Manifest, OCI_CONFIG, OCI_MANIFEST};
+
+/// Why an image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("rootfs {} is not a directory", .0.display())]
+    NotADirectory(std::path::PathBuf),
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: only directories, regular files and symlinks go into a published image", .0.display())]
+    Unsupported(std::path::PathBuf),
+    #[error("writing the layer: {0}")]
+    Write(#[source] io::Error),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+type Result<T, E = BuildError> = std::result::Result<T, E>;
+
+fn read_error(path: &Path) -> impl FnOnce(io::Error) -> BuildError + '_ {
+    move |source| BuildError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// The mtime written into every entry (2023-11-14T22:13:20Z).
 const FIXED_MTIME: u64 = 1_700_000_000;
@@ -69,19 +96,19 @@ impl<W: Write> Write for DiffIdWriter<W> {
 
 pub fn build(layout: &Layout, opts: &BuildOptions<'_>) -> Result<Built> {
     if !opts.rootfs.is_dir() {
-        bail!("rootfs {} is not a directory", opts.rootfs.display());
+        return Err(BuildError::NotADirectory(opts.rootfs.to_path_buf()));
     }
     let blob = layout.blob_writer()?;
     let (diff_id, entries, blob) = match opts.compression {
         LayerCompression::Gzip => {
             let gz = flate2::write::GzEncoder::new(blob, flate2::Compression::default());
             let (d, n, gz) = write_tar(opts.rootfs, gz)?;
-            (d, n, gz.finish()?)
+            (d, n, gz.finish().map_err(BuildError::Write)?)
         }
         LayerCompression::Zstd => {
-            let zs = zstd::stream::write::Encoder::new(blob, 3)?;
+            let zs = zstd::stream::write::Encoder::new(blob, 3).map_err(BuildError::Write)?;
             let (d, n, zs) = write_tar(opts.rootfs, zs)?;
-            (d, n, zs.finish()?)
+            (d, n, zs.finish().map_err(BuildError::Write)?)
         }
         LayerCompression::None => write_tar(opts.rootfs, blob)?,
     };
@@ -98,7 +125,10 @@ pub fn build(layout: &Layout, opts: &BuildOptions<'_>) -> Result<Built> {
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "ocipub build"}],
     });
-    let config = layout.put_blob(OCI_CONFIG, &serde_json::to_vec(&config)?)?;
+    let config = layout.put_blob(
+        OCI_CONFIG,
+        &serde_json::to_vec(&config).expect("a config serializes"),
+    )?;
     let manifest = Manifest {
         schema_version: 2,
         media_type: OCI_MANIFEST.into(),
@@ -136,8 +166,7 @@ fn write_tar<W: Write>(root: &Path, out: W) -> Result<(String, u64, W)> {
     let mut seen_inodes: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
     for rel in &paths {
         let full = root.join(rel);
-        let meta =
-            fs::symlink_metadata(&full).with_context(|| format!("reading {}", full.display()))?;
+        let meta = fs::symlink_metadata(&full).map_err(read_error(&full))?;
         let mut header = tar::Header::new_gnu();
         header.set_mode(meta.mode() & 0o7777);
         header.set_uid(0);
@@ -147,45 +176,50 @@ fn write_tar<W: Write>(root: &Path, out: W) -> Result<(String, u64, W)> {
         if ft.is_dir() {
             header.set_entry_type(tar::EntryType::Directory);
             header.set_size(0);
-            builder.append_data(&mut header, rel, io::empty())?;
+            builder
+                .append_data(&mut header, rel, io::empty())
+                .map_err(BuildError::Write)?;
         } else if ft.is_symlink() {
             header.set_entry_type(tar::EntryType::Symlink);
             header.set_size(0);
-            let target = fs::read_link(&full)?;
-            builder.append_link(&mut header, rel, target)?;
+            let target = fs::read_link(&full).map_err(read_error(&full))?;
+            builder
+                .append_link(&mut header, rel, target)
+                .map_err(BuildError::Write)?;
         } else if ft.is_file() {
             if meta.nlink() > 1 {
                 if let Some(first) = seen_inodes.get(&(meta.dev(), meta.ino())) {
                     header.set_entry_type(tar::EntryType::Link);
                     header.set_size(0);
-                    builder.append_link(&mut header, rel, first)?;
+                    builder
+                        .append_link(&mut header, rel, first)
+                        .map_err(BuildError::Write)?;
                     continue;
                 }
                 seen_inodes.insert((meta.dev(), meta.ino()), rel.clone());
             }
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(meta.len());
-            let file = fs::File::open(&full)?;
-            builder.append_data(&mut header, rel, file)?;
+            let file = fs::File::open(&full).map_err(read_error(&full))?;
+            builder
+                .append_data(&mut header, rel, file)
+                .map_err(BuildError::Write)?;
         } else {
-            bail!(
-                "{}: only directories, regular files and symlinks go into a published image",
-                full.display()
-            );
+            return Err(BuildError::Unsupported(full));
         }
     }
     let entries = paths.len() as u64;
-    let writer = builder.into_inner()?;
+    let writer = builder.into_inner().map_err(BuildError::Write)?;
     let diff_id = format!("sha256:{}", hex::encode(writer.hash.finalize()));
     Ok((diff_id, entries, writer.inner))
 }
 
 fn collect(root: &Path, rel: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
     let dir = root.join(rel);
-    for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry?;
+    for entry in fs::read_dir(&dir).map_err(read_error(&dir))? {
+        let entry = entry.map_err(read_error(&dir))?;
         let rel = rel.join(entry.file_name());
-        let is_dir = entry.file_type()?.is_dir();
+        let is_dir = entry.file_type().map_err(read_error(&dir))?.is_dir();
         out.push(rel.clone());
         if is_dir {
             collect(root, &rel, out)?;

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use std::path::PathBuf;
+
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::OsRng;
 use zeroize::Zeroizing;
@@ -27,21 +28,60 @@ pub enum KeyKind {
     Rsa4096,
 }
 
+/// Why a key pair could not be made or written.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyGenError {
+    #[error("generating an RSA key: {0}")]
+    Rsa(#[source] rsa::Error),
+    #[error("encoding the private key: {0}")]
+    EncodePrivate(#[source] p256::pkcs8::Error),
+    #[error("encoding the public key: {0}")]
+    EncodePublic(#[source] p256::pkcs8::spki::Error),
+    #[error("creating {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating {} (it must not exist yet): {source}", path.display())]
+    CreateNew {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn pems(
+    private: Result<Zeroizing<String>, p256::pkcs8::Error>,
+    public: Result<String, p256::pkcs8::spki::Error>,
+) -> Result<(Zeroizing<String>, String), KeyGenError> {
+    Ok((
+        private.map_err(KeyGenError::EncodePrivate)?,
+        public.map_err(KeyGenError::EncodePublic)?,
+    ))
+}
+
 /// PEM texts of a new key pair: (private PKCS#8, public SPKI).
-pub fn generate(kind: KeyKind) -> Result<(Zeroizing<String>, String)> {
+pub fn generate(kind: KeyKind) -> Result<(Zeroizing<String>, String), KeyGenError> {
     let lf = LineEnding::LF;
-    Ok(match kind {
+    match kind {
         KeyKind::EcP256 => {
             let k = p256::SecretKey::random(&mut OsRng);
-            (k.to_pkcs8_pem(lf)?, k.public_key().to_public_key_pem(lf)?)
+            pems(k.to_pkcs8_pem(lf), k.public_key().to_public_key_pem(lf))
         }
         KeyKind::EcP384 => {
             let k = p384::SecretKey::random(&mut OsRng);
-            (k.to_pkcs8_pem(lf)?, k.public_key().to_public_key_pem(lf)?)
+            pems(k.to_pkcs8_pem(lf), k.public_key().to_public_key_pem(lf))
         }
         KeyKind::EcP521 => {
             let k = p521::SecretKey::random(&mut OsRng);
-            (k.to_pkcs8_pem(lf)?, k.public_key().to_public_key_pem(lf)?)
+            pems(k.to_pkcs8_pem(lf), k.public_key().to_public_key_pem(lf))
         }
         KeyKind::Rsa2048 | KeyKind::Rsa3072 | KeyKind::Rsa4096 => {
             let bits = match kind {
@@ -49,25 +89,39 @@ pub fn generate(kind: KeyKind) -> Result<(Zeroizing<String>, String)> {
                 KeyKind::Rsa3072 => 3072,
                 _ => 4096,
             };
-            let k = rsa::RsaPrivateKey::new(&mut OsRng, bits).context("generating an RSA key")?;
+            let k = rsa::RsaPrivateKey::new(&mut OsRng, bits).map_err(KeyGenError::Rsa)?;
             let public = rsa::RsaPublicKey::from(&k);
-            (k.to_pkcs8_pem(lf)?, public.to_public_key_pem(lf)?)
+            pems(k.to_pkcs8_pem(lf), public.to_public_key_pem(lf))
         }
-    })
+    }
 }
 
 /// Writes `DIR/priv.pem` (0600) and `DIR/pub.pem`; refuses to overwrite a private key.
-pub fn write_pair(kind: KeyKind, dir: &Path) -> Result<()> {
+pub fn write_pair(kind: KeyKind, dir: &Path) -> Result<(), KeyGenError> {
     let (private, public) = generate(kind)?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|source| KeyGenError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let priv_path = dir.join("priv.pem");
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&priv_path)
-        .with_context(|| format!("creating {} (it must not exist yet)", priv_path.display()))?;
-    f.write_all(private.as_bytes())?;
-    fs::write(dir.join("pub.pem"), public)?;
+        .map_err(|source| KeyGenError::CreateNew {
+            path: priv_path.clone(),
+            source,
+        })?;
+    f.write_all(private.as_bytes())
+        .map_err(|source| KeyGenError::Write {
+            path: priv_path,
+            source,
+        })?;
+    let pub_path = dir.join("pub.pem");
+    fs::write(&pub_path, public).map_err(|source| KeyGenError::Write {
+        path: pub_path,
+        source,
+    })?;
     Ok(())
 }

@@ -9,7 +9,6 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -48,6 +47,56 @@ struct Index {
     manifests: Vec<Descriptor>,
 }
 
+/// Why a layout could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{} is not an OCI layout (no oci-layout or index.json)", .0.display())]
+    NotALayout(PathBuf),
+    #[error("creating OCI layout {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing a file of the layout (`what` names it).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is not a sha256 digest")]
+    NotADigest(String),
+    #[error("blob {digest} in {} is corrupt", dir.display())]
+    Corrupt { digest: String, dir: PathBuf },
+    #[error("{}/index.json is not an OCI index: {source}", dir.display())]
+    NotAnIndex {
+        dir: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no tag {tag:?} in {}", dir.display())]
+    NoTag { tag: String, dir: PathBuf },
+    #[error("tag {tag:?} is a {media_type}, not an OCI image manifest")]
+    NotAnImageManifest { tag: String, media_type: String },
+    #[error("manifest of tag {tag:?}: {source}")]
+    BadManifest {
+        tag: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+type Result<T, E = LayoutError> = std::result::Result<T, E>;
+
+/// An I/O error on `what` (a path or a description).
+fn io_error(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> LayoutError {
+    move |source| LayoutError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
 /// An OCI layout directory opened for writing.
 pub struct Layout {
     dir: PathBuf,
@@ -62,15 +111,23 @@ impl Layout {
     pub fn open_or_create(dir: &Path) -> Result<Self> {
         let marker = dir.join("oci-layout");
         if !marker.exists() {
-            fs::create_dir_all(dir.join("blobs/sha256"))
-                .with_context(|| format!("creating OCI layout {}", dir.display()))?;
-            fs::write(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+            fs::create_dir_all(dir.join("blobs/sha256")).map_err(|source| LayoutError::Create {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            fs::write(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                .map_err(io_error(marker.display()))?;
             let index = Index {
                 schema_version: 2,
                 media_type: Some(OCI_INDEX.into()),
                 manifests: Vec::new(),
             };
-            fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+            let path = dir.join("index.json");
+            fs::write(
+                &path,
+                serde_json::to_vec(&index).expect("an index serializes"),
+            )
+            .map_err(io_error(path.display()))?;
         }
         Self::open(dir)
     }
@@ -78,10 +135,7 @@ impl Layout {
     /// Opens an existing layout.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.join("oci-layout").is_file() || !dir.join("index.json").is_file() {
-            bail!(
-                "{} is not an OCI layout (no oci-layout or index.json)",
-                dir.display()
-            );
+            return Err(LayoutError::NotALayout(dir.to_path_buf()));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -96,21 +150,21 @@ impl Layout {
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .with_context(|| format!("{digest} is not a sha256 digest"))?;
+            .ok_or_else(|| LayoutError::NotADigest(digest.to_string()))?;
         Ok(self.dir.join("blobs/sha256").join(hex))
     }
 
     /// Stores `bytes` as a blob and returns its descriptor.
     pub fn put_blob(&self, media_type: &str, bytes: &[u8]) -> Result<Descriptor> {
         let mut w = self.blob_writer()?;
-        w.write_all(bytes)?;
+        w.write_all(bytes).map_err(io_error("writing a blob"))?;
         w.finish(media_type)
     }
 
     /// A writer whose content becomes a blob on [`BlobWriter::finish`].
     pub fn blob_writer(&self) -> Result<BlobWriter<'_>> {
         let tmp = tempfile::NamedTempFile::new_in(self.dir.join("blobs/sha256"))
-            .context("creating a temporary blob")?;
+            .map_err(io_error("creating a temporary blob"))?;
         Ok(BlobWriter {
             layout: self,
             file: BufWriter::with_capacity(1 << 20, tmp),
@@ -121,22 +175,30 @@ impl Layout {
 
     pub fn open_blob(&self, digest: &str) -> Result<File> {
         let path = self.blob_path(digest)?;
-        File::open(&path).with_context(|| format!("opening blob {}", path.display()))
+        File::open(&path).map_err(io_error(format_args!("opening blob {}", path.display())))
     }
 
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        self.open_blob(digest)?.read_to_end(&mut out)?;
+        self.open_blob(digest)?
+            .read_to_end(&mut out)
+            .map_err(io_error(format_args!("reading blob {digest}")))?;
         if sha256_digest(&out) != digest {
-            bail!("blob {digest} in {} is corrupt", self.dir.display());
+            return Err(LayoutError::Corrupt {
+                digest: digest.to_string(),
+                dir: self.dir.clone(),
+            });
         }
         Ok(out)
     }
 
     fn index(&self) -> Result<Index> {
-        let bytes = fs::read(self.dir.join("index.json"))?;
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}/index.json is not an OCI index", self.dir.display()))
+        let path = self.dir.join("index.json");
+        let bytes = fs::read(&path).map_err(io_error(path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|source| LayoutError::NotAnIndex {
+            dir: self.dir.clone(),
+            source,
+        })
     }
 
     /// The manifest descriptor tagged `tag`, if any.
@@ -150,23 +212,29 @@ impl Layout {
 
     /// The image manifest tagged `tag` and its descriptor.
     pub fn manifest(&self, tag: &str) -> Result<(Descriptor, Manifest)> {
-        let desc = self
-            .tagged(tag)?
-            .with_context(|| format!("no tag {tag:?} in {}", self.dir.display()))?;
+        let desc = self.tagged(tag)?.ok_or_else(|| LayoutError::NoTag {
+            tag: tag.to_string(),
+            dir: self.dir.clone(),
+        })?;
         if desc.media_type != OCI_MANIFEST {
-            bail!(
-                "tag {tag:?} is a {}, not an OCI image manifest",
-                desc.media_type
-            );
+            return Err(LayoutError::NotAnImageManifest {
+                tag: tag.to_string(),
+                media_type: desc.media_type,
+            });
         }
-        let manifest = serde_json::from_slice(&self.read_blob(&desc.digest)?)
-            .with_context(|| format!("manifest of tag {tag:?}"))?;
+        let manifest =
+            serde_json::from_slice(&self.read_blob(&desc.digest)?).map_err(|source| {
+                LayoutError::BadManifest {
+                    tag: tag.to_string(),
+                    source,
+                }
+            })?;
         Ok((desc, manifest))
     }
 
     /// Stores `manifest` and points `tag` at it (replacing an earlier tag of that name).
     pub fn put_manifest(&self, tag: &str, manifest: &Manifest) -> Result<Descriptor> {
-        let bytes = serde_json::to_vec(manifest)?;
+        let bytes = serde_json::to_vec(manifest).expect("a manifest serializes");
         let mut desc = self.put_blob(OCI_MANIFEST, &bytes)?;
         desc.annotations.insert(REF_NAME.into(), tag.into());
         let mut index = self.index()?;
@@ -174,10 +242,13 @@ impl Layout {
             .manifests
             .retain(|d| d.annotations.get(REF_NAME).map(String::as_str) != Some(tag));
         index.manifests.push(desc.clone());
-        let tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        serde_json::to_writer(&tmp, &index)?;
-        tmp.persist(self.dir.join("index.json"))
-            .map_err(|e| e.error)?;
+        let path = self.dir.join("index.json");
+        let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_error(path.display()))?;
+        serde_json::to_writer(&tmp, &index)
+            .map_err(io::Error::from)
+            .map_err(io_error(path.display()))?;
+        tmp.persist(&path)
+            .map_err(|e| io_error(path.display())(e.error))?;
         Ok(desc)
     }
 }
@@ -193,10 +264,14 @@ pub struct BlobWriter<'a> {
 impl BlobWriter<'_> {
     pub fn finish(self, media_type: &str) -> Result<Descriptor> {
         let digest = format!("sha256:{}", hex::encode(self.hash.finalize()));
-        let tmp = self.file.into_inner().map_err(|e| e.into_error())?;
-        tmp.as_file().sync_all()?;
+        let what = format!("writing blob {digest}");
+        let tmp = self
+            .file
+            .into_inner()
+            .map_err(|e| io_error(&what)(e.into_error()))?;
+        tmp.as_file().sync_all().map_err(io_error(&what))?;
         tmp.persist(self.layout.blob_path(&digest)?)
-            .map_err(|e| e.error)?;
+            .map_err(|e| io_error(&what)(e.error))?;
         Ok(Descriptor {
             media_type: media_type.into(),
             digest,

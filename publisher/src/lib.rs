@@ -5,11 +5,13 @@
 //! - [`encrypt`]: ocicrypt layer encryption to JWE recipients (as `skopeo copy --encryption-key`).
 //! - [`sign`]: cosign simple-signing signatures at the `sha256-<hex>.sig` tag.
 //! - [`keygen`]: signing and recipient key pairs.
+//! - [`cli`]: the operations of the `ocipub` command line and their reports.
 //!
 //! The service never uses this crate; it exists so the demo and the tests make their images
 //! with tools the project controls, and cross-check them against skopeo and umoci.
 
 pub mod build;
+pub mod cli;
 pub mod encrypt;
 pub mod keygen;
 pub mod layout;

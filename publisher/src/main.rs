@@ -3,15 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ocicrypt::keyprovider::{ProviderConfig, ProviderRecipient};
-use ocicrypt::keys::PublicKey;
-use ocicrypt::EncryptConfig;
-use publisher::build::{self, BuildOptions, LayerCompression};
-use publisher::keygen::{self, KeyKind};
-use publisher::layout::Layout;
-use publisher::{encrypt, sign};
+use publisher::build::LayerCompression;
+use publisher::cli::{self, CliError};
+use publisher::keygen::KeyKind;
 
 #[derive(Parser)]
 #[command(
@@ -88,18 +83,15 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ocipub: {e:#}");
+            eprintln!("ocipub: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Keygen { kind, out } => {
-            keygen::write_pair(kind, &out)?;
-            println!("wrote {0}/priv.pem and {0}/pub.pem", out.display());
-        }
+        Command::Keygen { kind, out } => cli::keygen(kind, &out),
         Command::Build {
             rootfs,
             layout,
@@ -107,32 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd,
             env,
             compression,
-        } => {
-            let layout = Layout::open_or_create(&layout)?;
-            let env = if env.is_empty() {
-                vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
-            } else {
-                env
-            };
-            let built = build::build(
-                &layout,
-                &BuildOptions {
-                    rootfs: &rootfs,
-                    tag: &tag,
-                    cmd,
-                    env,
-                    compression,
-                },
-            )?;
-            println!(
-                "{tag}: manifest {} layer {} ({} bytes, {} entries, diff_id {})",
-                built.manifest.digest,
-                built.layer.digest,
-                built.layer.size,
-                built.entries,
-                built.diff_id
-            );
-        }
+        } => cli::build(&rootfs, &layout, &tag, cmd, env, compression),
         Command::Encrypt {
             layout,
             tag,
@@ -140,53 +107,21 @@ fn run(cli: Cli) -> Result<()> {
             recipient,
             keyprovider_config,
             layer,
-        } => {
-            let layout = Layout::open(&layout)?;
-            let mut keys = Vec::new();
-            let mut providers = Vec::new();
-            for r in &recipient {
-                if r.starts_with("provider:") {
-                    let config = match &keyprovider_config {
-                        Some(path) => ProviderConfig::load(path)?,
-                        None => ProviderConfig::from_env()?.with_context(|| {
-                            format!("recipient {r:?}: no --keyprovider-config and OCICRYPT_KEYPROVIDER_CONFIG is not set")
-                        })?,
-                    };
-                    providers.push(ProviderRecipient::parse(r, &config)?);
-                    continue;
-                }
-                let Some(path) = r.strip_prefix("jwe:") else {
-                    bail!("recipient {r:?}: use jwe:FILE or provider:NAME:KEY-ID");
-                };
-                let pem = std::fs::read(path).with_context(|| format!("reading {path}"))?;
-                keys.push(PublicKey::from_pem(&pem).with_context(|| format!("recipient {path}"))?);
-            }
-            let config = EncryptConfig::new(keys).with_providers(providers);
-            let desc = encrypt::encrypt(&layout, &tag, &out_tag, &config, &layer)?;
-            println!(
-                "{out_tag}: manifest {} ({} recipients)",
-                desc.digest,
-                recipient.len()
-            );
-        }
+        } => cli::encrypt(
+            &layout,
+            &tag,
+            &out_tag,
+            &recipient,
+            keyprovider_config.as_deref(),
+            &layer,
+        ),
         Command::Sign {
             layout,
             tag,
             key,
             identity,
-        } => {
-            let layout = Layout::open(&layout)?;
-            let pem = zeroize::Zeroizing::new(
-                std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?,
-            );
-            let desc = sign::sign(&layout, &tag, &pem, &identity)?;
-            println!(
-                "{tag}: signed for {identity}; signatures at {}",
-                desc.annotations[publisher::layout::REF_NAME]
-            );
-        }
+        } => cli::sign(&layout, &tag, &key, &identity),
     }
-    Ok(())
 }
 
 #[cfg(test)]

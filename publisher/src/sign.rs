@@ -3,31 +3,52 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context, Result};
 use base64::Engine as _;
-use policy::reference::Digest;
+use policy::reference::{Digest, ReferenceError};
 use policy::sigstore::{sign_simple_signing, SimpleSigningPayload};
 use zeroize::Zeroizing;
 
-use crate::layout::{Descriptor, Layout, Manifest, OCI_CONFIG, OCI_MANIFEST};
+use crate::layout::{Descriptor, Layout, LayoutError, Manifest, OCI_CONFIG, OCI_MANIFEST};
+
+/// Why an image could not be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("{0} is not a sha256 digest")]
+    NotADigest(String),
+    #[error(transparent)]
+    Digest(#[from] ReferenceError),
+    #[error("signing key is not PEM: {0}")]
+    NotPem(#[source] pem::PemError),
+    #[error("signing key is a {0:?} PEM block; expected an unencrypted PKCS#8 \"PRIVATE KEY\" (ocipub keygen --kind ec-p256)")]
+    NotPkcs8(String),
+    #[error(transparent)]
+    Signing(#[from] policy::sigstore::SignError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
 
 pub const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 
 /// The tag cosign stores the signatures of `manifest_digest` under.
-pub fn signature_tag(manifest_digest: &str) -> Result<String> {
+pub fn signature_tag(manifest_digest: &str) -> Result<String, SignError> {
     let hex = manifest_digest
         .strip_prefix("sha256:")
-        .with_context(|| format!("{manifest_digest} is not a sha256 digest"))?;
+        .ok_or_else(|| SignError::NotADigest(manifest_digest.to_string()))?;
     Ok(format!("sha256-{hex}.sig"))
 }
 
 /// Signs the manifest tagged `tag` for `identity` (the repository the signature claims, e.g.
 /// `registry.example/team/app`) with an ECDSA P-256 PKCS#8 PEM key. Signatures accumulate:
 /// signing again adds a layer to the signature manifest.
-pub fn sign(layout: &Layout, tag: &str, key_pem: &[u8], identity: &str) -> Result<Descriptor> {
+pub fn sign(
+    layout: &Layout,
+    tag: &str,
+    key_pem: &[u8],
+    identity: &str,
+) -> Result<Descriptor, SignError> {
     let (desc, _) = layout.manifest(tag)?;
-    let digest = Digest::parse(&desc.digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let digest = Digest::parse(&desc.digest)?;
     let payload = SimpleSigningPayload {
         docker_reference: identity.to_string(),
         docker_manifest_digest: digest,
@@ -35,15 +56,12 @@ pub fn sign(layout: &Layout, tag: &str, key_pem: &[u8], identity: &str) -> Resul
     }
     .to_cosign_json();
 
-    let key = pem::parse(key_pem).context("signing key is not PEM")?;
+    let key = pem::parse(key_pem).map_err(SignError::NotPem)?;
     if key.tag() != "PRIVATE KEY" {
-        bail!(
-            "signing key is a {:?} PEM block; expected an unencrypted PKCS#8 \"PRIVATE KEY\" (ocipub keygen --kind ec-p256)",
-            key.tag()
-        );
+        return Err(SignError::NotPkcs8(key.tag().to_string()));
     }
     let der = Zeroizing::new(key.into_contents());
-    let signature = sign_simple_signing(&payload, &der).map_err(|e| anyhow::anyhow!(e))?;
+    let signature = sign_simple_signing(&payload, &der)?;
 
     let sig_tag = signature_tag(&desc.digest)?;
     let mut layers = match layout.tagged(&sig_tag)? {
@@ -69,8 +87,11 @@ pub fn sign(layout: &Layout, tag: &str, key_pem: &[u8], identity: &str) -> Resul
         },
         "config": {},
     });
-    let config = layout.put_blob(OCI_CONFIG, &serde_json::to_vec(&config)?)?;
-    layout.put_manifest(
+    let config = layout.put_blob(
+        OCI_CONFIG,
+        &serde_json::to_vec(&config).expect("a config serializes"),
+    )?;
+    Ok(layout.put_manifest(
         &sig_tag,
         &Manifest {
             schema_version: 2,
@@ -79,5 +100,5 @@ pub fn sign(layout: &Layout, tag: &str, key_pem: &[u8], identity: &str) -> Resul
             layers,
             annotations: Default::default(),
         },
-    )
+    )?)
 }

@@ -118,7 +118,7 @@ pub fn sign(content: &BundleContent, private_pem: &[u8]) -> Result<String, Bundl
         ));
     };
     let keyid = VerificationKey::from_spki_der(&public)
-        .map_err(BundleError::Signing)?
+        .map_err(|e| BundleError::Signing(e.to_string()))?
         .fingerprint()
         .to_string();
     let envelope = Envelope {
@@ -159,8 +159,33 @@ pub enum InstallError {
     #[error(transparent)]
     Rejected(#[from] BundleError),
     /// The state directory or the running bundle cannot be read or written.
-    #[error("{0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The running bundle in a state directory cannot be read, trusted or recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The recorded running bundle no longer verifies (tampered, or its key is no longer
+    /// trusted).
+    #[error("the running bundle {}: {source}", path.display())]
+    Running {
+        path: std::path::PathBuf,
+        #[source]
+        source: BundleError,
+    },
+    #[error("cannot record the running bundle in {}: {source}", dir.display())]
+    Record {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The running bundle of a service, kept in its state directory across restarts, so a
@@ -180,14 +205,17 @@ impl BundleStore {
     }
 
     /// The running bundle, verified again with the trusted keys (`None`: none yet).
-    pub fn running(&self, trusted: &[VerificationKey]) -> Result<Option<VerifiedBundle>, String> {
+    pub fn running(
+        &self,
+        trusted: &[VerificationKey],
+    ) -> Result<Option<VerifiedBundle>, StateError> {
         let path = self.running_path();
         match std::fs::read(&path) {
             Ok(bytes) => verify(&bytes, trusted, None)
                 .map(Some)
-                .map_err(|e| format!("the running bundle {}: {e}", path.display())),
+                .map_err(|source| StateError::Running { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => Err(StateError::Read { path, source }),
         }
     }
 
@@ -198,7 +226,7 @@ impl BundleStore {
         bytes: &[u8],
         trusted: &[VerificationKey],
     ) -> Result<VerifiedBundle, InstallError> {
-        let running = self.running(trusted).map_err(InstallError::State)?;
+        let running = self.running(trusted)?;
         let verified = verify(
             bytes,
             trusted,
@@ -208,11 +236,9 @@ impl BundleStore {
             .as_ref()
             .is_none_or(|r| r.content.version < verified.content.version)
         {
-            let state = |e: std::io::Error| {
-                InstallError::State(format!(
-                    "cannot record the running bundle in {}: {e}",
-                    self.dir.display()
-                ))
+            let state = |source: std::io::Error| StateError::Record {
+                dir: self.dir.clone(),
+                source,
             };
             std::fs::create_dir_all(&self.dir).map_err(state)?;
             let tmp = self.dir.join("running.bundle.tmp");

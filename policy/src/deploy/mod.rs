@@ -150,8 +150,13 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// A size that does not parse (the text given).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a size (a number with an optional K, M, G or T suffix)")]
+pub struct SizeError(pub String);
+
 /// `1024`, `"512K"`, `"8G"`, `"2GiB"`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim().trim_end_matches("iB").trim_end_matches('B');
     let (num, mult) = match t.as_bytes().last() {
         Some(b'K' | b'k') => (&t[..t.len() - 1], 1u64 << 10),
@@ -164,9 +169,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| {
-            format!("{s:?} is not a size (a number with an optional K, M, G or T suffix)")
-        })
+        .ok_or_else(|| SizeError(s.to_string()))
 }
 
 /// A time to live: `"15m"`, `"2h"`, `"90s"`.
@@ -393,7 +396,7 @@ fn check(doc: &DeploymentPolicy, p: &mut Problems<'_>) {
             }
             for image in &f.images {
                 if let Err(e) = image.get_ref().check_image_scope() {
-                    p.at(image.span(), e);
+                    p.at(image.span(), e.to_string());
                 }
             }
             for c in &f.ipu_classes {
@@ -411,7 +414,7 @@ fn check(doc: &DeploymentPolicy, p: &mut Problems<'_>) {
         }
         for image in &k.images {
             if let Err(e) = image.get_ref().check_image_scope() {
-                p.at(image.span(), e);
+                p.at(image.span(), e.to_string());
             }
         }
         for t in &k.tenants {

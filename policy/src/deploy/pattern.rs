@@ -9,16 +9,27 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pattern(String);
 
+/// Why a pattern, or an image scope, was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("an empty pattern")]
+    Empty,
+    #[error("pattern {0:?}: use a single * (it already matches any run of characters)")]
+    DoubleStar(String),
+    #[error(
+        "image scope {0:?} must start with docker://, oci: or dir: (with * wildcards), or be *"
+    )]
+    NotAnImageScope(String),
+}
+
 impl Pattern {
-    pub fn new(s: impl Into<String>) -> Result<Self, String> {
+    pub fn new(s: impl Into<String>) -> Result<Self, PatternError> {
         let s = s.into();
         if s.is_empty() {
-            return Err("an empty pattern".into());
+            return Err(PatternError::Empty);
         }
         if s.contains("**") {
-            return Err(format!(
-                "pattern {s:?}: use a single * (it already matches any run of characters)"
-            ));
+            return Err(PatternError::DoubleStar(s));
         }
         Ok(Self(s))
     }
@@ -48,7 +59,7 @@ impl Pattern {
     }
 
     /// Image scopes are references with wildcards: a transport and something after it.
-    pub(crate) fn check_image_scope(&self) -> Result<(), String> {
+    pub(crate) fn check_image_scope(&self) -> Result<(), PatternError> {
         let s = &self.0;
         let ok = ["docker://", "oci:", "dir:"]
             .iter()
@@ -56,9 +67,7 @@ impl Pattern {
         if ok || s == "*" {
             Ok(())
         } else {
-            Err(format!(
-                "image scope {s:?} must start with docker://, oci: or dir: (with * wildcards), or be *"
-            ))
+            Err(PatternError::NotAnImageScope(s.clone()))
         }
     }
 }

@@ -81,8 +81,24 @@ pub struct Cases {
     pub cases: Vec<Case>,
 }
 
-pub fn parse_cases(text: &str, origin: &str) -> Result<Cases, String> {
-    toml::from_str(text).map_err(|e| format!("{origin}: {e}"))
+/// Why a table of cases could not be read or run.
+#[derive(Debug, thiserror::Error)]
+pub enum SuiteError {
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("case {0:?} has no expect = \"allow\" or \"deny\"")]
+    NoExpectation(String),
+}
+
+pub fn parse_cases(text: &str, origin: &str) -> Result<Cases, SuiteError> {
+    toml::from_str(text).map_err(|source| SuiteError::Parse {
+        origin: origin.to_string(),
+        source,
+    })
 }
 
 /// One case's result.
@@ -94,14 +110,14 @@ pub struct Outcome {
 }
 
 /// Runs every case; a case without `expect` is an error.
-pub fn run(policy: &DeploymentPolicy, cases: &Cases) -> Result<Vec<Outcome>, String> {
+pub fn run(policy: &DeploymentPolicy, cases: &Cases) -> Result<Vec<Outcome>, SuiteError> {
     cases
         .cases
         .iter()
         .map(|c| {
-            let expect = c.expect.ok_or_else(|| {
-                format!("case {:?} has no expect = \"allow\" or \"deny\"", c.label())
-            })?;
+            let expect = c
+                .expect
+                .ok_or_else(|| SuiteError::NoExpectation(c.label()))?;
             let d = c.decide(policy);
             let got = if d.allowed {
                 Expect::Allow
