@@ -34,9 +34,9 @@ pub enum AdminError {
     Rpc(Box<tonic::Status>),
     #[error("{target}: {source}")]
     Audit {
-        target: audit::local::AuditTarget,
+        target: Box<audit::local::AuditTarget>,
         #[source]
-        source: audit::AuditError,
+        source: Box<audit::AuditError>,
     },
     /// The state directory is locked by a running broker.
     #[error("{source} (a broker is running on {}: use --socket)", dir.display())]
@@ -147,8 +147,8 @@ impl Target {
         let sink = target
             .open(crate::broker::AUDIT_SERVICE)
             .map_err(|source| AdminError::Audit {
-                target: target.clone(),
-                source,
+                target: Box::new(target.clone()),
+                source: Box::new(source),
             })?;
         let mut broker_opts = BrokerOptions::new(&opts.dir);
         broker_opts.bundle_keys = opts.bundle_keys.clone();

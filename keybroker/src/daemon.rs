@@ -24,9 +24,9 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error("{target}: {source}")]
     Audit {
-        target: audit::local::AuditTarget,
+        target: Box<audit::local::AuditTarget>,
         #[source]
-        source: audit::AuditError,
+        source: Box<audit::AuditError>,
     },
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -71,8 +71,8 @@ pub fn audit_sink(
     target
         .open(AUDIT_SERVICE)
         .map_err(|source| ServeError::Audit {
-            target: target.clone(),
-            source,
+            target: Box::new(target.clone()),
+            source: Box::new(source),
         })
 }
 
