@@ -9,6 +9,15 @@
 //!
 //! The binaries (`src/main.rs`, `src/bin/ipu-decrypt-hook.rs`) only parse their arguments and
 //! call [`run`], [`verify`] or [`hook`]; [`exit`] maps the outcomes to exit codes.
+//!
+//! - [`attach`]: the export attached (nbdfuse, or qemu-storage-daemon for TLS), a loop device,
+//!   the file system grown to the clone, mounted; undone in reverse order.
+//! - [`bundle`]: the hardened OCI runtime config (namespaces, no capabilities, seccomp).
+//! - [`runc`]: the bundle written and run; a stop passed on.
+//! - [`run`]: `host-attach run` from Prepare to Teardown; [`verify`]: `host-attach verify`.
+//! - [`hook`]: containerd's stream processor; [`payload`]: what containerd passes on fd 3.
+//! - [`ipu`]: the IPU's API socket, tenant and function, and the connection.
+//! - [`exit`]: exit codes and the one stderr line of each failure.
 
 pub mod attach;
 pub mod bundle;
