@@ -244,7 +244,7 @@ const CLONE_NAMESPACE_FLAGS: [u64; 7] = [
     0x4000_0000,
 ];
 
-/// The seccomp section: allow by default, refuse [`DENIED`] and namespace-making `clone`
+/// The seccomp section: allow by default, refuse the `DENIED` syscalls and namespace-making `clone`
 /// calls with EPERM, and `clone3` (whose flags a filter cannot read) with ENOSYS, so the C
 /// library falls back to `clone`.
 pub fn seccomp() -> Value {

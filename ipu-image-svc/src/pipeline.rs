@@ -1,7 +1,7 @@
-//! The data path's stages, composed for one image request: [`verify`](crate::verify) ->
-//! [`keys`](crate::keys) -> [`fetch`](crate::fetch) (layers) -> [`build`](crate::build)
+//! The data path's stages, composed for one image request: [`crate::verify`] ->
+//! [`crate::keys`] -> [`crate::fetch`] (layers) -> [`crate::build`]
 //! (decrypt, unpack, rootfs). Each step hands the next a typed value; the callers (the CLI's
-//! [`report`](crate::report), the service's Prepare and Verify) choose the steps.
+//! [`crate::report`], the service's Prepare and Verify) choose the steps.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
