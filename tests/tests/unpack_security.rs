@@ -677,6 +677,54 @@ fn whiteouts_through_a_symlink_are_refused() {
     );
 }
 
+/// `.wh..` and `.wh...` would have the unpacker empty the directory the whiteout is in, or the
+/// parent of the staging tree, where another request's tree lives: refused as unsafe with
+/// that tree untouched. A real whiteout in the same position (the control) does remove its
+/// entry.
+#[test]
+fn whiteouts_of_dot_and_dot_dot_are_refused_and_touch_nothing() {
+    for (marker, needle) in [
+        ("dir/.wh..", "\".\""),
+        ("dir/.wh...", "\"..\""),
+        (".wh...", "\"..\""),
+        (".wh.", "\"\""),
+    ] {
+        let mut tree = Tree::new();
+        // Another request's staging tree beside this one.
+        let other = Staging::create(&tree.scratch.path().join("staging")).unwrap();
+        fs::write(other.path().join("tenant-b-file"), b"tenant b").unwrap();
+        tree.apply(
+            &RawTar::default()
+                .dir("dir")
+                .file("dir/keep", b"kept")
+                .file("top", b"top")
+                .finish(),
+        )
+        .unwrap();
+        let err = tree
+            .apply(&RawTar::default().file(marker, b"").finish())
+            .expect_err(marker);
+        // What the attacker is after first: the other tree and this one's entries.
+        assert_eq!(
+            fs::read(other.path().join("tenant-b-file")).ok().as_deref(),
+            Some(&b"tenant b"[..]),
+            "{marker}: another request's tree was touched ({err})"
+        );
+        assert!(tree.root().join("dir/keep").exists(), "{marker}: {err}");
+        assert!(tree.root().join("top").exists(), "{marker}: {err}");
+        tree.assert_outside_untouched();
+        assert_eq!(err.kind, UnpackErrorKind::UnsafePath, "{marker}: {err}");
+        assert!(err.message.contains(needle), "{marker}: {err}");
+    }
+    // Control: a whiteout of a real entry removes it.
+    let mut tree = Tree::new();
+    tree.apply(&RawTar::default().dir("dir").file("dir/keep", b"x").finish())
+        .unwrap();
+    tree.apply(&RawTar::default().file("dir/.wh.keep", b"").finish())
+        .unwrap();
+    assert!(!tree.root().join("dir/keep").exists());
+}
+
 #[test]
 fn opaque_markers_through_a_symlink_are_refused() {
     let mut tree = Tree::new();

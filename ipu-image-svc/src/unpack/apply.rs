@@ -130,6 +130,19 @@ impl LayerApplier<'_> {
                 return self.opaque(&path.parent());
             }
             if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                // `.wh.`, `.wh..` and `.wh...` name no entry: `.` and `..` would have the
+                // whiteout clear this directory or the one above the staging tree (where
+                // other requests' trees live). Refused before anything is touched.
+                if matches!(hidden, b"" | b"." | b"..") {
+                    return Err(UnpackError::new(
+                        UnpackErrorKind::UnsafePath,
+                        format!(
+                            "entry {}: a whiteout of {:?} names no entry; refusing the layer",
+                            path.display(),
+                            String::from_utf8_lossy(hidden)
+                        ),
+                    ));
+                }
                 self.stats.whiteouts += 1;
                 return self.whiteout(&path.parent().join(hidden));
             }
