@@ -127,8 +127,16 @@ impl RegistrySource {
     }
 
     fn authenticate(&self, challenge: &str, url: &str) -> Result<(), FetchError> {
-        let Some(params) = challenge.strip_prefix("Bearer ") else {
-            if challenge.starts_with("Basic") && self.credentials.is_some() {
+        // Auth schemes are case-insensitive (RFC 9110 11.1).
+        let bearer = challenge
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("Bearer "));
+        let Some(params) = bearer.then(|| &challenge[7..]) else {
+            if challenge
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("Basic"))
+                && self.credentials.is_some()
+            {
                 return Err(FetchError::new(
                     FetchErrorClass::Network,
                     format!("GET {url}: registry refused the Basic credentials"),
@@ -160,20 +168,7 @@ impl RegistrySource {
                 format!("{}: bearer challenge without realm", self.host),
             )
         })?;
-        if realm.starts_with("http://") {
-            let realm_host = realm
-                .trim_start_matches("http://")
-                .split('/')
-                .next()
-                .unwrap_or("");
-            if !plain_http_allowed(realm_host, &[]) && !realm_host.eq_ignore_ascii_case(&self.host)
-            {
-                return Err(FetchError::new(
-                    FetchErrorClass::Insecure,
-                    format!("token realm {realm} is plain HTTP"),
-                ));
-            }
-        }
+        check_realm(&realm, &self.host)?;
         let mut req = self.agent.get(&realm);
         for (k, v) in &query {
             req = req.query(k, v);
@@ -346,9 +341,63 @@ impl RegistrySource {
     }
 }
 
+/// A token realm may be `https://`, or plain `http://` only on a host that may be spoken to
+/// in plain HTTP (loopback) or on the registry's own host. The scheme is read
+/// case-insensitively: `HTTP://` is plain HTTP too, and credentials go to the realm.
+fn check_realm(realm: &str, registry_host: &str) -> Result<(), FetchError> {
+    let Some((scheme, rest)) = realm.split_once("://") else {
+        return Err(FetchError::new(
+            FetchErrorClass::Malformed,
+            format!("{registry_host}: token realm {realm:?} is not an absolute URL"),
+        ));
+    };
+    if scheme.eq_ignore_ascii_case("https") {
+        return Ok(());
+    }
+    if !scheme.eq_ignore_ascii_case("http") {
+        return Err(FetchError::new(
+            FetchErrorClass::Insecure,
+            format!("{registry_host}: token realm {realm:?} is neither https nor http"),
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    if plain_http_allowed(host, &[]) || host.eq_ignore_ascii_case(registry_host) {
+        return Ok(());
+    }
+    Err(FetchError::new(
+        FetchErrorClass::Insecure,
+        format!("token realm {realm} is plain HTTP"),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_http_realm_elsewhere_is_refused_whatever_its_case() {
+        let host = "registry.example.com";
+        for refused in [
+            "http://auth.example/token",
+            "HTTP://auth.example/token",
+            "Http://auth.example/token",
+            "http://127.0.0.1@auth.example/token",
+            "ftp://auth.example/token",
+            "auth.example/token",
+        ] {
+            assert!(check_realm(refused, host).is_err(), "{refused}");
+        }
+        // Controls: https anywhere, plain HTTP on loopback or the registry's own host.
+        for allowed in [
+            "https://auth.example/token",
+            "HTTPS://auth.example/token",
+            "http://127.0.0.1:5001/token",
+            "HTTP://registry.example.com/token",
+        ] {
+            assert!(check_realm(allowed, host).is_ok(), "{allowed}");
+        }
+    }
 
     #[test]
     fn plain_http_only_for_loopback_or_configured() {
