@@ -176,10 +176,11 @@ pub fn serve(
     origin: &str,
     writer_socket: &Path,
     query_socket: &Path,
+    writers: &[u32],
 ) -> Result<(), CliError> {
     let signer = read_signer(signer)?;
     let log = std::sync::Arc::new(AuditLog::open(dir, origin, signer, LogOptions::default())?);
-    crate::service::serve(log, writer_socket, query_socket, || {
+    crate::service::serve(log, writer_socket, query_socket, writers, || {
         println!(
             "serving: writer {} query {}",
             writer_socket.display(),

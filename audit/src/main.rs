@@ -69,6 +69,10 @@ enum Command {
             default_value = "/run/ipu-audit/query.sock"
         )]
         query_socket: PathBuf,
+        /// Another uid that may append (repeatable); root and the daemon's own uid always may.
+        /// The writer socket is 0600, and the caller's uid is checked on every append too.
+        #[arg(long, value_name = "UID")]
+        writer_uid: Vec<u32>,
     },
     /// Create a checkpoint signing key: DIR/signer.key (0600) and DIR/verifier.pub.
     Keygen {
@@ -222,9 +226,17 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             origin,
             writer_socket,
             query_socket,
+            writer_uid,
         } => {
             drop(stdout);
-            cli::serve(&log, &signer, &origin, &writer_socket, &query_socket)?
+            cli::serve(
+                &log,
+                &signer,
+                &origin,
+                &writer_socket,
+                &query_socket,
+                &writer_uid,
+            )?
         }
         Command::Append(a) => {
             let mut e = Event::new(a.service, a.kind, a.outcome, a.reason);

@@ -43,6 +43,33 @@ async fn blocking<T: Send + 'static>(
 
 struct Writer {
     log: Arc<AuditLog>,
+    /// The uids that may append (besides root and the daemon's own uid).
+    writers: Vec<u32>,
+}
+
+impl Writer {
+    /// The caller's uid, from the kernel (SO_PEERCRED), must be root, the daemon's, or one
+    /// named with `--writer-uid`: the socket's mode is not the only barrier.
+    #[allow(clippy::result_large_err)]
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let uid = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| c.uid())
+            .ok_or_else(|| Status::unauthenticated("no peer credentials"))?;
+        let own = rustix::process::geteuid().as_raw();
+        if uid == 0 || uid == own || self.writers.contains(&uid) {
+            return Ok(());
+        }
+        tracing::warn!(
+            uid,
+            "append refused: this uid may not write to the audit log"
+        );
+        Err(Status::permission_denied(format!(
+            "uid {uid} may not append to this audit log"
+        )))
+    }
 }
 
 #[tonic::async_trait]
@@ -51,6 +78,7 @@ impl AuditWriter for Writer {
         &self,
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
+        self.authorize(&request)?;
         let event: Event = serde_json::from_slice(&request.get_ref().event_json).map_err(|e| {
             Status::invalid_argument(format!("event_json is not an audit event: {e}"))
         })?;
@@ -207,11 +235,13 @@ fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, AuditError> 
     tokio::net::UnixListener::from_std(listener).map_err(|e| AuditError::io(path, e))
 }
 
-/// Serves `log` until SIGTERM or SIGINT; `ready` is called once both sockets listen.
+/// Serves `log` until SIGTERM or SIGINT; `ready` is called once both sockets listen. Appends
+/// are taken from root, this process's uid and `writers` only.
 pub fn serve(
     log: Arc<AuditLog>,
     writer_socket: &Path,
     query_socket: &Path,
+    writers: &[u32],
     ready: impl FnOnce(),
 ) -> Result<(), AuditError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -235,7 +265,10 @@ pub fn serve(
         let mut stop_writer = stop_tx.subscribe();
         let mut stop_query = stop_tx.subscribe();
         let writer_server = tonic::transport::Server::builder()
-            .add_service(AuditWriterServer::new(Writer { log: log.clone() }))
+            .add_service(AuditWriterServer::new(Writer {
+                log: log.clone(),
+                writers: writers.to_vec(),
+            }))
             .serve_with_incoming_shutdown(UnixListenerStream::new(writer), async move {
                 let _ = stop_writer.recv().await;
             });

@@ -219,3 +219,49 @@ fn processes_and_threads_append_through_the_daemon_and_auditors_read() {
         .unwrap();
     assert_eq!(report.events, 60);
 }
+
+/// `audit append` through the daemon as `uid`; returns whether it succeeded.
+fn append_as(writer: &Path, uid: Option<u32>, reason: &str) -> bool {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_audit"));
+    c.arg("append")
+        .arg("--server")
+        .arg(writer)
+        .args(["--service", "intruder", "--kind", "admin.test"])
+        .args(["--outcome", "success", "--reason", reason]);
+    if let Some(uid) = uid {
+        c.uid(uid).gid(uid);
+    }
+    c.output().unwrap().status.success()
+}
+
+/// The writer socket is 0600, but its mode is not the only barrier: with the socket (and
+/// the way to it) opened to everyone, a process of another uid still cannot append, while
+/// root (the control) can, and only the control's event is in the log.
+#[test]
+fn a_writer_of_another_uid_is_refused_even_when_the_socket_is_open() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: running a client as another uid needs root");
+        return;
+    }
+    let daemon = Daemon::start();
+    for p in [daemon.dir.path(), &daemon.dir.path().join("run")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(daemon.writer(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(!append_as(&daemon.writer(), Some(65534), "from nobody"));
+    assert!(append_as(&daemon.writer(), None, "from root"));
+    let (dir, _) = daemon.stop();
+    let store = Store::open(&dir.path().join("log"), Duration::from_secs(5)).unwrap();
+    let reasons: Vec<String> = store
+        .query(&Query {
+            limit: 100,
+            ..Query::default()
+        })
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(reasons, ["from root"], "{reasons:?}");
+}
