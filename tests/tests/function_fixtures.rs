@@ -333,3 +333,17 @@ fn idle_bases_are_evicted_and_bases_in_use_stay() {
     service.teardown(&a2.clone_id, "done").unwrap();
     service.shutdown();
 }
+
+/// A host sending ever new image strings does not grow the service's per-image build locks:
+/// each start's lock is forgotten when the last start of that image ends, failed or not.
+#[test]
+fn build_locks_do_not_pile_up_with_the_image_strings_a_host_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, _audit) = service(dir.path(), |_| {});
+    for i in 0..500 {
+        let image = format!("oci:{}/nothing-{i}:t", dir.path().display());
+        assert!(service.prepare("acme", "f", &image).is_err());
+    }
+    assert_eq!(service.images_being_started(), 0);
+    service.shutdown();
+}

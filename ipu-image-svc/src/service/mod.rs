@@ -166,6 +166,26 @@ fn request(tenant: &str, function: &str, image: &str) -> Result<ImageReference, 
         .map_err(|e| ServiceError::BadRequest(format!("image reference {image:?}: {e}")))
 }
 
+/// A start's share of its image's build lock. The map of locks holds an entry only while a
+/// start of that image runs: the last one out removes it, so image strings a host sends do
+/// not pile up.
+struct Flight<'a> {
+    building: &'a Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    image: &'a str,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut building = self.building.lock().expect("not poisoned");
+        // Others take their share under this same mutex, so the count cannot rise meanwhile:
+        // two means the map's and this one's.
+        if Arc::strong_count(&self.lock) == 2 {
+            building.remove(self.image);
+        }
+    }
+}
+
 /// The commitment an erase event carries: it names the clone, its key and the creation
 /// event, so an auditor can pair every creation with exactly one erase.
 pub fn erase_commitment(clone_id: &str, key_id: &str, creation_seq: u64) -> String {
@@ -447,17 +467,22 @@ impl Service {
                 .cloned();
             digest.is_some_and(|d| self.bases.lock().expect("not poisoned").contains(&d))
         };
-        let flight = (!is_cached()).then(|| {
-            self.building
+        let flight = (!is_cached()).then(|| Flight {
+            building: &self.building,
+            image,
+            lock: self
+                .building
                 .lock()
                 .expect("not poisoned")
                 .entry(image.to_string())
                 .or_default()
-                .clone()
+                .clone(),
         });
+        // Dropped before `flight` (declared after it), which then forgets the lock if no
+        // other start holds it.
         let _flight = match &flight {
             // Another start of this image may have built it while this one waited.
-            Some(lock) => Some(lock.lock().expect("not poisoned")).filter(|_| !is_cached()),
+            Some(f) => Some(f.lock.lock().expect("not poisoned")).filter(|_| !is_cached()),
             None => None,
         };
         let dir = self.opts.state_dir.join("bases");
@@ -617,6 +642,12 @@ impl Service {
             .collect();
         all.sort_by(|a, b| a.clone_id.cmp(&b.clone_id));
         all
+    }
+
+    /// How many images have a start running that holds their build lock (for tests: the
+    /// map is empty once no start runs).
+    pub fn images_being_started(&self) -> usize {
+        self.building.lock().expect("not poisoned").len()
     }
 
     /// Tears everything down (service shutdown), then ends the event streams.
