@@ -861,3 +861,79 @@ fn an_expired_verification_is_refused_until_verified_again() {
     assert_eq!(ipu.hook_decrypts(), ["denied", "success"]);
     ipu.service.shutdown();
 }
+
+/// The host cannot tie up the IPU with DecryptLayer streams that never end: past
+/// `MAX_DECRYPT_STREAMS` open at once a new one is refused at once (`ResourceExhausted`, so
+/// the hook fails and containerd retries), and once one ends a verified layer decrypts again
+/// (the control).
+#[test]
+fn decrypt_streams_that_never_end_cannot_exhaust_the_ipu() {
+    use api::imagesvc::image_service_client::ImageServiceClient;
+    use api::imagesvc::{DecryptLayerHeader, DecryptLayerRequest};
+    use ipu_image_svc::service::grpc::MAX_DECRYPT_STREAMS;
+    let dir = tempfile::tempdir().unwrap();
+    let (ipu, layer) = ipu_with_verified_layer(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let message = |data: Vec<u8>| DecryptLayerRequest {
+        header: Some(DecryptLayerHeader {
+            tenant: "acme".into(),
+            function: "pull".into(),
+            media_type: GZIP_ENCRYPTED.into(),
+            payload_descriptor_json: String::new(),
+        }),
+        data,
+    };
+    let (held, refused) = rt.block_on(async {
+        let client = ImageServiceClient::new(api::unix::connect(ipu.api.clone()).await.unwrap());
+        // Streams that send a header and a few bytes, then nothing, and stay open.
+        let mut held = Vec::new();
+        for _ in 0..MAX_DECRYPT_STREAMS {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(message(vec![0u8; 100])).await.unwrap();
+            let mut c = client.clone();
+            let call = tokio::spawn(async move {
+                c.decrypt_layer(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map(drop)
+            });
+            held.push((tx, call));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let refused = client
+            .clone()
+            .decrypt_layer(tokio_stream::iter(vec![message(layer.blob.clone())]))
+            .await
+            .map(drop);
+        (held, refused)
+    });
+    let refused = refused.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // One stream ends (a blob no image has: refused), and its place is free again.
+    rt.block_on(async {
+        let mut held = held;
+        let (tx, call) = held.pop().unwrap();
+        drop(tx);
+        assert!(call.await.unwrap().is_err(), "an unknown blob is refused");
+        let (_, trailer) = decrypt_over_api_async(&ipu.api, layer.blob.clone()).await;
+        assert!(trailer.is_ok(), "{trailer:?}");
+        drop(held);
+    });
+}
+
+/// [`decrypt_over_api`] inside a running runtime, for one whole blob.
+async fn decrypt_over_api_async(
+    api: &Path,
+    blob: Vec<u8>,
+) -> (
+    Vec<u8>,
+    Result<api::imagesvc::DecryptLayerTrailer, tonic::Status>,
+) {
+    let api = api.to_path_buf();
+    tokio::task::spawn_blocking(move || decrypt_over_api(&api, GZIP_ENCRYPTED, vec![blob]))
+        .await
+        .unwrap()
+}

@@ -19,7 +19,13 @@ use crate::verify::BLOB_PREFIX_LEN;
 pub struct Api {
     service: Arc<Service>,
     host_agent_uid: u32,
+    /// One permit per DecryptLayer stream being received or sent.
+    decrypt_streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// DecryptLayer streams served at once: each holds a spool of up to `MAX_BLOB` bytes and
+/// threads; past this the host is told to retry (containerd pulls 3 layers at a time).
+pub const MAX_DECRYPT_STREAMS: usize = 8;
 
 #[allow(clippy::result_large_err)]
 fn authorize<T>(req: &Request<T>, host_agent_uid: u32) -> Result<(), Status> {
@@ -270,6 +276,16 @@ impl ImageService for Api {
         req: Request<Streaming<DecryptLayerRequest>>,
     ) -> Result<Response<Self::DecryptLayerStream>, Status> {
         authorize(&req, self.host_agent_uid)?;
+        let permit = self
+            .decrypt_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                tracing::warn!("DecryptLayer refused: {MAX_DECRYPT_STREAMS} streams already open");
+                Status::resource_exhausted(format!(
+                    "{MAX_DECRYPT_STREAMS} layers are being decrypted already; retry when one ends"
+                ))
+            })?;
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -335,8 +351,8 @@ impl ImageService for Api {
         // waits for, sent only once the length and plaintext digest are checked.
         let (out, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            // The spool (and the blob in it) lives until the stream ends.
-            let _spool = spool;
+            // The spool (and the blob in it) and the stream's permit live until it ends.
+            let (_spool, _permit) = (spool, permit);
             let mut buf = vec![0u8; CHUNK];
             loop {
                 // Reads of the stored blob fill `buf` (1 MiB) until its end.
@@ -437,6 +453,7 @@ pub async fn serve(
         .add_service(ImageServiceServer::new(Api {
             service,
             host_agent_uid,
+            decrypt_streams: Arc::new(tokio::sync::Semaphore::new(MAX_DECRYPT_STREAMS)),
         }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
