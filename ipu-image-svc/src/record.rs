@@ -41,18 +41,9 @@ impl Recorder {
         }
     }
 
-    /// The image as the request named it.
-    pub fn image(&self) -> &str {
-        &self.image
-    }
-
     /// From now on events carry the manifest digest.
     pub fn set_digest(&self, digest: String) {
         *self.digest.borrow_mut() = Some(digest);
-    }
-
-    pub fn digest(&self) -> Option<String> {
-        self.digest.borrow().clone()
     }
 
     pub fn tenant(&self) -> &str {

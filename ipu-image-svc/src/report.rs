@@ -236,9 +236,7 @@ impl Progress for Observed<'_> {
     fn config(&self, image: &ResolvedImage) {
         self.with(|r| {
             r.config_digest = Some(image.manifest.config.digest.clone());
-            r.runtime_config = serde_json::from_slice::<serde_json::Value>(&image.config_bytes)
-                .ok()
-                .and_then(|c| c.get("config").cloned());
+            r.runtime_config = image.runtime_config();
             r.layers = image
                 .manifest
                 .layers

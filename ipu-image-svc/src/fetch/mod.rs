@@ -235,6 +235,16 @@ pub fn resolve_manifest(
     })
 }
 
+impl ResolvedImage {
+    /// The config's `config` object (Cmd, Entrypoint, Env, WorkingDir, User) as it is in the
+    /// verified blob: what a runtime needs to start the image.
+    pub fn runtime_config(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice::<serde_json::Value>(&self.config_bytes)
+            .ok()
+            .and_then(|c| c.get("config").cloned())
+    }
+}
+
 /// Fetches and parses the config of a resolved manifest (digest- and size-checked).
 pub fn load_config(
     source: &dyn ImageSource,

@@ -212,9 +212,7 @@ pub fn verify(
             compression,
         });
     }
-    let runtime_config = serde_json::from_slice::<serde_json::Value>(&image.config_bytes)
-        .ok()
-        .and_then(|c| c.get("config").cloned());
+    let runtime_config = image.runtime_config();
     let verified = VerifiedImage {
         reference: reference.clone(),
         source,
