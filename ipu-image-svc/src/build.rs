@@ -65,6 +65,15 @@ pub fn require_keys(keys: &KeySource, image: &VerifiedImage, rec: &Recorder) -> 
     }
 }
 
+/// The built ext4 image and what the unpack found on the way.
+#[derive(Clone, Debug)]
+pub struct Built {
+    pub rootfs: RootfsImage,
+    /// Totals over all layers, as the unpack limits counted them: a cached base keeps them,
+    /// so each later request is held to its own limits ([`Budget::check`]).
+    pub found: Budget,
+}
+
 /// Builds the ext4 image of `image` (whose layers' blobs are `blobs`) at `output`.
 pub fn build_rootfs(
     cfg: &BuildConfig<'_>,
@@ -73,7 +82,18 @@ pub fn build_rootfs(
     output: &Path,
     progress: &dyn Progress,
     rec: &Recorder,
-) -> Result<RootfsImage, Error> {
+) -> Result<Built, Error> {
+    // Where the plaintext goes, named in a "full" error (the service bounds it).
+    let full = |e: Error, place: &Path| {
+        if e.class == FailureClass::WorkspaceFull {
+            e.context(format!(
+                "no space left for the image's plaintext in {} (the service bounds it: --plaintext-memory)",
+                place.display()
+            ))
+        } else {
+            e
+        }
+    };
     let staging = Staging::create(cfg.staging_parent)
         .map_err(|e| Error::io("cannot create staging tree in", cfg.staging_parent, e))?;
     let mut budget = Budget::default();
@@ -124,7 +144,8 @@ pub fn build_rootfs(
                 return Err(rec.refuse(EventKind::LayerDecrypt, e, &details))
             }
             Err(LayerFailure::Unpack(e)) => {
-                return Err(rec.refuse(EventKind::LayerUnpack, e, &details))
+                let e = full(e, cfg.staging_parent);
+                return Err(rec.refuse(EventKind::LayerUnpack, e, &details));
             }
         }
     }
@@ -133,9 +154,15 @@ pub fn build_rootfs(
     let built = rootfs::build_ext4(&staging.path(), output, &uuid, cfg.rootfs).map_err(|e| {
         let class = match e {
             RootfsError::Io { .. } => FailureClass::Io,
-            _ => FailureClass::Mkfs,
+            RootfsError::NoSpace { .. } => FailureClass::WorkspaceFull,
+            RootfsError::Mkfs { .. } | RootfsError::MkfsMissing => FailureClass::Mkfs,
         };
-        Error::new(class, e.to_string())
+        let e = full(Error::new(class, e.to_string()), output);
+        rec.refuse(
+            EventKind::BaseBuild,
+            e,
+            &[("output", output.display().to_string())],
+        )
     })?;
     let recorded = rec.record(
         EventKind::BaseBuild,
@@ -152,7 +179,10 @@ pub fn build_rootfs(
         return Err(e);
     }
     progress.built(&built);
-    Ok(built)
+    Ok(Built {
+        rootfs: built,
+        found: budget,
+    })
 }
 
 fn layer_details(layer: &VerifiedLayer) -> [(&'static str, String); 2] {

@@ -41,6 +41,8 @@ pub enum FailureClass {
     KeyBrokerUnavailable,
     Io,
     Mkfs,
+    /// The memory the service bounds for plaintext (its tmpfs) cannot hold the image.
+    WorkspaceFull,
 }
 
 impl FailureClass {
@@ -65,6 +67,7 @@ impl FailureClass {
             FailureClass::KeyBrokerUnavailable => "key-broker-unavailable",
             FailureClass::Io => "io",
             FailureClass::Mkfs => "mkfs",
+            FailureClass::WorkspaceFull => "workspace-full",
         }
     }
 
@@ -79,6 +82,7 @@ impl FailureClass {
                 | FailureClass::KeyBrokerUnavailable
                 | FailureClass::Io
                 | FailureClass::Mkfs
+                | FailureClass::WorkspaceFull
         )
     }
 
@@ -97,6 +101,7 @@ impl FailureClass {
             c if c.is_rejection() => tonic::Code::PermissionDenied,
             FailureClass::KeyBrokerUnavailable | FailureClass::Network => tonic::Code::Unavailable,
             FailureClass::InvalidConfiguration => tonic::Code::InvalidArgument,
+            FailureClass::WorkspaceFull => tonic::Code::ResourceExhausted,
             _ => tonic::Code::FailedPrecondition,
         }
     }
@@ -223,15 +228,30 @@ impl From<ocicrypt::Error> for Error {
 
 /// An unpack failure of layer `layer` (`digest`).
 pub(crate) fn from_unpack(e: UnpackError, layer: usize, digest: &Digest) -> Error {
+    Error::new(
+        unpack_class(&e),
+        format!("layer {layer} ({digest}): {}", e.message),
+    )
+}
+
+/// A cached base refused under this request's limits.
+pub(crate) fn from_cached(e: UnpackError, platform_digest: &Digest) -> Error {
+    Error::new(
+        unpack_class(&e),
+        format!("the cached base of {platform_digest}: {}", e.message),
+    )
+}
+
+fn unpack_class(e: &UnpackError) -> FailureClass {
     use crate::unpack::UnpackErrorKind as K;
-    let class = match e.kind {
+    match e.kind {
         K::LimitExceeded => FailureClass::TooLarge,
-        k if k.is_unsafe() => FailureClass::UnsafeLayer,
         K::Malformed => FailureClass::MalformedImage,
         K::Unsupported => FailureClass::UnsupportedImage,
-        _ => FailureClass::Io,
-    };
-    Error::new(class, format!("layer {layer} ({digest}): {}", e.message))
+        K::NoSpace => FailureClass::WorkspaceFull,
+        K::Io => FailureClass::Io,
+        K::UnsafePath | K::UnsafeLink | K::DeviceNode => FailureClass::UnsafeLayer,
+    }
 }
 
 #[cfg(test)]

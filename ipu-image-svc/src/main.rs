@@ -73,6 +73,11 @@ struct ServeArgs {
     /// encrypted; the least recently used one no function uses goes first).
     #[arg(long, value_name = "N", default_value = "16")]
     max_cached_bases: usize,
+    /// The most memory plaintext may take while bases are built (e.g. 2G): a tmpfs the
+    /// service mounts at <state-dir>/plain, the only place decrypted content is written. A
+    /// start whose image does not fit fails with `workspace-full`.
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = policy::deploy::parse_size)]
+    plaintext_memory: u64,
     /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have
     /// the image's layers decrypted; then the image must be verified again.
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
@@ -323,6 +328,9 @@ struct UnpackArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Crash tests pause the service at named points (FAILPOINTS); nothing without the feature.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let filter = std::env::var("IPU_LOG")
         .unwrap_or_else(|_| "warn,ipu_image_svc=info,ocicrypt=info,audit=info".into());
     tracing_subscriber::fmt()
@@ -352,6 +360,9 @@ fn done(result: Result<(), String>) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
+    // Before any thread exists: the mount namespace is per thread until then.
+    ipu_image_svc::service::plaintext::private_mount_namespace()
+        .map_err(|e| format!("cannot give the service a private mount namespace: {e}"))?;
     let Some(broker) = args.broker.settings() else {
         return Err("serve needs --broker: layer keys come from the attested key broker".into());
     };
@@ -381,6 +392,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             tcp_exports,
             max_cached_bases: args.max_cached_bases,
             verified_layer_ttl: args.verified_layer_ttl,
+            plaintext_memory: args.plaintext_memory,
         },
         socket: args.socket,
         policy_bundle: args.policy_bundle,

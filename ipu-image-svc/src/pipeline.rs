@@ -16,8 +16,8 @@ use crate::fetch::{self, BlobCache, SourceOptions};
 use crate::keys::{KeyFor, KeySource};
 use crate::progress::Progress;
 use crate::record::Recorder;
-use crate::rootfs::{RootfsImage, RootfsOptions};
-use crate::unpack::Limits;
+use crate::rootfs::RootfsOptions;
+use crate::unpack::{Budget, Limits};
 use crate::verify::{self, Deployment, VerifiedImage, VerifyConfig};
 
 /// Everything a request needs besides the image reference.
@@ -147,6 +147,20 @@ impl ImageRequest<'_> {
         Ok(())
     }
 
+    /// A base built earlier (under another request's limits) held to this request's unpack
+    /// limits: what its unpack found must fit them, as this request's own unpack would have
+    /// had to. Refused and recorded otherwise.
+    pub fn admit_cached(&self, image: &VerifiedImage, found: &Budget) -> Result<(), Error> {
+        found.check(&image.admission.limits).map_err(|e| {
+            let e = crate::error::from_cached(e, &image.platform_manifest_digest);
+            self.rec.refuse(
+                EventKind::LayerUnpack,
+                e,
+                &[("cached_base", image.platform_manifest_digest.to_string())],
+            )
+        })
+    }
+
     /// Every layer fetched into the verified blob cache; returns their paths.
     pub fn pull(
         &self,
@@ -170,7 +184,7 @@ impl ImageRequest<'_> {
         keys: &KeySource,
         output: &Path,
         progress: &dyn Progress,
-    ) -> Result<RootfsImage, Error> {
+    ) -> Result<build::Built, Error> {
         build::require_keys(keys, image, &self.rec)?;
         let blobs = self.pull(image, progress)?;
         let staging_parent = self.cfg.staging_parent();

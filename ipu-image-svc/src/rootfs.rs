@@ -73,6 +73,9 @@ pub enum RootfsError {
     MkfsMissing,
     #[error("mkfs.ext4 failed for {output}: {stderr}")]
     Mkfs { output: String, stderr: String },
+    /// The output's file system is full (for the service: its bounded plaintext memory).
+    #[error("no space for the ext4 image {output}: {stderr}")]
+    NoSpace { output: String, stderr: String },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -205,9 +208,15 @@ pub fn build_ext4(
         Err(e) => return Err(io_err("cannot run mkfs.ext4 for", output)(e)),
     };
     if !out.status.success() {
-        return Err(RootfsError::Mkfs {
-            output: output.display().to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        let (output, stderr) = (
+            output.display().to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        );
+        // mkfs reports its errno in words (LC_ALL=C).
+        return Err(if stderr.contains("No space left on device") {
+            RootfsError::NoSpace { output, stderr }
+        } else {
+            RootfsError::Mkfs { output, stderr }
         });
     }
     tmp.as_file()

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
@@ -204,6 +204,27 @@ fn write_tar<W: Write>(root: &Path, out: W) -> Result<(String, u64, W)> {
             builder
                 .append_data(&mut header, rel, file)
                 .map_err(BuildError::Write)?;
+        } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+            // Device nodes are kept as such (a consumer's policy decides whether to make
+            // them); sockets have no tar form.
+            header.set_entry_type(if ft.is_char_device() {
+                tar::EntryType::Char
+            } else if ft.is_block_device() {
+                tar::EntryType::Block
+            } else {
+                tar::EntryType::Fifo
+            });
+            header.set_size(0);
+            let rdev = meta.rdev();
+            header
+                .set_device_major(libc_major(rdev))
+                .map_err(BuildError::Write)?;
+            header
+                .set_device_minor(libc_minor(rdev))
+                .map_err(BuildError::Write)?;
+            builder
+                .append_data(&mut header, rel, io::empty())
+                .map_err(BuildError::Write)?;
         } else {
             return Err(BuildError::Unsupported(full));
         }
@@ -226,4 +247,14 @@ fn collect(root: &Path, rel: &Path, out: &mut Vec<std::path::PathBuf>) -> Result
         }
     }
     Ok(())
+}
+
+/// The major number of a Linux `dev_t` (glibc's encoding).
+fn libc_major(dev: u64) -> u32 {
+    (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)) as u32
+}
+
+/// The minor number of a Linux `dev_t` (glibc's encoding).
+fn libc_minor(dev: u64) -> u32 {
+    (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32
 }

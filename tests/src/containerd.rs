@@ -279,3 +279,58 @@ pub fn verify(ipu: &Ipu, tenant: &str, function: &str, image: &str) -> Output {
         .output()
         .unwrap()
 }
+
+/// A DecryptLayer call for `tenant` and `function` straight to the IPU's API, the blob in
+/// `chunks`: the plaintext it sent, and its trailer or its error.
+pub fn decrypt_over_api(
+    api: &Path,
+    tenant: &str,
+    function: &str,
+    media_type: &str,
+    chunks: Vec<Vec<u8>>,
+) -> (
+    Vec<u8>,
+    Result<api::imagesvc::DecryptLayerTrailer, tonic::Status>,
+) {
+    use api::imagesvc::image_service_client::ImageServiceClient;
+    use api::imagesvc::{DecryptLayerHeader, DecryptLayerRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client =
+            ImageServiceClient::new(api::unix::connect(api.to_path_buf()).await.unwrap());
+        let header = DecryptLayerHeader {
+            tenant: tenant.into(),
+            function: function.into(),
+            media_type: media_type.into(),
+            payload_descriptor_json: String::new(),
+        };
+        let requests: Vec<DecryptLayerRequest> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| DecryptLayerRequest {
+                header: (i == 0).then(|| header.clone()),
+                data,
+            })
+            .collect();
+        let mut plaintext = Vec::new();
+        let mut inbound = match client.decrypt_layer(tokio_stream::iter(requests)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (plaintext, Err(s)),
+        };
+        loop {
+            match inbound.message().await {
+                Ok(Some(m)) => {
+                    plaintext.extend_from_slice(&m.data);
+                    if let Some(t) = m.trailer {
+                        return (plaintext, Ok(t));
+                    }
+                }
+                Ok(None) => return (plaintext, Err(tonic::Status::data_loss("no trailer"))),
+                Err(s) => return (plaintext, Err(s)),
+            }
+        }
+    })
+}

@@ -812,6 +812,11 @@ struct ImageService {
 
 impl ImageService {
     fn start(s: &Setup) -> Self {
+        Self::start_with_failpoints(s, "")
+    }
+
+    /// Started with `FAILPOINTS` (e.g. `teardown-after-revoke=sleep(60000)`): it pauses there.
+    fn start_with_failpoints(s: &Setup, failpoints: &str) -> Self {
         let socket = s.path("run/api.sock");
         let _ = std::fs::remove_file(&socket);
         let uid = rustix::process::getuid().as_raw();
@@ -826,6 +831,7 @@ impl ImageService {
         s.ipu_args(&mut command);
         let child = command
             .env("TSS2_LOG", "all+NONE")
+            .env("FAILPOINTS", failpoints)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -1275,7 +1281,7 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
     ImageService::start(&s).signal(libc::SIGTERM);
     broker.stop();
 
-    for dir in ["clones", "bases", "staging", "exports"] {
+    for dir in ["clones", "bases", "spool", "exports", "plain"] {
         let left: Vec<_> = std::fs::read_dir(s.path("ipu-state").join(dir))
             .unwrap()
             .flatten()
@@ -1320,6 +1326,149 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
         events_of(&log, "clone.erase").len(),
         events_of(&log, "recovery.orphan_erased").len()
     );
+    run(Command::new(bin("audit"))
+        .args(["verify", "--log"])
+        .arg(&log)
+        .arg("--key")
+        .arg(log.join("verifier.pub")));
+}
+
+/// SIGKILL exactly where a crash hurts most, each point held by a failpoint until the kill:
+/// during a Prepare once the base is built (its plaintext ext4 still in the tmpfs) and once
+/// the clone is created and on the record but not exported, and during a Teardown after the
+/// export is revoked but before the clone's key is destroyed. After each, a restart: no
+/// clone is live, nothing is left in the state directory, no plaintext is on disk (the
+/// tmpfs died with the killed process: `serve` has a mount namespace of its own), the
+/// orphan's erase is on the record, and the log verifies.
+#[test]
+fn sigkill_at_the_worst_points_leaves_no_clone_no_plaintext_and_a_log_that_verifies() {
+    use api::imagesvc::{ListRequest, PrepareRequest, TeardownRequest};
+    let (s, broker) = setup();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = s.path("ipu-state");
+    let files = |dir: &str| -> Vec<PathBuf> {
+        std::fs::read_dir(state.join(dir))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let wait_for = |what: &str, service: &mut ImageService, ready: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !ready() {
+            assert!(service.child.try_wait().unwrap().is_none(), "serve exited");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "never reached: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // At the failpoint: it sleeps there until the kill.
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let prepare = |function: &str| PrepareRequest {
+        tenant: "acme".into(),
+        function: function.into(),
+        image: s.image.clone(),
+    };
+    let (base_built, before_export) = (prepare("base-built"), prepare("before-export"));
+    let mut killed_clones = Vec::new();
+
+    // Prepare, base built: the encrypted base is in bases/, no clone yet.
+    let mut service = ImageService::start_with_failpoints(&s, "prepare-base-built=sleep(60000)");
+    let mut api = service.client(&rt);
+    let call = rt.spawn(async move { api.prepare(base_built).await });
+    wait_for("the base built", &mut service, &|| {
+        files("bases")
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "img"))
+    });
+    assert!(files("clones").is_empty());
+    service.signal(libc::SIGKILL);
+    assert!(rt.block_on(call).unwrap().is_err());
+
+    // Prepare, clone created and recorded, not exported.
+    let mut service = ImageService::start_with_failpoints(&s, "prepare-before-export=sleep(60000)");
+    let mut api = service.client(&rt);
+    let call = rt.spawn(async move { api.prepare(before_export).await });
+    wait_for("the clone created", &mut service, &|| {
+        !files("clones").is_empty()
+    });
+    assert!(files("exports").is_empty(), "exported before the kill");
+    killed_clones.push(
+        files("clones")[0]
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+    );
+    service.signal(libc::SIGKILL);
+    assert!(rt.block_on(call).unwrap().is_err());
+
+    // Teardown, revoked, key not destroyed: the socket is gone, the clone file is not.
+    let mut service = ImageService::start_with_failpoints(&s, "teardown-after-revoke=sleep(60000)");
+    let mut api = service.client(&rt);
+    let p = rt
+        .block_on(api.prepare(prepare("after-revoke")))
+        .unwrap()
+        .into_inner();
+    let data = s.path("data.bin");
+    std::fs::write(&data, vec![0x5au8; 4 << 20]).unwrap();
+    run(Command::new("nbdcopy")
+        .arg(&data)
+        .arg(nbd_uri(&p.socket, &p.export_name)));
+    killed_clones.push(p.clone_id.clone());
+    let socket = PathBuf::from(&p.socket);
+    let call = rt.spawn(async move {
+        api.teardown(TeardownRequest {
+            clone_id: p.clone_id,
+        })
+        .await
+    });
+    wait_for("the export revoked", &mut service, &|| !socket.exists());
+    assert_eq!(files("clones").len(), 1, "erased before the kill");
+    service.signal(libc::SIGKILL);
+    assert!(rt.block_on(call).unwrap().is_err());
+
+    // The restart: nothing live, nothing left.
+    let service = ImageService::start(&s);
+    let mut api = service.client(&rt);
+    let live = rt.block_on(api.list(ListRequest {})).unwrap().into_inner();
+    assert!(live.clones.is_empty());
+    service.signal(libc::SIGTERM);
+    broker.stop();
+    for dir in ["clones", "bases", "spool", "exports", "plain"] {
+        assert!(files(dir).is_empty(), "left in {dir}: {:?}", files(dir));
+    }
+    // Positive control of the scan below: the image's plaintext is in the fixture's rootfs.
+    assert!(walk(&s.path("rootfs")).into_iter().any(|f| {
+        integration_tests::contains(
+            &std::fs::read(f).unwrap_or_default(),
+            b"hello from a broker-keyed image",
+        )
+    }));
+    for entry in walk(&state).into_iter().chain(walk(&s.path("cache"))) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !integration_tests::contains(&bytes, b"hello from a broker-keyed image"),
+            "{} holds the image's plaintext",
+            entry.display()
+        );
+        assert!(
+            !integration_tests::contains(&bytes, &[0x5au8; 64]),
+            "{} holds the function's plaintext",
+            entry.display()
+        );
+    }
+    let log = s.path("ipu-audit");
+    let orphans: Vec<String> = events_of(&log, "recovery.orphan_erased")
+        .into_iter()
+        .map(|e| e["details"]["clone_id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &killed_clones {
+        assert!(
+            orphans.contains(id),
+            "{id}'s erase is not on the record: {orphans:?}"
+        );
+    }
     run(Command::new(bin("audit"))
         .args(["verify", "--log"])
         .arg(&log)

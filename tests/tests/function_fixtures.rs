@@ -46,6 +46,7 @@ fn service(
         tcp_exports: None,
         max_cached_bases: 16,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
+        plaintext_memory: 512 << 20,
     };
     configure(&mut options);
     let keys = KeySource::local(DecryptConfig::new(vec![PrivateKey::from_pem(

@@ -1,23 +1,25 @@
 //! The cache of bases by platform manifest digest: bounded, least recently used first out,
 //! and never evicting a base that is in use (by a clone, or by a Prepare holding it).
 //!
-//! Generic over the cached value so that the policy is tested on its own.
+//! Generic over the cached value (and what is known about it, `M`) so that the policy is
+//! tested on its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-struct Entry<T> {
+struct Entry<T, M> {
     value: Arc<T>,
+    meta: M,
     last_used: Instant,
 }
 
-pub(crate) struct BaseCache<T> {
+pub(crate) struct BaseCache<T, M = ()> {
     max: usize,
-    entries: HashMap<String, Entry<T>>,
+    entries: HashMap<String, Entry<T, M>>,
 }
 
-impl<T> BaseCache<T> {
+impl<T, M: Clone> BaseCache<T, M> {
     /// Holds at most `max` entries, except while more than that are in use.
     pub(crate) fn new(max: usize) -> Self {
         Self {
@@ -27,10 +29,10 @@ impl<T> BaseCache<T> {
     }
 
     /// Every entry, held (so none is evicted while the caller keeps the map).
-    pub(crate) fn snapshot(&self) -> HashMap<String, Arc<T>> {
+    pub(crate) fn snapshot(&self) -> HashMap<String, (Arc<T>, M)> {
         self.entries
             .iter()
-            .map(|(k, e)| (k.clone(), e.value.clone()))
+            .map(|(k, e)| (k.clone(), (e.value.clone(), e.meta.clone())))
             .collect()
     }
 
@@ -46,18 +48,19 @@ impl<T> BaseCache<T> {
     }
 
     /// Inserts `value` unless `key` is there already (then the cached one is returned and
-    /// `value` dropped), and evicts what is over the bound. Returns the cached value and the
-    /// evicted keys.
-    pub(crate) fn insert(&mut self, key: &str, value: T) -> (Arc<T>, Vec<String>) {
+    /// `value` dropped), and evicts what is over the bound. Returns the cached value with
+    /// what is known about it, and the evicted keys.
+    pub(crate) fn insert(&mut self, key: &str, value: T, meta: M) -> ((Arc<T>, M), Vec<String>) {
         let cached = self
             .entries
             .entry(key.to_string())
             .or_insert_with(|| Entry {
                 value: Arc::new(value),
+                meta,
                 last_used: Instant::now(),
             });
         cached.last_used = Instant::now();
-        let cached = cached.value.clone();
+        let cached = (cached.value.clone(), cached.meta.clone());
         (cached, self.evict())
     }
 
@@ -86,29 +89,29 @@ mod tests {
     #[test]
     fn least_recently_used_idle_entries_go_first() {
         let mut c = BaseCache::new(2);
-        let (a, _) = c.insert("a", "A");
+        let ((a, _), _) = c.insert("a", "A", ());
         std::thread::sleep(std::time::Duration::from_millis(2));
-        let (_, evicted) = c.insert("b", "B");
+        let (_, evicted) = c.insert("b", "B", ());
         assert!(evicted.is_empty());
         std::thread::sleep(std::time::Duration::from_millis(2));
         // "a" is held (a clone uses it): "b", idle, goes although it is newer.
-        let (_, evicted) = c.insert("c", "C");
+        let (_, evicted) = c.insert("c", "C", ());
         assert_eq!(evicted, ["b"]);
         assert!(c.contains("a") && c.contains("c"));
         // Released, and "c" used since: "a" is the one to go next.
         drop(a);
         std::thread::sleep(std::time::Duration::from_millis(2));
         c.touch("c");
-        let (_, evicted) = c.insert("d", "D");
+        let (_, evicted) = c.insert("d", "D", ());
         assert_eq!(evicted, ["a"]);
         // A snapshot holds everything: nothing can go while it lives, so the bound gives.
         let held = c.snapshot();
-        let (_, evicted) = c.insert("e", "E");
+        let (_, evicted) = c.insert("e", "E", ());
         assert!(evicted.is_empty());
         assert_eq!(c.snapshot().len(), 3);
         drop(held);
         // Inserting an existing key keeps the cached value.
-        let (kept, _) = c.insert("e", "other");
+        let ((kept, _), _) = c.insert("e", "other", ());
         assert_eq!(*kept, "E");
     }
 }

@@ -13,6 +13,7 @@ pub mod decrypt;
 pub mod error;
 pub mod grpc;
 pub mod known;
+pub mod plaintext;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use crate::keys::KeySource;
 use crate::pipeline::{PipelineConfig, TrustPipeline};
 use crate::progress::Quiet;
 use crate::record::AUDIT_SERVICE;
+use crate::unpack::Budget;
 use crate::verify::VerifiedImage;
 pub use error::ServiceError;
 
@@ -41,8 +43,12 @@ pub type PipelineFactory = Box<dyn Fn(&str, &str) -> Result<PipelineConfig, Erro
 
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
-    /// `bases/`, `clones/` and `exports/` live here.
+    /// `bases/`, `clones/`, `exports/`, `spool/` and the plaintext tmpfs `plain/` live
+    /// here.
     pub state_dir: PathBuf,
+    /// The bound, in bytes, of the tmpfs that holds plaintext while a base is built (unpack
+    /// trees, the plaintext ext4 image): nothing decrypted is written anywhere else.
+    pub plaintext_memory: u64,
     /// The only uid (besides root) that may open exports and call the API.
     pub host_agent_uid: u32,
     /// How long a clone lives unless torn down first, when the deployment policy does not
@@ -116,7 +122,9 @@ pub struct Service {
     /// Where every request's layer keys come from (one attested broker session).
     keys: KeySource,
     audit: Arc<dyn AuditSink>,
-    bases: Mutex<cache::BaseCache<BaseImage>>,
+    /// Each with what its unpack found, which every later request's limits are checked
+    /// against.
+    bases: Mutex<cache::BaseCache<BaseImage, Budget>>,
     /// The platform manifest digest each image reference last resolved to.
     resolved: Mutex<HashMap<String, String>>,
     /// One lock per image reference not known to be cached, held while it is verified and
@@ -132,6 +140,8 @@ pub struct Service {
     /// Frees erased clones' blocks off the teardown path (a large clone's blocks take a
     /// while); taken and joined at shutdown.
     reclaimer: Mutex<Option<Reclaimer>>,
+    /// Unmounted last, when everything that wrote to it is gone.
+    plaintext: plaintext::PlaintextMemory,
 }
 
 /// The reclaimer thread and the channel that feeds it erased clones' leftover files.
@@ -207,7 +217,7 @@ impl Service {
         keys: KeySource,
         audit: Arc<dyn AuditSink>,
     ) -> Result<Self, ServiceError> {
-        for d in ["bases", "clones", "exports", "staging"] {
+        for d in ["bases", "clones", "exports", "spool"] {
             let dir = opts.state_dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
             std::fs::set_permissions(
@@ -235,6 +245,10 @@ impl Service {
             })
             .map_err(|e| ServiceError::device("cannot start the reclaimer thread", e))?;
         let known_layers = known::KnownLayers::new(opts.verified_layer_ttl);
+        let plaintext = plaintext::PlaintextMemory::mount(
+            &opts.state_dir.join("plain"),
+            opts.plaintext_memory,
+        )?;
         let service = Self {
             opts,
             factory,
@@ -248,6 +262,7 @@ impl Service {
             events,
             stopping,
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
+            plaintext,
         };
         service.recover()?;
         Ok(service)
@@ -300,9 +315,14 @@ impl Service {
                 .detail("clone_id", clone_id),
             )?;
         }
-        // Bases (their keys died too), sockets, and unpack trees and ext4 images of starts
-        // that were cut short: those hold plaintext, so they go before anything is served.
-        for d in ["bases", "exports", "staging"] {
+        // Bases (their keys died too), sockets, and the decrypt hook's spooled ciphertext.
+        // (Plaintext of starts that were cut short was in the tmpfs a fresh one replaced.)
+        let legacy = self.opts.state_dir.join("staging");
+        if legacy.exists() {
+            // Unpack trees of versions before the plaintext tmpfs.
+            std::fs::remove_dir_all(&legacy).map_err(|e| io_error("cannot delete", &legacy, e))?;
+        }
+        for d in ["bases", "exports", "spool"] {
             let dir = self.opts.state_dir.join(d);
             let entries = std::fs::read_dir(&dir).map_err(|e| io_error("cannot read", &dir, e))?;
             for entry in entries.flatten() {
@@ -318,9 +338,14 @@ impl Service {
         Ok(())
     }
 
-    /// Where requests' transient files go (deleted at start-up, like unpack trees).
+    /// Where the decrypt hook's received blobs (ciphertext only) go; emptied at start-up.
     pub(crate) fn spool_dir(&self) -> PathBuf {
-        self.opts.state_dir.join("staging")
+        self.opts.state_dir.join("spool")
+    }
+
+    /// The tmpfs that holds plaintext while a base is built.
+    pub fn plaintext_memory(&self) -> &Path {
+        self.plaintext.path()
     }
 
     /// Events from now on.
@@ -343,8 +368,8 @@ impl Service {
     ) -> Result<Prepared, ServiceError> {
         let reference = request(tenant, function, image)?;
         let mut cfg = (self.factory)(tenant, function)?;
-        // Unpack trees hold plaintext: they live where a restart finds and deletes them.
-        cfg.staging_dir = Some(self.opts.state_dir.join("staging"));
+        // Unpack trees hold plaintext: only in the bounded tmpfs.
+        cfg.staging_dir = Some(self.plaintext.path().to_path_buf());
         let pipeline = TrustPipeline::new(cfg);
         let mut suffix = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
@@ -391,6 +416,7 @@ impl Service {
         // Nothing is exported before its creation is on the record; a failure from here on
         // erases the clone (dropping it does).
         let receipt = self.record(created)?;
+        fail::fail_point!("prepare-before-export");
         let export = Export::new(clone_id.clone(), clone.clone());
         let export = match &self.opts.tcp_exports {
             Some(tcp) => HostExport::tcp(export, tcp.ip, tcp.tls.clone())
@@ -486,7 +512,8 @@ impl Service {
             None => None,
         };
         let dir = self.opts.state_dir.join("bases");
-        let plain = dir.join(format!("{instance}.ext4"));
+        // Plaintext: in the tmpfs only, until it is encrypted into the base.
+        let plain = self.plaintext.path().join(format!("{instance}.ext4"));
         // Held for the run, so none of them is evicted before this start has its clone.
         let mut cached = self.bases.lock().expect("not poisoned").snapshot();
         let request = pipeline.request(reference);
@@ -497,13 +524,16 @@ impl Service {
             let held = cached.remove(&digest);
             cached.clear();
             let base = match held {
-                Some(base) => {
+                Some((base, found)) => {
+                    // Built under another request's limits: held to this one's, as its own
+                    // unpack would have been, before any key is asked for.
+                    request.admit_cached(&verified, &found)?;
                     request.check_keys(&self.keys, &verified)?;
                     self.bases.lock().expect("not poisoned").touch(&digest);
                     base
                 }
                 None => {
-                    request.build(&verified, &self.keys, &plain, &Quiet)?;
+                    let built = request.build(&verified, &self.keys, &plain, &Quiet)?;
                     let base = BaseImage::build(
                         &plain,
                         &dir.join(format!("{instance}.img")),
@@ -511,13 +541,15 @@ impl Service {
                             .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?,
                     )
                     .map_err(|e| Error::new(FailureClass::Io, format!("base image: {e}")))?;
+                    // The base is built and its plaintext ext4 still in the tmpfs.
+                    fail::fail_point!("prepare-base-built");
                     // Built meanwhile under another reference: that one stays, this one is
                     // dropped (and deleted).
-                    let (base, evicted) = self
-                        .bases
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(&digest, base);
+                    let ((base, _), evicted) =
+                        self.bases
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(&digest, base, built.found);
                     for e in evicted {
                         tracing::info!(digest = %e, "idle base evicted from the cache");
                     }
@@ -554,6 +586,8 @@ impl Service {
             Outcome::Success,
             format!("export revoked ({reason}); open connections shut down"),
         )))?;
+        // Revoked, the key not yet destroyed.
+        fail::fail_point!("teardown-after-revoke");
         let mut erasure = running.clone.erase();
         let (outcome, text) = match &erasure {
             Ok(Some(e)) => (

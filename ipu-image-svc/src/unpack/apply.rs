@@ -88,10 +88,19 @@ struct Meta {
 }
 
 fn io_error(path: &EntryPath, what: &str, e: impl Into<io::Error>) -> UnpackError {
-    UnpackError::new(
-        UnpackErrorKind::Io,
-        format!("entry {}: {what}: {}", path.display(), e.into()),
-    )
+    let e = e.into();
+    let kind = if is_no_space(&e) {
+        UnpackErrorKind::NoSpace
+    } else {
+        UnpackErrorKind::Io
+    };
+    UnpackError::new(kind, format!("entry {}: {what}: {e}", path.display()))
+}
+
+/// ENOSPC, or EDQUOT: the tree's file system cannot take more.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == io::ErrorKind::StorageFull
 }
 
 impl LayerApplier<'_> {
@@ -213,6 +222,10 @@ impl LayerApplier<'_> {
                     ));
                 }
                 self.stats.file_bytes += written;
+                self.budget.largest_file = self.budget.largest_file.max(written);
+                if meta.mode & 0o6000 != 0 {
+                    self.budget.setuid_files += 1;
+                }
                 let fd = OwnedFd::from(file);
                 set_fd_meta(&fd, &meta, &path)?;
                 set_times_fd(&fd, meta.mtime).map_err(|e| io_error(&path, "set times", e))?;
@@ -240,6 +253,7 @@ impl LayerApplier<'_> {
                 self.hardlink(&parent, name, &path, &target)?;
             }
             EntryType::Char | EntryType::Block => {
+                self.budget.device_nodes += 1;
                 if !self.limits.allow_device_nodes {
                     return Err(UnpackError::new(
                         UnpackErrorKind::DeviceNode,

@@ -101,11 +101,61 @@ impl Limits {
     }
 }
 
-/// What an image has used of its [`Limits`] so far, carried across layers.
-#[derive(Clone, Debug, Default)]
+/// What an image has used of its [`Limits`] so far, carried across layers: at the end, what
+/// its unpack found, kept with a cached base so that a later request with stricter limits is
+/// checked against it ([`Budget::check`]) as its own unpack would have been.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Budget {
+    /// Regular file content written, over all layers (what later layers delete included).
     pub unpacked_bytes: u64,
+    /// Tar entries, over all layers.
     pub inodes: u64,
+    /// The largest regular file of any layer.
+    pub largest_file: u64,
+    /// Character and block device entries, over all layers.
+    pub device_nodes: u64,
+    /// Regular files with the setuid or setgid bit, over all layers.
+    pub setuid_files: u64,
+}
+
+impl Budget {
+    /// Whether an image whose unpack found this fits `limits`; the error is the one its
+    /// unpack would have stopped with.
+    pub fn check(&self, limits: &Limits) -> Result<(), UnpackError> {
+        let over = |what: &str, found: u64, limit: u64| {
+            UnpackError::new(
+                UnpackErrorKind::LimitExceeded,
+                format!("the image's {what} ({found}) exceed this request's limit of {limit}"),
+            )
+        };
+        if self.unpacked_bytes > limits.max_unpacked_bytes {
+            return Err(over(
+                "unpacked bytes",
+                self.unpacked_bytes,
+                limits.max_unpacked_bytes,
+            ));
+        }
+        if self.largest_file > limits.max_file_size {
+            return Err(over(
+                "largest file's bytes",
+                self.largest_file,
+                limits.max_file_size,
+            ));
+        }
+        if self.inodes > limits.max_inodes {
+            return Err(over("entries", self.inodes, limits.max_inodes));
+        }
+        if self.device_nodes > 0 && !limits.allow_device_nodes {
+            return Err(UnpackError::new(
+                UnpackErrorKind::DeviceNode,
+                format!(
+                    "the image holds {} device node(s); this request does not allow device nodes",
+                    self.device_nodes
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +174,9 @@ pub enum UnpackErrorKind {
     Unsupported,
     /// The local file system failed.
     Io,
+    /// The file system the tree is written to is full (for the service: its bounded
+    /// plaintext memory).
+    NoSpace,
 }
 
 impl UnpackErrorKind {
