@@ -23,14 +23,23 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Our cold start and, apart, its attestation.
+/// Where our cold start's time went.
+#[derive(Default, Clone, Copy)]
+struct Stages {
+    attest: Duration,
+    prepare: Duration,
+    attach: Duration,
+    run: Duration,
+}
+
+/// Our cold start and its stages.
 fn ours(
     d: &Path,
     image: &str,
     round: usize,
     broker: &integration_tests::broker::Running,
     tcti: &str,
-) -> (Duration, Duration) {
+) -> (Duration, Stages) {
     let state = d.join(format!("ours{round}"));
     let audit = integration_tests::audit_log(&state.join("audit"));
     let t = Instant::now();
@@ -43,10 +52,15 @@ fn ours(
         keys,
         audit,
     );
+    let t_prepare = Instant::now();
     let p = service.prepare("acme", "hello", image).unwrap();
+    let prepared = t_prepare.elapsed();
     let work = state.join("host");
     let rootfs = work.join("rootfs");
+    let t_attach = Instant::now();
     let mut a = Attachment::attach(&integration_tests::host_export(&p), &work, &rootfs).unwrap();
+    let attached = t_attach.elapsed();
+    let t_run = Instant::now();
     let out = integration_tests::run_function(
         &rootfs,
         &work,
@@ -54,11 +68,20 @@ fn ours(
         &format!("ours{round}"),
     );
     let took = t.elapsed();
+    let ran = t_run.elapsed();
     assert!(out.contains("hello from enc-signed"), "{out}");
     a.detach().unwrap();
     service.teardown(&p.clone_id, "bench").unwrap();
     service.shutdown();
-    (took, attested)
+    (
+        took,
+        Stages {
+            attest: attested,
+            prepare: prepared,
+            attach: attached,
+            run: ran,
+        },
+    )
 }
 
 fn seed(d: &Path, image: &str, round: usize) -> Duration {
@@ -125,13 +148,15 @@ fn main() {
     // The key broker (in process, mutual TLS on loopback) and the IPU's TPM, whose persisted
     // AK the broker enrolls.
     let (swtpm, broker) = integration_tests::broker::start_with_tpm();
-    let (mut o, mut a, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut o, mut st, mut s) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        let (took, attested) = ours(dir.path(), &image, round, &broker, &swtpm.tcti());
+        let (took, stages) = ours(dir.path(), &image, round, &broker, &swtpm.tcti());
         o.push(took);
-        a.push(attested);
+        st.push(stages);
         s.push(seed(dir.path(), &image, round));
     }
+    let stage = |f: fn(&Stages) -> Duration| median(st.iter().map(f).collect());
+    let a = stage(|s| s.attest);
     // This machine is noisy: the spread of the per-round ratios says how far the medians
     // can be trusted.
     let mut ratios: Vec<f64> = o
@@ -140,7 +165,7 @@ fn main() {
         .map(|(o, s)| o.as_secs_f64() / s.as_secs_f64())
         .collect();
     ratios.sort_by(f64::total_cmp);
-    let (o, a, s) = (median(o), median(a), median(s));
+    let (o, s) = (median(o), median(s));
     println!("cold start of {image} (uncached), median of {rounds} rounds, same run:");
     println!(
         "  ours (attest, verify, broker key release, decrypt, unpack, ext4, encrypted base, clone, export, attach, mount, runc): {:8.1} ms",
@@ -149,6 +174,12 @@ fn main() {
     println!(
         "    of which the attestation (challenge, swtpm quote, attest over mTLS):                                               {:8.1} ms",
         a.as_secs_f64() * 1e3
+    );
+    println!(
+        "    prepare {:.1} ms, attach + mount {:.1} ms, runc {:.1} ms (medians)",
+        stage(|s| s.prepare).as_secs_f64() * 1e3,
+        stage(|s| s.attach).as_secs_f64() * 1e3,
+        stage(|s| s.run).as_secs_f64() * 1e3
     );
     println!(
         "  seed (skopeo copy --decryption-key, umoci unpack, runc run):                                                           {:8.1} ms",
