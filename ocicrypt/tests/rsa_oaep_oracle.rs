@@ -44,15 +44,18 @@ fn with_encrypted_key(annotation: &str, f: &dyn Fn(&[u8]) -> Vec<u8>) -> String 
         .join(",")
 }
 
+/// A change made to a wrapped key.
+type Mutation = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
 /// Malformed variants of an RSA-2048 wrapped key, by name.
-pub fn malformed(modulus: &[u8]) -> Vec<(&'static str, Box<dyn Fn(&[u8]) -> Vec<u8>>)> {
+fn malformed(modulus: &[u8]) -> Vec<(&'static str, Mutation)> {
     let n = modulus.to_vec();
     let above = {
         let mut v = modulus.to_vec();
         *v.last_mut().unwrap() = v.last().unwrap().wrapping_add(1);
         v
     };
-    let flip = |pos: usize, bit: u8| -> Box<dyn Fn(&[u8]) -> Vec<u8>> {
+    let flip = |pos: usize, bit: u8| -> Mutation {
         Box::new(move |c: &[u8]| {
             let mut c = c.to_vec();
             let i = pos.min(c.len() - 1);
