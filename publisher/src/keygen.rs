@@ -129,3 +129,22 @@ pub fn write_pair(kind: KeyKind, dir: &Path) -> Result<(), KeyGenError> {
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsa_pairs_are_made_by_aws_lc_and_open_what_they_wrap() {
+        for (kind, bits) in [(KeyKind::Rsa2048, 2048), (KeyKind::Rsa3072, 3072)] {
+            let (private, public) = generate(kind).unwrap();
+            assert!(private.starts_with("-----BEGIN PRIVATE KEY-----"));
+            let private = ocicrypt::keys::PrivateKey::from_pem(private.as_bytes()).unwrap();
+            let public = ocicrypt::keys::PublicKey::from_pem(public.as_bytes()).unwrap();
+            assert_eq!(private.as_rsa().unwrap().bits(), bits);
+            assert_eq!(public.bits(), bits);
+            let jwe = ocicrypt::jwe::wrap(b"{}", &[public]).unwrap();
+            assert_eq!(&*ocicrypt::jwe::unwrap(&jwe, &[private]).unwrap(), b"{}");
+        }
+    }
+}
