@@ -6,9 +6,10 @@
 //! (RUSTSEC-2023-0071, the Marvin attack) and this crate does not depend on it: the only RSA
 //! private-key type here is aws-lc's, so no other decryption can be reached through it.
 //!
-//! Private keys are wiped when dropped: aws-lc frees RSA keys with `BN_clear_free`
-//! (`OPENSSL_cleanse`), the RustCrypto EC key types zeroize, and the DER/PEM buffers a key
-//! passes through are zeroizing. `Debug` shows only the algorithm.
+//! Private keys are wiped when dropped: aws-lc's `OPENSSL_free` runs `OPENSSL_cleanse` over
+//! every allocation it frees (the RSA key's numbers included), the RustCrypto EC key types
+//! zeroize, and the DER/PEM buffers a key passes through are zeroizing. `Debug` shows only the
+//! algorithm (and an RSA key's size).
 
 use std::fmt;
 
