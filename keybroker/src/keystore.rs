@@ -157,12 +157,10 @@ impl KeyKind {
         let mut rng = rand_core::OsRng;
         let invalid = |e: &dyn std::fmt::Display| KeyStoreError::Invalid(e.to_string());
         match self {
+            // aws-lc makes RSA keys (as it does every RSA private-key operation here).
             KeyKind::Rsa2048 | KeyKind::Rsa4096 => {
                 let bits = if self == KeyKind::Rsa2048 { 2048 } else { 4096 };
-                rsa::RsaPrivateKey::new(&mut rng, bits)
-                    .map_err(|e| invalid(&e))?
-                    .to_pkcs8_pem(LineEnding::LF)
-                    .map_err(|e| invalid(&e))
+                ocicrypt::keys::generate_rsa_pkcs8_pem(bits).map_err(|e| invalid(&e))
             }
             KeyKind::EcP256 => p256::SecretKey::random(&mut rng)
                 .to_pkcs8_pem(LineEnding::LF)
@@ -175,15 +173,13 @@ impl KeyKind {
 
     /// The kind of an existing key, for rotation.
     fn of(info: &KeyInfo) -> Result<Self, KeyStoreError> {
-        use rsa::pkcs8::DecodePublicKey;
-        use rsa::traits::PublicKeyParts;
         match info.algorithm.as_str() {
             "EC P-256" => Ok(KeyKind::EcP256),
             "EC P-384" => Ok(KeyKind::EcP384),
             "RSA" => {
-                let k = rsa::RsaPublicKey::from_public_key_pem(&info.public_pem)
+                let k = ocicrypt::keys::PublicKey::from_pem(info.public_pem.as_bytes())
                     .map_err(|e| KeyStoreError::Invalid(e.to_string()))?;
-                Ok(if k.size() * 8 > 2048 {
+                Ok(if k.bits() > 2048 {
                     KeyKind::Rsa4096
                 } else {
                     KeyKind::Rsa2048

@@ -2,9 +2,10 @@
 //! general), recipients `RSA-OAEP` (SHA-1) and `ECDH-ES+A256KW` (P-256/384/521), content
 //! encryption `A256GCM`. The annotation value is a comma-separated list of standard-base64 JWEs.
 //!
-//! Hand-written on RustCrypto primitives rather than a JOSE crate: the JOSE crates on crates.io
-//! either lack ECDH-ES key agreement with a *static* private key on all three curves or pull in
-//! OpenSSL, and the subset ocicrypt needs is small and fixed.
+//! RSA-OAEP is aws-lc's constant-time implementation (see [`crate::keys::RsaOaepKey`]); the
+//! rest is hand-written on RustCrypto primitives rather than a JOSE crate: the JOSE crates on
+//! crates.io either lack ECDH-ES key agreement with a *static* private key on all three curves
+//! or pull in OpenSSL, and the subset ocicrypt needs is small and fixed.
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
@@ -170,12 +171,12 @@ fn unwrap_one(
         };
         for key in keys {
             let cek = match (alg.as_str(), &key.0) {
-                ("RSA-OAEP", PrivateKind::Rsa(k)) => {
-                    match k.decrypt(rsa::Oaep::new::<sha1::Sha1>(), &wrapped) {
-                        Ok(cek) => Zeroizing::new(cek),
-                        Err(_) => continue,
-                    }
-                }
+                // aws-lc's constant-time OAEP: every failure is the same `None` and moves on
+                // to the next key, so a bad padding ends in the same error as a wrong key.
+                ("RSA-OAEP", PrivateKind::Rsa(k)) => match k.unwrap_cek(&wrapped) {
+                    Some(cek) => cek,
+                    None => continue,
+                },
                 ("ECDH-ES+A256KW", _) => match ecdh_unwrap(&merged, key, &wrapped)? {
                     Some(cek) => cek,
                     None => continue,
@@ -349,9 +350,7 @@ fn wrap_cek(cek: &[u8; 32], recipient: &PublicKey) -> Result<(Value, Vec<u8>), E
     };
     match &recipient.0 {
         PublicKind::Rsa(k) => {
-            let wrapped = k
-                .encrypt(&mut OsRng, rsa::Oaep::new::<sha1::Sha1>(), cek)
-                .map_err(|e| Error::Key(format!("RSA-OAEP encryption failed: {e}")))?;
+            let wrapped = crate::keys::rsa_oaep_encrypt(k, cek)?;
             Ok((
                 serde_json::json!({"alg": "RSA-OAEP", "enc": "A256GCM"}),
                 wrapped,

@@ -32,7 +32,7 @@ pub enum KeyKind {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyGenError {
     #[error("generating an RSA key: {0}")]
-    Rsa(#[source] rsa::Error),
+    Rsa(#[source] ocicrypt::Error),
     #[error("encoding the private key: {0}")]
     EncodePrivate(#[source] p256::pkcs8::Error),
     #[error("encoding the public key: {0}")]
@@ -89,9 +89,13 @@ pub fn generate(kind: KeyKind) -> Result<(Zeroizing<String>, String), KeyGenErro
                 KeyKind::Rsa3072 => 3072,
                 _ => 4096,
             };
-            let k = rsa::RsaPrivateKey::new(&mut OsRng, bits).map_err(KeyGenError::Rsa)?;
-            let public = rsa::RsaPublicKey::from(&k);
-            pems(k.to_pkcs8_pem(lf), public.to_public_key_pem(lf))
+            // aws-lc makes RSA keys; the `rsa` crate is not a dependency of the product.
+            let private = ocicrypt::keys::generate_rsa_pkcs8_pem(bits).map_err(KeyGenError::Rsa)?;
+            let public = ocicrypt::keys::PrivateKey::from_pem(private.as_bytes())
+                .map_err(KeyGenError::Rsa)?
+                .public_key()
+                .to_pem();
+            Ok((private, public))
         }
     }
 }
@@ -124,4 +128,23 @@ pub fn write_pair(kind: KeyKind, dir: &Path) -> Result<(), KeyGenError> {
         source,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsa_pairs_are_made_by_aws_lc_and_open_what_they_wrap() {
+        for (kind, bits) in [(KeyKind::Rsa2048, 2048), (KeyKind::Rsa3072, 3072)] {
+            let (private, public) = generate(kind).unwrap();
+            assert!(private.starts_with("-----BEGIN PRIVATE KEY-----"));
+            let private = ocicrypt::keys::PrivateKey::from_pem(private.as_bytes()).unwrap();
+            let public = ocicrypt::keys::PublicKey::from_pem(public.as_bytes()).unwrap();
+            assert_eq!(private.as_rsa().unwrap().bits(), bits);
+            assert_eq!(public.bits(), bits);
+            let jwe = ocicrypt::jwe::wrap(b"{}", &[public]).unwrap();
+            assert_eq!(&*ocicrypt::jwe::unwrap(&jwe, &[private]).unwrap(), b"{}");
+        }
+    }
 }

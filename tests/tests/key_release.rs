@@ -235,3 +235,151 @@ fn after_a_restart_keys_remain_and_sessions_are_gone() {
         .release(CLIENT, &request(&session.id, "acme"))
         .unwrap();
 }
+
+/// Replaces every `encrypted_key` in every JWE of a `keys.jwe` annotation with `f(old)`.
+fn with_encrypted_key(annotation: &str, f: &dyn Fn(&[u8]) -> Vec<u8>) -> String {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    use serde_json::Value;
+    fn walk(v: &mut Value, f: &dyn Fn(&[u8]) -> Vec<u8>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if k == "encrypted_key" {
+                        let old = URL_SAFE_NO_PAD.decode(v.as_str().unwrap()).unwrap();
+                        *v = Value::String(URL_SAFE_NO_PAD.encode(f(&old)));
+                    } else {
+                        walk(v, f);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| walk(v, f)),
+            _ => {}
+        }
+    }
+    annotation
+        .split(',')
+        .map(|item| {
+            let mut json: Value = serde_json::from_slice(&STANDARD.decode(item).unwrap()).unwrap();
+            walk(&mut json, f);
+            STANDARD.encode(serde_json::to_vec(&json).unwrap())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// No padding oracle through the release doors (RUSTSEC-2023-0071, Marvin): a fixture layer
+/// whose RSA-OAEP wrapped key was tampered with (flipped bits, wrong length, zero, the
+/// modulus, above it) is refused with the very error, and audited with the very reason, of a
+/// layer wrapped to an RSA key the broker does not hold; by the `keys.jwe` door and by the key
+/// provider door. The unwrap is aws-lc's constant-time OAEP (threat model T47).
+#[test]
+fn tampered_rsa_wrapped_keys_are_denied_exactly_like_a_foreign_key() {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    let mut s = setup(Duration::from_secs(60));
+    let session_key = SessionKey::generate();
+    let (session, _) = s.attest(&session_key);
+    let good = request(&session.id, "acme");
+    let Wrapped::Jwe(jwe) = good.wrapped.clone() else {
+        unreachable!()
+    };
+    s.broker
+        .release(CLIENT, &good)
+        .expect("the untouched layer is released");
+
+    // The fixture key's modulus, from its SPKI DER (RSA-2048: 256 bytes at offset 33).
+    let public =
+        std::fs::read_to_string(integration_tests::fixtures().join("keys/rsa-2048/pub.pem"))
+            .unwrap();
+    let b64: String = public.lines().filter(|l| !l.starts_with("-----")).collect();
+    let spki = STANDARD.decode(b64).unwrap();
+    assert_eq!(spki[28..33], [0x02, 0x82, 0x01, 0x01, 0x00]);
+    let n = spki[33..289].to_vec();
+    let above = {
+        let mut v = n.clone();
+        v[255] = v[255].wrapping_add(1);
+        v
+    };
+    type Mutation = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let flip = |i: usize, bit: u8| -> Mutation {
+        Box::new(move |c: &[u8]| {
+            let mut c = c.to_vec();
+            c[i] ^= bit;
+            c
+        })
+    };
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("first bit flipped", flip(0, 0x80)),
+        ("middle byte flipped", flip(128, 0x01)),
+        ("last byte flipped", flip(255, 0x01)),
+        (
+            "one byte short",
+            Box::new(|c: &[u8]| c[..c.len() - 1].to_vec()),
+        ),
+        ("one byte long", Box::new(|c: &[u8]| [c, &[0]].concat())),
+        ("zero", Box::new(|c: &[u8]| vec![0; c.len()])),
+        ("the modulus", Box::new(move |_: &[u8]| n.clone())),
+        ("above the modulus", Box::new(move |_: &[u8]| above.clone())),
+    ];
+
+    // The reference: the same options wrapped to an RSA-2048 key the broker does not hold.
+    let foreign = ocicrypt::keys::PrivateKey::from_pem(
+        ocicrypt::keys::generate_rsa_pkcs8_pem(2048)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let foreign_jwe = ocicrypt::jwe::wrap(b"{}", &[foreign.public_key()]).unwrap();
+    let provider = |jwe: &str| {
+        Wrapped::Provider(
+            STANDARD.encode(
+                keybroker::wrapping::ProviderWrapping {
+                    key_id: "fixtures-rsa".into(),
+                    version: 1,
+                    jwe: jwe.to_string(),
+                }
+                .encode(),
+            ),
+        )
+    };
+    let refuse = |wrapped: Wrapped| {
+        let mut req = good.clone();
+        req.wrapped = wrapped;
+        s.broker.release(CLIENT, &req).unwrap_err().to_string()
+    };
+    let jwe_reference = refuse(Wrapped::Jwe(foreign_jwe.clone()));
+    let provider_reference = refuse(provider(&foreign_jwe));
+    assert!(
+        jwe_reference.contains("not wrapped to any key"),
+        "{jwe_reference}"
+    );
+    assert!(
+        provider_reference.contains("does not open"),
+        "{provider_reference}"
+    );
+    for (name, f) in &cases {
+        let bad = with_encrypted_key(&jwe, f.as_ref());
+        assert_eq!(refuse(Wrapped::Jwe(bad.clone())), jwe_reference, "{name}");
+        assert_eq!(refuse(provider(&bad)), provider_reference, "{name}");
+    }
+
+    // The audited denials: two reasons in all, one per door.
+    let denials = s
+        .log
+        .store()
+        .query(&audit::Query {
+            kind: Some(audit::EventKind::KeyDeny),
+            limit: 100,
+            ..audit::Query::default()
+        })
+        .unwrap()
+        .events;
+    assert_eq!(denials.len(), 2 + 2 * cases.len());
+    let reasons: std::collections::BTreeSet<&str> =
+        denials.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons
+        .iter()
+        .all(|r| !r.to_lowercase().contains("padding")));
+}
