@@ -272,7 +272,7 @@ fn with_encrypted_key(annotation: &str, f: &dyn Fn(&[u8]) -> Vec<u8>) -> String 
 /// whose RSA-OAEP wrapped key was tampered with (flipped bits, wrong length, zero, the
 /// modulus, above it) is refused with the very error, and audited with the very reason, of a
 /// layer wrapped to an RSA key the broker does not hold; by the `keys.jwe` door and by the key
-/// provider door. The unwrap is aws-lc's constant-time OAEP (threat model T47).
+/// provider door. The unwrap is aws-lc's constant-time OAEP (threat model T48).
 #[test]
 fn tampered_rsa_wrapped_keys_are_denied_exactly_like_a_foreign_key() {
     use base64::engine::general_purpose::STANDARD;
