@@ -149,7 +149,7 @@ fn tcp_export(dir: &Path, pki: &Pki, name: &str) -> (HostExport, Refusals) {
     let access = TcpAccess {
         tls: pki.server.clone(),
         client_identity: Some(HOST_A.into()),
-        on_refused: Some(Box::new(move |r: &Refused| {
+        on_refused: Some(Box::new(move |r: &Refused, _| {
             seen.lock().unwrap().push(r.presented.clone())
         })),
     };
@@ -322,6 +322,42 @@ fn idle_connections_cannot_exhaust_an_export_or_keep_its_host_out() {
         String::from_utf8_lossy(&ok.stderr)
     );
     drop(idle);
+}
+
+/// A host with a valid certificate of the CA, trying another host's export again and again:
+/// every attempt is refused and counted, the first `REPORTED_REFUSALS` are reported one by one
+/// (each an audit event in the service) and later ones only every `REPORTED_REFUSALS_EVERY`th,
+/// so the refusals cannot flood the audit log. Host A still gets in.
+#[test]
+fn a_second_hosts_refusals_are_counted_and_reported_within_a_bound() {
+    use ipu_image_svc::export::REPORTED_REFUSALS;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let (export, refusals) = tcp_export(dir.path(), &pki, "fn-refuse");
+    let other = Transport::Tcp(tcp_addr(&export), client_config(&pki.host_b));
+    let attempts = REPORTED_REFUSALS + 8;
+    for _ in 0..attempts {
+        let mut s = other.ready();
+        let mut m = Vec::new();
+        option(&mut m, OPT_GO, &go_request(b"fn-refuse"));
+        // The handshake completes, then the server closes: no reply to GO.
+        let _ = s.write_all(&m);
+        assert!(read_reply(&mut s).is_err(), "host B was answered");
+    }
+    for _ in 0..100 {
+        if export.refused() == attempts {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(export.refused(), attempts);
+    let reported = refusals.lock().unwrap().clone();
+    assert_eq!(reported.len() as u64, REPORTED_REFUSALS);
+    assert!(reported.iter().all(|p| p == &vec![HOST_B.to_string()]));
+    let host_a = Transport::Tcp(tcp_addr(&export), pki.client_a.clone());
+    let mut s = host_a.transmitting("fn-refuse");
+    assert_eq!(request(&mut s, CMD_READ, 0, 1, &[], 1).unwrap().0, 0);
 }
 
 /// Appends a client option (IHAVEOPT, option, length, data) to `m`.

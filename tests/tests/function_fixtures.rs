@@ -324,6 +324,7 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
     assert_eq!(detail("clone_id"), Some(p.clone_id.as_str()));
     assert_eq!(detail("host_identity"), Some("host-1.ipu.test"));
     assert_eq!(detail("presented"), Some("host-2.ipu.test"));
+    assert_eq!(detail("refusals"), Some("1"));
     // And the right host still gets in.
     let ok = nbdinfo(&format!("{nbds}?tls-certificates={}", host_tls.display()));
     assert!(ok.status.success());

@@ -184,9 +184,16 @@ impl nbd::Connection for Timed {
     }
 }
 
-/// Called with every TLS client refused because its certificate does not carry the export's
-/// host identity (the service audits it).
-pub type OnRefused = Box<dyn Fn(&nbd::Refused) + Send + Sync>;
+/// Called with a TLS client refused because its certificate does not carry the export's host
+/// identity, and how many were refused so far (the service audits it): for each of the first
+/// [`REPORTED_REFUSALS`] of an export, then every [`REPORTED_REFUSALS_EVERY`]th, so that a host
+/// with a valid certificate cannot flood the audit log through someone else's export.
+pub type OnRefused = Box<dyn Fn(&nbd::Refused, u64) + Send + Sync>;
+
+/// Refusals of one export reported one by one.
+pub const REPORTED_REFUSALS: u64 = 32;
+/// Past those, one refusal in this many is reported (with the count).
+pub const REPORTED_REFUSALS_EVERY: u64 = 1000;
 
 /// A connection an export serves.
 struct Active {
@@ -263,10 +270,12 @@ impl Shared {
             Ok(_) => {}
             Err(e) => {
                 if let Some(refused) = e.get_ref().and_then(|r| r.downcast_ref::<nbd::Refused>()) {
-                    self.refused.fetch_add(1, Ordering::SeqCst);
-                    tracing::warn!(export = %self.name(), presented = ?refused.presented, "NBD client refused: its certificate does not carry the export's host identity");
+                    let n = self.refused.fetch_add(1, Ordering::SeqCst) + 1;
+                    tracing::warn!(export = %self.name(), presented = ?refused.presented, refusals = n, "NBD client refused: its certificate does not carry the export's host identity");
                     if let Some(on_refused) = &self.on_refused {
-                        on_refused(refused);
+                        if n <= REPORTED_REFUSALS || n % REPORTED_REFUSALS_EVERY == 0 {
+                            on_refused(refused, n);
+                        }
                     }
                 } else {
                     tracing::info!(export = %self.name(), error = %e, "NBD connection ended");

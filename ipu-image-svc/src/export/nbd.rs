@@ -268,8 +268,13 @@ pub fn serve_greeted<S: Connection>(
                     .map(|leaf| super::identity::identities(leaf.as_ref()))
                     .unwrap_or_default();
                 if !super::identity::carries(&presented, required) {
+                    // The close_notify goes out; nothing more is read from this client.
                     session.send_close_notify();
-                    let _ = session.complete_io(stream);
+                    while session.wants_write() {
+                        if session.write_tls(stream).is_err() {
+                            break;
+                        }
+                    }
                     return Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
                         Refused {

@@ -185,8 +185,15 @@ impl Pool {
                 .spawn(move || loop {
                     let job = queue.lock().expect("not poisoned").recv();
                     let Ok(job) = job else { return };
-                    job.shared.serve(job.stream, job.accepted);
-                    self.workers.lock().expect("not poisoned").busy -= 1;
+                    // A panic while serving (a bug) costs that connection, not the worker.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job.shared.serve(job.stream, job.accepted)
+                    }));
+                    if served.is_err() {
+                        tracing::error!("an NBD connection's handler panicked");
+                    }
+                    let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+                    workers.busy -= 1;
                 });
             if spawned.is_err() {
                 workers.busy -= 1;

@@ -431,11 +431,12 @@ impl Service {
                     "an NBD client's certificate does not carry the host identity the export was prepared for; connection closed",
                 ));
                 let on_refused: crate::export::OnRefused =
-                    Box::new(move |r: &crate::export::nbd::Refused| {
+                    Box::new(move |r: &crate::export::nbd::Refused, n: u64| {
                         let event = refused_event
                             .clone()
                             .detail("host_identity", r.required.clone())
-                            .detail("presented", r.presented.join(" "));
+                            .detail("presented", r.presented.join(" "))
+                            .detail("refusals", n.to_string());
                         if let Err(e) = audit.append(event) {
                             tracing::error!(error = %e, "cannot record a refused NBD client");
                         }
