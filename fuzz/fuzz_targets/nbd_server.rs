@@ -133,11 +133,10 @@ fuzz_target!(|data: &[u8]| {
     // Option replies are all in the clear part (no TLS) or counted before it: at most one
     // per option, a few for GO/INFO/LIST, and never past the bound on options.
     if access.is_none() {
-        let replies = wire
-            .output
-            .windows(8)
-            .filter(|w| *w == REPLY_MAGIC)
-            .count();
-        assert!(replies <= 4 * nbd::MAX_OPTIONS + 16, "{replies} option replies");
+        let replies = wire.output.windows(8).filter(|w| *w == REPLY_MAGIC).count();
+        assert!(
+            replies <= 4 * nbd::MAX_OPTIONS + 16,
+            "{replies} option replies"
+        );
     }
 });

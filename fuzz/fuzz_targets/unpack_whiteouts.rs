@@ -23,7 +23,11 @@ fn header(kind: tar::EntryType, name: &[u8], target: &[u8], size: u64) -> Option
     h.as_old_mut().name[..name.len()].copy_from_slice(name);
     h.as_old_mut().linkname[..target.len()].copy_from_slice(target);
     h.set_entry_type(kind);
-    h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+    h.set_mode(if kind == tar::EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
     h.set_size(size);
     h.set_mtime(1);
     h.set_cksum();
@@ -71,7 +75,11 @@ fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .map(|e| {
             let e = e.unwrap();
             let p = e.path();
-            let body = if p.is_file() { std::fs::read(&p).unwrap() } else { Vec::new() };
+            let body = if p.is_file() {
+                std::fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
             (e.file_name().to_string_lossy().into_owned(), body)
         })
         .collect();
@@ -89,7 +97,11 @@ fuzz_target!(|data: &[u8]| {
         let joined = p.all_components().join(&b'/');
         assert_eq!(EntryPath::parse(&joined), Ok(p));
     }
-    let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
+    let base = if Path::new("/dev/shm").is_dir() {
+        Path::new("/dev/shm")
+    } else {
+        Path::new("/tmp")
+    };
     let sandbox = tempfile::tempdir_in(base).unwrap();
     let parent = sandbox.path().join("parent");
     std::fs::create_dir(&parent).unwrap();
@@ -109,7 +121,11 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
     }
-    assert_eq!(listing(sandbox.path()), outer, "outside the staging tree's parent");
+    assert_eq!(
+        listing(sandbox.path()),
+        outer,
+        "outside the staging tree's parent"
+    );
     assert_eq!(listing(&parent), inner, "beside the staging tree");
     drop(staging);
 });
