@@ -53,6 +53,11 @@ struct RunArgs {
     /// IPU's export certificate; `client-cert.pem` and `client-key.pem`, its own).
     #[arg(long, value_name = "DIR")]
     tls_certificates: Option<PathBuf>,
+    /// The identity the IPU's TCP export is to require of this host agent's client
+    /// certificate: one of its subjectAltName DNS names or URIs. Default: the one DNS name or
+    /// URI of `client-cert.pem` in --tls-certificates.
+    #[arg(long, value_name = "NAME")]
+    host_identity: Option<String>,
     /// The image reference (docker://... or oci:DIR:TAG).
     image: String,
     /// The command to run instead of the image's Cmd.
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
                 command: args.command,
                 workdir: args.workdir,
                 tls_certificates: args.tls_certificates,
+                host_identity: args.host_identity,
             };
             exit::run(
                 Interrupt::on_signals()

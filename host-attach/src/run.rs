@@ -29,6 +29,10 @@ pub struct Function {
     pub workdir: Option<PathBuf>,
     /// For exports over TCP: this host agent's TLS files.
     pub tls_certificates: Option<PathBuf>,
+    /// The identity sent with Prepare, which a TCP export requires of the client
+    /// certificate (none: the one DNS name or URI of `client-cert.pem` in
+    /// `tls_certificates`, if given).
+    pub host_identity: Option<String>,
 }
 
 /// Why the function could not be started, or its run not finished cleanly.
@@ -48,6 +52,9 @@ pub enum RunError {
     },
     #[error("the export is on {address} (TLS): --tls-certificates DIR is needed")]
     NoTlsCertificates { address: String },
+    /// The host identity could not be read from the client certificate.
+    #[error("the host identity from {}: {reason} (give --host-identity)", path.display())]
+    HostIdentity { path: PathBuf, reason: String },
     #[error("{}: {source}", path.display())]
     Workdir { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -90,12 +97,18 @@ impl Interrupt {
 /// Runs `function` from an image prepared by the IPU at `ipu`, and tears everything down,
 /// whatever happened; the function's exit code.
 pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u8, RunError> {
+    let host_identity = match (&function.host_identity, &function.tls_certificates) {
+        (Some(h), _) => h.clone(),
+        (None, Some(dir)) => host_identity(&dir.join("client-cert.pem"))?,
+        (None, None) => String::new(),
+    };
     let (rt, mut client) = ipu.connect_blocking()?;
     let prepared = rt
         .block_on(client.prepare(PrepareRequest {
             tenant: ipu.tenant.clone(),
             function: ipu.function.clone(),
             image: function.image.clone(),
+            host_identity,
         }))
         .map_err(|status| IpuError::Prepare(status.into()))?
         .into_inner();
@@ -122,6 +135,43 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
     let code = result?;
     torn_down?;
     Ok(code)
+}
+
+/// The one subjectAltName DNS name or URI of the PEM certificate at `path`: the identity a
+/// TCP export prepared for this host requires.
+pub fn host_identity(path: &Path) -> Result<String, RunError> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::SubjectAltName;
+    let fail = |reason: String| RunError::HostIdentity {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .ok_or_else(|| fail("no PEM certificate".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let cert = x509_cert::Certificate::from_der(der.as_ref()).map_err(|e| fail(e.to_string()))?;
+    let mut names = Vec::new();
+    for ext in cert.tbs_certificate.filter::<SubjectAltName>() {
+        let (_, san) = ext.map_err(|e| fail(e.to_string()))?;
+        for name in san.0 {
+            match name {
+                GeneralName::DnsName(n) => names.push(n.to_string()),
+                GeneralName::UniformResourceIdentifier(u) => names.push(u.to_string()),
+                _ => {}
+            }
+        }
+    }
+    match names.len() {
+        1 => Ok(names.remove(0)),
+        0 => Err(fail("it has no subjectAltName DNS name or URI".into())),
+        n => Err(fail(format!(
+            "it has {n} DNS names and URIs: {}",
+            names.join(", ")
+        ))),
+    }
 }
 
 /// Where the run's mounts and bundle are made: the one given, or one of the clone's own.

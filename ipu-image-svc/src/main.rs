@@ -83,7 +83,9 @@ struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     verified_layer_ttl: std::time::Duration,
     /// Export clones over TCP on this address (a new port per function) with NBD STARTTLS
-    /// forced and client certificates required, instead of Unix sockets.
+    /// forced and client certificates required, instead of Unix sockets. Each Prepare must
+    /// then name the host identity (a subjectAltName DNS name or URI) the export is for: only a
+    /// client certificate carrying it opens the export.
     #[arg(long, value_name = "IP", requires_all = ["export_cert", "export_key", "export_client_ca"])]
     export_tcp: Option<std::net::IpAddr>,
     /// The exports' TLS certificate chain (PEM).

@@ -51,6 +51,21 @@ impl Pki {
         &self.ca_pem
     }
 
+    /// (certificate PEM, key PEM) of a host agent's export client certificate whose identity
+    /// is `identity`: a subjectAltName URI if it has a colon, else a DNS name.
+    pub fn issue_host(&self, cn: &str, identity: &str) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names.push(if identity.contains(':') {
+            SanType::URI(identity.try_into().unwrap())
+        } else {
+            SanType::DnsName(identity.try_into().unwrap())
+        });
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// (certificate PEM, key PEM) for a subject with this CN and OU (role).
     pub fn issue(&self, cn: &str, ou: Option<&str>, server: bool) -> (String, String) {
         let names = if server {

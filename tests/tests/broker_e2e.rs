@@ -900,6 +900,7 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
             tenant: "acme".into(),
             function: function.into(),
             image: s.image.clone(),
+            ..Default::default()
         }))
         .unwrap()
         .into_inner()
@@ -916,6 +917,7 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
             tenant: "globex".into(),
             function: "resize-1".into(),
             image: s.image.clone(),
+            ..Default::default()
         }))
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
@@ -1185,6 +1187,7 @@ fn the_broker_session_is_reused_renewed_when_lost_and_ended_by_revocation() {
             tenant: "acme".into(),
             function: function.into(),
             image: s.image.clone(),
+            ..Default::default()
         }))
         .map_err(Box::new)
     };
@@ -1240,6 +1243,7 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
         tenant: "acme".into(),
         function,
         image: s.image.clone(),
+        ..Default::default()
     };
     // Kill points during a cold Prepare (the base is never cached across a restart).
     for (i, delay_ms) in [0u64, 5, 10, 20, 30, 45, 60, 80, 100, 150, 250, 400]

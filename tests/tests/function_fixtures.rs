@@ -171,10 +171,12 @@ fn an_expired_clone_is_hot_removed_and_erased() {
     service.shutdown();
 }
 
-/// Exports over TCP: NBD with STARTTLS forced and a client certificate from the host agents'
-/// CA required. The host agent's libnbd (nbdinfo, nbdfuse) attaches with its certificates and
+/// Exports over TCP: NBD with STARTTLS forced, a client certificate from the host agents' CA
+/// required, and it must carry the host identity named at Prepare. Prepare without one is a
+/// bad request. The host agent's libnbd (nbdinfo, nbdfuse) attaches with its certificates and
 /// the function runs; a client without TLS, without a certificate, or with one from another
-/// CA gets nothing; after teardown the port is closed.
+/// CA gets nothing; a second host's valid certificate (same CA) is refused and the refusal is
+/// on the audit record with what it presented; after teardown the port is closed.
 #[test]
 fn tcp_exports_need_tls_and_a_host_agent_certificate() {
     use integration_tests::broker::Pki;
@@ -195,22 +197,37 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
         pki.issue("ipu-1 export", None, true),
     );
     std::fs::write(d.join("ipu/host-ca.pem"), pki.ca_pem()).unwrap();
-    // The host agent's libnbd directory: the IPU's CA and its own client certificate.
+    // The host agent's libnbd directory: the IPU's CA and its own client certificate, which
+    // carries its identity as a DNS name.
     let host_tls = d.join("host-tls");
     write_pair(
         &host_tls,
         "client-cert.pem",
         "client-key.pem",
-        pki.issue("host-agent", Some("host"), false),
+        pki.issue_host("host-agent", "host-1.ipu.test"),
     );
     std::fs::write(host_tls.join("ca-cert.pem"), pki.ca_pem()).unwrap();
+    // host-attach reads the same identity from it.
+    assert_eq!(
+        host_attach::run::host_identity(&host_tls.join("client-cert.pem")).unwrap(),
+        "host-1.ipu.test"
+    );
+    // Another host of the same CA.
+    let other_tls = d.join("other-host-tls");
+    write_pair(
+        &other_tls,
+        "client-cert.pem",
+        "client-key.pem",
+        pki.issue_host("host-agent", "host-2.ipu.test"),
+    );
+    std::fs::write(other_tls.join("ca-cert.pem"), pki.ca_pem()).unwrap();
     // Another CA's client certificate.
     let stranger_tls = d.join("stranger-tls");
     write_pair(
         &stranger_tls,
         "client-cert.pem",
         "client-key.pem",
-        Pki::new().issue("stranger", Some("host"), false),
+        Pki::new().issue_host("stranger", "host-1.ipu.test"),
     );
     std::fs::write(stranger_tls.join("ca-cert.pem"), pki.ca_pem()).unwrap();
 
@@ -220,14 +237,23 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
         &d.join("ipu/host-ca.pem"),
     )
     .unwrap();
-    let (service, _audit) = service(d, |o| {
+    let (service, audit) = service(d, |o| {
         o.tcp_exports = Some(TcpExports {
             ip: "127.0.0.1".parse().unwrap(),
             tls,
         })
     });
     let image = registry.reference("fixtures/hello", "enc-signed");
-    let p = service.prepare("acme", "remote", &image).unwrap();
+    for missing in [None, Some("")] {
+        let e = service
+            .prepare_for("acme", "remote", &image, missing)
+            .unwrap_err();
+        assert!(e.to_string().contains("host identity"), "{missing:?}: {e}");
+    }
+    assert!(service.list().is_empty());
+    let p = service
+        .prepare_for("acme", "remote", &image, Some("host-1.ipu.test"))
+        .unwrap();
     let nbds = p.endpoint.nbd_uri(&p.export_name);
     assert!(nbds.starts_with("nbds://127.0.0.1:"), "{nbds}");
     let nbdinfo = |uri: &str| {
@@ -264,6 +290,45 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
         !anonymous.status.success(),
         "a client without a certificate is refused"
     );
+    // The second host: its certificate is valid, but not for this export.
+    let denied = |audit: &audit::AuditLog| {
+        audit
+            .store()
+            .query(&audit::Query {
+                kind: Some(audit::EventKind::ExportAttach),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .events
+            .into_iter()
+            .filter(|e| e.outcome == audit::Outcome::Denied)
+            .collect::<Vec<_>>()
+    };
+    assert!(denied(&audit).is_empty());
+    let other = nbdinfo(&format!("{nbds}?tls-certificates={}", other_tls.display()));
+    assert!(
+        !other.status.success(),
+        "a second host's valid certificate is refused"
+    );
+    // Recorded by the export's worker as it closes the connection: wait for it a little.
+    let mut refused = denied(&audit);
+    for _ in 0..100 {
+        if !refused.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        refused = denied(&audit);
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let detail = |k: &str| refused[0].details.get(k).map(String::as_str);
+    assert_eq!(detail("clone_id"), Some(p.clone_id.as_str()));
+    assert_eq!(detail("host_identity"), Some("host-1.ipu.test"));
+    assert_eq!(detail("presented"), Some("host-2.ipu.test"));
+    assert_eq!(detail("refusals"), Some("1"));
+    // And the right host still gets in.
+    let ok = nbdinfo(&format!("{nbds}?tls-certificates={}", host_tls.display()));
+    assert!(ok.status.success());
 
     if is_root() {
         let work = d.join("host");

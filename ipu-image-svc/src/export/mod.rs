@@ -1,22 +1,46 @@
 //! Exporting a clone to the host (a software stand-in for the IPU's virtio-blk or NVMe
 //! function): NBD over a per-function Unix socket that only the host agent's uid may use, or
-//! over TCP with mutual TLS (NBD STARTTLS, forced) for a host agent on another machine.
+//! over TCP with mutual TLS (NBD STARTTLS, forced) for a host agent on another machine, whose
+//! certificate must carry the host identity the export was prepared for.
+//!
+//! Connections cost bounded resources whatever clients do ([`pool`]): an accepted connection
+//! is sent the NBD greeting and then waits, without a thread, until the client answers; only
+//! then does one of a fixed number of worker threads serve it. The handshake (TLS included)
+//! must end within [`HANDSHAKE_DEADLINE`] of the accept; each export serves at most
+//! [`MAX_CONNECTIONS_PER_EXPORT`] connections at once, and one still in its handshake is
+//! dropped, oldest first, to make room for a new one (so clients that never finish cannot
+//! keep the host agent out).
 //!
 //! [`HostExport::revoke`] is the hot-remove: the export refuses new connections, shuts down
 //! the open ones (in-flight requests fail), and removes its socket or closes its port.
 
+pub mod identity;
 pub mod nbd;
+pub mod pool;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use nbd::Export;
+use nbd::{Export, TlsAccess};
+
+/// From the accept to the end of the handshake (TLS and option haggling): a client that is
+/// not in transmission by then is disconnected.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections one export serves at once (handshaking or in transmission). The host agent
+/// needs one or two (qemu-storage-daemon, nbdinfo).
+pub const MAX_CONNECTIONS_PER_EXPORT: usize = 8;
+/// After the handshake, a reply the client does not read for this long ends the connection
+/// (idling between requests is fine: reads have no timeout then).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where an export listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,44 +67,248 @@ impl Endpoint {
     }
 }
 
-/// Shuts an open connection down (a clone of its socket), for revocation.
-type Shutdown = Box<dyn Fn() + Send>;
+/// A connected socket of either kind.
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection served by a worker: until its handshake is over, every read and write must
+/// finish before its deadline (socket timeouts set to the time left before each).
+pub(crate) struct Timed {
+    stream: Stream,
+    deadline: Option<Instant>,
+    handshaking: Arc<AtomicBool>,
+}
+
+impl Timed {
+    fn arm(&mut self) -> io::Result<()> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the NBD handshake deadline passed",
+                ));
+            }
+            self.stream.set_timeouts(Some(left), Some(left))?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl nbd::Connection for Timed {
+    fn handshake_over(&mut self) {
+        self.deadline = None;
+        self.handshaking.store(false, Ordering::SeqCst);
+        let _ = self.stream.set_timeouts(None, Some(WRITE_TIMEOUT));
+    }
+}
+
+/// Called with a TLS client refused because its certificate does not carry the export's host
+/// identity, and how many were refused so far (the service audits it): for each of the first
+/// [`REPORTED_REFUSALS`] of an export, then every [`REPORTED_REFUSALS_EVERY`]th, so that a host
+/// with a valid certificate cannot flood the audit log through someone else's export.
+pub type OnRefused = Box<dyn Fn(&nbd::Refused, u64) + Send + Sync>;
+
+/// Refusals of one export reported one by one.
+pub const REPORTED_REFUSALS: u64 = 32;
+/// Past those, one refusal in this many is reported (with the count).
+pub const REPORTED_REFUSALS_EVERY: u64 = 1000;
+
+/// A connection an export serves.
+struct Active {
+    /// A clone of its socket, to shut it down (revocation, or room for a newer one).
+    socket: Stream,
+    accepted: Instant,
+    handshaking: Arc<AtomicBool>,
+}
+
+/// What the acceptor, the pool's workers and the [`HostExport`] share about one export.
+pub(crate) struct Shared {
+    export: Arc<Export>,
+    tls: Option<TlsAccess>,
+    on_refused: Option<OnRefused>,
+    active: Mutex<HashMap<u64, Active>>,
+    next_id: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Shared {
+    fn name(&self) -> &str {
+        &self.export.name
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.export.is_revoked()
+    }
+
+    /// Takes one of the export's connection slots for `stream` (accepted at `accepted`),
+    /// dropping the oldest connection still in its handshake when all are taken; None when
+    /// all are in transmission (the new one is refused).
+    fn admit(&self, stream: &Stream, accepted: Instant) -> Option<(u64, Arc<AtomicBool>)> {
+        let socket = stream.try_clone().ok()?;
+        let mut active = self.active.lock().expect("not poisoned");
+        if self.is_revoked() {
+            return None;
+        }
+        if active.len() >= MAX_CONNECTIONS_PER_EXPORT {
+            let oldest = active
+                .iter()
+                .filter(|(_, a)| a.handshaking.load(Ordering::SeqCst))
+                .min_by_key(|(_, a)| a.accepted)
+                .map(|(id, _)| *id)?;
+            let dropped = active.remove(&oldest).expect("just found");
+            tracing::warn!(export = %self.name(), "NBD connection still in its handshake dropped to make room for a new one");
+            dropped.socket.shutdown();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let handshaking = Arc::new(AtomicBool::new(true));
+        active.insert(
+            id,
+            Active {
+                socket,
+                accepted,
+                handshaking: handshaking.clone(),
+            },
+        );
+        Some((id, handshaking))
+    }
+
+    /// Serves a connection that answered the greeting, on a pool worker.
+    fn serve(&self, stream: Stream, accepted: Instant) {
+        let Some((id, handshaking)) = self.admit(&stream, accepted) else {
+            tracing::warn!(export = %self.name(), "NBD connection refused: {MAX_CONNECTIONS_PER_EXPORT} connections in transmission already");
+            stream.shutdown();
+            return;
+        };
+        let mut timed = Timed {
+            stream,
+            deadline: Some(accepted + HANDSHAKE_DEADLINE),
+            handshaking,
+        };
+        match nbd::serve_greeted(&mut timed, &self.export, self.tls.as_ref()) {
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(refused) = e.get_ref().and_then(|r| r.downcast_ref::<nbd::Refused>()) {
+                    let n = self.refused.fetch_add(1, Ordering::SeqCst) + 1;
+                    tracing::warn!(export = %self.name(), presented = ?refused.presented, refusals = n, "NBD client refused: its certificate does not carry the export's host identity");
+                    if let Some(on_refused) = &self.on_refused {
+                        if n <= REPORTED_REFUSALS || n % REPORTED_REFUSALS_EVERY == 0 {
+                            on_refused(refused, n);
+                        }
+                    }
+                } else {
+                    tracing::info!(export = %self.name(), error = %e, "NBD connection ended");
+                }
+            }
+        }
+        // Closed for the client too (the clone kept for revocation would otherwise hold it
+        // open).
+        self.active.lock().expect("not poisoned").remove(&id);
+        timed.stream.shutdown();
+    }
+}
 
 /// An NBD export listening for the host agent.
 pub struct HostExport {
-    export: Arc<Export>,
+    shared: Arc<Shared>,
     endpoint: Endpoint,
-    connections: Arc<Mutex<HashMap<u64, Shutdown>>>,
     acceptor: Option<JoinHandle<()>>,
-}
-
-/// A connected socket of either kind.
-trait Socket: Read + Write + Send + Sized + 'static {
-    fn try_clone_socket(&self) -> io::Result<Self>;
-    fn shutdown_both(&self);
-}
-
-impl Socket for UnixStream {
-    fn try_clone_socket(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl Socket for TcpStream {
-    fn try_clone_socket(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
 }
 
 fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     let cred = rustix::net::sockopt::socket_peercred(stream)?;
     Ok(cred.uid.as_raw())
+}
+
+/// Who may open a TCP export.
+pub struct TcpAccess {
+    /// Requires a client certificate of the host agents' CA.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The identity (subjectAltName DNS name or URI) the client certificate must carry; None
+    /// lets any certificate of the CA in (only for tests and single-host deployments).
+    pub client_identity: Option<String>,
+    pub on_refused: Option<OnRefused>,
 }
 
 impl HostExport {
@@ -95,21 +323,24 @@ impl HostExport {
         Self::start(
             export,
             Endpoint::Unix(socket.to_path_buf()),
-            move || listener.accept().map(|(s, _)| s),
-            move |stream: &UnixStream| match peer_uid(stream) {
-                Ok(uid) if uid == allowed_uid => true,
-                other => {
-                    tracing::warn!(export = %name, peer = ?other.ok(), "NBD connection from a uid that may not use this export refused");
-                    false
+            move || {
+                let (s, _) = listener.accept()?;
+                match peer_uid(&s) {
+                    Ok(uid) if uid == allowed_uid => Ok(Some(Stream::Unix(s))),
+                    other => {
+                        tracing::warn!(export = %name, peer = ?other.ok(), "NBD connection from a uid that may not use this export refused");
+                        Ok(None)
+                    }
                 }
             },
+            None,
             None,
         )
     }
 
-    /// Listens on a new port of `ip` for clients that start TLS (required) and present a
-    /// certificate `tls` accepts.
-    pub fn tcp(export: Export, ip: IpAddr, tls: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+    /// Listens on a new port of `ip` for clients that start TLS (required), present a
+    /// certificate `access.tls` accepts and, if it names one, carry `access.client_identity`.
+    pub fn tcp(export: Export, ip: IpAddr, access: TcpAccess) -> io::Result<Self> {
         let listener = TcpListener::bind((ip, 0))?;
         let addr = listener.local_addr()?;
         Self::start(
@@ -118,62 +349,52 @@ impl HostExport {
             move || {
                 let (s, _) = listener.accept()?;
                 s.set_nodelay(true)?;
-                Ok(s)
+                Ok(Some(Stream::Tcp(s)))
             },
-            |_: &TcpStream| true,
-            Some(tls),
+            Some(TlsAccess {
+                config: access.tls,
+                client_identity: access.client_identity,
+            }),
+            access.on_refused,
         )
     }
 
-    fn start<S: Socket>(
+    fn start(
         export: Export,
         endpoint: Endpoint,
-        accept: impl Fn() -> io::Result<S> + Send + 'static,
-        admit: impl Fn(&S) -> bool + Send + 'static,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        accept: impl Fn() -> io::Result<Option<Stream>> + Send + 'static,
+        tls: Option<TlsAccess>,
+        on_refused: Option<OnRefused>,
     ) -> io::Result<Self> {
-        let export = Arc::new(export);
-        let connections: Arc<Mutex<HashMap<u64, Shutdown>>> = Arc::default();
+        let shared = Arc::new(Shared {
+            export: Arc::new(export),
+            tls,
+            on_refused,
+            active: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let pool = pool::Pool::global();
         let acceptor = {
-            let export = export.clone();
-            let connections = connections.clone();
+            let shared = shared.clone();
             std::thread::Builder::new()
-                .name(format!("nbd-{}", export.name))
-                .spawn(move || {
-                    for n in 0u64.. {
-                        let stream = accept();
-                        if export.is_revoked() {
-                            break;
-                        }
-                        let Ok(mut stream) = stream else { continue };
-                        if !admit(&stream) {
-                            continue;
-                        }
-                        if let Ok(clone) = stream.try_clone_socket() {
-                            connections
-                                .lock()
-                                .expect("not poisoned")
-                                .insert(n, Box::new(move || clone.shutdown_both()));
-                        }
-                        let export = export.clone();
-                        let connections = connections.clone();
-                        let tls = tls.clone();
-                        std::thread::spawn(move || {
-                            if let Err(e) = nbd::serve(&mut stream, &export, tls.as_ref()) {
-                                tracing::info!(export = %export.name, error = %e, "NBD connection ended");
-                            }
-                            // Closed for the client too (the clone kept for revocation
-                            // would otherwise hold it open).
-                            connections.lock().expect("not poisoned").remove(&n);
-                            stream.shutdown_both();
-                        });
+                .name(format!("nbd-{}", shared.name()))
+                .spawn(move || loop {
+                    let stream = accept();
+                    if shared.is_revoked() {
+                        break;
+                    }
+                    match stream {
+                        Ok(Some(stream)) => pool.greet(shared.clone(), stream),
+                        Ok(None) => {}
+                        // Out of descriptors, say: not a busy loop.
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
                     }
                 })?
         };
         Ok(Self {
-            export,
+            shared,
             endpoint,
-            connections,
             acceptor: Some(acceptor),
         })
     }
@@ -183,16 +404,29 @@ impl HostExport {
     }
 
     pub fn name(&self) -> &str {
-        &self.export.name
+        self.shared.name()
+    }
+
+    /// TLS clients refused so far because their certificate does not carry the export's host
+    /// identity.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
+    /// Connections being served now (handshaking or in transmission).
+    pub fn connections(&self) -> usize {
+        self.shared.active.lock().expect("not poisoned").len()
     }
 
     /// Hot-remove: no new connections, open ones shut down (in-flight I/O fails), the
     /// socket removed or the port closed. Idempotent.
     pub fn revoke(&mut self) {
-        self.export.revoke();
-        for (_, shutdown) in self.connections.lock().expect("not poisoned").drain() {
-            shutdown();
+        self.shared.export.revoke();
+        for (_, active) in self.shared.active.lock().expect("not poisoned").drain() {
+            active.socket.shutdown();
         }
+        // Connections waiting for their first bytes are closed too.
+        pool::Pool::global().wake();
         if let Some(acceptor) = self.acceptor.take() {
             // Wake the acceptor so it sees the revocation (and drops the listener).
             match &self.endpoint {

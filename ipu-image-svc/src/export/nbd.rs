@@ -8,10 +8,15 @@
 //! STARTTLS every option but ABORT is answered `ERR_TLS_REQD`, and the export is served only
 //! over the TLS session.
 //!
-//! Everything the client sends is bounded: option data, request lengths, and ranges against
-//! the device's size. A revoked export answers every later request with ESHUTDOWN.
+//! Everything the client sends is bounded: option data, the number of options in one
+//! handshake ([`MAX_OPTIONS`]), request lengths, and ranges against the device's size. An
+//! export is opened only by its exact name (never an empty one, never a default). With a
+//! required client identity ([`TlsAccess::client_identity`]) a TLS client whose verified
+//! certificate does not carry it is refused right after the TLS handshake ([`Refused`]).
+//! A revoked export answers every later request with ESHUTDOWN.
 
 use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -68,6 +73,10 @@ const ESHUTDOWN: u32 = 108;
 
 /// Largest option payload read from a client.
 const MAX_OPTION: u32 = 64 * 1024;
+/// Options one connection may send, before and inside TLS together: a flood of options (each
+/// answered) ends the connection. Real clients send fewer than ten (libnbd, qemu: STARTTLS,
+/// STRUCTURED_REPLY, EXTENDED_HEADERS, SET_META_CONTEXT, LIST, INFO, GO).
+pub const MAX_OPTIONS: usize = 32;
 /// Largest READ or WRITE served (what the block size info advertises).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 
@@ -105,6 +114,42 @@ impl Export {
         }
         f
     }
+}
+
+/// A connection the server reads from and writes to.
+pub trait Connection: Read + Write {
+    /// The handshake is over (the client is in transmission): from now on it may idle
+    /// between requests, and any handshake deadline is lifted.
+    fn handshake_over(&mut self) {}
+}
+
+impl Connection for UnixStream {}
+impl Connection for std::net::TcpStream {}
+impl<C: Connection + ?Sized> Connection for &mut C {
+    fn handshake_over(&mut self) {
+        (**self).handshake_over()
+    }
+}
+
+/// TLS for an export: the server configuration (which requires a client certificate of the
+/// host agents' CA), and the identity the client's certificate must carry (a subjectAltName
+/// DNS name or URI, see [`super::identity`]) when the export was prepared for one host.
+#[derive(Clone)]
+pub struct TlsAccess {
+    pub config: Arc<rustls::ServerConfig>,
+    pub client_identity: Option<String>,
+}
+
+/// A TLS client whose verified certificate does not carry the export's host identity: the
+/// error (kind `PermissionDenied`) a refused connection ends with, naming what it presented.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the client certificate carries {presented:?}, not the export's host identity {required:?}"
+)]
+pub struct Refused {
+    pub required: String,
+    /// The DNS names and URIs of the client's certificate.
+    pub presented: Vec<String>,
 }
 
 /// Why a connection ended.
@@ -155,23 +200,39 @@ enum Haggled {
     Done(End),
 }
 
+/// The server's greeting, the first bytes of every connection.
+pub fn greeting() -> [u8; 18] {
+    let mut hello = [0u8; 18];
+    hello[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    hello[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    hello
+}
+
 /// Serves one client connection until it disconnects, the export is revoked, or the client
 /// breaks the protocol (an error naming what was wrong). With `tls`, the client must upgrade
 /// with STARTTLS before anything else.
-pub fn serve<S: Read + Write>(
+pub fn serve<S: Connection>(
     stream: &mut S,
     export: &Export,
-    tls: Option<&Arc<rustls::ServerConfig>>,
+    tls: Option<&TlsAccess>,
 ) -> io::Result<End> {
     if export.is_revoked() {
         return Ok(End::Revoked);
     }
-    // Handshake.
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    stream.write_all(&hello)?;
+    stream.write_all(&greeting())?;
+    serve_greeted(stream, export, tls)
+}
+
+/// [`serve`] on a connection that was sent the [`greeting`] already.
+pub fn serve_greeted<S: Connection>(
+    stream: &mut S,
+    export: &Export,
+    tls: Option<&TlsAccess>,
+) -> io::Result<End> {
+    if export.is_revoked() {
+        return Ok(End::Revoked);
+    }
     let client_flags = read_u32(stream)?;
     if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
         return Err(protocol("the client does not speak fixed newstyle"));
@@ -180,16 +241,55 @@ pub fn serve<S: Read + Write>(
         return Err(protocol(format!("unknown client flags {client_flags:#x}")));
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
-    match haggle(stream, export, no_zeroes, Tls::from(tls.is_some()))? {
-        Haggled::Transmit => transmission(stream, export),
+    let mut options = 0;
+    match haggle(
+        stream,
+        export,
+        no_zeroes,
+        Tls::from(tls.is_some()),
+        &mut options,
+    )? {
+        Haggled::Transmit => {
+            stream.handshake_over();
+            transmission(stream, export)
+        }
         Haggled::Done(end) => Ok(end),
         Haggled::StartTls => {
-            let config = tls.expect("STARTTLS is accepted only with a TLS configuration");
-            let mut session = rustls::ServerConnection::new(config.clone())
+            let access = tls.expect("STARTTLS is accepted only with a TLS configuration");
+            let mut session = rustls::ServerConnection::new(access.config.clone())
                 .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+            while session.is_handshaking() {
+                session.complete_io(stream)?;
+            }
+            if let Some(required) = &access.client_identity {
+                let presented = session
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|leaf| super::identity::identities(leaf.as_ref()))
+                    .unwrap_or_default();
+                if !super::identity::carries(&presented, required) {
+                    // The close_notify goes out; nothing more is read from this client.
+                    session.send_close_notify();
+                    while session.wants_write() {
+                        if session.write_tls(stream).is_err() {
+                            break;
+                        }
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        Refused {
+                            required: required.clone(),
+                            presented,
+                        },
+                    ));
+                }
+            }
             let mut secure = rustls::Stream::new(&mut session, stream);
-            let end = match haggle(&mut secure, export, no_zeroes, Tls::Active)? {
-                Haggled::Transmit => transmission(&mut secure, export)?,
+            let end = match haggle(&mut secure, export, no_zeroes, Tls::Active, &mut options)? {
+                Haggled::Transmit => {
+                    secure.sock.handshake_over();
+                    transmission(&mut secure, export)?
+                }
                 Haggled::Done(end) => end,
                 Haggled::StartTls => unreachable!("refused inside TLS"),
             };
@@ -226,8 +326,13 @@ fn haggle<S: Read + Write>(
     export: &Export,
     no_zeroes: bool,
     tls: Tls,
+    options: &mut usize,
 ) -> io::Result<Haggled> {
     loop {
+        *options += 1;
+        if *options > MAX_OPTIONS {
+            return Err(protocol(format!("more than {MAX_OPTIONS} options")));
+        }
         if read_u64(stream)? != IHAVEOPT {
             return Err(protocol("option without IHAVEOPT magic"));
         }
@@ -264,8 +369,9 @@ fn haggle<S: Read + Write>(
                 Tls::Unavailable => option_reply(stream, option, REP_ERR_UNSUP, &[])?,
             },
             OPT_EXPORT_NAME => {
-                // No reply on error is possible here: the connection just closes.
-                if data != export.name.as_bytes() {
+                // No reply on error is possible here: the connection just closes. The name
+                // must be the export's own (never empty: no default export).
+                if data.is_empty() || data != export.name.as_bytes() {
                     return Err(protocol("unknown export name"));
                 }
                 let mut out = export.device.size().to_be_bytes().to_vec();
@@ -300,7 +406,9 @@ fn haggle<S: Read + Write>(
                     )?;
                     continue;
                 };
-                if name != export.name.as_bytes() && !(name.is_empty() && option == OPT_GO) {
+                // Only the export's own name: an empty one (the "default export") is
+                // unknown too.
+                if name.is_empty() || name != export.name.as_bytes() {
                     option_reply(stream, option, REP_ERR_UNKNOWN, b"no such export")?;
                     continue;
                 }
@@ -370,6 +478,9 @@ fn transmission<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<
         let len = read_u32(stream)?;
         if kind == CMD_WRITE {
             if len > MAX_REQUEST {
+                // Its payload is not read (it could be 4 GiB): the stream cannot be followed
+                // past it, so the error reply is the last thing sent.
+                reply(stream, EINVAL, handle, &[])?;
                 return Err(protocol(format!("a {len}-byte write")));
             }
             buf.resize(len as usize, 0);
@@ -379,9 +490,17 @@ fn transmission<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<
             reply(stream, ESHUTDOWN, handle, &[])?;
             return Ok(End::Revoked);
         }
-        let in_range = offset
-            .checked_add(u64::from(len))
-            .is_some_and(|end| end <= device.size());
+        // Per the protocol: EINVAL for a range that overflows or a read or trim past the end,
+        // ENOSPC for a write past the end.
+        let end = offset.checked_add(u64::from(len));
+        let in_range = end.is_some_and(|end| end <= device.size());
+        let out_of_range = |kind| {
+            if end.is_some() && kind == CMD_WRITE {
+                io::Error::from(io::ErrorKind::StorageFull)
+            } else {
+                io::Error::from(io::ErrorKind::InvalidInput)
+            }
+        };
         match kind {
             CMD_READ => {
                 if len > MAX_REQUEST || !in_range {
@@ -398,7 +517,7 @@ fn transmission<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<
             }
             CMD_WRITE => {
                 let result = if !in_range {
-                    Err(io::Error::from(io::ErrorKind::InvalidInput))
+                    Err(out_of_range(CMD_WRITE))
                 } else {
                     device.write_at(&buf, offset).and_then(|()| {
                         if flags & CMD_FLAG_FUA != 0 {
@@ -419,7 +538,7 @@ fn transmission<S: Read + Write>(stream: &mut S, export: &Export) -> io::Result<
                 let r = if in_range {
                     device.trim(offset, u64::from(len))
                 } else {
-                    Err(io::Error::from(io::ErrorKind::InvalidInput))
+                    Err(out_of_range(CMD_TRIM))
                 };
                 reply(stream, r.err().map_or(0, |e| errno(&e)), handle, &[])?;
             }

@@ -209,7 +209,11 @@ impl ImageService for Api {
         authorize(&req, self.host_agent_uid)?;
         let r = req.into_inner();
         let service = self.service.clone();
-        let p = blocking(move || service.prepare(&r.tenant, &r.function, &r.image)).await?;
+        let p = blocking(move || {
+            let host = Some(r.host_identity.as_str()).filter(|h| !h.is_empty());
+            service.prepare_for(&r.tenant, &r.function, &r.image, host)
+        })
+        .await?;
         Ok(Response::new(PrepareResponse {
             clone_id: p.clone_id,
             socket: unix_socket(&p.endpoint),

@@ -358,15 +358,43 @@ impl Service {
         self.stopping.subscribe()
     }
 
-    /// Verifies the image under the current policy, builds its base unless cached, makes the
-    /// function's clone and exports it.
+    /// [`Service::prepare_for`] without a host identity (Unix socket exports only).
     pub fn prepare(
         &self,
         tenant: &str,
         function: &str,
         image: &str,
     ) -> Result<Prepared, ServiceError> {
+        self.prepare_for(tenant, function, image, None)
+    }
+
+    /// Verifies the image under the current policy, builds its base unless cached, makes the
+    /// function's clone and exports it. `host_identity` is the identity the host agent's
+    /// export client certificate carries (a subjectAltName DNS name or URI): required with
+    /// exports over TCP, where only a certificate carrying it opens the export; optional (and
+    /// only recorded) with Unix socket exports, where the peer uid decides.
+    pub fn prepare_for(
+        &self,
+        tenant: &str,
+        function: &str,
+        image: &str,
+        host_identity: Option<&str>,
+    ) -> Result<Prepared, ServiceError> {
         let reference = request(tenant, function, image)?;
+        let host_identity = host_identity.filter(|h| !h.is_empty());
+        if let Some(h) = host_identity {
+            if !crate::export::identity::is_valid(h) {
+                return Err(ServiceError::BadRequest(format!(
+                    "host identity {h:?}: 1 to {} visible ASCII characters (a DNS name or URI of the host agent's certificate)",
+                    crate::export::identity::MAX_IDENTITY
+                )));
+            }
+        }
+        if self.opts.tcp_exports.is_some() && host_identity.is_none() {
+            return Err(ServiceError::BadRequest(
+                "exports are over TCP: the host identity (a DNS name or URI the host agent's client certificate carries) is required".into(),
+            ));
+        }
         let mut cfg = (self.factory)(tenant, function)?;
         // Unpack trees hold plaintext: only in the bounded tmpfs.
         cfg.staging_dir = Some(self.plaintext.path().to_path_buf());
@@ -419,8 +447,34 @@ impl Service {
         fail::fail_point!("prepare-before-export");
         let export = Export::new(clone_id.clone(), clone.clone());
         let export = match &self.opts.tcp_exports {
-            Some(tcp) => HostExport::tcp(export, tcp.ip, tcp.tls.clone())
-                .map_err(|e| ServiceError::device(format!("cannot export on {}", tcp.ip), e))?,
+            Some(tcp) => {
+                // Every refused certificate is on the record, with the clone it tried.
+                let audit = self.audit.clone();
+                let refused_event = context(Event::new(
+                    AUDIT_SERVICE,
+                    EventKind::ExportAttach,
+                    Outcome::Denied,
+                    "an NBD client's certificate does not carry the host identity the export was prepared for; connection closed",
+                ));
+                let on_refused: crate::export::OnRefused =
+                    Box::new(move |r: &crate::export::nbd::Refused, n: u64| {
+                        let event = refused_event
+                            .clone()
+                            .detail("host_identity", r.required.clone())
+                            .detail("presented", r.presented.join(" "))
+                            .detail("refusals", n.to_string());
+                        if let Err(e) = audit.append(event) {
+                            tracing::error!(error = %e, "cannot record a refused NBD client");
+                        }
+                    });
+                let access = crate::export::TcpAccess {
+                    tls: tcp.tls.clone(),
+                    client_identity: host_identity.map(str::to_string),
+                    on_refused: Some(on_refused),
+                };
+                HostExport::tcp(export, tcp.ip, access)
+                    .map_err(|e| ServiceError::device(format!("cannot export on {}", tcp.ip), e))?
+            }
             None => {
                 // Short: a Unix socket path has at most 107 bytes, tenant names up to 128.
                 let socket = self
@@ -433,12 +487,16 @@ impl Service {
             }
         };
         let endpoint = export.endpoint().clone();
-        self.record(context(Event::new(
+        let mut attached = context(Event::new(
             AUDIT_SERVICE,
             EventKind::ExportAttach,
             Outcome::Success,
             "exported to the host agent over NBD",
-        )))?;
+        ));
+        if let Some(h) = host_identity {
+            attached = attached.detail("host_identity", h.to_string());
+        }
+        self.record(attached)?;
         let prepared = Prepared {
             clone_id: clone_id.clone(),
             endpoint: endpoint.clone(),
