@@ -1372,6 +1372,7 @@ fn sigkill_at_the_worst_points_leaves_no_clone_no_plaintext_and_a_log_that_verif
         tenant: "acme".into(),
         function: function.into(),
         image: s.image.clone(),
+        ..Default::default()
     };
     let (base_built, before_export) = (prepare("base-built"), prepare("before-export"));
     let mut killed_clones = Vec::new();
