@@ -1,8 +1,9 @@
 //! Layer paths and whiteouts: arbitrary tar member names (`..`, absolute paths, `.wh.` and
 //! `.wh..wh..opq` markers, whiteouts of `.` and `..`) and symlink and hardlink targets, in
 //! two layers applied one over the other to a staging tree. Never panics, and never touches
-//! anything outside the staging tree: a sentinel file beside the tree and one beside its
-//! parent stay, and nothing appears or disappears next to them.
+//! anything outside the image root: sentinel files beside the root (in the request's work
+//! directory), beside the work directory and beside its parent stay, and nothing appears or
+//! disappears next to them (the root itself included).
 //!
 //! Input: entries separated by NUL bytes, each `KIND NAME [\x01 TARGET]`; KIND picks a
 //! regular file, a directory, a symlink, a hardlink, or ends the first layer.
@@ -108,6 +109,9 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(sandbox.path().join("victim"), b"outside").unwrap();
     std::fs::write(parent.join("victim"), b"beside the staging tree").unwrap();
     let staging = Staging::create(&parent).unwrap();
+    // Beside the image root, inside the request's private work directory.
+    std::fs::write(staging.work_dir().join("victim"), b"beside the root").unwrap();
+    let work = listing(staging.work_dir());
     let (outer, inner) = (listing(sandbox.path()), listing(&parent));
     let limits = Limits {
         max_unpacked_bytes: 1 << 20,
@@ -127,5 +131,6 @@ fuzz_target!(|data: &[u8]| {
         "outside the staging tree's parent"
     );
     assert_eq!(listing(&parent), inner, "beside the staging tree");
+    assert_eq!(listing(staging.work_dir()), work, "beside the image root");
     drop(staging);
 });

@@ -25,8 +25,10 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType}
 
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_STARTTLS: u32 = 5;
+const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
@@ -598,23 +600,53 @@ fn requests_out_of_range_or_over_the_maximum_get_errors_over_both_transports() {
     }
 }
 
-/// An empty or unknown export name in GO is ERR_UNKNOWN (the default export does not exist),
-/// over both transports; the right name is served.
+/// An empty or unknown export name in INFO or GO is ERR_UNKNOWN (the default export does not
+/// exist), and in EXPORT_NAME closes the connection, over both transports; the right name is
+/// served.
 #[test]
 fn only_the_exports_own_name_opens_it_over_both_transports() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let (_exports, transports) = both(dir.path(), &pki);
-    for (t, _) in &transports {
+    for (t, size) in &transports {
         let mut s = t.ready();
-        for name in [&b""[..], b"fn-nope", b"FN-UNIX"] {
-            let mut m = Vec::new();
-            option(&mut m, OPT_GO, &go_request(name));
-            s.write_all(&m).unwrap();
-            let (o, kind, _) = read_reply(&mut s).unwrap();
-            assert_eq!((o, kind), (OPT_GO, 0x8000_0006), "{}: {name:?}", t.name());
+        for option_kind in [OPT_INFO, OPT_GO] {
+            for name in [&b""[..], b"fn-nope", b"FN-UNIX"] {
+                let mut m = Vec::new();
+                option(&mut m, option_kind, &go_request(name));
+                s.write_all(&m).unwrap();
+                let (o, kind, _) = read_reply(&mut s).unwrap();
+                assert_eq!(
+                    (o, kind),
+                    (option_kind, 0x8000_0006),
+                    "{}: {name:?}",
+                    t.name()
+                );
+            }
         }
+        drop(s);
+        // EXPORT_NAME has no error reply: a wrong or empty name closes the connection.
+        for name in [&b""[..], b"fn-nope"] {
+            let mut s = t.ready();
+            let mut m = Vec::new();
+            option(&mut m, OPT_EXPORT_NAME, name);
+            s.write_all(&m).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            assert!(
+                rest.is_empty(),
+                "{}: EXPORT_NAME {name:?} answered",
+                t.name()
+            );
+        }
+        let mut s = t.ready();
+        let mut m = Vec::new();
+        option(&mut m, OPT_EXPORT_NAME, export_name(t).as_bytes());
+        s.write_all(&m).unwrap();
+        let mut export_size = [0u8; 8];
+        s.read_exact(&mut export_size).unwrap();
+        assert_eq!(u64::from_be_bytes(export_size), *size);
         drop(s);
         let mut s = t.transmitting(export_name(t));
         assert_eq!(request(&mut s, CMD_READ, 0, 1, &[], 1).unwrap().0, 0);

@@ -212,6 +212,19 @@ fn tcp_exports_need_tls_and_a_host_agent_certificate() {
         host_attach::run::host_identity(&host_tls.join("client-cert.pem")).unwrap(),
         "host-1.ipu.test"
     );
+    // A certificate without such a name gives none (host-attach then asks for
+    // --host-identity).
+    write_pair(
+        &d.join("no-san"),
+        "client-cert.pem",
+        "client-key.pem",
+        pki.issue("host-agent", Some("host"), false),
+    );
+    let e = host_attach::run::host_identity(&d.join("no-san/client-cert.pem")).unwrap_err();
+    assert!(
+        e.to_string().contains("no subjectAltName DNS name or URI"),
+        "{e}"
+    );
     // Another host of the same CA.
     let other_tls = d.join("other-host-tls");
     write_pair(
