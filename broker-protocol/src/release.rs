@@ -6,9 +6,15 @@
 //! the release context), and seals the key material. Only the holder of the session key
 //! opens it; the context (image digest, layer digest) is authenticated, so a sealed key
 //! cannot be replayed for another layer.
+//!
+//! The AES-256-GCM cipher is RustCrypto's `aes-gcm`, built with the `zeroize` features of
+//! `aes` and `ghash`: its round keys and GHASH key are wiped when it drops, right after the
+//! one seal or open it is made for (ring's `LessSafeKey` never wipes its key schedule). It is
+//! kept behind a pointer while it lives and the stack its setup used is overwritten.
 
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::hkdf::{self, Salt, HKDF_SHA256};
 use zeroize::Zeroizing;
 
@@ -36,7 +42,18 @@ pub struct SealedKey {
     pub ciphertext: Vec<u8>,
 }
 
-fn derive(shared: &[u8], salt: &[u8], context: &[u8]) -> LessSafeKey {
+/// The AES-GCM tag's length.
+const TAG_LEN: usize = 16;
+
+/// Overwrites the stack below the caller, where the key derivation and the AES key
+/// expansion left copies of the key and its round keys (a memset the compiler must keep).
+#[inline(never)]
+fn scrub_stack() {
+    let mut area = [0u8; 16 * 1024];
+    std::hint::black_box(&mut area);
+}
+
+fn derive(shared: &[u8], salt: &[u8], context: &[u8]) -> Box<Aes256Gcm> {
     struct Len;
     impl hkdf::KeyType for Len {
         fn len(&self) -> usize {
@@ -48,7 +65,9 @@ fn derive(shared: &[u8], salt: &[u8], context: &[u8]) -> LessSafeKey {
     let okm = prk.expand(&info, Len).expect("32 bytes from HKDF-SHA256");
     let mut key = Zeroizing::new([0u8; 32]);
     okm.fill(key.as_mut()).expect("32 bytes");
-    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.as_ref()).expect("32-byte key"))
+    let cipher = Box::new(Aes256Gcm::new(key.as_ref().into()));
+    scrub_stack();
+    cipher
 }
 
 fn parse_public(bytes: &[u8]) -> Result<p256::PublicKey, ReleaseError> {
@@ -74,13 +93,15 @@ pub fn seal(
         .to_vec();
     let shared = mine.diffie_hellman(&peer);
     let key = derive(shared.raw_secret_bytes(), salt, context);
-    let mut buf = Zeroizing::new(secret.to_vec());
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key([0u8; aead::NONCE_LEN]),
-        Aad::from(context),
-        &mut *buf,
-    )
-    .map_err(|_| ReleaseError::Open)?;
+    // Room for the tag from the start: the buffer never grows (a grown Vec would leave the
+    // secret behind in the freed block).
+    let mut buf = Zeroizing::new(Vec::with_capacity(secret.len() + TAG_LEN));
+    buf.extend_from_slice(secret);
+    let tag = key
+        .encrypt_in_place_detached(Nonce::from_slice(&[0u8; 12]), context, &mut buf)
+        .map_err(|_| ReleaseError::Open)?;
+    buf.extend_from_slice(&tag);
+    drop(key);
     Ok(SealedKey {
         broker_public,
         ciphertext: buf.to_vec(),
@@ -118,16 +139,20 @@ impl SessionKey {
         let peer = parse_public(&sealed.broker_public)?;
         let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), peer.as_affine());
         let key = derive(shared.raw_secret_bytes(), salt, context);
-        let mut buf = Zeroizing::new(sealed.ciphertext.clone());
-        let len = key
-            .open_in_place(
-                Nonce::assume_unique_for_key([0u8; aead::NONCE_LEN]),
-                Aad::from(context),
-                &mut buf,
-            )
-            .map_err(|_| ReleaseError::Open)?
-            .len();
-        buf.truncate(len);
+        let Some(len) = sealed.ciphertext.len().checked_sub(TAG_LEN) else {
+            return Err(ReleaseError::Open);
+        };
+        let (body, tag) = sealed.ciphertext.split_at(len);
+        let mut buf = Zeroizing::new(body.to_vec());
+        key.decrypt_in_place_detached(
+            Nonce::from_slice(&[0u8; 12]),
+            context,
+            &mut buf,
+            aes_gcm::Tag::from_slice(tag),
+        )
+        .map_err(|_| ReleaseError::Open)?;
+        drop(key);
+        scrub_stack();
         Ok(buf)
     }
 }

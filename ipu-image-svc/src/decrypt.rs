@@ -14,12 +14,20 @@ use crate::error::{ocicrypt_class, Error, FailureClass};
 use crate::keys::LayerKey;
 use crate::unpack::Compression;
 
-/// A streaming decryptor of `ciphertext` under `key`.
+/// A streaming decryptor of `ciphertext` under `key`. Its AES-CTR and HMAC states (as good
+/// as the layer key) live in secret memory while the layer decrypts, and are wiped and
+/// unmapped when it drops.
 pub fn decryptor<R: Read>(
     ciphertext: R,
     key: &LayerKey,
 ) -> Result<ocicrypt::LayerDecryptor<R>, ocicrypt::Error> {
-    ocicrypt::LayerDecryptor::with_options(ciphertext, &key.pubopts, &key.privopts)
+    ocicrypt::LayerDecryptor::with_options_in(
+        ciphertext,
+        &key.pubopts,
+        &key.privopts,
+        ocicrypt::HmacMode::auto(),
+        &crate::secret::SecretHome,
+    )
 }
 
 /// A digest in the private options that a publisher left stale (it recompressed the layer):

@@ -4,6 +4,9 @@
 //! in core dumps. Where the kernel lacks it (`ENOSYS`), the fallback is an anonymous
 //! mapping that is locked (`mlock`, no swap) and excluded from core dumps
 //! (`MADV_DONTDUMP`). Either way the bytes are zeroed before the pages are unmapped.
+//!
+//! [`SecretBox`] keeps a value (a key schedule, a MAC state) in such memory, and
+//! [`SecretHome`] lets ocicrypt put a layer decryptor's state there.
 
 use std::io;
 use std::ptr::NonNull;
@@ -148,6 +151,99 @@ impl SecretBuf {
     /// The start address (tests look the mapping up in /proc/self/smaps).
     pub fn address(&self) -> usize {
         self.ptr.as_ptr() as usize
+    }
+}
+
+/// A `T` kept in its own [`SecretBuf`] mapping: key schedules and MAC states, which are as
+/// good as the key they came from (AES-256's first two round keys *are* the key).
+///
+/// The value is built by `make` and written straight into the mapping; the stack below the
+/// constructor, where the building left temporaries, is then overwritten
+/// ([`ocicrypt::scrub_stack`]). The value never moves again (the box is a pointer). On drop
+/// it is dropped in place (the `aes`/`ctr` `zeroize` features wipe the round keys), then the
+/// whole mapping is zeroized and unmapped by the `SecretBuf`, so a type that does not wipe
+/// itself (HMAC states) is wiped anyway. Access is a pointer dereference: no cost per use.
+pub struct SecretBox<T> {
+    buf: SecretBuf,
+    _owns: std::marker::PhantomData<T>,
+}
+
+// SAFETY: the box owns its T exclusively (like Box<T>): sending it sends the T.
+unsafe impl<T: Send> Send for SecretBox<T> {}
+// SAFETY: shared access hands out &T only (like Box<T>).
+unsafe impl<T: Sync> Sync for SecretBox<T> {}
+
+/// Mappings are page aligned; a T needing more alignment than a page is refused.
+const PAGE: usize = 4096;
+
+impl<T> SecretBox<T> {
+    /// Maps secret memory for a `T` and writes `make()` into it.
+    #[inline(always)]
+    pub fn new_with(make: impl FnOnce() -> T) -> io::Result<Self> {
+        if std::mem::align_of::<T>() > PAGE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a secret box's value needs more than page alignment",
+            ));
+        }
+        let mut buf = SecretBuf::new(std::mem::size_of::<T>().max(1))?;
+        let p = buf.as_mut_slice().as_mut_ptr().cast::<T>();
+        assert!(p.is_aligned(), "mappings are page aligned");
+        // SAFETY: p is the start of a fresh, exclusively owned, writable mapping of at least
+        // size_of::<T>() bytes, aligned for T (checked above); nothing was there to drop.
+        unsafe { p.write(make()) };
+        ocicrypt::scrub_stack();
+        Ok(Self {
+            buf,
+            _owns: std::marker::PhantomData,
+        })
+    }
+
+    /// Which protection the value got.
+    pub fn protection(&self) -> Protection {
+        self.buf.protection()
+    }
+
+    fn ptr(&self) -> *mut T {
+        self.buf.ptr.as_ptr().cast()
+    }
+}
+
+impl<T> std::ops::Deref for SecretBox<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the mapping holds the T written by new_with until drop; &self is shared.
+        unsafe { &*self.ptr() }
+    }
+}
+
+impl<T> std::ops::DerefMut for SecretBox<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { &mut *self.ptr() }
+    }
+}
+
+impl<T> Drop for SecretBox<T> {
+    fn drop(&mut self) {
+        // SAFETY: the T written by new_with is still there and dropped exactly once, here;
+        // the SecretBuf then zeroizes and unmaps its bytes.
+        unsafe { std::ptr::drop_in_place(self.ptr()) };
+    }
+}
+
+/// Puts an ocicrypt decryptor's key-dependent state (the layer's AES-CTR round keys, its
+/// HMAC state) in secret memory, one [`SecretBox`] each, for as long as the layer decrypts:
+/// a few system calls per layer, none per byte.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SecretHome;
+
+impl ocicrypt::StateHome for SecretHome {
+    fn place<T: Send + 'static>(
+        &self,
+        make: impl FnOnce() -> T,
+    ) -> io::Result<ocicrypt::Placed<T>> {
+        Ok(Box::new(SecretBox::new_with(make)?))
     }
 }
 

@@ -8,17 +8,16 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
+use crate::wipe::{scrub_stack, scrub_stack_at_end, HeapHome, Placed, StateHome, WipedHmac};
 use crate::{jwe, Annotations, DecryptConfig, EncryptConfig, Error};
 
-type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
-type HmacSha256 = Hmac<Sha256>;
+pub(crate) type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
 /// Chunk size: small enough that a chunk stays in L1/L2 between the CTR pass and the two
 /// SHA-256 passes over it.
@@ -89,7 +88,8 @@ struct MacThread {
 }
 
 impl MacThread {
-    fn start(mut mac: HmacSha256) -> io::Result<Self> {
+    /// `mac` is moved to the thread as a pointer: the state stays in its home.
+    fn start(mut mac: Placed<WipedHmac>) -> io::Result<Self> {
         let (to_worker, work) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(MAC_BUFFERS);
         let (give_back, from_worker) = std::sync::mpsc::channel();
         let worker = std::thread::Builder::new()
@@ -100,7 +100,7 @@ impl MacThread {
                     // The reader may be gone (dropped early); nothing to do then.
                     let _ = give_back.send(buf);
                 }
-                mac.finalize().into_bytes().into()
+                mac.finalize_and_wipe()
             })?;
         Ok(Self {
             to_worker: Some(to_worker),
@@ -146,14 +146,18 @@ impl MacThread {
 }
 
 enum MacState {
-    Inline(HmacSha256),
+    Inline(Placed<WipedHmac>),
     Thread(MacThread),
 }
 
 /// Streaming decryption. `Read` yields plaintext that is **not yet authenticated**.
+///
+/// The AES-CTR and HMAC states (as good as the layer key) live where the [`StateHome`] put
+/// them (the heap unless [`with_options_in`](Self::with_options_in) names another home), are
+/// only pointed to from here, and are wiped when the decryptor drops.
 pub struct LayerDecryptor<R> {
     inner: R,
-    ctr: Aes256Ctr,
+    ctr: Placed<Aes256Ctr>,
     mac: MacState,
     plain_hash: Sha256,
     expected_hmac: Vec<u8>,
@@ -228,14 +232,32 @@ impl<R: Read> LayerDecryptor<R> {
         privopts: &PrivateLayerOptions,
         mode: HmacMode,
     ) -> Result<Self, Error> {
+        Self::with_options_in(inner, pubopts, privopts, mode, &HeapHome)
+    }
+
+    /// [`with_options_and_mode`](Self::with_options_and_mode) with the key-dependent state
+    /// (AES-CTR round keys, HMAC state) placed by `home`, e.g. in the caller's secret memory.
+    pub fn with_options_in(
+        inner: R,
+        pubopts: &PublicLayerOptions,
+        privopts: &PrivateLayerOptions,
+        mode: HmacMode,
+        home: &impl StateHome,
+    ) -> Result<Self, Error> {
         if pubopts.cipher != CIPHER_NAME {
             return Err(Error::Unsupported(format!(
                 "layer cipher {:?} (only {CIPHER_NAME})",
                 pubopts.cipher
             )));
         }
-        let ctr = Aes256Ctr::new(privopts.symkey().into(), privopts.nonce().into());
-        let mac = <HmacSha256 as Mac>::new_from_slice(privopts.symkey()).expect("any key size");
+        let ctr = home
+            .place(|| Aes256Ctr::new(privopts.symkey().into(), privopts.nonce().into()))
+            .map_err(Error::Io)?;
+        let mac = home
+            .place(|| WipedHmac::new(privopts.symkey()))
+            .map_err(Error::Io)?;
+        // The key setup's temporaries (key bytes, round keys) are below us on the stack.
+        scrub_stack();
         let mac = match mode {
             HmacMode::Inline => MacState::Inline(mac),
             HmacMode::Thread => MacState::Thread(MacThread::start(mac).map_err(Error::Io)?),
@@ -283,7 +305,7 @@ impl<R: Read> LayerDecryptor<R> {
         }
         sink.zeroize();
         let tag: [u8; 32] = match &mut self.mac {
-            MacState::Inline(mac) => mac.clone().finalize().into_bytes().into(),
+            MacState::Inline(mac) => mac.finalize_and_wipe(),
             MacState::Thread(t) => t.finish().map_err(Error::Io)?,
         };
         if !bool::from(tag.as_slice().ct_eq(&self.expected_hmac)) {
@@ -291,7 +313,10 @@ impl<R: Read> LayerDecryptor<R> {
                 "layer HMAC does not match: ciphertext modified or truncated".into(),
             ));
         }
-        let digest = format!("sha256:{}", hex(&self.plain_hash.finalize()));
+        let digest = format!(
+            "sha256:{}",
+            hex(&std::mem::take(&mut self.plain_hash).finalize())
+        );
         let stale = (digest != self.expected_digest).then(|| StaleDigest {
             declared: std::mem::take(&mut self.expected_digest),
         });
@@ -302,6 +327,14 @@ impl<R: Read> LayerDecryptor<R> {
             },
             stale,
         ))
+    }
+}
+
+impl<R> Drop for LayerDecryptor<R> {
+    /// The states wipe themselves (their home's drop); the stack the `read` calls used to
+    /// generate keystream is overwritten here.
+    fn drop(&mut self) {
+        scrub_stack_at_end();
     }
 }
 
@@ -352,10 +385,11 @@ impl<R: Read> Read for LayerDecryptor<R> {
 /// Streaming encryption: plaintext written in, ciphertext written to `W`.
 pub struct LayerEncryptor<W: Write> {
     out: W,
-    ctr: Aes256Ctr,
-    mac: HmacSha256,
+    ctr: Placed<Aes256Ctr>,
+    mac: Placed<WipedHmac>,
     plain_hash: Sha256,
-    symkey: Zeroizing<[u8; 32]>,
+    /// Behind a pointer, like the cipher state: moving the encryptor copies no key.
+    symkey: Box<Zeroizing<[u8; 32]>>,
     nonce: [u8; 16],
     recipients: EncryptConfig,
     buf: Vec<u8>,
@@ -369,12 +403,20 @@ impl<W: Write> LayerEncryptor<W> {
                 "no recipients to encrypt the layer key to".into(),
             ));
         }
-        let mut symkey = Zeroizing::new([0u8; 32]);
-        OsRng.fill_bytes(symkey.as_mut());
+        let mut symkey = Box::new(Zeroizing::new([0u8; 32]));
+        OsRng.fill_bytes(symkey.as_mut_slice());
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let ctr = Aes256Ctr::new(symkey.as_ref().into(), (&nonce).into());
-        let mac = <HmacSha256 as Mac>::new_from_slice(symkey.as_ref()).expect("any key size");
+        let ctr = HeapHome
+            .place(|| {
+                let key: &[u8; 32] = &symkey;
+                Aes256Ctr::new(key.into(), (&nonce).into())
+            })
+            .map_err(Error::Io)?;
+        let mac = HeapHome
+            .place(|| WipedHmac::new(symkey.as_slice()))
+            .map_err(Error::Io)?;
+        scrub_stack();
         Ok(Self {
             out,
             ctr,
@@ -392,8 +434,8 @@ impl<W: Write> LayerEncryptor<W> {
     pub fn finish(mut self) -> Result<(W, Annotations), Error> {
         self.out.flush().map_err(Error::Io)?;
         let digest = format!("sha256:{}", hex(&self.plain_hash.finalize()));
-        let hmac = self.mac.finalize().into_bytes().to_vec();
-        let privopts = PrivateLayerOptions::new(*self.symkey, self.nonce, digest);
+        let hmac = self.mac.finalize_and_wipe().to_vec();
+        let privopts = PrivateLayerOptions::new(**self.symkey, self.nonce, digest);
         let optsdata = privopts.to_json();
         let mut annotations = Annotations::new();
         if !self.recipients.recipients().is_empty() {

@@ -29,6 +29,7 @@
 //! - [`keyprovider`]: the key provider protocol and `provider:<name>:<param>` recipients.
 //! - [`keys`]: JWE recipient keys, public and private (RSA, EC P-256/P-384/P-521).
 //! - `hw`: which AES and SHA instructions this CPU has.
+//! - `wipe`: where key-dependent cipher state lives ([`StateHome`]) and how it is wiped.
 
 mod cipher;
 mod hw;
@@ -37,6 +38,7 @@ pub mod keyprovider;
 pub mod keys;
 mod options;
 mod two_pass;
+mod wipe;
 
 use std::collections::BTreeMap;
 
@@ -47,6 +49,7 @@ pub use cipher::{
 pub use hw::{hardware_acceleration, HwAccel};
 pub use options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
 pub use two_pass::{CiphertextVerifier, VerifiedCiphertext, VerifiedDecryptor};
+pub use wipe::{scrub_stack, HeapHome, Placed, StateHome};
 
 pub(crate) use hw::log_hardware_once;
 

@@ -8,7 +8,7 @@ use std::fmt;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::{Annotations, Error, ANNOTATION_PUBOPTS};
 
@@ -69,12 +69,21 @@ impl PublicLayerOptions {
 
 /// Private options: the layer's symmetric key, CTR nonce and plaintext digest.
 /// Zeroized on drop; `Debug` shows only the digest.
-#[derive(Zeroize, ZeroizeOnDrop)]
+///
+/// The key is behind a pointer from the moment it is decoded: moving the options (into a
+/// `LayerKey`, out of a function) copies the pointer, never the key, so no copy of it is
+/// left in a dead stack frame or a freed heap block.
 pub struct PrivateLayerOptions {
-    symkey: [u8; 32],
+    symkey: Box<Zeroizing<[u8; 32]>>,
     nonce: [u8; 16],
-    #[zeroize(skip)]
     digest: String,
+}
+
+impl Drop for PrivateLayerOptions {
+    fn drop(&mut self) {
+        // The key is zeroized by its own `Zeroizing` as the box drops.
+        self.nonce.zeroize();
+    }
 }
 
 #[derive(Deserialize)]
@@ -96,7 +105,7 @@ impl Drop for PrivOptsJson {
 impl PrivateLayerOptions {
     pub fn new(symkey: [u8; 32], nonce: [u8; 16], digest: String) -> Self {
         Self {
-            symkey,
+            symkey: Box::new(Zeroizing::new(symkey)),
             nonce,
             digest,
         }
@@ -109,21 +118,27 @@ impl PrivateLayerOptions {
                 "private layer options are not the expected JSON: {e}"
             ))
         })?;
-        let symkey = Zeroizing::new(STANDARD.decode(&parsed.symkey).map_err(|_| {
-            Error::MalformedAnnotations("private options symkey is not base64".into())
-        })?);
+        // Decoded into a zeroizing buffer (a little longer than the key: base64's length
+        // estimate), then into the key's own box; no Vec grows and leaves a copy behind.
+        let mut decoded = Zeroizing::new([0u8; 48]);
+        let symkey_len = STANDARD
+            .decode_slice(parsed.symkey.as_bytes(), decoded.as_mut_slice())
+            .map_err(|_| {
+                Error::MalformedAnnotations(
+                    "private options symkey is not base64 (or longer than 32 bytes)".into(),
+                )
+            })?;
         let nonce_b64 = parsed.cipheroptions.get("nonce").ok_or_else(|| {
             Error::MalformedAnnotations("private options have no cipheroptions.nonce".into())
         })?;
         let nonce = STANDARD.decode(nonce_b64).map_err(|_| {
             Error::MalformedAnnotations("private options nonce is not base64".into())
         })?;
-        let symkey: [u8; 32] = symkey.as_slice().try_into().map_err(|_| {
-            Error::MalformedAnnotations(format!(
-                "private options symkey is {} bytes, AES-256 needs 32",
-                symkey.len()
-            ))
-        })?;
+        if symkey_len != 32 {
+            return Err(Error::MalformedAnnotations(format!(
+                "private options symkey is {symkey_len} bytes, AES-256 needs 32"
+            )));
+        }
         let nonce: [u8; 16] = nonce.as_slice().try_into().map_err(|_| {
             Error::MalformedAnnotations(format!(
                 "private options nonce is {} bytes, AES-CTR needs 16",
@@ -139,12 +154,22 @@ impl PrivateLayerOptions {
                 "private options digest {digest:?} is not sha256:<64 hex>"
             )));
         }
-        Ok(Self::new(symkey, nonce, digest))
+        let mut symkey = Box::new(Zeroizing::new([0u8; 32]));
+        symkey.copy_from_slice(&decoded[..32]);
+        drop(decoded);
+        drop(parsed);
+        // The decoder's and the parser's temporaries are below us on the stack.
+        crate::wipe::scrub_stack();
+        Ok(Self {
+            symkey,
+            nonce,
+            digest,
+        })
     }
 
     /// The JWE plaintext, in a zeroizing buffer.
     pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
-        let symkey = Zeroizing::new(STANDARD.encode(self.symkey));
+        let symkey = Zeroizing::new(STANDARD.encode(self.symkey.as_slice()));
         let nonce = Zeroizing::new(STANDARD.encode(self.nonce));
         Zeroizing::new(
             format!(

@@ -15,20 +15,18 @@
 use std::io::{self, Read};
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::cipher::{hex, StaleDigest};
+use crate::cipher::{hex, Aes256Ctr, StaleDigest};
 use crate::options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};
+use crate::wipe::{scrub_stack, scrub_stack_at_end, HeapHome, Placed, StateHome, WipedHmac};
 use crate::{AuthenticatedLayer, Error};
 
-type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
-type HmacSha256 = Hmac<Sha256>;
-
-/// First pass: the HMAC over a layer's ciphertext, fed in pieces.
+/// First pass: the HMAC over a layer's ciphertext, fed in pieces. Its state lives where the
+/// [`StateHome`] put it and is wiped on drop.
 pub struct CiphertextVerifier {
-    mac: HmacSha256,
+    mac: Placed<WipedHmac>,
     expected: Vec<u8>,
     size: u64,
 }
@@ -48,14 +46,27 @@ impl CiphertextVerifier {
         pubopts: &PublicLayerOptions,
         privopts: &PrivateLayerOptions,
     ) -> Result<Self, Error> {
+        Self::new_in(pubopts, privopts, &HeapHome)
+    }
+
+    /// [`new`](Self::new) with the HMAC state placed by `home`.
+    pub fn new_in(
+        pubopts: &PublicLayerOptions,
+        privopts: &PrivateLayerOptions,
+        home: &impl StateHome,
+    ) -> Result<Self, Error> {
         if pubopts.cipher != CIPHER_NAME {
             return Err(Error::Unsupported(format!(
                 "layer cipher {:?} (only {CIPHER_NAME})",
                 pubopts.cipher
             )));
         }
+        let mac = home
+            .place(|| WipedHmac::new(privopts.symkey()))
+            .map_err(Error::Io)?;
+        scrub_stack();
         Ok(Self {
-            mac: <HmacSha256 as Mac>::new_from_slice(privopts.symkey()).expect("any key size"),
+            mac,
             expected: pubopts.hmac.clone(),
             size: 0,
         })
@@ -80,8 +91,8 @@ impl CiphertextVerifier {
     }
 
     /// Compares the HMAC (in constant time) with the one in the public options.
-    pub fn verify(self) -> Result<VerifiedCiphertext, Error> {
-        let tag = self.mac.finalize().into_bytes();
+    pub fn verify(mut self) -> Result<VerifiedCiphertext, Error> {
+        let tag = self.mac.finalize_and_wipe();
         if !bool::from(tag.as_slice().ct_eq(&self.expected)) {
             return Err(Error::Integrity(
                 "layer HMAC does not match: ciphertext modified or truncated".into(),
@@ -108,7 +119,8 @@ impl VerifiedCiphertext {
 /// that length and checks the plaintext digest.
 pub struct VerifiedDecryptor<R> {
     inner: R,
-    ctr: Aes256Ctr,
+    /// Where the [`StateHome`] put it; wiped on drop.
+    ctr: Placed<Aes256Ctr>,
     plain_hash: Sha256,
     expected_digest: String,
     remaining: u64,
@@ -130,14 +142,28 @@ impl<R: Read> VerifiedDecryptor<R> {
     /// process writes. A change is still caught at [`finish`](Self::finish) (length and
     /// plaintext digest), but only after the changed plaintext was yielded.
     pub fn new(inner: R, privopts: &PrivateLayerOptions, proof: VerifiedCiphertext) -> Self {
-        Self {
+        Self::new_in(inner, privopts, proof, &HeapHome).expect("the heap home does not fail")
+    }
+
+    /// [`new`](Self::new) with the AES-CTR state placed by `home`.
+    pub fn new_in(
+        inner: R,
+        privopts: &PrivateLayerOptions,
+        proof: VerifiedCiphertext,
+        home: &impl StateHome,
+    ) -> Result<Self, Error> {
+        let ctr = home
+            .place(|| Aes256Ctr::new(privopts.symkey().into(), privopts.nonce().into()))
+            .map_err(Error::Io)?;
+        scrub_stack();
+        Ok(Self {
             inner,
-            ctr: Aes256Ctr::new(privopts.symkey().into(), privopts.nonce().into()),
+            ctr,
             plain_hash: Sha256::new(),
             expected_digest: privopts.digest().to_string(),
             remaining: proof.size,
             size: proof.size,
-        }
+        })
     }
 
     /// Checks that exactly the verified length was decrypted and that the plaintext digest
@@ -155,11 +181,21 @@ impl<R: Read> VerifiedDecryptor<R> {
                 if more != 0 { ", and more follow" } else { "" }
             )));
         }
-        let digest = format!("sha256:{}", hex(&self.plain_hash.finalize()));
+        let digest = format!(
+            "sha256:{}",
+            hex(&std::mem::take(&mut self.plain_hash).finalize())
+        );
         let stale = (digest != self.expected_digest).then(|| StaleDigest {
             declared: std::mem::take(&mut self.expected_digest),
         });
         Ok((AuthenticatedLayer::new(digest, self.size), stale))
+    }
+}
+
+impl<R> Drop for VerifiedDecryptor<R> {
+    /// As [`LayerDecryptor`](crate::LayerDecryptor)'s: the stack the keystream was made on.
+    fn drop(&mut self) {
+        scrub_stack_at_end();
     }
 }
 

@@ -56,7 +56,7 @@ impl BaseImage {
     /// synced: a base is a cache whose key dies with the process, so it never has to survive
     /// a crash.
     pub fn build(plain: &Path, dest: &Path, key: XtsKey) -> io::Result<Self> {
-        let cipher = XtsCipher::new(key);
+        let cipher = XtsCipher::new(key)?;
         let input = File::open(plain)?;
         let plain_size = input.metadata()?.len();
         let size = plain_size.div_ceil(BLOCK as u64) * BLOCK as u64;

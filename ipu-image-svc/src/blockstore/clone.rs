@@ -99,7 +99,7 @@ impl CloneDevice {
     pub fn create(base: Arc<BaseImage>, dir: &Path, id: &str, size: u64) -> io::Result<Self> {
         let size = size.div_ceil(BLOCK as u64) * BLOCK as u64;
         let size = size.max(base.size());
-        let key = XtsKey::generate()?;
+        let cipher = XtsCipher::new(XtsKey::generate()?)?;
         let path = dir.join(format!("{id}.clone"));
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -117,7 +117,7 @@ impl CloneDevice {
             file,
             path,
             state: RwLock::new(State {
-                cipher: Some(XtsCipher::new(key)),
+                cipher: Some(cipher),
                 written: vec![false; clusters],
             }),
         })
@@ -184,6 +184,15 @@ impl CloneDevice {
             clusters_written,
             leftover,
         }))
+    }
+
+    /// A copy of the clone's key (64 bytes), for tests that look for it in the process's
+    /// memory after the erase; `None` once erased. Not for anything else.
+    #[doc(hidden)]
+    pub fn copy_key_for_tests(&self, out: &mut [u8; 64]) -> Option<()> {
+        let state = self.state.read().expect("not poisoned");
+        state.cipher.as_ref()?.copy_key_for_tests(out);
+        Some(())
     }
 
     /// Whether the clone was erased.

@@ -28,6 +28,7 @@ use crate::keys::{KeyFor, LayerKey};
 use crate::pipeline::TrustPipeline;
 use crate::progress::Quiet;
 use crate::record::AUDIT_SERVICE;
+use crate::secret::SecretHome;
 use crate::verify::VerifiedImage;
 
 /// What a decryption produced.
@@ -137,7 +138,9 @@ impl Service {
         )?;
         let keys = self.layer_keys(tenant, function, &known);
         let verifier = match &keys {
-            Ok(k) => ocicrypt::CiphertextVerifier::new(&k.pubopts, &k.privopts).ok(),
+            Ok(k) => {
+                ocicrypt::CiphertextVerifier::new_in(&k.pubopts, &k.privopts, &SecretHome).ok()
+            }
             Err(_) => None,
         };
         Some(EarlyLayer {
@@ -324,8 +327,12 @@ impl Service {
                 let keys = self.layer_keys(tenant, function, &known)?;
                 // First pass: the HMAC over the stored blob. Only this process writes the
                 // spool.
-                let mut verifier = ocicrypt::CiphertextVerifier::new(&keys.pubopts, &keys.privopts)
-                    .map_err(integrity)?;
+                let mut verifier = ocicrypt::CiphertextVerifier::new_in(
+                    &keys.pubopts,
+                    &keys.privopts,
+                    &SecretHome,
+                )
+                .map_err(integrity)?;
                 verifier
                     .update_from(open_blob(blob.path)?)
                     .map_err(|e| io("reading the received blob", e))?;
@@ -333,8 +340,13 @@ impl Service {
                 (keys, proof)
             }
         };
-        let decryptor =
-            ocicrypt::VerifiedDecryptor::new(open_blob(blob.path)?, &keys.privopts, proof);
+        let decryptor = ocicrypt::VerifiedDecryptor::new_in(
+            open_blob(blob.path)?,
+            &keys.privopts,
+            proof,
+            &SecretHome,
+        )
+        .map_err(integrity)?;
         Ok(Opened {
             decryptor,
             blob: blob.path.to_path_buf(),
@@ -584,12 +596,8 @@ impl Opened {
             // options (as skopeo does with zstd). The signed config's diff_id can still vouch
             // for the content: the decompressed plaintext must hash to it. A second look at
             // the stored blob, only in this case.
-            let plain = ocicrypt::LayerDecryptor::with_options(
-                open_blob(&self.blob)?,
-                &self.keys.pubopts,
-                &self.keys.privopts,
-            )
-            .map_err(integrity)?;
+            let plain =
+                crate::decrypt::decryptor(open_blob(&self.blob)?, &self.keys).map_err(integrity)?;
             let diff_id = crate::decrypt::diff_id(plain, &self.media_type)?;
             if self.known.diff_id.as_deref() != Some(diff_id.as_str()) {
                 return Err(ServiceError::Image(Error::new(
