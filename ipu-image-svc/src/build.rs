@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::decrypt::{self, Finished};
 use crate::error::{from_unpack, Error, FailureClass};
-use crate::keys::{KeyFor, KeySource};
+use crate::keys::{KeyError, KeyFor, KeySource, LayerKey};
 use crate::progress::Progress;
 use crate::record::Recorder;
 use crate::rootfs::{self, RootfsError, RootfsImage, RootfsOptions};
@@ -40,7 +40,6 @@ pub struct BuildConfig<'a> {
     /// Where the private staging tree is made (deleted with it).
     pub staging_parent: &'a Path,
     pub rootfs: &'a RootfsOptions,
-    pub keys: &'a KeySource,
 }
 
 /// Refuses an image with encrypted layers when no key could be had, before its layers are
@@ -65,6 +64,46 @@ pub fn require_keys(keys: &KeySource, image: &VerifiedImage, rec: &Recorder) -> 
     }
 }
 
+/// Each layer's key as the broker (or the local keys) answered, by layer: `None` for a layer
+/// that is not encrypted. Released before the build so that the broker's round trips overlap
+/// the registry's ([`crate::pipeline::ImageRequest::build`] runs this beside the pull); a
+/// refusal is recorded when the build reaches that layer, in layer order.
+pub type ReleasedKeys = Vec<Option<Result<LayerKey, KeyError>>>;
+
+/// Releases every encrypted layer's key for `tenant` and `function`, in layer order, stopping
+/// at the first refusal (the build stops there too).
+pub fn release_keys(
+    keys: &KeySource,
+    image: &VerifiedImage,
+    tenant: &str,
+    function: &str,
+) -> ReleasedKeys {
+    let (image_ref, image_digest) = (
+        image.reference.to_string(),
+        image.manifest_digest.to_string(),
+    );
+    let mut released = Vec::with_capacity(image.layers.len());
+    for layer in &image.layers {
+        if !layer.encrypted {
+            released.push(None);
+            continue;
+        }
+        let key = keys.release(&KeyFor {
+            image: &image_ref,
+            image_digest: &image_digest,
+            layer: &layer.descriptor,
+            tenant,
+            function,
+        });
+        let refused = key.is_err();
+        released.push(Some(key));
+        if refused {
+            break;
+        }
+    }
+    released
+}
+
 /// The built ext4 image and what the unpack found on the way.
 #[derive(Clone, Debug)]
 pub struct Built {
@@ -79,6 +118,7 @@ pub fn build_rootfs(
     cfg: &BuildConfig<'_>,
     image: &VerifiedImage,
     blobs: &[PathBuf],
+    mut released: ReleasedKeys,
     output: &Path,
     progress: &dyn Progress,
     rec: &Recorder,
@@ -97,9 +137,8 @@ pub fn build_rootfs(
     let staging = Staging::create(cfg.staging_parent)
         .map_err(|e| Error::io("cannot create staging tree in", cfg.staging_parent, e))?;
     let mut budget = Budget::default();
-    let image_ref = image.reference.to_string();
-    let image_digest = image.manifest_digest.to_string();
-    for (layer, blob) in image.layers.iter().zip(blobs) {
+    released.resize_with(image.layers.len(), || None);
+    for ((layer, blob), key) in image.layers.iter().zip(blobs).zip(released) {
         progress.stage(&format!(
             "unpacking layer {}/{} ({})",
             layer.index + 1,
@@ -107,19 +146,11 @@ pub fn build_rootfs(
             layer.descriptor.digest
         ));
         let details = layer_details(layer);
-        let key_for = KeyFor {
-            image: &image_ref,
-            image_digest: &image_digest,
-            layer: &layer.descriptor,
-            tenant: rec.tenant(),
-            function: rec.function(),
-        };
         match apply_layer(
-            cfg.keys,
             &staging,
             blob,
             layer,
-            &key_for,
+            key,
             &image.admission.limits,
             &mut budget,
         ) {
@@ -198,14 +229,13 @@ enum LayerFailure {
     Unpack(Error),
 }
 
-/// Applies one layer from its cached blob: released key, decryption, decompression,
-/// unpack, then the diff_id check.
+/// Applies one layer from its cached blob: its released key (`None` for a layer that is not
+/// encrypted), decryption, decompression, unpack, then the diff_id check.
 fn apply_layer(
-    keys: &KeySource,
     staging: &Staging,
     blob: &Path,
     layer: &VerifiedLayer,
-    key_for: &KeyFor<'_>,
+    key: Option<Result<LayerKey, KeyError>>,
     limits: &Limits,
     budget: &mut Budget,
 ) -> Result<LayerOutcome, LayerFailure> {
@@ -217,7 +247,9 @@ fn apply_layer(
         |e: Error| LayerFailure::Decrypt(e.context(format!("layer {index} ({digest})")));
     let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, digest));
     let (stats, stale) = if layer.encrypted {
-        let key = keys.release(key_for).map_err(|e| decrypt_err(e.into()))?;
+        let key = key
+            .unwrap_or(Err(KeyError::NotConfigured))
+            .map_err(|e| decrypt_err(e.into()))?;
         let mut decryptor = decrypt::decryptor(reader, &key).map_err(|e| decrypt_err(e.into()))?;
         let unpacked = unpack_stream(staging, &mut decryptor, layer.compression, limits, budget);
         match decrypt::finish(decryptor, unpacked) {

@@ -186,14 +186,28 @@ impl ImageRequest<'_> {
         progress: &dyn Progress,
     ) -> Result<build::Built, Error> {
         build::require_keys(keys, image, &self.rec)?;
-        let blobs = self.pull(image, progress)?;
+        // The layer keys are released while the layers are fetched: the broker's round trips
+        // overlap the registry's. A refusal is recorded when the build reaches its layer.
+        let (tenant, function) = (self.rec.tenant(), self.rec.function());
+        let (blobs, released) = std::thread::scope(|scope| {
+            let releasing = std::thread::Builder::new()
+                .name("key-release".into())
+                .spawn_scoped(scope, || build::release_keys(keys, image, tenant, function));
+            let blobs = self.pull(image, progress);
+            let released = match releasing {
+                Ok(thread) => thread.join().expect("the key release thread panicked"),
+                // No thread to be had: released here, after the pull.
+                Err(_) => build::release_keys(keys, image, tenant, function),
+            };
+            (blobs, released)
+        });
+        let blobs = blobs?;
         let staging_parent = self.cfg.staging_parent();
         let cfg = BuildConfig {
             staging_parent: &staging_parent,
             rootfs: &self.cfg.rootfs,
-            keys,
         };
-        build::build_rootfs(&cfg, image, &blobs, output, progress, &self.rec)
+        build::build_rootfs(&cfg, image, &blobs, released, output, progress, &self.rec)
     }
 
     /// Ends the request with `result`.
