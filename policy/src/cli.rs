@@ -503,7 +503,9 @@ pub fn grant_issue(
         ipu: request.ipu,
         host: request.host,
         not_before,
-        not_after: not_before + request.valid_for,
+        not_after: not_before
+            .checked_add(request.valid_for)
+            .ok_or_else(|| CliError::Usage("--valid-for is far too long".into()))?,
     };
     let private = zeroize::Zeroizing::new(read_bytes(key)?);
     let (envelope, keyid) =

@@ -115,9 +115,22 @@ pub fn parse_time(s: &str) -> Result<SystemTime, String> {
         .map_err(|e| format!("{s:?} is not an RFC 3339 UTC time (like 2026-12-04T21:00:00Z): {e}"))
 }
 
-/// A time as grants carry it: RFC 3339 UTC, whole seconds.
+/// The first second grants cannot carry (year 10000).
+const END_OF_TIME: u64 = 253_402_300_800;
+
+fn representable(t: SystemTime) -> bool {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() < END_OF_TIME)
+}
+
+/// A time as grants carry it: RFC 3339 UTC, whole seconds (a time before 1970 or after
+/// 9999, which no grant carries, is shown as `out-of-range`).
 pub fn format_time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    if representable(t) {
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        "out-of-range".into()
+    }
 }
 
 /// Tenant, function, IPU and key names: 1 to 128 of `A-Z a-z 0-9 - _ .`.
@@ -208,6 +221,9 @@ impl Grant {
 
     /// The length of the validity window, checked.
     fn window(&self) -> Result<Duration, String> {
+        if !representable(self.not_before) || !representable(self.not_after) {
+            return Err("times must be between 1970 and 9999".into());
+        }
         match self.not_after.duration_since(self.not_before) {
             Ok(d) if d.is_zero() => Err("not_before is not before not_after".into()),
             Err(_) => Err("not_before is not before not_after".into()),

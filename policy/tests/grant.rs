@@ -518,3 +518,62 @@ fn grant_keys_in_the_policy_are_checked_with_positions() {
     .unwrap_err();
     assert!(e.to_string().contains("ecdsa-p384"), "{e}");
 }
+
+mod arbitrary {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes never verify and never panic.
+        #[test]
+        fn arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let key = ed25519();
+            let policy = policy_with(&[("cp-1", &key, r#"["*"]"#)]);
+            prop_assert!(grant::verify(&bytes, &policy, &expect(IMAGE)).is_err());
+            let _ = grant::inspect(&bytes);
+        }
+
+        /// Whatever a trusted key signs, verification decides without panicking, and a
+        /// payload that is not a valid grant is refused as malformed.
+        #[test]
+        fn signed_junk_is_malformed(payload in "\\PC{0,200}") {
+            let key = ed25519();
+            let policy = policy_with(&[("cp-1", &key, r#"["*"]"#)]);
+            let (envelope, _) = dsse::sign(
+                grant::PAYLOAD_TYPE,
+                payload.as_bytes(),
+                key.private.as_bytes(),
+                false,
+            )
+            .unwrap();
+            let e = grant::verify(envelope.as_bytes(), &policy, &expect(IMAGE)).unwrap_err();
+            prop_assert_eq!(e.reason_code(), "malformed");
+        }
+
+        /// Flipping any byte of a signed envelope never yields a different accepted grant.
+        #[test]
+        fn flipped_bytes_never_verify_as_another_grant(at in 0usize..2048, bit in 0u8..8) {
+            let key = ed25519();
+            let policy = policy_with(&[("cp-1", &key, r#"["*"]"#)]);
+            let mut bytes = sign(&acme(), &key).into_bytes();
+            let at = at % bytes.len();
+            bytes[at] ^= 1 << bit;
+            if let Ok(v) = grant::verify(&bytes, &policy, &expect(IMAGE)) {
+                // Only changes outside the signed content (e.g. JSON whitespace) may pass.
+                prop_assert_eq!(v.grant, acme());
+            }
+        }
+    }
+}
+
+#[test]
+fn grants_outside_representable_times_are_refused_at_signing() {
+    let key = ed25519();
+    let mut g = acme();
+    g.not_before = SystemTime::UNIX_EPOCH - Duration::from_secs(10);
+    g.not_after = g.not_before + Duration::from_secs(60);
+    let e = grant::sign(&g, key.private.as_bytes()).unwrap_err();
+    assert!(e.0.contains("between 1970 and 9999"), "{e}");
+}
