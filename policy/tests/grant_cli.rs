@@ -193,3 +193,72 @@ fn unreadable_inputs_are_operational_errors() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+#[test]
+fn verify_takes_the_grant_keys_from_a_signed_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d, "ed25519");
+    std::fs::write(d.join("t.json"), r#"{"default": [{"type": "reject"}]}"#).unwrap();
+    let out = policy(&["keygen", "--out", s(&d.join("team"))]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = policy(&[
+        "sign",
+        "--deployment",
+        s(&d.join("d.toml")),
+        "--version",
+        "1",
+        "--key",
+        s(&d.join("team/priv.pem")),
+        "-o",
+        s(&d.join("p.bundle")),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(issue(d).status.code(), Some(0));
+    let (bundle, team, grant) = (
+        d.join("p.bundle"),
+        d.join("team/pub.pem"),
+        d.join("grant.json"),
+    );
+    let verify = |image: &str| {
+        policy(&[
+            "grant",
+            "verify",
+            "--bundle",
+            s(&bundle),
+            "--bundle-key",
+            s(&team),
+            "--ipu",
+            "ipu-1",
+            "--image",
+            image,
+            "--at",
+            "2026-12-04T21:01:00Z",
+            s(&grant),
+        ])
+    };
+    let out = verify(IMAGE);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = verify("docker://registry.example/acme/other:1");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        stdout(&out).starts_with("refused (wrong-image): "),
+        "{}",
+        stdout(&out)
+    );
+    // A bundle key that did not sign the bundle: operational error.
+    let out = policy(&[
+        "grant",
+        "verify",
+        "--bundle",
+        s(&bundle),
+        "--bundle-key",
+        s(&d.join("k/pub.pem")),
+        "--ipu",
+        "ipu-1",
+        "--image",
+        IMAGE,
+        s(&grant),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
