@@ -532,3 +532,106 @@ pub fn verify(
         grant,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_payload_is_the_documented_json() {
+        let g = Grant {
+            version: 1,
+            serial: "0123456789abcdef".into(),
+            tenant: "acme".into(),
+            function: "f".into(),
+            image: ImageClaim::Digest(
+                "sha256:35fb4eaa23f16ac6dc063cadc488c8fa324e0abc3c42391ec4998ca3eae32112".into(),
+            ),
+            ipu: "ipu-1".into(),
+            host: "h.example".into(),
+            not_before: parse_time("2026-12-04T21:00:00Z").unwrap(),
+            not_after: parse_time("2026-12-04T21:10:00Z").unwrap(),
+        };
+        let v = serde_json::to_value(&g).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"version": 1, "serial": "0123456789abcdef", "tenant": "acme",
+                "function": "f",
+                "image": {"digest": "sha256:35fb4eaa23f16ac6dc063cadc488c8fa324e0abc3c42391ec4998ca3eae32112"},
+                "ipu": "ipu-1", "host": "h.example",
+                "not_before": "2026-12-04T21:00:00Z", "not_after": "2026-12-04T21:10:00Z"})
+        );
+        assert_eq!(serde_json::from_value::<Grant>(v).unwrap(), g);
+        assert!(g.validate().is_ok());
+    }
+
+    #[test]
+    fn an_image_claim_is_exactly_one_of_three() {
+        for bad in [
+            r#"{"reference": "docker://a/b:1", "digest": "sha256:00"}"#,
+            r#"{"tag": "1"}"#,
+            r#"{}"#,
+            r#""docker://a/b:1""#,
+        ] {
+            assert!(serde_json::from_str::<ImageClaim>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn non_utc_or_sloppy_times_are_refused() {
+        for bad in ["2026-12-04T21:00:00+01:00", "2026-12-04 21:00", "yesterday"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts_compare_by_kind() {
+        assert!(host_matches("Worker.Example", "worker.example"));
+        assert!(host_matches("spiffe://x/y", "spiffe://x/y"));
+        assert!(!host_matches("spiffe://x/Y", "spiffe://x/y"));
+        assert!(!host_matches("worker.example", "worker.example."));
+    }
+
+    #[test]
+    fn reason_codes_are_distinct() {
+        let all = [
+            GrantError::Malformed(String::new()),
+            GrantError::Unsigned,
+            GrantError::UnknownSigner(String::new()),
+            GrantError::BadSignature(String::new()),
+            GrantError::UntrustedSigner {
+                key: String::new(),
+                tenant: String::new(),
+            },
+            GrantError::UnknownTenant(String::new()),
+            GrantError::BadWindow(String::new()),
+            GrantError::NotYetValid {
+                not_before: String::new(),
+                now: String::new(),
+            },
+            GrantError::Expired {
+                not_after: String::new(),
+                now: String::new(),
+            },
+            GrantError::WrongIpu {
+                granted: String::new(),
+                expected: String::new(),
+            },
+            GrantError::WrongHost {
+                granted: String::new(),
+                presented: String::new(),
+            },
+            GrantError::WrongImage {
+                claim: String::new(),
+                requested: String::new(),
+                why: String::new(),
+            },
+            GrantError::ScopeNotAllowed {
+                scope: String::new(),
+                tenant: String::new(),
+            },
+        ];
+        let codes: std::collections::HashSet<_> = all.iter().map(|e| e.reason_code()).collect();
+        assert_eq!(codes.len(), all.len());
+    }
+}
