@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::deploy::bundle::{self, BundleContent, BundleError};
 use crate::deploy::suite::{self, Cases, Change, SuiteError};
 use crate::deploy::{self, DeployDecision, DeployRequest, DeploymentPolicy, ParseError};
+use crate::grant;
 use crate::reference::{ImageReference, ReferenceError};
 use crate::sigstore::{KeyFileError, VerificationKey};
 use crate::trust::{Evaluation, Precheck};
@@ -75,6 +76,11 @@ pub enum CliError {
     Signing(BundleError),
     #[error("no randomness")]
     NoRandomness,
+    /// A grant could not be issued (invalid fields or an unusable key).
+    #[error("cannot issue the grant: {0}")]
+    Issue(String),
+    #[error("{0}")]
+    Usage(String),
     #[error("generated key does not parse")]
     GeneratedKey,
 }
@@ -305,16 +311,37 @@ pub fn render_change(c: &Change) -> String {
     )
 }
 
-/// `policy keygen`: an Ed25519 bundle signing key, `out/priv.pem` (PKCS#8, 0600, must not
-/// exist) and `out/pub.pem` (SPKI).
-pub fn keygen(out: &Path) -> Result<u8, CliError> {
+/// The kind of key `policy keygen` makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyKind {
+    Ed25519,
+    EcP256,
+}
+
+/// `policy keygen`: a signing key for policy bundles or placement grants, `out/priv.pem`
+/// (PKCS#8, 0600, must not exist) and `out/pub.pem` (SPKI).
+pub fn keygen(out: &Path, kind: KeyKind) -> Result<u8, CliError> {
     use ring::signature::KeyPair;
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| CliError::NoRandomness)?;
-    let keypair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|_| CliError::GeneratedKey)?;
-    let spki = bundle::ed25519_spki(keypair.public_key().as_ref());
+    let (pkcs8, spki) = match kind {
+        KeyKind::Ed25519 => {
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|_| CliError::NoRandomness)?;
+            let keypair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+                .map_err(|_| CliError::GeneratedKey)?;
+            let spki = bundle::ed25519_spki(keypair.public_key().as_ref());
+            (pkcs8, spki)
+        }
+        KeyKind::EcP256 => {
+            let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+            let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
+                .map_err(|_| CliError::NoRandomness)?;
+            let keypair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
+                .map_err(|_| CliError::GeneratedKey)?;
+            let spki = crate::dsse::p256_spki(keypair.public_key().as_ref());
+            (pkcs8, spki)
+        }
+    };
     std::fs::create_dir_all(out).map_err(|source| CliError::CreateDir {
         path: out.to_path_buf(),
         source,
@@ -425,6 +452,226 @@ pub fn render_verdict(verdict: &Result<bundle::VerifiedBundle, BundleError>) -> 
             b.deployment.ipu_classes.len()
         ),
         Err(e) => format!("refused: {e}"),
+    }
+}
+
+/// What `policy grant issue` signs (the image as one of its three forms).
+#[derive(Clone, Debug)]
+pub struct IssueRequest {
+    pub tenant: String,
+    pub function: String,
+    pub image: grant::ImageClaim,
+    pub ipu: String,
+    pub host: String,
+    /// Default: now.
+    pub not_before: Option<String>,
+    pub valid_for: std::time::Duration,
+    /// Default: 128 random bits in hex.
+    pub serial: Option<String>,
+}
+
+/// `policy grant issue`: signs a placement grant with the key in `key`; prints the
+/// envelope or writes it to `out`; with `json`, prints a summary object instead.
+pub fn grant_issue(
+    key: &Path,
+    request: IssueRequest,
+    out: Option<&Path>,
+    json: bool,
+) -> Result<u8, CliError> {
+    let not_before = match &request.not_before {
+        Some(t) => grant::parse_time(t).map_err(CliError::Usage)?,
+        None => {
+            // Whole seconds, as the grant carries them.
+            let now = std::time::SystemTime::now();
+            let secs = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| CliError::Usage("the clock is before 1970".into()))?
+                .as_secs();
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+        }
+    };
+    let serial = match request.serial {
+        Some(s) => s,
+        None => grant::new_serial().map_err(|_| CliError::NoRandomness)?,
+    };
+    let g = grant::Grant {
+        version: grant::VERSION,
+        serial,
+        tenant: request.tenant,
+        function: request.function,
+        image: request.image,
+        ipu: request.ipu,
+        host: request.host,
+        not_before,
+        not_after: not_before
+            .checked_add(request.valid_for)
+            .ok_or_else(|| CliError::Usage("--valid-for is far too long".into()))?,
+    };
+    let private = zeroize::Zeroizing::new(read_bytes(key)?);
+    let (envelope, keyid) =
+        grant::sign(&g, &private).map_err(|e| CliError::Issue(e.to_string()))?;
+    if let Some(path) = out {
+        std::fs::write(path, &envelope).map_err(|source| CliError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    if json {
+        let mut summary = serde_json::json!({
+            "serial": g.serial,
+            "not_before": grant::format_time(g.not_before),
+            "not_after": grant::format_time(g.not_after),
+            "key_id": keyid,
+        });
+        match out {
+            Some(path) => summary["envelope_path"] = path.display().to_string().into(),
+            None => {
+                summary["envelope"] = serde_json::from_str(&envelope).expect("envelope is JSON")
+            }
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("serializes")
+        );
+    } else if let Some(path) = out {
+        println!(
+            "issued grant {} (valid {} to {}, key {keyid}) into {}",
+            g.serial,
+            grant::format_time(g.not_before),
+            grant::format_time(g.not_after),
+            path.display()
+        );
+    } else {
+        print!("{envelope}");
+    }
+    Ok(0)
+}
+
+/// `policy grant verify`: the grant in `path` against the policy's grant keys and the
+/// expectation; `ok: ...` (exit 0) or `refused (CODE): ...` (exit 3).
+pub fn grant_verify(
+    source: &PolicySource,
+    path: &Path,
+    ipu: &str,
+    host: Option<&str>,
+    image: &str,
+    at: Option<&str>,
+    json: bool,
+) -> Result<u8, CliError> {
+    let doc = source.load()?;
+    let now = match at {
+        Some(t) => grant::parse_time(t).map_err(CliError::Usage)?,
+        None => std::time::SystemTime::now(),
+    };
+    let bytes = read_bytes(path)?;
+    let verdict = grant::verify(
+        &bytes,
+        &doc,
+        &grant::Expectation {
+            ipu,
+            host,
+            image,
+            now,
+        },
+    );
+    println!("{}", render_grant_verdict(&verdict, json));
+    Ok(exit(verdict.is_ok()))
+}
+
+/// The report of `policy grant verify` (without the final newline).
+pub fn render_grant_verdict(
+    verdict: &Result<grant::VerifiedGrant, grant::GrantError>,
+    json: bool,
+) -> String {
+    match (verdict, json) {
+        (Ok(v), true) => serde_json::to_string_pretty(&serde_json::json!({
+            "valid": true,
+            "serial": v.serial(),
+            "tenant": v.tenant(),
+            "function": v.function(),
+            "image": v.image(),
+            "not_after": grant::format_time(v.not_after()),
+            "signer": v.signer_id,
+            "signer_keyid": v.signer_keyid,
+        }))
+        .expect("serializes"),
+        (Err(e), true) => serde_json::to_string_pretty(&serde_json::json!({
+            "valid": false,
+            "reason_code": e.reason_code(),
+            "reason": e.to_string(),
+        }))
+        .expect("serializes"),
+        (Ok(v), false) => format!(
+            "ok: grant {} for function {:?} of tenant {:?}, {}, signed by {} ({}), valid until {}",
+            v.serial(),
+            v.function(),
+            v.tenant(),
+            v.image(),
+            v.signer_id,
+            v.signer_keyid,
+            grant::format_time(v.not_after())
+        ),
+        (Err(e), false) => format!("refused ({}): {e}", e.reason_code()),
+    }
+}
+
+/// `policy grant inspect`: the grant's fields and signer key ids, decoded WITHOUT
+/// verification (exit 0; exit 3 if it is not even a grant envelope).
+pub fn grant_inspect(path: &Path, json: bool) -> Result<u8, CliError> {
+    let bytes = read_bytes(path)?;
+    let decoded = grant::inspect(&bytes);
+    println!("{}", render_inspection(&decoded, json));
+    Ok(exit(decoded.is_ok()))
+}
+
+/// The report of `policy grant inspect` (without the final newline).
+pub fn render_inspection(
+    decoded: &Result<grant::Unverified, grant::GrantError>,
+    json: bool,
+) -> String {
+    match (decoded, json) {
+        (Err(e), true) => serde_json::to_string_pretty(&serde_json::json!({
+            "verified": false,
+            "error": e.to_string(),
+        }))
+        .expect("serializes"),
+        (Err(e), false) => format!("UNVERIFIED, not a grant: {e}"),
+        (Ok(u), true) => {
+            let mut out = serde_json::json!({
+                "verified": false,
+                "payload_type": grant::PAYLOAD_TYPE,
+                "signer_keyids": u.keyids,
+            });
+            match &u.grant {
+                Ok(g) => out["grant"] = serde_json::to_value(g).expect("serializes"),
+                Err(e) => out["payload_error"] = e.clone().into(),
+            }
+            serde_json::to_string_pretty(&out).expect("serializes")
+        }
+        (Ok(u), false) => {
+            let mut lines =
+                vec!["UNVERIFIED: decoded without checking signatures or policy".to_string()];
+            match &u.grant {
+                Ok(g) => {
+                    lines.push(format!("serial:      {}", g.serial));
+                    lines.push(format!("tenant:      {}", g.tenant));
+                    lines.push(format!("function:    {}", g.function));
+                    lines.push(format!("image:       {}", g.image));
+                    lines.push(format!("ipu:         {}", g.ipu));
+                    lines.push(format!("host:        {}", g.host));
+                    lines.push(format!("not before:  {}", grant::format_time(g.not_before)));
+                    lines.push(format!("not after:   {}", grant::format_time(g.not_after)));
+                }
+                Err(e) => lines.push(format!("payload:     not a grant: {e}")),
+            }
+            if u.keyids.is_empty() {
+                lines.push("signed by:   nobody (no signatures)".into());
+            }
+            for k in &u.keyids {
+                lines.push(format!("signed by:   {k} (not checked)"));
+            }
+            lines.join("\n")
+        }
     }
 }
 

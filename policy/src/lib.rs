@@ -12,6 +12,10 @@
 //! - [`deploy`]: the deployment policy (tenants, functions, image scopes, keys, IPU classes,
 //!   limits) in TOML, with positioned errors, lint, and a pure decision function.
 //!
+//! - [`grant`]: signed placement grants (tenant, function, image, IPU, host, validity
+//!   window, serial) and their verification against the deployment policy's grant keys.
+//! - [`dsse`]: the DSSE envelopes that bundles and grants are signed in.
+//!
 //! - [`cli`]: the operations of the `policy` command line (check, lint, explain, test, diff,
 //!   keygen, sign, verify) and the rendering of their reports.
 //!
@@ -19,6 +23,8 @@
 
 pub mod cli;
 pub mod deploy;
+pub mod dsse;
+pub mod grant;
 pub mod reference;
 pub mod sigstore;
 pub mod trust;

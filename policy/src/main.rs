@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use policy::cli::{self, CliError, PolicySource};
+use policy::cli::{self, CliError, IssueRequest, KeyKind, PolicySource};
 use policy::deploy::DeployRequest;
+use policy::grant::ImageClaim;
 
 #[derive(Parser)]
 #[command(
@@ -84,11 +85,17 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         requests: PathBuf,
     },
-    /// Make a signing key for policy bundles: DIR/priv.pem (PKCS#8, 0600), DIR/pub.pem.
+    /// Make a signing key for policy bundles or placement grants: DIR/priv.pem (PKCS#8,
+    /// 0600), DIR/pub.pem.
     Keygen {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        #[arg(long, value_enum, default_value = "ed25519")]
+        kind: KeyKind,
     },
+    /// Placement grants: issue (control plane), verify, inspect.
+    #[command(subcommand)]
+    Grant(GrantCommand),
     /// Sign a bundle of a deployment policy and the image trust policy it names.
     Sign {
         #[arg(long, value_name = "FILE")]
@@ -115,6 +122,90 @@ enum Command {
         /// The running bundle, for the anti-rollback check.
         #[arg(long, value_name = "BUNDLE")]
         running: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Sign a placement grant: this function of this tenant may run this image on this
+    /// IPU, exported to this host, for a short time.
+    #[command(group(clap::ArgGroup::new("what").required(true)))]
+    Issue {
+        /// The control plane's signing key (PKCS#8 Ed25519 or P-256, or SEC1 P-256 PEM).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        function: String,
+        /// Exactly this image reference.
+        #[arg(long, value_name = "IMAGE-REF", group = "what")]
+        image: Option<String>,
+        /// Any reference pinned by this digest (sha256:...).
+        #[arg(long, value_name = "DIGEST", group = "what")]
+        image_digest: Option<String>,
+        /// Any reference matching this scope (only for tenants with grant_image_scopes).
+        #[arg(long, value_name = "PATTERN", group = "what")]
+        image_scope: Option<String>,
+        /// The IPU's enrolled identity.
+        #[arg(long)]
+        ipu: String,
+        /// The host's identity (DNS name or URI of its export client certificate).
+        #[arg(long)]
+        host: String,
+        /// Length of the validity window (at most 24h).
+        #[arg(long, value_name = "DURATION", default_value = "10m")]
+        valid_for: humantime::Duration,
+        /// Start of the validity window, RFC 3339 UTC (default: now).
+        #[arg(long, value_name = "RFC3339")]
+        not_before: Option<String>,
+        /// Serial (default: 128 random bits in hex).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Write the envelope here instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print {serial, not_before, not_after, key_id, envelope_path | envelope}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a grant against the deployment policy's grant keys (exit 0 valid, 3 refused).
+    Verify {
+        #[arg(long, value_name = "FILE", required_unless_present = "bundle")]
+        policy: Option<PathBuf>,
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "bundle_key",
+            conflicts_with = "policy"
+        )]
+        bundle: Option<PathBuf>,
+        /// Trusted bundle signing key (SPKI PEM, repeatable), with `--bundle`.
+        #[arg(long, value_name = "FILE")]
+        bundle_key: Vec<PathBuf>,
+        /// The verifying IPU's enrolled identity.
+        #[arg(long)]
+        ipu: String,
+        /// The requesting host's identity (not checked if absent).
+        #[arg(long)]
+        host: Option<String>,
+        /// The image reference the request names.
+        #[arg(long, value_name = "IMAGE-REF")]
+        image: String,
+        /// Verify as of this time, RFC 3339 UTC (default: now).
+        #[arg(long, value_name = "RFC3339")]
+        at: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "GRANT")]
+        grant: PathBuf,
+    },
+    /// Show a grant's fields and signer key ids WITHOUT verifying anything.
+    Inspect {
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "GRANT")]
+        grant: PathBuf,
     },
 }
 
@@ -162,7 +253,8 @@ fn run(command: Command) -> Result<u8, CliError> {
         }
         Command::Test { policy, cases } => cli::test(&policy, &cases),
         Command::Diff { old, new, requests } => cli::diff(&old, &new, &requests),
-        Command::Keygen { out } => cli::keygen(&out),
+        Command::Keygen { out, kind } => cli::keygen(&out, kind),
+        Command::Grant(g) => run_grant(g),
         Command::Sign {
             deployment,
             image_trust,
@@ -175,5 +267,77 @@ fn run(command: Command) -> Result<u8, CliError> {
             key,
             running,
         } => cli::verify(&bundle, &key, running.as_deref()),
+    }
+}
+
+fn run_grant(command: GrantCommand) -> Result<u8, CliError> {
+    match command {
+        GrantCommand::Issue {
+            key,
+            tenant,
+            function,
+            image,
+            image_digest,
+            image_scope,
+            ipu,
+            host,
+            valid_for,
+            not_before,
+            serial,
+            out,
+            json,
+        } => {
+            let image = match (image, image_digest, image_scope) {
+                (Some(r), None, None) => ImageClaim::Reference(r),
+                (None, Some(d), None) => ImageClaim::Digest(d),
+                (None, None, Some(s)) => ImageClaim::Scope(s),
+                _ => {
+                    return Err(CliError::Usage(
+                        "give one of --image, --image-digest, --image-scope".into(),
+                    ))
+                }
+            };
+            let request = IssueRequest {
+                tenant,
+                function,
+                image,
+                ipu,
+                host,
+                not_before,
+                valid_for: valid_for.into(),
+                serial,
+            };
+            cli::grant_issue(&key, request, out.as_deref(), json)
+        }
+        GrantCommand::Verify {
+            policy,
+            bundle,
+            bundle_key,
+            ipu,
+            host,
+            image,
+            at,
+            json,
+            grant,
+        } => {
+            let source = match (policy, bundle) {
+                (Some(p), _) => PolicySource::File(p),
+                (None, Some(path)) => PolicySource::Bundle {
+                    path,
+                    keys: bundle_key,
+                },
+                (None, None) => unreachable!("clap requires one"),
+            };
+            cli::grant_verify(
+                &source,
+                &grant,
+                &ipu,
+                host.as_deref(),
+                &image,
+                at.as_deref(),
+                json,
+            )
+        }
+        GrantCommand::Inspect { json, grant } => cli::grant_inspect(&grant, json),
     }
 }

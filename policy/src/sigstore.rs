@@ -290,6 +290,15 @@ impl VerificationKey {
         })
     }
 
+    /// `ecdsa-p256`, `ecdsa-p384` or `ed25519`.
+    pub fn algorithm_name(&self) -> &'static str {
+        match self.algorithm {
+            KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
+            KeyAlgorithm::EcdsaP384 => "ecdsa-p384",
+            KeyAlgorithm::Ed25519 => "ed25519",
+        }
+    }
+
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }

@@ -16,27 +16,13 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::deploy::{self, DeploymentPolicy};
+use crate::dsse::{self, pae, Envelope};
 use crate::sigstore::VerificationKey;
 use crate::trust::Policy;
 
 pub const PAYLOAD_TYPE: &str = "application/vnd.ipu.policy-bundle.v1+json";
 /// Bundles larger than this are refused before parsing.
 pub const MAX_BUNDLE_BYTES: usize = 4 << 20;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Envelope {
-    payload_type: String,
-    payload: String,
-    signatures: Vec<EnvelopeSignature>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EnvelopeSignature {
-    keyid: String,
-    sig: String,
-}
 
 /// What a bundle carries.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,84 +58,17 @@ pub enum BundleError {
     Signing(String),
 }
 
-/// DSSE pre-authentication encoding.
-fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!(
-        "DSSEv1 {} {} {} ",
-        payload_type.len(),
-        payload_type,
-        payload.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(payload);
-    out
-}
-
 /// Signs `content` with a PKCS#8 PEM private key (Ed25519 or ECDSA P-256).
 pub fn sign(content: &BundleContent, private_pem: &[u8]) -> Result<String, BundleError> {
-    let pem = pem::parse(private_pem)
-        .map_err(|e| BundleError::Signing(format!("key is not PEM: {e}")))?;
-    if pem.tag() != "PRIVATE KEY" {
-        return Err(BundleError::Signing(format!(
-            "key is a {:?} PEM block; expected an unencrypted PKCS#8 PRIVATE KEY",
-            pem.tag()
-        )));
-    }
-    let der = zeroize::Zeroizing::new(pem.into_contents());
     let payload = serde_json::to_vec(content).expect("bundle content serializes");
-    let message = pae(PAYLOAD_TYPE, &payload);
-    let rng = ring::rand::SystemRandom::new();
-    use ring::signature::{self, KeyPair};
-    let (sig, public) = if let Ok(k) = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der) {
-        (
-            k.sign(&message).as_ref().to_vec(),
-            ed25519_spki(k.public_key().as_ref()),
-        )
-    } else if let Ok(k) =
-        signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
-    {
-        let sig = k
-            .sign(&rng, &message)
-            .map_err(|_| BundleError::Signing("ECDSA signing failed".into()))?;
-        (sig.as_ref().to_vec(), p256_spki(k.public_key().as_ref()))
-    } else {
-        return Err(BundleError::Signing(
-            "the key is neither Ed25519 nor ECDSA P-256 PKCS#8".into(),
-        ));
-    };
-    let keyid = VerificationKey::from_spki_der(&public)
-        .map_err(|e| BundleError::Signing(e.to_string()))?
-        .fingerprint()
-        .to_string();
-    let envelope = Envelope {
-        payload_type: PAYLOAD_TYPE.into(),
-        payload: B64.encode(&payload),
-        signatures: vec![EnvelopeSignature {
-            keyid,
-            sig: B64.encode(sig),
-        }],
-    };
-    Ok(serde_json::to_string_pretty(&envelope).expect("envelope serializes") + "\n")
+    dsse::sign(PAYLOAD_TYPE, &payload, private_pem, false)
+        .map(|(envelope, _)| envelope)
+        .map_err(|e| BundleError::Signing(e.0))
 }
 
 /// The SubjectPublicKeyInfo DER of a raw Ed25519 public key.
 pub fn ed25519_spki(public: &[u8]) -> Vec<u8> {
-    // SEQUENCE { SEQUENCE { OID 1.3.101.112 } BIT STRING { key } }
-    let mut der = vec![
-        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-    ];
-    der.extend_from_slice(public);
-    der
-}
-
-fn p256_spki(public: &[u8]) -> Vec<u8> {
-    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 } BIT STRING { uncompressed point } }
-    let mut der = vec![
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    der.extend_from_slice(public);
-    der
+    dsse::ed25519_spki(public)
 }
 
 /// Why a bundle was not installed.

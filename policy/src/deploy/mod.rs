@@ -25,6 +25,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::sigstore::VerificationKey;
+
 pub use eval::{evaluate, evaluate_key_release, DeployDecision, DeployRequest, Requirements};
 pub use pattern::Pattern;
 
@@ -46,6 +48,56 @@ pub struct DeploymentPolicy {
     pub tenants: Vec<Tenant>,
     #[serde(default, rename = "key")]
     pub keys: Vec<KeyRule>,
+    /// Keys trusted to sign placement grants ([`crate::grant`]); none: grants are not
+    /// required.
+    #[serde(default, rename = "grant_key")]
+    pub grant_keys: Vec<GrantKey>,
+}
+
+impl DeploymentPolicy {
+    /// Are placement grants enforced? True when the policy names any grant key: then every
+    /// deployment needs a grant that [`crate::grant::verify`] accepts.
+    pub fn grants_required(&self) -> bool {
+        !self.grant_keys.is_empty()
+    }
+
+    /// The tenant named `name`, if the policy has it.
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name.get_ref() == name)
+    }
+}
+
+/// A key trusted to sign placement grants for some tenants (`["*"]`: all).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantKey {
+    pub id: Spanned<String>,
+    /// One PEM `PUBLIC KEY` block (SubjectPublicKeyInfo): Ed25519 or ECDSA P-256.
+    pub public_key: Spanned<String>,
+    pub tenants: Vec<Spanned<String>>,
+}
+
+impl GrantKey {
+    /// The verification key (checked when the policy was parsed).
+    pub fn key(&self) -> Result<VerificationKey, String> {
+        let keys = VerificationKey::from_pem(self.public_key.get_ref().as_bytes())
+            .map_err(|e| e.to_string())?;
+        match keys.as_slice() {
+            [k] if matches!(k.algorithm_name(), "ed25519" | "ecdsa-p256") => Ok(k.clone()),
+            [k] => Err(format!(
+                "a {} key (grant keys are Ed25519 or ECDSA P-256)",
+                k.algorithm_name()
+            )),
+            _ => Err(format!("{} PEM blocks (give exactly one)", keys.len())),
+        }
+    }
+
+    /// Does this key sign grants for `tenant`?
+    pub fn trusted_for(&self, tenant: &str) -> bool {
+        self.tenants
+            .iter()
+            .any(|t| t.get_ref() == "*" || t.get_ref() == tenant)
+    }
 }
 
 /// Requirements and limits; every level (defaults, tenant, function) may set any of them and
@@ -84,6 +136,10 @@ pub struct CloneSettings {
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
     pub name: Spanned<String>,
+    /// May placement grants for this tenant name an image scope rather than an exact
+    /// reference or digest? (Default: no.)
+    #[serde(default)]
+    pub grant_image_scopes: bool,
     #[serde(flatten)]
     pub settings: Settings,
     #[serde(default, rename = "function")]
@@ -424,6 +480,40 @@ fn check(doc: &DeploymentPolicy, p: &mut Problems<'_>) {
         }
         for c in &k.ipu_classes {
             known_class(p, c);
+        }
+    }
+    let mut grant_keys = HashSet::new();
+    for k in &doc.grant_keys {
+        let id = k.id.get_ref();
+        if !crate::grant::valid_name(id) {
+            p.at(
+                k.id.span(),
+                format!("grant key id {id:?} must be 1 to 128 of A-Z a-z 0-9 - _ ."),
+            );
+        }
+        if !grant_keys.insert(id.clone()) {
+            p.at(k.id.span(), format!("grant key {id:?} is listed twice"));
+        }
+        if let Err(e) = k.key() {
+            p.at(
+                k.public_key.span(),
+                format!("grant key {id:?}: public_key is not usable: {e}"),
+            );
+        }
+        if k.tenants.is_empty() {
+            p.at(
+                k.id.span(),
+                format!("grant key {id:?} lists no tenants (use [\"*\"] for all)"),
+            );
+        }
+        for t in &k.tenants {
+            if t.get_ref() == "*" {
+                if k.tenants.len() > 1 {
+                    p.at(t.span(), "\"*\" (all tenants) must be the only entry");
+                }
+            } else if !tenants.contains(t.get_ref()) {
+                p.at(t.span(), format!("unknown tenant {:?}", t.get_ref()));
+            }
         }
     }
 }
