@@ -86,7 +86,8 @@ impl WipedHmac {
     /// nothing under a zero key from then on).
     pub(crate) fn finalize_and_wipe(&mut self) -> [u8; 32] {
         let mut out = Output::<HmacSha256>::default();
-        // `finalize_into` works on the state in place (no copy of it is made).
+        // `finalize_into` takes the state by value: the stack it passes through is
+        // overwritten when the decryptor ends (`scrub_stack_at_end`).
         FixedOutput::finalize_into(std::mem::replace(&mut self.0, blank()), &mut out);
         self.wipe();
         out.into()
