@@ -29,6 +29,7 @@ pub mod decrypt;
 pub mod error;
 pub mod export;
 pub mod fetch;
+pub mod grant;
 pub mod keys;
 pub mod pipeline;
 pub mod policy_bundle;
