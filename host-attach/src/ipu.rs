@@ -22,6 +22,11 @@ pub struct IpuApi {
     pub tenant: String,
     #[arg(long)]
     pub function: String,
+    /// The control plane's placement grant for this request (`policy grant issue`), passed
+    /// to the IPU as it is; `-` reads it from standard input. Required by IPUs whose policy
+    /// names grant keys: the tenant and function are then the grant's.
+    #[arg(long, value_name = "FILE")]
+    pub grant: Option<PathBuf>,
 }
 
 /// A client of ipu-image-svc's API.
@@ -52,9 +57,50 @@ pub enum IpuError {
     /// hook's failure.
     #[error("{}", .0.message())]
     DecryptLayer(Box<tonic::Status>),
+    #[error("placement grant {}: {source}", path.display())]
+    Grant {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
+/// The most a grant file may hold (a grant is well under 4 KiB).
+const MAX_GRANT_BYTES: u64 = 64 * 1024;
+
 impl IpuApi {
+    /// The grant to send (empty without `--grant`), read from its file or standard input.
+    pub fn grant_text(&self) -> Result<String, IpuError> {
+        let Some(path) = &self.grant else {
+            return Ok(String::new());
+        };
+        let error = |source| IpuError::Grant {
+            path: path.clone(),
+            source,
+        };
+        let mut text = String::new();
+        let read = if path.as_os_str() == "-" {
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin().lock(), MAX_GRANT_BYTES + 1),
+                &mut text,
+            )
+        } else {
+            std::fs::File::open(path).and_then(|f| {
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(f, MAX_GRANT_BYTES + 1),
+                    &mut text,
+                )
+            })
+        };
+        read.map_err(error)?;
+        if text.len() as u64 > MAX_GRANT_BYTES {
+            return Err(error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {MAX_GRANT_BYTES} bytes: not a placement grant"),
+            )));
+        }
+        Ok(text.trim().to_string())
+    }
+
     /// A client of the API.
     pub async fn connect(&self) -> Result<Client, IpuError> {
         let channel = api::unix::connect(self.api.clone())
@@ -117,6 +163,7 @@ mod tests {
             api: PathBuf::from("/nonexistent/api.sock"),
             tenant: "t".into(),
             function: "f".into(),
+            grant: None,
         };
         let e = ipu.connect_blocking().err().unwrap().to_string();
         assert!(

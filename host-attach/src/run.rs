@@ -102,6 +102,7 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
         (None, Some(dir)) => host_identity(&dir.join("client-cert.pem"))?,
         (None, None) => String::new(),
     };
+    let grant = ipu.grant_text()?;
     let (rt, mut client) = ipu.connect_blocking()?;
     let prepared = rt
         .block_on(client.prepare(PrepareRequest {
@@ -109,6 +110,7 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
             function: ipu.function.clone(),
             image: function.image.clone(),
             host_identity,
+            grant,
         }))
         .map_err(|status| IpuError::Prepare(status.into()))?
         .into_inner();

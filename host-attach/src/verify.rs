@@ -26,12 +26,14 @@ impl std::fmt::Display for Verified {
 
 /// Has the IPU at `ipu` verify `image`.
 pub fn verify(ipu: &IpuApi, image: &str) -> Result<Verified, IpuError> {
+    let grant = ipu.grant_text()?;
     let (rt, mut client) = ipu.connect_blocking()?;
     let verified = rt
         .block_on(client.verify(VerifyRequest {
             tenant: ipu.tenant.clone(),
             function: ipu.function.clone(),
             image: image.to_string(),
+            grant,
         }))
         .map_err(|status| IpuError::Verify(status.into()))?
         .into_inner();

@@ -4,8 +4,9 @@
 //! a grant's serial is accepted once within its validity window, across restarts
 //! ([`SerialStore`]).
 //!
-//! Not on the request path yet: Prepare, Verify, the key broker and the host agent take
-//! grants in the next step of issue 15.
+//! [`crate::service::Service::placement`] runs the gate before Prepare and Verify fetch
+//! anything. Still to come (issue 15): the key broker checking the grant on release, and
+//! DecryptLayer bound to the grant its Verify carried.
 
 use std::io;
 use std::path::{Path, PathBuf};

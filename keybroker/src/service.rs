@@ -278,6 +278,7 @@ impl KeyBroker for KeyBrokerService {
             session_id: session.id.clone(),
             expires_in_secs: session.expires_in().as_secs(),
             ipu_class: session.ipu_class,
+            ipu_id: session.ipu_id,
         }))
     }
 

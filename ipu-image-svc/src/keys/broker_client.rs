@@ -43,6 +43,8 @@ struct Session {
     key: SessionKey,
     salt: [u8; 32],
     ipu_class: String,
+    /// The identity the broker enrolled this IPU under.
+    ipu_id: String,
     /// When to attest again: a little before the broker lets the session expire.
     renew_at: Instant,
 }
@@ -153,6 +155,12 @@ impl BrokerKeys {
         })
     }
 
+    /// The identity the broker knows this IPU by (placement grants name it).
+    pub fn ipu_id(&self) -> Result<String, KeyError> {
+        let mut c = self.connection.lock().expect("not poisoned");
+        Ok(c.session(&self.settings)?.ipu_id.clone())
+    }
+
     /// The IPU class the broker attested, attesting again first when the session is due.
     pub fn ipu_class(&self) -> Result<String, KeyError> {
         let mut c = self.connection.lock().expect("not poisoned");
@@ -241,6 +249,7 @@ impl Connection {
             salt: binding(&challenge.nonce, &key.public()),
             key,
             ipu_class: attested.ipu_class,
+            ipu_id: attested.ipu_id,
             renew_at: Instant::now() + life.saturating_sub(RENEW_MARGIN.min(life / 10)),
         })
     }

@@ -69,6 +69,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
     );
     let image_trust = bundle.image_trust;
     let deployment = Arc::new(bundle.deployment);
+    let grant_policy = deployment.clone();
     let (cache, insecure, factory_sink) =
         (cfg.cache.clone(), cfg.insecure_http.clone(), sink.clone());
     let class_source = broker.clone();
@@ -88,12 +89,33 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
         Ok(pipeline)
     });
     let host_agent_uid = cfg.service.host_agent_uid;
-    let service = Arc::new(Service::start(
+    let grants_dir = cfg.service.state_dir.join("grants");
+    let mut service = Service::start(
         cfg.service,
         factory,
-        KeySource::Broker(broker),
+        KeySource::Broker(broker.clone()),
         sink,
-    )?);
+    )?;
+    if grant_policy.grants_required() {
+        // The grant names the IPU by the identity the broker enrolled it under.
+        let ipu = broker
+            .ipu_id()
+            .map_err(|e| Error::from(e).context("key broker: this IPU's enrolled identity"))?;
+        let grant_store = |e: crate::grant::GrantRefusal| {
+            ServiceError::storage(
+                "placement grant serials",
+                &grants_dir,
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let serials = crate::grant::SerialStore::open(&grants_dir).map_err(grant_store)?;
+        serials
+            .prune(std::time::SystemTime::now())
+            .map_err(grant_store)?;
+        tracing::info!(ipu = %ipu, "placement grants required by the running policy");
+        service = service.with_grant_gate(crate::grant::GrantGate::new(grant_policy, ipu, serials));
+    }
+    let service = Arc::new(service);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -211,7 +211,9 @@ impl ImageService for Api {
         let service = self.service.clone();
         let p = blocking(move || {
             let host = Some(r.host_identity.as_str()).filter(|h| !h.is_empty());
-            service.prepare_for(&r.tenant, &r.function, &r.image, host)
+            let (tenant, function) =
+                service.placement(&r.tenant, &r.function, &r.image, host, &r.grant)?;
+            service.prepare_for(&tenant, &function, &r.image, host)
         })
         .await?;
         Ok(Response::new(PrepareResponse {
@@ -267,8 +269,12 @@ impl ImageService for Api {
         authorize(&req, self.host_agent_uid)?;
         let r = req.into_inner();
         let service = self.service.clone();
-        let (manifest_digest, layers) =
-            blocking(move || service.verify(&r.tenant, &r.function, &r.image)).await?;
+        let (manifest_digest, layers) = blocking(move || {
+            let (tenant, function) =
+                service.placement(&r.tenant, &r.function, &r.image, None, &r.grant)?;
+            service.verify(&tenant, &function, &r.image)
+        })
+        .await?;
         Ok(Response::new(VerifyResponse {
             manifest_digest,
             layers,

@@ -140,6 +140,9 @@ pub struct Service {
     /// Frees erased clones' blocks off the teardown path (a large clone's blocks take a
     /// while); taken and joined at shutdown.
     reclaimer: Mutex<Option<Reclaimer>>,
+    /// Placement grants (when the running policy names grant keys): the tenant and function
+    /// a request acts for come from the control plane's signed grant, not the host.
+    grants: Option<crate::grant::GrantGate>,
     /// Unmounted last, when everything that wrote to it is gone.
     plaintext: plaintext::PlaintextMemory,
 }
@@ -262,6 +265,7 @@ impl Service {
             events,
             stopping,
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
+            grants: None,
             plaintext,
         };
         service.recover()?;
@@ -346,6 +350,111 @@ impl Service {
     /// The tmpfs that holds plaintext while a base is built.
     pub fn plaintext_memory(&self) -> &Path {
         self.plaintext.path()
+    }
+
+    /// Checks placement grants with `gate` from now on (set before the API serves).
+    pub fn with_grant_gate(mut self, gate: crate::grant::GrantGate) -> Self {
+        self.grants = Some(gate);
+        self
+    }
+
+    /// The tenant and function a request (Prepare or Verify) acts for. When the running
+    /// policy names grant keys, the control plane's grant decides: it must verify for this
+    /// IPU, the host identity (when given) and the image, its serial must be new, and the
+    /// request's own tenant and function, when given, must be the grant's. Every decision is
+    /// audited (`policy.decision`, with the grant's serial and the refusal's reason code).
+    pub fn placement(
+        &self,
+        tenant: &str,
+        function: &str,
+        image: &str,
+        host_identity: Option<&str>,
+        grant: &str,
+    ) -> Result<(String, String), ServiceError> {
+        let gate = self.grants.as_ref().filter(|g| g.required());
+        let Some(gate) = gate else {
+            if !grant.is_empty() {
+                return Err(ServiceError::BadRequest(
+                    "a placement grant was given, but the running policy trusts no grant keys"
+                        .into(),
+                ));
+            }
+            return Ok((tenant.to_string(), function.to_string()));
+        };
+        let refuse = |code: &str, why: String, serial: Option<&str>| {
+            let mut e = Event::new(
+                AUDIT_SERVICE,
+                EventKind::PolicyDecision,
+                Outcome::Denied,
+                why.clone(),
+            )
+            .image(image.to_string(), None)
+            .detail("reason_code", code.to_string())
+            .detail("host_identity", host_identity.unwrap_or("").to_string());
+            if !tenant.is_empty() {
+                e = e.tenant(tenant.to_string());
+            }
+            if !function.is_empty() {
+                e = e.function(function.to_string());
+            }
+            if let Some(s) = serial {
+                e = e.detail("grant_serial", s.to_string());
+            }
+            match self.record(e) {
+                Ok(_) => ServiceError::Refused(why),
+                Err(audit) => audit,
+            }
+        };
+        if grant.is_empty() {
+            return Err(refuse(
+                "no-grant",
+                "placement grant refused (no-grant): the running policy requires a placement grant from the control plane, and the request carries none".into(),
+                None,
+            ));
+        }
+        let verified = gate
+            .admit(
+                grant.as_bytes(),
+                host_identity,
+                image,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| refuse(e.reason_code(), e.to_string(), None))?;
+        for (what, asked, granted) in [
+            ("tenant", tenant, verified.tenant()),
+            ("function", function, verified.function()),
+        ] {
+            if !asked.is_empty() && asked != granted {
+                return Err(refuse(
+                    "request-mismatch",
+                    format!(
+                        "placement grant refused (request-mismatch): the request names {what} {asked:?}, the grant {granted:?}"
+                    ),
+                    Some(verified.serial()),
+                ));
+            }
+        }
+        self.record(
+            Event::new(
+                AUDIT_SERVICE,
+                EventKind::PolicyDecision,
+                Outcome::Allowed,
+                format!(
+                    "placement grant {} by {} accepted",
+                    verified.serial(),
+                    verified.signer_id
+                ),
+            )
+            .tenant(verified.tenant().to_string())
+            .function(verified.function().to_string())
+            .image(image.to_string(), None)
+            .detail("grant_serial", verified.serial().to_string())
+            .detail("host_identity", host_identity.unwrap_or("").to_string()),
+        )?;
+        Ok((
+            verified.tenant().to_string(),
+            verified.function().to_string(),
+        ))
     }
 
     /// Events from now on.
