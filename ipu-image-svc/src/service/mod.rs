@@ -371,6 +371,12 @@ impl Service {
         host_identity: Option<&str>,
         grant: &str,
     ) -> Result<(String, String), ServiceError> {
+        // What the request names is checked before it is recorded anywhere.
+        for (what, v) in [("tenant", tenant), ("function", function)] {
+            if !v.is_empty() {
+                check_name(what, v)?;
+            }
+        }
         let gate = self.grants.as_ref().filter(|g| g.required());
         let Some(gate) = gate else {
             if !grant.is_empty() {
