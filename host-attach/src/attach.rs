@@ -300,10 +300,21 @@ impl Attachment {
             note(run(Tool::Losetup, ["-d", &dev]));
         }
         if let Some(mut fuse) = self.fuse.take() {
-            note(run(
-                Tool::Fusermount3,
-                [OsStr::new("-u"), fuse.mountpoint.as_os_str()],
-            ));
+            // The loop device lets go of the FUSE file asynchronously after `losetup -d`
+            // (and udev may still hold it open a moment): busy for a while is expected.
+            let start = Instant::now();
+            let unmounted = loop {
+                let r = run(
+                    Tool::Fusermount3,
+                    [OsStr::new("-u"), fuse.mountpoint.as_os_str()],
+                );
+                let busy = matches!(&r, Err(AttachError::Failed { stderr, .. }) if stderr.contains("busy"));
+                if !busy || start.elapsed() > Duration::from_secs(5) {
+                    break r;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            note(unmounted);
             // nbdfuse exits once unmounted; qemu-storage-daemon is told to.
             if fuse.tool == Tool::QemuStorageDaemon {
                 // SAFETY: kill(2) on our own child, not yet reaped.
