@@ -468,3 +468,74 @@ pub fn scan_process_memory(pid: u32, needles: &[Vec<u8>]) -> MemoryScan {
     }
     scan
 }
+
+/// Per-request pipeline settings a [`local_service`] applies for a function.
+pub type Configure = Box<dyn Fn(&str, &mut ipu_image_svc::pipeline::PipelineConfig) + Send + Sync>;
+
+/// An IPU service in process under `d` (state in `d/state`, blob cache in `d/cache`, a new
+/// audit log at `d/<log>`): images trusted by `trust` (a containers-policy.json document),
+/// layer keys from `keys` (local ones: no broker), each request's pipeline adjusted by
+/// `configure` for its function.
+pub fn local_service(
+    d: &Path,
+    log: &str,
+    trust: &str,
+    keys: ipu_image_svc::keys::KeySource,
+    options: ipu_image_svc::service::ServiceOptions,
+    configure: Configure,
+) -> (
+    ipu_image_svc::service::Service,
+    std::sync::Arc<audit::AuditLog>,
+) {
+    let audit = audit_log(&d.join(log));
+    let sink: std::sync::Arc<dyn audit::AuditSink> = audit.clone();
+    let cache = d.join("cache");
+    let trust = trust.to_string();
+    let factory: ipu_image_svc::service::PipelineFactory = Box::new(move |tenant, function| {
+        let mut cfg = ipu_image_svc::pipeline::PipelineConfig::new(
+            policy::Policy::parse(trust.as_bytes(), "test trust policy", None).unwrap(),
+            cache.clone(),
+        );
+        cfg.audit = Some(sink.clone());
+        cfg.tenant = Some(tenant.into());
+        cfg.function = Some(function.into());
+        configure(function, &mut cfg);
+        Ok(cfg)
+    });
+    let service =
+        ipu_image_svc::service::Service::start(options, factory, keys, audit.clone()).unwrap();
+    (service, audit)
+}
+
+/// A trust policy that accepts any image as it is (for tests about what comes after).
+pub const ACCEPT_ANYTHING: &str = r#"{"default":[{"type":"insecureAcceptAnything"}]}"#;
+
+/// `der` as PEM with `label`.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// A new Ed25519 key: its PKCS#8 PEM and its public key (SPKI) PEM.
+pub fn ed25519_pem_pair() -> (String, String) {
+    use ring::signature::KeyPair as _;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    (
+        pem_encode("PRIVATE KEY", pkcs8.as_ref()),
+        pem_encode(
+            "PUBLIC KEY",
+            &policy::dsse::ed25519_spki(kp.public_key().as_ref()),
+        ),
+    )
+}

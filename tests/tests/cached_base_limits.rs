@@ -10,15 +10,12 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use integration_tests::{is_root, run_ok};
 use ipu_image_svc::keys::KeySource;
-use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use ipu_image_svc::service::Service;
 use ipu_image_svc::unpack::Limits;
 use ocicrypt::DecryptConfig;
-use policy::Policy;
 
 /// An unencrypted image (trusted as is: the limits are the point) with a character device
 /// node, a setuid file and a 64 KiB file.
@@ -71,32 +68,14 @@ fn limits_of(function: &str) -> Limits {
 }
 
 fn service(d: &Path) -> (Service, Arc<audit::AuditLog>) {
-    let audit = integration_tests::audit_log(&d.join("audit"));
-    let sink: Arc<dyn audit::AuditSink> = audit.clone();
-    let cache = d.join("cache");
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let mut cfg = PipelineConfig::new(
-            Policy::parse(
-                br#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-                "test policy",
-                None,
-            )
-            .unwrap(),
-            cache.clone(),
-        );
-        cfg.audit = Some(sink.clone());
-        cfg.tenant = Some(tenant.into());
-        cfg.function = Some(function.into());
-        cfg.limits = limits_of(function);
-        Ok(cfg)
-    });
-    let options = ServiceOptions {
-        clone_ttl: Duration::from_secs(600),
-        ..integration_tests::broker::service_options(d.join("state"))
-    };
-    let keys = KeySource::local(DecryptConfig::new(vec![]));
-    let service = Service::start(options, factory, keys, audit.clone()).unwrap();
-    (service, audit)
+    integration_tests::local_service(
+        d,
+        "audit",
+        integration_tests::ACCEPT_ANYTHING,
+        KeySource::local(DecryptConfig::new(vec![])),
+        integration_tests::broker::service_options(d.join("state")),
+        Box::new(|function, cfg| cfg.limits = limits_of(function)),
+    )
 }
 
 #[test]

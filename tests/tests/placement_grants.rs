@@ -13,12 +13,10 @@ use std::time::{Duration, SystemTime};
 use integration_tests::{fixtures, is_root};
 use ipu_image_svc::grant::{GrantGate, SerialStore};
 use ipu_image_svc::keys::KeySource;
-use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use ipu_image_svc::service::Service;
 use ocicrypt::keys::PrivateKey;
 use ocicrypt::DecryptConfig;
 use policy::grant::{Grant, ImageClaim};
-use policy::Policy;
 
 const IPU: &str = "ipu-1";
 const HOST: &str = "host-1.example";
@@ -29,32 +27,9 @@ struct Key {
     public: String,
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
-
 fn key() -> Key {
-    use ring::signature::KeyPair as _;
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
-    Key {
-        private: pem("PRIVATE KEY", pkcs8.as_ref()),
-        public: pem(
-            "PUBLIC KEY",
-            &policy::dsse::ed25519_spki(kp.public_key().as_ref()),
-        ),
-    }
+    let (private, public) = integration_tests::ed25519_pem_pair();
+    Key { private, public }
 }
 
 /// A deployment policy: tenants acme and globex may run anything from the fixtures' layout;
@@ -103,33 +78,24 @@ fn service(
     log: &str,
     policy: Arc<policy::deploy::DeploymentPolicy>,
 ) -> (Service, Arc<audit::AuditLog>) {
-    let audit = integration_tests::audit_log(&d.join(log));
-    let sink: Arc<dyn audit::AuditSink> = audit.clone();
-    let cache = d.join("cache");
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let mut cfg = PipelineConfig::new(
-            Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap(),
-            cache.clone(),
-        );
-        cfg.audit = Some(sink.clone());
-        cfg.tenant = Some(tenant.into());
-        cfg.function = Some(function.into());
-        Ok(cfg)
-    });
     let keys = KeySource::local(DecryptConfig::new(vec![PrivateKey::from_pem(
         &std::fs::read(fixtures().join("keys/rsa-2048/priv.pem")).unwrap(),
     )
     .unwrap()]));
-    let options: ServiceOptions = integration_tests::broker::service_options(d.join("state"));
+    let (service, audit) = integration_tests::local_service(
+        d,
+        log,
+        &std::fs::read_to_string(fixtures().join("policies/policy-A.json")).unwrap(),
+        keys,
+        integration_tests::broker::service_options(d.join("state")),
+        Box::new(|_, _| {}),
+    );
     let gate = GrantGate::new(
         policy,
         IPU.into(),
         SerialStore::open(&d.join("grants")).unwrap(),
     );
-    let service = Service::start(options, factory, keys, audit.clone())
-        .unwrap()
-        .with_grant_gate(gate);
-    (service, audit)
+    (service.with_grant_gate(gate), audit)
 }
 
 fn grant(tenant: &str, image: &str, now: SystemTime) -> Grant {

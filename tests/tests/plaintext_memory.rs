@@ -7,10 +7,8 @@ use std::sync::Arc;
 
 use integration_tests::is_root;
 use ipu_image_svc::keys::KeySource;
-use ipu_image_svc::pipeline::PipelineConfig;
-use ipu_image_svc::service::{PipelineFactory, Service, ServiceOptions};
+use ipu_image_svc::service::{Service, ServiceOptions};
 use ocicrypt::DecryptConfig;
-use policy::Policy;
 
 /// An image (trusted as is) with a 3 MiB file of random bytes, which no compression shrinks.
 fn image(d: &Path) -> String {
@@ -35,31 +33,17 @@ fn image(d: &Path) -> String {
 }
 
 fn start(d: &Path, plaintext_memory: u64) -> (Service, Arc<audit::AuditLog>) {
-    let audit = integration_tests::audit_log(&d.join("audit"));
-    let sink: Arc<dyn audit::AuditSink> = audit.clone();
-    let cache = d.join("cache");
-    let factory: PipelineFactory = Box::new(move |tenant, function| {
-        let mut cfg = PipelineConfig::new(
-            Policy::parse(
-                br#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-                "test policy",
-                None,
-            )
-            .unwrap(),
-            cache.clone(),
-        );
-        cfg.audit = Some(sink.clone());
-        cfg.tenant = Some(tenant.into());
-        cfg.function = Some(function.into());
-        Ok(cfg)
-    });
-    let options = ServiceOptions {
-        plaintext_memory,
-        ..integration_tests::broker::service_options(d.join("state"))
-    };
-    let keys = KeySource::local(DecryptConfig::new(vec![]));
-    let service = Service::start(options, factory, keys, audit.clone()).unwrap();
-    (service, audit)
+    integration_tests::local_service(
+        d,
+        "audit",
+        integration_tests::ACCEPT_ANYTHING,
+        KeySource::local(DecryptConfig::new(vec![])),
+        ServiceOptions {
+            plaintext_memory,
+            ..integration_tests::broker::service_options(d.join("state"))
+        },
+        Box::new(|_, _| {}),
+    )
 }
 
 #[test]
