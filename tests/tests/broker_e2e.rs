@@ -42,7 +42,8 @@ impl BrokerProcess {
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while !socket.exists() {
+        // Listening, not only bound (see ImageService::start).
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "keybroker serve exited"
@@ -837,7 +838,9 @@ impl ImageService {
             .unwrap();
         let mut me = Self { child, socket };
         let start = Instant::now();
-        while !me.socket.exists() {
+        // Listening, not only bound: the socket file exists a moment before it listens (its
+        // mode is set in between), and a connection then is refused.
+        while std::os::unix::net::UnixStream::connect(&me.socket).is_err() {
             assert!(me.child.try_wait().unwrap().is_none(), "serve exited");
             assert!(start.elapsed() < Duration::from_secs(20));
             std::thread::sleep(Duration::from_millis(20));
