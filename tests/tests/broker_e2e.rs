@@ -575,9 +575,11 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until the socket at `path` accepts connections (bound is not enough: see
+/// ImageService::start).
 fn wait_for(path: &Path) {
     let start = Instant::now();
-    while !path.exists() {
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "{} never appeared",
