@@ -64,6 +64,8 @@ issue ipu "/CN=ipu-1.demo/OU=ipu"
 echo "==> operator: the deployment policy (IPU class PCRs, tenants, key rules), signed"
 "$bin/ocipub" keygen --kind ec-p256 --out keys/signing
 "$bin/policy" keygen --out keys/policy
+# The control plane (scheduler) signs placement grants; the IPU acts only on them.
+"$bin/policy" keygen --kind ed25519 --out keys/scheduler
 cat > deployment.toml <<TOML
 schema = 1
 image_trust_policy = "image-trust.json"
@@ -93,6 +95,14 @@ id = "demo-kek"
 images = ["oci:*"]
 tenants = ["demo"]
 ipu_classes = ["demo-ipu"]
+
+# Placement grants from the scheduler decide which tenant's function runs where.
+[[grant_key]]
+id = "scheduler"
+public_key = """
+$(cat keys/scheduler/pub.pem)
+"""
+tenants = ["*"]
 TOML
 cat > image-trust.json <<JSON
 {
@@ -167,19 +177,44 @@ svc_pid=$!
 pids+=($svc_pid)
 for _ in $(seq 100); do [ -S run/ipu-api.sock ] && break; sleep 0.1; done
 
-echo "==> host: run the function. The IPU verifies the signature, attests to the broker, decrypts"
-echo "    the layer with the released key, builds the encrypted base and a clone, and exports it;"
-echo "    the host agent mounts it, runs it with runc, and tears it down (the clone is erased)"
-"$bin/host-attach" run --api run/ipu-api.sock --tenant demo --function hello \
-    --workdir "$demo/host" "oci:$demo/layout:demo"
+image="oci:$demo/layout:demo"
+echo "==> control plane: placement grants (tenant, function, image, IPU, host, 10 minutes, a serial)"
+mkdir -p grants
+grant() { # NAME TENANT IPU [extra policy grant issue options]
+    local name=$1 tenant=$2 ipu=$3
+    shift 3
+    "$bin/policy" grant issue --key keys/scheduler/priv.pem --tenant "$tenant" --function hello \
+        --image "$image" --ipu "$ipu" --host host-1.demo --out "grants/$name.grant" "$@"
+}
+grant demo demo ipu-1
+grant guest guest ipu-1
+grant other-ipu demo ipu-2
+grant expired demo ipu-1 --not-before "$(date -u -d '-2 hours' +%Y-%m-%dT%H:%M:%SZ)" --valid-for 1h
+"$bin/policy" grant inspect grants/demo.grant
 
-echo "==> tenant guest may run images, but the broker refuses it the key: nothing starts"
-set +e
-"$bin/host-attach" run --api run/ipu-api.sock --tenant guest --function hello \
-    --workdir "$demo/host" "oci:$demo/layout:demo"
-rc=$?
-set -e
-[ "$rc" = 125 ] || { echo "expected exit code 125 (not started), got $rc" >&2; exit 1; }
+echo "==> host: run the function with its grant. The IPU checks the grant, verifies the signature,"
+echo "    attests to the broker, decrypts the layer with the released key, builds the encrypted"
+echo "    base and a clone, and exports it; the host agent mounts it, runs it with runc, and tears"
+echo "    it down (the clone is erased)"
+"$bin/host-attach" run --api run/ipu-api.sock --tenant demo --function hello --grant grants/demo.grant \
+    --workdir "$demo/host" "$image"
+
+refused() { # WHAT, then the host-attach run arguments: must not start (exit code 125)
+    local what=$1
+    shift
+    echo "==> $what: refused, nothing starts"
+    set +e
+    "$bin/host-attach" run --api run/ipu-api.sock --function hello --workdir "$demo/host" "$@" "$image"
+    rc=$?
+    set -e
+    [ "$rc" = 125 ] || { echo "expected exit code 125 (not started), got $rc" >&2; exit 1; }
+}
+refused "a host naming tenant demo without a grant" --tenant demo
+refused "a host replaying demo's grant (its serial is used)" --tenant demo --grant grants/demo.grant
+refused "a host naming tenant demo with guest's grant" --tenant demo --grant grants/guest.grant
+refused "a grant for another IPU" --tenant demo --grant grants/other-ipu.grant
+refused "an expired grant" --tenant demo --grant grants/expired.grant
+refused "tenant guest, granted, but the broker refuses it the key" --tenant guest --grant grants/guest.grant
 
 echo "==> an unsigned image is refused (exit code 3)"
 set +e

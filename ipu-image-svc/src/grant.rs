@@ -23,6 +23,12 @@ pub enum GrantRefusal {
     Invalid(#[from] GrantError),
     #[error("placement grant refused (replayed): serial {serial} was already used; a grant starts one function")]
     Replayed { serial: String },
+    #[error("placement grant refused (request-mismatch): the request names {what} {asked:?}, the grant {granted:?}")]
+    RequestMismatch {
+        what: &'static str,
+        asked: String,
+        granted: String,
+    },
     #[error("placement grant serials at {path}: {source}")]
     Store {
         path: PathBuf,
@@ -37,6 +43,7 @@ impl GrantRefusal {
         match self {
             GrantRefusal::Invalid(e) => e.reason_code(),
             GrantRefusal::Replayed { .. } => "replayed",
+            GrantRefusal::RequestMismatch { .. } => "request-mismatch",
             GrantRefusal::Store { .. } => "serial-store",
         }
     }
@@ -128,6 +135,18 @@ impl SerialStore {
     }
 }
 
+/// What a request names, which its grant must cover.
+#[derive(Clone, Copy, Debug)]
+pub struct GrantedRequest<'a> {
+    /// Empty: the grant's.
+    pub tenant: &'a str,
+    /// Empty: the grant's.
+    pub function: &'a str,
+    pub image: &'a str,
+    /// The host's export identity, when it has one.
+    pub host: Option<&'a str>,
+}
+
 /// What the IPU checks of a grant: the running policy's grant keys, this IPU's enrolled
 /// identity, and the serials already used.
 pub struct GrantGate {
@@ -150,16 +169,22 @@ impl GrantGate {
         self.policy.grants_required()
     }
 
-    /// Verifies `envelope` for a request naming `image` from the host `host` (its export
-    /// identity, when it has one), then claims its serial. The tenant and function to act
-    /// for are the grant's.
+    /// Verifies `envelope` for a request naming `image`, `tenant` and `function` (either may
+    /// be empty: the grant's then) from the host `host` (its export identity, when it has
+    /// one), then claims its serial: a request the grant does not cover leaves the serial
+    /// unused. The tenant and function to act for are the grant's.
     pub fn admit(
         &self,
         envelope: &[u8],
-        host: Option<&str>,
-        image: &str,
+        request: &GrantedRequest<'_>,
         now: SystemTime,
     ) -> Result<VerifiedGrant, GrantRefusal> {
+        let GrantedRequest {
+            tenant,
+            function,
+            image,
+            host,
+        } = *request;
         let verified = policy::grant::verify(
             envelope,
             &self.policy,
@@ -170,6 +195,18 @@ impl GrantGate {
                 now,
             },
         )?;
+        for (what, asked, granted) in [
+            ("tenant", tenant, verified.tenant()),
+            ("function", function, verified.function()),
+        ] {
+            if !asked.is_empty() && asked != granted {
+                return Err(GrantRefusal::RequestMismatch {
+                    what,
+                    asked: asked.to_string(),
+                    granted: granted.to_string(),
+                });
+            }
+        }
         if !self
             .serials
             .claim(verified.serial(), verified.not_after())?
@@ -286,21 +323,37 @@ tenants = ["acme"]
             )
         };
         assert!(gate("ipu-1").required());
+        let request = GrantedRequest {
+            tenant: "acme",
+            function: "",
+            image,
+            host: Some("host-1.example"),
+        };
+        // A request naming another function than the grant's: refused, the serial unused.
+        let other_function = gate("ipu-1")
+            .admit(
+                envelope.as_bytes(),
+                &GrantedRequest {
+                    function: "other",
+                    ..request
+                },
+                now,
+            )
+            .unwrap_err();
+        assert_eq!(other_function.reason_code(), "request-mismatch");
         // Another IPU's gate refuses it, and does not use up its serial.
         let other = gate("ipu-2")
-            .admit(envelope.as_bytes(), Some("host-1.example"), image, now)
+            .admit(envelope.as_bytes(), &request, now)
             .unwrap_err();
         assert_eq!(other.reason_code(), "wrong-ipu", "{other}");
         // Positive control: admitted once, with the grant's tenant and function.
         let admitted = gate("ipu-1")
-            .admit(envelope.as_bytes(), Some("host-1.example"), image, now)
+            .admit(envelope.as_bytes(), &request, now)
             .unwrap();
         assert_eq!((admitted.tenant(), admitted.function()), ("acme", "resize"));
         // Replayed, to this gate and to a new one over the same store (a restart).
         for g in [gate("ipu-1"), gate("ipu-1")] {
-            let replay = g
-                .admit(envelope.as_bytes(), Some("host-1.example"), image, now)
-                .unwrap_err();
+            let replay = g.admit(envelope.as_bytes(), &request, now).unwrap_err();
             assert_eq!(replay.reason_code(), "replayed", "{replay}");
         }
     }

@@ -205,6 +205,11 @@ fn a_host_cannot_act_for_a_tenant_without_the_control_planes_grant() {
         .placement("acme", "resize", &image, host, &globex)
         .unwrap_err();
     assert!(e.to_string().contains("request-mismatch"), "{e}");
+    // The mismatch did not use the grant up: it still places globex's function.
+    let (tenant, _) = service
+        .placement("globex", "resize", &image, host, &globex)
+        .unwrap();
+    assert_eq!(tenant, "globex");
     assert_eq!(refusals(&audit, "no-grant"), 1);
     assert!(service.list().is_empty());
 

@@ -362,7 +362,8 @@ impl Service {
     /// policy names grant keys, the control plane's grant decides: it must verify for this
     /// IPU, the host identity (when given) and the image, its serial must be new, and the
     /// request's own tenant and function, when given, must be the grant's. Every decision is
-    /// audited (`policy.decision`, with the grant's serial and the refusal's reason code).
+    /// audited (`policy.decision`: an accepted grant with its serial, a refusal with its
+    /// reason code).
     pub fn placement(
         &self,
         tenant: &str,
@@ -387,7 +388,7 @@ impl Service {
             }
             return Ok((tenant.to_string(), function.to_string()));
         };
-        let refuse = |code: &str, why: String, serial: Option<&str>| {
+        let refuse = |code: &str, why: String| {
             let mut e = Event::new(
                 AUDIT_SERVICE,
                 EventKind::PolicyDecision,
@@ -403,9 +404,6 @@ impl Service {
             if !function.is_empty() {
                 e = e.function(function.to_string());
             }
-            if let Some(s) = serial {
-                e = e.detail("grant_serial", s.to_string());
-            }
             match self.record(e) {
                 Ok(_) => ServiceError::Refused(why),
                 Err(audit) => audit,
@@ -415,31 +413,20 @@ impl Service {
             return Err(refuse(
                 "no-grant",
                 "placement grant refused (no-grant): the running policy requires a placement grant from the control plane, and the request carries none".into(),
-                None,
             ));
         }
         let verified = gate
             .admit(
                 grant.as_bytes(),
-                host_identity,
-                image,
+                &crate::grant::GrantedRequest {
+                    tenant,
+                    function,
+                    image,
+                    host: host_identity,
+                },
                 std::time::SystemTime::now(),
             )
-            .map_err(|e| refuse(e.reason_code(), e.to_string(), None))?;
-        for (what, asked, granted) in [
-            ("tenant", tenant, verified.tenant()),
-            ("function", function, verified.function()),
-        ] {
-            if !asked.is_empty() && asked != granted {
-                return Err(refuse(
-                    "request-mismatch",
-                    format!(
-                        "placement grant refused (request-mismatch): the request names {what} {asked:?}, the grant {granted:?}"
-                    ),
-                    Some(verified.serial()),
-                ));
-            }
-        }
+            .map_err(|e| refuse(e.reason_code(), e.to_string()))?;
         self.record(
             Event::new(
                 AUDIT_SERVICE,
