@@ -153,7 +153,13 @@ pub struct GrantGate {
     policy: Arc<DeploymentPolicy>,
     ipu: String,
     serials: SerialStore,
+    /// When the store was last pruned: at most every [`PRUNE_EVERY`], so a long uptime does
+    /// not keep every serial ever claimed and no claim pays for a directory scan.
+    last_prune: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often the gate forgets serials whose window has passed.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl GrantGate {
     pub fn new(policy: Arc<DeploymentPolicy>, ipu: String, serials: SerialStore) -> Self {
@@ -161,6 +167,20 @@ impl GrantGate {
             policy,
             ipu,
             serials,
+            last_prune: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Prunes the serial store when it is due (the first call always is).
+    fn prune_if_due(&self, now: SystemTime) {
+        let mut last = self.last_prune.lock().expect("not poisoned");
+        if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        // A failed prune only keeps old serials longer; claims still decide correctly.
+        if let Err(e) = self.serials.prune(now) {
+            tracing::warn!(error = %e, "cannot prune placement grant serials");
         }
     }
 
@@ -207,6 +227,7 @@ impl GrantGate {
                 });
             }
         }
+        self.prune_if_due(now);
         if !self
             .serials
             .claim(verified.serial(), verified.not_after())?

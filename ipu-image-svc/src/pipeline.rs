@@ -189,18 +189,23 @@ impl ImageRequest<'_> {
         // The layer keys are released while the layers are fetched: the broker's round trips
         // overlap the registry's. A refusal is recorded when the build reaches its layer.
         let (tenant, function) = (self.rec.tenant(), self.rec.function());
-        let (blobs, released) = std::thread::scope(|scope| {
-            let releasing = std::thread::Builder::new()
-                .name("key-release".into())
-                .spawn_scoped(scope, || build::release_keys(keys, image, tenant, function));
-            let blobs = self.pull(image, progress);
-            let released = match releasing {
-                Ok(thread) => thread.join().expect("the key release thread panicked"),
-                // No thread to be had: released here, after the pull.
-                Err(_) => build::release_keys(keys, image, tenant, function),
-            };
-            (blobs, released)
-        });
+        let (blobs, released) = if image.encrypted_layers().next().is_none() {
+            // No key to ask for: no thread either.
+            (self.pull(image, progress), Vec::new())
+        } else {
+            std::thread::scope(|scope| {
+                let releasing = std::thread::Builder::new()
+                    .name("key-release".into())
+                    .spawn_scoped(scope, || build::release_keys(keys, image, tenant, function));
+                let blobs = self.pull(image, progress);
+                let released = match releasing {
+                    Ok(thread) => thread.join().expect("the key release thread panicked"),
+                    // No thread to be had: released here, after the pull.
+                    Err(_) => build::release_keys(keys, image, tenant, function),
+                };
+                (blobs, released)
+            })
+        };
         let blobs = blobs?;
         let staging_parent = self.cfg.staging_parent();
         let cfg = BuildConfig {

@@ -539,3 +539,21 @@ pub fn ed25519_pem_pair() -> (String, String) {
         ),
     )
 }
+
+/// The unencrypted, unsigned image of `rootfs` (gzip, its `Cmd` one path) built by our
+/// publisher into the OCI layout `d/layout` under `tag`; its `oci:` reference.
+pub fn plain_layout_image(d: &Path, rootfs: &Path, tag: &str, cmd: &str) -> String {
+    let layout = publisher::layout::Layout::open_or_create(&d.join("layout")).unwrap();
+    publisher::build::build(
+        &layout,
+        &publisher::build::BuildOptions {
+            rootfs,
+            tag,
+            cmd: vec![cmd.into()],
+            env: vec![],
+            compression: publisher::build::LayerCompression::Gzip,
+        },
+    )
+    .unwrap();
+    format!("oci:{}:{tag}", layout.dir().display())
+}

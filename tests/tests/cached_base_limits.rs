@@ -32,19 +32,7 @@ fn image_with_a_device_node(d: &Path) -> String {
     let suid = rootfs.join("suid");
     std::fs::write(&suid, b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    let layout = publisher::layout::Layout::open_or_create(&d.join("layout")).unwrap();
-    publisher::build::build(
-        &layout,
-        &publisher::build::BuildOptions {
-            rootfs: &rootfs,
-            tag: "devices",
-            cmd: vec!["/suid".into()],
-            env: vec![],
-            compression: publisher::build::LayerCompression::Gzip,
-        },
-    )
-    .unwrap();
-    format!("oci:{}:devices", layout.dir().display())
+    integration_tests::plain_layout_image(d, &rootfs, "devices", "/suid")
 }
 
 /// Each function's limits, as the service's factory gives them.

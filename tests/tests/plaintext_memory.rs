@@ -17,19 +17,7 @@ fn image(d: &Path) -> String {
     let mut data = vec![0u8; 3 << 20];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut data).unwrap();
     std::fs::write(rootfs.join("data"), &data).unwrap();
-    let layout = publisher::layout::Layout::open_or_create(&d.join("layout")).unwrap();
-    publisher::build::build(
-        &layout,
-        &publisher::build::BuildOptions {
-            rootfs: &rootfs,
-            tag: "big",
-            cmd: vec!["/data".into()],
-            env: vec![],
-            compression: publisher::build::LayerCompression::Gzip,
-        },
-    )
-    .unwrap();
-    format!("oci:{}:big", layout.dir().display())
+    integration_tests::plain_layout_image(d, &rootfs, "big", "/data")
 }
 
 fn start(d: &Path, plaintext_memory: u64) -> (Service, Arc<audit::AuditLog>) {

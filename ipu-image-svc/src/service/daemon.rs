@@ -101,17 +101,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
         let ipu = broker
             .ipu_id()
             .map_err(|e| Error::from(e).context("key broker: this IPU's enrolled identity"))?;
-        let grant_store = |e: crate::grant::GrantRefusal| {
-            ServiceError::storage(
-                "placement grant serials",
-                &grants_dir,
-                std::io::Error::other(e.to_string()),
-            )
-        };
-        let serials = crate::grant::SerialStore::open(&grants_dir).map_err(grant_store)?;
-        serials
-            .prune(std::time::SystemTime::now())
-            .map_err(grant_store)?;
+        // Pruned by the gate as it goes (the first admission prunes what a previous run left).
+        let serials = crate::grant::SerialStore::open(&grants_dir).map_err(|e| match e {
+            crate::grant::GrantRefusal::Store { path, source } => {
+                ServiceError::storage("placement grant serials", &path, source)
+            }
+            other => ServiceError::Refused(other.to_string()),
+        })?;
         tracing::info!(ipu = %ipu, "placement grants required by the running policy");
         service = service.with_grant_gate(crate::grant::GrantGate::new(grant_policy, ipu, serials));
     }
