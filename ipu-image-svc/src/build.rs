@@ -77,6 +77,7 @@ pub fn release_keys(
     image: &VerifiedImage,
     tenant: &str,
     function: &str,
+    grant: Option<&str>,
 ) -> ReleasedKeys {
     let (image_ref, image_digest) = (
         image.reference.to_string(),
@@ -94,6 +95,7 @@ pub fn release_keys(
             layer: &layer.descriptor,
             tenant,
             function,
+            grant,
         });
         let refused = key.is_err();
         released.push(Some(key));

@@ -5,8 +5,10 @@
 //! ([`SerialStore`]).
 //!
 //! [`crate::service::Service::placement`] runs the gate before Prepare and Verify fetch
-//! anything. Still to come (issue 15): the key broker checking the grant on release, and
-//! DecryptLayer bound to the grant its Verify carried.
+//! anything and returns a [`Placement`]: the grant's tenant and function, and the grant
+//! itself, which every key release of the request carries to the broker (which checks it
+//! again for the attested IPU) and which the layers a Verify made known keep, so the decrypt
+//! hook's DecryptLayer acts under that grant and not after its window.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,47 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use policy::deploy::DeploymentPolicy;
 use policy::grant::{Expectation, GrantError, VerifiedGrant, CLOCK_SKEW};
+
+/// A grant the gate admitted, as a request carries it on.
+#[derive(Debug)]
+pub struct AdmittedGrant {
+    /// The envelope as the control plane signed it (a public statement, not a secret).
+    pub envelope: Arc<str>,
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+impl AdmittedGrant {
+    /// Whether its window (with the clock skew allowed) has ended at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        now >= self.not_after + CLOCK_SKEW
+    }
+}
+
+/// Whom a request acts for: the tenant and function, and the grant that named them (none
+/// when the running policy asks for no grants).
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub tenant: String,
+    pub function: String,
+    pub grant: Option<Arc<AdmittedGrant>>,
+}
+
+impl Placement {
+    /// A placement on the host's word alone (no grant keys in the policy).
+    pub fn ungranted(tenant: &str, function: &str) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            grant: None,
+        }
+    }
+
+    /// The grant's envelope, for a key release.
+    pub fn envelope(&self) -> Option<Arc<str>> {
+        self.grant.as_ref().map(|g| g.envelope.clone())
+    }
+}
 
 /// Why a grant was not accepted.
 #[derive(Debug, thiserror::Error)]

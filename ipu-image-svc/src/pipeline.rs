@@ -38,6 +38,9 @@ pub struct PipelineConfig {
     /// When set, the request must be allowed by this deployment policy, whose requirements
     /// and limits are then enforced (over `limits` where stricter).
     pub deployment: Option<Deployment>,
+    /// The placement grant the request was admitted with (its envelope): every key release
+    /// carries it, for the broker to check again.
+    pub grant: Option<Arc<str>>,
 }
 
 impl PipelineConfig {
@@ -53,6 +56,7 @@ impl PipelineConfig {
             tenant: None,
             function: None,
             deployment: None,
+            grant: None,
         }
     }
 
@@ -133,6 +137,7 @@ impl ImageRequest<'_> {
                 layer: &layer.descriptor,
                 tenant: self.rec.tenant(),
                 function: self.rec.function(),
+                grant: self.cfg.grant.as_deref(),
             });
             if let Err(e) = released {
                 let digest = layer.descriptor.digest.to_string();
@@ -188,7 +193,11 @@ impl ImageRequest<'_> {
         build::require_keys(keys, image, &self.rec)?;
         // The layer keys are released while the layers are fetched: the broker's round trips
         // overlap the registry's. A refusal is recorded when the build reaches its layer.
-        let (tenant, function) = (self.rec.tenant(), self.rec.function());
+        let (tenant, function, grant) = (
+            self.rec.tenant(),
+            self.rec.function(),
+            self.cfg.grant.as_deref(),
+        );
         let (blobs, released) = if image.encrypted_layers().next().is_none() {
             // No key to ask for: no thread either.
             (self.pull(image, progress), Vec::new())
@@ -196,12 +205,14 @@ impl ImageRequest<'_> {
             std::thread::scope(|scope| {
                 let releasing = std::thread::Builder::new()
                     .name("key-release".into())
-                    .spawn_scoped(scope, || build::release_keys(keys, image, tenant, function));
+                    .spawn_scoped(scope, || {
+                        build::release_keys(keys, image, tenant, function, grant)
+                    });
                 let blobs = self.pull(image, progress);
                 let released = match releasing {
                     Ok(thread) => thread.join().expect("the key release thread panicked"),
                     // No thread to be had: released here, after the pull.
-                    Err(_) => build::release_keys(keys, image, tenant, function),
+                    Err(_) => build::release_keys(keys, image, tenant, function, grant),
                 };
                 (blobs, released)
             })

@@ -301,6 +301,7 @@ fn a_decrypted_layers_key_and_round_keys_are_gone_after_it_drops() {
             layer: &descriptor,
             tenant: "t",
             function: "f",
+            grant: None,
         })
         .unwrap();
     let ciphertext = File::open(blob(layer["digest"].as_str().unwrap())).unwrap();

@@ -38,6 +38,14 @@ pub enum BrokerError {
     Denied(String),
     #[error("the layer is not wrapped to any key the policy allows here ({0})")]
     NoUsableKey(String),
+    /// The release's placement grant is missing, does not verify, or does not cover it.
+    #[error("placement grant refused ({code}): {message}")]
+    Grant {
+        code: &'static str,
+        message: String,
+        /// The grant's serial, when it could be read.
+        serial: Option<String>,
+    },
     // Malformed requests; each an invalid argument for a caller.
     /// The provider annotation does not split into wrappings.
     #[error("malformed request: {0}")]
@@ -131,6 +139,8 @@ pub struct ReleaseRequest {
     pub image_digest: String,
     pub layer_digest: String,
     pub wrapped: Wrapped,
+    /// The placement grant the IPU admitted the start with (a DSSE envelope), if any.
+    pub grant: Option<String>,
 }
 
 /// Where the broker keeps its state and whom it trusts for policy bundles.
@@ -185,6 +195,84 @@ impl BrokerOptions {
             }
         }
     }
+}
+
+/// The serial a grant envelope claims, read without verifying it (for the audit record of
+/// a release whose grant is refused later, or not checked at all).
+fn grant_serial(envelope: &str) -> Option<String> {
+    policy::grant::inspect(envelope.as_bytes())
+        .ok()
+        .and_then(|u| u.grant.ok())
+        .map(|g| g.serial)
+}
+
+/// When the running policy names grant keys, a release needs a placement grant that
+/// verifies for the attested IPU (signature by a key trusted for its tenant, window, IPU,
+/// image) and names the release's tenant and function; a reference pinned by a digest must
+/// be released for that digest. The host is not checked here (the broker does not see the
+/// export), nor the serial's single use (one start releases several layers, and again on a
+/// warm start; the IPU claims the serial once). A policy without grant keys ignores grants.
+fn check_grant(
+    policy: &DeploymentPolicy,
+    session: &Session,
+    req: &ReleaseRequest,
+    now: std::time::SystemTime,
+) -> Result<(), BrokerError> {
+    if !policy.grants_required() {
+        return Ok(());
+    }
+    let refuse = |code, message: String, serial: Option<String>| BrokerError::Grant {
+        code,
+        message,
+        serial,
+    };
+    let Some(envelope) = req.grant.as_deref().filter(|g| !g.is_empty()) else {
+        return Err(refuse(
+            "no-grant",
+            "the running policy requires a placement grant, and the release carries none".into(),
+            None,
+        ));
+    };
+    let verified = policy::grant::verify(
+        envelope.as_bytes(),
+        policy,
+        &policy::grant::Expectation {
+            ipu: &session.ipu_id,
+            host: None,
+            image: &req.image,
+            now,
+        },
+    )
+    .map_err(|e| refuse(e.reason_code(), e.to_string(), grant_serial(envelope)))?;
+    let serial = Some(verified.serial().to_string());
+    for (what, asked, granted) in [
+        ("tenant", &req.tenant, verified.tenant()),
+        ("function", &req.function, verified.function()),
+    ] {
+        if asked != granted {
+            return Err(refuse(
+                "request-mismatch",
+                format!("the release names {what} {asked:?}, the grant {granted:?}"),
+                serial,
+            ));
+        }
+    }
+    let pinned = policy::reference::ImageReference::parse(&req.image)
+        .ok()
+        .and_then(|r| r.docker_reference().and_then(|d| d.digest()).cloned());
+    if let Some(pinned) = pinned {
+        if pinned.to_string() != req.image_digest {
+            return Err(refuse(
+                "request-mismatch",
+                format!(
+                    "the release is for manifest {}, the granted reference is pinned by {pinned}",
+                    req.image_digest
+                ),
+                serial,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Who asked for an administrative change, for its audit event.
@@ -453,14 +541,26 @@ impl Broker {
         deliver: impl FnOnce(&Session, &[u8]) -> Result<T, BrokerError>,
     ) -> Result<T, BrokerError> {
         let result = self.release_inner(client, req, deliver);
+        // The grant's serial, whether it verified or not (a refused grant is named by it).
+        let serial = match &result {
+            Err(BrokerError::Grant { serial, .. }) => serial.clone(),
+            _ => req.grant.as_deref().and_then(grant_serial),
+        };
         let base = |kind, outcome, reason: String| {
-            Event::new(AUDIT_SERVICE, kind, outcome, reason)
+            let mut e = Event::new(AUDIT_SERVICE, kind, outcome, reason)
                 .tenant(req.tenant.clone())
                 .function(req.function.clone())
                 .image(req.image.clone(), Some(req.image_digest.clone()))
                 .actor(actor(client))
                 .detail("layer_digest", req.layer_digest.clone())
-                .detail("session", req.session_id.clone())
+                .detail("session", req.session_id.clone());
+            if let Some(serial) = &serial {
+                e = e.detail("grant_serial", serial.clone());
+            }
+            if let Err(BrokerError::Grant { code, .. }) = &result {
+                e = e.detail("reason_code", code.to_string());
+            }
+            e
         };
         match &result {
             Ok((key_id, ipu_id, _)) => {
@@ -535,6 +635,7 @@ impl Broker {
             .expect("not poisoned")
             .clone()
             .ok_or_else(|| BrokerError::Denied("no deployment policy is loaded".into()))?;
+        check_grant(&policy, &session, req, std::time::SystemTime::now())?;
         let request = DeployRequest {
             tenant: req.tenant.clone(),
             function: req.function.clone(),

@@ -40,6 +40,8 @@ pub enum ProviderRequestError {
     MissingParameter(&'static str),
     #[error("keyunwrap without an annotation")]
     NoAnnotation,
+    #[error("decryption parameter grant= is not base64 of a placement grant")]
+    GrantNotBase64,
 }
 
 /// Why the door refused a message: it is malformed, or the broker refused it.
@@ -52,7 +54,9 @@ pub enum ProviderError {
 }
 
 /// The release a keyunwrap asks for, from its decryption parameters for this provider:
-/// `session=`, `tenant=`, `function=`, `image=`, `image-digest=`, `layer-digest=`.
+/// `session=`, `tenant=`, `function=`, `image=`, `image-digest=`, `layer-digest=`, and
+/// `grant=` (standard base64 of the placement grant's envelope) when the policy asks for
+/// grants.
 fn unwrap_request(
     name: &str,
     request: &Request,
@@ -87,6 +91,15 @@ fn unwrap_request(
         image_digest: take("image-digest")?,
         layer_digest: take("layer-digest")?,
         wrapped: Wrapped::Provider(String::new()),
+        grant: match fields.remove("grant") {
+            None => None,
+            Some(b64) => Some(
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or(ProviderRequestError::GrantNotBase64)?,
+            ),
+        },
     };
     let annotation = request
         .keyunwrapparams

@@ -142,6 +142,7 @@ fn status(e: BrokerError) -> Status {
         BrokerError::Attestation(_)
         | BrokerError::Denied(_)
         | BrokerError::NoUsableKey(_)
+        | BrokerError::Grant { .. }
         | BrokerError::WrongClient => Status::permission_denied(e.to_string()),
         // Its own code, so a client knows to attest again (and nothing else means that).
         BrokerError::NoSession => Status::unauthenticated(e.to_string()),
@@ -305,6 +306,7 @@ impl KeyBroker for KeyBrokerService {
             image_digest: r.image_digest,
             layer_digest: r.layer_digest,
             wrapped,
+            grant: Some(r.grant).filter(|g| !g.is_empty()),
         };
         let broker = self.broker.clone();
         let sealed = blocking(move || broker.release(&who.subject, &req)).await?;

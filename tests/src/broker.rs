@@ -344,6 +344,7 @@ pub fn fixture_release(session_id: &str) -> ReleaseRequest {
         layer_digest: layer.layer_digest,
         wrapped_jwe: layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone(),
         wrapped_provider: String::new(),
+        grant: String::new(),
     }
 }
 

@@ -75,6 +75,7 @@ fn request(session: &str, tenant: &str) -> ReleaseRequest {
         image_digest: layer.image_digest,
         layer_digest: layer.layer_digest,
         wrapped: Wrapped::Jwe(layer.annotations[ocicrypt::ANNOTATION_KEYS_JWE].clone()),
+        grant: None,
     }
 }
 
@@ -382,4 +383,192 @@ fn tampered_rsa_wrapped_keys_are_denied_exactly_like_a_foreign_key() {
     assert!(reasons
         .iter()
         .all(|r| !r.to_lowercase().contains("padding")));
+}
+
+/// The broker's running policy with two grant keys: `scheduler` trusted for acme,
+/// `other` for globex; `scheduler` left out when `with_scheduler` is false (a rotation).
+fn policy_with_grant_keys(
+    scheduler: &str,
+    other: &str,
+    with_scheduler: bool,
+) -> policy::deploy::DeploymentPolicy {
+    let mut text = integration_tests::broker::POLICY.to_string();
+    if with_scheduler {
+        text.push_str(&format!(
+            "\n[[grant_key]]\nid = \"scheduler\"\npublic_key = \"\"\"\n{scheduler}\"\"\"\ntenants = [\"acme\"]\n"
+        ));
+    }
+    text.push_str(&format!(
+        "\n[[grant_key]]\nid = \"other\"\npublic_key = \"\"\"\n{other}\"\"\"\ntenants = [\"globex\"]\n"
+    ));
+    policy::deploy::parse(&text, "policy.toml").unwrap()
+}
+
+/// Issue 15: with grant keys in its policy, the broker releases a key only under a placement
+/// grant that verifies for the attested IPU and covers the release's tenant, function and
+/// image, whatever the IPU asks; each refusal is audited with its reason code and the grant's
+/// serial. A policy update that drops the signing key refuses its grants from then on.
+#[test]
+fn releases_need_a_grant_that_covers_them_for_the_attested_ipu() {
+    use policy::grant::{Grant, ImageClaim};
+    use std::time::SystemTime;
+    let mut s = setup(Duration::from_secs(60));
+    let (scheduler, scheduler_public) = integration_tests::ed25519_pem_pair();
+    let (other, other_public) = integration_tests::ed25519_pem_pair();
+    s.broker
+        .set_policy(policy_with_grant_keys(
+            &scheduler_public,
+            &other_public,
+            true,
+        ))
+        .unwrap();
+    let session_key = SessionKey::generate();
+    let (session, _) = s.attest(&session_key);
+    let layer = enc_signed_layer();
+    let now = SystemTime::now();
+    let grant = |tenant: &str, change: &dyn Fn(&mut Grant)| {
+        let mut g = Grant {
+            version: 1,
+            serial: policy::grant::new_serial().unwrap(),
+            tenant: tenant.into(),
+            function: "resize".into(),
+            image: ImageClaim::Reference(layer.image.clone()),
+            // The identity the broker enrolled this IPU under.
+            ipu: "ipu-1".into(),
+            host: "host-1.example".into(),
+            not_before: now - Duration::from_secs(30),
+            not_after: now + Duration::from_secs(600),
+        };
+        change(&mut g);
+        g
+    };
+    let sign = |g: &Grant, key: &str| policy::grant::sign(g, key.as_bytes()).unwrap().0;
+    let with_grant = |tenant: &str, function: &str, envelope: Option<String>| ReleaseRequest {
+        function: function.into(),
+        grant: envelope,
+        ..request(&session.id, tenant)
+    };
+    let denied_with = |req: &ReleaseRequest, code: &str| {
+        let err = s.broker.release(CLIENT, req).unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::Grant { code: c, .. } if *c == code),
+            "{code}: {err}"
+        );
+    };
+
+    // Positive control: acme's grant, signed by the key trusted for acme, releases.
+    let good = grant("acme", &|_| {});
+    let envelope = sign(&good, &scheduler);
+    s.broker
+        .release(
+            CLIENT,
+            &with_grant("acme", "resize", Some(envelope.clone())),
+        )
+        .unwrap();
+    // Again (another layer, a warm start): the broker does not count uses, the IPU does.
+    s.broker
+        .release(
+            CLIENT,
+            &with_grant("acme", "resize", Some(envelope.clone())),
+        )
+        .unwrap();
+
+    denied_with(&with_grant("acme", "resize", None), "no-grant");
+    // The grant does not cover the release: another function, another tenant.
+    denied_with(
+        &with_grant("acme", "thumbnail", Some(envelope.clone())),
+        "request-mismatch",
+    );
+    let globex = sign(&grant("globex", &|_| {}), &other);
+    denied_with(
+        &with_grant("acme", "resize", Some(globex)),
+        "request-mismatch",
+    );
+    // Signed by the key trusted only for globex, claiming acme.
+    denied_with(
+        &with_grant("acme", "resize", Some(sign(&good, &other))),
+        "untrusted-signer",
+    );
+    // For another IPU; expired; for another image.
+    let cases: [(&str, &dyn Fn(&mut Grant)); 3] = [
+        ("wrong-ipu", &|g| g.ipu = "ipu-2".into()),
+        ("expired", &|g| {
+            g.not_before = now - Duration::from_secs(7200);
+            g.not_after = now - Duration::from_secs(3600);
+        }),
+        ("wrong-image", &|g| {
+            g.image = ImageClaim::Reference("oci:/elsewhere:enc".into())
+        }),
+    ];
+    for (code, change) in cases {
+        let envelope = sign(&grant("acme", change), &scheduler);
+        denied_with(&with_grant("acme", "resize", Some(envelope)), code);
+    }
+    // A forged signature over the good grant.
+    let mut forged: serde_json::Value = serde_json::from_str(&envelope).unwrap();
+    let payload = forged["payload"].as_str().unwrap().to_string();
+    let mut bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, payload).unwrap();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    bytes = text.replace("resize", "resizX").into_bytes();
+    forged["payload"] =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes).into();
+    denied_with(
+        &with_grant("acme", "resizX", Some(forged.to_string())),
+        "bad-signature",
+    );
+
+    // A policy update drops the scheduler's key: its grants are refused from then on.
+    s.broker
+        .set_policy(policy_with_grant_keys(
+            &scheduler_public,
+            &other_public,
+            false,
+        ))
+        .unwrap();
+    denied_with(
+        &with_grant("acme", "resize", Some(envelope.clone())),
+        "unknown-signer",
+    );
+
+    // Audit: two releases and every denial carry the grant's serial where there was one,
+    // and each denial its reason code.
+    let store = s.log.store();
+    let q = |kind| {
+        store
+            .query(&audit::Query {
+                kind: Some(kind),
+                limit: 100,
+                ..audit::Query::default()
+            })
+            .unwrap()
+            .events
+    };
+    let releases = q(audit::EventKind::KeyRelease);
+    assert_eq!(releases.len(), 2);
+    for r in &releases {
+        assert_eq!(r.details["grant_serial"], good.serial);
+    }
+    let denials = q(audit::EventKind::KeyDeny);
+    let codes: Vec<&str> = denials
+        .iter()
+        .map(|e| e.details["reason_code"].as_str())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "no-grant",
+            "request-mismatch",
+            "request-mismatch",
+            "untrusted-signer",
+            "wrong-ipu",
+            "expired",
+            "wrong-image",
+            "bad-signature",
+            "unknown-signer"
+        ]
+    );
+    assert!(!denials[0].details.contains_key("grant_serial"));
+    assert_eq!(denials[1].details["grant_serial"], good.serial);
+    assert_eq!(denials[8].details["grant_serial"], good.serial);
 }

@@ -206,21 +206,22 @@ fn a_host_cannot_act_for_a_tenant_without_the_control_planes_grant() {
         .unwrap_err();
     assert!(e.to_string().contains("request-mismatch"), "{e}");
     // The mismatch did not use the grant up: it still places globex's function.
-    let (tenant, _) = service
+    let placed = service
         .placement("globex", "resize", &image, host, &globex)
         .unwrap();
-    assert_eq!(tenant, "globex");
+    assert_eq!(placed.tenant, "globex");
     assert_eq!(refusals(&audit, "no-grant"), 1);
     assert!(service.list().is_empty());
 
     // Positive control: acme's grant, the request naming no tenant: the start runs as the
     // grant's tenant and function.
     let envelope = signed(&grant("acme", &image, now), &scheduler);
-    let (tenant, function) = service.placement("", "", &image, host, &envelope).unwrap();
-    assert_eq!((tenant.as_str(), function.as_str()), ("acme", "resize"));
-    let p = service
-        .prepare_for(&tenant, &function, &image, host)
-        .unwrap();
+    let placed = service.placement("", "", &image, host, &envelope).unwrap();
+    assert_eq!(
+        (placed.tenant.as_str(), placed.function.as_str()),
+        ("acme", "resize")
+    );
+    let p = service.prepare_placed(&placed, &image, host).unwrap();
     assert!(p.clone_id.starts_with("acme.resize."), "{}", p.clone_id);
 
     // The same grant again: a replay, refused, also by a restarted service.

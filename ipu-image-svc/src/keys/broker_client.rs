@@ -348,6 +348,7 @@ impl LayerKeySource for BrokerKeys {
             layer_digest: req.layer_digest.to_string(),
             wrapped_jwe,
             wrapped_provider,
+            grant: req.grant.unwrap_or_default().to_string(),
         };
         let context = release_context(req.image_digest, req.layer_digest);
         let mut c = self.connection.lock().expect("not poisoned");

@@ -50,6 +50,9 @@ pub struct LayerKeyRequest<'a> {
     pub annotations: &'a ocicrypt::Annotations,
     pub tenant: &'a str,
     pub function: &'a str,
+    /// The placement grant the request was admitted with (its envelope), for the broker to
+    /// check again.
+    pub grant: Option<&'a str>,
 }
 
 /// A source of layer keys other than local key files (the key broker).
@@ -89,6 +92,8 @@ pub struct KeyFor<'a> {
     pub layer: &'a Descriptor,
     pub tenant: &'a str,
     pub function: &'a str,
+    /// The placement grant the request was admitted with, if any.
+    pub grant: Option<&'a str>,
 }
 
 impl KeySource {
@@ -129,6 +134,7 @@ impl KeySource {
                     annotations,
                     tenant: req.tenant,
                     function: req.function,
+                    grant: req.grant,
                 })?;
                 // Parsed from secret memory, which is zeroized when `secret` drops here; the
                 // parsed options are zeroized when the key drops.
@@ -179,6 +185,7 @@ mod tests {
             layer: &d,
             tenant: "t",
             function: "f",
+            grant: None,
         };
         let local = KeySource::none();
         assert!(!local.is_configured());

@@ -24,6 +24,7 @@ use audit::{AuditSink, Event, EventKind, Outcome};
 use super::known::{KnownLayer, Lookup};
 use super::{check_name, Service, ServiceError};
 use crate::error::{ocicrypt_class, Error, FailureClass};
+use crate::grant::Placement;
 use crate::keys::{KeyFor, LayerKey};
 use crate::pipeline::TrustPipeline;
 use crate::progress::Quiet;
@@ -58,12 +59,12 @@ fn refused(message: String) -> ServiceError {
 }
 
 impl Service {
-    /// Records the layers of an image verified for `tenant` and `function`, with the
-    /// first bytes of their blobs where known (`prefixes`, by layer; may be empty).
+    /// Records the layers of an image verified for `placement` (its tenant, function and
+    /// grant), with the first bytes of their blobs where known (`prefixes`, by layer; may be
+    /// empty).
     pub(crate) fn remember_layers(
         &self,
-        tenant: &str,
-        function: &str,
+        placement: &Placement,
         image: &VerifiedImage,
         prefixes: &[Vec<u8>],
     ) {
@@ -72,8 +73,9 @@ impl Service {
         for layer in &image.layers {
             let layer = KnownLayer {
                 diff_id: Some(layer.diff_id.to_string()),
-                tenant: tenant.into(),
-                function: function.into(),
+                tenant: placement.tenant.clone(),
+                function: placement.function.clone(),
+                grant: placement.grant.clone(),
                 image: image.reference.to_string(),
                 image_digest: image.manifest_digest.to_string(),
                 descriptor: layer.descriptor.clone(),
@@ -92,8 +94,21 @@ impl Service {
         function: &str,
         image: &str,
     ) -> Result<(String, Vec<String>), ServiceError> {
+        self.verify_placed(&Placement::ungranted(tenant, function), image)
+    }
+
+    /// [`Service::verify`] for a [`Service::placement`]: the layers it makes known act
+    /// under its grant.
+    pub fn verify_placed(
+        &self,
+        placement: &Placement,
+        image: &str,
+    ) -> Result<(String, Vec<String>), ServiceError> {
+        let (tenant, function) = (placement.tenant.as_str(), placement.function.as_str());
         let reference = super::request(tenant, function, image)?;
-        let pipeline = TrustPipeline::new((self.factory)(tenant, function)?);
+        let mut cfg = (self.factory)(tenant, function)?;
+        cfg.grant = placement.envelope();
+        let pipeline = TrustPipeline::new(cfg);
         let request = pipeline.request(&reference);
         let verified = request.finish((|| {
             let verified = request.verify(&reference, &Quiet)?;
@@ -101,7 +116,7 @@ impl Service {
             Ok(verified)
         })())?;
         let prefixes = crate::verify::blob_prefixes(&verified);
-        self.remember_layers(tenant, function, &verified, &prefixes);
+        self.remember_layers(placement, &verified, &prefixes);
         let layers = verified
             .layers
             .iter()
@@ -136,6 +151,14 @@ impl Service {
             start,
             Instant::now(),
         )?;
+        // Past its grant's window: not recognised (and refused when the blob is opened).
+        if known
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.expired(std::time::SystemTime::now()))
+        {
+            return None;
+        }
         let keys = self.layer_keys(tenant, function, &known);
         let verifier = match &keys {
             Ok(k) => {
@@ -169,6 +192,7 @@ impl Service {
                 layer: &known.descriptor,
                 tenant,
                 function,
+                grant: known.grant.as_ref().map(|g| &*g.envelope),
             })
             .map_err(|e| {
                 Error::from(e)
@@ -295,6 +319,18 @@ impl Service {
         blob: &ReceivedBlob<'_>,
         early: Option<EarlyLayer>,
     ) -> Result<Opened, ServiceError> {
+        if let Some(g) = known
+            .grant
+            .as_ref()
+            .filter(|g| g.expired(std::time::SystemTime::now()))
+        {
+            return Err(refused(format!(
+                "placement grant refused (expired): layer {} was verified under grant {}, whose window ended at {}: verify the image again with a new grant",
+                blob.digest,
+                g.serial,
+                policy::grant::format_time(g.not_after)
+            )));
+        }
         let d = &known.descriptor;
         if d.size != blob.size || d.media_type != blob.media_type {
             return Err(refused(format!(

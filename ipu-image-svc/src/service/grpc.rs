@@ -211,9 +211,8 @@ impl ImageService for Api {
         let service = self.service.clone();
         let p = blocking(move || {
             let host = Some(r.host_identity.as_str()).filter(|h| !h.is_empty());
-            let (tenant, function) =
-                service.placement(&r.tenant, &r.function, &r.image, host, &r.grant)?;
-            service.prepare_for(&tenant, &function, &r.image, host)
+            let placement = service.placement(&r.tenant, &r.function, &r.image, host, &r.grant)?;
+            service.prepare_placed(&placement, &r.image, host)
         })
         .await?;
         Ok(Response::new(PrepareResponse {
@@ -270,9 +269,8 @@ impl ImageService for Api {
         let r = req.into_inner();
         let service = self.service.clone();
         let (manifest_digest, layers) = blocking(move || {
-            let (tenant, function) =
-                service.placement(&r.tenant, &r.function, &r.image, None, &r.grant)?;
-            service.verify(&tenant, &function, &r.image)
+            let placement = service.placement(&r.tenant, &r.function, &r.image, None, &r.grant)?;
+            service.verify_placed(&placement, &r.image)
         })
         .await?;
         Ok(Response::new(VerifyResponse {

@@ -32,6 +32,9 @@ pub(crate) struct KnownLayer {
     /// [`Goal::VerifyForDecryption`](crate::pipeline::Goal::VerifyForDecryption)): how the
     /// blob is recognised as it starts to arrive.
     pub prefix: Vec<u8>,
+    /// The placement grant the verification was admitted with: decryptions act under it
+    /// (their key releases carry it) and not after its window.
+    pub grant: Option<std::sync::Arc<crate::grant::AdmittedGrant>>,
 }
 
 /// What [`KnownLayers::get`] found.
@@ -211,6 +214,7 @@ mod tests {
             descriptor,
             diff_id: None,
             prefix: prefix.to_vec(),
+            grant: None,
         }
     }
 

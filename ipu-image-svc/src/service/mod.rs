@@ -371,7 +371,7 @@ impl Service {
         image: &str,
         host_identity: Option<&str>,
         grant: &str,
-    ) -> Result<(String, String), ServiceError> {
+    ) -> Result<crate::grant::Placement, ServiceError> {
         // What the request names is checked before it is recorded anywhere.
         for (what, v) in [("tenant", tenant), ("function", function)] {
             if !v.is_empty() {
@@ -386,7 +386,7 @@ impl Service {
                         .into(),
                 ));
             }
-            return Ok((tenant.to_string(), function.to_string()));
+            return Ok(crate::grant::Placement::ungranted(tenant, function));
         };
         let refuse = |code: &str, why: String| {
             let mut e = Event::new(
@@ -444,10 +444,15 @@ impl Service {
             .detail("grant_serial", verified.serial().to_string())
             .detail("host_identity", host_identity.unwrap_or("").to_string()),
         )?;
-        Ok((
-            verified.tenant().to_string(),
-            verified.function().to_string(),
-        ))
+        Ok(crate::grant::Placement {
+            tenant: verified.tenant().to_string(),
+            function: verified.function().to_string(),
+            grant: Some(Arc::new(crate::grant::AdmittedGrant {
+                envelope: Arc::from(grant),
+                serial: verified.serial().to_string(),
+                not_after: verified.not_after(),
+            })),
+        })
     }
 
     /// Events from now on.
@@ -482,6 +487,19 @@ impl Service {
         image: &str,
         host_identity: Option<&str>,
     ) -> Result<Prepared, ServiceError> {
+        let placement = crate::grant::Placement::ungranted(tenant, function);
+        self.prepare_placed(&placement, image, host_identity)
+    }
+
+    /// [`Service::prepare_for`] for a [`Service::placement`]: its tenant and function, and
+    /// its grant carried by every key release of the start.
+    pub fn prepare_placed(
+        &self,
+        placement: &crate::grant::Placement,
+        image: &str,
+        host_identity: Option<&str>,
+    ) -> Result<Prepared, ServiceError> {
+        let (tenant, function) = (placement.tenant.as_str(), placement.function.as_str());
         let reference = request(tenant, function, image)?;
         let host_identity = host_identity.filter(|h| !h.is_empty());
         if let Some(h) = host_identity {
@@ -498,6 +516,7 @@ impl Service {
             ));
         }
         let mut cfg = (self.factory)(tenant, function)?;
+        cfg.grant = placement.envelope();
         // Unpack trees hold plaintext: only in the bounded tmpfs.
         cfg.staging_dir = Some(self.plaintext.path().to_path_buf());
         let pipeline = TrustPipeline::new(cfg);
@@ -510,7 +529,7 @@ impl Service {
         // verification serves both the check and, for a new image, the build.
         let (digest, base, verified) =
             self.verified_base(&pipeline, &reference, image, &instance)?;
-        self.remember_layers(tenant, function, &verified, &[]);
+        self.remember_layers(placement, &verified, &[]);
 
         let clone_id = format!("{tenant}.{function}.{instance}");
         // The deployment policy's clone size and lifetime, else the service's defaults.
