@@ -490,7 +490,8 @@ fn releases_need_a_grant_that_covers_them_for_the_attested_ipu() {
         "untrusted-signer",
     );
     // For another IPU; expired; for another image.
-    let cases: [(&str, &dyn Fn(&mut Grant)); 3] = [
+    type Change<'a> = &'a dyn Fn(&mut Grant);
+    let cases: [(&str, Change); 3] = [
         ("wrong-ipu", &|g| g.ipu = "ipu-2".into()),
         ("expired", &|g| {
             g.not_before = now - Duration::from_secs(7200);
