@@ -126,6 +126,8 @@ pub struct Running {
     pub rt: tokio::runtime::Runtime,
     /// The broker behind the service; it also holds an EC P-256 key `acme-ec`.
     pub broker: Arc<Broker>,
+    /// The broker's audit log.
+    pub audit: Arc<audit::AuditLog>,
     addr: std::net::SocketAddr,
     pub pki: Pki,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -219,7 +221,7 @@ pub fn start(tpm: &mut Tpm) -> Running {
     let broker = Arc::new(broker(
         verifier_for(tpm),
         keys,
-        log,
+        log.clone(),
         Duration::from_secs(60),
     ));
     let pki = Pki::new();
@@ -246,6 +248,7 @@ pub fn start(tpm: &mut Tpm) -> Running {
     Running {
         rt,
         broker,
+        audit: log,
         addr,
         pki,
         _stop: stop,

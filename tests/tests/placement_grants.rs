@@ -240,3 +240,137 @@ fn a_host_cannot_act_for_a_tenant_without_the_control_planes_grant() {
     assert_eq!(refusals(&audit, "replayed"), 1);
     service.shutdown();
 }
+
+/// The broker's events of `kind` with their `grant_serial` and `reason_code`.
+fn broker_events(log: &audit::AuditLog, kind: audit::EventKind) -> Vec<(String, String)> {
+    log.store()
+        .query(&audit::Query {
+            kind: Some(kind),
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| {
+            let get = |k: &str| e.details.get(k).cloned().unwrap_or_default();
+            (get("grant_serial"), get("reason_code"))
+        })
+        .collect()
+}
+
+/// Items 4 and 5 with the real broker (in process, its IPU attested with a swtpm): every
+/// key release of a granted Verify, and of the decrypt hook's layers after it, carries the
+/// grant, and the broker checks it; a service that asked for more than its grant (here: a
+/// placement naming another function than the grant it carries, as a bug would) is refused
+/// by the broker; a layer verified under a grant is not decrypted after the grant's window.
+#[test]
+fn decryptions_act_under_the_grant_their_verify_carried_and_the_broker_checks_it() {
+    use ipu_image_svc::grant::{AdmittedGrant, Placement};
+    use ipu_image_svc::service::decrypt::ReceivedBlob;
+    if !is_root() {
+        eprintln!("skipped: the service's plaintext tmpfs needs root");
+        return;
+    }
+    std::env::set_var("TSS2_LOG", "all+NONE");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (scheduler, other) = (key(), key());
+    let (swtpm, broker) = integration_tests::broker::start_with_tpm();
+    let mut text = integration_tests::broker::POLICY.to_string();
+    text.push_str(&format!(
+        "\n[[grant_key]]\nid = \"scheduler\"\npublic_key = \"\"\"\n{}\"\"\"\ntenants = [\"acme\"]\n\n[[grant_key]]\nid = \"other\"\npublic_key = \"\"\"\n{}\"\"\"\ntenants = [\"globex\"]\n",
+        scheduler.public, other.public
+    ));
+    let policy = Arc::new(policy::deploy::parse(&text, "policy.toml").unwrap());
+    broker.broker.set_policy((*policy).clone()).unwrap();
+    let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
+    let audit = integration_tests::audit_log(&d.join("ipu-audit"));
+    let service = integration_tests::broker::ipu_service(
+        integration_tests::broker::service_options(d.join("state")),
+        fixtures().join("policies/policy-A.json"),
+        d.join("cache"),
+        keys,
+        audit.clone(),
+    )
+    .with_grant_gate(GrantGate::new(
+        policy,
+        IPU.into(),
+        SerialStore::open(&d.join("grants")).unwrap(),
+    ));
+    let layer = integration_tests::broker::enc_signed_layer();
+    let image = layer.image.clone();
+    let blob_path = d.join("blob");
+    std::fs::write(&blob_path, &layer.blob).unwrap();
+    let blob = ReceivedBlob {
+        path: &blob_path,
+        digest: &layer.layer_digest,
+        size: layer.blob.len() as u64,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+        payload_descriptor: None,
+    };
+    let now = SystemTime::now();
+
+    // Positive control: the grant admitted, the image verified (its keys released under the
+    // grant), the hook's blob decrypted as the grant's tenant and function.
+    let g = grant("acme", &image, now);
+    let envelope = signed(&g, &scheduler);
+    let placed = service.placement("", "", &image, None, &envelope).unwrap();
+    service.verify_placed(&placed, &image).unwrap();
+    let verify_releases = broker_events(&broker.audit, audit::EventKind::KeyRelease).len();
+    assert!(verify_releases >= 1);
+    let mut stream = service.open_layer("acme", "resize", &blob, None).unwrap();
+    std::io::copy(&mut stream, &mut std::io::sink()).unwrap();
+    stream.finish().unwrap();
+    let releases = broker_events(&broker.audit, audit::EventKind::KeyRelease);
+    // One more for the hook's blob, and every one under the grant.
+    assert_eq!(releases.len(), verify_releases + 1, "{releases:?}");
+    assert!(releases.iter().all(|(serial, _)| *serial == g.serial));
+    // The host naming another tenant for the same blob: nothing verified for it.
+    assert!(service.open_layer("globex", "resize", &blob, None).is_err());
+
+    // A service bug: the placement names a function its grant does not. The broker refuses.
+    let widened = Placement {
+        function: "thumbnail".into(),
+        ..placed.clone()
+    };
+    let e = service.verify_placed(&widened, &image).unwrap_err();
+    assert!(e.to_string().contains("request-mismatch"), "{e}");
+    let denials = broker_events(&broker.audit, audit::EventKind::KeyDeny);
+    assert_eq!(
+        denials,
+        [(g.serial.clone(), "request-mismatch".to_string())]
+    );
+
+    // A grant whose window ends after its Verify: the layer it made known is not decrypted
+    // any more (as if time had passed: the window is set to have ended).
+    let mut late = grant("acme", &image, now);
+    late.function = "late".into();
+    let late_envelope = signed(&late, &scheduler);
+    let ended = Placement {
+        tenant: "acme".into(),
+        function: "late".into(),
+        grant: Some(Arc::new(AdmittedGrant {
+            envelope: Arc::from(late_envelope.as_str()),
+            serial: late.serial.clone(),
+            not_after: now - Duration::from_secs(120),
+        })),
+    };
+    service.verify_placed(&ended, &image).unwrap();
+    let e = service.open_layer("acme", "late", &blob, None).unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+    let refused = audit
+        .store()
+        .query(&audit::Query {
+            kind: Some(audit::EventKind::LayerDecrypt),
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap()
+        .events
+        .into_iter()
+        .filter(|e| e.outcome == audit::Outcome::Denied && e.reason.contains("expired"))
+        .count();
+    assert_eq!(refused, 1);
+    service.shutdown();
+}
