@@ -152,6 +152,9 @@ struct Options {
     audit_socket: Option<PathBuf>,
     /// `[unix] roles` lines (`"uid" = "role"`).
     unix_roles: Option<String>,
+    /// The policy names placement grant keys: `scheduler/` (Ed25519) trusted for acme,
+    /// `globex-scheduler/` (P-256) for globex.
+    grant_keys: bool,
 }
 
 /// Publisher, operator and IPU, each with their own tools.
@@ -241,6 +244,24 @@ ipu_classes = ["ipu-gen2"]
         ),
     )
     .unwrap();
+    if opts.grant_keys {
+        let mut grant_keys = String::new();
+        for (dir, kind, tenant) in [
+            ("scheduler", "ed25519", "acme"),
+            ("globex-scheduler", "ec-p256", "globex"),
+        ] {
+            run(Command::new(bin("policy"))
+                .args(["keygen", "--kind", kind, "--out"])
+                .arg(d.join(dir)));
+            let public = std::fs::read_to_string(d.join(dir).join("pub.pem")).unwrap();
+            grant_keys.push_str(&format!(
+                "[[grant_key]]\nid = \"{dir}\"\npublic_key = \"\"\"\n{public}\"\"\"\ntenants = [\"{tenant}\"]\n"
+            ));
+        }
+        let mut text = std::fs::read_to_string(d.join("deployment.toml")).unwrap();
+        text.push_str(&grant_keys);
+        std::fs::write(d.join("deployment.toml"), text).unwrap();
+    }
     std::fs::write(
         d.join("image-trust.json"),
         serde_json::json!({
@@ -1641,4 +1662,160 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
             );
         }
     }
+}
+
+/// Issue 15 through the real binaries: the control plane mints grants (`policy grant issue`),
+/// the host agent passes them (`host-attach verify --grant`), `ipu-image-svc serve` and
+/// `keybroker serve` check them. Each forgery is refused with its reason in the IPU's audit
+/// log; a replay is refused, also after the service restarts; a policy update at the broker
+/// that drops the grant key refuses the key even to an IPU still running the old policy,
+/// audited with the serial in the broker's log; the IPU restarted on the new bundle refuses
+/// it itself.
+#[test]
+fn placement_grants_through_the_binaries_at_the_ipu_and_at_the_broker() {
+    let (s, broker) = setup_with(Options {
+        grant_keys: true,
+        ..Options::default()
+    });
+    let mut service = ImageService::start(&s);
+    let issue = |name: &str, key: &str, extra: &[&str]| -> (PathBuf, String) {
+        let out = s.path(&format!("{name}.grant"));
+        let printed = run(Command::new(bin("policy"))
+            .args(["grant", "issue", "--json", "--key"])
+            .arg(s.path(&format!("{key}/priv.pem")))
+            .args(["--tenant", "acme", "--function", "resize"])
+            .args(["--host", "host-1.test", "--image", &s.image])
+            .args(if extra.contains(&"--ipu") {
+                &[][..]
+            } else {
+                &["--ipu", "ipu-1"][..]
+            })
+            .args(extra)
+            .arg("--out")
+            .arg(&out));
+        let json: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+        (out, json["serial"].as_str().unwrap().to_string())
+    };
+    let verify = |socket: &Path, grant: Option<&Path>| -> Output {
+        let mut c = Command::new(bin("host-attach"));
+        c.args(["verify", "--api"])
+            .arg(socket)
+            .args(["--tenant", "acme", "--function", "resize"]);
+        if let Some(g) = grant {
+            c.arg("--grant").arg(g);
+        }
+        c.arg(&s.image).output().unwrap()
+    };
+    let refused = |out: Output, code: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{code}: accepted");
+        assert!(
+            stderr.contains(&format!("placement grant refused ({code})")),
+            "{code}: {stderr}"
+        );
+    };
+
+    refused(verify(&service.socket, None), "no-grant");
+    let (other_signer, _) = issue("other-signer", "globex-scheduler", &[]);
+    refused(
+        verify(&service.socket, Some(&other_signer)),
+        "untrusted-signer",
+    );
+    let long_ago =
+        policy::grant::format_time(std::time::SystemTime::now() - Duration::from_secs(7200));
+    let (expired, _) = issue("expired", "scheduler", &["--not-before", &long_ago]);
+    refused(verify(&service.socket, Some(&expired)), "expired");
+    let (other_ipu, _) = issue("other-ipu", "scheduler", &["--ipu", "ipu-2"]);
+    refused(verify(&service.socket, Some(&other_ipu)), "wrong-ipu");
+
+    // Positive control: the control plane's grant for acme; its keys released under it.
+    let (good, serial) = issue("good", "scheduler", &[]);
+    let out = verify(&service.socket, Some(&good));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    refused(verify(&service.socket, Some(&good)), "replayed");
+    // Serials persist for their window: replayed after a restart too.
+    service.signal(libc::SIGTERM);
+    service = ImageService::start(&s);
+    refused(verify(&service.socket, Some(&good)), "replayed");
+
+    // The broker's policy drops the scheduler's key (bundle version 2). The IPU still runs
+    // version 1 and admits a new grant; the broker refuses the key.
+    let text = std::fs::read_to_string(s.path("deployment.toml")).unwrap();
+    let cut = text.find("[[grant_key]]\nid = \"scheduler\"").unwrap();
+    let end = cut + text[cut..].find("tenants = [\"acme\"]\n").unwrap() + 19;
+    std::fs::write(
+        s.path("deployment-v2.toml"),
+        format!("{}{}", &text[..cut], &text[end..]),
+    )
+    .unwrap();
+    run(Command::new(bin("policy"))
+        .arg("sign")
+        .arg("--deployment")
+        .arg(s.path("deployment-v2.toml"))
+        .args(["--version", "2", "--key"])
+        .arg(s.path("bundle-key/priv.pem"))
+        .arg("--output")
+        .arg(s.path("bundle-v2.json")));
+    run(broker
+        .admin()
+        .args(["policy", "load"])
+        .arg(s.path("bundle-v2.json")));
+    let (stale, stale_serial) = issue("stale", "scheduler", &[]);
+    let out = verify(&service.socket, Some(&stale));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("placement grant refused (unknown-signer)")
+            && stderr.contains("key broker"),
+        "{stderr}"
+    );
+    // The IPU on the new bundle refuses such a grant itself.
+    service.signal(libc::SIGTERM);
+    std::fs::copy(s.path("bundle-v2.json"), s.path("bundle.json")).unwrap();
+    let service = ImageService::start(&s);
+    let (after, _) = issue("after", "scheduler", &[]);
+    refused(verify(&service.socket, Some(&after)), "unknown-signer");
+    service.signal(libc::SIGTERM);
+    broker.stop();
+
+    // The IPU's trail: each refusal with its reason code, the admissions with their serial.
+    let decisions = events(&s.path("ipu-audit"), "policy.decision");
+    let codes: Vec<&str> = decisions
+        .iter()
+        .filter(|e| e["outcome"] == "denied")
+        .filter_map(|e| e["details"]["reason_code"].as_str())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "no-grant",
+            "untrusted-signer",
+            "expired",
+            "wrong-ipu",
+            "replayed",
+            "replayed",
+            "unknown-signer"
+        ]
+    );
+    let admitted: Vec<&str> = decisions
+        .iter()
+        .filter(|e| e["outcome"] == "allowed")
+        .filter_map(|e| e["details"]["grant_serial"].as_str())
+        .collect();
+    assert_eq!(admitted, [serial.as_str(), stale_serial.as_str()]);
+    // The broker's: the key released under the good grant, refused under the stale one.
+    let log = s.path("state/audit");
+    let released = events(&log, "key.release");
+    assert!(!released.is_empty());
+    assert!(released
+        .iter()
+        .all(|e| e["details"]["grant_serial"] == serial.as_str()));
+    let denied = events(&log, "key.deny");
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["details"]["grant_serial"], stale_serial.as_str());
+    assert_eq!(denied[0]["details"]["reason_code"], "unknown-signer");
 }
