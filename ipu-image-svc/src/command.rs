@@ -58,6 +58,10 @@ pub struct UnpackOptions {
     pub decryption_keys: Vec<PathBuf>,
     /// The attested key broker (production).
     pub broker: Option<BrokerSettings>,
+    /// A placement grant (its envelope) every key release carries to the broker, which
+    /// requires one when its policy names grant keys. The CLI does not admit it itself (no
+    /// serial store): the broker's check is the one that counts here.
+    pub grant: Option<String>,
     pub staging_dir: Option<PathBuf>,
     pub allow_device_nodes: bool,
     pub max_unpacked_bytes: Option<u64>,
@@ -93,6 +97,11 @@ pub fn set_up(opts: &ImageOptions) -> Result<(TrustPipeline, KeySource), Error> 
     });
     cfg.tenant = opts.tenant.clone();
     cfg.function = opts.function.clone();
+    cfg.grant = opts
+        .unpack
+        .as_ref()
+        .and_then(|u| u.grant.as_deref())
+        .map(std::sync::Arc::from);
     cfg.source.platform = opts.platform.clone();
     cfg.source.insecure_http_hosts = opts.insecure_http.clone();
     let mut keys = KeySource::none();

@@ -308,6 +308,10 @@ struct UnpackArgs {
     decryption_key: Vec<PathBuf>,
     #[command(flatten)]
     broker: BrokerArgs,
+    /// The control plane's placement grant (`policy grant issue`), carried to the key broker
+    /// with every release: required when the broker's policy names grant keys.
+    #[arg(long, value_name = "FILE")]
+    grant: Option<PathBuf>,
     /// Where private staging trees are made (default: <cache>/staging).
     #[arg(long, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
@@ -547,6 +551,18 @@ impl UnpackArgs {
         let rest = UnpackOptions {
             decryption_keys: self.decryption_key,
             broker: self.broker.settings(),
+            grant: self
+                .grant
+                .map(|path| match std::fs::read(&path).map(String::from_utf8) {
+                    Ok(Ok(text)) if text.len() <= policy::grant::MAX_GRANT_BYTES => text,
+                    Ok(Ok(_)) => exit_usage(&format!(
+                        "--grant {}: larger than {} bytes, not a placement grant",
+                        path.display(),
+                        policy::grant::MAX_GRANT_BYTES
+                    )),
+                    Ok(Err(_)) => exit_usage(&format!("--grant {}: not UTF-8", path.display())),
+                    Err(e) => exit_usage(&format!("--grant {}: {e}", path.display())),
+                }),
             staging_dir: self.staging_dir,
             allow_device_nodes: self.allow_device_nodes,
             max_unpacked_bytes: self.max_unpacked_bytes,

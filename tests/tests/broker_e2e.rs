@@ -1739,6 +1739,20 @@ fn placement_grants_through_the_binaries_at_the_ipu_and_at_the_broker() {
     refused(verify(&service.socket, Some(&good)), "replayed");
     // Serials persist for their window: replayed after a restart too.
     service.signal(libc::SIGTERM);
+    // Meanwhile the operator's CLI (`image unpack --broker`) on the IPU: the broker wants the grant
+    // there too (the CLI keeps no serials; the broker does not count uses).
+    let out = s.unpack("acme", "cli.ext4").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("placement grant refused (no-grant)"),
+        "{stderr}"
+    );
+    run(s.unpack("acme", "cli.ext4").arg("--grant").arg(&good));
+    assert_eq!(
+        ext4_cat(&s.path("cli.ext4"), "/hello").as_deref(),
+        Some(&b"hello from a broker-keyed image\n"[..])
+    );
+
     service = ImageService::start(&s);
     refused(verify(&service.socket, Some(&good)), "replayed");
 
@@ -1815,7 +1829,8 @@ fn placement_grants_through_the_binaries_at_the_ipu_and_at_the_broker() {
         .iter()
         .all(|e| e["details"]["grant_serial"] == serial.as_str()));
     let denied = events(&log, "key.deny");
-    assert_eq!(denied.len(), 1, "{denied:?}");
-    assert_eq!(denied[0]["details"]["grant_serial"], stale_serial.as_str());
-    assert_eq!(denied[0]["details"]["reason_code"], "unknown-signer");
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0]["details"]["reason_code"], "no-grant");
+    assert_eq!(denied[1]["details"]["grant_serial"], stale_serial.as_str());
+    assert_eq!(denied[1]["details"]["reason_code"], "unknown-signer");
 }
