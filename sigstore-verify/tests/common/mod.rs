@@ -65,24 +65,21 @@ impl Case {
             .find(|t| t["logId"]["keyId"] == key_id)
     }
 
-    /// The bundle's signature bytes: the message signature or the first DSSE signature.
-    pub fn signature_bytes(&self) -> Vec<u8> {
+    /// The bundle's signature bytes: the message signature or the first DSSE signature
+    /// (`None` if not base64).
+    pub fn signature_bytes(&self) -> Option<Vec<u8>> {
         let content = &self.bundle;
         let b64 = content["messageSignature"]["signature"]
             .as_str()
             .or_else(|| content["dsseEnvelope"]["signatures"][0]["sig"].as_str())
             .expect("bundle has a signature");
-        B64.decode(b64).unwrap()
+        B64.decode(b64).ok()
     }
 
     pub fn timestamps(&self) -> Vec<Vec<u8>> {
         self.bundle["verificationMaterial"]["timestampVerificationData"]["rfc3161Timestamps"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|t| B64.decode(t["signedTimestamp"].as_str().unwrap()).unwrap())
-                    .collect()
-            })
+            .map(|a| a.iter().map(|t| b64(&t["signedTimestamp"])).collect())
             .unwrap_or_default()
     }
 
@@ -107,8 +104,11 @@ impl Case {
     }
 }
 
+/// Base64 as protobuf JSON carries it; like Go's decoder, skips line breaks (one case's
+/// timestamp is wrapped at 76 columns).
 pub fn b64(v: &Value) -> Vec<u8> {
-    B64.decode(v.as_str().unwrap()).unwrap()
+    let text: String = v.as_str().unwrap().chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
+    B64.decode(text).unwrap()
 }
 
 pub fn valid_for(v: &Value) -> ValidFor {
