@@ -68,7 +68,9 @@ pub enum TimestampError {
         not_before: String,
         not_after: String,
     },
-    #[error("genTime {gen_time} is outside the trusted root's validity of the timestamp authority")]
+    #[error(
+        "genTime {gen_time} is outside the trusted root's validity of the timestamp authority"
+    )]
     OutsideAuthorityValidity { gen_time: String },
 }
 
@@ -105,8 +107,7 @@ pub fn verify_timestamp(
 }
 
 const ID_SIGNED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.2");
-const ID_CT_TST_INFO: ObjectIdentifier =
-    ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.16.1.4");
+const ID_CT_TST_INFO: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.16.1.4");
 const ID_CONTENT_TYPE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.3");
 const ID_MESSAGE_DIGEST: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.4");
 
@@ -140,7 +141,10 @@ impl Token {
         if content_info.content_type != ID_SIGNED_DATA {
             return Err(TimestampError::Malformed {
                 part: "ContentInfo",
-                reason: format!("content type {} is not signed data", content_info.content_type),
+                reason: format!(
+                    "content type {} is not signed data",
+                    content_info.content_type
+                ),
             });
         }
         let signed_data: SignedData = content_info
@@ -172,10 +176,12 @@ impl Token {
                 });
             }
         };
-        let signed_attrs_der = asn1::raw_signed_attributes(content_info.content.value())
-            .map_err(|reason| TimestampError::Malformed {
-                part: "SignerInfo",
-                reason,
+        let signed_attrs_der =
+            asn1::raw_signed_attributes(content_info.content.value()).map_err(|reason| {
+                TimestampError::Malformed {
+                    part: "SignerInfo",
+                    reason,
+                }
             })?;
         let tst_info = TstInfo::from_der(&tst_info_der).map_err(malformed("TSTInfo"))?;
         let imprint_oid = tst_info.message_imprint.hash_algorithm.oid;
@@ -218,9 +224,17 @@ impl Token {
     /// RFC 5652 §5.3: the content-type attribute names the eContent type, and the
     /// message-digest attribute is the digest of the eContent octets.
     fn check_signed_attributes(&self) -> Result<(), TimestampError> {
-        let attrs: Vec<_> = self.signer.signed_attrs.iter().flat_map(|a| a.iter()).collect();
+        let attrs: Vec<_> = self
+            .signer
+            .signed_attrs
+            .iter()
+            .flat_map(|a| a.iter())
+            .collect();
         let single_value = |oid: ObjectIdentifier, name: &'static str| {
-            let mut values = attrs.iter().filter(|a| a.oid == oid).flat_map(|a| a.values.iter());
+            let mut values = attrs
+                .iter()
+                .filter(|a| a.oid == oid)
+                .flat_map(|a| a.values.iter());
             match (values.next(), values.next()) {
                 (Some(v), None) => Ok(v),
                 _ => Err(TimestampError::Malformed {
@@ -248,7 +262,11 @@ impl Token {
     }
 
     /// The checks that depend on the authority (`index` is its place, for messages).
-    fn verify_with(&self, index: usize, authority: &TimestampAuthority<'_>) -> Result<(), TimestampError> {
+    fn verify_with(
+        &self,
+        index: usize,
+        authority: &TimestampAuthority<'_>,
+    ) -> Result<(), TimestampError> {
         let chain = authority
             .cert_chain
             .iter()
@@ -277,7 +295,10 @@ impl Token {
             });
         }
         let embedded = self.signer_certificate(leaf)?;
-        let signer = embedded.as_ref().or(leaf).expect("None means the leaf is the signer");
+        let signer = embedded
+            .as_ref()
+            .or(leaf)
+            .expect("None means the leaf is the signer");
         self.check_chain(signer, issuers)?;
         self.check_signature(signer)?;
         signer
@@ -339,7 +360,8 @@ impl Token {
         let tbs = &cert.cert.tbs_certificate;
         match &self.signer.sid {
             SignerIdentifier::IssuerAndSerialNumber(ias) => {
-                ias.serial_number == tbs.serial_number && ias.issuer.to_der().ok() == tbs.issuer.to_der().ok()
+                ias.serial_number == tbs.serial_number
+                    && ias.issuer.to_der().ok() == tbs.issuer.to_der().ok()
             }
             SignerIdentifier::SubjectKeyIdentifier(ski) => {
                 cert.subject_key_identifier().ok().flatten().as_deref() == Some(ski.0.as_bytes())
@@ -363,7 +385,11 @@ impl Token {
         let mut child = signer;
         for issuer in issuers {
             let untrusted = |reason: String| TimestampError::UntrustedTsa {
-                reason: format!("certificate {} is not issued by {}: {reason}", child.subject(), issuer.subject()),
+                reason: format!(
+                    "certificate {} is not issued by {}: {reason}",
+                    child.subject(),
+                    issuer.subject()
+                ),
             };
             child.check_issued_by(issuer).map_err(untrusted)?;
             issuer.check_issuer_usage().map_err(untrusted)?;

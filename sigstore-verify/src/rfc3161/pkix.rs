@@ -5,8 +5,8 @@ use der::asn1::ObjectIdentifier;
 use der::{Decode, Encode};
 use ring::signature::{self as sig, UnparsedPublicKey, VerificationAlgorithm};
 use spki::{AlgorithmIdentifierOwned, AlgorithmIdentifierRef, SubjectPublicKeyInfoOwned};
-use x509_cert::Certificate;
 use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, SubjectKeyIdentifier};
+use x509_cert::Certificate;
 
 use super::asn1::RsaPssParams;
 
@@ -120,7 +120,11 @@ fn ring_algorithm(
         ID_ED25519 => "ed25519",
         other => return unsupported(format!("signature algorithm {other}")),
     };
-    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as().ok());
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as().ok());
     Ok(match (family, key_oid, curve, hash) {
         ("ecdsa", ID_EC_PUBLIC_KEY, Some(SECP256R1), Some(Sha256)) => &sig::ECDSA_P256_SHA256_ASN1,
         ("ecdsa", ID_EC_PUBLIC_KEY, Some(SECP256R1), Some(Sha384)) => &sig::ECDSA_P256_SHA384_ASN1,
@@ -160,7 +164,11 @@ fn pss_hash(algorithm: &AlgorithmIdentifierOwned) -> Result<Hash, SignatureError
     let standard = mgf_hash == Some(hash)
         && params.salt_length == Some(hash.len())
         && params.trailer_field.unwrap_or(1) == 1;
-    if standard { Ok(hash) } else { Err(unsupported()) }
+    if standard {
+        Ok(hash)
+    } else {
+        Err(unsupported())
+    }
 }
 
 /// A parsed certificate with its DER, and the extensions a TSA chain is judged by.
@@ -185,7 +193,13 @@ impl Cert {
         &self,
         oid: ObjectIdentifier,
     ) -> Result<Option<(bool, T)>, String> {
-        let Some(ext) = self.cert.tbs_certificate.extensions.iter().flatten().find(|e| e.extn_id == oid)
+        let Some(ext) = self
+            .cert
+            .tbs_certificate
+            .extensions
+            .iter()
+            .flatten()
+            .find(|e| e.extn_id == oid)
         else {
             return Ok(None);
         };
@@ -245,7 +259,10 @@ impl Cert {
         let names_match = self.cert.tbs_certificate.issuer.to_der().ok()
             == issuer.cert.tbs_certificate.subject.to_der().ok();
         if !names_match {
-            return Err(format!("its issuer is {}", self.cert.tbs_certificate.issuer));
+            return Err(format!(
+                "its issuer is {}",
+                self.cert.tbs_certificate.issuer
+            ));
         }
         let tbs = super::asn1::raw_tbs_certificate(&self.der).map_err(|e| e.to_string())?;
         let signature = self

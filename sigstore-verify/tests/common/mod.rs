@@ -15,6 +15,9 @@ pub fn cases_dir() -> PathBuf {
         .join("../tests/fixtures/sigstore-conformance/bundle-verify")
 }
 
+/// Timestamp authorities as owned data: each chain (DER, leaf first) and validity.
+pub type Authorities = Vec<(Vec<Vec<u8>>, ValidFor)>;
+
 /// A conformance case: its bundle and the trusted root it is verified with.
 pub struct Case {
     pub name: String,
@@ -84,7 +87,7 @@ impl Case {
     }
 
     /// Each timestamp authority of the trusted root: its chain (DER, leaf first) and validity.
-    pub fn timestamp_authorities(&self) -> Vec<(Vec<Vec<u8>>, ValidFor)> {
+    pub fn timestamp_authorities(&self) -> Authorities {
         self.trusted_root["timestampAuthorities"]
             .as_array()
             .map(|a| {
@@ -107,7 +110,12 @@ impl Case {
 /// Base64 as protobuf JSON carries it; like Go's decoder, skips line breaks (one case's
 /// timestamp is wrapped at 76 columns).
 pub fn b64(v: &Value) -> Vec<u8> {
-    let text: String = v.as_str().unwrap().chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
+    let text: String = v
+        .as_str()
+        .unwrap()
+        .chars()
+        .filter(|c| !matches!(c, '\r' | '\n'))
+        .collect();
     B64.decode(text).unwrap()
 }
 
