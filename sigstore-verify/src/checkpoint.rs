@@ -384,3 +384,220 @@ impl<'a> LogKey<'a> {
             .is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Synthetic notes for what the conformance data lacks: P-384 and Ed25519 keys in each
+    //! Rekor flavour, base URL forms, malformed lines. (The conformance cases are driven in
+    //! `tests/checkpoint_conformance.rs`.)
+    use der::asn1::{AnyRef, BitStringRef};
+    use der::Encode as _;
+    use ring::rand::SystemRandom;
+    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
+    use spki::AlgorithmIdentifierRef;
+
+    use super::*;
+
+    enum Signer {
+        Ecdsa(EcdsaKeyPair, ObjectIdentifier),
+        Ed25519(Ed25519KeyPair),
+    }
+
+    impl Signer {
+        fn ecdsa(alg: &'static sig::EcdsaSigningAlgorithm, curve: ObjectIdentifier) -> Self {
+            let rng = SystemRandom::new();
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+            Self::Ecdsa(
+                EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap(),
+                curve,
+            )
+        }
+
+        fn ed25519() -> Self {
+            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+            Self::Ed25519(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap())
+        }
+
+        fn spki(&self) -> Vec<u8> {
+            let (oid, curve, key) = match self {
+                Self::Ecdsa(k, curve) => (ID_EC_PUBLIC_KEY, Some(*curve), k.public_key().as_ref()),
+                Self::Ed25519(k) => (ID_ED25519, None, k.public_key().as_ref()),
+            };
+            SubjectPublicKeyInfoRef {
+                algorithm: AlgorithmIdentifierRef {
+                    oid,
+                    parameters: curve.as_ref().map(AnyRef::from),
+                },
+                subject_public_key: BitStringRef::from_bytes(key).unwrap(),
+            }
+            .to_der()
+            .unwrap()
+        }
+
+        fn sign(&self, text: &str) -> Vec<u8> {
+            match self {
+                Self::Ecdsa(k, _) => k
+                    .sign(&SystemRandom::new(), text.as_bytes())
+                    .unwrap()
+                    .as_ref()
+                    .to_vec(),
+                Self::Ed25519(k) => k.sign(text.as_bytes()).as_ref().to_vec(),
+            }
+        }
+
+        fn note(&self, text: &str, name: &str, hint: [u8; 4]) -> String {
+            let mut sig = hint.to_vec();
+            sig.extend(self.sign(text));
+            format!("{text}\n\u{2014} {name} {}\n", B64.encode(sig))
+        }
+    }
+
+    fn key<'a>(spki_der: &'a [u8], base_url: &'a str) -> CheckpointKey<'a> {
+        CheckpointKey {
+            spki_der,
+            base_url,
+            valid_for: ValidFor::default(),
+        }
+    }
+
+    const BODY_V2: &str = "log.example.dev\n42\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n";
+
+    const BODY_V1: &str =
+        "rekor.example.dev - 123\n7\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\nTimestamp: 1\n";
+
+    #[test]
+    fn p384_hashes_with_sha384_for_v2_and_sha256_for_v1() {
+        let signer = Signer::ecdsa(&sig::ECDSA_P384_SHA384_ASN1_SIGNING, SECP384R1);
+        let spki = signer.spki();
+        let note = signer.note(BODY_V2, "log.example.dev", spki_hint(&spki));
+        let cp = verify_checkpoint(&note, &key(&spki, "https://log.example.dev:443/api")).unwrap();
+        assert_eq!(
+            (cp.origin.as_str(), cp.size, cp.root_hash.len()),
+            ("log.example.dev", 42, 32)
+        );
+
+        // Rekor v1 signs SHA-256 digests with every ECDSA key: a SHA-384 signature fails.
+        let note = signer.note(BODY_V1, "rekor.example.dev", spki_hint(&spki));
+        let err = verify_checkpoint(&note, &key(&spki, "https://rekor.example.dev")).unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::BadSignature { line: 6, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rekor_v1_hint_over_spki_for_p256_and_ed25519() {
+        for signer in [
+            Signer::ecdsa(&sig::ECDSA_P256_SHA256_ASN1_SIGNING, SECP256R1),
+            Signer::ed25519(),
+        ] {
+            let spki = signer.spki();
+            let note = signer.note(BODY_V1, "rekor.example.dev", spki_hint(&spki));
+            // The v1 origin is not compared with the base URL.
+            let cp = verify_checkpoint(&note, &key(&spki, "https://elsewhere.example")).unwrap();
+            assert_eq!(cp.extensions, ["Timestamp: 1"]);
+            // Named otherwise than the origin's host, the line is not the log's.
+            let note = signer.note(BODY_V1, "rekor.example.dev/123", spki_hint(&spki));
+            let err = verify_checkpoint(&note, &key(&spki, "https://x.example")).unwrap_err();
+            assert!(
+                matches!(err, CheckpointError::NoSignatureByLog { .. }),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn rekor_v2_ed25519_hint_is_c2sp() {
+        let signer = Signer::ed25519();
+        let spki = signer.spki();
+        let Signer::Ed25519(k) = &signer else {
+            unreachable!()
+        };
+        let mut input = b"log.example.dev\n\x01".to_vec();
+        input.extend_from_slice(k.public_key().as_ref());
+        let hint = spki_hint(&input);
+        let note = signer.note(BODY_V2, "log.example.dev", hint);
+        verify_checkpoint(&note, &key(&spki, "https://log.example.dev")).unwrap();
+
+        let note = signer.note(BODY_V2, "log.example.dev", spki_hint(&spki));
+        let err = verify_checkpoint(&note, &key(&spki, "https://log.example.dev")).unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::KeyHintMismatch { .. }),
+            "{err}"
+        );
+
+        let err = verify_checkpoint(
+            &signer.note(BODY_V2, "log.example.dev", hint),
+            &key(&spki, "https://other.example.dev"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::OriginMismatch { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(
+            host_name("https://log2025-1.rekor.sigstore.dev").unwrap(),
+            "log2025-1.rekor.sigstore.dev"
+        );
+        assert_eq!(
+            host_name("http://user@h.example:8080/x?y#z").unwrap(),
+            "h.example"
+        );
+        assert_eq!(host_name("https://[::1]:3000/").unwrap(), "::1");
+        assert!(host_name("log.example.dev").is_err());
+        assert!(host_name("https:///path").is_err());
+    }
+
+    #[test]
+    fn malformed_notes() {
+        use CheckpointError as E;
+        // SIG stands for a well-formed signature line.
+        let cases: &[(&str, fn(&E) -> bool)] = &[
+            ("log.example.dev\n42\nAA==\n\n", |e| {
+                matches!(e, E::Unsigned)
+            }),
+            ("log.example.dev\n42\nAA==\nSIG", |e| {
+                matches!(e, E::MalformedNote(_))
+            }),
+            (
+                "log.example.dev\n42\nAA==\n\nSIG- log.example.dev AAAAAAE=\n",
+                |e| matches!(e, E::MalformedSignatureLine { line: 6, .. }),
+            ),
+            (
+                "log.example.dev\n42\nAA==\n\n\u{2014} log.example.dev AAAA\n",
+                |e| matches!(e, E::MalformedSignatureLine { line: 5, .. }),
+            ),
+            ("log.example.dev\n042\nAA==\n\nSIG", |e| {
+                matches!(e, E::MalformedSize(_))
+            }),
+            ("log.example.dev\n-1\nAA==\n\nSIG", |e| {
+                matches!(e, E::MalformedSize(_))
+            }),
+            ("log.example.dev\n42\nnot base64!\n\nSIG", |e| {
+                matches!(e, E::MalformedRootHash(_))
+            }),
+            ("log.example.dev\n42\nAA==\n\nx\n\nSIG", |e| {
+                matches!(e, E::EmptyBodyLine(4))
+            }),
+            ("log.example.dev\n42\nAA==\r\n\nSIG", |e| {
+                matches!(e, E::MalformedNote(_))
+            }),
+            ("\n\nSIG", |e| matches!(e, E::MissingOrigin)),
+            ("42\n\nSIG", |e| matches!(e, E::MissingOrigin)),
+            ("log.example.dev\n\nSIG", |e| matches!(e, E::MissingSize)),
+            ("log.example.dev\n42\n\nSIG", |e| {
+                matches!(e, E::MissingRootHash)
+            }),
+        ];
+        let spki = Signer::ed25519().spki();
+        for (note, want) in cases {
+            let note = note.replace("SIG", "\u{2014} log.example.dev AAAAAAE=\n");
+            let err = verify_checkpoint(&note, &key(&spki, "https://log.example.dev")).unwrap_err();
+            assert!(want(&err), "{note:?}: {err}");
+        }
+    }
+}
