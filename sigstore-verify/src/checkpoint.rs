@@ -555,8 +555,9 @@ mod tests {
     #[test]
     fn malformed_notes() {
         use CheckpointError as E;
+        type Expected = fn(&E) -> bool;
         // SIG stands for a well-formed signature line.
-        let cases: &[(&str, fn(&E) -> bool)] = &[
+        let cases: &[(&str, Expected)] = &[
             ("log.example.dev\n42\nAA==\n\n", |e| {
                 matches!(e, E::Unsigned)
             }),
