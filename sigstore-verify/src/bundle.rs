@@ -3,7 +3,6 @@
 //! `application/vnd.dev.sigstore.bundle.v0.3+json`. Parsing checks the shape and the rules
 //! of each version; nothing here is verified yet (see [`crate::verify`]).
 
-use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::Deserialize;
 
@@ -293,8 +292,24 @@ struct EnvelopeSigJson {
     keyid: String,
 }
 
+/// Protobuf JSON `bytes`: standard or URL-safe base64, padded or not; line breaks are
+/// skipped (as Go's decoder does: some tools wrap base64 at 76 columns).
 fn b64(field: &str, s: &str) -> Result<Vec<u8>, BundleError> {
-    B64.decode(s)
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, CONFIG);
+    const URL: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, CONFIG);
+    let cleaned: String;
+    let s = if s.contains(['\r', '\n']) {
+        cleaned = s.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+        &cleaned
+    } else {
+        s
+    };
+    let engine = if s.contains(['-', '_']) { &URL } else { &STD };
+    engine
+        .decode(s)
         .map_err(|e| field_err(field, format!("invalid base64 ({e})")))
 }
 

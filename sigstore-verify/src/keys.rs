@@ -144,6 +144,20 @@ impl PublicKey {
         })
     }
 
+    /// A bare PKCS#1 `RSAPublicKey` (the deprecated `PKCS1_RSA_*` key details of trusted
+    /// roots), wrapped into an SPKI.
+    pub fn from_pkcs1_rsa_der(der: &[u8]) -> Result<Self, KeyError> {
+        let spki = spki::SubjectPublicKeyInfoOwned {
+            algorithm: spki::AlgorithmIdentifierOwned {
+                oid: OID_RSA,
+                parameters: Some(der::asn1::Any::null()),
+            },
+            subject_public_key: der::asn1::BitString::from_bytes(der)
+                .map_err(|e| KeyError::Spki(e.to_string()))?,
+        };
+        Self::from_spki_der(&spki.to_der().map_err(|e| KeyError::Spki(e.to_string()))?)
+    }
+
     /// A `-----BEGIN PUBLIC KEY-----` PEM block.
     pub fn from_pem(text: &str) -> Result<Self, KeyError> {
         let block = pem::parse(text).map_err(|e| KeyError::Pem(e.to_string()))?;

@@ -87,6 +87,7 @@ pub mod rfc3161;
 pub mod sct;
 pub mod time;
 pub mod tlog;
+pub mod tsp;
 pub mod trust_root;
 pub mod verify;
 

@@ -205,7 +205,16 @@ fn parse_log(field: &str, log: &LogJson, require_start: bool) -> Result<Transpar
         }
     }
     let der = b64(&format!("{field}.publicKey.rawBytes"), &log.public_key.raw_bytes)?;
-    let key = PublicKey::from_spki_der(&der).map_err(|source| TrustRootError::Key {
+    let pkcs1 = matches!(
+        log.public_key.key_details.as_deref(),
+        Some("PKCS1_RSA_PKCS1V5" | "PKCS1_RSA_PSS")
+    );
+    let key = if pkcs1 {
+        PublicKey::from_pkcs1_rsa_der(&der)
+    } else {
+        PublicKey::from_spki_der(&der)
+    };
+    let key = key.map_err(|source| TrustRootError::Key {
         field: format!("{field}.publicKey"),
         source,
     })?;

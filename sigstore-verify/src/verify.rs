@@ -18,6 +18,7 @@ use crate::rfc3161::{self, TimestampError};
 use crate::sct::{self, SctError, VerifiedSct};
 use crate::checkpoint::CheckpointError;
 use crate::time::Rfc3339;
+use crate::tsp;
 use crate::tlog::{self, BundleClaim, ClaimSubject, SignerMaterial, TlogError, VerifiedLogEntry};
 use crate::trust_root::TrustedRoot;
 
@@ -458,8 +459,15 @@ pub fn verify_at(
     let mut timestamps = Vec::new();
     let mut tsa_times = Vec::new();
     let authorities = root.rfc3161_authorities();
-    for (index, token) in bundle.rfc3161_timestamps.iter().enumerate() {
-        match rfc3161::verify_timestamp(token, bundle.signature_bytes(), &authorities) {
+    for (index, response) in bundle.rfc3161_timestamps.iter().enumerate() {
+        let token = match tsp::token_of(response) {
+            Ok(t) => t,
+            Err(e) => {
+                ignored.push(format!("rfc3161Timestamps[{index}]: {e}"));
+                continue;
+            }
+        };
+        match rfc3161::verify_timestamp(&token, bundle.signature_bytes(), &authorities) {
             Ok(time) => {
                 tsa_times.push(time);
                 timestamps.push(VerifiedTime {
