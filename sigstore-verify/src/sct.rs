@@ -184,3 +184,86 @@ pub fn verify_scts(
     }
     Ok(verified)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::{Bundle, VerificationMaterial};
+    use crate::certificate::SigningCertificate;
+
+    fn fixture_leaf(case: &str) -> ParsedCertificate {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/sigstore-conformance/bundle-verify/");
+        let text = std::fs::read_to_string(format!("{path}{case}/bundle.sigstore.json")).unwrap();
+        let b = Bundle::from_json(&text).unwrap();
+        let VerificationMaterial::Certificate(der) = b.material else {
+            panic!("certificate bundle")
+        };
+        SigningCertificate::parse(&der).unwrap().parsed
+    }
+
+    fn public_good_issuer(leaf: &ParsedCertificate, root: &TrustedRoot) -> ParsedCertificate {
+        root.certificate_authorities
+            .iter()
+            .map(|ca| ParsedCertificate::parse("ca", &ca.cert_chain[0]).unwrap())
+            .find(|ca| leaf.verify_issued_by(ca).is_ok())
+            .expect("issued by a public-good CA")
+    }
+
+    #[test]
+    fn precert_tbs_drops_only_the_sct_extension() {
+        let leaf = fixture_leaf("happy-path-v0.3");
+        let tbs = precert_tbs(&leaf).unwrap();
+        let full = crate::certificate::tbs_bytes(&leaf.der).unwrap();
+        assert!(tbs.len() < full.len());
+        let reparsed = x509_cert::TbsCertificate::from_der(&tbs).unwrap();
+        let n = |t: &x509_cert::TbsCertificate| t.extensions.as_ref().map_or(0, |e| e.len());
+        assert_eq!(n(&reparsed) + 1, n(&leaf.cert.tbs_certificate));
+        assert!(reparsed.extensions.unwrap().iter().all(|e| e.extn_id != OID_SCT_LIST));
+    }
+
+    #[test]
+    fn embedded_sct_verifies_and_tampering_fails() {
+        let root = TrustedRoot::public_good();
+        let leaf = fixture_leaf("happy-path-v0.3");
+        let issuer = public_good_issuer(&leaf, &root);
+        let verified = verify_scts(&leaf, &issuer, &root).unwrap();
+        assert_eq!(verified.len(), 1);
+        assert_eq!(verified[0].log_url, "https://ctfe.sigstore.dev/2022");
+
+        // The signed data changes with the timestamp, the extensions, or the issuer key.
+        let sct = &embedded_scts(&leaf).unwrap()[0];
+        let log = root.ctlog(&sct.log_id).unwrap();
+        let tbs = precert_tbs(&leaf).unwrap();
+        let ikh: [u8; 32] = Sha256::digest(issuer.subject_spki_der()).into();
+        let scheme = SignatureScheme::Ecdsa(HashAlgorithm::Sha256);
+        assert!(log.key.verify(scheme, &signed_data(sct, &ikh, &tbs), &sct.signature).is_ok());
+        let mut later = sct.clone();
+        later.timestamp_ms += 1;
+        assert!(log.key.verify(scheme, &signed_data(&later, &ikh, &tbs), &sct.signature).is_err());
+        let mut ext = sct.clone();
+        ext.extensions = vec![0];
+        assert!(log.key.verify(scheme, &signed_data(&ext, &ikh, &tbs), &sct.signature).is_err());
+        let wrong_issuer = [0u8; 32];
+        assert!(log.key.verify(scheme, &signed_data(sct, &wrong_issuer, &tbs), &sct.signature).is_err());
+    }
+
+    #[test]
+    fn sct_list_parsing() {
+        // One SCT with a 2-byte extension field (as Static CT logs write).
+        let mut sct = vec![0u8];
+        sct.extend_from_slice(&[7; 32]);
+        sct.extend_from_slice(&1234u64.to_be_bytes());
+        sct.extend_from_slice(&[0, 2, 0xab, 0xcd]);
+        sct.extend_from_slice(&[4, 3, 0, 1, 0x55]);
+        let mut list = Vec::new();
+        list.extend_from_slice(&((sct.len() + 2) as u16).to_be_bytes());
+        list.extend_from_slice(&(sct.len() as u16).to_be_bytes());
+        list.extend_from_slice(&sct);
+        let parsed = parse_sct_list(&list).unwrap();
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].timestamp_ms, 1234);
+        assert_eq!(parsed[0].extensions, vec![0xab, 0xcd]);
+        assert_eq!(parsed[0].signature, vec![0x55]);
+        assert!(parse_sct_list(&list[..list.len() - 1]).is_err());
+    }
+}
