@@ -303,7 +303,8 @@ fn run(command: Command) -> Result<u8, CliError> {
                 (None, None, Some(k)) => SignerArg::Key(k),
                 _ => {
                     return Err(CliError::Usage(
-                        "give --certificate-identity with --certificate-oidc-issuer, or --key".into(),
+                        "give --certificate-identity with --certificate-oidc-issuer, or --key"
+                            .into(),
                     ))
                 }
             };

@@ -76,10 +76,12 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyBundleError> {
 /// Verifies as `args` say; the verified result on success.
 pub fn verify_bundle(args: &VerifyBundleArgs) -> Result<VerifiedBundle, VerifyBundleError> {
     let root = match &args.trusted_root {
-        Some(path) => TrustedRoot::from_file(path).map_err(|source| VerifyBundleError::TrustedRoot {
-            path: path.clone(),
-            source,
-        })?,
+        Some(path) => {
+            TrustedRoot::from_file(path).map_err(|source| VerifyBundleError::TrustedRoot {
+                path: path.clone(),
+                source,
+            })?
+        }
         None => TrustedRoot::public_good(),
     };
     let policy = match &args.signer {
@@ -105,17 +107,24 @@ pub fn verify_bundle(args: &VerifyBundleArgs) -> Result<VerifiedBundle, VerifyBu
         artifact_bytes = read(Path::new(&args.artifact))?;
         Artifact::Bytes(&artifact_bytes)
     };
-    verify_json(&bundle_json, artifact, &policy, &root).map_err(|source| VerifyBundleError::Refused {
-        path: args.bundle.clone(),
-        source,
+    verify_json(&bundle_json, artifact, &policy, &root).map_err(|source| {
+        VerifyBundleError::Refused {
+            path: args.bundle.clone(),
+            source,
+        }
     })
 }
 
 /// A short report of a verified bundle.
 pub fn render(v: &VerifiedBundle) -> String {
-    let mut lines = vec![format!("verified: {:?} bundle, {:?}", v.bundle_version, v.format)];
+    let mut lines = vec![format!(
+        "verified: {:?} bundle, {:?}",
+        v.bundle_version, v.format
+    )];
     match &v.signer {
-        Signer::Certificate { identity, ca_uri, .. } => {
+        Signer::Certificate {
+            identity, ca_uri, ..
+        } => {
             let sans: Vec<&str> = identity.sans.iter().map(|s| s.as_str()).collect();
             lines.push(format!(
                 "signer: {} (issuer {}, CA {ca_uri})",
@@ -126,7 +135,10 @@ pub fn render(v: &VerifiedBundle) -> String {
         Signer::Key { key_id, .. } => lines.push(format!("signer: key sha256:{key_id}")),
     }
     for e in &v.tlog_entries {
-        lines.push(format!("tlog: {} index {} ({} {})", e.log_url, e.log_index, e.kind, e.kind_version));
+        lines.push(format!(
+            "tlog: {} index {} ({} {})",
+            e.log_url, e.log_index, e.kind, e.kind_version
+        ));
     }
     for t in &v.timestamps {
         lines.push(format!(

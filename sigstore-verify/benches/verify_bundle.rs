@@ -15,7 +15,10 @@ const CASE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tests/fixtures/sigstore-conformance/bundle-verify/happy-path-v0.3/bundle.sigstore.json"
 );
-const ARTIFACT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/sigstore-conformance/a.txt");
+const ARTIFACT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/sigstore-conformance/a.txt"
+);
 
 fn main() {
     let root = TrustedRoot::public_good();
@@ -31,7 +34,9 @@ fn main() {
         Err(e) if e.is_unimplemented() => format!("stops at an unimplemented step ({e})"),
         Err(e) => panic!("bundle refused: {e}"),
     };
-    let check = |r: Result<_, VerifyError>| r.is_ok() || r.as_ref().is_err_and(VerifyError::is_unimplemented);
+    let check = |r: Result<_, VerifyError>| {
+        r.is_ok() || r.as_ref().is_err_and(VerifyError::is_unimplemented)
+    };
     for _ in 0..50 {
         assert!(check(run()));
     }

@@ -318,7 +318,10 @@ fn hash_algorithm(field: &str, s: &str) -> Result<HashAlgorithm, BundleError> {
         "SHA2_256" => Ok(HashAlgorithm::Sha256),
         "SHA2_384" => Ok(HashAlgorithm::Sha384),
         "SHA2_512" => Ok(HashAlgorithm::Sha512),
-        other => Err(field_err(field, format!("unsupported hash algorithm {other:?}"))),
+        other => Err(field_err(
+            field,
+            format!("unsupported hash algorithm {other:?}"),
+        )),
     }
 }
 
@@ -355,7 +358,9 @@ impl BundleJson {
                 .enumerate()
                 .map(|(i, c)| {
                     b64(
-                        &format!("verificationMaterial.x509CertificateChain.certificates[{i}].rawBytes"),
+                        &format!(
+                            "verificationMaterial.x509CertificateChain.certificates[{i}].rawBytes"
+                        ),
                         &c.raw_bytes,
                     )
                 })
@@ -371,7 +376,10 @@ impl BundleJson {
         } else if let Some(cert) = vm.certificate {
             let der = b64("verificationMaterial.certificate.rawBytes", &cert.raw_bytes)?;
             if der.is_empty() {
-                return Err(field_err("verificationMaterial.certificate.rawBytes", "empty"));
+                return Err(field_err(
+                    "verificationMaterial.certificate.rawBytes",
+                    "empty",
+                ));
             }
             VerificationMaterial::Certificate(der)
         } else {
@@ -427,7 +435,10 @@ impl BundleJson {
                     .message_digest
                     .map(|d| {
                         Ok::<_, BundleError>(MessageDigest {
-                            algorithm: hash_algorithm("messageSignature.messageDigest.algorithm", &d.algorithm)?,
+                            algorithm: hash_algorithm(
+                                "messageSignature.messageDigest.algorithm",
+                                &d.algorithm,
+                            )?,
                             digest: b64("messageSignature.messageDigest.digest", &d.digest)?,
                         })
                     })
@@ -436,7 +447,12 @@ impl BundleJson {
                     if d.digest.len() != d.algorithm.output_len() {
                         return Err(field_err(
                             "messageSignature.messageDigest.digest",
-                            format!("{} bytes, {:?} has {}", d.digest.len(), d.algorithm, d.algorithm.output_len()),
+                            format!(
+                                "{} bytes, {:?} has {}",
+                                d.digest.len(),
+                                d.algorithm,
+                                d.algorithm.output_len()
+                            ),
                         ));
                     }
                 }
@@ -447,7 +463,10 @@ impl BundleJson {
                 if env.signatures.len() != 1 {
                     return Err(field_err(
                         "dsseEnvelope.signatures",
-                        format!("{} signatures, exactly one is supported", env.signatures.len()),
+                        format!(
+                            "{} signatures, exactly one is supported",
+                            env.signatures.len()
+                        ),
                     ));
                 }
                 let signatures = env
@@ -457,7 +476,10 @@ impl BundleJson {
                     .map(|(i, s)| {
                         let sig = b64(&format!("dsseEnvelope.signatures[{i}].sig"), &s.sig)?;
                         if sig.is_empty() {
-                            return Err(field_err(format!("dsseEnvelope.signatures[{i}].sig"), "empty"));
+                            return Err(field_err(
+                                format!("dsseEnvelope.signatures[{i}].sig"),
+                                "empty",
+                            ));
                         }
                         Ok(EnvelopeSignature {
                             sig,
@@ -472,10 +494,16 @@ impl BundleJson {
                 })
             }
             (Some(_), Some(_)) => {
-                return Err(field_err("content", "both messageSignature and dsseEnvelope"))
+                return Err(field_err(
+                    "content",
+                    "both messageSignature and dsseEnvelope",
+                ))
             }
             (None, None) => {
-                return Err(field_err("content", "neither messageSignature nor dsseEnvelope"))
+                return Err(field_err(
+                    "content",
+                    "neither messageSignature nor dsseEnvelope",
+                ))
             }
         };
 
@@ -523,7 +551,12 @@ impl TlogEntryJson {
         let signed_entry_timestamp = self
             .inclusion_promise
             .as_ref()
-            .map(|p| b64(&format!("{f}.inclusionPromise.signedEntryTimestamp"), &p.signed_entry_timestamp))
+            .map(|p| {
+                b64(
+                    &format!("{f}.inclusionPromise.signedEntryTimestamp"),
+                    &p.signed_entry_timestamp,
+                )
+            })
             .transpose()?;
         let inclusion_proof = self
             .inclusion_proof
@@ -588,7 +621,10 @@ impl ProofJson {
                 .ok_or_else(|| field_err(format!("{f}.rootHash"), "missing"))?,
         )?;
         if self.hashes.len() > MAX_PROOF_HASHES {
-            return Err(field_err(format!("{f}.hashes"), format!("more than {MAX_PROOF_HASHES}")));
+            return Err(field_err(
+                format!("{f}.hashes"),
+                format!("more than {MAX_PROOF_HASHES}"),
+            ));
         }
         let hashes = self
             .hashes

@@ -7,7 +7,9 @@ use std::time::SystemTime;
 use der::asn1::ObjectIdentifier as Oid;
 use der::{Decode, Encode, Reader, SliceReader};
 use x509_cert::ext::pkix::name::GeneralName;
-use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName};
+use x509_cert::ext::pkix::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+};
 use x509_cert::Certificate;
 
 use crate::keys::{scheme_for_certificate, KeyError, PublicKey, SignatureError};
@@ -42,7 +44,9 @@ pub enum CertificateError {
     Leaf(String),
     #[error("bundle certificate chain contains a root (self-signed) certificate at position {0}: roots come only from the trusted root")]
     RootInBundle(usize),
-    #[error("signing certificate is not issued by any certificate authority of the trusted root ({0})")]
+    #[error(
+        "signing certificate is not issued by any certificate authority of the trusted root ({0})"
+    )]
     Untrusted(String),
     #[error("signing certificate chain is not valid at {at}: {reason}")]
     NotValidAt { at: Rfc3339, reason: String },
@@ -170,7 +174,11 @@ impl ParsedCertificate {
         }
         let scheme = scheme_for_certificate(&self.cert.signature_algorithm)?;
         let tbs = tbs_bytes(&self.der).map_err(|_| SignatureError::Invalid)?;
-        let sig = self.cert.signature.as_bytes().ok_or(SignatureError::Invalid)?;
+        let sig = self
+            .cert
+            .signature
+            .as_bytes()
+            .ok_or(SignatureError::Invalid)?;
         issuer.key.verify(scheme, tbs, sig)
     }
 
@@ -195,7 +203,12 @@ impl SigningCertificate {
     pub fn parse(der: &[u8]) -> Result<Self, CertificateError> {
         let parsed = ParsedCertificate::parse("signing certificate", der)?;
         let leaf = |m: String| CertificateError::Leaf(m);
-        let exts = parsed.cert.tbs_certificate.extensions.clone().unwrap_or_default();
+        let exts = parsed
+            .cert
+            .tbs_certificate
+            .extensions
+            .clone()
+            .unwrap_or_default();
         for e in &exts {
             if e.critical && !HANDLED_CRITICAL.contains(&e.extn_id) {
                 return Err(leaf(format!("unhandled critical extension {}", e.extn_id)));
@@ -218,7 +231,11 @@ impl SigningCertificate {
         if let Some(e) = parsed.extension(OID_EKU) {
             let eku = ExtendedKeyUsage::from_der(e.extn_value.as_bytes())
                 .map_err(|e| leaf(format!("extKeyUsage: {e}")))?;
-            if !eku.0.iter().any(|o| *o == OID_EKU_CODE_SIGNING || *o == OID_EKU_ANY) {
+            if !eku
+                .0
+                .iter()
+                .any(|o| *o == OID_EKU_CODE_SIGNING || *o == OID_EKU_ANY)
+            {
                 return Err(leaf("extKeyUsage lacks codeSigning".into()));
             }
         }
@@ -233,11 +250,14 @@ fn identity_of(exts: &[x509_cert::ext::Extension]) -> Result<CertificateIdentity
     for e in exts {
         let value = e.extn_value.as_bytes();
         if e.extn_id == OID_SAN {
-            let san = SubjectAltName::from_der(value).map_err(|e| format!("subjectAltName: {e}"))?;
+            let san =
+                SubjectAltName::from_der(value).map_err(|e| format!("subjectAltName: {e}"))?;
             for name in san.0 {
                 match name {
                     GeneralName::Rfc822Name(s) => id.sans.push(San::Email(s.to_string())),
-                    GeneralName::UniformResourceIdentifier(s) => id.sans.push(San::Uri(s.to_string())),
+                    GeneralName::UniformResourceIdentifier(s) => {
+                        id.sans.push(San::Uri(s.to_string()))
+                    }
                     GeneralName::OtherName(o) if o.type_id == OID_FULCIO_OTHERNAME_SAN => {
                         let s: der::asn1::Utf8StringRef<'_> = o
                             .value
@@ -251,7 +271,10 @@ fn identity_of(exts: &[x509_cert::ext::Extension]) -> Result<CertificateIdentity
             continue;
         }
         let oid = e.extn_id.to_string();
-        let Some(n) = oid.strip_prefix(FULCIO_ARC).and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(n) = oid
+            .strip_prefix(FULCIO_ARC)
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Some((name, is_der)) = fulcio_extension(n) else {
@@ -322,7 +345,10 @@ pub fn issuing_cas<'r>(
             .iter()
             .enumerate()
             .map(|(j, der)| {
-                ParsedCertificate::parse(&format!("trusted root certificateAuthorities[{i}].certChain[{j}]"), der)
+                ParsedCertificate::parse(
+                    &format!("trusted root certificateAuthorities[{i}].certChain[{j}]"),
+                    der,
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         match leaf.parsed.verify_issued_by(&chain[0]) {

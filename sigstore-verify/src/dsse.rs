@@ -51,7 +51,9 @@ pub struct Subject {
 impl Statement {
     pub fn parse(payload: &[u8]) -> Result<Self, StatementError> {
         let s: Statement = serde_json::from_slice(payload)?;
-        if s.type_ != "https://in-toto.io/Statement/v1" && s.type_ != "https://in-toto.io/Statement/v0.1" {
+        if s.type_ != "https://in-toto.io/Statement/v1"
+            && s.type_ != "https://in-toto.io/Statement/v0.1"
+        {
             return Err(StatementError::Type(s.type_));
         }
         if s.subject.is_empty() {

@@ -67,7 +67,10 @@ pub struct ExpectedIdentity {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("certificate identity {found:?} does not match {expected}")]
-    San { expected: String, found: Vec<String> },
+    San {
+        expected: String,
+        found: Vec<String>,
+    },
     #[error("certificate has no OIDC issuer extension")]
     NoIssuer,
     #[error("certificate OIDC issuer {found:?} does not match {expected}")]
@@ -132,7 +135,10 @@ mod tests {
             issuer: Matcher::exact("https://accounts.google.com"),
         };
         assert!(matches!(exp.check(&c), Err(IdentityError::Issuer { .. })));
-        let e = id(San::Email("a@example.com".into()), "https://accounts.google.com");
+        let e = id(
+            San::Email("a@example.com".into()),
+            "https://accounts.google.com",
+        );
         let exp = ExpectedIdentity {
             san: Matcher::exact("a@example.com"),
             issuer: Matcher::regex(r"https://accounts\.google\.com").unwrap(),

@@ -91,7 +91,9 @@ pub enum SignatureError {
     },
     #[error("unsupported signature algorithm {0}")]
     UnsupportedAlgorithm(String),
-    #[error("a {0:?} key cannot verify a signature over a bare digest (the artifact itself is needed)")]
+    #[error(
+        "a {0:?} key cannot verify a signature over a bare digest (the artifact itself is needed)"
+    )]
     PrehashUnsupported(KeyAlgorithm),
 }
 
@@ -107,7 +109,8 @@ pub struct PublicKey {
 
 impl PublicKey {
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
-        let spki = SubjectPublicKeyInfoRef::from_der(der).map_err(|e| KeyError::Spki(e.to_string()))?;
+        let spki =
+            SubjectPublicKeyInfoRef::from_der(der).map_err(|e| KeyError::Spki(e.to_string()))?;
         let oid = spki.algorithm.oid;
         let algorithm = if oid == OID_EC_PUBLIC_KEY {
             let curve: Oid = spki
@@ -162,7 +165,10 @@ impl PublicKey {
     pub fn from_pem(text: &str) -> Result<Self, KeyError> {
         let block = pem::parse(text).map_err(|e| KeyError::Pem(e.to_string()))?;
         if block.tag() != "PUBLIC KEY" {
-            return Err(KeyError::Pem(format!("block is {:?}, expected PUBLIC KEY", block.tag())));
+            return Err(KeyError::Pem(format!(
+                "block is {:?}, expected PUBLIC KEY",
+                block.tag()
+            )));
         }
         Self::from_spki_der(block.contents())
     }
@@ -200,16 +206,36 @@ impl PublicKey {
     ) -> Result<(), SignatureError> {
         use HashAlgorithm::*;
         let alg: &'static dyn VerificationAlgorithm = match (self.algorithm, scheme) {
-            (KeyAlgorithm::EcdsaP256, SignatureScheme::Ecdsa(Sha256)) => &signature::ECDSA_P256_SHA256_ASN1,
-            (KeyAlgorithm::EcdsaP256, SignatureScheme::Ecdsa(Sha384)) => &signature::ECDSA_P256_SHA384_ASN1,
-            (KeyAlgorithm::EcdsaP384, SignatureScheme::Ecdsa(Sha256)) => &signature::ECDSA_P384_SHA256_ASN1,
-            (KeyAlgorithm::EcdsaP384, SignatureScheme::Ecdsa(Sha384)) => &signature::ECDSA_P384_SHA384_ASN1,
-            (KeyAlgorithm::Rsa, SignatureScheme::RsaPkcs1(Sha256)) => &signature::RSA_PKCS1_2048_8192_SHA256,
-            (KeyAlgorithm::Rsa, SignatureScheme::RsaPkcs1(Sha384)) => &signature::RSA_PKCS1_2048_8192_SHA384,
-            (KeyAlgorithm::Rsa, SignatureScheme::RsaPkcs1(Sha512)) => &signature::RSA_PKCS1_2048_8192_SHA512,
-            (KeyAlgorithm::Rsa, SignatureScheme::RsaPss(Sha256)) => &signature::RSA_PSS_2048_8192_SHA256,
-            (KeyAlgorithm::Rsa, SignatureScheme::RsaPss(Sha384)) => &signature::RSA_PSS_2048_8192_SHA384,
-            (KeyAlgorithm::Rsa, SignatureScheme::RsaPss(Sha512)) => &signature::RSA_PSS_2048_8192_SHA512,
+            (KeyAlgorithm::EcdsaP256, SignatureScheme::Ecdsa(Sha256)) => {
+                &signature::ECDSA_P256_SHA256_ASN1
+            }
+            (KeyAlgorithm::EcdsaP256, SignatureScheme::Ecdsa(Sha384)) => {
+                &signature::ECDSA_P256_SHA384_ASN1
+            }
+            (KeyAlgorithm::EcdsaP384, SignatureScheme::Ecdsa(Sha256)) => {
+                &signature::ECDSA_P384_SHA256_ASN1
+            }
+            (KeyAlgorithm::EcdsaP384, SignatureScheme::Ecdsa(Sha384)) => {
+                &signature::ECDSA_P384_SHA384_ASN1
+            }
+            (KeyAlgorithm::Rsa, SignatureScheme::RsaPkcs1(Sha256)) => {
+                &signature::RSA_PKCS1_2048_8192_SHA256
+            }
+            (KeyAlgorithm::Rsa, SignatureScheme::RsaPkcs1(Sha384)) => {
+                &signature::RSA_PKCS1_2048_8192_SHA384
+            }
+            (KeyAlgorithm::Rsa, SignatureScheme::RsaPkcs1(Sha512)) => {
+                &signature::RSA_PKCS1_2048_8192_SHA512
+            }
+            (KeyAlgorithm::Rsa, SignatureScheme::RsaPss(Sha256)) => {
+                &signature::RSA_PSS_2048_8192_SHA256
+            }
+            (KeyAlgorithm::Rsa, SignatureScheme::RsaPss(Sha384)) => {
+                &signature::RSA_PSS_2048_8192_SHA384
+            }
+            (KeyAlgorithm::Rsa, SignatureScheme::RsaPss(Sha512)) => {
+                &signature::RSA_PSS_2048_8192_SHA512
+            }
             (KeyAlgorithm::Ed25519, SignatureScheme::Ed25519) => &signature::ED25519,
             (key, scheme) => return Err(SignatureError::SchemeMismatch { key, scheme }),
         };
@@ -225,14 +251,18 @@ impl PublicKey {
             KeyAlgorithm::EcdsaP256 => {
                 let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.key_bytes)
                     .map_err(|_| SignatureError::Invalid)?;
-                let sig = p256::ecdsa::Signature::from_der(sig).map_err(|_| SignatureError::Invalid)?;
-                key.verify_prehash(digest, &sig).map_err(|_| SignatureError::Invalid)
+                let sig =
+                    p256::ecdsa::Signature::from_der(sig).map_err(|_| SignatureError::Invalid)?;
+                key.verify_prehash(digest, &sig)
+                    .map_err(|_| SignatureError::Invalid)
             }
             KeyAlgorithm::EcdsaP384 => {
                 let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&self.key_bytes)
                     .map_err(|_| SignatureError::Invalid)?;
-                let sig = p384::ecdsa::Signature::from_der(sig).map_err(|_| SignatureError::Invalid)?;
-                key.verify_prehash(digest, &sig).map_err(|_| SignatureError::Invalid)
+                let sig =
+                    p384::ecdsa::Signature::from_der(sig).map_err(|_| SignatureError::Invalid)?;
+                key.verify_prehash(digest, &sig)
+                    .map_err(|_| SignatureError::Invalid)
             }
             other => Err(SignatureError::PrehashUnsupported(other)),
         }
@@ -244,7 +274,9 @@ mod ecdsa_prehash {
 }
 
 /// The scheme of a certificate's `signatureAlgorithm` (with RSA-PSS parameters decoded).
-pub fn scheme_for_certificate(alg: &spki::AlgorithmIdentifierOwned) -> Result<SignatureScheme, SignatureError> {
+pub fn scheme_for_certificate(
+    alg: &spki::AlgorithmIdentifierOwned,
+) -> Result<SignatureScheme, SignatureError> {
     use HashAlgorithm::*;
     let oid = alg.oid;
     Ok(match oid {
@@ -270,13 +302,18 @@ fn pss_hash(alg: &spki::AlgorithmIdentifierOwned) -> Result<HashAlgorithm, Signa
         number: der::TagNumber::N0,
     };
     if der::Tagged::tag(first) != tag0 {
-        return Err(SignatureError::UnsupportedAlgorithm("RSA-PSS with SHA-1".into()));
+        return Err(SignatureError::UnsupportedAlgorithm(
+            "RSA-PSS with SHA-1".into(),
+        ));
     }
-    let hash = spki::AlgorithmIdentifierOwned::from_der(first.value()).map_err(|_| unsupported())?;
+    let hash =
+        spki::AlgorithmIdentifierOwned::from_der(first.value()).map_err(|_| unsupported())?;
     match hash.oid {
         o if o == OID_SHA256 => Ok(HashAlgorithm::Sha256),
         o if o == OID_SHA384 => Ok(HashAlgorithm::Sha384),
         o if o == OID_SHA512 => Ok(HashAlgorithm::Sha512),
-        o => Err(SignatureError::UnsupportedAlgorithm(format!("RSA-PSS with hash {o}"))),
+        o => Err(SignatureError::UnsupportedAlgorithm(format!(
+            "RSA-PSS with hash {o}"
+        ))),
     }
 }

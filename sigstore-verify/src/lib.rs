@@ -87,8 +87,8 @@ pub mod rfc3161;
 pub mod sct;
 pub mod time;
 pub mod tlog;
-pub mod tsp;
 pub mod trust_root;
+pub mod tsp;
 pub mod verify;
 
 use std::time::SystemTime;

@@ -145,7 +145,10 @@ mod tests {
                 if n > 1 {
                     let other = ((m + 1) % n) as u64;
                     assert!(verify_inclusion(other, n as u64, &lh, &p, &root).is_err());
-                    assert!(verify_inclusion(m as u64, n as u64, &lh, &p[..p.len() - 1], &root).is_err());
+                    assert!(
+                        verify_inclusion(m as u64, n as u64, &lh, &p[..p.len() - 1], &root)
+                            .is_err()
+                    );
                 }
                 let mut long = p.clone();
                 long.push(vec![0; 32]);

@@ -23,7 +23,9 @@ pub enum RekorVersion {
 /// The Rekor generation of a kind/version, or None if unsupported.
 pub fn rekor_version(kind: &str, version: &str) -> Option<RekorVersion> {
     match (kind, version) {
-        ("hashedrekord", "0.0.1") | ("intoto", "0.0.2") | ("dsse", "0.0.1") => Some(RekorVersion::V1),
+        ("hashedrekord", "0.0.1") | ("intoto", "0.0.2") | ("dsse", "0.0.1") => {
+            Some(RekorVersion::V1)
+        }
         ("hashedrekord", "0.0.2") | ("dsse", "0.0.2") => Some(RekorVersion::V2),
         _ => None,
     }
@@ -33,7 +35,9 @@ pub fn rekor_version(kind: &str, version: &str) -> Option<RekorVersion> {
 pub enum BodyError {
     #[error("canonicalized body is not JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("canonicalized body says {body_kind} {body_version} but the entry says {kind} {version}")]
+    #[error(
+        "canonicalized body says {body_kind} {body_version} but the entry says {kind} {version}"
+    )]
     KindMismatch {
         kind: String,
         version: String,
@@ -58,7 +62,10 @@ fn ferr(field: &'static str, reason: impl Into<String>) -> BodyError {
 pub enum LoggedSubject {
     /// The digest the signature is over (hashedrekord: the artifact's, or for DSSE in
     /// Rekor v2 the digest of the PAE).
-    Digest { algorithm: HashAlgorithm, digest: Vec<u8> },
+    Digest {
+        algorithm: HashAlgorithm,
+        digest: Vec<u8>,
+    },
     /// SHA-256 of a DSSE payload (intoto, dsse kinds).
     DssePayloadSha256(Vec<u8>),
 }
@@ -111,7 +118,10 @@ fn pem_verifier(b64_pem: &str, field: &'static str) -> Result<Verifier, BodyErro
     match block.tag() {
         "CERTIFICATE" => Ok(Verifier::Certificate(block.into_contents())),
         "PUBLIC KEY" => Ok(Verifier::PublicKey(block.into_contents())),
-        t => Err(ferr(field, format!("PEM block {t:?} is neither a certificate nor a public key"))),
+        t => Err(ferr(
+            field,
+            format!("PEM block {t:?} is neither a certificate nor a public key"),
+        )),
     }
 }
 
@@ -131,10 +141,16 @@ fn v1_hash(v: &Value, field: &'static str) -> Result<(HashAlgorithm, Vec<u8>), B
 
 fn v2_verifier(v: &Value, field: &'static str) -> Result<Verifier, BodyError> {
     if let Some(c) = v.get("x509Certificate") {
-        return Ok(Verifier::Certificate(b64(str_at(c, &["rawBytes"], field)?, field)?));
+        return Ok(Verifier::Certificate(b64(
+            str_at(c, &["rawBytes"], field)?,
+            field,
+        )?));
     }
     if let Some(k) = v.get("publicKey") {
-        return Ok(Verifier::PublicKey(b64(str_at(k, &["rawBytes"], field)?, field)?));
+        return Ok(Verifier::PublicKey(b64(
+            str_at(k, &["rawBytes"], field)?,
+            field,
+        )?));
     }
     Err(ferr(field, "neither x509Certificate nor publicKey"))
 }
@@ -179,41 +195,66 @@ pub fn parse_body(body: &[u8], kind: &str, version: &str) -> Result<LoggedClaim,
     match (kind, version) {
         ("hashedrekord", "0.0.1") => {
             let (algorithm, digest) = v1_hash(
-                spec.pointer("/data/hash").ok_or_else(|| ferr("spec.data.hash", "missing"))?,
+                spec.pointer("/data/hash")
+                    .ok_or_else(|| ferr("spec.data.hash", "missing"))?,
                 "spec.data.hash",
             )?;
-            let signature = b64(str_at(spec, &["signature", "content"], "spec.signature.content")?, "spec.signature.content")?;
+            let signature = b64(
+                str_at(spec, &["signature", "content"], "spec.signature.content")?,
+                "spec.signature.content",
+            )?;
             let verifier = pem_verifier(
-                str_at(spec, &["signature", "publicKey", "content"], "spec.signature.publicKey.content")?,
+                str_at(
+                    spec,
+                    &["signature", "publicKey", "content"],
+                    "spec.signature.publicKey.content",
+                )?,
                 "spec.signature.publicKey.content",
             )?;
             Ok(LoggedClaim {
                 subject: LoggedSubject::Digest { algorithm, digest },
-                signatures: vec![LoggedSignature { signature, verifier }],
+                signatures: vec![LoggedSignature {
+                    signature,
+                    verifier,
+                }],
             })
         }
         ("intoto", "0.0.2") => {
-            let content = spec.get("content").ok_or_else(|| ferr("spec.content", "missing"))?;
+            let content = spec
+                .get("content")
+                .ok_or_else(|| ferr("spec.content", "missing"))?;
             let (alg, payload_hash) = v1_hash(
-                content.get("payloadHash").ok_or_else(|| ferr("spec.content.payloadHash", "missing"))?,
+                content
+                    .get("payloadHash")
+                    .ok_or_else(|| ferr("spec.content.payloadHash", "missing"))?,
                 "spec.content.payloadHash",
             )?;
             if alg != HashAlgorithm::Sha256 {
                 return Err(ferr("spec.content.payloadHash", "only sha256 is supported"));
             }
-            let env = content.get("envelope").ok_or_else(|| ferr("spec.content.envelope", "missing"))?;
+            let env = content
+                .get("envelope")
+                .ok_or_else(|| ferr("spec.content.envelope", "missing"))?;
             let sigs = signatures(env, "spec.content.envelope.signatures")?
                 .iter()
                 .map(|s| {
                     // Both are base64 of what the envelope had: the signature's base64 text,
                     // and the PEM.
-                    let sig_b64 = b64(str_at(s, &["sig"], "spec.content.envelope.signatures[].sig")?, "spec.content.envelope.signatures[].sig")?;
-                    let sig_text = String::from_utf8(sig_b64)
-                        .map_err(|_| ferr("spec.content.envelope.signatures[].sig", "not base64 text"))?;
+                    let sig_b64 = b64(
+                        str_at(s, &["sig"], "spec.content.envelope.signatures[].sig")?,
+                        "spec.content.envelope.signatures[].sig",
+                    )?;
+                    let sig_text = String::from_utf8(sig_b64).map_err(|_| {
+                        ferr("spec.content.envelope.signatures[].sig", "not base64 text")
+                    })?;
                     Ok(LoggedSignature {
                         signature: b64(&sig_text, "spec.content.envelope.signatures[].sig")?,
                         verifier: pem_verifier(
-                            str_at(s, &["publicKey"], "spec.content.envelope.signatures[].publicKey")?,
+                            str_at(
+                                s,
+                                &["publicKey"],
+                                "spec.content.envelope.signatures[].publicKey",
+                            )?,
                             "spec.content.envelope.signatures[].publicKey",
                         )?,
                     })
@@ -226,7 +267,8 @@ pub fn parse_body(body: &[u8], kind: &str, version: &str) -> Result<LoggedClaim,
         }
         ("dsse", "0.0.1") => {
             let (alg, payload_hash) = v1_hash(
-                spec.get("payloadHash").ok_or_else(|| ferr("spec.payloadHash", "missing"))?,
+                spec.get("payloadHash")
+                    .ok_or_else(|| ferr("spec.payloadHash", "missing"))?,
                 "spec.payloadHash",
             )?;
             if alg != HashAlgorithm::Sha256 {
@@ -236,8 +278,14 @@ pub fn parse_body(body: &[u8], kind: &str, version: &str) -> Result<LoggedClaim,
                 .iter()
                 .map(|s| {
                     Ok(LoggedSignature {
-                        signature: b64(str_at(s, &["signature"], "spec.signatures[].signature")?, "spec.signatures[].signature")?,
-                        verifier: pem_verifier(str_at(s, &["verifier"], "spec.signatures[].verifier")?, "spec.signatures[].verifier")?,
+                        signature: b64(
+                            str_at(s, &["signature"], "spec.signatures[].signature")?,
+                            "spec.signatures[].signature",
+                        )?,
+                        verifier: pem_verifier(
+                            str_at(s, &["verifier"], "spec.signatures[].verifier")?,
+                            "spec.signatures[].verifier",
+                        )?,
                     })
                 })
                 .collect::<Result<Vec<_>, BodyError>>()?;
@@ -251,38 +299,57 @@ pub fn parse_body(body: &[u8], kind: &str, version: &str) -> Result<LoggedClaim,
                 .get("hashedRekordV002")
                 .ok_or_else(|| ferr("spec.hashedRekordV002", "missing"))?;
             let (algorithm, digest) = v2_digest(
-                hr.get("data").ok_or_else(|| ferr("spec.hashedRekordV002.data", "missing"))?,
+                hr.get("data")
+                    .ok_or_else(|| ferr("spec.hashedRekordV002.data", "missing"))?,
                 "spec.hashedRekordV002.data",
             )?;
             let sig = hr
                 .get("signature")
                 .ok_or_else(|| ferr("spec.hashedRekordV002.signature", "missing"))?;
-            let signature = b64(str_at(sig, &["content"], "spec.hashedRekordV002.signature.content")?, "spec.hashedRekordV002.signature.content")?;
+            let signature = b64(
+                str_at(sig, &["content"], "spec.hashedRekordV002.signature.content")?,
+                "spec.hashedRekordV002.signature.content",
+            )?;
             let verifier = v2_verifier(
-                sig.get("verifier").ok_or_else(|| ferr("spec.hashedRekordV002.signature.verifier", "missing"))?,
+                sig.get("verifier")
+                    .ok_or_else(|| ferr("spec.hashedRekordV002.signature.verifier", "missing"))?,
                 "spec.hashedRekordV002.signature.verifier",
             )?;
             Ok(LoggedClaim {
                 subject: LoggedSubject::Digest { algorithm, digest },
-                signatures: vec![LoggedSignature { signature, verifier }],
+                signatures: vec![LoggedSignature {
+                    signature,
+                    verifier,
+                }],
             })
         }
         ("dsse", "0.0.2") => {
-            let d = spec.get("dsseV002").ok_or_else(|| ferr("spec.dsseV002", "missing"))?;
+            let d = spec
+                .get("dsseV002")
+                .ok_or_else(|| ferr("spec.dsseV002", "missing"))?;
             let (alg, payload_hash) = v2_digest(
-                d.get("payloadHash").ok_or_else(|| ferr("spec.dsseV002.payloadHash", "missing"))?,
+                d.get("payloadHash")
+                    .ok_or_else(|| ferr("spec.dsseV002.payloadHash", "missing"))?,
                 "spec.dsseV002.payloadHash",
             )?;
             if alg != HashAlgorithm::Sha256 {
-                return Err(ferr("spec.dsseV002.payloadHash", "only SHA2_256 is supported"));
+                return Err(ferr(
+                    "spec.dsseV002.payloadHash",
+                    "only SHA2_256 is supported",
+                ));
             }
             let sigs = signatures(d, "spec.dsseV002.signatures")?
                 .iter()
                 .map(|s| {
                     Ok(LoggedSignature {
-                        signature: b64(str_at(s, &["content"], "spec.dsseV002.signatures[].content")?, "spec.dsseV002.signatures[].content")?,
+                        signature: b64(
+                            str_at(s, &["content"], "spec.dsseV002.signatures[].content")?,
+                            "spec.dsseV002.signatures[].content",
+                        )?,
                         verifier: v2_verifier(
-                            s.get("verifier").ok_or_else(|| ferr("spec.dsseV002.signatures[].verifier", "missing"))?,
+                            s.get("verifier").ok_or_else(|| {
+                                ferr("spec.dsseV002.signatures[].verifier", "missing")
+                            })?,
                             "spec.dsseV002.signatures[].verifier",
                         )?,
                     })

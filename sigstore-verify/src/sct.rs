@@ -47,7 +47,10 @@ impl<'a> Tls<'a> {
         Ok(a)
     }
     fn uint(&mut self, n: usize) -> Result<u64, SctError> {
-        Ok(self.take(n)?.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
     }
     fn vec16(&mut self) -> Result<&'a [u8], SctError> {
         let n = self.uint(2)? as usize;
@@ -96,7 +99,8 @@ pub fn precert_tbs(leaf: &ParsedCertificate) -> Result<Vec<u8>, SctError> {
     if let Some(exts) = tbs.extensions.as_mut() {
         exts.retain(|e| e.extn_id != OID_SCT_LIST);
     }
-    tbs.to_der().map_err(|e| SctError::Malformed(format!("re-encoding the TBS: {e}")))
+    tbs.to_der()
+        .map_err(|e| SctError::Malformed(format!("re-encoding the TBS: {e}")))
 }
 
 /// The bytes an SCT signs for a precertificate entry.
@@ -158,7 +162,10 @@ pub fn verify_scts(
         }
         let time = from_unix(0) + std::time::Duration::from_millis(sct.timestamp_ms);
         if !log.valid_for.contains(time) {
-            reason = format!("the SCT of {} is outside that log key's validity", log.base_url);
+            reason = format!(
+                "the SCT of {} is outside that log key's validity",
+                log.base_url
+            );
             continue;
         }
         let scheme = match (sct.hash, sct.sig_alg) {
@@ -170,7 +177,11 @@ pub fn verify_scts(
                 continue;
             }
         };
-        match log.key.verify(scheme, &signed_data(sct, &issuer_key_hash, &tbs), &sct.signature) {
+        match log.key.verify(
+            scheme,
+            &signed_data(sct, &issuer_key_hash, &tbs),
+            &sct.signature,
+        ) {
             Ok(()) => verified.push(VerifiedSct {
                 log_id: log.log_id.clone(),
                 log_url: log.base_url.clone(),
@@ -192,7 +203,10 @@ mod tests {
     use crate::certificate::SigningCertificate;
 
     fn fixture_leaf(case: &str) -> ParsedCertificate {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/sigstore-conformance/bundle-verify/");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/sigstore-conformance/bundle-verify/"
+        );
         let text = std::fs::read_to_string(format!("{path}{case}/bundle.sigstore.json")).unwrap();
         let b = Bundle::from_json(&text).unwrap();
         let VerificationMaterial::Certificate(der) = b.material else {
@@ -218,7 +232,11 @@ mod tests {
         let reparsed = x509_cert::TbsCertificate::from_der(&tbs).unwrap();
         let n = |t: &x509_cert::TbsCertificate| t.extensions.as_ref().map_or(0, |e| e.len());
         assert_eq!(n(&reparsed) + 1, n(&leaf.cert.tbs_certificate));
-        assert!(reparsed.extensions.unwrap().iter().all(|e| e.extn_id != OID_SCT_LIST));
+        assert!(reparsed
+            .extensions
+            .unwrap()
+            .iter()
+            .all(|e| e.extn_id != OID_SCT_LIST));
     }
 
     #[test]
@@ -236,15 +254,31 @@ mod tests {
         let tbs = precert_tbs(&leaf).unwrap();
         let ikh: [u8; 32] = Sha256::digest(issuer.subject_spki_der()).into();
         let scheme = SignatureScheme::Ecdsa(HashAlgorithm::Sha256);
-        assert!(log.key.verify(scheme, &signed_data(sct, &ikh, &tbs), &sct.signature).is_ok());
+        assert!(log
+            .key
+            .verify(scheme, &signed_data(sct, &ikh, &tbs), &sct.signature)
+            .is_ok());
         let mut later = sct.clone();
         later.timestamp_ms += 1;
-        assert!(log.key.verify(scheme, &signed_data(&later, &ikh, &tbs), &sct.signature).is_err());
+        assert!(log
+            .key
+            .verify(scheme, &signed_data(&later, &ikh, &tbs), &sct.signature)
+            .is_err());
         let mut ext = sct.clone();
         ext.extensions = vec![0];
-        assert!(log.key.verify(scheme, &signed_data(&ext, &ikh, &tbs), &sct.signature).is_err());
+        assert!(log
+            .key
+            .verify(scheme, &signed_data(&ext, &ikh, &tbs), &sct.signature)
+            .is_err());
         let wrong_issuer = [0u8; 32];
-        assert!(log.key.verify(scheme, &signed_data(sct, &wrong_issuer, &tbs), &sct.signature).is_err());
+        assert!(log
+            .key
+            .verify(
+                scheme,
+                &signed_data(sct, &wrong_issuer, &tbs),
+                &sct.signature
+            )
+            .is_err());
     }
 
     #[test]

@@ -33,7 +33,11 @@ pub fn parse_rfc3339(value: &str) -> Result<SystemTime, TimeError> {
         return Err(err(value, "too short"));
     }
     let b = v.as_bytes();
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':'
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return Err(err(value, "expected YYYY-MM-DDTHH:MM:SS"));
     }
@@ -126,8 +130,16 @@ mod tests {
             parse_rfc3339("2023-07-12T17:56:36+02:00").unwrap(),
             from_unix(1689177396)
         );
-        assert_eq!(Rfc3339(from_unix(1689177396)).to_string(), "2023-07-12T15:56:36Z");
-        for bad in ["2023-07-12", "2023-07-12T15:56:36", "2023-13-12T15:56:36Z", "x023-07-12T15:56:36Z"] {
+        assert_eq!(
+            Rfc3339(from_unix(1689177396)).to_string(),
+            "2023-07-12T15:56:36Z"
+        );
+        for bad in [
+            "2023-07-12",
+            "2023-07-12T15:56:36",
+            "2023-13-12T15:56:36Z",
+            "x023-07-12T15:56:36Z",
+        ] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
         }
     }

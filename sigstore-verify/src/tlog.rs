@@ -99,7 +99,11 @@ fn verifier_matches(v: &Verifier, signer: &SignerMaterial<'_>) -> bool {
     }
 }
 
-fn check_claim(logged: &LoggedClaim, claim: &BundleClaim<'_>, v: RekorVersion) -> Result<(), TlogError> {
+fn check_claim(
+    logged: &LoggedClaim,
+    claim: &BundleClaim<'_>,
+    v: RekorVersion,
+) -> Result<(), TlogError> {
     let mismatch = |m: &str| TlogError::Mismatch(m.to_string());
     match (&claim.subject, &logged.subject) {
         (ClaimSubject::Artifact(ours), theirs) => {
@@ -109,13 +113,20 @@ fn check_claim(logged: &LoggedClaim, claim: &BundleClaim<'_>, v: RekorVersion) -
         }
         (ClaimSubject::Dsse { payload_sha256, .. }, LoggedSubject::DssePayloadSha256(h)) => {
             if h != payload_sha256 {
-                return Err(mismatch("the logged payload hash is not the envelope payload's"));
+                return Err(mismatch(
+                    "the logged payload hash is not the envelope payload's",
+                ));
             }
         }
         (ClaimSubject::Dsse { pae_sha256, .. }, LoggedSubject::Digest { algorithm, digest }) => {
             // Rekor v2 logs DSSE as hashedrekord over the PAE.
-            if v != RekorVersion::V2 || *algorithm != crate::keys::HashAlgorithm::Sha256 || digest != pae_sha256 {
-                return Err(mismatch("the logged digest is not the digest of the envelope's PAE"));
+            if v != RekorVersion::V2
+                || *algorithm != crate::keys::HashAlgorithm::Sha256
+                || digest != pae_sha256
+            {
+                return Err(mismatch(
+                    "the logged digest is not the digest of the envelope's PAE",
+                ));
             }
         }
     }
@@ -127,7 +138,9 @@ fn check_claim(logged: &LoggedClaim, claim: &BundleClaim<'_>, v: RekorVersion) -
         return Err(mismatch("the logged signature is not the bundle's"));
     }
     if !verifier_matches(&s.verifier, &claim.signer) {
-        return Err(mismatch("the logged certificate or key is not the bundle's signer"));
+        return Err(mismatch(
+            "the logged certificate or key is not the bundle's signer",
+        ));
     }
     Ok(())
 }
@@ -155,9 +168,14 @@ pub fn verify_entry(
     }
     if version == RekorVersion::V1 {
         if let Some(set) = &entry.signed_entry_timestamp {
-            let t = entry.integrated_time.expect("bundle parsing requires it with a SET");
-            let payload = rekor::set_payload(&entry.canonicalized_body, t, &entry.log_id, entry.log_index);
-            log.key.verify(log.scheme, &payload, set).map_err(TlogError::Set)?;
+            let t = entry
+                .integrated_time
+                .expect("bundle parsing requires it with a SET");
+            let payload =
+                rekor::set_payload(&entry.canonicalized_body, t, &entry.log_id, entry.log_index);
+            log.key
+                .verify(log.scheme, &payload, set)
+                .map_err(TlogError::Set)?;
             let t = from_unix(t);
             if !log.valid_for.contains(t) {
                 return Err(TlogError::LogKeyNotValid {
@@ -176,7 +194,13 @@ pub fn verify_entry(
         None => None,
         Some(proof) => {
             let leaf = merkle::leaf_hash(&entry.canonicalized_body);
-            merkle::verify_inclusion(proof.log_index, proof.tree_size, &leaf, &proof.hashes, &proof.root_hash)?;
+            merkle::verify_inclusion(
+                proof.log_index,
+                proof.tree_size,
+                &leaf,
+                &proof.hashes,
+                &proof.root_hash,
+            )?;
             let envelope = proof.checkpoint.as_deref().ok_or(TlogError::NoCheckpoint)?;
             let cp = checkpoint::verify_checkpoint(
                 envelope,

@@ -184,18 +184,30 @@ fn valid_for(field: &str, v: Option<&ValidForJson>) -> Result<ValidFor, TrustRoo
 fn scheme_for_key_details(details: &str) -> Option<SignatureScheme> {
     use crate::keys::HashAlgorithm::*;
     Some(match details {
-        "PKIX_ECDSA_P256_SHA_256" | "ECDSA_P256_SHA_256" | "PKIX_ECDSA_P384_SHA_256" => SignatureScheme::Ecdsa(Sha256),
+        "PKIX_ECDSA_P256_SHA_256" | "ECDSA_P256_SHA_256" | "PKIX_ECDSA_P384_SHA_256" => {
+            SignatureScheme::Ecdsa(Sha256)
+        }
         "PKIX_ECDSA_P384_SHA_384" | "ECDSA_P384_SHA_384" => SignatureScheme::Ecdsa(Sha384),
         "PKIX_ED25519" | "ED25519" => SignatureScheme::Ed25519,
-        "PKIX_RSA_PKCS1V15_2048_SHA256" | "PKIX_RSA_PKCS1V15_3072_SHA256" | "PKIX_RSA_PKCS1V15_4096_SHA256"
-        | "PKCS1_RSA_PKCS1V5" | "PKIX_RSA_PKCS1V5" => SignatureScheme::RsaPkcs1(Sha256),
-        "PKIX_RSA_PSS_2048_SHA256" | "PKIX_RSA_PSS_3072_SHA256" | "PKIX_RSA_PSS_4096_SHA256"
-        | "PKCS1_RSA_PSS" | "PKIX_RSA_PSS" => SignatureScheme::RsaPss(Sha256),
+        "PKIX_RSA_PKCS1V15_2048_SHA256"
+        | "PKIX_RSA_PKCS1V15_3072_SHA256"
+        | "PKIX_RSA_PKCS1V15_4096_SHA256"
+        | "PKCS1_RSA_PKCS1V5"
+        | "PKIX_RSA_PKCS1V5" => SignatureScheme::RsaPkcs1(Sha256),
+        "PKIX_RSA_PSS_2048_SHA256"
+        | "PKIX_RSA_PSS_3072_SHA256"
+        | "PKIX_RSA_PSS_4096_SHA256"
+        | "PKCS1_RSA_PSS"
+        | "PKIX_RSA_PSS" => SignatureScheme::RsaPss(Sha256),
         _ => return None,
     })
 }
 
-fn parse_log(field: &str, log: &LogJson, require_start: bool) -> Result<TransparencyLog, TrustRootError> {
+fn parse_log(
+    field: &str,
+    log: &LogJson,
+    require_start: bool,
+) -> Result<TransparencyLog, TrustRootError> {
     if let Some(h) = &log.hash_algorithm {
         if h != "SHA2_256" {
             return Err(TrustRootError::Invalid {
@@ -204,7 +216,10 @@ fn parse_log(field: &str, log: &LogJson, require_start: bool) -> Result<Transpar
             });
         }
     }
-    let der = b64(&format!("{field}.publicKey.rawBytes"), &log.public_key.raw_bytes)?;
+    let der = b64(
+        &format!("{field}.publicKey.rawBytes"),
+        &log.public_key.raw_bytes,
+    )?;
     let pkcs1 = matches!(
         log.public_key.key_details.as_deref(),
         Some("PKCS1_RSA_PKCS1V5" | "PKCS1_RSA_PSS")
@@ -224,7 +239,10 @@ fn parse_log(field: &str, log: &LogJson, require_start: bool) -> Result<Transpar
         .as_deref()
         .and_then(scheme_for_key_details)
         .unwrap_or_else(|| key.default_scheme());
-    let valid_for = valid_for(&format!("{field}.publicKey"), log.public_key.valid_for.as_ref())?;
+    let valid_for = valid_for(
+        &format!("{field}.publicKey"),
+        log.public_key.valid_for.as_ref(),
+    )?;
     if require_start && valid_for.start.is_none() {
         return Err(TrustRootError::Invalid {
             field: format!("{field}.publicKey.validFor.start"),
@@ -253,7 +271,12 @@ fn parse_chain(field: &str, ca: &CaJson) -> Result<(Vec<Vec<u8>>, ValidFor), Tru
         .certificates
         .iter()
         .enumerate()
-        .map(|(j, c)| b64(&format!("{field}.certChain.certificates[{j}].rawBytes"), &c.raw_bytes))
+        .map(|(j, c)| {
+            b64(
+                &format!("{field}.certChain.certificates[{j}].rawBytes"),
+                &c.raw_bytes,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((chain, valid_for(field, ca.valid_for.as_ref())?))
 }
@@ -297,7 +320,8 @@ impl TrustedRoot {
             .iter()
             .enumerate()
             .map(|(i, ca)| {
-                let (cert_chain, valid_for) = parse_chain(&format!("certificateAuthorities[{i}]"), ca)?;
+                let (cert_chain, valid_for) =
+                    parse_chain(&format!("certificateAuthorities[{i}]"), ca)?;
                 Ok(CertificateAuthority {
                     uri: ca.uri.clone(),
                     cert_chain,
@@ -310,7 +334,8 @@ impl TrustedRoot {
             .iter()
             .enumerate()
             .map(|(i, ca)| {
-                let (cert_chain, valid_for) = parse_chain(&format!("timestampAuthorities[{i}]"), ca)?;
+                let (cert_chain, valid_for) =
+                    parse_chain(&format!("timestampAuthorities[{i}]"), ca)?;
                 Ok(TimestampAuthority {
                     uri: ca.uri.clone(),
                     cert_chain,
@@ -357,7 +382,9 @@ mod tests {
         let root = TrustedRoot::public_good();
         assert_eq!(root.tlogs.len(), 2);
         assert!(root.certificate_authorities.len() >= 2);
-        let id = B64.decode("wNI9atQGlz+VWfO6LRygH4QUfY/8W4RFwiT5i5WRgB0=").unwrap();
+        let id = B64
+            .decode("wNI9atQGlz+VWfO6LRygH4QUfY/8W4RFwiT5i5WRgB0=")
+            .unwrap();
         let log = root.tlog(&id).unwrap();
         assert_eq!(log.key.key_id().to_vec(), id);
         assert_eq!(log.base_url, "https://rekor.sigstore.dev");

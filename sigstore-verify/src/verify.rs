@@ -10,17 +10,17 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::{Bundle, BundleError, BundleVersion, Content, VerificationMaterial};
 use crate::certificate::{self, CertificateError, CertificateIdentity, SigningCertificate};
+use crate::checkpoint::CheckpointError;
 use crate::dsse::{self, Statement, StatementError};
 use crate::identity::{ExpectedIdentity, IdentityError};
 use crate::keys::{HashAlgorithm, PublicKey, SignatureError, SignatureScheme};
 use crate::rekor::{LoggedSubject, RekorVersion};
 use crate::rfc3161::{self, TimestampError};
 use crate::sct::{self, SctError, VerifiedSct};
-use crate::checkpoint::CheckpointError;
 use crate::time::Rfc3339;
-use crate::tsp;
 use crate::tlog::{self, BundleClaim, ClaimSubject, SignerMaterial, TlogError, VerifiedLogEntry};
 use crate::trust_root::TrustedRoot;
+use crate::tsp;
 
 /// What was signed, as the caller has it.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +38,9 @@ pub struct DigestParseError(pub String);
 impl Artifact<'_> {
     /// Parses `sha256:<hex>`.
     pub fn parse_digest(s: &str) -> Result<Artifact<'static>, DigestParseError> {
-        let hexpart = s.strip_prefix("sha256:").ok_or_else(|| DigestParseError(s.into()))?;
+        let hexpart = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| DigestParseError(s.into()))?;
         if hexpart.len() != 64 {
             return Err(DigestParseError(s.into()));
         }
@@ -191,7 +193,7 @@ pub enum VerifyError {
         index: usize,
         log: String,
         #[source]
-        source: TlogError,
+        source: Box<TlogError>,
     },
     #[error("tlogEntries: duplicate entry (log {log}, index {log_index})")]
     DuplicateEntry { log: String, log_index: u64 },
@@ -214,7 +216,11 @@ pub enum VerifyError {
         ignored: Vec<String>,
     },
     #[error("tlogEntries[{index}]: Rekor v2 entry, but no verified timestamp {at} falls inside the log key's validity ({log})")]
-    LogKeyNotValid { index: usize, log: String, at: String },
+    LogKeyNotValid {
+        index: usize,
+        log: String,
+        at: String,
+    },
 }
 
 fn notes(ignored: &[String]) -> String {
@@ -230,11 +236,12 @@ impl VerifyError {
     /// implemented yet (see [`crate::checkpoint`], [`crate::rfc3161`]).
     pub fn is_unimplemented(&self) -> bool {
         match self {
-            VerifyError::Tlog {
-                source: TlogError::Checkpoint(e),
-                ..
-            } => matches!(e, CheckpointError::Unimplemented),
-            VerifyError::Timestamp { source, .. } => matches!(source, TimestampError::Unimplemented),
+            VerifyError::Tlog { source, .. } => {
+                matches!(&**source, TlogError::Checkpoint(e) if matches!(e, CheckpointError::Unimplemented))
+            }
+            VerifyError::Timestamp { source, .. } => {
+                matches!(source, TimestampError::Unimplemented)
+            }
             _ => false,
         }
     }
@@ -335,7 +342,9 @@ fn check_signature(
 ) -> Result<(SignatureFormat, ClaimSubject), VerifyError> {
     match &bundle.content {
         Content::MessageSignature { digest, signature } => {
-            let alg = digest.as_ref().map_or(HashAlgorithm::Sha256, |d| d.algorithm);
+            let alg = digest
+                .as_ref()
+                .map_or(HashAlgorithm::Sha256, |d| d.algorithm);
             let ours = artifact.digest(alg).ok_or_else(|| {
                 VerifyError::Artifact(format!("the bundle's digest is {alg:?}, but only a SHA-256 digest of the artifact was given"))
             })?;
@@ -363,7 +372,10 @@ fn check_signature(
             .map_err(|source| VerifyError::Signature { what, source })?;
             Ok((
                 SignatureFormat::MessageSignature,
-                ClaimSubject::Artifact(LoggedSubject::Digest { algorithm: alg, digest: ours }),
+                ClaimSubject::Artifact(LoggedSubject::Digest {
+                    algorithm: alg,
+                    digest: ours,
+                }),
             ))
         }
         Content::Dsse(env) => {
@@ -380,7 +392,9 @@ fn check_signature(
                 )));
             }
             let statement = Statement::parse(&env.payload)?;
-            let ours = artifact.digest(HashAlgorithm::Sha256).expect("SHA-256 is always available");
+            let ours = artifact
+                .digest(HashAlgorithm::Sha256)
+                .expect("SHA-256 is always available");
             if !statement.has_subject_digest("sha256", &ours) {
                 return Err(VerifyError::Artifact(format!(
                     "no subject of the in-toto statement has the artifact's digest sha256:{}",
@@ -431,11 +445,12 @@ pub fn verify_at(
             ));
             continue;
         };
-        let verified = tlog::verify_entry(entry, log, &claim, now).map_err(|source| VerifyError::Tlog {
-            index,
-            log: log.base_url.clone(),
-            source,
-        })?;
+        let verified =
+            tlog::verify_entry(entry, log, &claim, now).map_err(|source| VerifyError::Tlog {
+                index,
+                log: log.base_url.clone(),
+                source: Box::new(source),
+            })?;
         if entries
             .iter()
             .any(|(_, e)| e.log_id == verified.log_id && e.log_index == verified.log_index)
@@ -504,12 +519,18 @@ pub fn verify_at(
     // timestamps attest.
     for (index, e) in &entries {
         if e.rekor_version == RekorVersion::V2 {
-            let log = root.tlog(&e.log_id).expect("verified entries are from known logs");
+            let log = root
+                .tlog(&e.log_id)
+                .expect("verified entries are from known logs");
             if !tsa_times.iter().any(|t| log.valid_for.contains(*t)) {
                 return Err(VerifyError::LogKeyNotValid {
                     index: *index,
                     log: log.base_url.clone(),
-                    at: tsa_times.iter().map(|t| Rfc3339(*t).to_string()).collect::<Vec<_>>().join(", "),
+                    at: tsa_times
+                        .iter()
+                        .map(|t| Rfc3339(*t).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
         }
@@ -520,7 +541,11 @@ pub fn verify_at(
     let mut signer = established.signer;
     if let Some((leaf, cas)) = &established.cert {
         let mut times: Vec<SystemTime> = timestamps.iter().map(|t| t.time).collect();
-        times.extend(entries.iter().filter_map(|(_, e)| e.unsigned_integrated_time));
+        times.extend(
+            entries
+                .iter()
+                .filter_map(|(_, e)| e.unsigned_integrated_time),
+        );
         if times.is_empty() {
             times.push(now);
         }

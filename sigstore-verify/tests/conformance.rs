@@ -11,7 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use sigstore_verify::{verify_json, Artifact, ExpectedIdentity, Matcher, Policy, PublicKey, TrustedRoot};
+use sigstore_verify::{
+    verify_json, Artifact, ExpectedIdentity, Matcher, Policy, PublicKey, TrustedRoot,
+};
 
 const DEFAULT_IDENTITY: &str = "https://github.com/sigstore-conformance/extremely-dangerous-public-oidc-beacon/.github/workflows/extremely-dangerous-oidc-beacon.yml@refs/heads/main";
 const DEFAULT_ISSUER: &str = "https://token.actions.githubusercontent.com";

@@ -7,12 +7,15 @@ use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use sha2::{Digest, Sha256};
 use sigstore_verify::verify::VerifyError;
-use sigstore_verify::{verify_json, Artifact, Policy, PublicKey, SignatureFormat, Signer, TrustedRoot};
+use sigstore_verify::{
+    verify_json, Artifact, Policy, PublicKey, SignatureFormat, Signer, TrustedRoot,
+};
 
 fn keypair() -> (EcdsaKeyPair, PublicKey) {
     let rng = SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-    let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let kp =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
     // SPKI for a P-256 point: the fixed prefix plus the uncompressed point.
     let mut spki = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
     spki.extend_from_slice(kp.public_key().as_ref());
@@ -50,20 +53,56 @@ fn key_signed_bundle_without_tlog() {
     let bundle = dsse_bundle(&kp, &digest);
     let root = TrustedRoot::public_good();
 
-    let v = verify_json(&bundle, Artifact::Sha256(digest), &Policy::key(key.clone()).without_tlog(), &root).unwrap();
+    let v = verify_json(
+        &bundle,
+        Artifact::Sha256(digest),
+        &Policy::key(key.clone()).without_tlog(),
+        &root,
+    )
+    .unwrap();
     assert!(matches!(v.format, SignatureFormat::Dsse { .. }));
-    assert!(matches!(&v.signer, Signer::Key { key_id, hint: Some(h) } if *key_id == hex::encode(key.key_id()) && h == "abc"));
+    assert!(
+        matches!(&v.signer, Signer::Key { key_id, hint: Some(h) } if *key_id == hex::encode(key.key_id()) && h == "abc")
+    );
     assert!(v.tlog_entries.is_empty());
 
     // The default key policy requires a log entry.
-    let err = verify_json(&bundle, Artifact::Sha256(digest), &Policy::key(key.clone()), &root).unwrap_err();
-    assert!(matches!(err, VerifyError::TooFewTlogEntries { found: 0, required: 1, .. }), "{err}");
+    let err = verify_json(
+        &bundle,
+        Artifact::Sha256(digest),
+        &Policy::key(key.clone()),
+        &root,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifyError::TooFewTlogEntries {
+                found: 0,
+                required: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // Another artifact, or another key, is refused.
     let other: [u8; 32] = Sha256::digest(b"other").into();
-    assert!(verify_json(&bundle, Artifact::Sha256(other), &Policy::key(key).without_tlog(), &root).is_err());
+    assert!(verify_json(
+        &bundle,
+        Artifact::Sha256(other),
+        &Policy::key(key).without_tlog(),
+        &root
+    )
+    .is_err());
     let (_, other_key) = keypair();
-    assert!(verify_json(&bundle, Artifact::Sha256(digest), &Policy::key(other_key).without_tlog(), &root).is_err());
+    assert!(verify_json(
+        &bundle,
+        Artifact::Sha256(digest),
+        &Policy::key(other_key).without_tlog(),
+        &root
+    )
+    .is_err());
 }
 
 #[test]
