@@ -70,7 +70,8 @@ pub enum SignerPolicy {
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub signer: SignerPolicy,
-    /// Verified transparency log entries required (from distinct logs' entries).
+    /// Verified transparency log entries required, counted once per log (as sigstore-go's
+    /// threshold does).
     pub tlog_entries: usize,
     /// Verified signing times required: integrated times vouched for by a SET plus RFC 3161
     /// timestamps.
@@ -197,7 +198,7 @@ pub enum VerifyError {
     },
     #[error("tlogEntries: duplicate entry (log {log}, index {log_index})")]
     DuplicateEntry { log: String, log_index: u64 },
-    #[error("{found} verified transparency log entries, {required} required{}", notes(.ignored))]
+    #[error("verified transparency log entries from {found} logs, {required} required{}", notes(.ignored))]
     TooFewTlogEntries {
         found: usize,
         required: usize,
@@ -462,9 +463,12 @@ pub fn verify_at(
         }
         entries.push((index, verified));
     }
-    if entries.len() < policy.tlog_entries {
+    let mut logs: Vec<&[u8]> = entries.iter().map(|(_, e)| e.log_id.as_slice()).collect();
+    logs.sort();
+    logs.dedup();
+    if logs.len() < policy.tlog_entries {
         return Err(VerifyError::TooFewTlogEntries {
-            found: entries.len(),
+            found: logs.len(),
             required: policy.tlog_entries,
             ignored,
         });
