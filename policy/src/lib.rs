@@ -16,6 +16,10 @@
 //!   window, serial) and their verification against the deployment policy's grant keys.
 //! - [`dsse`]: the DSSE envelopes that bundles and grants are signed in.
 //!
+//! - [`sigstore_bundle`]: `policy sigstore verify-bundle`, offline verification of a Sigstore
+//!   bundle (v0.1-v0.3, keyless or with a key) through the `sigstore-verify` crate, speaking
+//!   the sigstore-conformance client protocol.
+//!
 //! - [`cli`]: the operations of the `policy` command line (check, lint, explain, test, diff,
 //!   keygen, sign, verify) and the rendering of their reports.
 //!
@@ -27,6 +31,7 @@ pub mod dsse;
 pub mod grant;
 pub mod reference;
 pub mod sigstore;
+pub mod sigstore_bundle;
 pub mod trust;
 
 pub use trust::{Decision, Policy, PolicyError, RejectClass};

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use policy::cli::{self, CliError, IssueRequest, KeyKind, PolicySource};
 use policy::deploy::DeployRequest;
 use policy::grant::ImageClaim;
+use policy::sigstore_bundle::{self, SignerArg, VerifyBundleArgs};
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +97,9 @@ enum Command {
     /// Placement grants: issue (control plane), verify, inspect.
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// Sigstore bundles: offline verification (the sigstore-conformance client protocol).
+    #[command(subcommand)]
+    Sigstore(SigstoreCommand),
     /// Sign a bundle of a deployment policy and the image trust policy it names.
     Sign {
         #[arg(long, value_name = "FILE")]
@@ -122,6 +126,37 @@ enum Command {
         /// The running bundle, for the anti-rollback check.
         #[arg(long, value_name = "BUNDLE")]
         running: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SigstoreCommand {
+    /// Verify a Sigstore bundle (v0.1-v0.3) over a file or a `sha256:<hex>` digest: exit 0
+    /// verified, 3 refused (one line on stderr).
+    VerifyBundle {
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// The expected certificate SAN (exact), with --certificate-oidc-issuer.
+        #[arg(
+            long,
+            value_name = "IDENTITY",
+            requires = "certificate_oidc_issuer",
+            required_unless_present = "key",
+            conflicts_with = "key"
+        )]
+        certificate_identity: Option<String>,
+        /// The expected OIDC issuer (exact).
+        #[arg(long, value_name = "URL", requires = "certificate_identity")]
+        certificate_oidc_issuer: Option<String>,
+        /// A trusted public key (SPKI PEM) instead of a certificate identity.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// A trusted_root.json (default: the Sigstore public-good root shipped with policy).
+        #[arg(long, value_name = "FILE")]
+        trusted_root: Option<PathBuf>,
+        /// The artifact: a file path, or sha256:<hex>.
+        #[arg(value_name = "FILE_OR_DIGEST")]
+        artifact: String,
     },
 }
 
@@ -255,6 +290,31 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Diff { old, new, requests } => cli::diff(&old, &new, &requests),
         Command::Keygen { out, kind } => cli::keygen(&out, kind),
         Command::Grant(g) => run_grant(g),
+        Command::Sigstore(SigstoreCommand::VerifyBundle {
+            bundle,
+            certificate_identity,
+            certificate_oidc_issuer,
+            key,
+            trusted_root,
+            artifact,
+        }) => {
+            let signer = match (certificate_identity, certificate_oidc_issuer, key) {
+                (Some(identity), Some(issuer), None) => SignerArg::Identity { identity, issuer },
+                (None, None, Some(k)) => SignerArg::Key(k),
+                _ => {
+                    return Err(CliError::Usage(
+                        "give --certificate-identity with --certificate-oidc-issuer, or --key"
+                            .into(),
+                    ))
+                }
+            };
+            Ok(sigstore_bundle::run(&VerifyBundleArgs {
+                bundle,
+                signer,
+                trusted_root,
+                artifact,
+            }))
+        }
         Command::Sign {
             deployment,
             image_trust,
