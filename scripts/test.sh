@@ -10,6 +10,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests drive the binaries (ocipub, keybroker, ipu-image-svc, host-attach, ...),
 # which `cargo test` builds only for packages that have integration tests of their own.
 cargo build --workspace --locked --bins
+# The sigstore-conformance bundle-verify suite (all 70 cases) through its own client protocol.
+bash tests/fixtures/sigstore-conformance/run.sh target/debug/policy sigstore
 cargo test --workspace --locked
 # The fuzz targets build (scripts/fuzz.sh runs them for a bounded time).
 cargo build --manifest-path fuzz/Cargo.toml --locked --target-dir target/fuzz-check

@@ -10,12 +10,11 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::{Bundle, BundleError, BundleVersion, Content, VerificationMaterial};
 use crate::certificate::{self, CertificateError, CertificateIdentity, SigningCertificate};
-use crate::checkpoint::CheckpointError;
 use crate::dsse::{self, Statement, StatementError};
 use crate::identity::{ExpectedIdentity, IdentityError};
 use crate::keys::{HashAlgorithm, PublicKey, SignatureError, SignatureScheme};
 use crate::rekor::{LoggedSubject, RekorVersion};
-use crate::rfc3161::{self, TimestampError};
+use crate::rfc3161;
 use crate::sct::{self, SctError, VerifiedSct};
 use crate::time::Rfc3339;
 use crate::tlog::{self, BundleClaim, ClaimSubject, SignerMaterial, TlogError, VerifiedLogEntry};
@@ -204,12 +203,6 @@ pub enum VerifyError {
         required: usize,
         ignored: Vec<String>,
     },
-    #[error("rfc3161Timestamps[{index}]: {source}")]
-    Timestamp {
-        index: usize,
-        #[source]
-        source: TimestampError,
-    },
     #[error("{found} verified signing times (SET-backed integrated times and RFC 3161 timestamps), {required} required{}", notes(.ignored))]
     TooFewTimestamps {
         found: usize,
@@ -229,22 +222,6 @@ fn notes(ignored: &[String]) -> String {
         String::new()
     } else {
         format!(" ({})", ignored.join("; "))
-    }
-}
-
-impl VerifyError {
-    /// Whether this failure is only that the checkpoint or RFC 3161 verification is not
-    /// implemented yet (see [`crate::checkpoint`], [`crate::rfc3161`]).
-    pub fn is_unimplemented(&self) -> bool {
-        match self {
-            VerifyError::Tlog { source, .. } => {
-                matches!(&**source, TlogError::Checkpoint(e) if matches!(e, CheckpointError::Unimplemented))
-            }
-            VerifyError::Timestamp { source, .. } => {
-                matches!(source, TimestampError::Unimplemented)
-            }
-            _ => false,
-        }
     }
 }
 
@@ -493,9 +470,6 @@ pub fn verify_at(
                     time,
                     source: TimeSource::Rfc3161 { index },
                 });
-            }
-            Err(source) if matches!(source, TimestampError::Unimplemented) => {
-                return Err(VerifyError::Timestamp { index, source })
             }
             Err(e) => ignored.push(format!("rfc3161Timestamps[{index}] did not verify: {e}")),
         }
