@@ -3,7 +3,8 @@
 //! A transport implements only [`ImageSource`]: fetch a manifest by tag or digest, open a blob.
 //! Everything that decides what to trust is written once here, over any source: manifest and
 //! index parsing with platform selection, digest checks on manifests, size and digest checks
-//! while blobs stream ([`VerifyingReader`]), and cosign signature artifacts.
+//! while blobs stream ([`VerifyingReader`]), and signature discovery ([`signatures`]): cosign's
+//! `.sig` tag and Sigstore bundles attached as OCI 1.1 referrers.
 
 mod cache;
 mod layout;
@@ -15,7 +16,10 @@ use std::io::{self, Read};
 
 use base64::Engine;
 use policy::reference::{Digest, ImageReference};
-use policy::sigstore::{SignatureFormat, SimpleSigningSignature, SIGSTORE_BUNDLE_V03};
+use policy::sigstore::{
+    is_bundle_media_type, Discovery, SignatureFormat, SignatureKind, SignatureSource,
+    SigstoreBundleArtifact, SimpleSigningSignature, UntrustedBundle, MAX_BUNDLE_LEN,
+};
 use sha2::{Digest as _, Sha256};
 
 pub use cache::BlobCache;
@@ -30,6 +34,15 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// Upper bound on one signature payload.
 pub const MAX_SIGNATURE_PAYLOAD: u64 = 64 << 10;
 const MAX_SIGNATURE_LAYERS: usize = 64;
+/// Upper bound on the referrers that may be signatures (examined one by one), per image.
+pub const MAX_SIGNATURE_REFERRERS: usize = 32;
+/// Upper bound on a referrer manifest (cosign's is under 1 KiB).
+pub const MAX_REFERRER_MANIFEST: u64 = 64 << 10;
+/// Upper bound on the bytes of all signatures of one image held in memory.
+pub const MAX_SIGNATURE_BYTES: usize = 8 << 20;
+/// The artifact type OCI 1.1 tools write for an artifact with an empty config when they do
+/// not know better (cosign 3 on the referrers tag schema, in the index entry).
+const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 const COSIGN_SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 const COSIGN_SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
@@ -92,6 +105,20 @@ pub enum ManifestRef {
 /// Manifest bytes and the media type the transport reported for them, if any.
 pub type RawManifest = (Vec<u8>, Option<String>);
 
+/// What a source's own referrers listing found for a manifest.
+#[derive(Clone, Debug)]
+pub enum ReferrersLookup {
+    /// The source lists referrers (a registry's OCI 1.1 referrers API, an OCI layout's
+    /// index): the descriptors of the manifests whose `subject` is the image.
+    Listed {
+        via: Discovery,
+        descriptors: Vec<Descriptor>,
+    },
+    /// The source has no referrers listing (a registry without the API): only the
+    /// referrers tag schema can find them.
+    NotSupported,
+}
+
 /// A transport: raw manifests and raw blobs. Checks happen in this module, not in transports.
 pub trait ImageSource: Send + Sync {
     /// Where this source reads from, for messages.
@@ -111,6 +138,16 @@ pub trait ImageSource: Send + Sync {
             .read_to_end(&mut prefix)
             .map_err(|e| FetchError::from_io(e, &format!("blob {digest}")))?;
         Ok(prefix)
+    }
+    /// The manifests that name `digest` as their `subject`, as the source lists them
+    /// (unchecked: every one is fetched and checked by digest).
+    fn referrers(&self, digest: &Digest) -> Result<ReferrersLookup, FetchError> {
+        let _ = digest;
+        Ok(ReferrersLookup::NotSupported)
+    }
+    /// The repository or layout, for signature sources (`host/path`, `oci:/dir`).
+    fn origin(&self) -> String {
+        self.describe()
     }
 }
 
@@ -422,95 +459,343 @@ impl<R: Read> Read for VerifyingReader<R> {
     }
 }
 
-/// Signature artifacts for a manifest: cosign simple-signing layers at `sha256-<hex>.sig`,
-/// and sigstore bundles at the referrers tag `sha256-<hex>` (returned so policy can refuse
-/// them by name). A missing tag means no signatures.
+/// Every signature of a manifest, whatever its format: cosign simple-signing layers at the
+/// `sha256-<hex>.sig` tag, and Sigstore bundles (any version) attached as OCI 1.1 referrers,
+/// found through the source's referrers listing (a registry's referrers API, an OCI layout's
+/// index) and through the referrers tag schema (`sha256-<hex>`, an index; what a registry
+/// without the API holds). All are returned, each with its source; a referrer is opened by
+/// digest, must name the image as its `subject` and carry a bundle artifact type. An artifact
+/// that is a signature by its tag or type but cannot be read becomes
+/// [`SignatureFormat::Unreadable`] (so the policy reports it by name and format, never as
+/// "no signature"). A missing tag means no signatures of that kind. Sizes and counts are
+/// bounded; network and I/O failures are errors.
 pub fn signatures(
     source: &dyn ImageSource,
     manifest_digest: &Digest,
 ) -> Result<Vec<SignatureFormat>, FetchError> {
     let mut out = Vec::new();
+    let mut budget = MAX_SIGNATURE_BYTES;
+    simple_signing_signatures(source, manifest_digest, &mut out, &mut budget)?;
+    bundle_signatures(source, manifest_digest, &mut out, &mut budget)?;
+    Ok(out)
+}
+
+/// Whether a failure reading an artifact is the artifact's fault (it then becomes
+/// `Unreadable`) rather than the network's or the disk's (an error).
+fn artifact_fault(e: &FetchError) -> bool {
+    !matches!(e.class, FetchErrorClass::Network | FetchErrorClass::Io)
+}
+
+/// Reads a whole blob of at most `limit` bytes (digest and size checked).
+fn read_small_blob(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, FetchError> {
+    if desc.size > limit as u64 {
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!("the {what} is {} bytes (limit {limit})", desc.size),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(desc.size as usize);
+    open_blob(source, desc)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| FetchError::from_io(e, &format!("reading {what} {}", desc.digest)))?;
+    Ok(bytes)
+}
+
+fn take_budget(budget: &mut usize, n: usize, source: &dyn ImageSource) -> Result<(), FetchError> {
+    *budget = budget.checked_sub(n).ok_or_else(|| {
+        FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "{}: the signatures of this image exceed {MAX_SIGNATURE_BYTES} bytes",
+                source.describe()
+            ),
+        )
+    })?;
+    Ok(())
+}
+
+fn simple_signing_signatures(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+    out: &mut Vec<SignatureFormat>,
+    budget: &mut usize,
+) -> Result<(), FetchError> {
     let sig_tag = ManifestRef::Tag(format!("sha256-{}.sig", manifest_digest.hex()));
-    if let Some((bytes, mt)) = source.fetch_manifest(&sig_tag)? {
-        let ManifestKind::Image(m) = manifest::parse(&bytes, mt.as_deref(), &source.describe())?
-        else {
-            return Err(FetchError::new(
-                FetchErrorClass::Malformed,
+    let Some((bytes, mt)) = source.fetch_manifest(&sig_tag)? else {
+        return Ok(());
+    };
+    let mut src = SignatureSource {
+        via: Discovery::SignatureTag,
+        origin: source.origin(),
+        artifact: Some(Digest::of(&bytes)),
+        blob: None,
+    };
+    let unreadable = |source: &SignatureSource, reason: String| SignatureFormat::Unreadable {
+        kind: SignatureKind::SimpleSigning,
+        source: source.clone(),
+        reason,
+    };
+    let m = match manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
+        Ok(ManifestKind::Image(m)) => m,
+        Ok(ManifestKind::Index(_)) => {
+            out.push(unreadable(
+                &src,
                 format!(
-                    "{}: signature tag {} is an index, not a cosign signature manifest",
-                    source.describe(),
+                    "signature tag {} is an index, not a cosign signature manifest",
                     describe_ref(&sig_tag)
                 ),
             ));
+            return Ok(());
+        }
+        Err(e) => {
+            out.push(unreadable(&src, e.message));
+            return Ok(());
+        }
+    };
+    if m.layers.len() > MAX_SIGNATURE_LAYERS {
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "{}: more than {MAX_SIGNATURE_LAYERS} signatures",
+                source.describe()
+            ),
+        ));
+    }
+    for layer in m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == COSIGN_SIMPLESIGNING)
+    {
+        src.blob = Some(layer.digest.clone());
+        let Some(sig_b64) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else {
+            continue;
         };
-        if m.layers.len() > MAX_SIGNATURE_LAYERS {
+        let signature = match base64::engine::general_purpose::STANDARD.decode(sig_b64.trim()) {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(unreadable(
+                    &src,
+                    format!("the signature annotation is not base64: {e}"),
+                ));
+                continue;
+            }
+        };
+        let payload = match read_small_blob(
+            source,
+            layer,
+            MAX_SIGNATURE_PAYLOAD as usize,
+            "signature payload",
+        ) {
+            Ok(p) => p,
+            Err(e) if artifact_fault(&e) => {
+                out.push(unreadable(&src, e.message));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        take_budget(budget, payload.len(), source)?;
+        out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature {
+            payload,
+            signature,
+            source: src.clone(),
+        }));
+    }
+    Ok(())
+}
+
+fn bundle_signatures(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+    out: &mut Vec<SignatureFormat>,
+    budget: &mut usize,
+) -> Result<(), FetchError> {
+    // (descriptor, how it was found), without duplicates.
+    let mut candidates: Vec<(Descriptor, Discovery)> = Vec::new();
+    let mut add = |d: &Descriptor, via: Discovery| -> Result<(), FetchError> {
+        // An entry that declares another artifact type (an SBOM, an attestation format)
+        // is not opened. cosign 3's entries on the tag schema declare the empty type.
+        let maybe_bundle = match d.artifact_type.as_deref() {
+            None | Some("") | Some(OCI_EMPTY) => true,
+            Some(t) => is_bundle_media_type(t),
+        };
+        let manifest_type = d.media_type == manifest::OCI_MANIFEST;
+        if !maybe_bundle || !manifest_type || candidates.iter().any(|(c, _)| c.digest == d.digest) {
+            return Ok(());
+        }
+        if candidates.len() == MAX_SIGNATURE_REFERRERS {
             return Err(FetchError::new(
                 FetchErrorClass::TooLarge,
                 format!(
-                    "{}: more than {MAX_SIGNATURE_LAYERS} signatures",
+                    "{}: more than {MAX_SIGNATURE_REFERRERS} referrers of {manifest_digest} may be signatures",
                     source.describe()
                 ),
             ));
         }
-        for layer in m
-            .layers
-            .iter()
-            .filter(|l| l.media_type == COSIGN_SIMPLESIGNING)
-        {
-            if layer.size > MAX_SIGNATURE_PAYLOAD {
-                return Err(FetchError::new(
-                    FetchErrorClass::TooLarge,
-                    format!(
-                        "{}: signature payload {} is {} bytes",
-                        source.describe(),
-                        layer.digest,
-                        layer.size
-                    ),
+        candidates.push((d.clone(), via));
+        Ok(())
+    };
+    if let ReferrersLookup::Listed { via, descriptors } = source.referrers(manifest_digest)? {
+        for d in &descriptors {
+            add(d, via)?;
+        }
+    }
+    // The tag schema, also where the source lists referrers: an image copied from a registry
+    // without the API keeps its signatures there.
+    let tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
+    if let Some((bytes, mt)) = source.fetch_manifest(&tag)? {
+        match manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
+            Ok(ManifestKind::Index(index)) => {
+                for d in &index.manifests {
+                    add(d, Discovery::ReferrersTag)?;
+                }
+            }
+            Ok(ManifestKind::Image(_)) => tracing::warn!(
+                source = %source.describe(),
+                tag = %describe_ref(&tag),
+                "the referrers tag holds an image manifest, not an index; ignored"
+            ),
+            Err(e) => tracing::warn!(
+                source = %source.describe(),
+                tag = %describe_ref(&tag),
+                error = %e,
+                "the referrers tag is not a readable index; ignored"
+            ),
+        }
+    }
+    for (desc, via) in candidates {
+        let src = SignatureSource {
+            via,
+            origin: source.origin(),
+            artifact: Some(desc.digest.clone()),
+            blob: None,
+        };
+        bundles_of_referrer(source, manifest_digest, &desc, src, out, budget)?;
+    }
+    Ok(())
+}
+
+/// Opens one referrer: by digest, bounded; it must be an image manifest whose `subject` is
+/// the image and whose artifact type is a bundle; then each bundle layer is read and
+/// shape-checked.
+fn bundles_of_referrer(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+    desc: &Descriptor,
+    mut src: SignatureSource,
+    out: &mut Vec<SignatureFormat>,
+    budget: &mut usize,
+) -> Result<(), FetchError> {
+    let declared_bundle = desc
+        .artifact_type
+        .as_deref()
+        .is_some_and(is_bundle_media_type);
+    let unreadable = |src: &SignatureSource, reason: String| SignatureFormat::Unreadable {
+        kind: SignatureKind::SigstoreBundle,
+        source: src.clone(),
+        reason,
+    };
+    if desc.size > MAX_REFERRER_MANIFEST {
+        if declared_bundle {
+            out.push(unreadable(
+                &src,
+                format!(
+                    "the referrer manifest is {} bytes (limit {MAX_REFERRER_MANIFEST})",
+                    desc.size
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let r = ManifestRef::Digest(desc.digest.clone());
+    let parsed = fetch_checked_manifest(source, &r).and_then(|(bytes, mt)| {
+        manifest::parse(
+            &bytes,
+            mt.as_deref().or(Some(&desc.media_type)),
+            &source.describe(),
+        )
+    });
+    let m = match parsed {
+        Ok(ManifestKind::Image(m)) => m,
+        Ok(ManifestKind::Index(_)) => return Ok(()),
+        Err(e) if artifact_fault(&e) => {
+            // Only a referrer that said it was a bundle is worth reporting; cosign's
+            // tag-schema entries say nothing, so one of those that cannot be read is too.
+            if declared_bundle || desc.artifact_type.as_deref().is_none_or(|t| t == OCI_EMPTY) {
+                out.push(unreadable(
+                    &src,
+                    format!("the referrer manifest cannot be read: {}", e.message),
                 ));
             }
-            let Some(sig_b64) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    if !is_bundle_media_type(m.effective_artifact_type()) {
+        return Ok(());
+    }
+    match &m.subject {
+        Some(subject) if &subject.digest == manifest_digest => {}
+        Some(subject) => {
+            out.push(unreadable(
+                &src,
+                format!(
+                    "its subject is {}, not the image {manifest_digest}",
+                    subject.digest
+                ),
+            ));
+            return Ok(());
+        }
+        None => {
+            out.push(unreadable(&src, "the referrer has no subject".to_string()));
+            return Ok(());
+        }
+    }
+    let layers: Vec<&Descriptor> = m
+        .layers
+        .iter()
+        .filter(|l| is_bundle_media_type(&l.media_type))
+        .collect();
+    if layers.is_empty() {
+        out.push(unreadable(
+            &src,
+            format!(
+                "the referrer of artifact type {} has no bundle layer",
+                m.effective_artifact_type()
+            ),
+        ));
+        return Ok(());
+    }
+    if layers.len() > MAX_SIGNATURE_LAYERS {
+        out.push(unreadable(
+            &src,
+            format!("more than {MAX_SIGNATURE_LAYERS} bundle layers"),
+        ));
+        return Ok(());
+    }
+    for layer in layers {
+        src.blob = Some(layer.digest.clone());
+        let bytes = match read_small_blob(source, layer, MAX_BUNDLE_LEN, "bundle") {
+            Ok(b) => b,
+            Err(e) if artifact_fault(&e) => {
+                out.push(unreadable(&src, e.message));
                 continue;
-            };
-            let signature = base64::engine::general_purpose::STANDARD
-                .decode(sig_b64.trim())
-                .map_err(|e| {
-                    FetchError::new(
-                        FetchErrorClass::Malformed,
-                        format!(
-                            "{}: signature annotation on {} is not base64: {e}",
-                            source.describe(),
-                            layer.digest
-                        ),
-                    )
-                })?;
-            let mut payload = Vec::new();
-            open_blob(source, layer)?
-                .read_to_end(&mut payload)
-                .map_err(|e| {
-                    FetchError::from_io(e, &format!("reading signature payload {}", layer.digest))
-                })?;
-            out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature {
-                payload,
-                signature,
-            }));
-        }
-    }
-    let referrers_tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
-    if let Some((bytes, mt)) = source.fetch_manifest(&referrers_tag)? {
-        if let Ok(ManifestKind::Index(index)) =
-            manifest::parse(&bytes, mt.as_deref(), &source.describe())
-        {
-            for entry in index
-                .manifests
-                .iter()
-                .filter(|d| d.artifact_type.as_deref() == Some(SIGSTORE_BUNDLE_V03))
-            {
-                out.push(SignatureFormat::SigstoreBundleV03 {
-                    media_type: SIGSTORE_BUNDLE_V03.to_string(),
-                    bytes: entry.digest.to_string().into_bytes(),
-                });
             }
+            Err(e) => return Err(e),
+        };
+        take_budget(budget, bytes.len(), source)?;
+        match UntrustedBundle::parse(&bytes, &layer.media_type) {
+            Ok(_) => out.push(SignatureFormat::SigstoreBundle(SigstoreBundleArtifact {
+                media_type: layer.media_type.clone(),
+                bytes,
+                source: src.clone(),
+            })),
+            Err(e) => out.push(unreadable(&src, e.to_string())),
         }
     }
-    Ok(out)
+    Ok(())
 }
