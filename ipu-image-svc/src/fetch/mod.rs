@@ -799,3 +799,324 @@ fn bundles_of_referrer(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use policy::sigstore::SIGSTORE_BUNDLE_V03;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A registry in memory: tags, manifests and blobs by digest, and optionally a
+    /// referrers API.
+    #[derive(Default)]
+    struct MemSource {
+        tags: BTreeMap<String, Digest>,
+        manifests: BTreeMap<Digest, (Vec<u8>, String)>,
+        blobs: BTreeMap<Digest, Vec<u8>>,
+        referrers_api: Option<Vec<Descriptor>>,
+        fetched: Mutex<Vec<String>>,
+    }
+
+    impl MemSource {
+        fn blob(&mut self, bytes: &[u8]) -> serde_json::Value {
+            let d = Digest::of(bytes);
+            self.blobs.insert(d.clone(), bytes.to_vec());
+            json!({"digest": d.to_string(), "size": bytes.len()})
+        }
+
+        fn manifest(&mut self, value: serde_json::Value, media_type: &str) -> (Digest, usize) {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            let d = Digest::of(&bytes);
+            let len = bytes.len();
+            self.manifests
+                .insert(d.clone(), (bytes, media_type.to_string()));
+            (d, len)
+        }
+
+        /// A cosign 3 style referrer of `subject` whose bundle layer holds `bundle`.
+        fn referrer(&mut self, subject: &Digest, bundle: &[u8]) -> Descriptor {
+            let config = self.blob(b"{}");
+            let mut layer = self.blob(bundle);
+            layer["mediaType"] = json!(SIGSTORE_BUNDLE_V03);
+            let mut config = config;
+            config["mediaType"] = json!(OCI_EMPTY);
+            let (d, size) = self.manifest(
+                json!({
+                    "schemaVersion": 2,
+                    "mediaType": manifest::OCI_MANIFEST,
+                    "artifactType": SIGSTORE_BUNDLE_V03,
+                    "config": config,
+                    "layers": [layer],
+                    "subject": {"mediaType": manifest::OCI_MANIFEST, "digest": subject.to_string(), "size": 10},
+                }),
+                manifest::OCI_MANIFEST,
+            );
+            Descriptor {
+                media_type: manifest::OCI_MANIFEST.into(),
+                digest: d,
+                size: size as u64,
+                annotations: BTreeMap::new(),
+                platform: None,
+                // What cosign 3 writes in the tag-schema index.
+                artifact_type: Some(OCI_EMPTY.into()),
+            }
+        }
+
+        fn tag_index(&mut self, subject: &Digest, entries: &[Descriptor]) {
+            let manifests: Vec<_> = entries
+                .iter()
+                .map(|d| {
+                    json!({"mediaType": d.media_type, "digest": d.digest.to_string(), "size": d.size, "artifactType": d.artifact_type})
+                })
+                .collect();
+            let (d, _) = self.manifest(
+                json!({"schemaVersion": 2, "mediaType": manifest::OCI_INDEX, "manifests": manifests}),
+                manifest::OCI_INDEX,
+            );
+            self.tags.insert(format!("sha256-{}", subject.hex()), d);
+        }
+    }
+
+    impl ImageSource for MemSource {
+        fn describe(&self) -> String {
+            "mem://reg/app".into()
+        }
+        fn origin(&self) -> String {
+            "reg/app".into()
+        }
+        fn root_ref(&self) -> ManifestRef {
+            ManifestRef::Tag("v1".into())
+        }
+        fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<RawManifest>, FetchError> {
+            self.fetched.lock().unwrap().push(describe_ref(r));
+            let d = match r {
+                ManifestRef::Tag(t) => match self.tags.get(t) {
+                    Some(d) => d.clone(),
+                    None => return Ok(None),
+                },
+                ManifestRef::Digest(d) => d.clone(),
+                ManifestRef::Default => return Ok(None),
+            };
+            Ok(self
+                .manifests
+                .get(&d)
+                .map(|(b, mt)| (b.clone(), Some(mt.clone()))))
+        }
+        fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError> {
+            let b = self.blobs.get(digest).cloned().ok_or_else(|| {
+                FetchError::new(FetchErrorClass::NotFound, format!("blob {digest}"))
+            })?;
+            Ok(Box::new(io::Cursor::new(b)))
+        }
+        fn referrers(&self, _: &Digest) -> Result<ReferrersLookup, FetchError> {
+            Ok(match &self.referrers_api {
+                Some(d) => ReferrersLookup::Listed {
+                    via: Discovery::ReferrersApi,
+                    descriptors: d.clone(),
+                },
+                None => ReferrersLookup::NotSupported,
+            })
+        }
+    }
+
+    fn image() -> Digest {
+        Digest::of(b"image manifest")
+    }
+
+    fn bundle_json(subject: &Digest) -> Vec<u8> {
+        use base64::Engine;
+        let statement = json!({
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"digest": {"sha256": subject.hex()}}],
+            "predicateType": policy::sigstore::COSIGN_SIGN_PREDICATE,
+            "predicate": {},
+        });
+        serde_json::to_vec(&json!({
+            "mediaType": SIGSTORE_BUNDLE_V03,
+            "verificationMaterial": {"publicKey": {"hint": "x"}},
+            "dsseEnvelope": {
+                "payload": base64::engine::general_purpose::STANDARD.encode(statement.to_string()),
+                "payloadType": "application/vnd.in-toto+json",
+                "signatures": [{"sig": "MEUCIQ=="}],
+            },
+        }))
+        .unwrap()
+    }
+
+    fn bundles(sigs: &[SignatureFormat]) -> Vec<&SigstoreBundleArtifact> {
+        sigs.iter()
+            .filter_map(|s| match s {
+                SignatureFormat::SigstoreBundle(b) => Some(b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_tag_schema_finds_cosign3_bundles_when_there_is_no_referrers_api() {
+        let mut src = MemSource::default();
+        let bundle = bundle_json(&image());
+        let r = src.referrer(&image(), &bundle);
+        src.tag_index(&image(), std::slice::from_ref(&r));
+        let sigs = signatures(&src, &image()).unwrap();
+        let b = bundles(&sigs);
+        assert_eq!(b.len(), 1, "{sigs:?}");
+        assert_eq!(b[0].media_type, SIGSTORE_BUNDLE_V03);
+        assert_eq!(b[0].bytes, bundle);
+        assert_eq!(b[0].source.via, Discovery::ReferrersTag);
+        assert_eq!(b[0].source.artifact.as_ref(), Some(&r.digest));
+        assert_eq!(b[0].source.origin, "reg/app");
+    }
+
+    #[test]
+    fn the_referrers_api_and_the_tag_schema_are_both_read_without_duplicates() {
+        let mut src = MemSource::default();
+        let first = src.referrer(&image(), &bundle_json(&image()));
+        let mut listed = first.clone();
+        listed.artifact_type = Some(SIGSTORE_BUNDLE_V03.into());
+        // An SBOM referrer is not opened.
+        let sbom = Descriptor {
+            artifact_type: Some("application/spdx+json".into()),
+            digest: Digest::of(b"sbom"),
+            ..listed.clone()
+        };
+        src.referrers_api = Some(vec![listed, sbom.clone()]);
+        let mut other_bundle = bundle_json(&image());
+        other_bundle.push(b'\n');
+        let second = src.referrer(&image(), &other_bundle);
+        src.tag_index(&image(), &[first.clone(), second.clone()]);
+        let sigs = signatures(&src, &image()).unwrap();
+        let b = bundles(&sigs);
+        assert_eq!(b.len(), 2, "{sigs:?}");
+        assert_eq!(b[0].source.via, Discovery::ReferrersApi);
+        assert_eq!(b[0].source.artifact.as_ref(), Some(&first.digest));
+        assert_eq!(b[1].source.via, Discovery::ReferrersTag);
+        assert_eq!(b[1].source.artifact.as_ref(), Some(&second.digest));
+        assert!(!src
+            .fetched
+            .lock()
+            .unwrap()
+            .contains(&sbom.digest.to_string()));
+    }
+
+    #[test]
+    fn unreadable_referrers_are_named_and_counted_as_signatures() {
+        let mut src = MemSource::default();
+        let not_json = src.referrer(&image(), b"\x1f\x8b not json");
+        let wrong_subject = src.referrer(&image(), &bundle_json(&image()));
+        // Rewrite the second's subject: another image's signature listed under this one.
+        let (bytes, mt) = src.manifests[&wrong_subject.digest].clone();
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["subject"]["digest"] = json!(Digest::of(b"other").to_string());
+        let (d, size) = src.manifest(v, &mt);
+        let wrong_subject = Descriptor {
+            digest: d,
+            size: size as u64,
+            ..wrong_subject
+        };
+        let missing = Descriptor {
+            digest: Digest::of(b"gone"),
+            ..not_json.clone()
+        };
+        let too_big = src.referrer(&image(), &vec![b' '; MAX_BUNDLE_LEN + 1]);
+        src.tag_index(
+            &image(),
+            &[not_json.clone(), wrong_subject, missing, too_big],
+        );
+        let sigs = signatures(&src, &image()).unwrap();
+        let reasons: Vec<String> = sigs
+            .iter()
+            .map(|s| match s {
+                SignatureFormat::Unreadable {
+                    kind: SignatureKind::SigstoreBundle,
+                    source,
+                    reason,
+                } => format!("{source}: {reason}"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:#?}");
+        assert!(reasons[0].starts_with(&format!(
+            "referrer {} (referrers tag schema) of reg/app, layer sha256:",
+            not_json.digest
+        )));
+        assert!(
+            reasons[0].contains(": the layer is not JSON"),
+            "{}",
+            reasons[0]
+        );
+        assert!(reasons[1].contains("its subject is"), "{}", reasons[1]);
+        assert!(
+            reasons[2].contains("the referrer manifest cannot be read"),
+            "{}",
+            reasons[2]
+        );
+        assert!(reasons[3].contains("limit 1048576"), "{}", reasons[3]);
+        assert_eq!(sigs[0].describe().split(' ').next(), Some("unreadable"));
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let mut src = MemSource::default();
+        let entries: Vec<Descriptor> = (0..=MAX_SIGNATURE_REFERRERS)
+            .map(|i| {
+                let mut b = bundle_json(&image());
+                b.extend(std::iter::repeat_n(b' ', i));
+                src.referrer(&image(), &b)
+            })
+            .collect();
+        src.tag_index(&image(), &entries);
+        let e = signatures(&src, &image()).unwrap_err();
+        assert_eq!(e.class, FetchErrorClass::TooLarge, "{e}");
+        assert!(e.message.contains("more than 32 referrers"), "{e}");
+    }
+
+    #[test]
+    fn an_oci_layout_lists_referrers_by_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut src = MemSource::default();
+        let r = src.referrer(&image(), &bundle_json(&image()));
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for (d, b) in &src.blobs {
+            std::fs::write(blobs.join(d.hex()), b).unwrap();
+        }
+        for (d, (b, _)) in &src.manifests {
+            std::fs::write(blobs.join(d.hex()), b).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("index.json"),
+            serde_json::to_vec(&json!({
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": manifest::OCI_MANIFEST, "digest": r.digest.to_string(), "size": r.size}],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let reference =
+            policy::reference::ImageReference::parse(&format!("oci:{}:x", dir.path().display()))
+                .unwrap();
+        let policy::reference::ImageReference::Oci(oci) = &reference else {
+            panic!()
+        };
+        let layout = OciLayoutSource::open(oci).unwrap();
+        let sigs = signatures(&layout, &image()).unwrap();
+        let b = bundles(&sigs);
+        assert_eq!(b.len(), 1, "{sigs:?}");
+        assert_eq!(b[0].source.via, Discovery::LayoutReferrer);
+        assert_eq!(b[0].source.artifact.as_ref(), Some(&r.digest));
+        // Another image has none.
+        assert!(signatures(&layout, &Digest::of(b"other"))
+            .unwrap()
+            .is_empty());
+    }
+}
