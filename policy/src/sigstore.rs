@@ -313,10 +313,10 @@ impl UntrustedBundle {
                 let payload = base64::engine::general_purpose::STANDARD
                     .decode(payload)
                     .map_err(|e| BundleShapeError::Dsse(format!("payload is not base64: {e}")))?;
-                if !env
+                if env
                     .get("signatures")
                     .and_then(|s| s.as_array())
-                    .is_some_and(|s| !s.is_empty())
+                    .is_none_or(|s| s.is_empty())
                 {
                     return Err(BundleShapeError::Dsse("no signatures".into()));
                 }
@@ -972,7 +972,8 @@ mod tests {
     fn bundle_shape_errors() {
         let e = UntrustedBundle::parse(b"\x1f\x8b not json", SIGSTORE_BUNDLE_V03).unwrap_err();
         assert!(e.to_string().starts_with("the layer is not JSON"), "{e}");
-        let cases: [(&str, fn(&BundleShapeError) -> bool); 6] = [
+        type Check = fn(&BundleShapeError) -> bool;
+        let cases: [(&str, Check); 6] = [
             ("[]", |e| matches!(e, BundleShapeError::NotAnObject)),
             ("{}", |e| matches!(e, BundleShapeError::NoMediaType)),
             (r#"{"mediaType":"application/json"}"#, |e| {

@@ -40,7 +40,7 @@ pub struct Policy {
 pub enum Requirement {
     Reject,
     InsecureAcceptAnything,
-    SigstoreSigned(SigstoreSigned),
+    SigstoreSigned(Box<SigstoreSigned>),
 }
 
 /// A `sigstoreSigned` requirement: who must have signed (keys or a Fulcio certificate
@@ -486,7 +486,7 @@ fn parse_requirement(ctx: &Ctx, v: &Value, path: &str) -> Result<Requirement, Po
             ctx.only_fields(obj, &["type"], path)?;
             Ok(Requirement::InsecureAcceptAnything)
         }
-        "sigstoreSigned" => parse_sigstore_signed(ctx, obj, path).map(Requirement::SigstoreSigned),
+        "sigstoreSigned" => parse_sigstore_signed(ctx, obj, path).map(|s| Requirement::SigstoreSigned(Box::new(s))),
         "signedBy" => Err(ctx.err(
             &format!("{path}.type"),
             "signedBy (GPG simple signing) is not supported; use sigstoreSigned",
@@ -1639,7 +1639,7 @@ mod tests {
     fn requirement(json: &str) -> Result<SigstoreSigned, PolicyError> {
         let p = parse(&format!(r#"{{"default":[{json}]}}"#))?;
         match &p.default[0] {
-            Requirement::SigstoreSigned(s) => Ok(s.clone()),
+            Requirement::SigstoreSigned(s) => Ok((**s).clone()),
             other => panic!("{other:?}"),
         }
     }

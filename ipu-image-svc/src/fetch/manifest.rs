@@ -71,7 +71,7 @@ pub struct ImageManifest {
     /// OCI 1.1 `artifactType` (artifacts such as signatures).
     pub artifact_type: Option<String>,
     /// OCI 1.1 `subject`: the manifest this artifact refers to.
-    pub subject: Option<Descriptor>,
+    pub subject: Option<Box<Descriptor>>,
 }
 
 impl ImageManifest {
@@ -90,6 +90,8 @@ pub struct ImageIndex {
     pub manifests: Vec<Descriptor>,
 }
 
+// A short-lived parse result, matched at once: boxing the manifest would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ManifestKind {
     Image(ImageManifest),
     Index(ImageIndex),
@@ -247,7 +249,7 @@ pub fn parse(
                 .collect::<Result<_, _>>()?;
             let subject = raw
                 .subject
-                .map(|d| descriptor(d, origin, None))
+                .map(|d| descriptor(d, origin, None).map(Box::new))
                 .transpose()?;
             Ok(ManifestKind::Image(ImageManifest {
                 media_type,
