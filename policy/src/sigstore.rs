@@ -579,6 +579,8 @@ pub struct VerificationKey {
     public: Vec<u8>,
     /// `sha256:` of the SPKI DER, for messages.
     fingerprint: String,
+    /// The SubjectPublicKeyInfo DER it was parsed from (for verifiers with their own key type).
+    spki: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -704,6 +706,7 @@ impl VerificationKey {
             algorithm,
             public,
             fingerprint,
+            spki: der.to_vec(),
         })
     }
 
@@ -718,6 +721,11 @@ impl VerificationKey {
 
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The SubjectPublicKeyInfo DER (public), e.g. to hand the key to the bundle verifier.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki
     }
 
     /// Checks `signature` over `message`.

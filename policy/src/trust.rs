@@ -1314,9 +1314,15 @@ impl BundleError {
 /// actually fetched. It must verify the bundle's signature (DSSE: over PAE(payloadType,
 /// payload)) by one of the requirement's keys, or by a certificate chaining to its Fulcio CAs
 /// valid at the verified signing time, with the transparency-log entries and timestamps the
-/// requirement asks for, and return what it verified. The caller ([`check_bundle`]) then
+/// requirement asks for, and return what it verified. The caller (`check_bundle`) then
 /// checks the signer against the requirement again, the in-toto statement (type, predicate
 /// type, subject = `manifest_digest`) and the `signedIdentity` rule.
+///
+/// Material for the verifier: keys as SPKI DER through [`VerificationKey::spki_der`]
+/// (`requirement.keys()`, `requirement.rekor_keys`), Fulcio CAs as DER in
+/// `FulcioIdentity::ca_certificates`, the trusted root's JSON in `TrustedRoot::json`. Map its
+/// failures onto [`BundleError`] (`Malformed`, `Unsupported`, `Untrusted`), which carry the
+/// reject classes.
 pub fn verify_bundle(
     requirement: &SigstoreSigned,
     bundle: &SigstoreBundleArtifact,
