@@ -3,11 +3,14 @@
 //! - [`reference`]: `docker://`, `oci:` and `dir:` references and their policy scopes.
 //! - [`trust`]: strict containers-policy.json parsing and pure evaluation. Supported:
 //!   `default`, transports `docker`, `oci`, `dir`; requirements `reject`,
-//!   `insecureAcceptAnything`, `sigstoreSigned` (`keyPath`, `keyPaths`, `keyData`) with every
-//!   `signedIdentity` rule. Refused with a clear error: `signedBy` (GPG), keyless
-//!   (`fulcio`, `rekorPublicKey*`, `pki`), other transports, unknown fields.
+//!   `insecureAcceptAnything`, `sigstoreSigned` (`keyPath`, `keyPaths`, `keyData`, `keyDatas`,
+//!   `fulcio`, `rekorPublicKey*`, and the extensions `trustedRootPath`/`trustedRootData`,
+//!   `fulcio.subjectURI`/`subjectRegexp`/`oidcIssuerRegexp`, `requireTransparencyLog`,
+//!   `acceptDigestOnlyStatements`) with every `signedIdentity` rule. Refused with a clear error:
+//!   `signedBy` (GPG), `pki`, other transports, unknown fields. [`trust::verify_bundle`] is where
+//!   the Sigstore bundle verifier is wired in (it refuses until then).
 //! - [`sigstore`]: cosign simple-signing verification (ECDSA P-256/P-384, Ed25519 keys);
-//!   sigstore bundle v0.3 recognised and refused by name.
+//!   signature formats and sources; the shape of Sigstore bundles and in-toto statements.
 //!
 //! - [`deploy`]: the deployment policy (tenants, functions, image scopes, keys, IPU classes,
 //!   limits) in TOML, with positioned errors, lint, and a pure decision function.

@@ -1,14 +1,20 @@
 //! Signature formats and their verification.
 //!
-//! Today: cosign "simple signing" (what cosign 2.x and skopeo write at the
-//! `sha256-<hex>.sig` tag): a JSON payload naming the image's repository and manifest digest,
-//! signed with ECDSA (or Ed25519) over the payload bytes. The sigstore bundle v0.3 format
-//! (cosign 3.x, referrers API) is recognised and refused by name.
+//! - cosign "simple signing" (what cosign 2.x and skopeo write at the `sha256-<hex>.sig` tag,
+//!   and cosign 3 with `--new-bundle-format=false`): a JSON payload naming the image's
+//!   repository and manifest digest, signed with ECDSA (or Ed25519) over the payload bytes.
+//!   Verified here.
+//! - Sigstore bundles (cosign 3's default: v0.3, a DSSE envelope over an in-toto statement
+//!   whose subject is the manifest digest, attached as an OCI 1.1 referrer). Discovery
+//!   carries them as [`SignatureFormat::SigstoreBundle`]; [`UntrustedBundle`] is the shape
+//!   check done when they are found, [`InTotoStatement`] the statement a verified envelope
+//!   carries. The cryptographic check is `crate::trust::verify_bundle`.
 //!
 //! Built on ring rather than the `sigstore` crate: with default features off, that crate still
 //! brings a second crypto stack (RustCrypto signature crates plus OpenSSL or aws-lc through its
 //! registry/TUF clients), while the piece needed here is one signature check over a small payload.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ring::signature::{self, UnparsedPublicKey};
@@ -20,14 +26,424 @@ use crate::reference::Digest;
 /// Upper bound on a simple-signing payload (cosign's are a few hundred bytes).
 pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
 
-/// The media type of a sigstore bundle v0.3.
+/// Upper bound on a Sigstore bundle (a key-signed one is under 1 KiB, one with a
+/// certificate chain, transparency-log entry and timestamps a few KiB).
+pub const MAX_BUNDLE_LEN: usize = 1 << 20;
+
+/// The media type of a Sigstore bundle v0.3, as cosign 3 writes it (the artifact type of
+/// its referrer and the media type of the layer holding it).
 pub const SIGSTORE_BUNDLE_V03: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+/// The older spelling of bundle media types: `...bundle+json;version=0.1` (0.1, 0.2, 0.3).
+pub const SIGSTORE_BUNDLE_PARAMETERIZED: &str = "application/vnd.dev.sigstore.bundle+json";
+
+/// The DSSE payload type of an in-toto statement.
+pub const IN_TOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+/// in-toto statement types accepted.
+pub const IN_TOTO_STATEMENT_V1: &str = "https://in-toto.io/Statement/v1";
+pub const IN_TOTO_STATEMENT_V01: &str = "https://in-toto.io/Statement/v0.1";
+/// The predicate type of cosign 3's image signature (`cosign sign`): an empty predicate
+/// over the manifest digest. Other predicate types are attestations, not signatures.
+pub const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
+
+/// The bundle version a media type names (`(0, 3)` for both spellings of v0.3), or `None`
+/// when it is not a Sigstore bundle media type.
+pub fn bundle_media_type_version(media_type: &str) -> Option<(u32, u32)> {
+    let version =
+        if let Some(rest) = media_type.strip_prefix("application/vnd.dev.sigstore.bundle.v") {
+            rest.strip_suffix("+json")?
+        } else {
+            let (base, params) = media_type.split_once(';')?;
+            if base.trim() != SIGSTORE_BUNDLE_PARAMETERIZED {
+                return None;
+            }
+            params.trim().strip_prefix("version=")?.trim()
+        };
+    let (major, minor) = version.split_once('.')?;
+    let num = |s: &str| {
+        (!s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    Some((num(major)?, num(minor)?))
+}
+
+/// Whether `media_type` is a Sigstore bundle media type (any version, either spelling).
+pub fn is_bundle_media_type(media_type: &str) -> bool {
+    bundle_media_type_version(media_type).is_some()
+}
+
+/// How a signature was discovered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Discovery {
+    /// Given directly (tests, callers that fetched it themselves).
+    #[default]
+    Provided,
+    /// cosign's `sha256-<hex>.sig` tag (simple signing).
+    SignatureTag,
+    /// The registry's referrers API (`GET /v2/<name>/referrers/<digest>`, OCI 1.1).
+    ReferrersApi,
+    /// The referrers tag schema (`sha256-<hex>` tag holding an index), OCI 1.1's fallback
+    /// for registries without the referrers API.
+    ReferrersTag,
+    /// A manifest of an OCI layout's `index.json` whose `subject` is the image.
+    LayoutReferrer,
+}
+
+impl Discovery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Discovery::Provided => "provided",
+            Discovery::SignatureTag => "signature-tag",
+            Discovery::ReferrersApi => "referrers-api",
+            Discovery::ReferrersTag => "referrers-tag",
+            Discovery::LayoutReferrer => "layout-referrer",
+        }
+    }
+}
+
+/// Where a signature came from: for messages and the audit log. Nothing here is trusted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SignatureSource {
+    pub via: Discovery,
+    /// The repository (`host/path`) or layout (`oci:/dir`) that held it.
+    pub origin: String,
+    /// The signature artifact's manifest (the `.sig` manifest, the referrer).
+    pub artifact: Option<Digest>,
+    /// The blob holding the payload or the bundle.
+    pub blob: Option<Digest>,
+}
+
+impl fmt::Display for SignatureSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let artifact = self
+            .artifact
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "(unknown)".into());
+        match self.via {
+            Discovery::Provided => write!(f, "a provided signature")?,
+            Discovery::SignatureTag => write!(f, "signature manifest {artifact} (.sig tag)")?,
+            Discovery::ReferrersApi => write!(f, "referrer {artifact} (referrers API)")?,
+            Discovery::ReferrersTag => write!(f, "referrer {artifact} (referrers tag schema)")?,
+            Discovery::LayoutReferrer => write!(f, "referrer {artifact} (layout index)")?,
+        }
+        if !self.origin.is_empty() {
+            write!(f, " of {}", self.origin)?;
+        }
+        if let Some(blob) = &self.blob {
+            write!(f, ", layer {blob}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The signature formats, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignatureKind {
+    SimpleSigning,
+    SigstoreBundle,
+}
+
+impl SignatureKind {
+    /// `simple-signing` or `sigstore-bundle` (audit attributes).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureKind::SimpleSigning => "simple-signing",
+            SignatureKind::SigstoreBundle => "sigstore-bundle",
+        }
+    }
+}
+
+impl fmt::Display for SignatureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SignatureKind::SimpleSigning => "cosign simple signing",
+            SignatureKind::SigstoreBundle => "sigstore bundle",
+        })
+    }
+}
 
 /// A signature as fetched from untrusted storage, by format.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SignatureFormat {
     SimpleSigning(SimpleSigningSignature),
-    SigstoreBundleV03 { media_type: String, bytes: Vec<u8> },
+    /// A Sigstore bundle of any version (v0.1 to v0.3), unverified.
+    SigstoreBundle(SigstoreBundleArtifact),
+    /// An artifact that presents itself as a signature of this image (by tag, artifact type
+    /// or media type) but could not be read: it counts as a malformed signature, named by
+    /// format and source, never as "no signature".
+    Unreadable {
+        kind: SignatureKind,
+        source: SignatureSource,
+        reason: String,
+    },
+}
+
+impl SignatureFormat {
+    pub fn kind(&self) -> SignatureKind {
+        match self {
+            SignatureFormat::SimpleSigning(_) => SignatureKind::SimpleSigning,
+            SignatureFormat::SigstoreBundle(_) => SignatureKind::SigstoreBundle,
+            SignatureFormat::Unreadable { kind, .. } => *kind,
+        }
+    }
+
+    pub fn source(&self) -> &SignatureSource {
+        match self {
+            SignatureFormat::SimpleSigning(s) => &s.source,
+            SignatureFormat::SigstoreBundle(b) => &b.source,
+            SignatureFormat::Unreadable { source, .. } => source,
+        }
+    }
+
+    /// One line for messages and audit: format (with the bundle's media type) and source.
+    pub fn describe(&self) -> String {
+        match self {
+            SignatureFormat::SimpleSigning(s) => format!("cosign simple signing in {}", s.source),
+            SignatureFormat::SigstoreBundle(b) => {
+                format!("sigstore bundle ({}) in {}", b.media_type, b.source)
+            }
+            SignatureFormat::Unreadable { kind, source, .. } => {
+                format!("unreadable {kind} in {source}")
+            }
+        }
+    }
+}
+
+/// A Sigstore bundle as discovery found it: the bundle JSON (at most [`MAX_BUNDLE_LEN`]
+/// bytes, shape-checked by [`UntrustedBundle::parse`]) and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SigstoreBundleArtifact {
+    /// The media type the artifact declared for it (a bundle media type).
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+    pub source: SignatureSource,
+}
+
+/// The shape of a bundle, read from untrusted bytes: which content it carries. Nothing here
+/// is verified; it exists to refuse what cannot be a bundle when it is found, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UntrustedBundle {
+    /// The bundle's own `mediaType`.
+    pub media_type: String,
+    pub content: UntrustedBundleContent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UntrustedBundleContent {
+    /// A DSSE envelope: its payload type and decoded payload, unverified.
+    Dsse {
+        payload_type: String,
+        payload: Vec<u8>,
+    },
+    /// A message signature (a signed blob digest, as `cosign sign-blob` writes).
+    MessageSignature,
+}
+
+/// Why bytes found as a bundle are not one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BundleShapeError {
+    #[error("the bundle is {len} bytes (limit {MAX_BUNDLE_LEN})")]
+    TooLarge { len: usize },
+    #[error("the layer is not JSON: {0}")]
+    NotJson(String),
+    #[error("the bundle is not a JSON object")]
+    NotAnObject,
+    #[error("the bundle has no mediaType")]
+    NoMediaType,
+    #[error("the bundle's mediaType {0:?} is not a sigstore bundle media type")]
+    NotABundleMediaType(String),
+    #[error("the bundle says mediaType {inner} but was stored as {outer}")]
+    MediaTypeMismatch { inner: String, outer: String },
+    #[error("the bundle has no verificationMaterial object")]
+    NoVerificationMaterial,
+    #[error("the bundle must hold exactly one of dsseEnvelope and messageSignature")]
+    Content,
+    #[error("the DSSE envelope: {0}")]
+    Dsse(String),
+}
+
+impl UntrustedBundle {
+    /// Shape check of bundle JSON stored under `declared_media_type`: a JSON object whose
+    /// `mediaType` is a bundle media type of the same version, with `verificationMaterial` and
+    /// exactly one of `dsseEnvelope` (payloadType, base64 payload, signatures) and
+    /// `messageSignature`.
+    pub fn parse(bytes: &[u8], declared_media_type: &str) -> Result<Self, BundleShapeError> {
+        use base64::Engine;
+        if bytes.len() > MAX_BUNDLE_LEN {
+            return Err(BundleShapeError::TooLarge { len: bytes.len() });
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| BundleShapeError::NotJson(e.to_string()))?;
+        let obj = value.as_object().ok_or(BundleShapeError::NotAnObject)?;
+        let media_type = obj
+            .get("mediaType")
+            .and_then(|m| m.as_str())
+            .ok_or(BundleShapeError::NoMediaType)?;
+        let Some(version) = bundle_media_type_version(media_type) else {
+            return Err(BundleShapeError::NotABundleMediaType(media_type.into()));
+        };
+        if bundle_media_type_version(declared_media_type) != Some(version) {
+            return Err(BundleShapeError::MediaTypeMismatch {
+                inner: media_type.into(),
+                outer: declared_media_type.into(),
+            });
+        }
+        if !obj
+            .get("verificationMaterial")
+            .is_some_and(|v| v.is_object())
+        {
+            return Err(BundleShapeError::NoVerificationMaterial);
+        }
+        let content = match (obj.get("dsseEnvelope"), obj.get("messageSignature")) {
+            (Some(env), None) => {
+                let env = env
+                    .as_object()
+                    .ok_or_else(|| BundleShapeError::Dsse("not an object".into()))?;
+                let payload_type = env
+                    .get("payloadType")
+                    .and_then(|p| p.as_str())
+                    .ok_or_else(|| BundleShapeError::Dsse("no payloadType".into()))?;
+                let payload = env
+                    .get("payload")
+                    .and_then(|p| p.as_str())
+                    .ok_or_else(|| BundleShapeError::Dsse("no payload".into()))?;
+                let payload = base64::engine::general_purpose::STANDARD
+                    .decode(payload)
+                    .map_err(|e| BundleShapeError::Dsse(format!("payload is not base64: {e}")))?;
+                if env
+                    .get("signatures")
+                    .and_then(|s| s.as_array())
+                    .is_none_or(|s| s.is_empty())
+                {
+                    return Err(BundleShapeError::Dsse("no signatures".into()));
+                }
+                UntrustedBundleContent::Dsse {
+                    payload_type: payload_type.into(),
+                    payload,
+                }
+            }
+            (None, Some(m)) if m.is_object() => UntrustedBundleContent::MessageSignature,
+            _ => return Err(BundleShapeError::Content),
+        };
+        Ok(Self {
+            media_type: media_type.into(),
+            content,
+        })
+    }
+}
+
+/// An in-toto statement (v1 or v0.1), parsed strictly: what a verified DSSE envelope of
+/// cosign 3 carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InTotoStatement {
+    pub statement_type: String,
+    pub subjects: Vec<StatementSubject>,
+    pub predicate_type: String,
+    pub predicate: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatementSubject {
+    pub name: Option<String>,
+    /// Algorithm -> lowercase hex.
+    pub digest: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatementJson {
+    #[serde(rename = "_type")]
+    statement_type: String,
+    subject: Vec<SubjectJson>,
+    #[serde(rename = "predicateType")]
+    predicate_type: String,
+    #[serde(default)]
+    predicate: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubjectJson {
+    #[serde(default)]
+    name: Option<String>,
+    digest: BTreeMap<String, String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    annotations: Option<serde_json::Value>,
+}
+
+/// Why a statement was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StatementError {
+    #[error("statement of {len} bytes exceeds {MAX_PAYLOAD_LEN}")]
+    TooLarge { len: usize },
+    #[error("payload is not an in-toto statement: {0}")]
+    NotAStatement(String),
+    #[error("statement type {0:?} is not an in-toto statement v1 or v0.1")]
+    WrongType(String),
+    #[error("the statement has no subject")]
+    NoSubject,
+    #[error("statement subjects: at most 1024")]
+    TooManySubjects,
+}
+
+impl InTotoStatement {
+    /// Strict parse (only of a payload whose signature verified).
+    pub fn parse(bytes: &[u8]) -> Result<Self, StatementError> {
+        if bytes.len() > MAX_PAYLOAD_LEN {
+            return Err(StatementError::TooLarge { len: bytes.len() });
+        }
+        let json: StatementJson = serde_json::from_slice(bytes)
+            .map_err(|e| StatementError::NotAStatement(e.to_string()))?;
+        if json.statement_type != IN_TOTO_STATEMENT_V1
+            && json.statement_type != IN_TOTO_STATEMENT_V01
+        {
+            return Err(StatementError::WrongType(json.statement_type));
+        }
+        if json.subject.is_empty() {
+            return Err(StatementError::NoSubject);
+        }
+        if json.subject.len() > 1024 {
+            return Err(StatementError::TooManySubjects);
+        }
+        Ok(Self {
+            statement_type: json.statement_type,
+            subjects: json
+                .subject
+                .into_iter()
+                .map(|s| StatementSubject {
+                    name: s.name,
+                    digest: s
+                        .digest
+                        .into_iter()
+                        .map(|(k, v)| (k, v.to_ascii_lowercase()))
+                        .collect(),
+                })
+                .collect(),
+            predicate_type: json.predicate_type,
+            predicate: json.predicate,
+        })
+    }
+
+    /// Whether a subject names `digest` (same algorithm, same hex).
+    pub fn names_digest(&self, digest: &Digest) -> bool {
+        self.subjects.iter().any(|s| {
+            s.digest
+                .get(digest.algorithm())
+                .is_some_and(|hex| hex == digest.hex())
+        })
+    }
+
+    /// Every subject digest, as `alg:hex`, for messages.
+    pub fn subject_digests(&self) -> Vec<String> {
+        self.subjects
+            .iter()
+            .flat_map(|s| s.digest.iter().map(|(a, h)| format!("{a}:{h}")))
+            .collect()
+    }
 }
 
 /// One cosign simple-signing layer: the payload blob and the decoded signature annotation.
@@ -37,6 +453,7 @@ pub struct SimpleSigningSignature {
     /// DER-encoded ECDSA signature (or raw Ed25519), base64-decoded from
     /// `dev.cosignproject.cosign/signature`.
     pub signature: Vec<u8>,
+    pub source: SignatureSource,
 }
 
 /// The signed claim: which repository and manifest digest.
@@ -162,6 +579,8 @@ pub struct VerificationKey {
     public: Vec<u8>,
     /// `sha256:` of the SPKI DER, for messages.
     fingerprint: String,
+    /// The SubjectPublicKeyInfo DER it was parsed from (for verifiers with their own key type).
+    spki: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,6 +706,7 @@ impl VerificationKey {
             algorithm,
             public,
             fingerprint,
+            spki: der.to_vec(),
         })
     }
 
@@ -301,6 +721,11 @@ impl VerificationKey {
 
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The SubjectPublicKeyInfo DER (public), e.g. to hand the key to the bundle verifier.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki
     }
 
     /// Checks `signature` over `message`.
@@ -477,5 +902,149 @@ mod tests {
         der.extend_from_slice(&[0x03, 0x02, 0x00, 0x00]);
         let err = VerificationKey::from_spki_der(&der).unwrap_err();
         assert!(err.to_string().contains("1.2.840.113549.1.1.1"), "{err}");
+    }
+
+    /// A bundle as cosign 3.1.1 wrote it (`cosign sign --key K --tlog-upload=false`) for
+    /// manifest sha256:35fb4eaa...2112.
+    const COSIGN3_BUNDLE: &str = r#"{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","verificationMaterial":{"publicKey":{"hint":"pCEnZtEDG291ck2dfyKhsLhhALPZi6XT6+bCh5lsS9k="}},"dsseEnvelope":{"payload":"eyJfdHlwZSI6Imh0dHBzOi8vaW4tdG90by5pby9TdGF0ZW1lbnQvdjEiLCJzdWJqZWN0IjpbeyJkaWdlc3QiOnsic2hhMjU2IjoiMzVmYjRlYWEyM2YxNmFjNmRjMDYzY2FkYzQ4OGM4ZmEzMjRlMGFiYzNjNDIzOTFlYzQ5OThjYTNlYWUzMjExMiJ9LCJhbm5vdGF0aW9ucyI6e319XSwicHJlZGljYXRlVHlwZSI6Imh0dHBzOi8vc2lnc3RvcmUuZGV2L2Nvc2lnbi9zaWduL3YxIiwicHJlZGljYXRlIjp7fX0=","payloadType":"application/vnd.in-toto+json","signatures":[{"sig":"MEYCIQD3jMqpqjoextnRn+Cpwy0sruUS7FXRSWykioTp5x2KCQIhANehLmgxCD1PtJSIQNSExPGmG6q2YV+yenSnhfuHCMlI"}]}}"#;
+
+    #[test]
+    fn bundle_media_types() {
+        assert_eq!(bundle_media_type_version(SIGSTORE_BUNDLE_V03), Some((0, 3)));
+        for (mt, v) in [
+            (
+                "application/vnd.dev.sigstore.bundle+json;version=0.1",
+                (0, 1),
+            ),
+            (
+                "application/vnd.dev.sigstore.bundle+json; version=0.2",
+                (0, 2),
+            ),
+            (
+                "application/vnd.dev.sigstore.bundle+json;version=0.3",
+                (0, 3),
+            ),
+            ("application/vnd.dev.sigstore.bundle.v0.4+json", (0, 4)),
+        ] {
+            assert_eq!(bundle_media_type_version(mt), Some(v), "{mt}");
+        }
+        for mt in [
+            "application/vnd.dev.sigstore.bundle+json",
+            "application/vnd.dev.sigstore.bundle.v0.3",
+            "application/vnd.dev.sigstore.bundle.vx.3+json",
+            "application/vnd.dev.sigstore.bundle+json;version=",
+            "application/vnd.oci.empty.v1+json",
+            "application/vnd.dev.cosign.simplesigning.v1+json",
+        ] {
+            assert!(!is_bundle_media_type(mt), "{mt}");
+        }
+    }
+
+    #[test]
+    fn cosign3_bundle_shape_and_statement() {
+        let b = UntrustedBundle::parse(COSIGN3_BUNDLE.as_bytes(), SIGSTORE_BUNDLE_V03).unwrap();
+        assert_eq!(b.media_type, SIGSTORE_BUNDLE_V03);
+        let UntrustedBundleContent::Dsse {
+            payload_type,
+            payload,
+        } = &b.content
+        else {
+            panic!("{b:?}")
+        };
+        assert_eq!(payload_type, IN_TOTO_PAYLOAD_TYPE);
+        let st = InTotoStatement::parse(payload).unwrap();
+        assert_eq!(st.predicate_type, COSIGN_SIGN_PREDICATE);
+        let d = Digest::parse(
+            "sha256:35fb4eaa23f16ac6dc063cadc488c8fa324e0abc3c42391ec4998ca3eae32112",
+        )
+        .unwrap();
+        assert!(st.names_digest(&d));
+        assert!(!st.names_digest(&Digest::of(b"x")));
+        assert_eq!(st.subjects[0].name, None, "no repository is signed");
+        // The same version under the other spelling is fine; another version is not.
+        assert!(UntrustedBundle::parse(
+            COSIGN3_BUNDLE.as_bytes(),
+            "application/vnd.dev.sigstore.bundle+json;version=0.3"
+        )
+        .is_ok());
+        assert!(matches!(
+            UntrustedBundle::parse(
+                COSIGN3_BUNDLE.as_bytes(),
+                "application/vnd.dev.sigstore.bundle+json;version=0.2"
+            ),
+            Err(BundleShapeError::MediaTypeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn bundle_shape_errors() {
+        let e = UntrustedBundle::parse(b"\x1f\x8b not json", SIGSTORE_BUNDLE_V03).unwrap_err();
+        assert!(e.to_string().starts_with("the layer is not JSON"), "{e}");
+        type Check = fn(&BundleShapeError) -> bool;
+        let cases: [(&str, Check); 6] = [
+            ("[]", |e| matches!(e, BundleShapeError::NotAnObject)),
+            ("{}", |e| matches!(e, BundleShapeError::NoMediaType)),
+            (r#"{"mediaType":"application/json"}"#, |e| {
+                matches!(e, BundleShapeError::NotABundleMediaType(_))
+            }),
+            (
+                r#"{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json"}"#,
+                |e| matches!(e, BundleShapeError::NoVerificationMaterial),
+            ),
+            (
+                r#"{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","verificationMaterial":{}}"#,
+                |e| matches!(e, BundleShapeError::Content),
+            ),
+            (
+                r#"{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","verificationMaterial":{},"dsseEnvelope":{"payloadType":"x","payload":"!!","signatures":[{}]}}"#,
+                |e| matches!(e, BundleShapeError::Dsse(_)),
+            ),
+        ];
+        for (json, ok) in cases {
+            let e = UntrustedBundle::parse(json.as_bytes(), SIGSTORE_BUNDLE_V03).unwrap_err();
+            assert!(ok(&e), "{json}: {e:?}");
+        }
+        let big = vec![b' '; MAX_BUNDLE_LEN + 1];
+        assert!(matches!(
+            UntrustedBundle::parse(&big, SIGSTORE_BUNDLE_V03),
+            Err(BundleShapeError::TooLarge { .. })
+        ));
+        let m = r#"{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","verificationMaterial":{},"messageSignature":{}}"#;
+        assert_eq!(
+            UntrustedBundle::parse(m.as_bytes(), SIGSTORE_BUNDLE_V03)
+                .unwrap()
+                .content,
+            UntrustedBundleContent::MessageSignature
+        );
+    }
+
+    #[test]
+    fn statements_are_strict() {
+        for bad in [
+            &br#"{"_type":"https://in-toto.io/Statement/v2","subject":[{"digest":{"sha256":"aa"}}],"predicateType":"p"}"#[..],
+            br#"{"_type":"https://in-toto.io/Statement/v1","subject":[],"predicateType":"p"}"#,
+            br#"{"_type":"https://in-toto.io/Statement/v1","subject":[{"digest":{"sha256":"aa"}}],"predicateType":"p","extra":1}"#,
+            br#"{"_type":"https://in-toto.io/Statement/v1","subject":[{"digest":{"sha256":"aa"}}]}"#,
+        ] {
+            assert!(InTotoStatement::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn sources_describe_themselves() {
+        let s = SignatureSource {
+            via: Discovery::ReferrersApi,
+            origin: "reg.io/a/b".into(),
+            artifact: Some(Digest::of(b"r")),
+            blob: Some(Digest::of(b"l")),
+        };
+        assert_eq!(
+            s.to_string(),
+            format!(
+                "referrer {} (referrers API) of reg.io/a/b, layer {}",
+                Digest::of(b"r"),
+                Digest::of(b"l")
+            )
+        );
     }
 }

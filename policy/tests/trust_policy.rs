@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use policy::reference::{Digest, ImageReference};
-use policy::sigstore::{SignatureFormat, SimpleSigningSignature};
+use policy::sigstore::{
+    Discovery, SignatureFormat, SignatureKind, SignatureSource, SigstoreBundleArtifact,
+    SimpleSigningSignature,
+};
 use policy::trust::{identity_matches, IdentityRule, Precheck};
 use policy::{Policy, RejectClass};
 use proptest::prelude::*;
@@ -66,6 +69,7 @@ fn signatures_for(manifest_digest: &str) -> Vec<SignatureFormat> {
                             .unwrap(),
                     )
                     .unwrap(),
+                source: Default::default(),
             })
         })
         .collect()
@@ -138,18 +142,78 @@ fn flipped_payload_byte_fails_and_other_digest_is_digest_mismatch() {
 }
 
 #[test]
-fn sigstore_bundle_is_refused_by_name() {
+fn sigstore_bundle_is_refused_until_the_verifier_is_wired() {
     let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
     let d = policy.evaluate(
         &r("docker://127.0.0.1:5000/fixtures/hello:x"),
         &Digest::of(b"m"),
-        &[SignatureFormat::SigstoreBundleV03 {
+        &[SignatureFormat::SigstoreBundle(SigstoreBundleArtifact {
             media_type: policy::sigstore::SIGSTORE_BUNDLE_V03.into(),
             bytes: b"{}".to_vec(),
-        }],
+            source: SignatureSource {
+                via: Discovery::ReferrersTag,
+                origin: "127.0.0.1:5000/fixtures/hello".into(),
+                artifact: Some(Digest::of(b"referrer")),
+                blob: None,
+            },
+        })],
     );
     assert_eq!(d.class, Some(RejectClass::UnsupportedSignatureFormat));
-    assert!(d.reason.contains("sigstore bundle v0.3"), "{}", d.reason);
+    assert!(
+        d.reason
+            .contains("sigstore bundle verification is not wired yet"),
+        "{}",
+        d.reason
+    );
+    assert!(
+        d.reason.contains(&format!(
+            "referrer {} (referrers tag schema) of 127.0.0.1:5000/fixtures/hello",
+            Digest::of(b"referrer")
+        )),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn an_unreadable_signature_artifact_is_malformed_by_name_and_a_good_one_still_counts() {
+    let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
+    let digest = tag_digest("signed-cosign").unwrap();
+    let reference = r("docker://127.0.0.1:5000/fixtures/hello:signed-cosign");
+    let unreadable = SignatureFormat::Unreadable {
+        kind: SignatureKind::SigstoreBundle,
+        source: SignatureSource {
+            via: Discovery::ReferrersTag,
+            origin: "127.0.0.1:5000/fixtures/hello".into(),
+            artifact: Some(Digest::of(b"r")),
+            blob: Some(Digest::of(b"b")),
+        },
+        reason: "the layer is not JSON: expected value at line 1 column 1".into(),
+    };
+    let d = policy.evaluate(
+        &reference,
+        &Digest::parse(&digest).unwrap(),
+        std::slice::from_ref(&unreadable),
+    );
+    assert_eq!(d.class, Some(RejectClass::MalformedSignature), "{d:?}");
+    assert!(
+        d.reason.contains(&format!(
+            "sigstore bundle in referrer {} (referrers tag schema) of 127.0.0.1:5000/fixtures/hello"
+            , Digest::of(b"r")
+        )) && d.reason.contains("the layer is not JSON"),
+        "{}",
+        d.reason
+    );
+    assert!(!d.reason.contains("none exists"), "{}", d.reason);
+    // With a valid simple-signing signature next to it, the image is accepted, and the
+    // decision names the signature that did it.
+    let mut sigs = vec![unreadable];
+    sigs.extend(signatures_for(&digest));
+    let d = policy.evaluate(&reference, &Digest::parse(&digest).unwrap(), &sigs);
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.signatures.len(), 1);
+    assert_eq!(d.signatures[0].index, 1);
+    assert_eq!(d.signatures[0].format, SignatureKind::SimpleSigning);
 }
 
 #[test]
@@ -209,6 +273,10 @@ fn malformed_documents_name_their_position() {
         ),
         (
             r#"{"default":[{"type":"sigstoreSigned","fulcio":{}}]}"#,
+            "fulcio needs its CA",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned","pki":{}}]}"#,
             "not supported yet",
         ),
         (

@@ -557,3 +557,154 @@ pub fn plain_layout_image(d: &Path, rootfs: &Path, tag: &str, cmd: &str) -> Stri
     .unwrap();
     format!("oci:{}:{tag}", layout.dir().display())
 }
+
+/// Where scripts/setup.sh unpacks cosign 3.1.1 (Debian sid's package, `dpkg-deb -x`).
+pub const COSIGN3_DIR: &str = "/opt/ipu-image-tools/cosign-3.1.1";
+
+/// The cosign 3 binary for tests: `$COSIGN` if set, else the one scripts/setup.sh unpacked
+/// into [`COSIGN3_DIR`]. `None` (the caller skips, saying why) only when setup.sh recorded
+/// that it could not fetch it (`<dir>.unavailable`); a cosign simply missing is a failure,
+/// because CI runs setup.sh.
+pub fn cosign3() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("COSIGN") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "$COSIGN = {} does not exist", p.display());
+        return Some(p);
+    }
+    let bin = Path::new(COSIGN3_DIR).join("usr/bin/cosign");
+    if bin.exists() {
+        return Some(bin);
+    }
+    let marker = PathBuf::from(format!("{COSIGN3_DIR}.unavailable"));
+    if let Ok(reason) = std::fs::read_to_string(&marker) {
+        eprintln!(
+            "SKIPPED: cosign 3.1.1 is not available: scripts/setup.sh could not fetch it ({}): {}",
+            marker.display(),
+            reason.trim()
+        );
+        return None;
+    }
+    panic!(
+        "cosign 3.1.1 is not installed at {}: run scripts/setup.sh (or set COSIGN)",
+        bin.display()
+    );
+}
+
+/// A minimal HTTP/1.1 exchange with a loopback registry (plain HTTP, `Connection: close`):
+/// status, headers (lowercased names) and body. For tests that push what no tool writes.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("registry");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = memchr::memmem::find(&resp, b"\r\n\r\n").expect("an HTTP response");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = resp[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = memchr::memmem::find(data, b"\r\n") {
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&data[..eol])
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// Pushes a blob to a loopback registry (an upload session, then one PUT with the whole
+/// blob); returns its digest.
+pub fn push_blob(port: u16, repo: &str, bytes: &[u8]) -> String {
+    let digest = format!("sha256:{}", sha256_hex(bytes));
+    let (status, headers, body) = http(
+        port,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        b"",
+    );
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let location = headers
+        .iter()
+        .find(|(k, _)| k == "location")
+        .map(|(_, v)| v.clone())
+        .expect("an upload location");
+    // The location may be absolute (http://host:port/v2/...): keep the path and query.
+    let path = match location.find("/v2/") {
+        Some(i) => location[i..].to_string(),
+        None => location,
+    };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let (status, _, body) = http(
+        port,
+        "PUT",
+        &format!("{path}{sep}digest={digest}"),
+        &[("Content-Type", "application/octet-stream")],
+        bytes,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    digest
+}
+
+/// Pushes a manifest under `reference` (a tag or its digest); returns its digest.
+pub fn push_manifest(
+    port: u16,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> String {
+    let (status, _, body) = http(
+        port,
+        "PUT",
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &[("Content-Type", media_type)],
+        bytes,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    format!("sha256:{}", sha256_hex(bytes))
+}

@@ -8,7 +8,15 @@ use std::path::{Path, PathBuf};
 use policy::reference::{Digest, OciLayoutReference};
 use serde::Deserialize;
 
-use super::{FetchError, FetchErrorClass, ImageSource, ManifestRef, MAX_MANIFEST_BYTES};
+use super::manifest::{Descriptor, OCI_MANIFEST};
+use super::{
+    FetchError, FetchErrorClass, ImageSource, ManifestRef, ReferrersLookup, MAX_MANIFEST_BYTES,
+    MAX_REFERRER_MANIFEST,
+};
+use policy::sigstore::Discovery;
+
+/// Index entries examined for referrers (a layout is a local directory, but still input).
+const MAX_LAYOUT_ENTRIES: usize = 4096;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -28,7 +36,29 @@ struct IndexEntry {
     media_type: Option<String>,
     digest: String,
     #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
     annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// What a referrer manifest says about itself (the rest is checked when it is fetched).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ArtifactHead {
+    artifact_type: Option<String>,
+    config: Option<MediaTypeOnly>,
+    subject: Option<SubjectDigest>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MediaTypeOnly {
+    media_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SubjectDigest {
+    digest: String,
 }
 
 impl OciLayoutSource {
@@ -175,6 +205,50 @@ impl ImageSource for OciLayoutSource {
             ));
         }
         Ok(Some((bytes, media_type)))
+    }
+
+    /// The manifests of `index.json` (small image manifests only) whose `subject` is
+    /// `digest`: how OCI 1.1 tools keep referrers in a layout.
+    fn referrers(&self, digest: &Digest) -> Result<ReferrersLookup, FetchError> {
+        let index = self.index()?;
+        let mut descriptors = Vec::new();
+        for entry in index.manifests.iter().take(MAX_LAYOUT_ENTRIES) {
+            if entry
+                .media_type
+                .as_deref()
+                .is_some_and(|m| m != OCI_MANIFEST)
+            {
+                continue;
+            }
+            let Ok(d) = Digest::parse(&entry.digest) else {
+                continue;
+            };
+            let path = self.blob_path(&d);
+            let Ok(bytes) = read_bounded(&path, MAX_REFERRER_MANIFEST) else {
+                // Missing, or larger than any referrer: not one.
+                continue;
+            };
+            let Ok(head) = serde_json::from_slice::<ArtifactHead>(&bytes) else {
+                continue;
+            };
+            if head.subject.as_ref().map(|s| s.digest.as_str()) != Some(&digest.to_string()) {
+                continue;
+            }
+            descriptors.push(Descriptor {
+                media_type: OCI_MANIFEST.to_string(),
+                digest: d,
+                size: entry.size.unwrap_or(bytes.len() as u64),
+                annotations: entry.annotations.clone(),
+                platform: None,
+                artifact_type: head
+                    .artifact_type
+                    .or_else(|| head.config.and_then(|c| c.media_type)),
+            });
+        }
+        Ok(ReferrersLookup::Listed {
+            via: Discovery::LayoutReferrer,
+            descriptors,
+        })
     }
 
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError> {

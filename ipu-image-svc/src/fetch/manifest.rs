@@ -58,6 +58,8 @@ struct RawManifest {
     config: Option<RawDescriptor>,
     layers: Option<Vec<RawDescriptor>>,
     manifests: Option<Vec<RawDescriptor>>,
+    artifact_type: Option<String>,
+    subject: Option<RawDescriptor>,
 }
 
 /// An image manifest: config and layers.
@@ -66,6 +68,20 @@ pub struct ImageManifest {
     pub media_type: String,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
+    /// OCI 1.1 `artifactType` (artifacts such as signatures).
+    pub artifact_type: Option<String>,
+    /// OCI 1.1 `subject`: the manifest this artifact refers to.
+    pub subject: Option<Box<Descriptor>>,
+}
+
+impl ImageManifest {
+    /// The artifact type as OCI 1.1 defines it: `artifactType`, else the config's media
+    /// type.
+    pub fn effective_artifact_type(&self) -> &str {
+        self.artifact_type
+            .as_deref()
+            .unwrap_or(&self.config.media_type)
+    }
 }
 
 /// An image index (OCI) or manifest list (Docker).
@@ -74,6 +90,8 @@ pub struct ImageIndex {
     pub manifests: Vec<Descriptor>,
 }
 
+// A short-lived parse result, matched at once: boxing the manifest would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ManifestKind {
     Image(ImageManifest),
     Index(ImageIndex),
@@ -229,10 +247,16 @@ pub fn parse(
                 .into_iter()
                 .map(|d| descriptor(d, origin, None))
                 .collect::<Result<_, _>>()?;
+            let subject = raw
+                .subject
+                .map(|d| descriptor(d, origin, None).map(Box::new))
+                .transpose()?;
             Ok(ManifestKind::Image(ImageManifest {
                 media_type,
                 config,
                 layers,
+                artifact_type: raw.artifact_type,
+                subject,
             }))
         }
         other => Err(FetchError::new(

@@ -3,7 +3,8 @@
 //! A transport implements only [`ImageSource`]: fetch a manifest by tag or digest, open a blob.
 //! Everything that decides what to trust is written once here, over any source: manifest and
 //! index parsing with platform selection, digest checks on manifests, size and digest checks
-//! while blobs stream ([`VerifyingReader`]), and cosign signature artifacts.
+//! while blobs stream ([`VerifyingReader`]), and signature discovery ([`signatures`]): cosign's
+//! `.sig` tag and Sigstore bundles attached as OCI 1.1 referrers.
 
 mod cache;
 mod layout;
@@ -15,7 +16,10 @@ use std::io::{self, Read};
 
 use base64::Engine;
 use policy::reference::{Digest, ImageReference};
-use policy::sigstore::{SignatureFormat, SimpleSigningSignature, SIGSTORE_BUNDLE_V03};
+use policy::sigstore::{
+    is_bundle_media_type, Discovery, SignatureFormat, SignatureKind, SignatureSource,
+    SigstoreBundleArtifact, SimpleSigningSignature, UntrustedBundle, MAX_BUNDLE_LEN,
+};
 use sha2::{Digest as _, Sha256};
 
 pub use cache::BlobCache;
@@ -30,6 +34,15 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// Upper bound on one signature payload.
 pub const MAX_SIGNATURE_PAYLOAD: u64 = 64 << 10;
 const MAX_SIGNATURE_LAYERS: usize = 64;
+/// Upper bound on the referrers that may be signatures (examined one by one), per image.
+pub const MAX_SIGNATURE_REFERRERS: usize = 32;
+/// Upper bound on a referrer manifest (cosign's is under 1 KiB).
+pub const MAX_REFERRER_MANIFEST: u64 = 64 << 10;
+/// Upper bound on the bytes of all signatures of one image held in memory.
+pub const MAX_SIGNATURE_BYTES: usize = 8 << 20;
+/// The artifact type OCI 1.1 tools write for an artifact with an empty config when they do
+/// not know better (cosign 3 on the referrers tag schema, in the index entry).
+const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 const COSIGN_SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 const COSIGN_SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
@@ -92,6 +105,20 @@ pub enum ManifestRef {
 /// Manifest bytes and the media type the transport reported for them, if any.
 pub type RawManifest = (Vec<u8>, Option<String>);
 
+/// What a source's own referrers listing found for a manifest.
+#[derive(Clone, Debug)]
+pub enum ReferrersLookup {
+    /// The source lists referrers (a registry's OCI 1.1 referrers API, an OCI layout's
+    /// index): the descriptors of the manifests whose `subject` is the image.
+    Listed {
+        via: Discovery,
+        descriptors: Vec<Descriptor>,
+    },
+    /// The source has no referrers listing (a registry without the API): only the
+    /// referrers tag schema can find them.
+    NotSupported,
+}
+
 /// A transport: raw manifests and raw blobs. Checks happen in this module, not in transports.
 pub trait ImageSource: Send + Sync {
     /// Where this source reads from, for messages.
@@ -111,6 +138,16 @@ pub trait ImageSource: Send + Sync {
             .read_to_end(&mut prefix)
             .map_err(|e| FetchError::from_io(e, &format!("blob {digest}")))?;
         Ok(prefix)
+    }
+    /// The manifests that name `digest` as their `subject`, as the source lists them
+    /// (unchecked: every one is fetched and checked by digest).
+    fn referrers(&self, digest: &Digest) -> Result<ReferrersLookup, FetchError> {
+        let _ = digest;
+        Ok(ReferrersLookup::NotSupported)
+    }
+    /// The repository or layout, for signature sources (`host/path`, `oci:/dir`).
+    fn origin(&self) -> String {
+        self.describe()
     }
 }
 
@@ -422,95 +459,664 @@ impl<R: Read> Read for VerifyingReader<R> {
     }
 }
 
-/// Signature artifacts for a manifest: cosign simple-signing layers at `sha256-<hex>.sig`,
-/// and sigstore bundles at the referrers tag `sha256-<hex>` (returned so policy can refuse
-/// them by name). A missing tag means no signatures.
+/// Every signature of a manifest, whatever its format: cosign simple-signing layers at the
+/// `sha256-<hex>.sig` tag, and Sigstore bundles (any version) attached as OCI 1.1 referrers,
+/// found through the source's referrers listing (a registry's referrers API, an OCI layout's
+/// index) and through the referrers tag schema (`sha256-<hex>`, an index; what a registry
+/// without the API holds). All are returned, each with its source; a referrer is opened by
+/// digest, must name the image as its `subject` and carry a bundle artifact type. An artifact
+/// that is a signature by its tag or type but cannot be read becomes
+/// [`SignatureFormat::Unreadable`] (so the policy reports it by name and format, never as
+/// "no signature"). A missing tag means no signatures of that kind. Sizes and counts are
+/// bounded; network and I/O failures are errors.
 pub fn signatures(
     source: &dyn ImageSource,
     manifest_digest: &Digest,
 ) -> Result<Vec<SignatureFormat>, FetchError> {
     let mut out = Vec::new();
+    let mut budget = MAX_SIGNATURE_BYTES;
+    simple_signing_signatures(source, manifest_digest, &mut out, &mut budget)?;
+    bundle_signatures(source, manifest_digest, &mut out, &mut budget)?;
+    Ok(out)
+}
+
+/// Whether a failure reading an artifact is the artifact's fault (it then becomes
+/// `Unreadable`) rather than the network's or the disk's (an error).
+fn artifact_fault(e: &FetchError) -> bool {
+    !matches!(e.class, FetchErrorClass::Network | FetchErrorClass::Io)
+}
+
+/// Reads a whole blob of at most `limit` bytes (digest and size checked).
+fn read_small_blob(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, FetchError> {
+    if desc.size > limit as u64 {
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!("the {what} is {} bytes (limit {limit})", desc.size),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(desc.size as usize);
+    open_blob(source, desc)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| FetchError::from_io(e, &format!("reading {what} {}", desc.digest)))?;
+    Ok(bytes)
+}
+
+fn take_budget(budget: &mut usize, n: usize, source: &dyn ImageSource) -> Result<(), FetchError> {
+    *budget = budget.checked_sub(n).ok_or_else(|| {
+        FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "{}: the signatures of this image exceed {MAX_SIGNATURE_BYTES} bytes",
+                source.describe()
+            ),
+        )
+    })?;
+    Ok(())
+}
+
+fn simple_signing_signatures(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+    out: &mut Vec<SignatureFormat>,
+    budget: &mut usize,
+) -> Result<(), FetchError> {
     let sig_tag = ManifestRef::Tag(format!("sha256-{}.sig", manifest_digest.hex()));
-    if let Some((bytes, mt)) = source.fetch_manifest(&sig_tag)? {
-        let ManifestKind::Image(m) = manifest::parse(&bytes, mt.as_deref(), &source.describe())?
-        else {
-            return Err(FetchError::new(
-                FetchErrorClass::Malformed,
+    let Some((bytes, mt)) = source.fetch_manifest(&sig_tag)? else {
+        return Ok(());
+    };
+    let mut src = SignatureSource {
+        via: Discovery::SignatureTag,
+        origin: source.origin(),
+        artifact: Some(Digest::of(&bytes)),
+        blob: None,
+    };
+    let unreadable = |source: &SignatureSource, reason: String| SignatureFormat::Unreadable {
+        kind: SignatureKind::SimpleSigning,
+        source: source.clone(),
+        reason,
+    };
+    let m = match manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
+        Ok(ManifestKind::Image(m)) => m,
+        Ok(ManifestKind::Index(_)) => {
+            out.push(unreadable(
+                &src,
                 format!(
-                    "{}: signature tag {} is an index, not a cosign signature manifest",
-                    source.describe(),
+                    "signature tag {} is an index, not a cosign signature manifest",
                     describe_ref(&sig_tag)
                 ),
             ));
+            return Ok(());
+        }
+        Err(e) => {
+            out.push(unreadable(&src, e.message));
+            return Ok(());
+        }
+    };
+    if m.layers.len() > MAX_SIGNATURE_LAYERS {
+        return Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "{}: more than {MAX_SIGNATURE_LAYERS} signatures",
+                source.describe()
+            ),
+        ));
+    }
+    for layer in m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == COSIGN_SIMPLESIGNING)
+    {
+        src.blob = Some(layer.digest.clone());
+        let Some(sig_b64) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else {
+            continue;
         };
-        if m.layers.len() > MAX_SIGNATURE_LAYERS {
+        let signature = match base64::engine::general_purpose::STANDARD.decode(sig_b64.trim()) {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(unreadable(
+                    &src,
+                    format!("the signature annotation is not base64: {e}"),
+                ));
+                continue;
+            }
+        };
+        let payload = match read_small_blob(
+            source,
+            layer,
+            MAX_SIGNATURE_PAYLOAD as usize,
+            "signature payload",
+        ) {
+            Ok(p) => p,
+            Err(e) if artifact_fault(&e) => {
+                out.push(unreadable(&src, e.message));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        take_budget(budget, payload.len(), source)?;
+        out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature {
+            payload,
+            signature,
+            source: src.clone(),
+        }));
+    }
+    Ok(())
+}
+
+fn bundle_signatures(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+    out: &mut Vec<SignatureFormat>,
+    budget: &mut usize,
+) -> Result<(), FetchError> {
+    // (descriptor, how it was found), without duplicates.
+    let mut candidates: Vec<(Descriptor, Discovery)> = Vec::new();
+    let mut add = |d: &Descriptor, via: Discovery| -> Result<(), FetchError> {
+        // An entry that declares another artifact type (an SBOM, an attestation format)
+        // is not opened. cosign 3's entries on the tag schema declare the empty type.
+        let maybe_bundle = match d.artifact_type.as_deref() {
+            None | Some("") | Some(OCI_EMPTY) => true,
+            Some(t) => is_bundle_media_type(t),
+        };
+        let manifest_type = d.media_type == manifest::OCI_MANIFEST;
+        if !maybe_bundle || !manifest_type || candidates.iter().any(|(c, _)| c.digest == d.digest) {
+            return Ok(());
+        }
+        if candidates.len() == MAX_SIGNATURE_REFERRERS {
             return Err(FetchError::new(
                 FetchErrorClass::TooLarge,
                 format!(
-                    "{}: more than {MAX_SIGNATURE_LAYERS} signatures",
+                    "{}: more than {MAX_SIGNATURE_REFERRERS} referrers of {manifest_digest} may be signatures",
                     source.describe()
                 ),
             ));
         }
-        for layer in m
-            .layers
-            .iter()
-            .filter(|l| l.media_type == COSIGN_SIMPLESIGNING)
-        {
-            if layer.size > MAX_SIGNATURE_PAYLOAD {
-                return Err(FetchError::new(
-                    FetchErrorClass::TooLarge,
-                    format!(
-                        "{}: signature payload {} is {} bytes",
-                        source.describe(),
-                        layer.digest,
-                        layer.size
-                    ),
+        candidates.push((d.clone(), via));
+        Ok(())
+    };
+    if let ReferrersLookup::Listed { via, descriptors } = source.referrers(manifest_digest)? {
+        for d in &descriptors {
+            add(d, via)?;
+        }
+    }
+    // The tag schema, also where the source lists referrers: an image copied from a registry
+    // without the API keeps its signatures there.
+    let tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
+    if let Some((bytes, mt)) = source.fetch_manifest(&tag)? {
+        match manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
+            Ok(ManifestKind::Index(index)) => {
+                for d in &index.manifests {
+                    add(d, Discovery::ReferrersTag)?;
+                }
+            }
+            Ok(ManifestKind::Image(_)) => tracing::warn!(
+                source = %source.describe(),
+                tag = %describe_ref(&tag),
+                "the referrers tag holds an image manifest, not an index; ignored"
+            ),
+            Err(e) => tracing::warn!(
+                source = %source.describe(),
+                tag = %describe_ref(&tag),
+                error = %e,
+                "the referrers tag is not a readable index; ignored"
+            ),
+        }
+    }
+    for (desc, via) in candidates {
+        let src = SignatureSource {
+            via,
+            origin: source.origin(),
+            artifact: Some(desc.digest.clone()),
+            blob: None,
+        };
+        bundles_of_referrer(source, manifest_digest, &desc, src, out, budget)?;
+    }
+    Ok(())
+}
+
+/// Opens one referrer: by digest, bounded; it must be an image manifest whose `subject` is
+/// the image and whose artifact type is a bundle; then each bundle layer is read and
+/// shape-checked.
+fn bundles_of_referrer(
+    source: &dyn ImageSource,
+    manifest_digest: &Digest,
+    desc: &Descriptor,
+    mut src: SignatureSource,
+    out: &mut Vec<SignatureFormat>,
+    budget: &mut usize,
+) -> Result<(), FetchError> {
+    let declared_bundle = desc
+        .artifact_type
+        .as_deref()
+        .is_some_and(is_bundle_media_type);
+    let unreadable = |src: &SignatureSource, reason: String| SignatureFormat::Unreadable {
+        kind: SignatureKind::SigstoreBundle,
+        source: src.clone(),
+        reason,
+    };
+    if desc.size > MAX_REFERRER_MANIFEST {
+        if declared_bundle {
+            out.push(unreadable(
+                &src,
+                format!(
+                    "the referrer manifest is {} bytes (limit {MAX_REFERRER_MANIFEST})",
+                    desc.size
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let r = ManifestRef::Digest(desc.digest.clone());
+    let parsed = fetch_checked_manifest(source, &r).and_then(|(bytes, mt)| {
+        manifest::parse(
+            &bytes,
+            mt.as_deref().or(Some(&desc.media_type)),
+            &source.describe(),
+        )
+    });
+    let m = match parsed {
+        Ok(ManifestKind::Image(m)) => m,
+        Ok(ManifestKind::Index(_)) => return Ok(()),
+        Err(e) if artifact_fault(&e) => {
+            // Only a referrer that said it was a bundle is worth reporting; cosign's
+            // tag-schema entries say nothing, so one of those that cannot be read is too.
+            if declared_bundle || desc.artifact_type.as_deref().is_none_or(|t| t == OCI_EMPTY) {
+                out.push(unreadable(
+                    &src,
+                    format!("the referrer manifest cannot be read: {}", e.message),
                 ));
             }
-            let Some(sig_b64) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else {
-                continue;
-            };
-            let signature = base64::engine::general_purpose::STANDARD
-                .decode(sig_b64.trim())
-                .map_err(|e| {
-                    FetchError::new(
-                        FetchErrorClass::Malformed,
-                        format!(
-                            "{}: signature annotation on {} is not base64: {e}",
-                            source.describe(),
-                            layer.digest
-                        ),
-                    )
-                })?;
-            let mut payload = Vec::new();
-            open_blob(source, layer)?
-                .read_to_end(&mut payload)
-                .map_err(|e| {
-                    FetchError::from_io(e, &format!("reading signature payload {}", layer.digest))
-                })?;
-            out.push(SignatureFormat::SimpleSigning(SimpleSigningSignature {
-                payload,
-                signature,
-            }));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    if !is_bundle_media_type(m.effective_artifact_type()) {
+        return Ok(());
+    }
+    match &m.subject {
+        Some(subject) if &subject.digest == manifest_digest => {}
+        Some(subject) => {
+            out.push(unreadable(
+                &src,
+                format!(
+                    "its subject is {}, not the image {manifest_digest}",
+                    subject.digest
+                ),
+            ));
+            return Ok(());
+        }
+        None => {
+            out.push(unreadable(&src, "the referrer has no subject".to_string()));
+            return Ok(());
         }
     }
-    let referrers_tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
-    if let Some((bytes, mt)) = source.fetch_manifest(&referrers_tag)? {
-        if let Ok(ManifestKind::Index(index)) =
-            manifest::parse(&bytes, mt.as_deref(), &source.describe())
-        {
-            for entry in index
-                .manifests
-                .iter()
-                .filter(|d| d.artifact_type.as_deref() == Some(SIGSTORE_BUNDLE_V03))
-            {
-                out.push(SignatureFormat::SigstoreBundleV03 {
-                    media_type: SIGSTORE_BUNDLE_V03.to_string(),
-                    bytes: entry.digest.to_string().into_bytes(),
-                });
+    let layers: Vec<&Descriptor> = m
+        .layers
+        .iter()
+        .filter(|l| is_bundle_media_type(&l.media_type))
+        .collect();
+    if layers.is_empty() {
+        out.push(unreadable(
+            &src,
+            format!(
+                "the referrer of artifact type {} has no bundle layer",
+                m.effective_artifact_type()
+            ),
+        ));
+        return Ok(());
+    }
+    if layers.len() > MAX_SIGNATURE_LAYERS {
+        out.push(unreadable(
+            &src,
+            format!("more than {MAX_SIGNATURE_LAYERS} bundle layers"),
+        ));
+        return Ok(());
+    }
+    for layer in layers {
+        src.blob = Some(layer.digest.clone());
+        let bytes = match read_small_blob(source, layer, MAX_BUNDLE_LEN, "bundle") {
+            Ok(b) => b,
+            Err(e) if artifact_fault(&e) => {
+                out.push(unreadable(&src, e.message));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        take_budget(budget, bytes.len(), source)?;
+        match UntrustedBundle::parse(&bytes, &layer.media_type) {
+            Ok(_) => out.push(SignatureFormat::SigstoreBundle(SigstoreBundleArtifact {
+                media_type: layer.media_type.clone(),
+                bytes,
+                source: src.clone(),
+            })),
+            Err(e) => out.push(unreadable(&src, e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use policy::sigstore::SIGSTORE_BUNDLE_V03;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A registry in memory: tags, manifests and blobs by digest, and optionally a
+    /// referrers API.
+    #[derive(Default)]
+    struct MemSource {
+        tags: BTreeMap<String, Digest>,
+        manifests: BTreeMap<Digest, (Vec<u8>, String)>,
+        blobs: BTreeMap<Digest, Vec<u8>>,
+        referrers_api: Option<Vec<Descriptor>>,
+        fetched: Mutex<Vec<String>>,
+    }
+
+    impl MemSource {
+        fn blob(&mut self, bytes: &[u8]) -> serde_json::Value {
+            let d = Digest::of(bytes);
+            self.blobs.insert(d.clone(), bytes.to_vec());
+            json!({"digest": d.to_string(), "size": bytes.len()})
+        }
+
+        fn manifest(&mut self, value: serde_json::Value, media_type: &str) -> (Digest, usize) {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            let d = Digest::of(&bytes);
+            let len = bytes.len();
+            self.manifests
+                .insert(d.clone(), (bytes, media_type.to_string()));
+            (d, len)
+        }
+
+        /// A cosign 3 style referrer of `subject` whose bundle layer holds `bundle`.
+        fn referrer(&mut self, subject: &Digest, bundle: &[u8]) -> Descriptor {
+            let config = self.blob(b"{}");
+            let mut layer = self.blob(bundle);
+            layer["mediaType"] = json!(SIGSTORE_BUNDLE_V03);
+            let mut config = config;
+            config["mediaType"] = json!(OCI_EMPTY);
+            let (d, size) = self.manifest(
+                json!({
+                    "schemaVersion": 2,
+                    "mediaType": manifest::OCI_MANIFEST,
+                    "artifactType": SIGSTORE_BUNDLE_V03,
+                    "config": config,
+                    "layers": [layer],
+                    "subject": {"mediaType": manifest::OCI_MANIFEST, "digest": subject.to_string(), "size": 10},
+                }),
+                manifest::OCI_MANIFEST,
+            );
+            Descriptor {
+                media_type: manifest::OCI_MANIFEST.into(),
+                digest: d,
+                size: size as u64,
+                annotations: BTreeMap::new(),
+                platform: None,
+                // What cosign 3 writes in the tag-schema index.
+                artifact_type: Some(OCI_EMPTY.into()),
             }
         }
+
+        fn tag_index(&mut self, subject: &Digest, entries: &[Descriptor]) {
+            let manifests: Vec<_> = entries
+                .iter()
+                .map(|d| {
+                    json!({"mediaType": d.media_type, "digest": d.digest.to_string(), "size": d.size, "artifactType": d.artifact_type})
+                })
+                .collect();
+            let (d, _) = self.manifest(
+                json!({"schemaVersion": 2, "mediaType": manifest::OCI_INDEX, "manifests": manifests}),
+                manifest::OCI_INDEX,
+            );
+            self.tags.insert(format!("sha256-{}", subject.hex()), d);
+        }
     }
-    Ok(out)
+
+    impl ImageSource for MemSource {
+        fn describe(&self) -> String {
+            "mem://reg/app".into()
+        }
+        fn origin(&self) -> String {
+            "reg/app".into()
+        }
+        fn root_ref(&self) -> ManifestRef {
+            ManifestRef::Tag("v1".into())
+        }
+        fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<RawManifest>, FetchError> {
+            self.fetched.lock().unwrap().push(describe_ref(r));
+            let d = match r {
+                ManifestRef::Tag(t) => match self.tags.get(t) {
+                    Some(d) => d.clone(),
+                    None => return Ok(None),
+                },
+                ManifestRef::Digest(d) => d.clone(),
+                ManifestRef::Default => return Ok(None),
+            };
+            Ok(self
+                .manifests
+                .get(&d)
+                .map(|(b, mt)| (b.clone(), Some(mt.clone()))))
+        }
+        fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError> {
+            let b = self.blobs.get(digest).cloned().ok_or_else(|| {
+                FetchError::new(FetchErrorClass::NotFound, format!("blob {digest}"))
+            })?;
+            Ok(Box::new(io::Cursor::new(b)))
+        }
+        fn referrers(&self, _: &Digest) -> Result<ReferrersLookup, FetchError> {
+            Ok(match &self.referrers_api {
+                Some(d) => ReferrersLookup::Listed {
+                    via: Discovery::ReferrersApi,
+                    descriptors: d.clone(),
+                },
+                None => ReferrersLookup::NotSupported,
+            })
+        }
+    }
+
+    fn image() -> Digest {
+        Digest::of(b"image manifest")
+    }
+
+    fn bundle_json(subject: &Digest) -> Vec<u8> {
+        use base64::Engine;
+        let statement = json!({
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"digest": {"sha256": subject.hex()}}],
+            "predicateType": policy::sigstore::COSIGN_SIGN_PREDICATE,
+            "predicate": {},
+        });
+        serde_json::to_vec(&json!({
+            "mediaType": SIGSTORE_BUNDLE_V03,
+            "verificationMaterial": {"publicKey": {"hint": "x"}},
+            "dsseEnvelope": {
+                "payload": base64::engine::general_purpose::STANDARD.encode(statement.to_string()),
+                "payloadType": "application/vnd.in-toto+json",
+                "signatures": [{"sig": "MEUCIQ=="}],
+            },
+        }))
+        .unwrap()
+    }
+
+    fn bundles(sigs: &[SignatureFormat]) -> Vec<&SigstoreBundleArtifact> {
+        sigs.iter()
+            .filter_map(|s| match s {
+                SignatureFormat::SigstoreBundle(b) => Some(b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_tag_schema_finds_cosign3_bundles_when_there_is_no_referrers_api() {
+        let mut src = MemSource::default();
+        let bundle = bundle_json(&image());
+        let r = src.referrer(&image(), &bundle);
+        src.tag_index(&image(), std::slice::from_ref(&r));
+        let sigs = signatures(&src, &image()).unwrap();
+        let b = bundles(&sigs);
+        assert_eq!(b.len(), 1, "{sigs:?}");
+        assert_eq!(b[0].media_type, SIGSTORE_BUNDLE_V03);
+        assert_eq!(b[0].bytes, bundle);
+        assert_eq!(b[0].source.via, Discovery::ReferrersTag);
+        assert_eq!(b[0].source.artifact.as_ref(), Some(&r.digest));
+        assert_eq!(b[0].source.origin, "reg/app");
+    }
+
+    #[test]
+    fn the_referrers_api_and_the_tag_schema_are_both_read_without_duplicates() {
+        let mut src = MemSource::default();
+        let first = src.referrer(&image(), &bundle_json(&image()));
+        let mut listed = first.clone();
+        listed.artifact_type = Some(SIGSTORE_BUNDLE_V03.into());
+        // An SBOM referrer is not opened.
+        let sbom = Descriptor {
+            artifact_type: Some("application/spdx+json".into()),
+            digest: Digest::of(b"sbom"),
+            ..listed.clone()
+        };
+        src.referrers_api = Some(vec![listed, sbom.clone()]);
+        let mut other_bundle = bundle_json(&image());
+        other_bundle.push(b'\n');
+        let second = src.referrer(&image(), &other_bundle);
+        src.tag_index(&image(), &[first.clone(), second.clone()]);
+        let sigs = signatures(&src, &image()).unwrap();
+        let b = bundles(&sigs);
+        assert_eq!(b.len(), 2, "{sigs:?}");
+        assert_eq!(b[0].source.via, Discovery::ReferrersApi);
+        assert_eq!(b[0].source.artifact.as_ref(), Some(&first.digest));
+        assert_eq!(b[1].source.via, Discovery::ReferrersTag);
+        assert_eq!(b[1].source.artifact.as_ref(), Some(&second.digest));
+        assert!(!src
+            .fetched
+            .lock()
+            .unwrap()
+            .contains(&sbom.digest.to_string()));
+    }
+
+    #[test]
+    fn unreadable_referrers_are_named_and_counted_as_signatures() {
+        let mut src = MemSource::default();
+        let not_json = src.referrer(&image(), b"\x1f\x8b not json");
+        let wrong_subject = src.referrer(&image(), &bundle_json(&image()));
+        // Rewrite the second's subject: another image's signature listed under this one.
+        let (bytes, mt) = src.manifests[&wrong_subject.digest].clone();
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["subject"]["digest"] = json!(Digest::of(b"other").to_string());
+        let (d, size) = src.manifest(v, &mt);
+        let wrong_subject = Descriptor {
+            digest: d,
+            size: size as u64,
+            ..wrong_subject
+        };
+        let missing = Descriptor {
+            digest: Digest::of(b"gone"),
+            ..not_json.clone()
+        };
+        let too_big = src.referrer(&image(), &vec![b' '; MAX_BUNDLE_LEN + 1]);
+        src.tag_index(
+            &image(),
+            &[not_json.clone(), wrong_subject, missing, too_big],
+        );
+        let sigs = signatures(&src, &image()).unwrap();
+        let reasons: Vec<String> = sigs
+            .iter()
+            .map(|s| match s {
+                SignatureFormat::Unreadable {
+                    kind: SignatureKind::SigstoreBundle,
+                    source,
+                    reason,
+                } => format!("{source}: {reason}"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:#?}");
+        assert!(reasons[0].starts_with(&format!(
+            "referrer {} (referrers tag schema) of reg/app, layer sha256:",
+            not_json.digest
+        )));
+        assert!(
+            reasons[0].contains(": the layer is not JSON"),
+            "{}",
+            reasons[0]
+        );
+        assert!(reasons[1].contains("its subject is"), "{}", reasons[1]);
+        assert!(
+            reasons[2].contains("the referrer manifest cannot be read"),
+            "{}",
+            reasons[2]
+        );
+        assert!(reasons[3].contains("limit 1048576"), "{}", reasons[3]);
+        assert_eq!(sigs[0].describe().split(' ').next(), Some("unreadable"));
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let mut src = MemSource::default();
+        let entries: Vec<Descriptor> = (0..=MAX_SIGNATURE_REFERRERS)
+            .map(|i| {
+                let mut b = bundle_json(&image());
+                b.extend(std::iter::repeat_n(b' ', i));
+                src.referrer(&image(), &b)
+            })
+            .collect();
+        src.tag_index(&image(), &entries);
+        let e = signatures(&src, &image()).unwrap_err();
+        assert_eq!(e.class, FetchErrorClass::TooLarge, "{e}");
+        assert!(e.message.contains("more than 32 referrers"), "{e}");
+    }
+
+    #[test]
+    fn an_oci_layout_lists_referrers_by_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut src = MemSource::default();
+        let r = src.referrer(&image(), &bundle_json(&image()));
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for (d, b) in &src.blobs {
+            std::fs::write(blobs.join(d.hex()), b).unwrap();
+        }
+        for (d, (b, _)) in &src.manifests {
+            std::fs::write(blobs.join(d.hex()), b).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("index.json"),
+            serde_json::to_vec(&json!({
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": manifest::OCI_MANIFEST, "digest": r.digest.to_string(), "size": r.size}],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let reference =
+            policy::reference::ImageReference::parse(&format!("oci:{}:x", dir.path().display()))
+                .unwrap();
+        let policy::reference::ImageReference::Oci(oci) = &reference else {
+            panic!()
+        };
+        let layout = OciLayoutSource::open(oci).unwrap();
+        let sigs = signatures(&layout, &image()).unwrap();
+        let b = bundles(&sigs);
+        assert_eq!(b.len(), 1, "{sigs:?}");
+        assert_eq!(b[0].source.via, Discovery::LayoutReferrer);
+        assert_eq!(b[0].source.artifact.as_ref(), Some(&r.digest));
+        // Another image has none.
+        assert!(signatures(&layout, &Digest::of(b"other"))
+            .unwrap()
+            .is_empty());
+    }
 }

@@ -13,10 +13,15 @@ use std::sync::Mutex;
 use base64::Engine;
 use policy::reference::{Digest, DockerReference};
 
-use super::manifest::ACCEPTED;
+use super::manifest::{self, ManifestKind, ACCEPTED, OCI_INDEX};
 use super::{
-    FetchError, FetchErrorClass, ImageSource, ManifestRef, SourceOptions, MAX_MANIFEST_BYTES,
+    FetchError, FetchErrorClass, ImageSource, ManifestRef, ReferrersLookup, SourceOptions,
+    MAX_MANIFEST_BYTES, MAX_SIGNATURE_REFERRERS,
 };
+use policy::sigstore::Discovery;
+
+/// Pages of a referrers listing followed (`Link: <...>; rel="next"`).
+const MAX_REFERRER_PAGES: usize = 8;
 
 pub struct RegistrySource {
     agent: ureq::Agent,
@@ -307,6 +312,95 @@ impl ImageSource for RegistrySource {
         self.open_blob_range(digest, &[])
     }
 
+    fn origin(&self) -> String {
+        format!("{}/{}", self.host, self.repository)
+    }
+
+    /// The OCI 1.1 referrers API. A registry without it answers 404 (distribution 2.x),
+    /// 400, 405 or 501, or something that is not an index: then the caller falls back to
+    /// the referrers tag schema.
+    fn referrers(&self, digest: &Digest) -> Result<ReferrersLookup, FetchError> {
+        let mut url = format!("{}/referrers/{digest}", self.base);
+        let mut descriptors = Vec::new();
+        for page in 0..MAX_REFERRER_PAGES {
+            let resp = self.get(&url, &[("Accept", OCI_INDEX)])?;
+            match resp.status().as_u16() {
+                200 => {}
+                404 | 400 | 405 | 406 | 501 if page == 0 => {
+                    return Ok(ReferrersLookup::NotSupported)
+                }
+                s => {
+                    return Err(FetchError::new(
+                        FetchErrorClass::Network,
+                        format!("GET {url}: HTTP {s}"),
+                    ))
+                }
+            }
+            let media_type = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let next = resp
+                .headers()
+                .get("link")
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let bytes = resp
+                .into_body()
+                .with_config()
+                .limit(MAX_MANIFEST_BYTES as u64)
+                .read_to_vec()
+                .map_err(|e| {
+                    let class = if matches!(e, ureq::Error::BodyExceedsLimit(_)) {
+                        FetchErrorClass::TooLarge
+                    } else {
+                        FetchErrorClass::Network
+                    };
+                    FetchError::new(class, format!("GET {url}: {e}"))
+                })?;
+            match manifest::parse(&bytes, media_type.as_deref(), &self.describe()) {
+                Ok(ManifestKind::Index(index)) => descriptors.extend(index.manifests),
+                _ if page == 0 => {
+                    tracing::debug!(url = %url, "the referrers answer is not an index: no referrers API");
+                    return Ok(ReferrersLookup::NotSupported);
+                }
+                Ok(ManifestKind::Image(_)) | Err(_) => {
+                    return Err(FetchError::new(
+                        FetchErrorClass::Malformed,
+                        format!("GET {url}: a page of referrers that is not an index"),
+                    ))
+                }
+            }
+            if descriptors.len() > 16 * MAX_SIGNATURE_REFERRERS {
+                return Err(FetchError::new(
+                    FetchErrorClass::TooLarge,
+                    format!(
+                        "{}: more than {} referrers of {digest}",
+                        self.describe(),
+                        16 * MAX_SIGNATURE_REFERRERS
+                    ),
+                ));
+            }
+            match next {
+                Some(next) => url = self.resolve_link(&next)?,
+                None => {
+                    return Ok(ReferrersLookup::Listed {
+                        via: Discovery::ReferrersApi,
+                        descriptors,
+                    })
+                }
+            }
+        }
+        Err(FetchError::new(
+            FetchErrorClass::TooLarge,
+            format!(
+                "{}: the referrers of {digest} span more than {MAX_REFERRER_PAGES} pages",
+                self.describe()
+            ),
+        ))
+    }
+
     fn blob_prefix(&self, digest: &Digest, len: usize) -> Result<Vec<u8>, FetchError> {
         // A range request; a registry that ignores it sends the whole blob, cut here.
         let range = format!("bytes=0-{}", len.saturating_sub(1));
@@ -319,7 +413,48 @@ impl ImageSource for RegistrySource {
     }
 }
 
+/// The target of a `Link` header's `rel="next"` (RFC 8288), e.g.
+/// `</v2/a/referrers/sha256:..?n=10&last=x>; rel="next"`.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|link| {
+        let (target, params) = link.trim().split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim().replace(' ', "");
+                p.eq_ignore_ascii_case("rel=\"next\"") || p.eq_ignore_ascii_case("rel=next")
+            })
+            .then(|| target.to_string())
+    })
+}
+
 impl RegistrySource {
+    /// A next-page link, which must stay on this registry's repository API.
+    fn resolve_link(&self, link: &str) -> Result<String, FetchError> {
+        let origin = self
+            .base
+            .split("/v2/")
+            .next()
+            .unwrap_or(&self.base)
+            .to_string();
+        let url = if link.starts_with('/') {
+            format!("{origin}{link}")
+        } else {
+            link.to_string()
+        };
+        if !url.starts_with(&format!("{}/referrers/", self.base)) {
+            return Err(FetchError::new(
+                FetchErrorClass::Malformed,
+                format!(
+                    "{}: a referrers page link {link:?} leaves the repository's API",
+                    self.describe()
+                ),
+            ));
+        }
+        Ok(url)
+    }
+
     fn open_blob_range(
         &self,
         digest: &Digest,
@@ -421,6 +556,29 @@ mod tests {
         let r = DockerReference::parse("127.0.0.1:5000/a/b:t").unwrap();
         let s = RegistrySource::new(&r, &SourceOptions::default()).unwrap();
         assert!(s.base.starts_with("http://127.0.0.1:5000/v2/a/b"));
+    }
+
+    #[test]
+    fn referrer_page_links() {
+        assert_eq!(
+            next_link(r#"</v2/a/b/referrers/sha256:00?n=2&last=x>; rel="next""#).as_deref(),
+            Some("/v2/a/b/referrers/sha256:00?n=2&last=x")
+        );
+        assert_eq!(next_link(r#"</x>; rel="prev""#), None);
+        let r = DockerReference::parse("127.0.0.1:5000/a/b:t").unwrap();
+        let s = RegistrySource::new(&r, &SourceOptions::default()).unwrap();
+        assert_eq!(
+            s.resolve_link("/v2/a/b/referrers/sha256:00?last=1")
+                .unwrap(),
+            "http://127.0.0.1:5000/v2/a/b/referrers/sha256:00?last=1"
+        );
+        for off in [
+            "/v2/other/referrers/sha256:00",
+            "http://evil.example/v2/a/b/referrers/sha256:00",
+            "/v2/a/b/blobs/sha256:00",
+        ] {
+            assert!(s.resolve_link(off).is_err(), "{off}");
+        }
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct PolicyDecision {
     pub allowed: bool,
     pub reason: String,
     pub signatures_found: usize,
+    /// Every signature found, by format and source (`SignatureFormat::describe`).
+    pub signatures: Vec<String>,
+    /// The signatures that satisfied the requirements: format, media type, source, signer.
+    pub accepted_signatures: Vec<policy::trust::AcceptedSignature>,
 }
 
 /// One layer of a verified image: its descriptor from the signed manifest and its diff_id
@@ -137,10 +141,34 @@ pub fn verify(
         allowed: decision.allowed,
         reason: decision.reason.clone(),
         signatures_found: signatures.len(),
+        signatures: signatures.iter().map(|s| s.describe()).collect(),
+        accepted_signatures: decision.signatures.clone(),
     };
     progress.policy(&policy);
     let scope = ("scope", decision.scope.clone());
     if signature_required {
+        // Which signatures there were (format and source), and which one decided.
+        let mut attrs = vec![
+            scope.clone(),
+            ("signatures_found", signatures.len().to_string()),
+            (
+                "signatures",
+                signatures
+                    .iter()
+                    .map(|s| s.describe())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        ];
+        if let Some(first) = decision.signatures.first() {
+            attrs.push(("signature_format", first.format.as_str().to_string()));
+            if let Some(mt) = &first.media_type {
+                attrs.push(("signature_media_type", mt.clone()));
+            }
+            attrs.push(("signature_source", first.source.to_string()));
+            attrs.push(("signature_discovery", first.source.via.as_str().to_string()));
+            attrs.push(("signer", first.signer.clone()));
+        }
         rec.record(
             EventKind::SignatureVerify,
             if decision.allowed {
@@ -149,10 +177,7 @@ pub fn verify(
                 Outcome::Denied
             },
             &decision.reason,
-            &[
-                scope.clone(),
-                ("signatures_found", signatures.len().to_string()),
-            ],
+            &attrs,
         )?;
     }
     if !decision.allowed {

@@ -1,0 +1,362 @@
+//! cosign 3 signatures (issue 16): images signed by key with the real cosign 3.1.1
+//! (scripts/setup.sh fetches it from Debian sid into /opt/ipu-image-tools/cosign-3.1.1) in a
+//! real `docker-registry` (distribution 2.8: no referrers API, so cosign writes the referrers
+//! tag schema), and what signature discovery finds there: the Sigstore bundle with its media
+//! type and the signed manifest digest in its DSSE in-toto statement; both a `.sig` and a
+//! bundle when an image has both; a malformed bundle artifact reported by name. The bundle
+//! verifier is not wired yet: the pipeline refuses such an image saying so, by name.
+//!
+//! These tests skip (saying why) only when setup.sh recorded that it could not fetch cosign.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use integration_tests::{cosign3, fixtures, push_blob, push_manifest, Registry};
+use ipu_image_svc::fetch::{self, SourceOptions};
+use ipu_image_svc::keys::KeySource;
+use ipu_image_svc::pipeline::{PipelineConfig, TrustPipeline};
+use ipu_image_svc::progress::Quiet;
+use ipu_image_svc::report::{self, ImageCommand, Report};
+use policy::reference::{Digest, ImageReference};
+use policy::sigstore::{
+    Discovery, InTotoStatement, SignatureFormat, SignatureKind, UntrustedBundle,
+    UntrustedBundleContent, COSIGN_SIGN_PREDICATE, IN_TOTO_PAYLOAD_TYPE, SIGSTORE_BUNDLE_V03,
+};
+use policy::Policy;
+
+const PASSWORD: &str = "cosign3-test";
+
+/// A registry holding the fixture image `plain` as `t/app:v1`, and a cosign key pair.
+struct Signed {
+    registry: Registry,
+    dir: tempfile::TempDir,
+    cosign: PathBuf,
+    digest: String,
+}
+
+impl Signed {
+    fn setup() -> Option<Signed> {
+        let cosign = cosign3()?;
+        let registry = Registry::start(None);
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!(
+                "oci:{}:plain",
+                fixtures().join("oci-layout").display()
+            ))
+            .arg(format!("docker://{}/t/app:v1", registry.host()))
+            .output()
+            .expect("skopeo not installed: run scripts/setup.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = integration_tests::expected()
+            .into_iter()
+            .find(|e| e.tag == "plain")
+            .unwrap()
+            .digest;
+        let signed = Signed {
+            registry,
+            dir,
+            cosign,
+            digest,
+        };
+        signed.cosign(&["generate-key-pair"]);
+        Some(signed)
+    }
+
+    /// Runs cosign in the scratch directory (its HOME too), which must succeed.
+    fn cosign(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.cosign)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("HOME", self.dir.path())
+            .env("COSIGN_PASSWORD", PASSWORD)
+            .env("SIGSTORE_NO_CACHE", "1")
+            .output()
+            .expect("cosign runs");
+        assert!(
+            out.status.success(),
+            "cosign {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn image(&self) -> String {
+        format!("{}/t/app@{}", self.registry.host(), self.digest)
+    }
+
+    /// `cosign sign --key cosign.key --tlog-upload=false IMAGE@DIGEST` (cosign 3.1.1 also
+    /// needs `--use-signing-config=false` for that), plus `extra`.
+    fn sign(&self, extra: &[&str]) {
+        let image = self.image();
+        let mut args = vec![
+            "sign",
+            "--key",
+            "cosign.key",
+            "--use-signing-config=false",
+            "--tlog-upload=false",
+            "-y",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&image);
+        self.cosign(&args);
+    }
+
+    fn public_key(&self) -> PathBuf {
+        self.dir.path().join("cosign.pub")
+    }
+
+    fn digest(&self) -> Digest {
+        Digest::parse(&self.digest).unwrap()
+    }
+
+    fn discover(&self) -> Vec<SignatureFormat> {
+        let reference = ImageReference::parse(&format!("docker://{}", self.image())).unwrap();
+        let source = fetch::open_source(&reference, &SourceOptions::default()).unwrap();
+        fetch::signatures(source.as_ref(), &self.digest()).unwrap()
+    }
+
+    /// `ipu-image-svc image verify` as a library call, under `policy`.
+    fn verify(&self, policy: &str) -> (Report, Result<(), ipu_image_svc::error::Error>) {
+        let policy = Policy::parse(policy.as_bytes(), "test", None).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let reference = ImageReference::parse(&format!("docker://{}", self.image())).unwrap();
+        report::run(
+            &TrustPipeline::new(PipelineConfig::new(policy, scratch.path().join("c"))),
+            &KeySource::none(),
+            &reference,
+            &ImageCommand::Verify,
+            &Quiet,
+        )
+    }
+}
+
+fn key_policy(public: &Path, extra: &str) -> String {
+    format!(
+        r#"{{"default":[{{"type":"reject"}}],"transports":{{"docker":{{"":[{{"type":"sigstoreSigned","keyPath":"{}"{extra}}}]}}}}}}"#,
+        public.display()
+    )
+}
+
+/// The statement inside a bundle's DSSE envelope (unverified: for the test's checks).
+fn statement_of(bundle: &[u8]) -> InTotoStatement {
+    let b = UntrustedBundle::parse(bundle, SIGSTORE_BUNDLE_V03).unwrap();
+    let UntrustedBundleContent::Dsse {
+        payload_type,
+        payload,
+    } = b.content
+    else {
+        panic!("not a DSSE bundle: {b:?}")
+    };
+    assert_eq!(payload_type, IN_TOTO_PAYLOAD_TYPE);
+    InTotoStatement::parse(&payload).unwrap()
+}
+
+#[test]
+fn a_cosign3_bundle_is_found_through_the_referrers_tag_schema() {
+    let Some(s) = Signed::setup() else { return };
+    s.sign(&[]);
+    let sigs = s.discover();
+    assert_eq!(sigs.len(), 1, "{sigs:#?}");
+    let SignatureFormat::SigstoreBundle(b) = &sigs[0] else {
+        panic!("{sigs:#?}")
+    };
+    assert_eq!(b.media_type, SIGSTORE_BUNDLE_V03);
+    assert_eq!(b.source.via, Discovery::ReferrersTag);
+    assert_eq!(b.source.origin, format!("{}/t/app", s.registry.host()));
+    assert!(b.source.artifact.is_some() && b.source.blob.is_some());
+    let statement = statement_of(&b.bytes);
+    assert!(statement.names_digest(&s.digest()), "{statement:?}");
+    assert_eq!(statement.predicate_type, COSIGN_SIGN_PREDICATE);
+    assert!(
+        statement.subjects.iter().all(|s| s.name.is_none()),
+        "cosign 3 signs no repository name: {statement:?}"
+    );
+
+    // A second signature appends a second referrer to the same index.
+    s.sign(&[]);
+    let sigs = s.discover();
+    assert_eq!(sigs.len(), 2, "{sigs:#?}");
+    assert!(sigs
+        .iter()
+        .all(|s| s.kind() == SignatureKind::SigstoreBundle));
+
+    // The pipeline finds it and refuses it by name until the verifier is wired, with or
+    // without the digest-only opt-in; never as "no signature".
+    for extra in ["", r#","acceptDigestOnlyStatements":true"#] {
+        let (report, result) = s.verify(&key_policy(&s.public_key(), extra));
+        let e = result.unwrap_err();
+        assert_eq!(e.class.as_str(), "unsupported-signature-format", "{e:?}");
+        assert!(
+            e.message
+                .contains("sigstore bundle verification is not wired yet"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("(referrers tag schema) of 127.0.0.1:"),
+            "{}",
+            e.message
+        );
+        let policy = report.policy.unwrap();
+        assert_eq!(policy.signatures_found, 2);
+        assert!(
+            policy.signatures[0].starts_with(&format!(
+                "sigstore bundle ({SIGSTORE_BUNDLE_V03}) in referrer sha256:"
+            )),
+            "{:?}",
+            policy.signatures
+        );
+    }
+}
+
+#[test]
+fn an_image_with_a_sig_and_a_bundle_yields_both() {
+    let Some(s) = Signed::setup() else { return };
+    // cosign 2's format, written by cosign 3 on request: simple signing at the .sig tag.
+    s.sign(&["--new-bundle-format=false"]);
+    s.sign(&[]);
+    let tags = integration_tests::http(s.registry.port, "GET", "/v2/t/app/tags/list", &[], b"");
+    let tags = String::from_utf8_lossy(&tags.2).into_owned();
+    let hex = s.digest().hex().to_string();
+    assert!(
+        tags.contains(&format!("\"sha256-{hex}.sig\""))
+            && tags.contains(&format!("\"sha256-{hex}\"")),
+        "{tags}"
+    );
+    let sigs = s.discover();
+    assert_eq!(sigs.len(), 2, "{sigs:#?}");
+    let SignatureFormat::SimpleSigning(simple) = &sigs[0] else {
+        panic!("{sigs:#?}")
+    };
+    assert_eq!(simple.source.via, Discovery::SignatureTag);
+    let payload = policy::sigstore::SimpleSigningPayload::parse(&simple.payload).unwrap();
+    assert_eq!(payload.docker_manifest_digest, s.digest());
+    let SignatureFormat::SigstoreBundle(bundle) = &sigs[1] else {
+        panic!("{sigs:#?}")
+    };
+    assert!(statement_of(&bundle.bytes).names_digest(&s.digest()));
+
+    // Under a key policy the .sig verifies (the bundle is not needed), and the decision
+    // records which signature it was.
+    let (report, result) = s.verify(&key_policy(
+        &s.public_key(),
+        r#","signedIdentity":{"type":"matchRepository"}"#,
+    ));
+    result.unwrap();
+    let policy = report.policy.unwrap();
+    assert_eq!(policy.signatures_found, 2);
+    assert_eq!(policy.accepted_signatures.len(), 1);
+    let accepted = &policy.accepted_signatures[0];
+    assert_eq!(accepted.format, SignatureKind::SimpleSigning);
+    assert_eq!(accepted.source.via, Discovery::SignatureTag);
+    assert!(accepted.signer.starts_with("key sha256:"), "{accepted:?}");
+    // Another key: the .sig does not verify and the bundle is not verified yet.
+    let (_, result) = s.verify(&key_policy(
+        &fixtures().join("keys/A/cosign.pub"),
+        r#","signedIdentity":{"type":"matchRepository"}"#,
+    ));
+    let e = result.unwrap_err();
+    assert!(
+        ["wrong-key", "unsupported-signature-format"].contains(&e.class.as_str()),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_malformed_bundle_artifact_is_reported_by_name() {
+    let Some(s) = Signed::setup() else { return };
+    let port = s.registry.port;
+    let hex = s.digest().hex().to_string();
+    // A referrer that says it is a v0.3 bundle, whose layer is not JSON, pushed the way
+    // cosign pushes (an index under the referrers tag).
+    let config = push_blob(port, "t/app", b"{}");
+    let garbage = b"\x1f\x8b\x08 this is not a bundle";
+    let layer = push_blob(port, "t/app", garbage);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": SIGSTORE_BUNDLE_V03,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": SIGSTORE_BUNDLE_V03, "digest": layer, "size": garbage.len()}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": s.digest, "size": 503},
+    })
+    .to_string();
+    let referrer = push_manifest(
+        port,
+        "t/app",
+        &format!(
+            "sha256:{}",
+            integration_tests::sha256_hex(manifest.as_bytes())
+        ),
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.as_bytes(),
+    );
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": referrer, "size": manifest.len(), "artifactType": SIGSTORE_BUNDLE_V03}],
+    })
+    .to_string();
+    push_manifest(
+        port,
+        "t/app",
+        &format!("sha256-{hex}"),
+        "application/vnd.oci.image.index.v1+json",
+        index.as_bytes(),
+    );
+
+    let sigs = s.discover();
+    assert_eq!(sigs.len(), 1, "{sigs:#?}");
+    let SignatureFormat::Unreadable {
+        kind: SignatureKind::SigstoreBundle,
+        source,
+        reason,
+    } = &sigs[0]
+    else {
+        panic!("{sigs:#?}")
+    };
+    assert_eq!(source.artifact.as_ref().unwrap().to_string(), referrer);
+    assert!(reason.starts_with("the layer is not JSON"), "{reason}");
+
+    let (_, result) = s.verify(&key_policy(&s.public_key(), ""));
+    let e = result.unwrap_err();
+    assert_eq!(e.class.as_str(), "malformed-signature", "{e:?}");
+    let want = format!(
+        "sigstore bundle in referrer {referrer} (referrers tag schema) of {}/t/app, layer {layer}: the layer is not JSON",
+        s.registry.host()
+    );
+    assert!(e.message.contains(&want), "{}\n(want {want})", e.message);
+    assert!(!e.message.contains("none exists"), "{}", e.message);
+
+    // cosign then signs the image: it appends its referrer to the same index, and
+    // discovery yields both, the malformed one still by name.
+    s.sign(&[]);
+    let sigs = s.discover();
+    assert_eq!(sigs.len(), 2, "{sigs:#?}");
+    assert_eq!(
+        sigs.iter()
+            .filter(|s| matches!(s, SignatureFormat::SigstoreBundle(_)))
+            .count(),
+        1,
+        "{sigs:#?}"
+    );
+    assert_eq!(
+        sigs.iter()
+            .filter(|s| matches!(s, SignatureFormat::Unreadable { .. }))
+            .count(),
+        1,
+        "{sigs:#?}"
+    );
+}
