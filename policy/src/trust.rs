@@ -1236,8 +1236,10 @@ pub struct BundleVerified {
     /// Transparency-log entries verified (inclusion proof or signed entry timestamp against
     /// the requirement's Rekor keys or trusted root).
     pub transparency_log_entries: usize,
-    /// Verified RFC 3161 timestamps.
+    /// Verified RFC 3161 timestamps and SET-backed integrated times.
     pub timestamps: usize,
+    /// The verified log entries (`<log> #<index>`), for the audit record.
+    pub log_entries: Vec<String>,
 }
 
 /// The verified signer of a bundle.
@@ -1279,8 +1281,6 @@ impl fmt::Display for VerifiedSigner {
 /// Why a bundle did not verify.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BundleError {
-    #[error("sigstore bundle verification is not wired yet")]
-    NotWired,
     /// The bundle, its certificate or its log entry cannot be parsed.
     #[error("{0}")]
     Malformed(String),
@@ -1296,9 +1296,7 @@ pub enum BundleError {
 impl BundleError {
     pub fn class(&self) -> RejectClass {
         match self {
-            BundleError::NotWired | BundleError::Unsupported(_) => {
-                RejectClass::UnsupportedSignatureFormat
-            }
+            BundleError::Unsupported(_) => RejectClass::UnsupportedSignatureFormat,
             BundleError::Malformed(_) => RejectClass::MalformedSignature,
             BundleError::Untrusted(_) => RejectClass::WrongKey,
         }
@@ -1328,8 +1326,152 @@ pub fn verify_bundle(
     bundle: &SigstoreBundleArtifact,
     manifest_digest: &Digest,
 ) -> Result<BundleVerified, BundleError> {
-    let _ = (requirement, bundle, manifest_digest);
-    Err(BundleError::NotWired)
+    use sigstore_verify::bundle::Content;
+    let text = std::str::from_utf8(&bundle.bytes)
+        .map_err(|_| BundleError::Malformed("the bundle is not UTF-8".into()))?;
+    let parsed = sigstore_verify::bundle::Bundle::from_json(text)
+        .map_err(|e| BundleError::Malformed(format!("bundle: {e}")))?;
+    let Content::Dsse(envelope) = &parsed.content else {
+        return Err(BundleError::Unsupported(
+            "a message-signature bundle signs a blob, not an image manifest (cosign signs images with a DSSE in-toto statement)".into(),
+        ));
+    };
+    let root = verifier_root(requirement)?;
+    let artifact = sigstore_verify::Artifact::parse_digest(&manifest_digest.to_string())
+        .map_err(|e| BundleError::Malformed(format!("manifest digest: {}", e.0)))?;
+    let with_log = |p: sigstore_verify::Policy| {
+        if requirement.require_transparency_log {
+            p
+        } else {
+            p.without_tlog()
+        }
+    };
+    let policies: Vec<sigstore_verify::Policy> = match &requirement.signer {
+        Signer::Keys(keys) => keys
+            .iter()
+            .map(|k| {
+                sigstore_verify::PublicKey::from_spki_der(k.spki_der())
+                    .map(|key| with_log(sigstore_verify::Policy::key(key)))
+                    .map_err(|e| BundleError::Unsupported(format!("key {}: {e}", k.fingerprint())))
+            })
+            .collect::<Result<_, _>>()?,
+        Signer::Fulcio(id) => {
+            let san = match &id.subject {
+                SubjectMatch::Email(e) => sigstore_verify::Matcher::exact(e.clone()),
+                SubjectMatch::Uri(u) => sigstore_verify::Matcher::exact(u.clone()),
+                SubjectMatch::Regexp(r) => sigstore_verify::Matcher::regex(r.as_str())
+                    .map_err(|e| BundleError::Unsupported(e.to_string()))?,
+            };
+            let issuer = match &id.issuer {
+                IssuerMatch::Exact(i) => sigstore_verify::Matcher::exact(i.clone()),
+                IssuerMatch::Regexp(r) => sigstore_verify::Matcher::regex(r.as_str())
+                    .map_err(|e| BundleError::Unsupported(e.to_string()))?,
+            };
+            let mut policy = sigstore_verify::Policy::identity(sigstore_verify::ExpectedIdentity {
+                san,
+                issuer,
+            });
+            // SCTs are checked against the trusted root's CT logs; `fulcio.caPath` alone
+            // names none (as containers/image, which does not check SCTs).
+            policy.require_sct = requirement.trusted_root.is_some();
+            vec![policy]
+        }
+    };
+    let mut refusals = Vec::new();
+    for policy in &policies {
+        match sigstore_verify::verify(&parsed, artifact.clone(), policy, &root) {
+            Ok(v) => {
+                let signer = match &v.signer {
+                    sigstore_verify::Signer::Key { key_id, .. } => VerifiedSigner::Key {
+                        fingerprint: format!("sha256:{key_id}"),
+                    },
+                    sigstore_verify::Signer::Certificate { identity, .. } => {
+                        let (mut emails, mut uris) = (Vec::new(), Vec::new());
+                        for san in &identity.sans {
+                            match san {
+                                sigstore_verify::certificate::San::Email(e) => {
+                                    emails.push(e.clone())
+                                }
+                                sigstore_verify::certificate::San::Uri(u) => uris.push(u.clone()),
+                                sigstore_verify::certificate::San::Other(_) => {}
+                            }
+                        }
+                        VerifiedSigner::Certificate {
+                            emails,
+                            uris,
+                            issuer: identity.issuer.clone().unwrap_or_default(),
+                        }
+                    }
+                };
+                return Ok(BundleVerified {
+                    signer,
+                    payload_type: envelope.payload_type.clone(),
+                    payload: envelope.payload.clone(),
+                    transparency_log_entries: v.tlog_entries.len(),
+                    timestamps: v.timestamps.len(),
+                    log_entries: v
+                        .tlog_entries
+                        .iter()
+                        .map(|e| format!("{} #{}", e.log_url, e.log_index))
+                        .collect(),
+                });
+            }
+            Err(e) => refusals.push(e.to_string()),
+        }
+    }
+    Err(BundleError::Untrusted(refusals.join("; ")))
+}
+
+/// The trust material of a requirement as the verifier takes it: its trusted root, else one
+/// made of its Rekor keys and Fulcio CAs (no CT logs, no timestamp authorities).
+fn verifier_root(req: &SigstoreSigned) -> Result<sigstore_verify::TrustedRoot, BundleError> {
+    if let Some(root) = &req.trusted_root {
+        let text = std::str::from_utf8(&root.json).map_err(|_| {
+            BundleError::Malformed(format!("trusted root {}: not UTF-8", root.origin))
+        })?;
+        let mut parsed = sigstore_verify::TrustedRoot::from_json(text)
+            .map_err(|e| BundleError::Malformed(format!("trusted root {}: {e}", root.origin)))?;
+        add_policy_material(req, &mut parsed)?;
+        return Ok(parsed);
+    }
+    let mut root = sigstore_verify::TrustedRoot {
+        tlogs: Vec::new(),
+        certificate_authorities: Vec::new(),
+        ctlogs: Vec::new(),
+        timestamp_authorities: Vec::new(),
+    };
+    add_policy_material(req, &mut root)?;
+    Ok(root)
+}
+
+/// Adds the requirement's own Rekor keys and Fulcio CAs to `root`.
+fn add_policy_material(
+    req: &SigstoreSigned,
+    root: &mut sigstore_verify::TrustedRoot,
+) -> Result<(), BundleError> {
+    for k in &req.rekor_keys {
+        let key = sigstore_verify::PublicKey::from_spki_der(k.spki_der())
+            .map_err(|e| BundleError::Unsupported(format!("Rekor key {}: {e}", k.fingerprint())))?;
+        root.tlogs
+            .push(sigstore_verify::trust_root::TransparencyLog {
+                base_url: format!("rekor key {}", k.fingerprint()),
+                scheme: key.default_scheme(),
+                log_id: key.key_id().to_vec(),
+                key,
+                valid_for: sigstore_verify::ValidFor::default(),
+            });
+    }
+    if let Signer::Fulcio(id) = &req.signer {
+        if !id.ca_certificates.is_empty() {
+            root.certificate_authorities
+                .push(sigstore_verify::trust_root::CertificateAuthority {
+                    uri: "fulcio.caPath".into(),
+                    cert_chain: id.ca_certificates.clone(),
+                    valid_for: sigstore_verify::ValidFor::default(),
+                });
+        }
+    }
+    Ok(())
 }
 
 /// Everything about a bundle under a requirement except the cryptography: the verifier's
@@ -1826,6 +1968,7 @@ mod tests {
             payload,
             transparency_log_entries: 0,
             timestamps: 0,
+            log_entries: Vec::new(),
         }
     }
 
@@ -1846,34 +1989,6 @@ mod tests {
             r#"{{"default":[{{"type":"sigstoreSigned","keyData":"{}"{extra}}}]}}"#,
             key_data("A")
         )
-    }
-
-    #[test]
-    fn the_verifier_is_not_wired_yet() {
-        let req = requirement(&format!(
-            r#"{{"type":"sigstoreSigned","keyData":"{}"}}"#,
-            key_data("A")
-        ))
-        .unwrap();
-        let e = verify_bundle(&req, &bundle(), &manifest()).unwrap_err();
-        assert_eq!(e, BundleError::NotWired);
-        assert_eq!(e.class(), RejectClass::UnsupportedSignatureFormat);
-        let d = parse(&key_policy(r#","acceptDigestOnlyStatements":true"#))
-            .unwrap()
-            .evaluate(
-                &ImageReference::parse("docker://reg.io/ns/app:v1").unwrap(),
-                &manifest(),
-                &[SignatureFormat::SigstoreBundle(bundle())],
-            );
-        assert_eq!(d.class, Some(RejectClass::UnsupportedSignatureFormat));
-        assert_eq!(
-            d.reason,
-            format!(
-                "signature #0 (sigstore bundle {SIGSTORE_BUNDLE_V03} in referrer {} (referrers tag schema) of reg.io/ns/app, layer {}): sigstore bundle verification is not wired yet",
-                Digest::of(b"referrer"),
-                Digest::of(b"bundle")
-            )
-        );
     }
 
     #[test]

@@ -142,7 +142,7 @@ fn flipped_payload_byte_fails_and_other_digest_is_digest_mismatch() {
 }
 
 #[test]
-fn sigstore_bundle_is_refused_until_the_verifier_is_wired() {
+fn a_sigstore_bundle_that_does_not_parse_is_malformed_by_name() {
     let policy = Policy::from_file(&fixtures().join("policies/policy-A.json")).unwrap();
     let d = policy.evaluate(
         &r("docker://127.0.0.1:5000/fixtures/hello:x"),
@@ -158,13 +158,8 @@ fn sigstore_bundle_is_refused_until_the_verifier_is_wired() {
             },
         })],
     );
-    assert_eq!(d.class, Some(RejectClass::UnsupportedSignatureFormat));
-    assert!(
-        d.reason
-            .contains("sigstore bundle verification is not wired yet"),
-        "{}",
-        d.reason
-    );
+    assert_eq!(d.class, Some(RejectClass::MalformedSignature));
+    assert!(d.reason.contains("bundle: "), "{}", d.reason);
     assert!(
         d.reason.contains(&format!(
             "referrer {} (referrers tag schema) of 127.0.0.1:5000/fixtures/hello",

@@ -3,8 +3,11 @@
 //! real `docker-registry` (distribution 2.8: no referrers API, so cosign writes the referrers
 //! tag schema), and what signature discovery finds there: the Sigstore bundle with its media
 //! type and the signed manifest digest in its DSSE in-toto statement; both a `.sig` and a
-//! bundle when an image has both; a malformed bundle artifact reported by name. The bundle
-//! verifier is not wired yet: the pipeline refuses such an image saying so, by name.
+//! bundle when an image has both; a malformed bundle artifact reported by name. Verified
+//! (`sigstore-verify` through `policy::trust::verify_bundle`): accepted under the signing key
+//! with the digest-only opt-in; refused without the opt-in (the statement names no
+//! repository), under another key, with the bundle of another image, with a changed DSSE
+//! payload; an image with both a `.sig` and a bundle has each verified.
 //!
 //! These tests skip (saying why) only when setup.sh recorded that it could not fetch cosign.
 
@@ -113,6 +116,52 @@ impl Signed {
         self.cosign(&args);
     }
 
+    /// Signs the fixture's `enc-signed` image (copied to `t/app:other`) and returns its
+    /// bundle's bytes.
+    fn sign_other(&self) -> Vec<u8> {
+        let out = Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!(
+                "oci:{}:enc-signed",
+                fixtures().join("oci-layout").display()
+            ))
+            .arg(format!("docker://{}/t/app:other", self.registry.host()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = integration_tests::expected()
+            .into_iter()
+            .find(|e| e.tag == "enc-signed")
+            .unwrap()
+            .digest;
+        let image = format!("{}/t/app@{digest}", self.registry.host());
+        self.cosign(&[
+            "sign",
+            "--key",
+            "cosign.key",
+            "--use-signing-config=false",
+            "--tlog-upload=false",
+            "-y",
+            &image,
+        ]);
+        let reference = ImageReference::parse(&format!("docker://{image}")).unwrap();
+        let source = fetch::open_source(&reference, &SourceOptions::default()).unwrap();
+        let sigs = fetch::signatures(source.as_ref(), &Digest::parse(&digest).unwrap()).unwrap();
+        match &sigs[..] {
+            [SignatureFormat::SigstoreBundle(b)] => b.bytes.clone(),
+            other => panic!("{other:#?}"),
+        }
+    }
+
     fn public_key(&self) -> PathBuf {
         self.dir.path().join("cosign.pub")
     }
@@ -192,33 +241,84 @@ fn a_cosign3_bundle_is_found_through_the_referrers_tag_schema() {
         .iter()
         .all(|s| s.kind() == SignatureKind::SigstoreBundle));
 
-    // The pipeline finds it and refuses it by name until the verifier is wired, with or
-    // without the digest-only opt-in; never as "no signature".
-    for extra in ["", r#","acceptDigestOnlyStatements":true"#] {
-        let (report, result) = s.verify(&key_policy(&s.public_key(), extra));
-        let e = result.unwrap_err();
-        assert_eq!(e.class.as_str(), "unsupported-signature-format", "{e:?}");
-        assert!(
-            e.message
-                .contains("sigstore bundle verification is not wired yet"),
-            "{}",
-            e.message
-        );
-        assert!(
-            e.message.contains("(referrers tag schema) of 127.0.0.1:"),
-            "{}",
-            e.message
-        );
-        let policy = report.policy.unwrap();
-        assert_eq!(policy.signatures_found, 2);
-        assert!(
-            policy.signatures[0].starts_with(&format!(
-                "sigstore bundle ({SIGSTORE_BUNDLE_V03}) in referrer sha256:"
-            )),
-            "{:?}",
-            policy.signatures
-        );
-    }
+    // Without the digest-only opt-in: the statement names no repository, so it satisfies no
+    // signedIdentity rule; found and refused by name, never as "no signature".
+    let (report, result) = s.verify(&key_policy(&s.public_key(), ""));
+    let e = result.unwrap_err();
+    assert_eq!(e.class.as_str(), "identity-mismatch", "{e:?}");
+    assert!(
+        e.message.contains("acceptDigestOnlyStatements"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("(referrers tag schema) of 127.0.0.1:"),
+        "{}",
+        e.message
+    );
+    let policy = report.policy.unwrap();
+    assert_eq!(policy.signatures_found, 2);
+    assert!(
+        policy.signatures[0].starts_with(&format!(
+            "sigstore bundle ({SIGSTORE_BUNDLE_V03}) in referrer sha256:"
+        )),
+        "{:?}",
+        policy.signatures
+    );
+
+    // Positive control: the opt-in, the signing key: verified and recorded.
+    let opt_in = r#","acceptDigestOnlyStatements":true"#;
+    let (report, result) = s.verify(&key_policy(&s.public_key(), opt_in));
+    result.unwrap();
+    let accepted = &report.policy.unwrap().accepted_signatures[0];
+    assert_eq!(accepted.format, SignatureKind::SigstoreBundle);
+    assert_eq!(accepted.source.via, Discovery::ReferrersTag);
+    assert!(accepted.signer.starts_with("key sha256:"), "{accepted:?}");
+
+    // Another key: refused.
+    let (_, result) = s.verify(&key_policy(&fixtures().join("keys/A/cosign.pub"), opt_in));
+    assert_eq!(result.unwrap_err().class.as_str(), "wrong-key");
+
+    // The bundle with a changed DSSE payload (the subject digest rewritten), and another
+    // image's bundle, each put before this image's policy directly: refused.
+    let policy = Policy::parse(key_policy(&s.public_key(), opt_in).as_bytes(), "t", None).unwrap();
+    let reference = ImageReference::parse(&format!("docker://{}", s.image())).unwrap();
+    let SignatureFormat::SigstoreBundle(good) = &sigs[0] else {
+        unreachable!()
+    };
+    let decide = |bytes: Vec<u8>| {
+        let mut b = good.clone();
+        b.bytes = bytes;
+        policy.evaluate(
+            &reference,
+            &s.digest(),
+            &[SignatureFormat::SigstoreBundle(b)],
+        )
+    };
+    assert!(decide(good.bytes.clone()).allowed, "control");
+    let mut json: serde_json::Value = serde_json::from_slice(&good.bytes).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let payload =
+        base64::Engine::decode(&b64, json["dsseEnvelope"]["payload"].as_str().unwrap()).unwrap();
+    let other_digest = Digest::of(b"another manifest");
+    let changed = String::from_utf8(payload)
+        .unwrap()
+        .replace(s.digest().hex(), other_digest.hex());
+    json["dsseEnvelope"]["payload"] = base64::Engine::encode(&b64, changed).into();
+    let d = decide(serde_json::to_vec(&json).unwrap());
+    assert!(!d.allowed);
+    assert_eq!(
+        d.class.map(|c| c.as_str()),
+        Some("wrong-key"),
+        "{}",
+        d.reason
+    );
+    // Another image's bundle: cosign signs the fixture's encrypted image in the same
+    // repository, and its bundle is offered for this one.
+    let other = Signed::sign_other(&s);
+    let d = decide(other);
+    assert!(!d.allowed);
+    assert!(d.reason.contains("subject"), "{}", d.reason);
 }
 
 #[test]
@@ -262,16 +362,29 @@ fn an_image_with_a_sig_and_a_bundle_yields_both() {
     assert_eq!(accepted.format, SignatureKind::SimpleSigning);
     assert_eq!(accepted.source.via, Discovery::SignatureTag);
     assert!(accepted.signer.starts_with("key sha256:"), "{accepted:?}");
-    // Another key: the .sig does not verify and the bundle is not verified yet.
+    // Each of the two verifies on its own under the key (the bundle with the digest-only
+    // opt-in).
+    let policy = Policy::parse(
+        key_policy(
+            &s.public_key(),
+            r#","signedIdentity":{"type":"matchRepository"},"acceptDigestOnlyStatements":true"#,
+        )
+        .as_bytes(),
+        "t",
+        None,
+    )
+    .unwrap();
+    let reference = ImageReference::parse(&format!("docker://{}", s.image())).unwrap();
+    for sig in &sigs {
+        let d = policy.evaluate(&reference, &s.digest(), std::slice::from_ref(sig));
+        assert!(d.allowed, "{}: {}", sig.describe(), d.reason);
+    }
+    // Another key: neither verifies.
     let (_, result) = s.verify(&key_policy(
         &fixtures().join("keys/A/cosign.pub"),
-        r#","signedIdentity":{"type":"matchRepository"}"#,
+        r#","signedIdentity":{"type":"matchRepository"},"acceptDigestOnlyStatements":true"#,
     ));
-    let e = result.unwrap_err();
-    assert!(
-        ["wrong-key", "unsupported-signature-format"].contains(&e.class.as_str()),
-        "{e:?}"
-    );
+    assert_eq!(result.unwrap_err().class.as_str(), "wrong-key");
 }
 
 #[test]
