@@ -1034,6 +1034,9 @@ pub struct AcceptedSignature {
     pub source: SignatureSource,
     /// The key fingerprint or certificate identity that verified.
     pub signer: String,
+    /// The transparency-log entries that verified with it (`<log> #<index>`; none for
+    /// simple signing, whose Rekor annotations are not checked).
+    pub log_entries: Vec<String>,
 }
 
 impl Evaluation<'_> {
@@ -1208,6 +1211,7 @@ fn check_simple_signing(
             media_type: None,
             source: sig.source.clone(),
             signer: format!("key {}", key.fingerprint()),
+            log_entries: Vec::new(),
         },
     ))
 }
@@ -1584,6 +1588,7 @@ fn check_bundle(
             media_type: Some(bundle.media_type.clone()),
             source: bundle.source.clone(),
             signer: verified.signer.to_string(),
+            log_entries: verified.log_entries.clone(),
         },
     ))
 }
@@ -2038,6 +2043,7 @@ mod tests {
                     media_type: Some(SIGSTORE_BUNDLE_V03.into()),
                     source: bundle().source,
                     signer: format!("key {}", key("A").fingerprint()),
+                    log_entries: Vec::new(),
                 }]
             );
             assert!(d.reason.contains("digest-only statement"), "{}", d.reason);

@@ -168,6 +168,9 @@ pub fn verify(
             attrs.push(("signature_source", first.source.to_string()));
             attrs.push(("signature_discovery", first.source.via.as_str().to_string()));
             attrs.push(("signer", first.signer.clone()));
+            if !first.log_entries.is_empty() {
+                attrs.push(("log_entries", first.log_entries.join(", ")));
+            }
         }
         rec.record(
             EventKind::SignatureVerify,
