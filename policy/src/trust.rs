@@ -1383,7 +1383,7 @@ pub fn verify_bundle(
     };
     let mut refusals = Vec::new();
     for policy in &policies {
-        match sigstore_verify::verify(&parsed, artifact.clone(), policy, &root) {
+        match sigstore_verify::verify(&parsed, artifact, policy, &root) {
             Ok(v) => {
                 let signer = match &v.signer {
                     sigstore_verify::Signer::Key { key_id, .. } => VerifiedSigner::Key {
