@@ -18,6 +18,7 @@ pub mod identity;
 pub mod nbd;
 pub mod pool;
 pub mod tls;
+pub mod vhost;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
