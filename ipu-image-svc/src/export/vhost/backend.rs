@@ -19,6 +19,9 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::request::{self, Chain, Desc, Geometry, GuestRam};
 use crate::blockstore::BlockDevice;
@@ -50,6 +53,10 @@ pub(crate) struct BlkBackend {
     /// Set at revocation: chains still kicked complete with `IOERR`.
     revoked: Arc<AtomicBool>,
     stats: Arc<Stats>,
+    /// The queue threads' exit eventfds as handed to the daemon, which registers them with
+    /// `into_raw_fd` and never closes them (vhost-user-backend 0.24); closed by
+    /// [`BlkBackend::close_exit_events`] once the daemon and its threads are gone.
+    exit_fds: std::sync::Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 impl BlkBackend {
@@ -69,6 +76,20 @@ impl BlkBackend {
             mem: RwLock::new(None),
             revoked,
             stats,
+            exit_fds: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Closes the exit eventfds the daemon leaked. Call only after the daemon was dropped
+    /// (its handler joins the queue threads, the only users of these descriptors).
+    pub(crate) fn close_exit_events(&self) {
+        for fd in self.exit_fds.lock().expect("not poisoned").drain(..) {
+            // SAFETY: `fd` is the consumer end made in `exit_event` and given to the daemon,
+            // which turned it into a raw descriptor for its epoll set and never closes it;
+            // its queue thread (that epoll's only user) was joined when the daemon's handler
+            // was dropped, so nothing else owns or uses this descriptor, and it is closed once
+            // (drained from the list).
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
         }
     }
 
@@ -253,6 +274,16 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         *self.mem.write().expect("not poisoned") = Some(mem);
         Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        self.exit_fds
+            .lock()
+            .expect("not poisoned")
+            .push(std::os::fd::AsRawFd::as_raw_fd(&consumer));
+        Some((consumer, notifier))
     }
 
     /// One thread per queue.

@@ -327,7 +327,7 @@ fn serve_frontend(
     ));
     let mut daemon = VhostUserDaemon::new(
         format!("vhost-daemon-{}", shared.name),
-        backend,
+        backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| io::Error::other(format!("vhost-user daemon: {e}")))?;
@@ -356,6 +356,9 @@ fn serve_frontend(
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }
+    // Joins the queue threads.
+    drop(daemon);
+    backend.close_exit_events();
     *shared.current.lock().expect("not poisoned") = None;
     Ok(reason)
 }
