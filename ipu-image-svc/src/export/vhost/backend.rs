@@ -115,8 +115,9 @@ impl BlkBackend {
         c
     }
 
-    /// Serves the chains available on one queue; false when the queue cannot be read (the
-    /// front-end's rings are not in guest memory, say).
+    /// Serves the chains available on one queue; an error when the queue itself cannot be
+    /// read or completed (the front-end's rings are not in guest memory, a head index past
+    /// the queue): that queue is left as it is.
     fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().expect("not poisoned").clone() else {
             return Err(io::Error::other("a kick before the memory table"));
@@ -149,7 +150,7 @@ impl BlkBackend {
             })
             .collect()
         };
-        let ram = Ram(&*mem);
+        let ram = Ram(&mem);
         for (head, chain) in chains {
             let done = if self.revoked.load(Ordering::SeqCst) {
                 // No device I/O any more: the status says so where the chain allows.
