@@ -40,6 +40,13 @@ seed() {
         printf '\x01a\x00\x00a/f\x00\x02l\x01..\x00\x04\x00\x00a/.wh.f\x00\x00.wh..\x00\x00l/.wh.x\x00\x00a/.wh..wh..opq\x00' >"$work/corpus/whiteouts"
         printf '\x02d\x01/\x00\x04\x00\x00d/.wh.etc\x00\x03h\x01d/x\x00\x00.wh...\x00' >"$work/corpus/symlinked"
         ;;
+    vhost_blk_request)
+        # Flags (complete), 3 descriptors: header at 0x1000 (16 bytes), data at 0x1010 (512,
+        # writable), status at 0x1210 (1, writable); guest memory: an IN header for sector 1.
+        { printf '\x02\x03\x00\x10\x00\x00\x10\x00\x00\x10\x10\x00\x00\x00\x02\x01\x10\x12\x00\x00\x01\x00\x01'
+          printf '\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00'
+          head -c 600 /dev/zero; } >"$work/corpus/read"
+        ;;
     esac
 }
 

@@ -111,6 +111,8 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
             image: function.image.clone(),
             host_identity,
             grant,
+            // nbdfuse attaches it; a microVM takes "vhost-user-blk" instead.
+            export_kind: "nbd".into(),
         }))
         .map_err(|status| IpuError::Prepare(status.into()))?
         .into_inner();

@@ -82,6 +82,14 @@ struct ServeArgs {
     /// the image's layers decrypted; then the image must be verified again.
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     verified_layer_ttl: std::time::Duration,
+    /// How clones are exported unless a Prepare asks otherwise: `nbd` (a per-function NBD
+    /// socket, or TCP with --export-tcp) or `vhost-user-blk` (a per-function vhost-user-blk
+    /// device socket for a microVM's `-device vhost-user-blk-pci`; local only).
+    #[arg(long = "export", value_name = "KIND", default_value = "nbd")]
+    export_kind: ipu_image_svc::export::ExportKind,
+    /// Virtqueues of each vhost-user-blk export (1 to 16), each served by its own thread.
+    #[arg(long, value_name = "N", default_value = "2", value_parser = clap::value_parser!(u16).range(1..=16))]
+    vhost_queues: u16,
     /// Export clones over TCP on this address (a new port per function) with NBD STARTTLS
     /// forced and client certificates required, instead of Unix sockets. Each Prepare must
     /// then name the host identity (a subjectAltName DNS name or URI) the export is for: only a
@@ -399,6 +407,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             max_cached_bases: args.max_cached_bases,
             verified_layer_ttl: args.verified_layer_ttl,
             plaintext_memory: args.plaintext_memory,
+            exports: ipu_image_svc::service::ExportOptions {
+                default_kind: args.export_kind,
+                vhost_queues: args.vhost_queues.into(),
+                read_only: false,
+            },
         },
         socket: args.socket,
         policy_bundle: args.policy_bundle,

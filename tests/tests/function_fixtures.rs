@@ -47,6 +47,7 @@ fn service(
         max_cached_bases: 16,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
         plaintext_memory: 512 << 20,
+        exports: Default::default(),
     };
     configure(&mut options);
     let keys = KeySource::local(DecryptConfig::new(vec![PrivateKey::from_pem(
@@ -424,5 +425,76 @@ fn build_locks_do_not_pile_up_with_the_image_strings_a_host_sends() {
         assert!(service.prepare("acme", "f", &image).is_err());
     }
     assert_eq!(service.images_being_started(), 0);
+    service.shutdown();
+}
+
+/// A clone exported as a vhost-user-blk device (`--export vhost-user-blk`, or per Prepare):
+/// its socket speaks vhost-user to the host agent's uid (features with MQ and FLUSH), the
+/// connection is on the record, a TCP-exporting service refuses the kind, and teardown
+/// removes the socket with the hot-remove on the record. The device's I/O is tested with a
+/// real front-end in `ipu-image-svc/tests/vhost_user_blk.rs`.
+#[test]
+fn a_clone_is_served_as_a_vhost_user_blk_device_and_hot_removed_at_teardown() {
+    use ipu_image_svc::export::{Endpoint, ExportKind};
+    use std::io::{Read, Write};
+    let registry = Registry::start_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let (service, audit) = service(dir.path(), |o| {
+        o.exports.default_kind = ExportKind::VhostUserBlk;
+    });
+    let image = registry.reference("fixtures/hello", "enc-signed");
+    let p = service.prepare("acme", "vm", &image).unwrap();
+    let Endpoint::VhostUser(socket) = &p.endpoint else {
+        panic!("{:?}", p.endpoint)
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // VHOST_USER_GET_FEATURES, version 1; the reply: header and a u64.
+    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    assert!(
+        features & (1 << 12) != 0 && features & (1 << 9) != 0,
+        "MQ and FLUSH: {features:#x}"
+    );
+    // NBD still, when the Prepare asks for it.
+    let placement = service.placement("acme", "nbd", &image, None, "").unwrap();
+    let n = service
+        .prepare_exported(&placement, &image, None, Some(ExportKind::Nbd))
+        .unwrap();
+    assert!(matches!(n.endpoint, Endpoint::Unix(_)));
+    assert!(service.teardown(&n.clone_id, "done").unwrap());
+    assert!(service.teardown(&p.clone_id, "function exited").unwrap());
+    assert!(!socket.exists(), "the socket is removed");
+    let mut end = [0u8; 1];
+    assert!(
+        matches!(s.read(&mut end), Ok(0) | Err(_)),
+        "the connection is shut"
+    );
+    let details = |kind: audit::EventKind| {
+        audit
+            .store()
+            .query(&audit::Query {
+                kind: Some(kind),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .events
+            .into_iter()
+            .map(|e| serde_json::to_string(&e).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let attached = details(audit::EventKind::ExportAttach);
+    assert!(
+        attached.iter().any(|e| e.contains("vhost-user-blk")),
+        "{attached:?}"
+    );
+    assert!(
+        attached.iter().any(|e| e.contains("peer_uid")),
+        "{attached:?}"
+    );
+    assert_eq!(details(audit::EventKind::ExportHotRemove).len(), 2);
     service.shutdown();
 }

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod nbd;
 pub mod pool;
 pub mod tls;
+pub mod vhost;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -42,11 +43,52 @@ pub const MAX_CONNECTIONS_PER_EXPORT: usize = 8;
 /// (idling between requests is fine: reads have no timeout then).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How clones are exported to the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExportKind {
+    /// NBD on a per-function Unix socket (or over TCP with TLS).
+    #[default]
+    Nbd,
+    /// A vhost-user-blk device on a per-function Unix socket, for a microVM's
+    /// `vhost-user-blk-pci` ([`vhost`]).
+    VhostUserBlk,
+}
+
+impl ExportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportKind::Nbd => "nbd",
+            ExportKind::VhostUserBlk => "vhost-user-blk",
+        }
+    }
+}
+
+impl std::fmt::Display for ExportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ExportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nbd" => Ok(ExportKind::Nbd),
+            "vhost-user-blk" => Ok(ExportKind::VhostUserBlk),
+            other => Err(format!(
+                "export kind {other:?}: \"nbd\" or \"vhost-user-blk\""
+            )),
+        }
+    }
+}
+
 /// Where an export listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(SocketAddr),
+    /// A vhost-user-blk device's socket (QEMU: `-chardev socket,path=...`).
+    VhostUser(PathBuf),
 }
 
 impl Endpoint {
@@ -56,13 +98,23 @@ impl Endpoint {
         match self {
             Endpoint::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
             Endpoint::Tcp(a) => format!("nbds://{a}/{name}"),
+            // Not NBD: the socket, as a front-end is given it.
+            Endpoint::VhostUser(p) => format!("vhost-user-blk:{}", p.display()),
         }
     }
 
+    /// The Unix socket of an NBD or vhost-user-blk export.
     pub fn unix_socket(&self) -> Option<&Path> {
         match self {
-            Endpoint::Unix(p) => Some(p),
+            Endpoint::Unix(p) | Endpoint::VhostUser(p) => Some(p),
             Endpoint::Tcp(_) => None,
+        }
+    }
+
+    pub fn kind(&self) -> ExportKind {
+        match self {
+            Endpoint::Unix(_) | Endpoint::Tcp(_) => ExportKind::Nbd,
+            Endpoint::VhostUser(_) => ExportKind::VhostUserBlk,
         }
     }
 }
@@ -430,7 +482,7 @@ impl HostExport {
         if let Some(acceptor) = self.acceptor.take() {
             // Wake the acceptor so it sees the revocation (and drops the listener).
             match &self.endpoint {
-                Endpoint::Unix(p) => drop(UnixStream::connect(p)),
+                Endpoint::Unix(p) | Endpoint::VhostUser(p) => drop(UnixStream::connect(p)),
                 Endpoint::Tcp(a) => drop(TcpStream::connect(a)),
             }
             let _ = acceptor.join();

@@ -187,7 +187,9 @@ impl Drop for Spool {
 /// The endpoint's Unix socket path, or "".
 fn unix_socket(e: &crate::export::Endpoint) -> String {
     match e {
-        crate::export::Endpoint::Unix(p) => p.display().to_string(),
+        crate::export::Endpoint::Unix(p) | crate::export::Endpoint::VhostUser(p) => {
+            p.display().to_string()
+        }
         crate::export::Endpoint::Tcp(_) => String::new(),
     }
 }
@@ -195,7 +197,7 @@ fn unix_socket(e: &crate::export::Endpoint) -> String {
 /// The endpoint's TCP address, or "".
 fn tcp_address(e: &crate::export::Endpoint) -> String {
     match e {
-        crate::export::Endpoint::Unix(_) => String::new(),
+        crate::export::Endpoint::Unix(_) | crate::export::Endpoint::VhostUser(_) => String::new(),
         crate::export::Endpoint::Tcp(a) => a.to_string(),
     }
 }
@@ -211,11 +213,16 @@ impl ImageService for Api {
         let service = self.service.clone();
         let p = blocking(move || {
             let host = Some(r.host_identity.as_str()).filter(|h| !h.is_empty());
+            let kind = match r.export_kind.as_str() {
+                "" => None,
+                k => Some(k.parse().map_err(super::ServiceError::BadRequest)?),
+            };
             let placement = service.placement(&r.tenant, &r.function, &r.image, host, &r.grant)?;
-            service.prepare_placed(&placement, &r.image, host)
+            service.prepare_exported(&placement, &r.image, host, kind)
         })
         .await?;
         Ok(Response::new(PrepareResponse {
+            export_kind: p.endpoint.kind().to_string(),
             clone_id: p.clone_id,
             socket: unix_socket(&p.endpoint),
             address: tcp_address(&p.endpoint),

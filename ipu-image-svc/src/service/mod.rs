@@ -29,7 +29,8 @@ use crate::blockstore::xts::XtsKey;
 use crate::blockstore::BlockDevice;
 use crate::error::{Error, FailureClass};
 use crate::export::nbd::Export;
-use crate::export::{Endpoint, HostExport};
+use crate::export::vhost::{VhostEvent, VhostOptions, VhostUserBlkExport};
+use crate::export::{Endpoint, ExportKind, HostExport};
 use crate::keys::KeySource;
 use crate::pipeline::{PipelineConfig, TrustPipeline};
 use crate::progress::Quiet;
@@ -62,6 +63,51 @@ pub struct ServiceOptions {
     /// How long a verification (`verify`, or a Prepare) lets containerd's decrypt hook have
     /// the image's layers decrypted.
     pub verified_layer_ttl: Duration,
+    /// How clones are exported when a Prepare does not say.
+    pub exports: ExportOptions,
+}
+
+/// How clones are exported.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// The kind a Prepare gets unless it asks for another.
+    pub default_kind: ExportKind,
+    /// Virtqueues of a vhost-user-blk export.
+    pub vhost_queues: usize,
+    /// Exports are read-only (vhost-user-blk: VIRTIO_BLK_F_RO, writes fail).
+    pub read_only: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            default_kind: ExportKind::Nbd,
+            vhost_queues: VhostOptions::default().num_queues,
+            read_only: false,
+        }
+    }
+}
+
+/// A clone's export, of either kind.
+enum Exported {
+    Nbd(HostExport),
+    VhostUserBlk(VhostUserBlkExport, Endpoint),
+}
+
+impl Exported {
+    fn endpoint(&self) -> &Endpoint {
+        match self {
+            Exported::Nbd(e) => e.endpoint(),
+            Exported::VhostUserBlk(_, endpoint) => endpoint,
+        }
+    }
+
+    fn revoke(&mut self) {
+        match self {
+            Exported::Nbd(e) => e.revoke(),
+            Exported::VhostUserBlk(e, _) => e.revoke(),
+        }
+    }
 }
 
 /// Where and how exports over TCP listen.
@@ -105,7 +151,7 @@ pub struct CloneSummary {
 
 struct Running {
     clone: Arc<CloneDevice>,
-    export: HostExport,
+    export: Exported,
     tenant: String,
     function: String,
     image: String,
@@ -499,6 +545,25 @@ impl Service {
         image: &str,
         host_identity: Option<&str>,
     ) -> Result<Prepared, ServiceError> {
+        self.prepare_exported(placement, image, host_identity, None)
+    }
+
+    /// [`Service::prepare_placed`] with the export's kind chosen by the request (None: the
+    /// service's default).
+    pub fn prepare_exported(
+        &self,
+        placement: &crate::grant::Placement,
+        image: &str,
+        host_identity: Option<&str>,
+        kind: Option<ExportKind>,
+    ) -> Result<Prepared, ServiceError> {
+        let kind = kind.unwrap_or(self.opts.exports.default_kind);
+        if kind == ExportKind::VhostUserBlk && self.opts.tcp_exports.is_some() {
+            return Err(ServiceError::BadRequest(
+                "vhost-user-blk exports are local Unix sockets; this service exports over TCP"
+                    .into(),
+            ));
+        }
         let (tenant, function) = (placement.tenant.as_str(), placement.function.as_str());
         let reference = request(tenant, function, image)?;
         let host_identity = host_identity.filter(|h| !h.is_empty());
@@ -566,9 +631,63 @@ impl Service {
         // erases the clone (dropping it does).
         let receipt = self.record(created)?;
         fail::fail_point!("prepare-before-export");
-        let export = Export::new(clone_id.clone(), clone.clone());
-        let export = match &self.opts.tcp_exports {
-            Some(tcp) => {
+        let export = match (&self.opts.tcp_exports, kind) {
+            (_, ExportKind::VhostUserBlk) => {
+                let socket = self
+                    .opts
+                    .state_dir
+                    .join("exports")
+                    .join(format!("{instance}.vhost.sock"));
+                // Front-ends connecting, and connections refused for their uid, are on the
+                // record (refusals rate-limited by the export).
+                let audit = self.audit.clone();
+                let connected = context(Event::new(
+                    AUDIT_SERVICE,
+                    EventKind::ExportAttach,
+                    Outcome::Success,
+                    "a vhost-user-blk front-end connected",
+                ));
+                let refused = context(Event::new(
+                    AUDIT_SERVICE,
+                    EventKind::ExportAttach,
+                    Outcome::Denied,
+                    "a vhost-user connection from a uid that may not use the export; closed",
+                ));
+                let on_event = Box::new(move |e: &VhostEvent| {
+                    let event = match e {
+                        VhostEvent::Connected { uid } => {
+                            connected.clone().detail("peer_uid", uid.to_string())
+                        }
+                        VhostEvent::Refused { uid, refusals } => refused
+                            .clone()
+                            .detail(
+                                "peer_uid",
+                                uid.map_or_else(|| "unknown".into(), |u| u.to_string()),
+                            )
+                            .detail("refusals", refusals.to_string()),
+                        VhostEvent::Disconnected { .. } => return,
+                    };
+                    if let Err(e) = audit.append(event) {
+                        tracing::error!(error = %e, "cannot record a vhost-user connection");
+                    }
+                });
+                let opts = VhostOptions {
+                    num_queues: self.opts.exports.vhost_queues,
+                    read_only: self.opts.exports.read_only,
+                    serial: instance.clone(),
+                };
+                let export = VhostUserBlkExport::unix(
+                    &clone_id,
+                    clone.clone(),
+                    &socket,
+                    self.opts.host_agent_uid,
+                    opts,
+                    Some(on_event),
+                )
+                .map_err(|e| io_error("cannot export on", &socket, e))?;
+                Exported::VhostUserBlk(export, Endpoint::VhostUser(socket))
+            }
+            (Some(tcp), ExportKind::Nbd) => {
                 // Every refused certificate is on the record, with the clone it tried.
                 let audit = self.audit.clone();
                 let refused_event = context(Event::new(
@@ -593,18 +712,25 @@ impl Service {
                     client_identity: host_identity.map(str::to_string),
                     on_refused: Some(on_refused),
                 };
-                HostExport::tcp(export, tcp.ip, access)
-                    .map_err(|e| ServiceError::device(format!("cannot export on {}", tcp.ip), e))?
+                let export = Export::new(clone_id.clone(), clone.clone());
+                Exported::Nbd(
+                    HostExport::tcp(export, tcp.ip, access).map_err(|e| {
+                        ServiceError::device(format!("cannot export on {}", tcp.ip), e)
+                    })?,
+                )
             }
-            None => {
+            (None, ExportKind::Nbd) => {
                 // Short: a Unix socket path has at most 107 bytes, tenant names up to 128.
                 let socket = self
                     .opts
                     .state_dir
                     .join("exports")
                     .join(format!("{instance}.sock"));
-                HostExport::unix(export, &socket, self.opts.host_agent_uid)
-                    .map_err(|e| io_error("cannot export on", &socket, e))?
+                let export = Export::new(clone_id.clone(), clone.clone());
+                Exported::Nbd(
+                    HostExport::unix(export, &socket, self.opts.host_agent_uid)
+                        .map_err(|e| io_error("cannot export on", &socket, e))?,
+                )
             }
         };
         let endpoint = export.endpoint().clone();
@@ -612,8 +738,12 @@ impl Service {
             AUDIT_SERVICE,
             EventKind::ExportAttach,
             Outcome::Success,
-            "exported to the host agent over NBD",
-        ));
+            match kind {
+                ExportKind::Nbd => "exported to the host agent over NBD",
+                ExportKind::VhostUserBlk => "exported to the host agent as a vhost-user-blk device",
+            },
+        ))
+        .detail("export_kind", kind.to_string());
         if let Some(h) = host_identity {
             attached = attached.detail("host_identity", h.to_string());
         }
