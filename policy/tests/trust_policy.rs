@@ -463,3 +463,72 @@ fn identity_rules() {
     )
     .is_ok());
 }
+
+/// Keyless (Fulcio) requirements through the real verifier, with a conformance bundle (a
+/// GitHub Actions identity, public-good Fulcio, Rekor v1) whose DSSE statement names a.txt's
+/// digest, offered as if it were an image's: the certificate chain, the SCT, the log entry and
+/// the identity verify (the refusal comes only from the predicate type: an attestation is no
+/// image signature); another identity, another issuer or a custom trusted root without the
+/// public-good Fulcio refuse it earlier, as `wrong-key`.
+#[test]
+fn keyless_bundles_are_verified_against_the_trusted_root_and_the_identity() {
+    const BEACON: &str = "https://github.com/sigstore-conformance/extremely-dangerous-public-oidc-beacon/.github/workflows/extremely-dangerous-oidc-beacon.yml@refs/heads/main";
+    const GITHUB: &str = "https://token.actions.githubusercontent.com";
+    let suite = fixtures().join("sigstore-conformance");
+    let bundle = std::fs::read(
+        suite.join("bundle-verify/happy-path-intoto-in-dsse-v3/bundle.sigstore.json"),
+    )
+    .unwrap();
+    let a_txt = Digest::of(&std::fs::read(suite.join("a.txt")).unwrap());
+    let decide = |identity: &str, issuer: &str, root: &Path| {
+        let policy = parse(&format!(
+            r#"{{"default":[{{"type":"sigstoreSigned","fulcio":{{"oidcIssuer":"{issuer}","subjectURI":"{identity}"}},"trustedRootPath":"{}","acceptDigestOnlyStatements":true}}]}}"#,
+            root.display()
+        ))
+        .unwrap();
+        policy.evaluate(
+            &r("docker://reg.io/ns/app:v1"),
+            &a_txt,
+            &[SignatureFormat::SigstoreBundle(SigstoreBundleArtifact {
+                media_type: "application/vnd.dev.sigstore.bundle.v0.3+json".into(),
+                bytes: bundle.clone(),
+                source: SignatureSource {
+                    via: Discovery::ReferrersTag,
+                    origin: "reg.io/ns/app".into(),
+                    artifact: None,
+                    blob: None,
+                },
+            })],
+        )
+    };
+    let public_good = suite.join("trusted_root.public-good.json");
+    // Positive control: verified up to the statement, refused only as an attestation.
+    let d = decide(BEACON, GITHUB, &public_good);
+    assert!(!d.allowed);
+    assert!(
+        d.reason
+            .contains("an attestation of predicate type https://slsa.dev/provenance/v1"),
+        "{}",
+        d.reason
+    );
+    for (identity, issuer, root, why) in [
+        (
+            "https://github.com/someone/else/.github/workflows/x.yml@refs/heads/main",
+            GITHUB,
+            public_good.clone(),
+            "another identity",
+        ),
+        (BEACON, "https://accounts.google.com", public_good.clone(), "another issuer"),
+        (
+            BEACON,
+            GITHUB,
+            suite.join("bundle-verify/intoto-with-custom-trust-root/trusted_root.json"),
+            "a root without the public-good Fulcio",
+        ),
+    ] {
+        let d = decide(identity, issuer, &root);
+        assert!(!d.allowed, "{why}");
+        assert_eq!(d.class, Some(RejectClass::WrongKey), "{why}: {}", d.reason);
+        assert!(!d.reason.contains("attestation"), "{why}: {}", d.reason);
+    }
+}
