@@ -518,7 +518,12 @@ fn keyless_bundles_are_verified_against_the_trusted_root_and_the_identity() {
             public_good.clone(),
             "another identity",
         ),
-        (BEACON, "https://accounts.google.com", public_good.clone(), "another issuer"),
+        (
+            BEACON,
+            "https://accounts.google.com",
+            public_good.clone(),
+            "another issuer",
+        ),
         (
             BEACON,
             GITHUB,

@@ -178,16 +178,42 @@ impl Signed {
 
     /// `ipu-image-svc image verify` as a library call, under `policy`.
     fn verify(&self, policy: &str) -> (Report, Result<(), ipu_image_svc::error::Error>) {
+        let (report, result, _) = self.verify_audited(policy);
+        (report, result)
+    }
+
+    /// [`Self::verify`] with an audit log: also its `signature.verify` events.
+    fn verify_audited(
+        &self,
+        policy: &str,
+    ) -> (
+        Report,
+        Result<(), ipu_image_svc::error::Error>,
+        Vec<audit::Event>,
+    ) {
         let policy = Policy::parse(policy.as_bytes(), "test", None).unwrap();
         let scratch = tempfile::tempdir().unwrap();
+        let log = integration_tests::audit_log(&scratch.path().join("audit"));
+        let mut cfg = PipelineConfig::new(policy, scratch.path().join("c"));
+        cfg.audit = Some(log.clone());
         let reference = ImageReference::parse(&format!("docker://{}", self.image())).unwrap();
-        report::run(
-            &TrustPipeline::new(PipelineConfig::new(policy, scratch.path().join("c"))),
+        let (report, result) = report::run(
+            &TrustPipeline::new(cfg),
             &KeySource::none(),
             &reference,
             &ImageCommand::Verify,
             &Quiet,
-        )
+        );
+        let events = log
+            .store()
+            .query(&audit::Query {
+                kind: Some(audit::EventKind::SignatureVerify),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .events;
+        (report, result, events)
     }
 }
 
@@ -268,12 +294,32 @@ fn a_cosign3_bundle_is_found_through_the_referrers_tag_schema() {
 
     // Positive control: the opt-in, the signing key: verified and recorded.
     let opt_in = r#","acceptDigestOnlyStatements":true"#;
-    let (report, result) = s.verify(&key_policy(&s.public_key(), opt_in));
+    let (report, result, events) = s.verify_audited(&key_policy(&s.public_key(), opt_in));
     result.unwrap();
     let accepted = &report.policy.unwrap().accepted_signatures[0];
     assert_eq!(accepted.format, SignatureKind::SigstoreBundle);
     assert_eq!(accepted.source.via, Discovery::ReferrersTag);
     assert!(accepted.signer.starts_with("key sha256:"), "{accepted:?}");
+    // The audit event names the format, where it was found, and the signer.
+    let event = events
+        .iter()
+        .find(|e| e.outcome == audit::Outcome::Allowed)
+        .expect("an allowed signature.verify event");
+    assert_eq!(
+        event
+            .details
+            .get("signature_media_type")
+            .map(String::as_str),
+        Some(SIGSTORE_BUNDLE_V03)
+    );
+    assert_eq!(
+        event.details.get("signer"),
+        Some(&accepted.signer),
+        "{:?}",
+        event.details
+    );
+    assert!(event.details.contains_key("signature_format"));
+    assert!(event.details.contains_key("signature_source"));
 
     // Another key: refused.
     let (_, result) = s.verify(&key_policy(&fixtures().join("keys/A/cosign.pub"), opt_in));
