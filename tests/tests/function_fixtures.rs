@@ -496,5 +496,66 @@ fn a_clone_is_served_as_a_vhost_user_blk_device_and_hot_removed_at_teardown() {
         "{attached:?}"
     );
     assert_eq!(details(audit::EventKind::ExportHotRemove).len(), 2);
+
+    // A VM manager hot-removes the device before Teardown (device_del, then the chardev
+    // closed): the IPU sees the front-end release it, on WatchEvents and on the record,
+    // before the erase.
+    let mut events = service.subscribe();
+    let q = service.prepare("acme", "vm-2", &image).unwrap();
+    let Endpoint::VhostUser(socket) = &q.endpoint else {
+        panic!("{:?}", q.endpoint)
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    s.read_exact(&mut reply).unwrap();
+    drop(s);
+    let mut seen = Vec::new();
+    let start = std::time::Instant::now();
+    while !seen.iter().any(|k: &String| k == "hot_remove") {
+        match events.try_recv() {
+            Ok(e) if e.clone_id == q.clone_id => seen.push(e.kind.to_string()),
+            Ok(_) => {}
+            Err(_) => {
+                assert!(start.elapsed() < Duration::from_secs(10), "{seen:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        ["attach", "attach", "hot_remove"],
+        "prepared, connected, released"
+    );
+    assert!(service.teardown(&q.clone_id, "function exited").unwrap());
+    // Its trail in order: the front-end attached, released the device, then Teardown's
+    // revoke and the erase.
+    let trail: Vec<(String, String)> = audit
+        .store()
+        .query(&audit::Query {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .events
+        .into_iter()
+        .filter(|e| e.details.get("clone_id") == Some(&q.clone_id))
+        .map(|e| (e.kind.as_str().to_string(), e.reason))
+        .collect();
+    let kinds: Vec<&str> = trail.iter().map(|(k, _)| k.as_str()).collect();
+    let pos = |kind: &str, from: usize| {
+        kinds[from..]
+            .iter()
+            .position(|k| *k == kind)
+            .map(|p| p + from)
+            .unwrap_or_else(|| panic!("no {kind} after {from}: {trail:?}"))
+    };
+    let connected = pos("export.attach", 0);
+    let released = pos("export.hot_remove", connected);
+    assert!(
+        trail[released].1.contains("released the device"),
+        "{trail:?}"
+    );
+    pos("clone.erase", released);
     service.shutdown();
 }

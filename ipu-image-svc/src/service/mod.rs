@@ -653,22 +653,56 @@ impl Service {
                     Outcome::Denied,
                     "a vhost-user connection from a uid that may not use the export; closed",
                 ));
+                // The front-end releasing the device before Teardown is the VM manager's
+                // hot-remove (QMP device_del, then the chardev closed): on the record and on
+                // WatchEvents, so it is seen before the erase. A revocation's own disconnect
+                // is Teardown's event.
+                let released = context(Event::new(
+                    AUDIT_SERVICE,
+                    EventKind::ExportHotRemove,
+                    Outcome::Success,
+                    "the vhost-user-blk front-end released the device (hot-removed by the VM manager)",
+                ));
+                let (events, event_id, event_socket) =
+                    (self.events.clone(), clone_id.clone(), socket.clone());
                 let on_event = Box::new(move |e: &VhostEvent| {
-                    let event = match e {
-                        VhostEvent::Connected { uid } => {
-                            connected.clone().detail("peer_uid", uid.to_string())
-                        }
-                        VhostEvent::Refused { uid, refusals } => refused
-                            .clone()
-                            .detail(
-                                "peer_uid",
-                                uid.map_or_else(|| "unknown".into(), |u| u.to_string()),
-                            )
-                            .detail("refusals", refusals.to_string()),
-                        VhostEvent::Disconnected { .. } => return,
+                    let (event, watched) = match e {
+                        VhostEvent::Connected { uid } => (
+                            connected.clone().detail("peer_uid", uid.to_string()),
+                            Some((
+                                "attach",
+                                format!("vhost-user front-end connected (uid {uid})"),
+                            )),
+                        ),
+                        VhostEvent::Refused { uid, refusals } => (
+                            refused
+                                .clone()
+                                .detail(
+                                    "peer_uid",
+                                    uid.map_or_else(|| "unknown".into(), |u| u.to_string()),
+                                )
+                                .detail("refusals", refusals.to_string()),
+                            None,
+                        ),
+                        VhostEvent::Disconnected { reason } if reason == "revoked" => return,
+                        VhostEvent::Disconnected { reason } => (
+                            released.clone().detail("disconnect", reason.clone()),
+                            Some((
+                                "hot_remove",
+                                format!("front-end released the device: {reason}"),
+                            )),
+                        ),
                     };
                     if let Err(e) = audit.append(event) {
                         tracing::error!(error = %e, "cannot record a vhost-user connection");
+                    }
+                    if let Some((kind, reason)) = watched {
+                        let _ = events.send(CloneEvent {
+                            kind,
+                            clone_id: event_id.clone(),
+                            endpoint: Endpoint::VhostUser(event_socket.clone()),
+                            reason,
+                        });
                     }
                 });
                 let opts = VhostOptions {
