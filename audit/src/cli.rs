@@ -170,24 +170,33 @@ pub fn keygen(name: &str, out: &Path) -> Result<String, CliError> {
 
 /// `audit serve`: owns the log in `dir` and serves it until SIGTERM or Ctrl-C; prints
 /// `serving: writer W query Q` once both sockets listen.
-pub fn serve(
-    dir: &Path,
-    signer: &Path,
-    origin: &str,
-    writer_socket: &Path,
-    query_socket: &Path,
-    writers: &[u32],
-) -> Result<(), CliError> {
-    let signer = read_signer(signer)?;
-    let log = std::sync::Arc::new(AuditLog::open(dir, origin, signer, LogOptions::default())?);
-    crate::service::serve(log, writer_socket, query_socket, writers, || {
-        println!(
-            "serving: writer {} query {}",
-            writer_socket.display(),
-            query_socket.display()
-        );
-        let _ = std::io::stdout().flush();
-    })?;
+pub fn serve(c: &crate::config::ServeConfig) -> Result<(), CliError> {
+    let signer = read_signer(&c.signer)?;
+    let log = std::sync::Arc::new(AuditLog::open(
+        &c.log,
+        &c.origin,
+        signer,
+        LogOptions::default(),
+    )?);
+    let operations = crate::service::Operations {
+        metrics_listen: c.metrics_listen.clone(),
+        ..Default::default()
+    };
+    crate::service::serve(
+        log,
+        &c.writer_socket,
+        &c.query_socket,
+        &c.writer_uids,
+        &operations,
+        || {
+            println!(
+                "serving: writer {} query {}",
+                c.writer_socket.display(),
+                c.query_socket.display()
+            );
+            let _ = std::io::stdout().flush();
+        },
+    )?;
     Ok(())
 }
 

@@ -43,10 +43,12 @@
 pub mod checkpoint;
 pub mod chunk;
 pub mod cli;
+pub mod config;
 pub mod event;
 pub mod local;
 pub mod log;
 pub mod merkle;
+pub mod metrics;
 pub mod proof;
 pub mod remote;
 pub mod service;
@@ -55,7 +57,7 @@ pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointSigner, NoteVerifier};
 pub use event::{Event, EventKind, KeyId, Outcome};
-pub use log::{AuditLog, LogOptions, Receipt};
+pub use log::{AuditLog, CheckpointStatus, LogOptions, Receipt};
 pub use remote::{AuditSink, RemoteLog, RemoteQuery};
 pub use store::{Page, Query, Store};
 

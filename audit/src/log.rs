@@ -61,6 +61,10 @@ enum Request {
 /// An open audit log with its writer.
 pub struct AuditLog {
     store: Arc<Store>,
+    /// The log's directory (for the writability check).
+    dir: std::path::PathBuf,
+    /// How far signed checkpoints cover the log, and since when (for operators).
+    signed: Arc<Signed>,
     tx: Mutex<Option<Sender<Request>>>,
     committer: Mutex<Option<JoinHandle<()>>>,
     indexer: Mutex<Option<JoinHandle<()>>>,
@@ -237,6 +241,8 @@ impl AuditLog {
             state.last_signed = Some((cp.size, cp.root));
         }
         let store = Arc::new(store);
+        let signed = Arc::new(Signed::default());
+        signed.set(state.last_signed.map_or(0, |(size, _)| size));
         let (tx, rx) = mpsc::channel();
         // The index is derived data, built behind the log in fixed windows.
         let (grew, grown) = mpsc::channel::<()>();
@@ -264,12 +270,14 @@ impl AuditLog {
         let _ = grew.send(());
         let committer = {
             let store = store.clone();
+            let signed = signed.clone();
             let origin = origin.to_string();
             std::thread::Builder::new()
                 .name("audit-commit".into())
                 .spawn(move || {
                     Committer {
                         store,
+                        signed,
                         origin,
                         signer,
                         options,
@@ -283,6 +291,8 @@ impl AuditLog {
         };
         let log = Self {
             store,
+            dir: dir.to_path_buf(),
+            signed,
             tx: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
             indexer: Mutex::new(Some(indexer)),
@@ -331,6 +341,36 @@ impl AuditLog {
         &self.store
     }
 
+    /// How far signed checkpoints cover the log.
+    pub fn checkpoint_status(&self) -> CheckpointStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        CheckpointStatus {
+            signed_size: self.signed.size.load(Relaxed),
+            signed_at_ns: self.signed.at_ns.load(Relaxed),
+        }
+    }
+
+    /// Whether appends can be taken: the log is open, its writer thread runs, and its
+    /// directory takes a new file (a read-only or full file system fails this).
+    pub fn check_writable(&self) -> Result<(), String> {
+        if self.tx.lock().expect("not poisoned").is_none() {
+            return Err("the audit log is closed".into());
+        }
+        if self
+            .committer
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .is_none_or(|h| h.is_finished())
+        {
+            return Err("the audit log's writer thread stopped".into());
+        }
+        let probe = self.dir.join(".ready-probe");
+        let written = std::fs::write(&probe, b"ready\n");
+        let _ = std::fs::remove_file(&probe);
+        written.map_err(|e| format!("the audit log {} is not writable: {e}", self.dir.display()))
+    }
+
     /// Stops the writer after the queued events are committed.
     pub fn close(&self) {
         drop(self.tx.lock().expect("not poisoned").take());
@@ -350,8 +390,33 @@ impl Drop for AuditLog {
     }
 }
 
+/// The last signed checkpoint's size and time, as the committer last signed one.
+#[derive(Default)]
+struct Signed {
+    size: std::sync::atomic::AtomicU64,
+    at_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Signed {
+    fn set(&self, size: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.size.store(size, Relaxed);
+        self.at_ns.store(now_ns(), Relaxed);
+    }
+}
+
+/// How far the log is covered by signed checkpoints ([`AuditLog::checkpoint_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointStatus {
+    /// The size (in events) of the last signed checkpoint.
+    pub signed_size: u64,
+    /// When this process last signed one (or opened the log), Unix nanoseconds.
+    pub signed_at_ns: u64,
+}
+
 struct Committer {
     store: Arc<Store>,
+    signed: Arc<Signed>,
     origin: String,
     signer: CheckpointSigner,
     options: LogOptions,
@@ -557,6 +622,9 @@ impl Committer {
             self.last_checkpoint_at = Instant::now();
         }
         self.state = next;
+        if note.is_some() {
+            self.signed.set(self.state.size);
+        }
         let _ = self.grew.send(());
         Ok((receipts, note))
     }

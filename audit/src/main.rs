@@ -9,6 +9,8 @@ use audit::cli::{self, time_bound, CliError};
 use audit::local::AuditTarget;
 use audit::{Event, EventKind, KeyId, Outcome, Query};
 use clap::{Args, Parser, Subcommand};
+use ops::logging::LogFormat;
+use ops::metrics::MetricsListen;
 
 #[derive(Parser)]
 #[command(
@@ -44,36 +46,12 @@ impl LogArg {
 #[derive(Subcommand)]
 enum Command {
     /// Own the log and serve it: appends on a writer socket (0600), read-only queries,
-    /// tail and proofs on a query socket (0660). Stops on SIGTERM or Ctrl-C.
-    Serve {
-        #[arg(
-            long,
-            value_name = "DIR",
-            default_value = "/var/lib/ipu-image-svc/audit"
-        )]
-        log: PathBuf,
-        /// The checkpoint signing key (from `audit keygen`).
-        #[arg(long, value_name = "FILE")]
-        signer: PathBuf,
-        #[arg(long)]
-        origin: String,
-        #[arg(
-            long,
-            value_name = "SOCKET",
-            default_value = "/run/ipu-audit/writer.sock"
-        )]
-        writer_socket: PathBuf,
-        #[arg(
-            long,
-            value_name = "SOCKET",
-            default_value = "/run/ipu-audit/query.sock"
-        )]
-        query_socket: PathBuf,
-        /// Another uid that may append (repeatable); root and the daemon's own uid always may.
-        /// The writer socket is 0600, and the caller's uid is checked on every append too.
-        #[arg(long, value_name = "UID")]
-        writer_uid: Vec<u32>,
-    },
+    /// tail, proofs and the gRPC health service on a query socket (0660). Stops on SIGTERM
+    /// or Ctrl-C. Settings come from flags over the configuration file over the defaults.
+    Serve(ServeArgs),
+    /// The configuration file of `audit serve`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Create a checkpoint signing key: DIR/signer.key (0600) and DIR/verifier.pub.
     Keygen {
         /// The key name in signatures (usually the log origin).
@@ -138,6 +116,70 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check the configuration file (and flags) and print the effective configuration.
+    Check(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The configuration file (TOML). Default: /etc/ipu-audit/serve.toml when it exists.
+    /// A flag given here overrides the file's value.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The log directory [default: /var/lib/ipu-image-svc/audit].
+    #[arg(long, value_name = "DIR")]
+    log: Option<PathBuf>,
+    /// The checkpoint signing key (from `audit keygen`) [required, here or in the file].
+    #[arg(long, value_name = "FILE")]
+    signer: Option<PathBuf>,
+    /// The log's name in its checkpoints [required, here or in the file].
+    #[arg(long)]
+    origin: Option<String>,
+    /// [default: /run/ipu-audit/writer.sock]
+    #[arg(long, value_name = "SOCKET")]
+    writer_socket: Option<PathBuf>,
+    /// [default: /run/ipu-audit/query.sock]
+    #[arg(long, value_name = "SOCKET")]
+    query_socket: Option<PathBuf>,
+    /// Another uid that may append (repeatable; replaces the file's `writer_uids`); root and
+    /// the daemon's own uid always may. The writer socket is 0600, and the caller's uid is
+    /// checked on every append too.
+    #[arg(long, value_name = "UID")]
+    writer_uid: Vec<u32>,
+    /// Log lines as `text` (the default) or `json` (one object per line), on stderr.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics (GET /metrics) on this address (IP:PORT) or Unix socket
+    /// path; off unless given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<MetricsListen>,
+}
+
+impl ServeArgs {
+    /// The effective configuration: these flags over the file over the defaults.
+    fn effective(self) -> Result<audit::config::ServeConfig, ops::config::ConfigError> {
+        let file = ops::config::choose(
+            self.config.as_deref(),
+            std::path::Path::new(audit::config::DEFAULT_CONFIG),
+        );
+        audit::config::effective(
+            file.as_deref(),
+            audit::config::ServeSettings {
+                log: self.log,
+                signer: self.signer,
+                origin: self.origin,
+                writer_socket: self.writer_socket,
+                query_socket: self.query_socket,
+                writer_uids: (!self.writer_uid.is_empty()).then_some(self.writer_uid),
+                log_format: self.log_format,
+                metrics_listen: self.metrics_listen,
+            },
+        )
+    }
 }
 
 #[derive(Args)]
@@ -207,7 +249,13 @@ struct QueryArgs {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let cli = match cli.command {
+        Command::Serve(args) => return serve(args),
+        Command::Config(ConfigCommand::Check(args)) => return config_check(args),
+        _ => cli,
+    };
+    match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("audit: {e}");
@@ -220,24 +268,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
     let mut stdout = std::io::stdout().lock();
     match cli.command {
         Command::Keygen { name, out } => println!("{}", cli::keygen(&name, &out)?),
-        Command::Serve {
-            log,
-            signer,
-            origin,
-            writer_socket,
-            query_socket,
-            writer_uid,
-        } => {
-            drop(stdout);
-            cli::serve(
-                &log,
-                &signer,
-                &origin,
-                &writer_socket,
-                &query_socket,
-                &writer_uid,
-            )?
-        }
+        Command::Serve(_) | Command::Config(_) => unreachable!("handled in main"),
         Command::Append(a) => {
             let mut e = Event::new(a.service, a.kind, a.outcome, a.reason);
             e.tenant = a.tenant;
@@ -295,4 +326,38 @@ fn run(cli: Cli) -> Result<u8, CliError> {
         }
     }
     Ok(0)
+}
+
+/// `audit serve`: exit 2 for a configuration mistake, 1 when serving fails.
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match args.effective() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("audit: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ops::logging::init(config.log_format, "AUDIT_LOG", "warn,audit=info,ops=info");
+    match cli::serve(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "audit serve stopped");
+            eprintln!("audit: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `audit config check`: the effective configuration on stdout, or the mistake (exit 2).
+fn config_check(args: ServeArgs) -> ExitCode {
+    match args.effective() {
+        Ok(c) => {
+            print!("{}", ops::config::render(&c));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("audit: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

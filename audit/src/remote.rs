@@ -21,11 +21,21 @@ use crate::{AuditError, AuditLog};
 pub trait AuditSink: Send + Sync {
     /// Returns once the event is durable.
     fn append(&self, event: Event) -> Result<Receipt, AuditError>;
+
+    /// Whether appends can be taken now (for readiness): what is wrong otherwise. Cheap
+    /// enough to run every few seconds; appends nothing.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl AuditSink for AuditLog {
     fn append(&self, event: Event) -> Result<Receipt, AuditError> {
         AuditLog::append(self, event)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.check_writable()
     }
 }
 
@@ -132,6 +142,13 @@ impl AuditSink for RemoteLog {
             time_ns: r.time_ns,
             leaf_hash,
         })
+    }
+
+    /// The daemon takes connections on its writer socket.
+    fn ready(&self) -> Result<(), String> {
+        std::os::unix::net::UnixStream::connect(&self.socket)
+            .map(drop)
+            .map_err(|e| format!("audit daemon {}: {e}", self.socket.display()))
     }
 }
 

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::event::Event;
+use crate::metrics::LogMetrics;
 use crate::proof::InclusionBundle;
 use crate::store::Query;
 use crate::{AuditError, AuditLog};
@@ -43,6 +44,7 @@ async fn blocking<T: Send + 'static>(
 
 struct Writer {
     log: Arc<AuditLog>,
+    metrics: Arc<LogMetrics>,
     /// The uids that may append (besides root and the daemon's own uid).
     writers: Vec<u32>,
 }
@@ -72,18 +74,27 @@ impl Writer {
     }
 }
 
+impl Writer {
+    async fn append_one(&self, request: Request<AppendRequest>) -> Result<crate::Receipt, Status> {
+        self.authorize(&request)?;
+        let event: Event = serde_json::from_slice(&request.get_ref().event_json).map_err(|e| {
+            Status::invalid_argument(format!("event_json is not an audit event: {e}"))
+        })?;
+        let log = self.log.clone();
+        blocking(move || log.append(event)).await
+    }
+}
+
 #[tonic::async_trait]
 impl AuditWriter for Writer {
     async fn append(
         &self,
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
-        self.authorize(&request)?;
-        let event: Event = serde_json::from_slice(&request.get_ref().event_json).map_err(|e| {
-            Status::invalid_argument(format!("event_json is not an audit event: {e}"))
-        })?;
-        let log = self.log.clone();
-        let r = blocking(move || log.append(event)).await?;
+        let started = std::time::Instant::now();
+        let appended = self.append_one(request).await;
+        self.metrics.appended(appended.is_ok(), started.elapsed());
+        let r = appended?;
         Ok(Response::new(AppendResponse {
             seq: r.seq,
             time_ns: r.time_ns,
@@ -235,13 +246,36 @@ fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, AuditError> 
     tokio::net::UnixListener::from_std(listener).map_err(|e| AuditError::io(path, e))
 }
 
+/// What operators get besides the sockets: metrics, and how often readiness is checked.
+#[derive(Clone, Debug)]
+pub struct Operations {
+    /// Serve `GET /metrics` here (off when None).
+    pub metrics_listen: Option<ops::metrics::MetricsListen>,
+    /// How often the health service's readiness (the log open and writable) is checked.
+    pub check_interval: Duration,
+}
+
+impl Default for Operations {
+    fn default() -> Self {
+        Self {
+            metrics_listen: None,
+            check_interval: ops::health::CHECK_INTERVAL,
+        }
+    }
+}
+
+/// The name the query socket's health service reports the log under (besides "").
+pub const HEALTH_SERVICE: &str = "audit.AuditQuery";
+
 /// Serves `log` until SIGTERM or SIGINT; `ready` is called once both sockets listen. Appends
-/// are taken from root, this process's uid and `writers` only.
+/// are taken from root, this process's uid and `writers` only. The query socket also serves
+/// `grpc.health.v1.Health`: SERVING while the log is open and writable.
 pub fn serve(
     log: Arc<AuditLog>,
     writer_socket: &Path,
     query_socket: &Path,
     writers: &[u32],
+    operations: &Operations,
     ready: impl FnOnce(),
 ) -> Result<(), AuditError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -252,6 +286,31 @@ pub fn serve(
     rt.block_on(async {
         let writer = bind(writer_socket, 0o600)?;
         let query = bind(query_socket, 0o660)?;
+        let metrics = Arc::new(LogMetrics::new());
+        let endpoint = match &operations.metrics_listen {
+            Some(at) => {
+                let server = ops::metrics::serve(at, metrics.registry())
+                    .await
+                    .map_err(|e| AuditError::Server(format!("metrics endpoint: {e}")))?;
+                tracing::info!(listen = %server.local, "metrics endpoint");
+                Some(server.task)
+            }
+            None => None,
+        };
+        let (reporter, health) = ops::health::health_reporter();
+        let readiness = {
+            let (log, metrics, gauge) = (log.clone(), metrics.clone(), metrics.clone());
+            ops::health::spawn_readiness(
+                reporter,
+                vec![HEALTH_SERVICE.into()],
+                operations.check_interval,
+                Arc::new(move || {
+                    metrics.observe(&log);
+                    log.check_writable()
+                }),
+                move |ok| gauge.set_ready(ok),
+            )
+        };
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -267,12 +326,14 @@ pub fn serve(
         let writer_server = tonic::transport::Server::builder()
             .add_service(AuditWriterServer::new(Writer {
                 log: log.clone(),
+                metrics: metrics.clone(),
                 writers: writers.to_vec(),
             }))
             .serve_with_incoming_shutdown(UnixListenerStream::new(writer), async move {
                 let _ = stop_writer.recv().await;
             });
         let query_server = tonic::transport::Server::builder()
+            .add_service(health)
             .add_service(AuditQueryServer::new(Reader { log: log.clone() }))
             .serve_with_incoming_shutdown(UnixListenerStream::new(query), async move {
                 let _ = stop_query.recv().await;
@@ -288,6 +349,10 @@ pub fn serve(
                 // blocked caller's runtime, say) do not keep the daemon up.
                 let _ = tokio::time::timeout(Duration::from_secs(3), servers).await;
             }
+        }
+        readiness.abort();
+        if let Some(task) = endpoint {
+            task.abort();
         }
         Ok::<(), AuditError>(())
     })?;

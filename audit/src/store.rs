@@ -212,6 +212,11 @@ impl Store {
     }
 
     /// Number of events (the tree size).
+    /// The database's size on disk, in bytes.
+    pub fn disk_bytes(&self) -> Result<u64, AuditError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
     pub fn size(&self) -> Result<u64, AuditError> {
         self.meta_u64("size")
     }

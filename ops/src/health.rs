@@ -8,7 +8,10 @@ use std::time::Duration;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+pub use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+pub use tonic_health::pb::health_client::HealthClient;
 pub use tonic_health::pb::health_server::HealthServer;
+pub use tonic_health::pb::HealthCheckRequest;
 pub use tonic_health::server::{health_reporter, HealthService};
 
 /// How often readiness is checked.

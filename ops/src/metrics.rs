@@ -20,8 +20,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head read.
 const MAX_HEAD: usize = 8 << 10;
 
-/// Where metrics are served: a TCP address (`127.0.0.1:9464`) or a Unix socket (a path,
-/// or `unix:PATH`).
+/// Where metrics are served: a TCP address (`127.0.0.1:9464`) or a Unix socket (a path
+/// with a `/`, or `unix:PATH`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetricsListen {
     Tcp(std::net::SocketAddr),
@@ -34,12 +34,13 @@ impl std::str::FromStr for MetricsListen {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(MetricsListen::Unix(p.into()));
         }
-        if s.starts_with('/') {
-            return Ok(MetricsListen::Unix(s.into()));
+        match s.parse() {
+            Ok(a) => Ok(MetricsListen::Tcp(a)),
+            Err(_) if s.contains('/') => Ok(MetricsListen::Unix(s.into())),
+            Err(e) => Err(format!(
+                "not an IP:PORT (e.g. 127.0.0.1:9464) nor a Unix socket (a path with a /, or unix:PATH): {e}"
+            )),
         }
-        s.parse().map(MetricsListen::Tcp).map_err(|e| {
-            format!("not an IP:PORT (e.g. 127.0.0.1:9464) nor a Unix socket path: {e}")
-        })
     }
 }
 
