@@ -25,12 +25,14 @@
 pub mod blockstore;
 pub mod build;
 pub mod command;
+pub mod config;
 pub mod decrypt;
 pub mod error;
 pub mod export;
 pub mod fetch;
 pub mod grant;
 pub mod keys;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy_bundle;
 pub mod progress;

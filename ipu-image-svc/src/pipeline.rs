@@ -14,6 +14,7 @@ use crate::build::{self, BuildConfig};
 use crate::error::Error;
 use crate::fetch::{self, BlobCache, SourceOptions};
 use crate::keys::{KeyFor, KeySource};
+use crate::metrics::Stage;
 use crate::progress::Progress;
 use crate::record::Recorder;
 use crate::rootfs::RootfsOptions;
@@ -41,6 +42,8 @@ pub struct PipelineConfig {
     /// The placement grant the request was admitted with (its envelope): every key release
     /// carries it, for the broker to check again.
     pub grant: Option<Arc<str>>,
+    /// Where the stages' durations and the bytes decrypted are counted (a service's).
+    pub metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
 }
 
 impl PipelineConfig {
@@ -57,6 +60,7 @@ impl PipelineConfig {
             function: None,
             deployment: None,
             grant: None,
+            metrics: None,
         }
     }
 
@@ -200,19 +204,27 @@ impl ImageRequest<'_> {
         );
         let (blobs, released) = if image.encrypted_layers().next().is_none() {
             // No key to ask for: no thread either.
-            (self.pull(image, progress), Vec::new())
+            (
+                self.timed(Stage::Fetch, || self.pull(image, progress)),
+                Vec::new(),
+            )
         } else {
+            let metrics = self.cfg.metrics.as_deref();
+            let release = || match metrics {
+                Some(m) => m.time(Stage::KeyRelease, || {
+                    build::release_keys(keys, image, tenant, function, grant)
+                }),
+                None => build::release_keys(keys, image, tenant, function, grant),
+            };
             std::thread::scope(|scope| {
                 let releasing = std::thread::Builder::new()
                     .name("key-release".into())
-                    .spawn_scoped(scope, || {
-                        build::release_keys(keys, image, tenant, function, grant)
-                    });
-                let blobs = self.pull(image, progress);
+                    .spawn_scoped(scope, release);
+                let blobs = self.timed(Stage::Fetch, || self.pull(image, progress));
                 let released = match releasing {
                     Ok(thread) => thread.join().expect("the key release thread panicked"),
                     // No thread to be had: released here, after the pull.
-                    Err(_) => build::release_keys(keys, image, tenant, function, grant),
+                    Err(_) => release(),
                 };
                 (blobs, released)
             })
@@ -223,7 +235,21 @@ impl ImageRequest<'_> {
             staging_parent: &staging_parent,
             rootfs: &self.cfg.rootfs,
         };
-        build::build_rootfs(&cfg, image, &blobs, released, output, progress, &self.rec)
+        let built = self.timed(Stage::Build, || {
+            build::build_rootfs(&cfg, image, &blobs, released, output, progress, &self.rec)
+        })?;
+        if let Some(m) = &self.cfg.metrics {
+            m.decrypted(image.encrypted_layers().map(|l| l.descriptor.size).sum());
+        }
+        Ok(built)
+    }
+
+    /// Runs `f`, timed as `stage` when the request counts its stages.
+    fn timed<T>(&self, stage: Stage, f: impl FnOnce() -> T) -> T {
+        match &self.cfg.metrics {
+            Some(m) => m.time(stage, f),
+            None => f(),
+        }
     }
 
     /// Ends the request with `result`.

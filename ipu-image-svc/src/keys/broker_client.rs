@@ -63,7 +63,13 @@ struct Connection {
 pub struct BrokerKeys {
     settings: BrokerSettings,
     connection: Mutex<Connection>,
+    /// When readiness last tried to attest again after the session was lost.
+    reattested: Mutex<Option<Instant>>,
 }
+
+/// How often readiness tries to attest again while there is no session (a failed renewal
+/// leaves none): the broker and the TPM are not asked more often than this.
+pub const REATTEST_EVERY: Duration = Duration::from_secs(30);
 
 fn read(p: &PathBuf) -> Result<Vec<u8>, KeyError> {
     std::fs::read(p).map_err(|e| KeyError::Failed(format!("cannot read {}: {e}", p.display())))
@@ -152,7 +158,42 @@ impl BrokerKeys {
         Ok(Self {
             settings: settings.clone(),
             connection: Mutex::new(connection),
+            reattested: Mutex::new(None),
         })
+    }
+
+    /// Whether an attested session is held. A connection busy (attesting or releasing a
+    /// key) counts as one. Without a session, attests again (at most every
+    /// [`REATTEST_EVERY`]), so that a broker back from an outage makes the IPU ready again
+    /// without waiting for a Prepare.
+    pub fn session_ready(&self) -> Result<(), String> {
+        let has_session = |c: &Connection| c.session.is_some();
+        match self.connection.try_lock() {
+            Ok(c) if has_session(&c) => return Ok(()),
+            Ok(_) => {}
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err("the broker connection is broken (a thread panicked)".into())
+            }
+        }
+        let due = {
+            let mut last = self.reattested.lock().expect("not poisoned");
+            let due = last.is_none_or(|t| t.elapsed() >= REATTEST_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            if let Err(e) = self.ipu_class() {
+                return Err(format!("no attested session with {}: {e}", self.settings.url));
+            }
+            return Ok(());
+        }
+        Err(format!(
+            "no attested session with {} (the last attestation failed)",
+            self.settings.url
+        ))
     }
 
     /// The identity the broker knows this IPU by (placement grants name it).
@@ -319,6 +360,10 @@ pub fn attest_request(
 }
 
 impl LayerKeySource for BrokerKeys {
+    fn ready(&self) -> Result<(), String> {
+        self.session_ready()
+    }
+
     fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<SecretBuf, KeyError> {
         let provider_annotation = req
             .annotations

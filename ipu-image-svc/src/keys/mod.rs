@@ -59,6 +59,11 @@ pub struct LayerKeyRequest<'a> {
 pub trait LayerKeySource: Send + Sync {
     /// One layer's private options (ocicrypt JSON), in secret memory.
     fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<SecretBuf, KeyError>;
+
+    /// Whether keys can be had now (for readiness): what is wrong otherwise.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// One encrypted layer's key, released for one request: its public options and its private
@@ -97,6 +102,14 @@ pub struct KeyFor<'a> {
 }
 
 impl KeySource {
+    /// Whether keys can be had now: the broker's session (local keys always can).
+    pub fn ready(&self) -> Result<(), String> {
+        match self {
+            KeySource::Broker(b) => b.ready(),
+            KeySource::Local(_) => Ok(()),
+        }
+    }
+
     /// Local private keys (a development option).
     pub fn local(keys: DecryptConfig) -> Self {
         KeySource::Local(Arc::new(keys))

@@ -32,6 +32,7 @@ use crate::export::nbd::Export;
 use crate::export::vhost::{VhostEvent, VhostOptions, VhostUserBlkExport};
 use crate::export::{Endpoint, ExportKind, HostExport};
 use crate::keys::KeySource;
+use crate::metrics::{ServiceMetrics, Stage};
 use crate::pipeline::{PipelineConfig, TrustPipeline};
 use crate::progress::Quiet;
 use crate::record::AUDIT_SERVICE;
@@ -189,6 +190,8 @@ pub struct Service {
     /// Placement grants (when the running policy names grant keys): the tenant and function
     /// a request acts for come from the control plane's signed grant, not the host.
     grants: Option<crate::grant::GrantGate>,
+    /// Stage durations, cache, clones, refusals and grant decisions, for operators.
+    metrics: Arc<ServiceMetrics>,
     /// Unmounted last, when everything that wrote to it is gone.
     plaintext: plaintext::PlaintextMemory,
 }
@@ -312,6 +315,7 @@ impl Service {
             stopping,
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
             grants: None,
+            metrics: Arc::new(ServiceMetrics::new()),
             plaintext,
         };
         service.recover()?;
@@ -398,6 +402,24 @@ impl Service {
         self.plaintext.path()
     }
 
+    /// The service's metrics (for the metrics endpoint).
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.metrics
+    }
+
+    /// Whether the service can take a Prepare now, for the health service: the key
+    /// broker session is there (attested again when it is not, at most every
+    /// [`crate::keys::broker_client::REATTEST_EVERY`]), the state directory takes a new
+    /// file, and the audit sink takes appends. Says what is wrong otherwise.
+    pub fn readiness(&self) -> Result<(), String> {
+        ops::health::dir_writable(&self.opts.state_dir)
+            .map_err(|e| format!("state directory: {e}"))?;
+        self.audit
+            .ready()
+            .map_err(|e| format!("audit sink: {e}"))?;
+        self.keys.ready().map_err(|e| format!("key broker: {e}"))
+    }
+
     /// Checks placement grants with `gate` from now on (set before the API serves).
     pub fn with_grant_gate(mut self, gate: crate::grant::GrantGate) -> Self {
         self.grants = Some(gate);
@@ -434,7 +456,8 @@ impl Service {
             }
             return Ok(crate::grant::Placement::ungranted(tenant, function));
         };
-        let refuse = |code: &str, why: String| {
+        let refuse = |code: &'static str, why: String| {
+            self.metrics.grant_decision(code);
             let mut e = Event::new(
                 AUDIT_SERVICE,
                 EventKind::PolicyDecision,
@@ -473,6 +496,7 @@ impl Service {
                 std::time::SystemTime::now(),
             )
             .map_err(|e| refuse(e.reason_code(), e.to_string()))?;
+        self.metrics.grant_decision("accepted");
         self.record(
             Event::new(
                 AUDIT_SERVICE,
@@ -557,6 +581,27 @@ impl Service {
         host_identity: Option<&str>,
         kind: Option<ExportKind>,
     ) -> Result<Prepared, ServiceError> {
+        let prepared = self.prepare_counted(placement, image, host_identity, kind);
+        self.metrics.prepared(prepared.is_ok());
+        if let Err(e) = &prepared {
+            self.metrics.refused(e.class());
+        }
+        self.count_clones();
+        prepared
+    }
+
+    fn count_clones(&self) {
+        let n = self.clones.lock().expect("not poisoned").len();
+        self.metrics.set_live_clones(n);
+    }
+
+    fn prepare_counted(
+        &self,
+        placement: &crate::grant::Placement,
+        image: &str,
+        host_identity: Option<&str>,
+        kind: Option<ExportKind>,
+    ) -> Result<Prepared, ServiceError> {
         let kind = kind.unwrap_or(self.opts.exports.default_kind);
         if kind == ExportKind::VhostUserBlk && self.opts.tcp_exports.is_some() {
             return Err(ServiceError::BadRequest(
@@ -582,6 +627,7 @@ impl Service {
         }
         let mut cfg = (self.factory)(tenant, function)?;
         cfg.grant = placement.envelope();
+        cfg.metrics = Some(self.metrics.clone());
         // Unpack trees hold plaintext: only in the bounded tmpfs.
         cfg.staging_dir = Some(self.plaintext.path().to_path_buf());
         let pipeline = TrustPipeline::new(cfg);
@@ -603,13 +649,16 @@ impl Service {
             .clone_ttl_secs
             .map_or(self.opts.clone_ttl, Duration::from_secs);
         let clone = Arc::new(
-            CloneDevice::create(
-                base,
-                &self.opts.state_dir.join("clones"),
-                &clone_id,
-                requirements.clone_size.unwrap_or(0),
-            )
-            .map_err(|e| ServiceError::device("clone", e))?,
+            self.metrics
+                .time(Stage::Clone, || {
+                    CloneDevice::create(
+                        base,
+                        &self.opts.state_dir.join("clones"),
+                        &clone_id,
+                        requirements.clone_size.unwrap_or(0),
+                    )
+                })
+                .map_err(|e| ServiceError::device("clone", e))?,
         );
         let context = |e: Event| {
             e.tenant(tenant.to_string())
@@ -631,6 +680,7 @@ impl Service {
         // erases the clone (dropping it does).
         let receipt = self.record(created)?;
         fail::fail_point!("prepare-before-export");
+        let exporting = Instant::now();
         let export = match (&self.opts.tcp_exports, kind) {
             (_, ExportKind::VhostUserBlk) => {
                 let socket = self
@@ -782,6 +832,7 @@ impl Service {
             attached = attached.detail("host_identity", h.to_string());
         }
         self.record(attached)?;
+        self.metrics.observe(Stage::Export, exporting.elapsed());
         let prepared = Prepared {
             clone_id: clone_id.clone(),
             endpoint: endpoint.clone(),
@@ -861,7 +912,9 @@ impl Service {
         let mut cached = self.bases.lock().expect("not poisoned").snapshot();
         let request = pipeline.request(reference);
         let result = request.finish((|| {
-            let verified = request.verify(reference, &Quiet)?;
+            let verified = self
+                .metrics
+                .time(Stage::Verify, || request.verify(reference, &Quiet))?;
             let digest = verified.platform_manifest_digest.to_string();
             // Only this image's base stays held; the others may be evicted again.
             let held = cached.remove(&digest);
@@ -871,19 +924,24 @@ impl Service {
                     // Built under another request's limits: held to this one's, as its own
                     // unpack would have been, before any key is asked for.
                     request.admit_cached(&verified, &found)?;
-                    request.check_keys(&self.keys, &verified)?;
+                    self.metrics.time(Stage::KeyRelease, || {
+                        request.check_keys(&self.keys, &verified)
+                    })?;
+                    self.metrics.cache_hit();
                     self.bases.lock().expect("not poisoned").touch(&digest);
                     base
                 }
                 None => {
+                    self.metrics.cache_miss();
                     let built = request.build(&verified, &self.keys, &plain, &Quiet)?;
-                    let base = BaseImage::build(
-                        &plain,
-                        &dir.join(format!("{instance}.img")),
-                        XtsKey::generate()
-                            .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?,
-                    )
-                    .map_err(|e| Error::new(FailureClass::Io, format!("base image: {e}")))?;
+                    let key = XtsKey::generate()
+                        .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
+                    let base = self
+                        .metrics
+                        .time(Stage::BaseEncrypt, || {
+                            BaseImage::build(&plain, &dir.join(format!("{instance}.img")), key)
+                        })
+                        .map_err(|e| Error::new(FailureClass::Io, format!("base image: {e}")))?;
                     // The base is built and its plaintext ext4 still in the tmpfs.
                     fail::fail_point!("prepare-base-built");
                     // Built meanwhile under another reference: that one stays, this one is
@@ -893,6 +951,7 @@ impl Service {
                             .lock()
                             .expect("not poisoned")
                             .insert(&digest, base, built.found);
+                    self.metrics.cache_evicted(evicted.len());
                     for e in evicted {
                         tracing::info!(digest = %e, "idle base evicted from the cache");
                     }
@@ -913,6 +972,16 @@ impl Service {
 
     /// Hot-removes the export and erases the clone. Returns false when it was already gone.
     pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, ServiceError> {
+        let started = Instant::now();
+        let done = self.teardown_timed(clone_id, reason);
+        if matches!(done, Ok(true)) {
+            self.metrics.observe(Stage::Teardown, started.elapsed());
+        }
+        self.count_clones();
+        done
+    }
+
+    fn teardown_timed(&self, clone_id: &str, reason: &str) -> Result<bool, ServiceError> {
         let Some(mut running) = self.clones.lock().expect("not poisoned").remove(clone_id) else {
             return Ok(false);
         };
@@ -931,7 +1000,9 @@ impl Service {
         )))?;
         // Revoked, the key not yet destroyed.
         fail::fail_point!("teardown-after-revoke");
-        let mut erasure = running.clone.erase();
+        let mut erasure = self
+            .metrics
+            .time(Stage::Erase, || running.clone.erase());
         let (outcome, text) = match &erasure {
             Ok(Some(e)) => (
                 Outcome::Success,
