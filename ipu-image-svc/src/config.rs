@@ -239,7 +239,8 @@ pub fn effective(config: Option<&Path>, flags: ServeSettings) -> Result<ServeCon
     };
     let s = flags.over(from_file);
     let invalid = |m: String| ConfigError::invalid(&name, m);
-    let missing = |key: &str, flag: &str| invalid(format!("{key} is required ({flag} or `{key} = ...`)"));
+    let missing =
+        |key: &str, flag: &str| invalid(format!("{key} is required ({flag} or `{key} = ...`)"));
     let vhost_queues = s.vhost_queues.unwrap_or(2);
     if !(1..=16).contains(&vhost_queues) {
         return Err(invalid(format!("vhost_queues = {vhost_queues}: 1 to 16")));
@@ -274,7 +275,9 @@ pub fn effective(config: Option<&Path>, flags: ServeSettings) -> Result<ServeCon
     }
     let broker = Broker {
         ca: b.ca.ok_or_else(|| missing("broker.ca", "--broker-ca"))?,
-        cert: b.cert.ok_or_else(|| missing("broker.cert", "--broker-cert"))?,
+        cert: b
+            .cert
+            .ok_or_else(|| missing("broker.cert", "--broker-cert"))?,
         key: b.key.ok_or_else(|| missing("broker.key", "--broker-key"))?,
         url,
         name: b.name,
@@ -349,7 +352,10 @@ mod tests {
         assert_eq!(c.bundle_keys, [d.path().join("signer.pub")]);
         assert_eq!(c.broker.key, d.path().join("ipu.key"));
         assert_eq!(c.clone_ttl, Duration::from_secs(900));
-        assert_eq!(c.audit_log.as_deref(), Some(Path::new("/var/lib/ipu-image-svc/audit")));
+        assert_eq!(
+            c.audit_log.as_deref(),
+            Some(Path::new("/var/lib/ipu-image-svc/audit"))
+        );
         assert_eq!(c.broker.ak_handle, 0x8101_0010);
         assert_eq!(c.log_format, LogFormat::Text);
         // The broker key is a path: printed as one, never read.
@@ -376,10 +382,16 @@ mod tests {
         assert_eq!(c.clone_ttl, Duration::from_secs(60));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.audit_socket.as_deref(), Some(Path::new("/run/w.sock")));
-        assert_eq!(c.audit_log, None, "the flag's audit target replaces the file's");
+        assert_eq!(
+            c.audit_log, None,
+            "the flag's audit target replaces the file's"
+        );
         assert_eq!(c.bundle_keys, [Path::new("/k1"), Path::new("/k2")]);
         assert_eq!(c.broker.url, "https://other:1");
-        assert!(c.broker.ca.ends_with("ca.pem"), "the file's other broker keys stay");
+        assert!(
+            c.broker.ca.ends_with("ca.pem"),
+            "the file's other broker keys stay"
+        );
         assert_eq!(
             c.metrics_listen,
             Some(MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()))
@@ -389,18 +401,51 @@ mod tests {
     #[test]
     fn mistakes_are_refused_with_their_position() {
         let cases = [
-            (format!("clone_tll = \"1h\"\n{MINIMAL}"), ":1:1: unknown field `clone_tll`"),
-            (format!("{MINIMAL}tmp = \"x\"\n"), ":9:1: unknown field `tmp`"),
-            (format!("max_cached_bases = \"16\"\n{MINIMAL}"), ":1:20: invalid type: string \"16\", expected usize"),
-            (format!("host_agent_uid = -1\n{MINIMAL}"), ":1:18: invalid value: integer `-1`"),
-            (format!("clone_ttl = \"forever\"\n{MINIMAL}"), ":1:13: \"forever\" is not a duration"),
-            (format!("plaintext_memory = \"lots\"\n{MINIMAL}"), ":1:20: \"lots\""),
+            (
+                format!("clone_tll = \"1h\"\n{MINIMAL}"),
+                ":1:1: unknown field `clone_tll`",
+            ),
+            (
+                format!("{MINIMAL}tmp = \"x\"\n"),
+                ":9:1: unknown field `tmp`",
+            ),
+            (
+                format!("max_cached_bases = \"16\"\n{MINIMAL}"),
+                ":1:20: invalid type: string \"16\", expected usize",
+            ),
+            (
+                format!("host_agent_uid = -1\n{MINIMAL}"),
+                ":1:18: invalid value: integer `-1`",
+            ),
+            (
+                format!("clone_ttl = \"forever\"\n{MINIMAL}"),
+                ":1:13: \"forever\" is not a duration",
+            ),
+            (
+                format!("plaintext_memory = \"lots\"\n{MINIMAL}"),
+                ":1:20: \"lots\"",
+            ),
             (format!("export = \"iscsi\"\n{MINIMAL}"), ":1:10: \"iscsi\""),
-            (format!("log_format = \"xml\"\n{MINIMAL}"), ":1:14: unknown variant `xml`"),
-            (format!("{MINIMAL}[export_tcp]\nip = \"nowhere\"\n"), ":10:6: \"nowhere\""),
-            (format!("vhost_queues = 17\n{MINIMAL}"), "vhost_queues = 17: 1 to 16"),
-            (format!("{MINIMAL}[export_tcp]\nip = \"10.0.0.1\"\n"), "export_tcp needs ip, cert, key and client_ca"),
-            ("bundle_keys = [\"k\"]\npolicy_bundle = \"b\"\n".to_string(), "broker.url is required"),
+            (
+                format!("log_format = \"xml\"\n{MINIMAL}"),
+                ":1:14: unknown variant `xml`",
+            ),
+            (
+                format!("{MINIMAL}[export_tcp]\nip = \"nowhere\"\n"),
+                ":10:6: \"nowhere\"",
+            ),
+            (
+                format!("vhost_queues = 17\n{MINIMAL}"),
+                "vhost_queues = 17: 1 to 16",
+            ),
+            (
+                format!("{MINIMAL}[export_tcp]\nip = \"10.0.0.1\"\n"),
+                "export_tcp needs ip, cert, key and client_ca",
+            ),
+            (
+                "bundle_keys = [\"k\"]\npolicy_bundle = \"b\"\n".to_string(),
+                "broker.url is required",
+            ),
         ];
         for (text, want) in cases {
             let (_d, p) = write(&text);

@@ -45,95 +45,173 @@ enum Top {
     /// Run the service: per-function clones of verified images, exported to the host agent
     /// over NBD, torn down and erased at function exit (gRPC API on a Unix socket).
     Serve(ServeArgs),
+    /// The configuration file of `serve`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
+/// `serve`'s settings: each flag overrides the configuration file's key of the same name
+/// (`--export-tcp` and its files are `[export_tcp]`, `--broker*`, `--tpm` and `--ak-handle`
+/// are `[broker]`); the defaults shown apply when neither names it.
 #[derive(Args)]
 struct ServeArgs {
-    /// Bases, clones and export sockets.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/lib/ipu-image-svc/state"
-    )]
-    state_dir: PathBuf,
-    /// The API socket.
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        default_value = "/run/ipu-image-svc/api.sock"
-    )]
-    socket: PathBuf,
-    /// The host agent's uid: the only one (with root) that may call the API and open exports.
-    #[arg(long, value_name = "UID", default_value = "0")]
-    host_agent_uid: u32,
-    /// How long a clone lives unless torn down first (e.g. 15m, 1h).
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
-    clone_ttl: std::time::Duration,
+    /// The configuration file (TOML). Default: /etc/ipu-image-svc/serve.toml when it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Bases, clones and export sockets [default: /var/lib/ipu-image-svc/state].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The API socket (and the gRPC health service) [default: /run/ipu-image-svc/api.sock].
+    #[arg(long, value_name = "SOCKET")]
+    socket: Option<PathBuf>,
+    /// The host agent's uid: the only one (with root) that may call the API and open
+    /// exports [default: 0].
+    #[arg(long, value_name = "UID")]
+    host_agent_uid: Option<u32>,
+    /// How long a clone lives unless torn down first (e.g. 15m, 1h) [default: 15m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    clone_ttl: Option<std::time::Duration>,
     /// How many image bases to keep for later starts (each is the image's file system,
-    /// encrypted; the least recently used one no function uses goes first).
-    #[arg(long, value_name = "N", default_value = "16")]
-    max_cached_bases: usize,
+    /// encrypted; the least recently used one no function uses goes first) [default: 16].
+    #[arg(long, value_name = "N")]
+    max_cached_bases: Option<usize>,
     /// The most memory plaintext may take while bases are built (e.g. 2G): a tmpfs the
     /// service mounts at <state-dir>/plain, the only place decrypted content is written. A
-    /// start whose image does not fit fails with `workspace-full`.
-    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = policy::deploy::parse_size)]
-    plaintext_memory: u64,
+    /// start whose image does not fit fails with `workspace-full` [default: 4G].
+    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
+    plaintext_memory: Option<u64>,
     /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have
-    /// the image's layers decrypted; then the image must be verified again.
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
-    verified_layer_ttl: std::time::Duration,
+    /// the image's layers decrypted; then the image must be verified again [default: 15m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    verified_layer_ttl: Option<std::time::Duration>,
     /// How clones are exported unless a Prepare asks otherwise: `nbd` (a per-function NBD
     /// socket, or TCP with --export-tcp) or `vhost-user-blk` (a per-function vhost-user-blk
-    /// device socket for a microVM's `-device vhost-user-blk-pci`; local only).
-    #[arg(long = "export", value_name = "KIND", default_value = "nbd")]
-    export_kind: ipu_image_svc::export::ExportKind,
-    /// Virtqueues of each vhost-user-blk export (1 to 16), each served by its own thread.
-    #[arg(long, value_name = "N", default_value = "2", value_parser = clap::value_parser!(u16).range(1..=16))]
-    vhost_queues: u16,
+    /// device socket for a microVM's `-device vhost-user-blk-pci`; local only) [default: nbd].
+    #[arg(long = "export", value_name = "KIND")]
+    export_kind: Option<ipu_image_svc::export::ExportKind>,
+    /// Virtqueues of each vhost-user-blk export (1 to 16), each served by its own thread
+    /// [default: 2].
+    #[arg(long, value_name = "N")]
+    vhost_queues: Option<u16>,
     /// Export clones over TCP on this address (a new port per function) with NBD STARTTLS
     /// forced and client certificates required, instead of Unix sockets. Each Prepare must
     /// then name the host identity (a subjectAltName DNS name or URI) the export is for: only a
     /// client certificate carrying it opens the export.
-    #[arg(long, value_name = "IP", requires_all = ["export_cert", "export_key", "export_client_ca"])]
+    #[arg(long, value_name = "IP")]
     export_tcp: Option<std::net::IpAddr>,
     /// The exports' TLS certificate chain (PEM).
-    #[arg(long, value_name = "FILE", requires = "export_tcp")]
+    #[arg(long, value_name = "FILE")]
     export_cert: Option<PathBuf>,
     /// The exports' TLS private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "export_tcp")]
+    #[arg(long, value_name = "FILE")]
     export_key: Option<PathBuf>,
     /// The CA that issues host agents' client certificates (PEM).
-    #[arg(long, value_name = "FILE", requires = "export_tcp")]
+    #[arg(long, value_name = "FILE")]
     export_client_ca: Option<PathBuf>,
     /// The signed deployment policy bundle (production path: the policy decides every Prepare).
     #[arg(long, value_name = "FILE")]
-    policy_bundle: PathBuf,
-    #[arg(long, value_name = "FILE", required = true)]
+    policy_bundle: Option<PathBuf>,
+    /// A key trusted to sign policy bundles (repeatable; replaces the file's `bundle_keys`).
+    #[arg(long, value_name = "FILE")]
     bundle_key: Vec<PathBuf>,
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/lib/ipu-image-svc/policy"
-    )]
-    bundle_state: PathBuf,
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/lib/ipu-image-svc/blobs"
-    )]
-    cache: PathBuf,
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/lib/ipu-image-svc/audit"
-    )]
-    audit_log: PathBuf,
+    /// [default: /var/lib/ipu-image-svc/policy]
+    #[arg(long, value_name = "DIR")]
+    bundle_state: Option<PathBuf>,
+    /// [default: /var/lib/ipu-image-svc/blobs]
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// [default: /var/lib/ipu-image-svc/audit, unless --audit-socket]
+    #[arg(long, value_name = "DIR")]
+    audit_log: Option<PathBuf>,
     #[arg(long, value_name = "SOCKET", conflicts_with = "audit_log")]
     audit_socket: Option<PathBuf>,
     #[arg(long, value_name = "HOST")]
     insecure_http: Vec<String>,
-    #[command(flatten)]
-    broker: BrokerArgs,
+    /// Log lines as `text` (the default) or `json` (one object per line), on stderr.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<ops::logging::LogFormat>,
+    /// Serve Prometheus metrics (GET /metrics) on this address (IP:PORT) or Unix socket
+    /// path; off unless given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<ops::metrics::MetricsListen>,
+    /// The key broker (`https://HOST:PORT`): attest with the TPM and obtain every layer key
+    /// from it, sealed to this run's session key.
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
+    /// The CA the broker's certificate chains to.
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
+    /// This IPU's client certificate (role ipu) and key.
+    #[arg(long, value_name = "FILE")]
+    broker_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    broker_key: Option<PathBuf>,
+    /// The name in the broker's certificate, if not the URL's host.
+    #[arg(long, value_name = "NAME")]
+    broker_name: Option<String>,
+    /// The broker's key provider name [default: the protocol's].
+    #[arg(long, value_name = "NAME")]
+    provider_name: Option<String>,
+    /// The TPM, as a tpm2-tss TCTI [default: device:/dev/tpmrm0].
+    #[arg(long, value_name = "TCTI")]
+    tpm: Option<String>,
+    /// The persistent handle of the attestation key [default: 0x81010010].
+    #[arg(long, value_name = "HANDLE", value_parser = parse_handle)]
+    ak_handle: Option<u32>,
+}
+
+impl ServeArgs {
+    /// The effective configuration: these flags over the file over the defaults.
+    fn effective(self) -> Result<ipu_image_svc::config::ServeConfig, ops::config::ConfigError> {
+        use ipu_image_svc::config::{self as c, BrokerFileSettings, ExportTcpSettings};
+        let file = ops::config::choose(self.config.as_deref(), Path::new(c::DEFAULT_CONFIG));
+        c::effective(
+            file.as_deref(),
+            c::ServeSettings {
+                state_dir: self.state_dir,
+                socket: self.socket,
+                host_agent_uid: self.host_agent_uid,
+                clone_ttl: self.clone_ttl,
+                max_cached_bases: self.max_cached_bases,
+                plaintext_memory: self.plaintext_memory,
+                verified_layer_ttl: self.verified_layer_ttl,
+                export: self.export_kind,
+                vhost_queues: self.vhost_queues,
+                policy_bundle: self.policy_bundle,
+                bundle_keys: (!self.bundle_key.is_empty()).then_some(self.bundle_key),
+                bundle_state: self.bundle_state,
+                cache: self.cache,
+                audit_log: self.audit_log,
+                audit_socket: self.audit_socket,
+                insecure_http: (!self.insecure_http.is_empty()).then_some(self.insecure_http),
+                log_format: self.log_format,
+                metrics_listen: self.metrics_listen,
+                export_tcp: ExportTcpSettings {
+                    ip: self.export_tcp,
+                    cert: self.export_cert,
+                    key: self.export_key,
+                    client_ca: self.export_client_ca,
+                },
+                broker: BrokerFileSettings {
+                    url: self.broker,
+                    ca: self.broker_ca,
+                    cert: self.broker_cert,
+                    key: self.broker_key,
+                    name: self.broker_name,
+                    provider_name: self.provider_name,
+                    tpm: self.tpm,
+                    ak_handle: self.ak_handle,
+                },
+            },
+        )
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check the configuration file (and flags) and print the effective configuration of
+    /// `serve` (secrets redacted; paths to key files are shown, their contents never read).
+    Check(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -340,20 +418,36 @@ struct UnpackArgs {
     free_space: Option<u64>,
 }
 
+const LOG_FILTER: &str = "warn,ipu_image_svc=info,ocicrypt=info,audit=info,ops=info";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Crash tests pause the service at named points (FAILPOINTS); nothing without the feature.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let filter = std::env::var("IPU_LOG")
-        .unwrap_or_else(|_| "warn,ipu_image_svc=info,ocicrypt=info,audit=info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+    let log = |format| ops::logging::init(format, "IPU_LOG", LOG_FILTER);
+    let cli = match cli.command {
+        Top::Serve(args) => {
+            let config = match args.effective() {
+                Ok(c) => c,
+                Err(e) => exit_usage(&e.to_string()),
+            };
+            log(config.log_format);
+            return done(serve(config));
+        }
+        Top::Config(ConfigCommand::Check(args)) => match args.effective() {
+            Ok(c) => {
+                print!("{}", ops::config::render(&c));
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => exit_usage(&e.to_string()),
+        },
+        _ => cli,
+    };
+    log(ops::logging::LogFormat::Text);
     match cli.command {
         Top::Image(cmd) => image(cmd),
-        Top::Serve(args) => done(serve(args)),
+        Top::Serve(_) | Top::Config(_) => unreachable!("handled above"),
         Top::Tpm(TpmCommand::Ak {
             tpm,
             output,
@@ -373,54 +467,61 @@ fn done(result: Result<(), String>) -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+fn serve(c: ipu_image_svc::config::ServeConfig) -> Result<(), String> {
     // Before any thread exists: the mount namespace is per thread until then.
     ipu_image_svc::service::plaintext::private_mount_namespace()
         .map_err(|e| format!("cannot give the service a private mount namespace: {e}"))?;
-    let Some(broker) = args.broker.settings() else {
-        return Err("serve needs --broker: layer keys come from the attested key broker".into());
-    };
-    let tcp_exports = match (
-        args.export_tcp,
-        args.export_cert,
-        args.export_key,
-        args.export_client_ca,
-    ) {
-        (Some(ip), Some(cert), Some(key), Some(client_ca)) => Some(
+    let tcp_exports = match c.export_tcp {
+        Some(t) => Some(
             TcpExportFiles {
-                ip,
-                cert,
-                key,
-                client_ca,
+                ip: t.ip,
+                cert: t.cert,
+                key: t.key,
+                client_ca: t.client_ca,
             }
             .load()
             .map_err(|e| e.message)?,
         ),
-        _ => None,
+        None => None,
+    };
+    let broker = BrokerSettings {
+        url: c.broker.url,
+        server_name: c.broker.name,
+        ca: c.broker.ca,
+        cert: c.broker.cert,
+        key: c.broker.key,
+        tpm: c.broker.tpm,
+        ak_handle: c.broker.ak_handle,
+        provider_name: c.broker.provider_name,
+    };
+    let audit = match (c.audit_socket, c.audit_log) {
+        (Some(socket), _) => AuditTarget::Socket(socket),
+        (None, dir) => AuditTarget::dir(dir.unwrap_or_default()),
     };
     ipu_image_svc::service::daemon::run(DaemonConfig {
         service: ServiceOptions {
-            state_dir: args.state_dir,
-            host_agent_uid: args.host_agent_uid,
-            clone_ttl: args.clone_ttl,
+            state_dir: c.state_dir,
+            host_agent_uid: c.host_agent_uid,
+            clone_ttl: c.clone_ttl,
             tcp_exports,
-            max_cached_bases: args.max_cached_bases,
-            verified_layer_ttl: args.verified_layer_ttl,
-            plaintext_memory: args.plaintext_memory,
+            max_cached_bases: c.max_cached_bases,
+            verified_layer_ttl: c.verified_layer_ttl,
+            plaintext_memory: c.plaintext_memory,
             exports: ipu_image_svc::service::ExportOptions {
-                default_kind: args.export_kind,
-                vhost_queues: args.vhost_queues.into(),
+                default_kind: c.export,
+                vhost_queues: c.vhost_queues.into(),
                 read_only: false,
             },
         },
-        socket: args.socket,
-        policy_bundle: args.policy_bundle,
-        bundle_keys: args.bundle_key,
-        bundle_state: args.bundle_state,
-        cache: args.cache,
-        audit: AuditTarget::socket_or_dir(args.audit_socket.as_deref(), &args.audit_log),
-        insecure_http: args.insecure_http,
+        socket: c.socket,
+        policy_bundle: c.policy_bundle,
+        bundle_keys: c.bundle_keys,
+        bundle_state: c.bundle_state,
+        cache: c.cache,
+        audit,
+        insecure_http: c.insecure_http,
         broker,
+        metrics_listen: c.metrics_listen,
     })
     .map_err(|e| e.to_string())
 }

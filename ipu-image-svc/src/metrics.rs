@@ -115,10 +115,9 @@ impl Default for ServiceMetrics {
 impl ServiceMetrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("ipu_image_svc");
-        let stages =
-            Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-                seconds_histogram,
-            );
+        let stages = Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            seconds_histogram,
+        );
         r.register_with_unit(
             "stage_duration",
             "Time spent in each stage of Prepare (verify, key_release, fetch, build, base_encrypt, clone, export) and Teardown (teardown, erase)",
@@ -126,7 +125,11 @@ impl ServiceMetrics {
             stages.clone(),
         );
         let prepares = Family::<OutcomeLabel, Counter>::default();
-        r.register("prepares", "Prepare calls by outcome (ok, failed)", prepares.clone());
+        r.register(
+            "prepares",
+            "Prepare calls by outcome (ok, failed)",
+            prepares.clone(),
+        );
         let decrypted_bytes = Counter::default();
         r.register_with_unit(
             "decrypted",
@@ -135,9 +138,17 @@ impl ServiceMetrics {
             decrypted_bytes.clone(),
         );
         let cache_hits = Counter::default();
-        r.register("base_cache_hits", "Prepares served from a cached base", cache_hits.clone());
+        r.register(
+            "base_cache_hits",
+            "Prepares served from a cached base",
+            cache_hits.clone(),
+        );
         let cache_misses = Counter::default();
-        r.register("base_cache_misses", "Prepares that built a new base", cache_misses.clone());
+        r.register(
+            "base_cache_misses",
+            "Prepares that built a new base",
+            cache_misses.clone(),
+        );
         let cache_evictions = Counter::default();
         r.register(
             "base_cache_evictions",

@@ -10,9 +10,9 @@ use tonic_health::ServingStatus;
 
 pub use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 pub use tonic_health::pb::health_client::HealthClient;
-pub use tonic_health::pb::health_server::HealthServer;
+pub use tonic_health::pb::health_server::{Health, HealthServer};
 pub use tonic_health::pb::HealthCheckRequest;
-pub use tonic_health::server::{health_reporter, HealthService};
+pub use tonic_health::server::{health_reporter, HealthReporter as Reporter};
 
 /// How often readiness is checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);

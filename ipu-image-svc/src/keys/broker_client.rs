@@ -186,7 +186,10 @@ impl BrokerKeys {
         };
         if due {
             if let Err(e) = self.ipu_class() {
-                return Err(format!("no attested session with {}: {e}", self.settings.url));
+                return Err(format!(
+                    "no attested session with {}: {e}",
+                    self.settings.url
+                ));
             }
             return Ok(());
         }

@@ -28,6 +28,8 @@ pub struct DaemonConfig {
     pub audit: AuditTarget,
     pub insecure_http: Vec<String>,
     pub broker: BrokerSettings,
+    /// Serve Prometheus metrics here (off when None).
+    pub metrics_listen: Option<ops::metrics::MetricsListen>,
 }
 
 /// TLS exports: the certificate chain, key and client CA files.
@@ -138,6 +140,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
                 }
             })
         };
+        let (operations, health) = super::operations::start(
+            &service,
+            cfg.metrics_listen.as_ref(),
+            ops::health::CHECK_INTERVAL,
+        )
+        .await
+        .map_err(|e| ServiceError::device("the metrics endpoint", e))?;
         eprintln!("ipu-image-svc: serving {}", cfg.socket.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| ServiceError::device("cannot handle SIGTERM", e))?;
@@ -151,7 +160,10 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
             // server's graceful stop does not wait on them.
             let _ = tokio::task::spawn_blocking(move || stopping.shutdown()).await;
         };
-        let served = super::grpc::serve(service.clone(), listener, host_agent_uid, stop).await;
+        let served =
+            super::grpc::serve_with_health(service.clone(), listener, host_agent_uid, health, stop)
+                .await;
+        drop(operations);
         reaper.abort();
         unix_listen::remove(&cfg.socket);
         served.map_err(|e| ServiceError::device("the API", std::io::Error::other(e)))

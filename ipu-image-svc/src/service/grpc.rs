@@ -455,21 +455,47 @@ impl ImageService for Api {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
+fn api(service: Arc<Service>, host_agent_uid: u32) -> ImageServiceServer<Api> {
+    ImageServiceServer::new(Api {
+        service,
+        host_agent_uid,
+        decrypt_streams: Arc::new(tokio::sync::Semaphore::new(MAX_DECRYPT_STREAMS)),
+    })
+}
+
+fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(api::unix::STREAM_WINDOW)
+        .initial_connection_window_size(api::unix::CONNECTION_WINDOW)
+        .max_frame_size(api::unix::MAX_FRAME)
+}
+
 pub async fn serve(
     service: Arc<Service>,
     listener: tokio::net::UnixListener,
     host_agent_uid: u32,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(api::unix::STREAM_WINDOW)
-        .initial_connection_window_size(api::unix::CONNECTION_WINDOW)
-        .max_frame_size(api::unix::MAX_FRAME)
-        .add_service(ImageServiceServer::new(Api {
-            service,
-            host_agent_uid,
-            decrypt_streams: Arc::new(tokio::sync::Semaphore::new(MAX_DECRYPT_STREAMS)),
-        }))
+    server()
+        .add_service(api(service, host_agent_uid))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+/// [`serve`], with the gRPC health service ([`super::operations`]) on the same socket.
+pub async fn serve_with_health<H: ops::health::Health>(
+    service: Arc<Service>,
+    listener: tokio::net::UnixListener,
+    host_agent_uid: u32,
+    health: ops::health::HealthServer<H>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    server()
+        .add_service(health)
+        .add_service(api(service, host_agent_uid))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,

@@ -13,6 +13,7 @@ pub mod decrypt;
 pub mod error;
 pub mod grpc;
 pub mod known;
+pub mod operations;
 pub mod plaintext;
 
 use std::collections::HashMap;
@@ -414,9 +415,7 @@ impl Service {
     pub fn readiness(&self) -> Result<(), String> {
         ops::health::dir_writable(&self.opts.state_dir)
             .map_err(|e| format!("state directory: {e}"))?;
-        self.audit
-            .ready()
-            .map_err(|e| format!("audit sink: {e}"))?;
+        self.audit.ready().map_err(|e| format!("audit sink: {e}"))?;
         self.keys.ready().map_err(|e| format!("key broker: {e}"))
     }
 
@@ -1000,9 +999,7 @@ impl Service {
         )))?;
         // Revoked, the key not yet destroyed.
         fail::fail_point!("teardown-after-revoke");
-        let mut erasure = self
-            .metrics
-            .time(Stage::Erase, || running.clone.erase());
+        let mut erasure = self.metrics.time(Stage::Erase, || running.clone.erase());
         let (outcome, text) = match &erasure {
             Ok(Some(e)) => (
                 Outcome::Success,
