@@ -310,6 +310,7 @@ pub fn serve(
                 }),
                 move |ok| gauge.set_ready(ok),
             )
+            .await
         };
         let shutdown = async {
             let mut term =

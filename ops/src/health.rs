@@ -20,16 +20,22 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// What readiness is made of: each check names what it found wrong.
 pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Runs `check` now and then every `every` (on a blocking thread: checks touch the disk and
-/// sockets), setting "" and `services` to its verdict. `on_change` sees each new verdict
-/// (a readiness gauge, say). Abort the returned task to stop.
-pub fn spawn_readiness(
+/// Registers "" and `services` as NOT_SERVING (so that a check never finds a service
+/// unknown), then runs `check` now and every `every` (on a blocking thread: checks touch the
+/// disk and sockets), setting them to its verdict. `on_change` sees each new verdict (a
+/// readiness gauge, say). Abort the returned task to stop.
+pub async fn spawn_readiness(
     mut reporter: HealthReporter,
     services: Vec<String>,
     every: Duration,
     check: Check,
     on_change: impl Fn(bool) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
+    for name in std::iter::once("").chain(services.iter().map(String::as_str)) {
+        reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
     tokio::spawn(async move {
         let mut last: Option<Result<(), String>> = None;
         loop {

@@ -53,12 +53,15 @@ pub async fn start(
     };
     let (reporter, health) = ops::health::health_reporter();
     let (checked, gauge) = (service.clone(), service.metrics().clone());
-    tasks.push(ops::health::spawn_readiness(
-        reporter,
-        vec![health_service_name().to_string()],
-        check_every,
-        Arc::new(move || checked.readiness()),
-        move |ok| gauge.set_ready(ok),
-    ));
+    tasks.push(
+        ops::health::spawn_readiness(
+            reporter,
+            vec![health_service_name().to_string()],
+            check_every,
+            Arc::new(move || checked.readiness()),
+            move |ok| gauge.set_ready(ok),
+        )
+        .await,
+    );
     Ok((Operations { metrics_at, tasks }, health))
 }
