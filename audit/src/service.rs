@@ -264,8 +264,9 @@ impl Default for Operations {
     }
 }
 
-/// The name the query socket's health service reports the log under (besides "").
-pub const HEALTH_SERVICE: &str = "audit.AuditQuery";
+/// The name the query socket's health service reports the log under (besides ""): the
+/// query service's gRPC name, `ipu.audit.v1.AuditQuery`.
+pub const HEALTH_SERVICE: &str = <AuditQueryServer<Reader> as tonic::server::NamedService>::NAME;
 
 /// Serves `log` until SIGTERM or SIGINT; `ready` is called once both sockets listen. Appends
 /// are taken from root, this process's uid and `writers` only. The query socket also serves
