@@ -104,7 +104,22 @@ impl RemoteLog {
                 };
                 for (request, reply) in queue {
                     let mut client = client.clone();
-                    let r = rt.block_on(client.append(request)).map(|r| r.into_inner());
+                    let mut r = rt
+                        .block_on(client.append(request.clone()))
+                        .map(|r| r.into_inner());
+                    // A daemon restarted since the last append: the channel's old connection
+                    // is gone and the call fails with a transport error; the channel connects
+                    // again for the next call, so that is made at once, once. (Only a daemon
+                    // that died between appending and answering could then hold the event
+                    // twice: recorded twice, never lost.)
+                    let transport = |s: &tonic::Status| {
+                        s.code() == tonic::Code::Unavailable
+                            || (s.code() == tonic::Code::Unknown
+                                && s.message().starts_with("transport error"))
+                    };
+                    if matches!(&r, Err(s) if transport(s)) {
+                        r = rt.block_on(client.append(request)).map(|r| r.into_inner());
+                    }
                     let _ = reply.send(r);
                 }
             })
