@@ -136,9 +136,13 @@ impl PgStore {
                 Ok(t)
             }
             Err(e) => {
-                // A database-side refusal leaves the connection usable; anything else may not.
+                // A database-side refusal leaves the connection usable. Anything else (the
+                // server went away) likely broke every idle connection too: drop them all,
+                // so the next call connects afresh.
                 if e.as_db_error().is_some() {
                     self.give_back(client);
+                } else {
+                    self.idle.lock().expect("not poisoned").clear();
                 }
                 Err(err(operation)(e))
             }
