@@ -22,6 +22,7 @@ packages=(
     qemu-utils       # qemu-img (a third-party NBD client), qemu-storage-daemon (TLS attach)
     runc             # the host agent runs functions with it
     containerd       # the decrypt hook's tests run a real containerd (ctr)
+    postgresql       # the key broker's production store; tests run their own cluster
     ca-certificates
 )
 

@@ -105,6 +105,8 @@ pub struct LocalOptions {
     pub actor: Option<String>,
     pub bundle_keys: Vec<PathBuf>,
     pub master_key_tpm: Option<String>,
+    /// The broker's store (sled in DIR by default).
+    pub store: crate::store::StoreLocation,
 }
 
 /// Where administrative operations go: a running broker or its state directory.
@@ -153,6 +155,7 @@ impl Target {
         let mut broker_opts = BrokerOptions::new(&opts.dir);
         broker_opts.bundle_keys = opts.bundle_keys.clone();
         broker_opts.master_key_tpm = opts.master_key_tpm.clone();
+        broker_opts.store = opts.store.clone();
         let broker = Broker::open(&broker_opts, sink).map_err(|e| {
             if e.to_string().contains("lock") {
                 AdminError::Busy {
@@ -287,13 +290,11 @@ impl Target {
     pub fn list_ipus(&mut self) -> Result<Vec<IpuInfo>, AdminError> {
         call!(
             self,
-            |b, _who| Ok::<_, BrokerError>(
-                b.verifier
-                    .list()
-                    .into_iter()
-                    .map(ipu_info)
-                    .collect::<Vec<_>>()
-            ),
+            |b, _who| b
+                .verifier
+                .list()
+                .map_err(BrokerError::from)
+                .map(|v| v.into_iter().map(ipu_info).collect::<Vec<_>>()),
             |c| async { c.list_ipus(ListRequest {}).await.map(|r| r.map(|l| l.ipus)) }
         )
     }

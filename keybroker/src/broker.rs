@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use audit::{AuditSink, Event, EventKind, KeyId, Outcome};
-use policy::deploy::bundle::{BundleStore, InstallError, VerifiedBundle};
+use policy::deploy::bundle::{BundleError, VerifiedBundle};
 use policy::deploy::{evaluate_key_release, DeployRequest, DeploymentPolicy};
 use policy::sigstore::{KeyFileError, VerificationKey};
 use zeroize::Zeroizing;
@@ -20,6 +20,7 @@ use broker_protocol::{binding, release_context, seal, Evidence, ReleaseError, Se
 
 use crate::credential::Credential;
 use crate::keystore::{KeyInfo, KeyKind, KeyStore, KeyStoreError, MasterKey};
+use crate::store::{SessionRecord, Store, StoreError, StoreLocation};
 use crate::verifier::{classes_from_policy, AttestError, ClassError, EnrolledIpu, Enrollment};
 use crate::verifier::{EnrollmentError, Verifier};
 use crate::wrapping::{ProviderWrapping, WrappingError};
@@ -67,6 +68,9 @@ pub enum BrokerError {
     Audit(#[from] audit::AuditError),
     #[error("key store: {0}")]
     KeyStore(#[from] KeyStoreError),
+    /// The broker's store failed: an operational failure (nothing granted, nothing denied).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     // The broker's state and administration; each a failed precondition for a caller.
     #[error("{}: {source}", path.display())]
     StateDir {
@@ -80,9 +84,13 @@ pub enum BrokerError {
     MasterKeyIsSealed(PathBuf),
     #[error("policy bundle keys: {0}")]
     BundleKey(#[from] KeyFileError),
-    /// The running policy bundle does not verify (the message names its file).
-    #[error("{0}")]
-    RunningPolicy(#[source] policy::deploy::bundle::StateError),
+    /// The running policy bundle does not verify.
+    #[error("the running policy bundle ({place}) does not verify: {source}")]
+    RunningPolicy {
+        place: String,
+        #[source]
+        source: BundleError,
+    },
     #[error(transparent)]
     Class(#[from] ClassError),
     #[error(transparent)]
@@ -95,12 +103,28 @@ pub enum BrokerError {
     FixedPolicy,
     #[error("no bundle keys are configured: policy bundles cannot be trusted")]
     NoBundleKeys,
-    /// The bundle store cannot be read or written (the message names the place).
-    #[error("{0}")]
-    PolicyState(#[source] policy::deploy::bundle::StateError),
+    /// Policy bundle installs kept losing to other replicas' installs.
+    #[error(
+        "the running policy bundle kept changing while this one was being installed: try again"
+    )]
+    PolicyContention,
 }
 
-/// An attested session.
+impl BrokerError {
+    /// A failure of the broker's store, not a decision: callers see an unavailable service,
+    /// and the audit log records a failure (never a grant or a denial).
+    pub fn is_operational(&self) -> bool {
+        match self {
+            BrokerError::Store(_) | BrokerError::KeyStore(KeyStoreError::Store(_)) => true,
+            BrokerError::Attestation(e) => e.is_operational(),
+            BrokerError::Enrollment(crate::verifier::EnrollmentError::Store(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// An attested session (public material only: it is kept in the broker's store, which
+/// its replicas share).
 #[derive(Clone, Debug)]
 pub struct Session {
     pub id: String,
@@ -110,12 +134,40 @@ pub struct Session {
     pub client: String,
     session_public: Vec<u8>,
     salt: [u8; 32],
-    expires: Instant,
+    expires: SystemTime,
 }
 
 impl Session {
     pub fn expires_in(&self) -> Duration {
-        self.expires.saturating_duration_since(Instant::now())
+        self.expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+    }
+
+    fn record(&self) -> SessionRecord {
+        SessionRecord {
+            id: self.id.clone(),
+            ipu_id: self.ipu_id.clone(),
+            ipu_class: self.ipu_class.clone(),
+            client: self.client.clone(),
+            session_public: self.session_public.clone(),
+            salt: self.salt,
+            expires: self.expires,
+        }
+    }
+}
+
+impl From<SessionRecord> for Session {
+    fn from(r: SessionRecord) -> Self {
+        Self {
+            id: r.id,
+            ipu_id: r.ipu_id,
+            ipu_class: r.ipu_class,
+            client: r.client,
+            session_public: r.session_public,
+            salt: r.salt,
+            expires: r.expires,
+        }
     }
 }
 
@@ -160,6 +212,9 @@ pub struct BrokerOptions {
     /// Enroll IPUs only with their endorsement key, so each AK proves (ActivateCredential)
     /// that it lives in that TPM before its first session.
     pub require_ek: bool,
+    /// Where the state lives: sled in `state_dir` (the default) or PostgreSQL (the master
+    /// key, the audit log and the sled lock stay in `state_dir` either way).
+    pub store: StoreLocation,
 }
 
 impl BrokerOptions {
@@ -172,6 +227,7 @@ impl BrokerOptions {
             provider_name: DEFAULT_PROVIDER_NAME.into(),
             master_key_tpm: None,
             require_ek: true,
+            store: StoreLocation::Sled,
         }
     }
 
@@ -283,13 +339,28 @@ pub fn actor(subject: &str) -> audit::event::Actor {
     }
 }
 
+/// How long the running policy read from the store is trusted before the store is asked
+/// again: a bundle loaded through another replica is enforced here within this time.
+pub const POLICY_REFRESH: Duration = Duration::from_millis(250);
+
+/// The running policy as this broker enforces it.
+struct Running {
+    /// `None` until a deployment policy is loaded: every release is denied.
+    policy: Option<Arc<DeploymentPolicy>>,
+    /// The bundle's version (`None`: a fixed policy, or none loaded).
+    version: Option<u64>,
+    /// When the store was last asked for the running version.
+    checked: Option<Instant>,
+}
+
 pub struct Broker {
     pub verifier: Verifier,
     keys: KeyStore,
-    /// `None` until a deployment policy is loaded: every release is denied.
-    policy: RwLock<Option<Arc<DeploymentPolicy>>>,
-    bundles: Option<(BundleStore, Vec<VerificationKey>)>,
-    sessions: Mutex<HashMap<String, Session>>,
+    /// The broker's state (the key store's): sessions, nonces, enrollments, policy bundle.
+    store: Arc<dyn Store>,
+    running: RwLock<Running>,
+    /// Keys trusted to sign policy bundles (`None`: a fixed policy).
+    trusted: Option<Vec<VerificationKey>>,
     session_ttl: Duration,
     audit: Arc<dyn AuditSink>,
     provider_name: String,
@@ -317,10 +388,14 @@ impl Broker {
     ) -> Self {
         Self {
             verifier,
+            store: keys.store().clone(),
             keys,
-            policy: RwLock::new(Some(Arc::new(policy))),
-            bundles: None,
-            sessions: Mutex::new(HashMap::new()),
+            running: RwLock::new(Running {
+                policy: Some(Arc::new(policy)),
+                version: None,
+                checked: None,
+            }),
+            trusted: None,
             session_ttl,
             audit,
             provider_name: DEFAULT_PROVIDER_NAME.into(),
@@ -329,32 +404,36 @@ impl Broker {
         }
     }
 
-    /// The broker of a state directory: its key store (master key created on first use),
-    /// persisted enrollments, and the running policy bundle re-verified with the trusted
-    /// bundle keys. Sessions and nonces start empty.
+    /// The broker of a state directory and its store: the key store (master key created on
+    /// first use), persisted enrollments, and the running policy bundle re-verified with the
+    /// trusted bundle keys. With sled, sessions and nonces start empty; with PostgreSQL they
+    /// are the replicas' shared ones.
     pub fn open(opts: &BrokerOptions, audit: Arc<dyn AuditSink>) -> Result<Self, BrokerError> {
         let dir = &opts.state_dir;
         std::fs::create_dir_all(dir).map_err(|source| BrokerError::StateDir {
             path: dir.clone(),
             source,
         })?;
-        let keys = KeyStore::open(dir, opts.master_key()?)?;
+        let master = opts.master_key()?;
+        let store = crate::store::open(&opts.store, dir)?;
+        let keys = KeyStore::new(store.clone(), master);
         let trusted = VerificationKey::from_pem_files(&opts.bundle_keys)?;
-        let store = BundleStore::new(dir.join("policy"));
-        let running = store
-            .running(&trusted)
-            .map_err(BrokerError::RunningPolicy)?;
+        let running = running_bundle(store.as_ref(), &trusted)?;
         let classes = match &running {
             Some(b) => classes_from_policy(&b.deployment)?,
             None => HashMap::new(),
         };
-        let verifier = Verifier::with_store(classes, opts.nonce_lifetime, keys.tree("ipus")?)?;
+        let verifier = Verifier::with_store(classes, opts.nonce_lifetime, store.clone())?;
         Ok(Self {
             verifier,
             keys,
-            policy: RwLock::new(running.map(|b| Arc::new(b.deployment))),
-            bundles: Some((store, trusted)),
-            sessions: Mutex::new(HashMap::new()),
+            store,
+            running: RwLock::new(Running {
+                version: running.as_ref().map(|b| b.content.version),
+                policy: running.map(|b| Arc::new(b.deployment)),
+                checked: Some(Instant::now()),
+            }),
+            trusted: Some(trusted),
             session_ttl: opts.session_ttl,
             audit,
             provider_name: opts.provider_name.clone(),
@@ -374,14 +453,74 @@ impl Broker {
 
     /// Replaces the deployment policy (after its bundle was verified and audited).
     pub fn set_policy(&self, policy: DeploymentPolicy) -> Result<(), BrokerError> {
+        self.set_running(policy, None)
+    }
+
+    fn set_running(
+        &self,
+        policy: DeploymentPolicy,
+        version: Option<u64>,
+    ) -> Result<(), BrokerError> {
         let classes = classes_from_policy(&policy)?;
+        let mut running = self.running.write().expect("not poisoned");
         self.verifier.set_classes(classes);
-        *self.policy.write().expect("not poisoned") = Some(Arc::new(policy));
+        running.policy = Some(Arc::new(policy));
+        running.version = version;
+        running.checked = Some(Instant::now());
         Ok(())
+    }
+
+    /// The running policy, after asking the store (at most [`POLICY_REFRESH`] apart)
+    /// whether another replica installed a newer bundle.
+    fn current_policy(&self) -> Result<Option<Arc<DeploymentPolicy>>, BrokerError> {
+        let Some(trusted) = &self.trusted else {
+            return Ok(self.running.read().expect("not poisoned").policy.clone());
+        };
+        {
+            let running = self.running.read().expect("not poisoned");
+            if running
+                .checked
+                .is_some_and(|t| t.elapsed() < POLICY_REFRESH)
+            {
+                return Ok(running.policy.clone());
+            }
+        }
+        let version = self.store.running_bundle_version()?;
+        if version == self.running.read().expect("not poisoned").version {
+            let mut running = self.running.write().expect("not poisoned");
+            running.checked = Some(Instant::now());
+            return Ok(running.policy.clone());
+        }
+        match running_bundle(self.store.as_ref(), trusted)? {
+            Some(b) => self.set_running(b.deployment, Some(b.content.version))?,
+            None => {
+                let mut running = self.running.write().expect("not poisoned");
+                running.checked = Some(Instant::now());
+            }
+        }
+        Ok(self.running.read().expect("not poisoned").policy.clone())
     }
 
     fn record(&self, e: Event) -> Result<(), BrokerError> {
         self.audit.append(e).map(|_| ()).map_err(BrokerError::Audit)
+    }
+
+    /// An attestation the broker could not decide (its store failed): a failure, not a
+    /// denial.
+    fn attestation_failed(
+        &self,
+        who: audit::event::Actor,
+        e: &StoreError,
+    ) -> Result<(), BrokerError> {
+        self.record(
+            Event::new(
+                AUDIT_SERVICE,
+                EventKind::AttestationVerify,
+                Outcome::Failure,
+                e.to_string(),
+            )
+            .actor(who),
+        )
     }
 
     fn attestation_denied(
@@ -401,8 +540,8 @@ impl Broker {
     }
 
     /// Step 1: a nonce for the IPU to quote with.
-    pub fn challenge(&self) -> Zeroizing<Vec<u8>> {
-        self.verifier.nonces.issue()
+    pub fn challenge(&self) -> Result<Zeroizing<Vec<u8>>, BrokerError> {
+        Ok(self.verifier.nonces.issue()?)
     }
 
     /// What an enrolled, unrevoked AK must do in its quote: the PCRs of its class, and, until
@@ -414,6 +553,7 @@ impl Broker {
         client: &str,
         ak_public: &[u8],
     ) -> Result<(Vec<u8>, Option<Credential>), BrokerError> {
+        self.current_policy()?;
         let result = self.verifier.enrollment(ak_public).and_then(|e| {
             let pcrs = self
                 .verifier
@@ -423,6 +563,10 @@ impl Broker {
         });
         match result {
             Ok(r) => Ok(r),
+            Err(AttestError::Store(e)) => {
+                self.attestation_failed(actor(client), &e)?;
+                Err(e.into())
+            }
             Err(e) => {
                 self.attestation_denied(actor(client), format!("challenge refused: {e}"))?;
                 Err(e.into())
@@ -455,6 +599,12 @@ impl Broker {
         activation: Option<&[u8]>,
     ) -> Result<Session, BrokerError> {
         let mut who = actor(client);
+        if let Err(e) = self.current_policy() {
+            if let BrokerError::Store(se) = &e {
+                self.attestation_failed(who, se)?;
+            }
+            return Err(e);
+        }
         let was_pending = self
             .verifier
             .enrollment(ak_public)
@@ -483,9 +633,13 @@ impl Broker {
                     client: client.to_string(),
                     session_public: session_public.to_vec(),
                     salt: binding(nonce, session_public),
-                    expires: Instant::now() + self.session_ttl,
+                    expires: SystemTime::now() + self.session_ttl,
                 };
                 who.ipu_id = Some(enrollment.ipu_id);
+                if let Err(e) = self.store.put_session(&session.record()) {
+                    self.attestation_failed(who, &e)?;
+                    return Err(e.into());
+                }
                 self.record(
                     Event::new(
                         AUDIT_SERVICE,
@@ -496,10 +650,11 @@ impl Broker {
                     .actor(who)
                     .detail("session", session.id.clone()),
                 )?;
-                let mut sessions = self.sessions.lock().expect("not poisoned");
-                sessions.retain(|_, s| s.expires > Instant::now());
-                sessions.insert(session.id.clone(), session.clone());
                 Ok(session)
+            }
+            Err(AttestError::Store(e)) => {
+                self.attestation_failed(who, &e)?;
+                Err(e.into())
             }
             Err(e) => {
                 self.attestation_denied(who, e.to_string())?;
@@ -574,22 +729,28 @@ impl Broker {
                 }
                 self.record(e)?;
             }
+            // The store failed: nothing was decided.
+            Err(err) if err.is_operational() => {
+                self.record(base(EventKind::KeyDeny, Outcome::Failure, err.to_string()))?
+            }
             Err(err) => self.record(base(EventKind::KeyDeny, Outcome::Denied, err.to_string()))?,
         }
         result.map(|(_, _, delivered)| delivered)
     }
 
+    /// An unexpired session of this client whose IPU is still enrolled and unrevoked (as
+    /// the store says: a revocation through another replica ends it here too).
     fn session(&self, client: &str, id: &str) -> Result<Session, BrokerError> {
-        let session = {
-            let sessions = self.sessions.lock().expect("not poisoned");
-            sessions
-                .get(id)
-                .filter(|s| s.expires > Instant::now())
-                .cloned()
-                .ok_or(BrokerError::NoSession)?
-        };
+        let session: Session = self
+            .store
+            .session(id)?
+            .ok_or(BrokerError::NoSession)?
+            .into();
         if session.client != client {
             return Err(BrokerError::WrongClient);
+        }
+        if !self.verifier.ipu_usable(&session.ipu_id)? {
+            return Err(BrokerError::NoSession);
         }
         Ok(session)
     }
@@ -630,10 +791,7 @@ impl Broker {
     ) -> Result<(String, String, T), BrokerError> {
         let session = self.session(client, &req.session_id)?;
         let policy = self
-            .policy
-            .read()
-            .expect("not poisoned")
-            .clone()
+            .current_policy()?
             .ok_or_else(|| BrokerError::Denied("no deployment policy is loaded".into()))?;
         check_grant(&policy, &session, req, std::time::SystemTime::now())?;
         let request = DeployRequest {
@@ -864,7 +1022,7 @@ impl Broker {
             )?;
             let e = self
                 .verifier
-                .list()
+                .list()?
                 .into_iter()
                 .find(|e| e.ak_public == point)
                 .expect("just enrolled");
@@ -881,41 +1039,28 @@ impl Broker {
         self.admin(who, "ipu_revoke", ipu_id, || {
             let e = self.verifier.revoke_ipu(ipu_id)?;
             // Its open sessions end with it.
-            self.sessions
-                .lock()
-                .expect("not poisoned")
-                .retain(|_, s| s.ipu_id != ipu_id);
+            self.store.end_sessions_of(ipu_id)?;
             Ok((e, "attestation key revoked".into()))
         })
     }
 
     /// Loads a signed deployment policy bundle: trusted signer, no rollback; audited as
-    /// `admin.policy_load` (a refused bundle is a denial).
+    /// `admin.policy_load` (a refused bundle is a denial, a store failure a failure). The
+    /// install is a compare-and-set on the running version: of two replicas loading
+    /// different bundles of one version, one wins and the other is refused.
     pub fn load_policy(&self, who: &str, bundle: &[u8]) -> Result<VerifiedBundle, BrokerError> {
-        let (store, trusted) = self.bundles.as_ref().ok_or(BrokerError::FixedPolicy)?;
+        let trusted = self.trusted.as_ref().ok_or(BrokerError::FixedPolicy)?;
         if trusted.is_empty() {
             return Err(BrokerError::NoBundleKeys);
         }
-        // The IPU classes must be usable by this verifier before the bundle becomes the
-        // running one: a bundle that installs but cannot be enforced would lock IPUs out.
-        let result = policy::deploy::bundle::verify(bundle, trusted, None)
-            .map_err(InstallError::Rejected)
-            .and_then(|b| {
-                classes_from_policy(&b.deployment).map_err(|e| {
-                    InstallError::Rejected(policy::deploy::bundle::BundleError::Deployment(
-                        e.to_string(),
-                    ))
-                })
-            })
-            .and_then(|_| store.install(bundle, trusted));
+        let result = self.install_bundle(bundle, trusted);
         let verified = match result {
             Ok(v) => v,
-            Err(e) => {
-                let (outcome, err) = match e {
-                    InstallError::Rejected(e) => {
-                        (Outcome::Denied, BrokerError::Denied(e.to_string()))
-                    }
-                    InstallError::State(e) => (Outcome::Failure, BrokerError::PolicyState(e)),
+            Err(err) => {
+                let outcome = if matches!(err, BrokerError::Denied(_)) {
+                    Outcome::Denied
+                } else {
+                    Outcome::Failure
                 };
                 self.record(
                     Event::new(
@@ -929,7 +1074,7 @@ impl Broker {
                 return Err(err);
             }
         };
-        self.set_policy(verified.deployment.clone())?;
+        self.set_running(verified.deployment.clone(), Some(verified.content.version))?;
         self.record(
             Event::new(
                 AUDIT_SERVICE,
@@ -945,15 +1090,60 @@ impl Broker {
         Ok(verified)
     }
 
+    /// Verifies a bundle against the running one and installs it if newer (compare-and-set;
+    /// checked again against whatever another replica installed in between).
+    fn install_bundle(
+        &self,
+        bundle: &[u8],
+        trusted: &[VerificationKey],
+    ) -> Result<VerifiedBundle, BrokerError> {
+        for _ in 0..8 {
+            let running = running_bundle(self.store.as_ref(), trusted)?;
+            let current = running.as_ref().map(|r| (r.content.version, &r.content));
+            let verified = policy::deploy::bundle::verify(bundle, trusted, current)
+                .map_err(|e| BrokerError::Denied(e.to_string()))?;
+            // The IPU classes must be usable by this verifier before the bundle becomes the
+            // running one: a bundle that installs but cannot be enforced would lock IPUs out.
+            classes_from_policy(&verified.deployment).map_err(|e| {
+                BrokerError::Denied(BundleError::Deployment(e.to_string()).to_string())
+            })?;
+            let expected = running.as_ref().map(|r| r.content.version);
+            if expected == Some(verified.content.version) {
+                // Re-delivery of the running bundle (identical content: checked above).
+                return Ok(verified);
+            }
+            if self
+                .store
+                .install_bundle(expected, verified.content.version, bundle)?
+            {
+                return Ok(verified);
+            }
+        }
+        Err(BrokerError::PolicyContention)
+    }
+
     /// The version of the running policy bundle, if one is loaded from a bundle.
     pub fn policy_version(&self) -> Option<u64> {
-        let (store, trusted) = self.bundles.as_ref()?;
-        store
-            .running(trusted)
-            .ok()
-            .flatten()
-            .map(|b| b.content.version)
+        self.trusted.as_ref()?;
+        let _ = self.current_policy();
+        self.running.read().expect("not poisoned").version
     }
+}
+
+/// The running bundle of a store, verified with the trusted keys (`None`: none yet).
+fn running_bundle(
+    store: &dyn Store,
+    trusted: &[VerificationKey],
+) -> Result<Option<VerifiedBundle>, BrokerError> {
+    let Some(bytes) = store.running_bundle()? else {
+        return Ok(None);
+    };
+    policy::deploy::bundle::verify(&bytes, trusted, None)
+        .map(Some)
+        .map_err(|source| BrokerError::RunningPolicy {
+            place: format!("the {} store's running bundle", store.kind()),
+            source,
+        })
 }
 
 /// The state directory's audit log default: `DIR/audit`.

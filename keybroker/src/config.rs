@@ -2,7 +2,8 @@
 //! directory. Unknown keys are refused, so a typo never silently weakens the setup.
 //!
 //! ```toml
-//! state_dir = "/var/lib/keybroker"          # key store, enrollments, running policy
+//! state_dir = "/var/lib/keybroker"          # master key, audit log; the sled store
+//! store = "postgres://kb@%2Frun%2Fpostgresql/keybroker"  # or "sled" (the default)
 //! audit_log = "/var/lib/keybroker/audit"    # or audit_socket = "/run/ipu-audit/writer.sock"
 //! bundle_keys = ["policy-signer.pub"]       # who may sign deployment policy bundles
 //! session_ttl = "5m"
@@ -35,6 +36,8 @@ use crate::broker::BrokerOptions;
 #[serde(deny_unknown_fields)]
 struct Raw {
     state_dir: PathBuf,
+    #[serde(default)]
+    store: Option<String>,
     #[serde(default)]
     audit_log: Option<PathBuf>,
     #[serde(default)]
@@ -117,6 +120,8 @@ pub enum ConfigError {
     UnixRole { role: String, uid: u32 },
     #[error("nothing to serve: configure [tls], [unix] or both")]
     NothingToServe,
+    #[error("store: {0}")]
+    Store(String),
 }
 
 #[derive(Clone, Debug)]
@@ -206,6 +211,9 @@ impl Config {
             broker.provider_name = name;
         }
         broker.master_key_tpm = raw.master_key_tpm;
+        if let Some(store) = raw.store {
+            broker.store = store.parse().map_err(ConfigError::Store)?;
+        }
         if let Some(r) = raw.require_ek {
             broker.require_ek = r;
         }
@@ -292,6 +300,7 @@ roles = { "1000" = "publisher" }
         let cases = [
             ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nrolez = {}\n", "rolez"),
             ("state_dir = \"s\"\n", "nothing to serve"),
+            ("state_dir = \"s\"\nstore = \"mysql://x\"\n[unix]\nsocket = \"x\"\n", "postgres:// URL"),
             ("state_dir = \"s\"\nsession_ttl = \"soon\"\n[unix]\nsocket = \"x\"\n", "session_ttl"),
             ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nroles = { \"1000\" = \"ipu\" }\n", "IPUs attest over TLS"),
             ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nroles = { \"bob\" = \"admin\" }\n", "numeric uid"),

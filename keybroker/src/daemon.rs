@@ -113,6 +113,13 @@ pub fn serve_file(path: &Path) -> Result<(), ServeError> {
     serve(Config::load(path)?)
 }
 
+/// Serves the broker of a configuration file, on another store than the file names.
+pub fn serve_file_on(path: &Path, store: crate::store::StoreLocation) -> Result<(), ServeError> {
+    let mut config = Config::load(path)?;
+    config.broker.store = store;
+    serve(config)
+}
+
 /// Serves the broker of `config` until SIGTERM or SIGINT.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     let sink = audit_sink(&config.audit)?;

@@ -1,4 +1,5 @@
-//! Key-encryption keys at rest: sled records sealed with AES-256-GCM under a master key.
+//! Key-encryption keys at rest: records sealed with AES-256-GCM under a master key, kept in
+//! the broker's [`Store`] (sled or PostgreSQL) only once sealed.
 //!
 //! The master key is a 32-byte file the broker creates with mode 0600 and refuses to use
 //! when anyone else may read it (the embedded default), or sealed by the broker host's TPM
@@ -8,6 +9,7 @@
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -15,12 +17,17 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::store::{Store, StoreError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
     #[error("master key {path}: {message}")]
     MasterKey { path: String, message: String },
     #[error("key store: {0}")]
     Storage(String),
+    /// The store failed (an operational failure).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("no key {0:?}")]
     NotFound(String),
     #[error("key {0:?} already exists")]
@@ -31,12 +38,6 @@ pub enum KeyStoreError {
     Unseal(String),
     #[error("invalid key: {0}")]
     Invalid(String),
-}
-
-impl From<sled::Error> for KeyStoreError {
-    fn from(e: sled::Error) -> Self {
-        KeyStoreError::Storage(e.to_string())
-    }
 }
 
 /// The master key; zeroized on drop, never printed.
@@ -193,8 +194,7 @@ impl KeyKind {
 }
 
 pub struct KeyStore {
-    db: sled::Db,
-    keys: sled::Tree,
+    store: Arc<dyn Store>,
     master: MasterKey,
 }
 
@@ -219,8 +219,8 @@ fn check_id(id: &str) -> Result<(), KeyStoreError> {
     Ok(())
 }
 
-/// The record name of a key version: `id NUL version(BE)`; a prefix scan finds every
-/// version of an id in order, and ids cannot contain NUL.
+/// The associated data a key version is sealed with: `id NUL version(BE)` (ids cannot
+/// contain NUL), so a record cannot be moved to another id or version.
 fn record_name(id: &str, version: u32) -> Vec<u8> {
     let mut k = id.as_bytes().to_vec();
     k.push(0);
@@ -228,53 +228,41 @@ fn record_name(id: &str, version: u32) -> Vec<u8> {
     k
 }
 
-fn prefix(id: &str) -> Vec<u8> {
-    let mut k = id.as_bytes().to_vec();
-    k.push(0);
-    k
-}
-
 impl KeyStore {
+    /// The key store of a state directory's sled store.
     pub fn open(dir: &Path, master: MasterKey) -> Result<Self, KeyStoreError> {
-        // A previous holder's background flusher may still hold sled's lock for a moment.
-        let start = std::time::Instant::now();
-        let db = loop {
-            match sled::open(dir.join("keys.db")) {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("lock")
-                        && start.elapsed() < std::time::Duration::from_secs(10) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let keys = db.open_tree("keys")?;
-        Ok(Self { db, keys, master })
+        Ok(Self::new(
+            Arc::new(crate::store::sled::SledStore::open(dir)?),
+            master,
+        ))
     }
 
-    /// Another tree of the broker's database (enrollments live beside the keys).
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, KeyStoreError> {
-        Ok(self.db.open_tree(name)?)
+    /// The key store over a store (sled or PostgreSQL).
+    pub fn new(store: Arc<dyn Store>, master: MasterKey) -> Self {
+        Self { store, master }
+    }
+
+    /// The store under the keys (enrollments, sessions and nonces live beside them).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Generates a key pair and stores it sealed as version 1; returns its public information.
     pub fn create(&self, id: &str, kind: KeyKind) -> Result<KeyInfo, KeyStoreError> {
         check_id(id)?;
-        if self.keys.scan_prefix(prefix(id)).next().is_some() {
+        if !self.store.key_records(id)?.is_empty() {
             return Err(KeyStoreError::Exists(id.to_string()));
         }
-        self.store(id, 1, kind.generate()?.as_bytes())
+        self.seal_and_store(id, 1, kind.generate()?.as_bytes())
     }
 
     /// Stores an existing private key (PEM: PKCS#8, PKCS#1 or SEC1) as version 1.
     pub fn import(&self, id: &str, private_pem: &[u8]) -> Result<KeyInfo, KeyStoreError> {
         check_id(id)?;
-        if self.keys.scan_prefix(prefix(id)).next().is_some() {
+        if !self.store.key_records(id)?.is_empty() {
             return Err(KeyStoreError::Exists(id.to_string()));
         }
-        self.store(id, 1, private_pem)
+        self.seal_and_store(id, 1, private_pem)
     }
 
     /// Adds the next version of a key, of the same kind as the newest. Publishers wrap new
@@ -282,10 +270,15 @@ impl KeyStore {
     pub fn rotate(&self, id: &str) -> Result<KeyInfo, KeyStoreError> {
         let newest = self.info(id)?;
         let kind = KeyKind::of(&newest)?;
-        self.store(id, newest.version + 1, kind.generate()?.as_bytes())
+        self.seal_and_store(id, newest.version + 1, kind.generate()?.as_bytes())
     }
 
-    fn store(&self, id: &str, version: u32, private_pem: &[u8]) -> Result<KeyInfo, KeyStoreError> {
+    fn seal_and_store(
+        &self,
+        id: &str,
+        version: u32,
+        private_pem: &[u8],
+    ) -> Result<KeyInfo, KeyStoreError> {
         let key = ocicrypt::keys::PrivateKey::from_pem(private_pem)
             .map_err(|e| KeyStoreError::Invalid(e.to_string()))?;
         let info = KeyInfo {
@@ -317,10 +310,9 @@ impl KeyStore {
             sealed: stored,
         })
         .expect("records serialize");
-        self.keys
-            .compare_and_swap(&name, None as Option<&[u8]>, Some(record))?
-            .map_err(|_| KeyStoreError::Exists(format!("{id} version {version}")))?;
-        self.db.flush()?;
+        if !self.store.insert_key_record(id, version, &record)? {
+            return Err(KeyStoreError::Exists(format!("{id} version {version}")));
+        }
         Ok(info)
     }
 
@@ -331,12 +323,10 @@ impl KeyStore {
     /// Every version of a key, oldest first.
     fn records(&self, id: &str) -> Result<Vec<Record>, KeyStoreError> {
         let records = self
-            .keys
-            .scan_prefix(prefix(id))
-            .map(|r| {
-                let (_, v) = r?;
-                Self::decode(id, &v)
-            })
+            .store
+            .key_records(id)?
+            .iter()
+            .map(|v| Self::decode(id, v))
             .collect::<Result<Vec<_>, _>>()?;
         if records.is_empty() {
             return Err(KeyStoreError::NotFound(id.to_string()));
@@ -356,11 +346,11 @@ impl KeyStore {
 
     /// Every version of every key.
     pub fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
-        self.keys
+        self.store
+            .all_key_records()?
             .iter()
-            .map(|r| {
-                let (_, v) = r?;
-                serde_json::from_slice::<Record>(&v)
+            .map(|v| {
+                serde_json::from_slice::<Record>(v)
                     .map(|r| r.info)
                     .map_err(|e| KeyStoreError::Storage(e.to_string()))
             })
@@ -375,8 +365,8 @@ impl KeyStore {
     ) -> Result<ocicrypt::keys::PrivateKey, KeyStoreError> {
         let name = record_name(id, version);
         let bytes = self
-            .keys
-            .get(&name)?
+            .store
+            .key_record(id, version)?
             .ok_or_else(|| KeyStoreError::NotFound(format!("{id} version {version}")))?;
         let record = Self::decode(id, &bytes)?;
         if record.info.revoked {
@@ -409,9 +399,10 @@ impl KeyStore {
                 continue;
             }
             record.info.revoked = true;
-            self.keys.insert(
-                record_name(id, record.info.version),
-                serde_json::to_vec(&record).expect("records serialize"),
+            self.store.replace_key_record(
+                id,
+                record.info.version,
+                &serde_json::to_vec(&record).expect("records serialize"),
             )?;
             changed.push(record.info);
         }
@@ -421,7 +412,6 @@ impl KeyStore {
                 version.unwrap_or(0)
             )));
         }
-        self.db.flush()?;
         Ok(changed)
     }
 }

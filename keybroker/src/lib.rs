@@ -8,7 +8,9 @@
 //!   values), single-use nonces, AK template checks and persisted enrollments.
 //! - [`tpm2`]: reading TPM-marshalled structures (cursor, tags, object attributes).
 //! - [`credential`]: TPM2_MakeCredential in software, pinning an AK to its TPM's EK.
-//! - [`keystore`]: key-encryption keys (versioned, revocable) sealed at rest in sled under
+//! - [`store`]: the broker's state behind one trait, in sled (embedded) or PostgreSQL
+//!   (shared by replicas).
+//! - [`keystore`]: key-encryption keys (versioned, revocable) sealed at rest in the store under
 //!   a master key: a 0600 file, or sealed by the broker host's TPM ([`sealing`]).
 //! - [`broker`]: the transport-free flow (attest -> session -> policy-checked, audited
 //!   release sealed to the session key), key provider wrapping, and audited administration.
@@ -31,6 +33,7 @@ pub mod provider;
 pub mod provider_command;
 pub mod sealing;
 pub mod service;
+pub mod store;
 pub mod tpm2;
 pub mod verifier;
 pub mod wrapping;

@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keybroker::admin::{self, AdminError, LocalOptions, Target};
 use keybroker::keystore::KeyKind;
 use keybroker::output;
+use keybroker::store::postgres::PgStore;
+use keybroker::store::StoreLocation;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +50,10 @@ struct Cli {
     /// broker.
     #[arg(long, value_name = "TCTI", global = true)]
     master_key_tpm: Option<String>,
+    /// The broker's store: `sled` (in DIR, the default) or a `postgres://` URL (several
+    /// replicas share it). For `serve`, it overrides the configuration's `store`.
+    #[arg(long, value_name = "URL", global = true)]
+    store: Option<StoreLocation>,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,6 +74,9 @@ enum Command {
     /// Deployment policy bundles.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// The PostgreSQL store's schema (`--store postgres://...`).
+    #[command(subcommand)]
+    Db(DbCmd),
     /// The ocicrypt key provider, command form: a request on stdin, the reply on stdout,
     /// through the broker's socket. Configure it in OCICRYPT_KEYPROVIDER_CONFIG as
     /// `{"cmd": {"path": "keybroker", "args": ["--socket", SOCKET, "keyprovider"]}}`.
@@ -164,6 +173,15 @@ enum Ipus {
 }
 
 #[derive(Subcommand)]
+enum DbCmd {
+    /// Apply the schema migrations this broker needs (idempotent; safe with replicas
+    /// running an older schema only while it adds what they do not use).
+    Migrate,
+    /// The schema version applied and the one this broker needs.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum PolicyCmd {
     /// Load a signed bundle (`policy sign`): trusted signer, no rollback.
     Load { bundle: PathBuf },
@@ -172,9 +190,12 @@ enum PolicyCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Serve { config } => {
-            keybroker::daemon::serve_file(config).map_err(|e| e.to_string())
+        Command::Serve { config } => match cli.store.clone() {
+            Some(store) => keybroker::daemon::serve_file_on(config, store),
+            None => keybroker::daemon::serve_file(config),
         }
+        .map_err(|e| e.to_string()),
+        Command::Db(cmd) => db(cli.store.as_ref(), cmd),
         Command::Keyprovider => {
             keybroker::provider_command::run(cli.socket.as_deref()).map_err(|e| e.to_string())
         }
@@ -196,6 +217,7 @@ fn admin(cli: &Cli) -> Result<(), AdminError> {
         actor: cli.actor.clone(),
         bundle_keys: cli.bundle_key.clone(),
         master_key_tpm: cli.master_key_tpm.clone(),
+        store: cli.store.clone().unwrap_or_default(),
     };
     let mut t = Target::open(cli.socket.as_deref(), &local)?;
     match &cli.command {
@@ -245,9 +267,43 @@ fn admin(cli: &Cli) -> Result<(), AdminError> {
             let (version, signer) = t.load_policy(&admin::read(bundle)?)?;
             print!("{}", output::policy_loaded(version, &signer));
         }
-        Command::Serve { .. } | Command::Keyprovider => unreachable!("dispatched in main"),
+        Command::Serve { .. } | Command::Keyprovider | Command::Db(_) => {
+            unreachable!("dispatched in main")
+        }
     }
     Ok(())
+}
+
+/// `keybroker db migrate|status`.
+fn db(store: Option<&StoreLocation>, cmd: &DbCmd) -> Result<(), String> {
+    let Some(StoreLocation::Postgres(url)) = store else {
+        return Err(
+            "db: give the PostgreSQL store, --store postgres://... (sled needs no migrations)"
+                .into(),
+        );
+    };
+    let store = PgStore::connect(url).map_err(|e| e.to_string())?;
+    let want = keybroker::store::postgres::schema_version();
+    match cmd {
+        DbCmd::Migrate => {
+            let applied = store.migrate().map_err(|e| e.to_string())?;
+            if applied.is_empty() {
+                println!("schema at version {want}: nothing to migrate");
+            } else {
+                let list: Vec<String> = applied.iter().map(i32::to_string).collect();
+                println!(
+                    "applied migration(s) {}: schema at version {want}",
+                    list.join(", ")
+                );
+            }
+            Ok(())
+        }
+        DbCmd::Status => {
+            let at = store.applied_version().map_err(|e| e.to_string())?;
+            println!("schema at version {at}; this broker needs {want}");
+            store.check_schema().map_err(|e| e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -138,6 +138,10 @@ fn require_any(caller: &Caller, roles: &[&str]) -> Result<(), Status> {
 }
 
 fn status(e: BrokerError) -> Status {
+    // The store failed: the service is unavailable, nothing was decided.
+    if e.is_operational() {
+        return Status::unavailable(e.to_string());
+    }
     match e {
         BrokerError::Attestation(_)
         | BrokerError::Denied(_)
@@ -166,14 +170,15 @@ fn status(e: BrokerError) -> Status {
         | BrokerError::MasterKeyIsFile(_)
         | BrokerError::MasterKeyIsSealed(_)
         | BrokerError::BundleKey(_)
-        | BrokerError::RunningPolicy(_)
+        | BrokerError::RunningPolicy { .. }
         | BrokerError::Class(_)
         | BrokerError::Enrollment(_)
         | BrokerError::EndorsementKeyRequired
         | BrokerError::PublicKey(_)
         | BrokerError::FixedPolicy
         | BrokerError::NoBundleKeys
-        | BrokerError::PolicyState(_) => Status::failed_precondition(e.to_string()),
+        | BrokerError::PolicyContention => Status::failed_precondition(e.to_string()),
+        BrokerError::Store(_) => Status::unavailable(e.to_string()),
         BrokerError::Audit(_) | BrokerError::KeyStore(_) => Status::internal(e.to_string()),
     }
 }
@@ -227,17 +232,21 @@ impl KeyBroker for KeyBrokerService {
         let who = self.auth.caller(&request)?;
         require(&who, "ipu")?;
         let ak_public = request.into_inner().ak_public;
-        let (pcrs, credential) = if ak_public.is_empty() {
-            (Vec::new(), None)
-        } else {
-            let broker = self.broker.clone();
-            blocking(move || broker.challenge_for(&who.subject, &ak_public)).await?
-        };
+        let broker = self.broker.clone();
+        let (nonce, (pcrs, credential)) = blocking(move || {
+            let found = if ak_public.is_empty() {
+                (Vec::new(), None)
+            } else {
+                broker.challenge_for(&who.subject, &ak_public)?
+            };
+            Ok::<_, BrokerError>((broker.challenge()?, found))
+        })
+        .await?;
         let (credential_id_object, credential_secret) = credential
             .map(|c| (c.id_object, c.encrypted_secret))
             .unwrap_or_default();
         Ok(Response::new(ChallengeResponse {
-            nonce: self.broker.challenge().to_vec(),
+            nonce: nonce.to_vec(),
             pcrs: pcrs.into_iter().map(u32::from).collect(),
             credential_id_object,
             credential_secret,
@@ -443,11 +452,9 @@ impl KeyAdmin for AdminService {
 
     async fn list_keys(&self, req: Request<ListRequest>) -> Result<Response<KeyList>, Status> {
         require_any(&self.auth.caller(&req)?, &["admin", "auditor"])?;
-        let keys = self
-            .broker
-            .keys()
-            .list()
-            .map_err(|e| status(e.into()))?
+        let b = self.broker.clone();
+        let keys = blocking(move || b.keys().list().map_err(BrokerError::from))
+            .await?
             .into_iter()
             .map(key_info)
             .collect();
@@ -479,10 +486,9 @@ impl KeyAdmin for AdminService {
 
     async fn list_ipus(&self, req: Request<ListRequest>) -> Result<Response<IpuList>, Status> {
         require_any(&self.auth.caller(&req)?, &["admin", "auditor"])?;
-        let ipus = self
-            .broker
-            .verifier
-            .list()
+        let b = self.broker.clone();
+        let ipus = blocking(move || b.verifier.list().map_err(BrokerError::from))
+            .await?
             .into_iter()
             .map(ipu_info)
             .collect();

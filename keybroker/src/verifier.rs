@@ -9,7 +9,7 @@
 //! field (TPM 2.0 Library Part 2, 10.12), the ECDSA P-256 signature checked with ring.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ring::digest::{digest, SHA256};
@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 pub use broker_protocol::{binding, Evidence};
 
 use crate::credential::{self, Credential, EndorsementKey};
+use crate::store::{Ephemeral, Store, StoreError};
 use crate::tpm2::{Malformed, Reader, ALG_ECC, ALG_ECDAA, ALG_NULL, ALG_SHA256, ECC_NIST_P256};
 use crate::tpm2::{ST_ATTEST_QUOTE, TPM_GENERATED};
 
@@ -69,6 +70,16 @@ pub enum AttestError {
         got: String,
         want: String,
     },
+    /// The broker's store failed: an operational failure, not a verdict on the evidence.
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+impl AttestError {
+    /// True for a failure of the broker itself (its store), not of the evidence.
+    pub fn is_operational(&self) -> bool {
+        matches!(self, AttestError::Store(_))
+    }
 }
 
 impl From<Malformed> for AttestError {
@@ -95,8 +106,8 @@ pub enum EnrollmentError {
     AkOfAnotherIpu,
     #[error("no IPU {0:?} is enrolled")]
     NotEnrolled(String),
-    #[error("enrollment store: {0}")]
-    Store(#[from] sled::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("enrollment {key:?} is corrupt: {source}")]
     Corrupt {
         key: String,
@@ -245,38 +256,61 @@ pub fn verify_quote(
     Ok(quote)
 }
 
-/// Nonces the broker issued, each usable once within its lifetime.
+/// Nonces the broker issued, each usable once within its lifetime: in this process, or in
+/// the broker's store (shared by its replicas). Only a nonce's SHA-256 is kept.
 pub struct Nonces {
     pub(crate) lifetime: Duration,
-    issued: Mutex<HashMap<Vec<u8>, Instant>>,
+    issued: NonceBackend,
+}
+
+enum NonceBackend {
+    Memory(Ephemeral),
+    Store(Arc<dyn Store>),
+}
+
+fn nonce_hash(nonce: &[u8]) -> [u8; 32] {
+    digest(&SHA256, nonce)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
 }
 
 impl Nonces {
+    /// Nonces kept in this process.
     pub fn new(lifetime: Duration) -> Self {
         Self {
             lifetime,
-            issued: Mutex::new(HashMap::new()),
+            issued: NonceBackend::Memory(Ephemeral::default()),
         }
     }
 
-    /// A fresh random 32-byte nonce.
-    pub fn issue(&self) -> Zeroizing<Vec<u8>> {
+    /// Nonces kept in a store.
+    pub fn in_store(lifetime: Duration, store: Arc<dyn Store>) -> Self {
+        Self {
+            lifetime,
+            issued: NonceBackend::Store(store),
+        }
+    }
+
+    /// A fresh random 32-byte nonce, recorded as issued.
+    pub fn issue(&self) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         let mut n = Zeroizing::new(vec![0u8; 32]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
             .expect("system randomness");
-        let mut issued = self.issued.lock().expect("not poisoned");
-        let now = Instant::now();
-        issued.retain(|_, t| now.duration_since(*t) < self.lifetime);
-        issued.insert(n.to_vec(), now);
-        n
+        let hash = nonce_hash(&n);
+        match &self.issued {
+            NonceBackend::Memory(m) => m.issue_nonce(&hash, self.lifetime),
+            NonceBackend::Store(s) => s.issue_nonce(&hash, self.lifetime)?,
+        }
+        Ok(n)
     }
 
     /// Consumes a nonce: true once per issued, unexpired nonce.
-    pub fn consume(&self, nonce: &[u8]) -> bool {
-        let mut issued = self.issued.lock().expect("not poisoned");
-        match issued.remove(nonce) {
-            Some(t) => t.elapsed() < self.lifetime,
-            None => false,
+    pub fn consume(&self, nonce: &[u8]) -> Result<bool, StoreError> {
+        let hash = nonce_hash(nonce);
+        match &self.issued {
+            NonceBackend::Memory(m) => Ok(m.consume_nonce(&hash)),
+            NonceBackend::Store(s) => s.consume_nonce(&hash),
         }
     }
 }
@@ -377,13 +411,22 @@ pub fn classes_from_policy(
 /// A credential's secret and when it was handed out.
 type IssuedCredential = (Zeroizing<[u8; 32]>, Instant);
 
+/// How long enrollments read from the store are trusted before they are read again: a
+/// revocation made through another replica takes effect here within this time.
+pub const ENROLLMENT_REFRESH: Duration = Duration::from_millis(250);
+
 /// The broker's verifier: enrolled AKs, reference values per IPU class, issued nonces.
-/// With a store, enrollments persist across restarts (nonces and sessions never do).
+/// With a store, enrollments persist (and are shared by the replicas on that store), and
+/// nonces live in the store (the sled store keeps them in memory).
 pub struct Verifier {
     pub nonces: Nonces,
     enrolled: Mutex<HashMap<Vec<u8>, Enrollment>>,
+    /// When each IPU was enrolled (seconds since the epoch), as stored.
+    enrolled_times: Mutex<HashMap<String, u64>>,
+    /// When the enrollments were last read from the store.
+    read_at: Mutex<Option<Instant>>,
     classes: RwLock<HashMap<String, ReferencePcrs>>,
-    store: Option<sled::Tree>,
+    store: Option<Arc<dyn Store>>,
     /// Credential secrets handed out for activation, by AK.
     credentials: Mutex<HashMap<Vec<u8>, IssuedCredential>>,
 }
@@ -400,35 +443,75 @@ impl Verifier {
         Self {
             nonces: Nonces::new(nonce_lifetime),
             enrolled: Mutex::new(HashMap::new()),
+            enrolled_times: Mutex::new(HashMap::new()),
+            read_at: Mutex::new(None),
             classes: RwLock::new(classes),
             store: None,
             credentials: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A verifier whose enrollments live in `store` (loaded now, written through).
+    /// A verifier whose enrollments and nonces live in `store` (enrollments loaded now,
+    /// written through, and read again at most [`ENROLLMENT_REFRESH`] apart).
     pub fn with_store(
         classes: HashMap<String, ReferencePcrs>,
         nonce_lifetime: Duration,
-        store: sled::Tree,
+        store: Arc<dyn Store>,
     ) -> Result<Self, EnrollmentError> {
-        let mut enrolled = HashMap::new();
-        for r in store.iter() {
-            let (k, v) = r?;
-            let e: EnrolledIpu =
-                serde_json::from_slice(&v).map_err(|source| EnrollmentError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })?;
-            enrolled.insert(e.ak_public, e.enrollment);
-        }
-        Ok(Self {
-            nonces: Nonces::new(nonce_lifetime),
-            enrolled: Mutex::new(enrolled),
+        let v = Self {
+            nonces: Nonces::in_store(nonce_lifetime, store.clone()),
+            enrolled: Mutex::new(HashMap::new()),
+            enrolled_times: Mutex::new(HashMap::new()),
+            read_at: Mutex::new(None),
             classes: RwLock::new(classes),
             store: Some(store),
             credentials: Mutex::new(HashMap::new()),
+        };
+        v.refresh(true)?;
+        Ok(v)
+    }
+
+    /// Reads the enrollments from the store again when they are older than
+    /// [`ENROLLMENT_REFRESH`] (or always, `force`).
+    fn refresh(&self, force: bool) -> Result<(), EnrollmentError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut read_at = self.read_at.lock().expect("not poisoned");
+        if !force && read_at.is_some_and(|t| t.elapsed() < ENROLLMENT_REFRESH) {
+            return Ok(());
+        }
+        let mut enrolled = HashMap::new();
+        let mut times = HashMap::new();
+        for (key, v) in store.enrollments()? {
+            let e: EnrolledIpu = serde_json::from_slice(&v)
+                .map_err(|source| EnrollmentError::Corrupt { key, source })?;
+            times.insert(e.enrollment.ipu_id.clone(), e.enrolled);
+            enrolled.insert(e.ak_public, e.enrollment);
+        }
+        *self.enrolled.lock().expect("not poisoned") = enrolled;
+        *self.enrolled_times.lock().expect("not poisoned") = times;
+        *read_at = Some(Instant::now());
+        Ok(())
+    }
+
+    fn refreshed(&self) -> Result<(), AttestError> {
+        self.refresh(false).map_err(|e| match e {
+            EnrollmentError::Store(e) => AttestError::Store(e),
+            other => AttestError::Malformed(other.to_string()),
         })
+    }
+
+    /// Whether an IPU may still use its sessions: enrolled and not revoked (as the store
+    /// says, at most [`ENROLLMENT_REFRESH`] ago).
+    pub fn ipu_usable(&self, ipu_id: &str) -> Result<bool, AttestError> {
+        self.refreshed()?;
+        Ok(self
+            .enrolled
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .any(|e| e.ipu_id == ipu_id && !e.revoked))
     }
 
     /// Replaces the reference values (a new deployment policy was loaded).
@@ -494,6 +577,7 @@ impl Verifier {
         if e.ipu_id.is_empty() || e.ipu_id.len() > 128 || e.ipu_id.contains(char::is_control) {
             return Err(EnrollmentError::BadIpuId(e.ipu_id));
         }
+        self.refresh(true)?;
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         if enrolled
             .iter()
@@ -513,12 +597,14 @@ impl Verifier {
 
     fn persist(&self, e: &EnrolledIpu) -> Result<(), EnrollmentError> {
         if let Some(store) = &self.store {
-            store
-                .insert(
-                    e.enrollment.ipu_id.as_bytes(),
-                    serde_json::to_vec(e).expect("enrollments serialize"),
-                )
-                .and_then(|_| store.flush())?;
+            store.put_enrollment(
+                &e.enrollment.ipu_id,
+                &serde_json::to_vec(e).expect("enrollments serialize"),
+            )?;
+            self.enrolled_times
+                .lock()
+                .expect("not poisoned")
+                .insert(e.enrollment.ipu_id.clone(), e.enrolled);
         }
         Ok(())
     }
@@ -536,6 +622,7 @@ impl Verifier {
 
     /// Revokes an IPU's AK: its quotes are refused from now on (it stays listed).
     pub fn revoke_ipu(&self, ipu_id: &str) -> Result<EnrolledIpu, EnrollmentError> {
+        self.refresh(true)?;
         let mut enrolled = self.enrolled.lock().expect("not poisoned");
         let (ak, e) = enrolled
             .iter_mut()
@@ -554,16 +641,17 @@ impl Verifier {
     }
 
     fn enrolled_at(&self, ipu_id: &str) -> u64 {
-        self.store
-            .as_ref()
-            .and_then(|s| s.get(ipu_id.as_bytes()).ok().flatten())
-            .and_then(|v| serde_json::from_slice::<EnrolledIpu>(&v).ok())
-            .map(|e| e.enrolled)
+        self.enrolled_times
+            .lock()
+            .expect("not poisoned")
+            .get(ipu_id)
+            .copied()
             .unwrap_or(0)
     }
 
     /// Every enrollment, by IPU id.
-    pub fn list(&self) -> Vec<EnrolledIpu> {
+    pub fn list(&self) -> Result<Vec<EnrolledIpu>, EnrollmentError> {
+        self.refresh(false)?;
         let enrolled = self.enrolled.lock().expect("not poisoned");
         let mut all: Vec<EnrolledIpu> = enrolled
             .iter()
@@ -574,7 +662,7 @@ impl Verifier {
             })
             .collect();
         all.sort_by(|a, b| a.enrollment.ipu_id.cmp(&b.enrollment.ipu_id));
-        all
+        Ok(all)
     }
 
     /// The whole check: the nonce is ours and unused (consumed now, even if the rest fails),
@@ -600,7 +688,7 @@ impl Verifier {
         ephemeral_public: &[u8],
         activation: Option<&[u8]>,
     ) -> Result<(Enrollment, Quote), AttestError> {
-        if !self.nonces.consume(nonce) {
+        if !self.nonces.consume(nonce).map_err(AttestError::Store)? {
             return Err(AttestError::StaleNonce);
         }
         let mut enrollment = self.enrollment(ak_public)?;
@@ -650,6 +738,7 @@ impl Verifier {
 
     /// The enrollment of a usable (enrolled, unrevoked) AK.
     pub fn enrollment(&self, ak_public: &[u8]) -> Result<Enrollment, AttestError> {
+        self.refreshed()?;
         let enrollment = self
             .enrolled
             .lock()

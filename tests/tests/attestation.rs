@@ -38,7 +38,7 @@ fn a_fresh_quote_from_an_enrolled_ak_verifies() {
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     assert_eq!(tpm.ak_public().len(), 65);
     let broker = broker_for(&mut tpm);
-    let nonce = broker.nonces.issue();
+    let nonce = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&nonce, EPHEMERAL, &PCRS).unwrap();
     let (enrollment, quote) = broker
         .verify(&evidence, tpm.ak_public(), &nonce, EPHEMERAL)
@@ -69,8 +69,8 @@ fn nonces_bindings_and_keys_are_checked() {
     );
 
     // A quote made for one nonce presented with another (fresh) one.
-    let n1 = broker.nonces.issue();
-    let n2 = broker.nonces.issue();
+    let n1 = broker.nonces.issue().unwrap();
+    let n2 = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&n1, EPHEMERAL, &PCRS).unwrap();
     assert_eq!(
         broker
@@ -80,7 +80,7 @@ fn nonces_bindings_and_keys_are_checked() {
     );
 
     // A quote bound to another ephemeral key (a relayed quote).
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&n, b"the attacker's key", &PCRS).unwrap();
     assert_eq!(
         broker
@@ -90,7 +90,7 @@ fn nonces_bindings_and_keys_are_checked() {
     );
 
     // Changed evidence: a PCR value, a byte of the quote.
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let mut evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
     evidence.pcrs.get_mut(&7).unwrap()[0] ^= 1;
     assert_eq!(
@@ -99,7 +99,7 @@ fn nonces_bindings_and_keys_are_checked() {
             .unwrap_err(),
         AttestError::PcrDigestMismatch
     );
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let mut evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
     let last = evidence.attest.len() - 1;
     evidence.attest[last] ^= 1;
@@ -111,7 +111,7 @@ fn nonces_bindings_and_keys_are_checked() {
     );
 
     // Fewer PCRs than the class requires.
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&n, EPHEMERAL, &[0]).unwrap();
     assert!(matches!(
         broker
@@ -122,7 +122,7 @@ fn nonces_bindings_and_keys_are_checked() {
 
     // Revoked.
     assert!(broker.revoke(tpm.ak_public()));
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
     assert_eq!(
         broker
@@ -141,7 +141,7 @@ fn an_unenrolled_ak_and_a_changed_pcr_are_refused() {
     // Another TPM's AK, never enrolled, with valid quotes of its own.
     let other_swtpm = Swtpm::start();
     let mut other = Tpm::open(&other_swtpm.tcti()).unwrap();
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let evidence = other.quote(&n, EPHEMERAL, &PCRS).unwrap();
     assert_eq!(
         broker
@@ -150,7 +150,7 @@ fn an_unenrolled_ak_and_a_changed_pcr_are_refused() {
         AttestError::UnknownKey
     );
     // ...nor can its quote pass as the enrolled AK's.
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let evidence = other.quote(&n, EPHEMERAL, &PCRS).unwrap();
     assert_eq!(
         broker
@@ -161,7 +161,7 @@ fn an_unenrolled_ak_and_a_changed_pcr_are_refused() {
 
     // Something unexpected was measured into PCR 16.
     tpm.extend_pcr(16, &[0xAB; 32]).unwrap();
-    let n = broker.nonces.issue();
+    let n = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
     match broker
         .verify(&evidence, tpm.ak_public(), &n, EPHEMERAL)
@@ -182,7 +182,7 @@ fn a_released_key_opens_only_in_the_attested_session() {
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let broker = broker_for(&mut tpm);
     let session = SessionKey::generate();
-    let nonce = broker.nonces.issue();
+    let nonce = broker.nonces.issue().unwrap();
     let evidence = tpm.quote(&nonce, &session.public(), &PCRS).unwrap();
     broker
         .verify(&evidence, tpm.ak_public(), &nonce, &session.public())
@@ -222,7 +222,7 @@ fn enrollment_accepts_the_ak_and_refuses_the_endorsement_key() {
     };
     let point = v.enroll_template(tpm.ak_template(), enrollment()).unwrap();
     assert_eq!(point, tpm.ak_public());
-    let n = v.nonces.issue();
+    let n = v.nonces.issue().unwrap();
     let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
     v.verify(&evidence, &point, &n, EPHEMERAL).unwrap();
 
@@ -295,7 +295,7 @@ fn an_ak_pinned_to_its_ek_attests_only_after_activation() {
         )
         .unwrap();
     let attest = |tpm: &mut Tpm, activation: Option<&[u8]>| {
-        let n = v.nonces.issue();
+        let n = v.nonces.issue().unwrap();
         let evidence = tpm.quote(&n, EPHEMERAL, &PCRS).unwrap();
         v.verify_activated(&evidence, &point, &n, EPHEMERAL, activation)
     };

@@ -29,7 +29,7 @@ struct Setup {
 impl Setup {
     /// Challenge, quote bound to `key`, attest: an open session and the nonce it used.
     fn attest(&mut self, key: &SessionKey) -> (Session, Zeroizing<Vec<u8>>) {
-        let nonce = self.broker.challenge();
+        let nonce = self.broker.challenge().unwrap();
         let evidence = self.tpm.quote(&nonce, &key.public(), &PCRS).unwrap();
         let session = self
             .broker
@@ -159,7 +159,7 @@ fn relayed_quotes_expired_sessions_and_revoked_keys_get_nothing() {
     // A quote bound to one session key, presented with another (a relaying host).
     let ipu_key = SessionKey::generate();
     let host_key = SessionKey::generate();
-    let nonce = s.broker.challenge();
+    let nonce = s.broker.challenge().unwrap();
     let evidence = s.tpm.quote(&nonce, &ipu_key.public(), &PCRS).unwrap();
     let err = s
         .broker
@@ -221,7 +221,7 @@ fn after_a_restart_keys_remain_and_sessions_are_gone() {
         .unwrap_err();
     assert!(matches!(err, BrokerError::NoSession), "{err}");
     // A new attestation works and the stored key is released again.
-    let nonce = broker.challenge();
+    let nonce = broker.challenge().unwrap();
     let evidence = s.tpm.quote(&nonce, &session_key.public(), &PCRS).unwrap();
     let session = broker
         .attest(

@@ -1,0 +1,457 @@
+//! The production store: PostgreSQL, shared by every broker replica.
+//!
+//! - Schema changes are numbered migrations ([`MIGRATIONS`]), recorded in
+//!   `schema_migrations`; `keybroker db migrate` applies the missing ones (under an advisory
+//!   lock, each in its transaction), and a broker refuses to start on a schema older or
+//!   newer than the one it was built for.
+//! - A nonce is consumed by `DELETE ... RETURNING`: one replica's delete wins, every other
+//!   (concurrent or later) finds nothing.
+//! - The running policy bundle is one row, replaced only by compare-and-set on its version.
+//! - Times are the database's (`now()`), so replicas' clocks do not matter.
+//!
+//! Connections: a small pool of synchronous clients (the broker's calls run on blocking
+//! threads); a connection that failed is dropped and the next call opens a new one, so the
+//! broker recovers by itself when the database is back. No TLS: the database is reached
+//! over a Unix socket or loopback (see docs/operations.md).
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use postgres::{Client, Config, NoTls};
+
+use super::{SessionRecord, Store, StoreError};
+
+/// The schema, one migration per version, applied in order and never edited once released.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "broker state: KEK records, enrollments, policy bundle, nonces, sessions",
+    "CREATE TABLE kek_records (
+         key_id text NOT NULL,
+         version integer NOT NULL,
+         record bytea NOT NULL,
+         PRIMARY KEY (key_id, version)
+     );
+     CREATE TABLE ipu_enrollments (
+         ipu_id text PRIMARY KEY,
+         record bytea NOT NULL
+     );
+     CREATE TABLE policy_bundle (
+         singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+         version bigint NOT NULL,
+         bundle bytea NOT NULL,
+         installed timestamptz NOT NULL DEFAULT now()
+     );
+     CREATE TABLE attestation_nonces (
+         nonce_sha256 bytea PRIMARY KEY,
+         expires timestamptz NOT NULL
+     );
+     CREATE INDEX attestation_nonces_expires ON attestation_nonces (expires);
+     CREATE TABLE sessions (
+         id text PRIMARY KEY,
+         ipu_id text NOT NULL,
+         ipu_class text NOT NULL,
+         client text NOT NULL,
+         session_public bytea NOT NULL,
+         binding_salt bytea NOT NULL,
+         expires timestamptz NOT NULL
+     );
+     CREATE INDEX sessions_ipu_id ON sessions (ipu_id);
+     CREATE INDEX sessions_expires ON sessions (expires);",
+)];
+
+/// The schema version this broker was built for.
+pub fn schema_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// An arbitrary constant: the advisory lock `keybroker db migrate` holds.
+const MIGRATION_LOCK: i64 = 0x6b65_7962_726f_6b72;
+
+/// Idle connections kept for reuse.
+const POOL: usize = 8;
+
+pub struct PgStore {
+    config: Config,
+    idle: Mutex<Vec<Client>>,
+}
+
+fn err(operation: &'static str) -> impl Fn(postgres::Error) -> StoreError {
+    // The database's own message (e.g. "connection refused", "relation ... does not exist").
+    move |e| {
+        let message = match e.as_db_error() {
+            Some(db) => db.to_string(),
+            None => e.to_string(),
+        };
+        StoreError::new("postgres", operation, message)
+    }
+}
+
+impl PgStore {
+    /// A store on the database a connection string names (checked by connecting once).
+    pub fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| StoreError::new("postgres", "parse the connection string", e))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("keybroker");
+        }
+        let store = Self {
+            config,
+            idle: Mutex::new(Vec::new()),
+        };
+        let client = store.client("connect")?;
+        store.give_back(client);
+        Ok(store)
+    }
+
+    fn client(&self, operation: &'static str) -> Result<Client, StoreError> {
+        while let Some(c) = self.idle.lock().expect("not poisoned").pop() {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        self.config.connect(NoTls).map_err(err(operation))
+    }
+
+    fn give_back(&self, client: Client) {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        if !client.is_closed() && idle.len() < POOL {
+            idle.push(client);
+        }
+    }
+
+    /// Runs `f` on a pooled connection; a connection whose call failed is not reused.
+    fn with<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.client(operation)?;
+        match f(&mut client) {
+            Ok(t) => {
+                self.give_back(client);
+                Ok(t)
+            }
+            Err(e) => {
+                // A database-side refusal leaves the connection usable. Anything else (the
+                // server went away) likely broke every idle connection too: drop them all,
+                // so the next call connects afresh.
+                if e.as_db_error().is_some() {
+                    self.give_back(client);
+                } else {
+                    self.idle.lock().expect("not poisoned").clear();
+                }
+                Err(err(operation)(e))
+            }
+        }
+    }
+
+    /// The schema version applied (0: none).
+    pub fn applied_version(&self) -> Result<i32, StoreError> {
+        self.with("read the schema version", |c| {
+            let exists: bool = c
+                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])?
+                .get(0);
+            if !exists {
+                return Ok(0);
+            }
+            c.query_one(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .map(|r| r.get(0))
+        })
+    }
+
+    /// Applies the missing migrations; returns the versions applied now.
+    pub fn migrate(&self) -> Result<Vec<i32>, StoreError> {
+        self.with("migrate the schema", |c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version integer PRIMARY KEY,
+                     description text NOT NULL,
+                     applied timestamptz NOT NULL DEFAULT now()
+                 )",
+            )?;
+            let applied: i32 = tx
+                .query_one(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                    &[],
+                )?
+                .get(0);
+            let mut now = Vec::new();
+            for (version, description, sql) in MIGRATIONS {
+                if *version <= applied {
+                    continue;
+                }
+                tx.batch_execute(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, description) VALUES ($1, $2)",
+                    &[version, description],
+                )?;
+                now.push(*version);
+            }
+            tx.commit()?;
+            Ok(now)
+        })
+    }
+
+    /// Refuses a schema this broker was not built for (not migrated yet, or newer).
+    pub fn check_schema(&self) -> Result<(), StoreError> {
+        let applied = self.applied_version()?;
+        let want = schema_version();
+        let problem = if applied == 0 {
+            "the database has no broker schema: run `keybroker db migrate --store URL` first"
+                .to_string()
+        } else if applied < want {
+            format!(
+                "the schema is at version {applied}, this broker needs {want}: run `keybroker db migrate --store URL`"
+            )
+        } else if applied > want {
+            format!(
+                "the schema is at version {applied}, newer than this broker knows ({want}): run a newer broker"
+            )
+        } else {
+            return Ok(());
+        };
+        Err(StoreError::new("postgres", "check the schema", problem))
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn insert_key_record(&self, id: &str, version: u32, record: &[u8]) -> Result<bool, StoreError> {
+        let version = version as i32;
+        self.with("insert a key record", |c| {
+            c.execute(
+                "INSERT INTO kek_records (key_id, version, record) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&id, &version, &record],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn replace_key_record(&self, id: &str, version: u32, record: &[u8]) -> Result<(), StoreError> {
+        let version = version as i32;
+        let n = self.with("replace a key record", |c| {
+            c.execute(
+                "UPDATE kek_records SET record = $3 WHERE key_id = $1 AND version = $2",
+                &[&id, &version, &record],
+            )
+        })?;
+        if n != 1 {
+            return Err(StoreError::new(
+                "postgres",
+                "replace a key record",
+                format!("no record {id} version {version}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn key_record(&self, id: &str, version: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let version = version as i32;
+        self.with("read a key record", |c| {
+            c.query_opt(
+                "SELECT record FROM kek_records WHERE key_id = $1 AND version = $2",
+                &[&id, &version],
+            )
+            .map(|r| r.map(|r| r.get(0)))
+        })
+    }
+
+    fn key_records(&self, id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with("read key records", |c| {
+            c.query(
+                "SELECT record FROM kek_records WHERE key_id = $1 ORDER BY version",
+                &[&id],
+            )
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn all_key_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with("list key records", |c| {
+            c.query(
+                "SELECT record FROM kek_records ORDER BY key_id COLLATE \"C\", version",
+                &[],
+            )
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn put_enrollment(&self, ipu_id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.with("write an enrollment", |c| {
+            c.execute(
+                "INSERT INTO ipu_enrollments (ipu_id, record) VALUES ($1, $2)
+                 ON CONFLICT (ipu_id) DO UPDATE SET record = excluded.record",
+                &[&ipu_id, &record],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn enrollment(&self, ipu_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with("read an enrollment", |c| {
+            c.query_opt(
+                "SELECT record FROM ipu_enrollments WHERE ipu_id = $1",
+                &[&ipu_id],
+            )
+            .map(|r| r.map(|r| r.get(0)))
+        })
+    }
+
+    fn enrollments(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with("list enrollments", |c| {
+            c.query(
+                "SELECT ipu_id, record FROM ipu_enrollments ORDER BY ipu_id COLLATE \"C\"",
+                &[],
+            )
+            .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn running_bundle(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with("read the running policy bundle", |c| {
+            c.query_opt("SELECT bundle FROM policy_bundle", &[])
+                .map(|r| r.map(|r| r.get(0)))
+        })
+    }
+
+    fn running_bundle_version(&self) -> Result<Option<u64>, StoreError> {
+        self.with("read the running policy version", |c| {
+            c.query_opt("SELECT version FROM policy_bundle", &[])
+                .map(|r| r.map(|r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn install_bundle(
+        &self,
+        expected: Option<u64>,
+        version: u64,
+        bytes: &[u8],
+    ) -> Result<bool, StoreError> {
+        let new = i64::try_from(version).map_err(|_| {
+            StoreError::new(
+                "postgres",
+                "install a policy bundle",
+                format!("version {version} does not fit a bigint"),
+            )
+        })?;
+        self.with("install a policy bundle", |c| {
+            let n = match expected {
+                // Only the first bundle ever: a concurrent first install conflicts.
+                None => c.execute(
+                    "INSERT INTO policy_bundle (version, bundle) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&new, &bytes],
+                )?,
+                Some(old) => c.execute(
+                    "UPDATE policy_bundle SET version = $2, bundle = $3, installed = now()
+                     WHERE version = $1",
+                    &[&(old as i64), &new, &bytes],
+                )?,
+            };
+            Ok(n == 1)
+        })
+    }
+
+    fn issue_nonce(&self, nonce_hash: &[u8; 32], lifetime: Duration) -> Result<(), StoreError> {
+        let hash = nonce_hash.as_slice();
+        self.with("issue a nonce", |c| {
+            // Expired nonces are swept as new ones are issued.
+            c.execute("DELETE FROM attestation_nonces WHERE expires <= now()", &[])?;
+            c.execute(
+                "INSERT INTO attestation_nonces (nonce_sha256, expires)
+                 VALUES ($1, now() + $2 * interval '1 second')",
+                &[&hash, &secs(lifetime)],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn consume_nonce(&self, nonce_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let hash = nonce_hash.as_slice();
+        self.with("consume a nonce", |c| {
+            c.query_opt(
+                "DELETE FROM attestation_nonces WHERE nonce_sha256 = $1
+                 RETURNING expires > now()",
+                &[&hash],
+            )
+            .map(|r| r.is_some_and(|r| r.get::<_, bool>(0)))
+        })
+    }
+
+    fn put_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+        let ttl = secs(
+            s.expires
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        );
+        let salt = s.salt.as_slice();
+        self.with("open a session", |c| {
+            c.execute("DELETE FROM sessions WHERE expires <= now()", &[])?;
+            c.execute(
+                "INSERT INTO sessions
+                     (id, ipu_id, ipu_class, client, session_public, binding_salt, expires)
+                 VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 second')",
+                &[
+                    &s.id,
+                    &s.ipu_id,
+                    &s.ipu_class,
+                    &s.client,
+                    &s.session_public,
+                    &salt,
+                    &ttl,
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let row = self.with("read a session", |c| {
+            c.query_opt(
+                "SELECT id, ipu_id, ipu_class, client, session_public, binding_salt,
+                        extract(epoch FROM expires - now())::float8
+                 FROM sessions WHERE id = $1 AND expires > now()",
+                &[&id],
+            )
+        })?;
+        let Some(r) = row else { return Ok(None) };
+        let salt: Vec<u8> = r.get(5);
+        let salt: [u8; 32] = salt.try_into().map_err(|_| {
+            StoreError::new("postgres", "read a session", "binding salt is not 32 bytes")
+        })?;
+        let left: f64 = r.get(6);
+        Ok(Some(SessionRecord {
+            id: r.get(0),
+            ipu_id: r.get(1),
+            ipu_class: r.get(2),
+            client: r.get(3),
+            session_public: r.get(4),
+            salt,
+            expires: SystemTime::now() + Duration::from_secs_f64(left.max(0.0)),
+        }))
+    }
+
+    fn end_sessions_of(&self, ipu_id: &str) -> Result<(), StoreError> {
+        self.with("end an IPU's sessions", |c| {
+            c.execute("DELETE FROM sessions WHERE ipu_id = $1", &[&ipu_id])
+        })?;
+        Ok(())
+    }
+}

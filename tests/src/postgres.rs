@@ -1,0 +1,160 @@
+//! A throwaway PostgreSQL cluster from Debian's packages, for the key broker's store tests:
+//! `initdb` (as the `postgres` user) into a temporary directory it owns, `pg_ctl start`
+//! listening on a Unix socket in that directory and on 127.0.0.1 only (a free port), trust
+//! authentication (nothing else can reach it); stopped and removed on drop.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+/// The newest `/usr/lib/postgresql/N/bin`.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: run scripts/setup.sh")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, b)| b.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("no PostgreSQL server binaries: run scripts/setup.sh")
+        .1
+}
+
+fn checked(what: &str, out: std::io::Result<Output>) -> Output {
+    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Postgres {
+    /// A running cluster (the caller must be root, to act as `postgres`).
+    pub fn start() -> Self {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("kbpg")
+            .tempdir()
+            .expect("tempdir");
+        let chown = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(dir.path())
+            .output();
+        checked("chown the cluster directory to postgres", chown);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let pg = Self {
+            bin,
+            port: crate::free_port(),
+            dir,
+        };
+        let initdb = pg
+            .as_postgres("initdb")
+            .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
+            .arg(pg.data())
+            .output();
+        checked("initdb", initdb);
+        pg.start_again();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The Unix socket's directory.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn as_postgres(&self, tool: &str) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+        c
+    }
+
+    /// Starts the (stopped) cluster and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-k {} -h 127.0.0.1 -p {} -F -c max_connections=200",
+            self.socket_dir().display(),
+            self.port
+        );
+        let start = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .args(["-w", "-t", "30", "-o", &options, "start"])
+            .output();
+        checked("pg_ctl start", start);
+    }
+
+    /// Stops the cluster (fast shutdown: connections are cut).
+    pub fn stop(&self) {
+        let stop = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "fast", "stop"])
+            .output();
+        checked("pg_ctl stop", stop);
+    }
+
+    /// Creates a database; returns its URL over the Unix socket.
+    pub fn create_db(&self, name: &str) -> String {
+        let out = Command::new(self.bin.join("createdb"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string(), "-U", "postgres", name])
+            .output();
+        checked("createdb", out);
+        self.url(name)
+    }
+
+    /// A database's URL over the Unix socket.
+    pub fn url(&self, db: &str) -> String {
+        let host = self.socket_dir().display().to_string().replace('/', "%2F");
+        format!("postgres://postgres@{host}:{}/{db}", self.port)
+    }
+
+    /// A database's URL over loopback TCP.
+    pub fn tcp_url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// `pg_dump` of a database (plain SQL, data included).
+    pub fn dump(&self, db: &str) -> Vec<u8> {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string(), "-U", "postgres", db])
+            .output();
+        checked("pg_dump", out).stdout
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+    }
+}
