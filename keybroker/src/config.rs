@@ -55,6 +55,10 @@ struct Raw {
     #[serde(default)]
     require_ek: Option<bool>,
     #[serde(default)]
+    log_format: Option<ops::logging::LogFormat>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
+    #[serde(default)]
     tls: Option<RawTls>,
     #[serde(default)]
     unix: Option<RawUnix>,
@@ -122,6 +126,8 @@ pub enum ConfigError {
     NothingToServe,
     #[error("store: {0}")]
     Store(String),
+    #[error("metrics_listen = {value:?}: {message}")]
+    MetricsListen { value: String, message: String },
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +152,10 @@ pub struct Config {
     pub audit: AuditTarget,
     pub tls: Option<TlsListener>,
     pub unix: Option<UnixListener>,
+    /// Text (default) or JSON log lines.
+    pub log_format: ops::logging::LogFormat,
+    /// Where `/metrics` is served, if anywhere (loopback or a Unix socket).
+    pub metrics_listen: Option<ops::metrics::MetricsListen>,
 }
 
 pub const ROLES: [&str; 4] = ["admin", "publisher", "ipu", "auditor"];
@@ -255,11 +265,24 @@ impl Config {
         if tls.is_none() && unix.is_none() {
             return Err(ConfigError::NothingToServe);
         }
+        let metrics_listen = match raw.metrics_listen {
+            None => None,
+            Some(value) => Some(
+                value
+                    .parse()
+                    .map_err(|message| ConfigError::MetricsListen {
+                        value: value.clone(),
+                        message,
+                    })?,
+            ),
+        };
         Ok(Self {
             broker,
             audit,
             tls,
             unix,
+            log_format: raw.log_format.unwrap_or_default(),
+            metrics_listen,
         })
     }
 }

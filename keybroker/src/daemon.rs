@@ -60,6 +60,8 @@ pub enum ServeError {
     },
     #[error("signals: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[source] std::io::Error),
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -120,22 +122,67 @@ pub fn serve_file_on(path: &Path, store: crate::store::StoreLocation) -> Result<
     serve(config)
 }
 
+/// The gRPC health service names the broker's readiness under (and "").
+pub const HEALTH_SERVICE: &str = "ipu.keybroker.v1.KeyBroker";
+
 /// Serves the broker of `config` until SIGTERM or SIGINT.
 pub fn serve(config: Config) -> Result<(), ServeError> {
-    let sink = audit_sink(&config.audit)?;
-    let broker = Arc::new(Broker::open(&config.broker, sink)?);
+    ops::logging::init(config.log_format, "KEYBROKER_LOG", "info");
+    let metrics = Arc::new(crate::metrics::BrokerMetrics::new());
+    let sink: Arc<dyn audit::AuditSink> = Arc::new(crate::metrics::MeteredSink::new(
+        audit_sink(&config.audit)?,
+        metrics.clone(),
+    ));
+    let broker = Arc::new(Broker::open(&config.broker, sink.clone())?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    rt.block_on(run(broker, &config))?;
+    rt.block_on(run(broker, sink, metrics, &config))?;
     if let Some(unix) = &config.unix {
         unix_listen::remove(&unix.socket);
     }
     Ok(())
 }
 
-async fn run(broker: Arc<Broker>, config: &Config) -> Result<(), ServeError> {
+/// Ready when the store answers (a read of the key list) and the audit sink takes appends.
+fn readiness(broker: Arc<Broker>, sink: Arc<dyn audit::AuditSink>) -> ops::health::Check {
+    Arc::new(move || {
+        broker
+            .keys()
+            .list()
+            .map(drop)
+            .map_err(|e| format!("store: {e}"))?;
+        sink.ready()
+    })
+}
+
+async fn run(
+    broker: Arc<Broker>,
+    sink: Arc<dyn audit::AuditSink>,
+    metrics: Arc<crate::metrics::BrokerMetrics>,
+    config: &Config,
+) -> Result<(), ServeError> {
+    let _metrics_endpoint = match &config.metrics_listen {
+        Some(at) => {
+            let server = ops::metrics::serve(at, metrics.registry())
+                .await
+                .map_err(ServeError::Metrics)?;
+            eprintln!("keybroker: metrics on {}", server.local);
+            Some(server.task)
+        }
+        None => None,
+    };
+    let (reporter, health) = ops::health::health_reporter();
+    let gauge = metrics.clone();
+    let readiness_task = ops::health::spawn_readiness(
+        reporter,
+        vec![HEALTH_SERVICE.into()],
+        ops::health::CHECK_INTERVAL,
+        readiness(broker.clone(), sink),
+        move |ok| gauge.set_ready(ok),
+    )
+    .await;
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut servers = tokio::task::JoinSet::new();
     if let Some(tls) = &config.tls {
@@ -155,8 +202,9 @@ async fn run(broker: Arc<Broker>, config: &Config) -> Result<(), ServeError> {
         eprintln!("keybroker: serving mutual TLS on {addr}");
         let mut stop = stop_tx.subscribe();
         let b = broker.clone();
+        let h = health.clone();
         servers.spawn(async move {
-            crate::service::serve(b, listener, files, async move {
+            crate::service::serve_with_health(b, listener, files, Some(h), async move {
                 let _ = stop.recv().await;
             })
             .await
@@ -172,8 +220,9 @@ async fn run(broker: Arc<Broker>, config: &Config) -> Result<(), ServeError> {
         let mut stop = stop_tx.subscribe();
         let b = broker.clone();
         let roles = unix.roles.clone();
+        let h = health.clone();
         servers.spawn(async move {
-            crate::service::serve_unix(b, listener, roles, async move {
+            crate::service::serve_unix_with_health(b, listener, roles, Some(h), async move {
                 let _ = stop.recv().await;
             })
             .await
@@ -191,6 +240,7 @@ async fn run(broker: Arc<Broker>, config: &Config) -> Result<(), ServeError> {
         Some(r) = servers.join_next() => r??,
     }
     let _ = stop_tx.send(());
+    readiness_task.abort();
     // In-flight requests finish; a client that keeps an idle connection open does not
     // hold the stop for longer than this.
     let drain = async {

@@ -28,6 +28,7 @@ pub mod config;
 pub mod credential;
 pub mod daemon;
 pub mod keystore;
+pub mod metrics;
 pub mod output;
 pub mod provider;
 pub mod provider_command;

@@ -581,12 +581,14 @@ impl KeyProviderService for ProviderService {
     }
 }
 
-fn router(
+fn router<H: ops::health::Health>(
     broker: Arc<Broker>,
     auth: Auth,
     server: &mut Server,
+    health: Option<ops::health::HealthServer<H>>,
 ) -> tonic::transport::server::Router {
     server
+        .add_optional_service(health)
         .add_service(KeyBrokerService::new(broker.clone(), auth.clone()))
         .add_service(AdminService::new(broker.clone(), auth.clone()))
         .add_service(ProviderService::new(broker, auth))
@@ -599,13 +601,7 @@ pub async fn serve(
     tls: TlsFiles,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
-        .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut server = Server::builder().tcp_nodelay(true).tls_config(config)?;
-    router(broker, Auth::Tls, &mut server)
-        .serve_with_incoming_shutdown(NoDelay(incoming), shutdown)
+    serve_with_health::<tonic_health::server::HealthService>(broker, listener, tls, None, shutdown)
         .await
 }
 
@@ -616,6 +612,38 @@ pub async fn serve_unix(
     roles: std::collections::BTreeMap<u32, String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_unix_with_health::<tonic_health::server::HealthService>(
+        broker, listener, roles, None, shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with the standard gRPC health service (`keybroker serve` reports readiness on it).
+pub async fn serve_with_health<H: ops::health::Health>(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    tls: TlsFiles,
+    health: Option<ops::health::HealthServer<H>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
+        .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut server = Server::builder().tcp_nodelay(true).tls_config(config)?;
+    router(broker, Auth::Tls, &mut server, health)
+        .serve_with_incoming_shutdown(NoDelay(incoming), shutdown)
+        .await
+}
+
+/// [`serve_unix`] with the standard gRPC health service.
+pub async fn serve_unix_with_health<H: ops::health::Health>(
+    broker: Arc<Broker>,
+    listener: tokio::net::UnixListener,
+    roles: std::collections::BTreeMap<u32, String>,
+    health: Option<ops::health::HealthServer<H>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -623,6 +651,7 @@ pub async fn serve_unix(
         broker,
         Auth::Unix { own_uid, roles },
         &mut Server::builder(),
+        health,
     )
     .serve_with_incoming_shutdown(incoming, shutdown)
     .await
