@@ -42,25 +42,7 @@ impl Signed {
         let cosign = cosign3()?;
         let registry = Registry::start(None);
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("skopeo")
-            .args([
-                "--insecure-policy",
-                "copy",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-            ])
-            .arg(format!(
-                "oci:{}:plain",
-                fixtures().join("oci-layout").display()
-            ))
-            .arg(format!("docker://{}/t/app:v1", registry.host()))
-            .output()
-            .expect("skopeo not installed: run scripts/setup.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        copy_fixture(&registry, "plain", "v1");
         let digest = integration_tests::expected()
             .into_iter()
             .find(|e| e.tag == "plain")
@@ -102,7 +84,11 @@ impl Signed {
     /// `cosign sign --key cosign.key --tlog-upload=false IMAGE@DIGEST` (cosign 3.1.1 also
     /// needs `--use-signing-config=false` for that), plus `extra`.
     fn sign(&self, extra: &[&str]) {
-        let image = self.image();
+        self.sign_image(&self.image(), extra);
+    }
+
+    /// [`Self::sign`] for another image of the registry.
+    fn sign_image(&self, image: &str, extra: &[&str]) {
         let mut args = vec![
             "sign",
             "--key",
@@ -112,47 +98,21 @@ impl Signed {
             "-y",
         ];
         args.extend_from_slice(extra);
-        args.push(&image);
+        args.push(image);
         self.cosign(&args);
     }
 
     /// Signs the fixture's `enc-signed` image (copied to `t/app:other`) and returns its
     /// bundle's bytes.
     fn sign_other(&self) -> Vec<u8> {
-        let out = Command::new("skopeo")
-            .args([
-                "--insecure-policy",
-                "copy",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-            ])
-            .arg(format!(
-                "oci:{}:enc-signed",
-                fixtures().join("oci-layout").display()
-            ))
-            .arg(format!("docker://{}/t/app:other", self.registry.host()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        copy_fixture(&self.registry, "enc-signed", "other");
         let digest = integration_tests::expected()
             .into_iter()
             .find(|e| e.tag == "enc-signed")
             .unwrap()
             .digest;
         let image = format!("{}/t/app@{digest}", self.registry.host());
-        self.cosign(&[
-            "sign",
-            "--key",
-            "cosign.key",
-            "--use-signing-config=false",
-            "--tlog-upload=false",
-            "-y",
-            &image,
-        ]);
+        self.sign_image(&image, &[]);
         let reference = ImageReference::parse(&format!("docker://{image}")).unwrap();
         let source = fetch::open_source(&reference, &SourceOptions::default()).unwrap();
         let sigs = fetch::signatures(source.as_ref(), &Digest::parse(&digest).unwrap()).unwrap();
@@ -215,6 +175,29 @@ impl Signed {
             .events;
         (report, result, events)
     }
+}
+
+/// Copies the fixture layout's `tag` to `t/app:<dest>` in `registry`, digests preserved.
+fn copy_fixture(registry: &Registry, tag: &str, dest: &str) {
+    let out = Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!(
+            "oci:{}:{tag}",
+            fixtures().join("oci-layout").display()
+        ))
+        .arg(format!("docker://{}/t/app:{dest}", registry.host()))
+        .output()
+        .expect("skopeo not installed: run scripts/setup.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn key_policy(public: &Path, extra: &str) -> String {
