@@ -58,38 +58,56 @@ fi
 # and only then do the tests that need it skip.
 COSIGN_VERSION=3.1.1
 COSIGN_DIR=${COSIGN_DIR:-/opt/ipu-image-tools/cosign-$COSIGN_VERSION}
-COSIGN_MIRROR=${COSIGN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
-# Prints why on failure. Downloads as the calling user; only the final move uses $SUDO.
-fetch_cosign() {
+# fetch_debian_package SUITE PACKAGE VERSION_PREFIX DEST BINARY [ARG...]: fetches the newest
+# PACKAGE of SUITE whose Debian version starts with VERSION_PREFIX from $DEBIAN_MIRROR with a
+# private sources.list, package lists and cache (the system's apt configuration and its
+# installed packages are not touched), unpacks it with dpkg-deb, checks that `BINARY ARG...`
+# (a path in the package) runs here, and moves the tree to DEST (with DEST/DEBIAN-VERSION).
+# DEST may contain `@UPSTREAM@`, replaced by the upstream version fetched (2.1.9 for
+# 2.1.9+ds1-5). Prints why on failure. Downloads as the calling user; only the final move
+# uses $SUDO.
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-${COSIGN_DEBIAN_MIRROR:-http://deb.debian.org/debian}}
+fetch_debian_package() {
+    local suite=$1 package=$2 prefix=$3 dest=$4 binary=$5
+    shift 5
     local work
     work=$(mktemp -d) || return 1
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
     mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/root" || return 1
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $COSIGN_MIRROR sid main" >"$work/sources.list"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR $suite main" >"$work/sources.list"
     local apt_opts=(
         -o "Dir::Etc::sourcelist=$work/sources.list"
         -o Dir::Etc::sourceparts=/nonexistent
         -o "Dir::State::Lists=$work/lists"
+        -o "Dir::State::status=/dev/null"
         -o "Dir::Cache=$work/cache"
         -o APT::Sandbox::User="$(id -un)"
     )
-    apt-get "${apt_opts[@]}" -qq --error-on=any update || { echo "apt-get update from $COSIGN_MIRROR sid failed"; return 1; }
+    apt-get "${apt_opts[@]}" -qq --error-on=any update || { echo "apt-get update from $DEBIAN_MIRROR $suite failed"; return 1; }
     local version
-    version=$(apt-cache "${apt_opts[@]}" madison cosign | awk -v v="$COSIGN_VERSION" '$3 ~ "^"v"-" {print $3; exit}')
+    # madison lists the newest first.
+    version=$(apt-cache "${apt_opts[@]}" madison "$package" | awk -v v="$prefix" 'index($3, v) == 1 {print $3; exit}')
     if [ -z "$version" ]; then
-        echo "Debian sid has no cosign $COSIGN_VERSION (it has: $(apt-cache "${apt_opts[@]}" madison cosign | awk '{print $3}' | tr '\n' ' '))"
+        echo "Debian $suite has no $package $prefix* (it has: $(apt-cache "${apt_opts[@]}" madison "$package" | awk '{print $3}' | tr '\n' ' '))"
         return 1
     fi
-    (cd "$work" && apt-get "${apt_opts[@]}" -qq download "cosign=$version") || { echo "apt-get download cosign=$version failed"; return 1; }
-    dpkg-deb -x "$work"/cosign_*.deb "$work/root" || { echo "dpkg-deb -x failed"; return 1; }
-    "$work/root/usr/bin/cosign" version >/dev/null 2>&1 || { echo "the unpacked cosign does not run"; return 1; }
+    (cd "$work" && apt-get "${apt_opts[@]}" -qq download "$package=$version") || { echo "apt-get download $package=$version failed"; return 1; }
+    dpkg-deb -x "$work/${package}_"*.deb "$work/root" || { echo "dpkg-deb -x failed"; return 1; }
+    "$work/root/$binary" "$@" >/dev/null 2>&1 || { echo "the unpacked $binary ($package $version) does not run here"; return 1; }
     echo "$version" >"$work/root/DEBIAN-VERSION"
-    $SUDO mkdir -p "$(dirname "$COSIGN_DIR")" &&
-        $SUDO rm -rf "$COSIGN_DIR" "$COSIGN_DIR.tmp" &&
-        $SUDO cp -a "$work/root" "$COSIGN_DIR.tmp" &&
-        $SUDO mv "$COSIGN_DIR.tmp" "$COSIGN_DIR" || { echo "cannot install into $COSIGN_DIR"; return 1; }
+    local upstream=${version#*:}
+    upstream=${upstream%%[~+-]*}
+    dest=${dest//@UPSTREAM@/$upstream}
+    $SUDO mkdir -p "$(dirname "$dest")" &&
+        $SUDO rm -rf "$dest" "$dest.tmp" &&
+        $SUDO cp -a "$work/root" "$dest.tmp" &&
+        $SUDO mv "$dest.tmp" "$dest" || { echo "cannot install into $dest"; return 1; }
+}
+
+fetch_cosign() {
+    fetch_debian_package sid cosign "$COSIGN_VERSION-" "$COSIGN_DIR" usr/bin/cosign version
 }
 
 if [ ! -x "$COSIGN_DIR/usr/bin/cosign" ] || [ ! -f "$COSIGN_DIR/DEBIAN-VERSION" ]; then
@@ -102,5 +120,34 @@ if [ ! -x "$COSIGN_DIR/usr/bin/cosign" ] || [ ! -f "$COSIGN_DIR/DEBIAN-VERSION" 
         echo "$reason" | $SUDO tee "$COSIGN_DIR.unavailable" >/dev/null
     fi
 fi
+
+# containerd 1.7 and 2.1 for the decrypt hook's tests (Debian 12's containerd 1.6 is the
+# package above). containerd 2.1.x is in Debian unstable, 1.7.x in Debian 13 (trixie); both
+# are fetched as cosign is (private apt configuration, dpkg-deb -x, nothing installed) into
+# $IPU_TOOLS/containerd-<upstream version>/ (containerd, ctr and containerd-shim-runc-v2 in
+# usr/bin). Their binaries need only libc >= 2.34 (`ldd`: libc.so.6 alone; Debian 12 has
+# 2.36), so they run here as they are: no chroot, no extra libraries. They run containers
+# with Debian 12's runc 1.1.5 (above): the sid/trixie runc packages need glibc 2.38, and
+# containerd 2.1 does not need them (`ctr run` works with 1.1.5). When a version cannot be
+# fetched, $IPU_TOOLS/containerd-<series>.unavailable says why, and only then do its tests
+# skip. Idempotent: a series already unpacked (with DEBIAN-VERSION) is left alone.
+IPU_TOOLS=${IPU_TOOLS:-/opt/ipu-image-tools}
+for spec in "2.1 sid" "1.7 trixie"; do
+    read -r series suite <<<"$spec"
+    have=""
+    for d in "$IPU_TOOLS/containerd-$series".*/; do
+        case $d in *.tmp/) continue ;; esac
+        if [ -x "$d/usr/bin/containerd" ] && [ -x "$d/usr/bin/ctr" ] && [ -f "$d/DEBIAN-VERSION" ]; then have=$d; fi
+    done
+    [ -n "$have" ] && continue
+    echo "setup: fetching containerd $series.x from Debian $suite into $IPU_TOOLS/containerd-$series.*" >&2
+    if reason=$(fetch_debian_package "$suite" containerd "$series." "$IPU_TOOLS/containerd-@UPSTREAM@" usr/bin/containerd --version 2>&1); then
+        $SUDO rm -f "$IPU_TOOLS/containerd-$series.unavailable"
+    else
+        echo "setup: containerd $series unavailable: $reason" >&2
+        $SUDO mkdir -p "$IPU_TOOLS"
+        echo "$reason" | $SUDO tee "$IPU_TOOLS/containerd-$series.unavailable" >/dev/null
+    fi
+done
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install a Rust toolchain" >&2; exit 1; }

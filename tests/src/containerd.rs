@@ -115,64 +115,319 @@ impl Ipu {
     }
 }
 
+/// Which containerd a test runs: Debian 12's 1.6 (the system's package), Debian 13's 1.7 or
+/// Debian unstable's 2.1 (both unpacked by scripts/setup.sh under [`TOOLS_DIR`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    V1_6,
+    V1_7,
+    V2_1,
+}
+
+/// Where scripts/setup.sh unpacks containerd 1.7 and 2.1 (`containerd-<version>`), and
+/// records why it could not (`containerd-<series>.unavailable`).
+pub const TOOLS_DIR: &str = "/opt/ipu-image-tools";
+
+impl Flavour {
+    pub const ALL: [Flavour; 3] = [Flavour::V1_6, Flavour::V1_7, Flavour::V2_1];
+
+    /// "1.6", "1.7" or "2.1".
+    pub fn series(self) -> &'static str {
+        match self {
+            Flavour::V1_6 => "1.6",
+            Flavour::V1_7 => "1.7",
+            Flavour::V2_1 => "2.1",
+        }
+    }
+
+    /// The config file version this containerd is given: 2 for 1.x, 3 for 2.x (what each
+    /// one's `containerd config default` writes).
+    pub fn config_version(self) -> u32 {
+        match self {
+            Flavour::V1_6 | Flavour::V1_7 => 2,
+            Flavour::V2_1 => 3,
+        }
+    }
+
+    /// `$IPU_CONTAINERD` (1.6, 1.7 or 2.1), else (unset or empty) 1.6: the containerd that
+    /// the tests which do not name one run.
+    pub fn from_env() -> Flavour {
+        match std::env::var("IPU_CONTAINERD") {
+            Err(std::env::VarError::NotPresent) => Flavour::V1_6,
+            Ok(v) if v.is_empty() => Flavour::V1_6,
+            Ok(v) => Self::ALL
+                .into_iter()
+                .find(|f| f.series() == v)
+                .unwrap_or_else(|| panic!("IPU_CONTAINERD={v}: expected 1.6, 1.7 or 2.1")),
+            Err(e) => panic!("IPU_CONTAINERD: {e}"),
+        }
+    }
+
+    /// This containerd's binaries. 1.6 is the system's (`containerd` and `ctr` on PATH);
+    /// 1.7 and 2.1 are `$IPU_CONTAINERD_1_7_DIR` / `$IPU_CONTAINERD_2_1_DIR` if set, else the
+    /// newest `TOOLS_DIR/containerd-<series>.*` that scripts/setup.sh unpacked. `None` (the
+    /// caller skips, saying why) only when setup.sh recorded that it could not fetch that
+    /// series; one simply missing is a failure, because CI runs setup.sh.
+    pub fn binaries(self) -> Option<Binaries> {
+        let dir = match self {
+            Flavour::V1_6 => None,
+            _ => Some(self.unpacked_dir()?),
+        };
+        let bin = |name: &str| match &dir {
+            Some(d) => d.join("usr/bin").join(name),
+            None => PathBuf::from(name),
+        };
+        let containerd = bin("containerd");
+        let out = Command::new(&containerd)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} --version: {e} (scripts/setup.sh installs containerd {})",
+                    containerd.display(),
+                    self.series()
+                )
+            });
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // `containerd github.com/containerd/containerd/v2 2.1.9+unknown`
+        let number = version.split_whitespace().nth(2).unwrap_or_default();
+        assert!(
+            out.status.success() && number.starts_with(&format!("{}.", self.series())),
+            "{} is not containerd {}: {version}",
+            containerd.display(),
+            self.series()
+        );
+        Some(Binaries {
+            flavour: self,
+            ctr: bin("ctr"),
+            bin_dir: dir.map(|d| d.join("usr/bin")),
+            containerd,
+            version,
+        })
+    }
+
+    fn unpacked_dir(self) -> Option<PathBuf> {
+        let var = format!("IPU_CONTAINERD_{}_DIR", self.series().replace('.', "_"));
+        if let Some(d) = std::env::var_os(&var) {
+            let d = PathBuf::from(d);
+            assert!(
+                d.join("usr/bin/containerd").exists(),
+                "${var} = {}: no usr/bin/containerd in it",
+                d.display()
+            );
+            return Some(d);
+        }
+        let prefix = format!("containerd-{}.", self.series());
+        let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(TOOLS_DIR)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().into_string().ok()?;
+                let rest = name.strip_prefix(&prefix)?;
+                // 2.1.9, not 2.1.unavailable nor an interrupted 2.1.9.tmp
+                let patch: u32 = rest.parse().ok()?;
+                let d = e.path();
+                (d.join("usr/bin/containerd").exists() && d.join("DEBIAN-VERSION").exists())
+                    .then_some((patch, d))
+            })
+            .collect();
+        found.sort();
+        if let Some((_, d)) = found.pop() {
+            return Some(d);
+        }
+        let marker = Path::new(TOOLS_DIR).join(format!("containerd-{}.unavailable", self.series()));
+        if let Ok(reason) = std::fs::read_to_string(&marker) {
+            eprintln!(
+                "SKIPPED: containerd {} is not available: scripts/setup.sh could not fetch it ({}): {}",
+                self.series(),
+                marker.display(),
+                reason.trim()
+            );
+            return None;
+        }
+        panic!(
+            "containerd {} is not installed under {TOOLS_DIR} (containerd-{}.*): run \
+             scripts/setup.sh (or set ${var})",
+            self.series(),
+            self.series()
+        );
+    }
+}
+
+/// The binaries of one containerd [`Flavour`].
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub flavour: Flavour,
+    pub containerd: PathBuf,
+    pub ctr: PathBuf,
+    /// Put first on containerd's PATH, so that it starts its own containerd-shim-runc-v2
+    /// (containerd looks the shim up on PATH before its own directory); `None` for the
+    /// system's.
+    pub bin_dir: Option<PathBuf>,
+    /// `containerd --version`.
+    pub version: String,
+}
+
 /// containerd with its own root, state and socket, and the hook as its stream processor for
 /// encrypted layers (gzip, zstd and uncompressed), run for `tenant` and `function`.
 pub struct Containerd {
     child: Child,
     pub socket: PathBuf,
+    pub binaries: Binaries,
+    /// runc's state directory for this containerd's containers (`ctr run --runc-root`): the
+    /// shim's default, /run/containerd/runc/<namespace>, is shared by every containerd on the
+    /// machine, so two tests running the same container id in the same namespace would collide.
+    pub runc_root: PathBuf,
 }
 
 impl Containerd {
+    /// The containerd of [`Flavour::from_env`] (1.6 unless `$IPU_CONTAINERD` says otherwise).
     pub fn start(d: &Path, api: &Path, tenant: &str, function: &str) -> Self {
-        let dir = d.join("containerd");
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let hook = bin("ipu-decrypt-hook");
-        let mut processors = String::new();
+        let flavour = Flavour::from_env();
+        let binaries = flavour.binaries().unwrap_or_else(|| {
+            panic!(
+                "IPU_CONTAINERD={}: that containerd is unavailable (see above)",
+                flavour.series()
+            )
+        });
+        Self::start_with(&binaries, d, api, tenant, function)
+    }
+
+    /// The config file for `flavour`: its own root, state, socket (and ttrpc socket next to
+    /// it), `opt` directory and image verifier directory under `dir`; the CRI plugins (and in
+    /// 2.x NRI, on by default there, with a socket in /var/run/nri) disabled; the hook as the
+    /// processor for each encrypted layer type. `[stream_processors]` is a top-level table in
+    /// both config versions (checked against 1.6.20's, 1.7.24's and 2.1.9's `containerd
+    /// config default`).
+    pub fn config(
+        flavour: Flavour,
+        dir: &Path,
+        socket: &Path,
+        hook: &Path,
+        api: &Path,
+        tenant: &str,
+        function: &str,
+    ) -> String {
+        let mut processors = String::from("[stream_processors]\n");
         for (id, plain) in [
             ("tar.gzip", "application/vnd.oci.image.layer.v1.tar+gzip"),
             ("tar.zstd", "application/vnd.oci.image.layer.v1.tar+zstd"),
             ("tar", "application/vnd.oci.image.layer.v1.tar"),
         ] {
             processors.push_str(&format!(
-                r#"[stream_processors."io.containerd.ocicrypt.decoder.v1.{id}"]
-  accepts = ["{plain}+encrypted"]
-  returns = "{plain}"
-  path = "{}"
-  args = ["--api", "{}", "--tenant", "{tenant}", "--function", "{function}"]
+                r#"  [stream_processors."io.containerd.ocicrypt.decoder.v1.{id}"]
+    accepts = ["{plain}+encrypted"]
+    returns = "{plain}"
+    path = "{}"
+    args = ["--api", "{}", "--tenant", "{tenant}", "--function", "{function}"]
 "#,
                 hook.display(),
                 api.display()
             ));
         }
+        let (disabled, plugins) = match flavour {
+            Flavour::V1_6 | Flavour::V1_7 => (
+                r#"["io.containerd.grpc.v1.cri"]"#,
+                format!(
+                    r#"[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{}"
+"#,
+                    dir.join("opt").display()
+                ),
+            ),
+            Flavour::V2_1 => (
+                r#"["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]"#,
+                format!(
+                    r#"[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{}"
+  [plugins."io.containerd.image-verifier.v1.bindir"]
+    bin_dir = "{}"
+"#,
+                    dir.join("opt").display(),
+                    dir.join("image-verifier/bin").display()
+                ),
+            ),
+        };
         // Top-level keys before the first table, or TOML puts them in it.
-        let config = format!(
-            r#"version = 2
+        format!(
+            r#"version = {version}
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = {disabled}
+
 [grpc]
   address = "{socket}"
+
+{plugins}
 {processors}"#,
+            version = flavour.config_version(),
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             socket = socket.display(),
+        )
+    }
+
+    /// `binaries`' containerd with its own root, state and socket under `d/containerd`.
+    pub fn start_with(
+        binaries: &Binaries,
+        d: &Path,
+        api: &Path,
+        tenant: &str,
+        function: &str,
+    ) -> Self {
+        let dir = d.join("containerd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let config = Self::config(
+            binaries.flavour,
+            &dir,
+            &socket,
+            &bin("ipu-decrypt-hook"),
+            api,
+            tenant,
+            function,
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
-        let child = Command::new("containerd")
+        let mut command = Command::new(&binaries.containerd);
+        if let Some(bin_dir) = &binaries.bin_dir {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let paths = std::iter::once(bin_dir.clone()).chain(std::env::split_paths(&path));
+            command.env("PATH", std::env::join_paths(paths).unwrap());
+        }
+        let child = command
             .arg("--config")
             .arg(dir.join("config.toml"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
             .spawn()
-            .expect("containerd (apt install containerd; scripts/setup.sh does)");
-        let mut me = Self { child, socket };
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (scripts/setup.sh installs it)",
+                    binaries.containerd.display()
+                )
+            });
+        let mut me = Self {
+            child,
+            socket,
+            binaries: binaries.clone(),
+            runc_root: dir.join("runc"),
+        };
         let start = Instant::now();
         while !me.socket.exists() {
-            assert!(me.child.try_wait().unwrap().is_none(), "containerd exited");
+            if let Some(status) = me.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}): {}",
+                    binaries.version,
+                    std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+                );
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "containerd not up"
+                "{} not up after 20 s",
+                binaries.version
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -180,7 +435,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     pub fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(&self.binaries.ctr)
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", namespace])
@@ -202,7 +457,14 @@ impl Containerd {
             attempt += 1;
             let out = self.ctr(
                 namespace,
-                &["run", "--rm", image, &format!("{id}-{attempt}")],
+                &[
+                    "run",
+                    "--rm",
+                    "--runc-root",
+                    self.runc_root.to_str().unwrap(),
+                    image,
+                    &format!("{id}-{attempt}"),
+                ],
             );
             if !out.status.success() || !out.stdout.is_empty() || attempt == 3 {
                 return out;

@@ -9,21 +9,32 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::containerd::{verify, Containerd, Ipu};
+use integration_tests::containerd::{verify, Containerd, Flavour, Ipu};
 use integration_tests::{bin, fixtures, is_root, run_ok, Registry};
 
-/// containerd 1.6 shows a processor's stderr when the processor's exit wins the race against
-/// the end of its (empty) output; otherwise it reports the empty layer's diff id instead.
+/// containerd (1.6, 1.7 and 2.1 alike) shows a processor's stderr when the processor's exit
+/// wins the race against the end of its (empty) output; otherwise the diff service returns the
+/// empty layer and the unpack fails on its diff id. How that shows depends on who unpacks:
+/// `ctr pull` of 1.6 and 1.7 unpacks in the client (containerd's rootfs.ApplyLayers), which
+/// names the diff id it computed, the empty layer's; `ctr pull` of 2.1 goes through the
+/// transfer service, whose unpacker names the diff id it expected (the image config's).
 /// Either way the pull fails; the hook's own line is checked directly in
-/// `the_hooks_failure_is_one_line_and_exit_1`.
+/// `the_hooks_failure_is_one_line_and_exit_1`, and the IPU's record by each test.
 const EMPTY_LAYER_DIFF_ID: &str =
     "wrong diff id calculated on extraction \"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\"";
 /// The diff_id of an empty layer (SHA-256 of nothing).
 const EMPTY_DIFF_ID: &str =
     "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// The diff_id of the `enc-signed` (and `zstd`) fixture's first layer, as 2.1's transfer
+/// service names it when the hook's failure loses the race.
+const ENC_SIGNED_DIFF_ID: &str =
+    "sha256:b02c544e11e6b0f6bad701562e72f583b0d65e567f1fca858b0db65a7875532a";
 
 fn shows_hook_failure(message: &str, hook_text: &[&str]) -> bool {
     message.contains(EMPTY_LAYER_DIFF_ID)
+        || message.contains(&format!(
+            "wrong diff id calculated on extraction \"{ENC_SIGNED_DIFF_ID}\""
+        ))
         || (message.contains("ipu-decrypt-hook:") && hook_text.iter().all(|t| message.contains(t)))
 }
 
@@ -45,16 +56,39 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The main scenario on each containerd: Debian 12's 1.6, Debian 13's 1.7, and Debian
+/// unstable's 2.1 (config version 3; `ctr pull` goes through its transfer service).
 #[test]
-fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
+fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs_containerd_1_6() {
+    pull_and_run(Flavour::V1_6);
+}
+
+#[test]
+fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs_containerd_1_7() {
+    pull_and_run(Flavour::V1_7);
+}
+
+#[test]
+fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs_containerd_2_1() {
+    pull_and_run(Flavour::V2_1);
+}
+
+/// Before `host-attach verify` the hook refuses the layer; after it, `enc-signed` (gzip) and
+/// `zstd` pull through the hook, unpack and `ctr run` prints their `/hello`; the IPU's record
+/// has one refusal and three layers authenticated on arrival.
+fn pull_and_run(flavour: Flavour) {
     if !is_root() {
         eprintln!("skipped: containerd needs root");
         return;
     }
+    let Some(binaries) = flavour.binaries() else {
+        return;
+    };
+    eprintln!("containerd: {}", binaries.version);
     let registry = Registry::start_fixtures();
     let dir = tempfile::tempdir().unwrap();
     let ipu = Ipu::start(dir.path(), "policy-A.json");
-    let ctd = Containerd::start(dir.path(), &ipu.api, "acme", "pull");
+    let ctd = Containerd::start_with(&binaries, dir.path(), &ipu.api, "acme", "pull");
     let image = format!("{}/fixtures/hello:enc-signed", registry.host());
 
     // Not verified yet: the hook refuses, and says what to do.
@@ -107,6 +141,26 @@ fn encrypted_layers_are_decrypted_on_the_ipu_and_the_function_runs() {
         ipu.hook_hmac_checks(),
         ["on arrival (recognised from its start)"; 3]
     );
+    if flavour == Flavour::V2_1 {
+        // containerd 2's ctr pulls through the transfer service (the unpack runs in
+        // containerd); `--local` unpacks in the client, as 1.x's ctr and Go clients do. In a
+        // fresh namespace both of enc-signed's layers go through the hook again.
+        let pulled = ctd.ctr(
+            "ns-local",
+            &["images", "pull", "--local", "--plain-http", &image],
+        );
+        assert!(pulled.status.success(), "{}", text(&pulled));
+        let ran = ctd.run_image("ns-local", &image, "hello-3");
+        assert!(ran.status.success(), "{}", text(&ran));
+        assert_eq!(
+            String::from_utf8_lossy(&ran.stdout),
+            "hello from enc-signed\n"
+        );
+        assert_eq!(
+            ipu.hook_hmac_checks(),
+            ["on arrival (recognised from its start)"; 5]
+        );
+    }
     ipu.service.shutdown();
 }
 
