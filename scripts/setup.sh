@@ -150,4 +150,106 @@ for spec in "2.1 sid" "1.7 trixie"; do
     fi
 done
 
+# The function microVM (`host-attach run --vm`): QEMU and a Debian kernel.
+# qemu-system-x86 comes from bookworm-backports (10.0): Debian 12's own 7.2 `Breaks:` the
+# qemu-utils 10.0 this machine kind carries, so installing it would remove qemu-img. It is
+# installed for real (it has library dependencies) through a private sources.list of
+# bookworm, its updates, security and backports; the system's apt configuration is untouched.
+install_backports_qemu() {
+    local work
+    work=$(mktemp -d) || return 1
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" RETURN
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
+    {
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm main"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm-updates main"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm-backports main"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} bookworm-security main"
+    } >"$work/sources.list"
+    local apt_opts=(
+        -o "Dir::Etc::sourcelist=$work/sources.list"
+        -o Dir::Etc::sourceparts=/nonexistent
+        -o "Dir::State::Lists=$work/lists"
+        -o "Dir::Cache=$work/cache"
+    )
+    $SUDO apt-get "${apt_opts[@]}" -qq update || return 1
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends \
+        -t bookworm-backports qemu-system-x86 >/dev/null
+}
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    echo "setup: installing qemu-system-x86 from bookworm-backports" >&2
+    install_backports_qemu || { echo "setup: qemu-system-x86 could not be installed" >&2; exit 1; }
+fi
+
+# The microVM's kernel and initramfs tree, in $IPU_TOOLS/microvm (host-attach's default
+# --vm-assets): Debian 12's cloud kernel (the version linux-image-cloud-amd64 depends on
+# today; ext4, the 8250 serial ports and ACPI PCI hot-plug built in), the virtio modules it
+# needs, busybox-static, and resize2fs with the libraries it links. host-attach adds /init
+# and the function's spec to that tree at each start. Idempotent: a tree with KERNEL-VERSION
+# is left alone.
+MICROVM_DIR="$IPU_TOOLS/microvm"
+MICROVM_MODULES="virtio_pci virtio_blk"
+fetch_microvm_assets() {
+    local work
+    work=$(mktemp -d) || return 1
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" RETURN
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/x" "$work/out/initramfs/bin" "$work/out/initramfs/lib/modules"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm main" >"$work/sources.list"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} bookworm-security main" >>"$work/sources.list"
+    local apt_opts=(
+        -o "Dir::Etc::sourcelist=$work/sources.list"
+        -o Dir::Etc::sourceparts=/nonexistent
+        -o "Dir::State::Lists=$work/lists"
+        -o "Dir::State::status=/dev/null"
+        -o "Dir::Cache=$work/cache"
+        -o APT::Sandbox::User="$(id -un)"
+    )
+    apt-get "${apt_opts[@]}" -qq --error-on=any update || { echo "apt-get update failed"; return 1; }
+    local image
+    image=$(apt-cache "${apt_opts[@]}" depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    [ -n "$image" ] || { echo "linux-image-cloud-amd64 names no kernel package"; return 1; }
+    (cd "$work" && apt-get "${apt_opts[@]}" -qq download "$image") || { echo "apt-get download $image failed"; return 1; }
+    dpkg-deb -x "$work/${image}_"*.deb "$work/x" || { echo "dpkg-deb -x $image failed"; return 1; }
+    local release=${image#linux-image-}
+    cp "$work/x/boot/vmlinuz-$release" "$work/out/vmlinuz" || { echo "$image has no /boot/vmlinuz-$release"; return 1; }
+    # The modules, with what they depend on (their .modinfo `depends=`), and the order the
+    # init loads them in (dependencies first): lib/modules/load-order.
+    local order=() seen=" "
+    add_module() {
+        local m=$1 ko dep
+        case $seen in *" $m "*) return 0 ;; esac
+        seen="$seen$m "
+        ko=$(find "$work/x/lib/modules/$release/kernel" -name "$m.ko" | head -n1)
+        [ -n "$ko" ] || { echo "$image has no $m.ko"; return 1; }
+        for dep in $(tr '\0' '\n' <"$ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+            add_module "$dep" || return 1
+        done
+        cp "$ko" "$work/out/initramfs/lib/modules/"
+        order+=("$m")
+    }
+    for m in $MICROVM_MODULES; do add_module "$m" || return 1; done
+    printf '%s\n' "${order[@]}" >"$work/out/initramfs/lib/modules/load-order"
+    cp /bin/busybox "$work/out/initramfs/bin/busybox"
+    # resize2fs grows the image's file system to the clone; with the libraries it links.
+    local resize
+    resize=$(command -v resize2fs || echo /sbin/resize2fs)
+    mkdir -p "$work/out/initramfs/sbin"
+    cp "$resize" "$work/out/initramfs/sbin/resize2fs"
+    for lib in $(ldd "$resize" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+        mkdir -p "$work/out/initramfs$(dirname "$lib")"
+        cp -L "$lib" "$work/out/initramfs$lib"
+    done
+    echo "$image $(dpkg-deb -f "$work/${image}_"*.deb Version)" >"$work/out/KERNEL-VERSION"
+    $SUDO mkdir -p "$IPU_TOOLS" &&
+        $SUDO rm -rf "$MICROVM_DIR" "$MICROVM_DIR.tmp" &&
+        $SUDO cp -a "$work/out" "$MICROVM_DIR.tmp" &&
+        $SUDO mv "$MICROVM_DIR.tmp" "$MICROVM_DIR" || { echo "cannot install into $MICROVM_DIR"; return 1; }
+}
+if [ ! -f "$MICROVM_DIR/KERNEL-VERSION" ]; then
+    echo "setup: fetching the microVM kernel into $MICROVM_DIR" >&2
+    reason=$(fetch_microvm_assets 2>&1) || { echo "setup: the microVM kernel could not be fetched: $reason" >&2; exit 1; }
+fi
+
 command -v cargo >/dev/null || { echo "setup: cargo not found; install a Rust toolchain" >&2; exit 1; }

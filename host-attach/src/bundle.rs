@@ -96,6 +96,33 @@ impl Process {
         command: &[String],
         rootfs: &Path,
     ) -> Result<Self, BundleError> {
+        let process = ImageProcess::from_config(config, command)?;
+        let (uid, gid) = resolve_user(&process.user, rootfs)?;
+        Ok(Self {
+            args: process.args,
+            env: process.env,
+            cwd: process.cwd,
+            uid,
+            gid,
+        })
+    }
+}
+
+/// The process an image config describes, before its user is resolved (in the image's own
+/// /etc files: on the host for runc, in the guest for a microVM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageProcess {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// `User` as the config has it: empty, `uid`, `uid:gid`, `name` or `name:group`.
+    pub user: String,
+}
+
+impl ImageProcess {
+    /// Entrypoint + Cmd (or + `command` when given), Env with a default PATH, WorkingDir
+    /// (absolute, default /) and User.
+    pub fn from_config(config: &Value, command: &[String]) -> Result<Self, BundleError> {
         let mut args = strings(&config["Entrypoint"]);
         if command.is_empty() {
             args.extend(strings(&config["Cmd"]));
@@ -117,13 +144,11 @@ impl Process {
         if !cwd.starts_with('/') {
             return Err(BundleError::RelativeWorkingDir(cwd));
         }
-        let (uid, gid) = resolve_user(config["User"].as_str().unwrap_or(""), rootfs)?;
         Ok(Self {
             args,
             env,
             cwd,
-            uid,
-            gid,
+            user: config["User"].as_str().unwrap_or("").to_string(),
         })
     }
 }

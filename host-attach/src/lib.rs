@@ -1,9 +1,10 @@
 //! Host side of a function start: attach the clone the IPU exports (kernel nbd when present,
 //! else libnbd's nbdfuse and a loop device), mount it, write a hardened OCI runtime bundle from
-//! the image config, run it with runc, and undo all of it at exit. No key and no broker
+//! the image config, run it with runc, and undo all of it at exit; or (`run --vm`) boot a
+//! microVM whose disk is the clone, served by the IPU as a vhost-user-blk device. No key and no broker
 //! session ever reaches this process: it sees a block device.
 //!
-//! The containerd decrypt hook (`ipu-decrypt-hook`, issue 7) lives here too: it streams
+//! The containerd decrypt hook (`ipu-decrypt-hook`) lives here too: it streams
 //! encrypted layers to the IPU and plaintext back, and `payload` reads what containerd passes
 //! it.
 //!
@@ -14,6 +15,8 @@
 //!   the file system grown to the clone, mounted; undone in reverse order.
 //! - [`bundle`]: the hardened OCI runtime config (namespaces, no capabilities, seccomp).
 //! - [`runc`]: the bundle written and run; a stop passed on.
+//! - [`microvm`]: `run --vm`: the function in a QEMU microVM, the clone a hot-plugged
+//!   vhost-user-blk-pci device; its initramfs and the QMP client.
 //! - [`run`]: `host-attach run` from Prepare to Teardown; [`verify`]: `host-attach verify`.
 //! - [`hook`]: containerd's stream processor; [`payload`]: what containerd passes on fd 3.
 //! - [`ipu`]: the IPU's API socket, tenant and function, and the connection.
@@ -24,6 +27,7 @@ pub mod bundle;
 pub mod exit;
 pub mod hook;
 pub mod ipu;
+pub mod microvm;
 pub mod payload;
 pub mod run;
 pub mod runc;

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Top {
     /// Run a function from an image: Prepare, attach, mount, runc, and tear down at exit.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Have the IPU verify an image for a tenant and function (policy, signature, layer keys
     /// released), so that containerd's decrypt hook (`ipu-decrypt-hook`) may then have its
     /// layers decrypted: run before `ctr pull` of an encrypted image.
@@ -58,6 +58,8 @@ struct RunArgs {
     /// URI of `client-cert.pem` in --tls-certificates.
     #[arg(long, value_name = "NAME")]
     host_identity: Option<String>,
+    #[command(flatten)]
+    vm: host_attach::microvm::VmOptions,
     /// The image reference (docker://... or oci:DIR:TAG).
     image: String,
     /// The command to run instead of the image's Cmd.
@@ -71,12 +73,14 @@ fn main() -> ExitCode {
             exit::verify(verify::verify(&args.ipu, &args.image).map(|v| print!("{v}")))
         }
         Top::Run(args) => {
+            let args = *args;
             let function = Function {
                 image: args.image,
                 command: args.command,
                 workdir: args.workdir,
                 tls_certificates: args.tls_certificates,
                 host_identity: args.host_identity,
+                microvm: args.vm.vm.then_some(args.vm),
             };
             exit::run(
                 Interrupt::on_signals()

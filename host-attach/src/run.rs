@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use api::imagesvc::{PrepareRequest, PrepareResponse, TeardownRequest};
+use api::imagesvc::{CloneEvent, PrepareRequest, PrepareResponse, TeardownRequest, WatchRequest};
 
 use crate::attach::{AttachError, Attachment, Export};
-use crate::bundle::{BundleError, Process};
+use crate::bundle::{BundleError, ImageProcess, Process};
 use crate::ipu::{Client, IpuApi, IpuError};
+use crate::microvm::{Accel, GuestEnd, MicroVm, Removal, VmError, VmOptions};
 use crate::runc::RuncError;
 
 /// The function to run, besides where the IPU is and whom it is for.
@@ -33,6 +34,8 @@ pub struct Function {
     /// certificate (none: the one DNS name or URI of `client-cert.pem` in
     /// `tls_certificates`, if given).
     pub host_identity: Option<String>,
+    /// Run it in a microVM with the clone as a vhost-user-blk device (none: runc).
+    pub microvm: Option<VmOptions>,
 }
 
 /// Why the function could not be started, or its run not finished cleanly.
@@ -65,6 +68,12 @@ pub enum RunError {
     Bundle(#[from] BundleError),
     #[error(transparent)]
     Runc(#[from] RuncError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("WatchEvents: {}", .0.message())]
+    Watch(Box<tonic::Status>),
+    #[error("the IPU exported {kind:?}, not the vhost-user-blk device a microVM needs")]
+    ExportKind { kind: String },
 }
 
 /// Set once Ctrl-C or SIGTERM arrives: the run is ending. The function gets SIGTERM (through
@@ -111,14 +120,19 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
             image: function.image.clone(),
             host_identity,
             grant,
-            // nbdfuse attaches it; a microVM takes "vhost-user-blk" instead.
-            export_kind: "nbd".into(),
+            // nbdfuse attaches an NBD export; a microVM takes a vhost-user-blk device.
+            export_kind: if function.microvm.is_some() {
+                "vhost-user-blk".into()
+            } else {
+                "nbd".into()
+            },
         }))
         .map_err(|status| IpuError::Prepare(status.into()))?
         .into_inner();
-    let teardown = |client: &mut Client| {
+    let teardown = |client: &mut Client, forced_removal: bool| {
         rt.block_on(client.teardown(TeardownRequest {
             clone_id: prepared.clone_id.clone(),
+            forced_removal,
         }))
         .map_err(|status| IpuError::Teardown {
             clone_id: prepared.clone_id.clone(),
@@ -126,15 +140,29 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
         })
     };
     let workdir = workdir(function, &prepared);
+    let mut forced = false;
     let result = if interrupt.is_set() {
         Err(RunError::Interrupted)
+    } else if let Some(options) = &function.microvm {
+        run_in_vm(
+            ipu,
+            options,
+            &prepared,
+            &workdir,
+            &function.command,
+            interrupt,
+        )
+        .map(|(code, removal)| {
+            forced = matches!(removal, Removal::Forced { .. });
+            code
+        })
     } else {
         export_of(&prepared, function.tls_certificates.as_deref()).and_then(|export| {
             start_and_wait(&prepared, &export, &workdir, &function.command, interrupt)
         })
     };
     // Whatever happened, the clone goes: the IPU erases it.
-    let torn_down = teardown(&mut client);
+    let torn_down = teardown(&mut client, forced);
     let _ = std::fs::remove_dir_all(&workdir);
     let code = result?;
     torn_down?;
@@ -257,6 +285,159 @@ fn start_and_wait(
     let code = outcome?;
     detached?;
     Ok(code)
+}
+
+/// The IPU's WatchEvents stream for one clone, read on a thread of its own.
+struct Watch {
+    events: std::sync::mpsc::Receiver<CloneEvent>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Subscribed when this returns: no later event of `clone_id` is missed.
+    fn subscribe(ipu: &IpuApi, clone_id: &str) -> Result<Self, RunError> {
+        let (tx, events) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ipu, clone_id) = (ipu.clone(), clone_id.to_string());
+        let thread = std::thread::spawn(move || {
+            let rt = match crate::ipu::runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(RunError::Ipu(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut client = match ipu.connect().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(RunError::Ipu(e)));
+                        return;
+                    }
+                };
+                let mut stream = match client.watch_events(WatchRequest {}).await {
+                    Ok(s) => s.into_inner(),
+                    Err(status) => {
+                        let _ = ready_tx.send(Err(RunError::Watch(status.into())));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        message = stream.message() => match message {
+                            Ok(Some(e)) if e.clone_id == clone_id => {
+                                if tx.send(e).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => return,
+                        },
+                    }
+                }
+            });
+        });
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Self {
+                events,
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RunError::Watch(
+                tonic::Status::internal("the watch ended before it began").into(),
+            )),
+        }
+    }
+
+    /// Waits until `timeout` for the clone's event of `kind`.
+    fn wait_for(&self, kind: &str, timeout: std::time::Duration) -> Option<CloneEvent> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) if e.kind == kind => return Some(e),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long the IPU's report of the front-end's release may take to arrive after QEMU
+/// closed the device's socket.
+const HOT_REMOVE_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The function in a microVM: boot, hot-plug the clone, stream the output, and at exit
+/// hot-remove the device (forced after the deadline) and wait for the IPU to see it go.
+fn run_in_vm(
+    ipu: &IpuApi,
+    options: &VmOptions,
+    prepared: &PrepareResponse,
+    workdir: &Path,
+    command: &[String],
+    interrupt: &Interrupt,
+) -> Result<(u8, Removal), RunError> {
+    if prepared.export_kind != "vhost-user-blk" {
+        return Err(RunError::ExportKind {
+            kind: prepared.export_kind.clone(),
+        });
+    }
+    let process = ImageProcess::from_config(&image_config(prepared)?, command)?;
+    let (accel, why) = Accel::resolve(options.vm_accel);
+    eprintln!("host-attach: running the function in a microVM on {why}");
+    let watch = Watch::subscribe(ipu, &prepared.clone_id)?;
+    let name = format!("fn-{}", prepared.clone_id);
+    let mut vm = MicroVm::start(options, accel, &workdir.join("vm"), &name, &process)?;
+    let ended = vm.attach(Path::new(&prepared.socket)).and_then(|()| {
+        vm.wait(
+            std::time::Duration::from_secs(options.vm_boot_timeout),
+            &|| interrupt.is_set(),
+        )
+    });
+    let removal = vm.remove(std::time::Duration::from_secs(options.vm_release_deadline));
+    match &removal {
+        Removal::Released { .. } => {
+            // The IPU saw the front-end let go before anything is erased.
+            if watch
+                .wait_for("hot_remove", HOT_REMOVE_REPORT_TIMEOUT)
+                .is_none()
+            {
+                eprintln!(
+                    "host-attach: the IPU did not report the hot-remove of {} within {:?}",
+                    prepared.clone_id, HOT_REMOVE_REPORT_TIMEOUT
+                );
+            }
+        }
+        Removal::Forced { reason } => {
+            eprintln!(
+                "host-attach: forced removal of {}: {reason}",
+                prepared.clone_id
+            );
+        }
+    }
+    vm.shutdown();
+    drop(watch);
+    match ended? {
+        GuestEnd::Exited(code) => Ok((code, removal)),
+        // As runc reports a function its SIGTERM ended.
+        GuestEnd::Interrupted => Ok((128 + libc::SIGTERM as u8, removal)),
+    }
 }
 
 #[cfg(test)]

@@ -1001,6 +1001,7 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
     let erased = rt
         .block_on(api.teardown(TeardownRequest {
             clone_id: one.clone_id.clone(),
+            forced_removal: false,
         }))
         .unwrap()
         .into_inner();
@@ -1014,6 +1015,7 @@ fn prepared_clones_are_exported_isolated_and_erased_at_teardown() {
     let again = rt
         .block_on(api.teardown(TeardownRequest {
             clone_id: one.clone_id.clone(),
+            forced_removal: false,
         }))
         .unwrap()
         .into_inner();
@@ -1196,6 +1198,145 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
     broker.stop();
 }
 
+/// Whether `host-attach run --vm` can run here: QEMU and the microVM assets that
+/// `scripts/setup.sh` installs. Missing, the test fails: setup.sh is part of the suite.
+fn microvm_ready() -> bool {
+    let assets = Path::new(host_attach::microvm::DEFAULT_ASSETS);
+    assert!(
+        assets.join("vmlinuz").is_file() && assets.join("initramfs/bin/busybox").is_file(),
+        "{} is not set up: run scripts/setup.sh",
+        assets.display()
+    );
+    integration_tests::is_root()
+}
+
+/// `host-attach run --vm`: the function runs in a QEMU microVM whose disk is the clone,
+/// hot-plugged as a vhost-user-blk-pci device the IPU serves. Output and exit code come
+/// back; at exit the device is hot-removed (`device_del`, the guest's `DEVICE_DELETED`, the
+/// chardev closed), the IPU records the front-end's release before the erase, and the audit
+/// trail shows attach, hot-remove, erase in that order. A guest that does not release the
+/// device (ACPI hot-plug disabled in its kernel) is stopped after the deadline and the
+/// removal is recorded as forced; the clone is erased all the same.
+#[test]
+fn host_attach_runs_a_function_in_a_microvm_and_hot_removes_its_device() {
+    if !microvm_ready() {
+        eprintln!("skipped: QEMU and the vhost-user socket checks need root");
+        return;
+    }
+    let (s, broker) = setup_with(Options {
+        busybox: true,
+        ..Options::default()
+    });
+    let service = ImageService::start(&s);
+    let run_vm = |extra: &[&str], command: &[&str]| {
+        let mut c = Command::new(bin("host-attach"));
+        c.args(["run", "--vm", "--api"])
+            .arg(&service.socket)
+            .args(["--tenant", "acme", "--function", "resize"])
+            .arg("--workdir")
+            .arg(s.path("host"))
+            .args(extra)
+            .arg(&s.image)
+            .arg("--")
+            .args(command);
+        let started = Instant::now();
+        let out = c.output().unwrap();
+        (out, started.elapsed())
+    };
+    let (out, took) = run_vm(
+        &[],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "cat /hello; echo to-stderr >&2; id -u; exit 7",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a broker-keyed image\n0\n",
+        "{stderr}"
+    );
+    assert!(stderr.contains("to-stderr"), "{stderr}");
+    assert!(
+        stderr.contains("running the function in a microVM on "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("forced removal"), "{stderr}");
+    eprintln!("microVM run: {took:?}");
+
+    // The guest does not release the device: ACPI PCI hot-plug off in its kernel.
+    let (out, _) = run_vm(
+        &[
+            "--vm-append",
+            "acpiphp.disable=1",
+            "--vm-release-deadline",
+            "3",
+        ],
+        &["/bin/busybox", "true"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("forced removal of "), "{stderr}");
+    assert!(
+        !s.path("host").exists(),
+        "the host agent cleans its workdir"
+    );
+
+    service.signal(libc::SIGTERM);
+    let log = s.path("ipu-audit");
+    let mut all: Vec<serde_json::Value> = ["export.attach", "export.hot_remove", "clone.erase"]
+        .iter()
+        .flat_map(|k| events(&log, k))
+        .collect();
+    all.sort_by_key(|e| e["seq"].as_u64());
+    // Per clone: the front-end's attach, then its release (hot-remove), then the erase.
+    let created = events_of(&log, "clone.create");
+    assert_eq!(created.len(), 2);
+    for (i, c) in created.iter().enumerate() {
+        let id = c["details"]["clone_id"].as_str().unwrap();
+        let of_clone: Vec<(String, String, String)> = all
+            .iter()
+            .filter(|e| e["details"]["clone_id"] == id)
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap_or("").to_string(),
+                    e["outcome"].as_str().unwrap_or("").to_string(),
+                    e["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let at = |pred: &dyn Fn(&(String, String, String)) -> bool| {
+            of_clone
+                .iter()
+                .position(pred)
+                .unwrap_or_else(|| panic!("clone {i}: {of_clone:#?}"))
+        };
+        let attach = at(&|e| e.0 == "export.attach" && e.2.contains("front-end connected"));
+        let erase = at(&|e| e.0 == "clone.erase");
+        if i == 0 {
+            let released =
+                at(&|e| e.0 == "export.hot_remove" && e.2.contains("released the device"));
+            let revoked = at(&|e| e.0 == "export.hot_remove" && e.2.contains("export revoked"));
+            assert!(
+                attach < released && released < revoked && revoked < erase,
+                "{of_clone:#?}"
+            );
+        } else {
+            let forced = at(&|e| e.0 == "export.hot_remove" && e.2.contains("forced removal"));
+            assert!(attach < forced && forced < erase, "{of_clone:#?}");
+        }
+    }
+    let forced: Vec<_> = all
+        .iter()
+        .filter(|e| e["details"]["forced_removal"] == "true")
+        .collect();
+    assert_eq!(forced.len(), 1, "one forced removal on the record");
+    broker.stop();
+}
+
 /// `serve` attests once and keeps its session for every Prepare (each key release is still
 /// decided per request); when the broker forgets the session (here: it restarts) the service
 /// attests again by itself; when the operator revokes the IPU, its session ends with it and
@@ -1300,6 +1441,7 @@ fn sigkill_during_prepare_and_teardown_leaves_no_orphan_and_a_log_that_verifies(
         let call = rt.spawn(async move {
             api.teardown(TeardownRequest {
                 clone_id: p.clone_id,
+                forced_removal: false,
             })
             .await
         });
@@ -1451,6 +1593,7 @@ fn sigkill_at_the_worst_points_leaves_no_clone_no_plaintext_and_a_log_that_verif
     let call = rt.spawn(async move {
         api.teardown(TeardownRequest {
             clone_id: p.clone_id,
+            forced_removal: false,
         })
         .await
     });

@@ -239,9 +239,17 @@ impl ImageService for Api {
         req: Request<TeardownRequest>,
     ) -> Result<Response<TeardownResponse>, Status> {
         authorize(&req, self.host_agent_uid)?;
-        let id = req.into_inner().clone_id;
+        let req = req.into_inner();
+        let (id, forced) = (req.clone_id, req.forced_removal);
         let service = self.service.clone();
-        let erased = blocking(move || service.teardown(&id, "requested by the host agent")).await?;
+        let erased = blocking(move || {
+            if forced {
+                service.teardown_forced(&id)
+            } else {
+                service.teardown(&id, "requested by the host agent")
+            }
+        })
+        .await?;
         Ok(Response::new(TeardownResponse { erased }))
     }
 

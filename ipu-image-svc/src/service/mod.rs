@@ -971,8 +971,27 @@ impl Service {
 
     /// Hot-removes the export and erases the clone. Returns false when it was already gone.
     pub fn teardown(&self, clone_id: &str, reason: &str) -> Result<bool, ServiceError> {
+        self.teardown_as(clone_id, reason, false)
+    }
+
+    /// Teardown after a forced removal: the host agent's VM manager stopped a VM that did
+    /// not release the device. Recorded as such (`forced_removal` on the hot-remove event).
+    pub fn teardown_forced(&self, clone_id: &str) -> Result<bool, ServiceError> {
+        self.teardown_as(
+            clone_id,
+            "forced removal by the host agent: the guest did not release the device, the VM was stopped",
+            true,
+        )
+    }
+
+    fn teardown_as(
+        &self,
+        clone_id: &str,
+        reason: &str,
+        forced: bool,
+    ) -> Result<bool, ServiceError> {
         let started = Instant::now();
-        let done = self.teardown_timed(clone_id, reason);
+        let done = self.teardown_timed(clone_id, reason, forced);
         if matches!(done, Ok(true)) {
             self.metrics.observe(Stage::Teardown, started.elapsed());
         }
@@ -980,7 +999,12 @@ impl Service {
         done
     }
 
-    fn teardown_timed(&self, clone_id: &str, reason: &str) -> Result<bool, ServiceError> {
+    fn teardown_timed(
+        &self,
+        clone_id: &str,
+        reason: &str,
+        forced: bool,
+    ) -> Result<bool, ServiceError> {
         let Some(mut running) = self.clones.lock().expect("not poisoned").remove(clone_id) else {
             return Ok(false);
         };
@@ -991,12 +1015,16 @@ impl Service {
                 .image(running.image.clone(), Some(running.digest.clone()))
                 .detail("clone_id", clone_id.to_string())
         };
-        self.record(context(Event::new(
+        let mut revoked = context(Event::new(
             AUDIT_SERVICE,
             EventKind::ExportHotRemove,
             Outcome::Success,
             format!("export revoked ({reason}); open connections shut down"),
-        )))?;
+        ));
+        if forced {
+            revoked = revoked.detail("forced_removal", "true".to_string());
+        }
+        self.record(revoked)?;
         // Revoked, the key not yet destroyed.
         fail::fail_point!("teardown-after-revoke");
         let mut erasure = self.metrics.time(Stage::Erase, || running.clone.erase());
