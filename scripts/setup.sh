@@ -24,6 +24,10 @@ packages=(
     containerd       # the decrypt hook's tests run a real containerd (ctr)
     postgresql       # the key broker's production store; tests run their own cluster
     ca-certificates
+    systemd          # systemd-analyze verify and security on the daemons' units (dist/systemd)
+    dpkg-dev         # dpkg-shlibdeps: cargo-deb's $auto dependencies (scripts/package.sh)
+    xz-utils         # xz: cargo-deb compresses with it (installed without its LZMA feature)
+    debootstrap      # the package test installs the .debs into a fresh minbase root
 )
 
 missing=()
