@@ -155,3 +155,9 @@ for spec in "2.1 sid" "1.7 trixie"; do
 done
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install a Rust toolchain" >&2; exit 1; }
+
+# cargo-deb (pinned; scripts/package.sh and the package test use it), built from crates.io
+# into ${CARGO_TARGET_DIR:-target}/tools once; the tests then need no crates.io access. The
+# test's Debian minbase root is made by debootstrap from $DEBIAN_MIRROR on its first run and
+# cached under the target directory (target/pkgtest-cache).
+bash "$(dirname "$0")/package.sh" --install-cargo-deb

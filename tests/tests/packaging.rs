@@ -13,6 +13,8 @@
 //!   file capability and trusted.* attributes, run as root under exactly the bounding set of
 //!   its unit (`setpriv`, no new privileges), builds the image with all of that kept; without
 //!   any one of the unit's capabilities it fails or loses what that capability keeps.
+//! - scripts/package.sh refuses to package an ipu-image-svc built with the test-only
+//!   `failpoints` feature unless told it is a test package (`--allow-failpoints`).
 //! - The packages, built from this build's binaries, install with `dpkg -i` into a fresh
 //!   Debian minbase root (debootstrap, cached under the target directory per dependency set)
 //!   holding only their declared dependencies; every binary answers `--version` there, the
@@ -885,19 +887,28 @@ fn the_packages_install_into_a_fresh_debian_root_and_every_binary_runs() {
         .tempdir_in(&target)
         .unwrap();
     let debs = work.path().join("debs");
-    let out = output(
-        Command::new("bash")
-            .arg(repo().join("scripts/package.sh"))
-            .args([
-                "--profile",
-                &cargo_profile,
-                "--no-build",
-                "--fast",
-                "--output",
-            ])
-            .arg(&debs)
-            .env("CARGO_TARGET_DIR", &target),
+    let package = |extra: &[&str]| {
+        output(
+            Command::new("bash")
+                .arg(repo().join("scripts/package.sh"))
+                .args(["--profile", &cargo_profile, "--no-build", "--fast"])
+                .args(extra)
+                .arg("--output")
+                .arg(&debs)
+                .env("CARGO_TARGET_DIR", &target),
+        )
+    };
+    // This build's ipu-image-svc has the integration tests' fail points compiled in (the
+    // workspace build unifies the feature): the script refuses to package it unless told
+    // it is a test package.
+    let out = package(&[]);
+    assert!(
+        !out.status.success() && both(&out).contains("test-only failpoints feature"),
+        "scripts/package.sh packaged a failpoints build:\n{}",
+        both(&out)
     );
+    assert!(!debs.exists(), "packages written before the refusal");
+    let out = package(&["--allow-failpoints"]);
     assert!(out.status.success(), "scripts/package.sh:\n{}", both(&out));
     let packaged = started.elapsed();
 
