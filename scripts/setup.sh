@@ -24,6 +24,10 @@ packages=(
     containerd       # the decrypt hook's tests run a real containerd (ctr)
     postgresql       # the key broker's production store; tests run their own cluster
     ca-certificates
+    systemd          # systemd-analyze verify and security on the daemons' units (dist/systemd)
+    dpkg-dev         # dpkg-shlibdeps: cargo-deb's $auto dependencies (scripts/package.sh)
+    xz-utils         # xz: cargo-deb compresses with it (installed without its LZMA feature)
+    debootstrap      # the package test installs the .debs into a fresh minbase root
 )
 
 missing=()
@@ -253,3 +257,9 @@ if [ ! -f "$MICROVM_DIR/KERNEL-VERSION" ]; then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install a Rust toolchain" >&2; exit 1; }
+
+# cargo-deb (pinned; scripts/package.sh and the package test use it), built from crates.io
+# into ${CARGO_TARGET_DIR:-target}/tools once; the tests then need no crates.io access. The
+# test's Debian minbase root is made by debootstrap from $DEBIAN_MIRROR on its first run and
+# cached under the target directory (target/pkgtest-cache).
+bash "$(dirname "$0")/package.sh" --install-cargo-deb

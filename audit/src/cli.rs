@@ -1,5 +1,5 @@
 //! The operations of the `audit` command line: each reads its inputs, does its work through
-//! the library and renders its output; `main.rs` only parses arguments and calls them.
+//! the library and renders its output; `cmdline` only parses arguments and calls them.
 //!
 //! Where a command can ask the log daemon or open a log directory itself, the choice is an
 //! [`AuditTarget`] (its `Socket` is the daemon socket the command needs: the writer socket

@@ -43,6 +43,7 @@
 pub mod checkpoint;
 pub mod chunk;
 pub mod cli;
+pub mod cmdline;
 pub mod config;
 pub mod event;
 pub mod local;

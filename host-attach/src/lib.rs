@@ -8,7 +8,7 @@
 //! encrypted layers to the IPU and plaintext back, and `payload` reads what containerd passes
 //! it.
 //!
-//! The binaries (`src/main.rs`, `src/bin/ipu-decrypt-hook.rs`) only parse their arguments and
+//! The binaries' command lines ([`cmdline`], [`hook_cmdline`]) only parse their arguments and
 //! call [`run`], [`verify`] or [`hook`]; [`exit`] maps the outcomes to exit codes.
 //!
 //! - [`attach`]: the export attached (nbdfuse, or qemu-storage-daemon for TLS), a loop device,
@@ -24,8 +24,10 @@
 
 pub mod attach;
 pub mod bundle;
+pub mod cmdline;
 pub mod exit;
 pub mod hook;
+pub mod hook_cmdline;
 pub mod ipu;
 pub mod microvm;
 pub mod payload;

@@ -24,6 +24,7 @@
 
 pub mod blockstore;
 pub mod build;
+pub mod cmdline;
 pub mod command;
 pub mod config;
 pub mod decrypt;

@@ -318,6 +318,21 @@ roles = { "1000" = "publisher" }
         assert_eq!(c.unix.unwrap().roles[&1000], "publisher");
     }
 
+    /// The example the keybroker package ships (and keybroker.service starts with, once
+    /// copied to /etc/keybroker/keybroker.toml) is a valid configuration.
+    #[test]
+    fn the_packaged_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/keybroker.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.broker.state_dir, Path::new("/var/lib/keybroker"));
+        assert_eq!(
+            c.unix.unwrap().socket,
+            Path::new("/run/keybroker/keybroker.sock")
+        );
+        assert_eq!(c.tls.unwrap().listen.port(), 8443);
+        assert!(c.metrics_listen.is_some());
+    }
+
     #[test]
     fn mistakes_are_refused_with_their_place() {
         let cases = [

@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cmdline;
 pub mod config;
 pub mod credential;
 pub mod daemon;

@@ -1,5 +1,5 @@
 //! The operations of the `policy` command line: each reads its inputs, decides, prints its
-//! report and returns the exit code; `main.rs` only parses arguments and calls them. The
+//! report and returns the exit code; `cmdline` only parses arguments and calls them. The
 //! reports are rendered by pure functions (`render_*`) so they can be tested.
 //!
 //! Exit codes: 0 ok / allowed, [`EXIT_DENIED`] (3) rejected or denied (or lint warnings, or a

@@ -29,6 +29,7 @@
 //! Evaluation is a pure function so that every service calling it reaches the same decision.
 
 pub mod cli;
+pub mod cmdline;
 pub mod deploy;
 pub mod dsse;
 pub mod grant;

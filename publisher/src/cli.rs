@@ -1,4 +1,4 @@
-//! The operations of the `ocipub` command line and their one-line reports; `main.rs` only
+//! The operations of the `ocipub` command line and their one-line reports; `cmdline` only
 //! parses arguments and calls them.
 
 use std::path::{Path, PathBuf};

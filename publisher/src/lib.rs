@@ -12,6 +12,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod cmdline;
 pub mod encrypt;
 pub mod keygen;
 pub mod layout;

@@ -285,6 +285,37 @@ pub fn audit_log(dir: &Path) -> std::sync::Arc<audit::AuditLog> {
     )
 }
 
+/// The capabilities a shipped systemd unit (dist/systemd/UNIT) keeps in its
+/// `CapabilityBoundingSet=`, as setpriv names them (`sys_admin`, ...).
+pub fn unit_capabilities(unit: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dist/systemd")
+        .join(unit);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("{}: no CapabilityBoundingSet=", path.display()));
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// `program` run as systemd runs a root service whose unit keeps only `caps` in its bounding
+/// set, with NoNewPrivileges=: through setpriv, which execs it (same pid).
+pub fn with_capabilities(caps: &[String], program: &Path) -> Command {
+    let bounding = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut c = Command::new("setpriv");
+    c.args(["--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all"])
+        .arg(format!("--bounding-set={bounding}"))
+        .arg("--")
+        .arg(program);
+    c
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

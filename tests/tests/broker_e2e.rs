@@ -841,20 +841,17 @@ impl ImageService {
 
     /// Started with `FAILPOINTS` (e.g. `teardown-after-revoke=sleep(60000)`): it pauses there.
     fn start_with_failpoints(s: &Setup, failpoints: &str) -> Self {
+        let uid = rustix::process::getuid().as_raw();
+        Self::start_as(s, failpoints, Command::new(bin("ipu-image-svc")), uid)
+    }
+
+    /// `command` (ipu-image-svc, or a wrapper that execs it) with serve's arguments, for a
+    /// host agent of uid `host_agent_uid`.
+    fn start_as(s: &Setup, failpoints: &str, command: Command, host_agent_uid: u32) -> Self {
         let socket = s.path("run/api.sock");
         let _ = std::fs::remove_file(&socket);
-        let uid = rustix::process::getuid().as_raw();
-        let mut command = Command::new(bin("ipu-image-svc"));
-        command
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(s.path("ipu-state"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--host-agent-uid", &uid.to_string(), "--clone-ttl", "1h"]);
-        s.ipu_args(&mut command);
+        let mut command = Self::serve(s, command, host_agent_uid);
         let child = command
-            .env("TSS2_LOG", "all+NONE")
             .env("FAILPOINTS", failpoints)
             .stderr(Stdio::null())
             .spawn()
@@ -869,6 +866,21 @@ impl ImageService {
             std::thread::sleep(Duration::from_millis(20));
         }
         me
+    }
+
+    /// `command` with the arguments of `serve` for this setup.
+    fn serve(s: &Setup, mut command: Command, host_agent_uid: u32) -> Command {
+        command
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(s.path("ipu-state"))
+            .arg("--socket")
+            .arg(s.path("run/api.sock"))
+            .args(["--host-agent-uid", &host_agent_uid.to_string()])
+            .args(["--clone-ttl", "1h"]);
+        s.ipu_args(&mut command);
+        command.env("TSS2_LOG", "all+NONE");
+        command
     }
 
     fn client(
@@ -893,6 +905,94 @@ impl Drop for ImageService {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `ipu-image-svc serve` with only the capabilities its systemd unit keeps
+/// (dist/systemd/ipu-image-svc.service, `CapabilityBoundingSet=`), as root with no new
+/// privileges, the way systemd starts it: it starts (a mount namespace of its own, the
+/// plaintext tmpfs), prepares a clone of the broker-keyed image for a host agent of another
+/// uid (its API and export sockets given to that uid), exports it, and tears it down. Without
+/// CAP_SYS_ADMIN it does not start. (The capabilities an image build needs, one by one:
+/// tests/packaging.rs.)
+#[test]
+fn serve_runs_with_only_the_capabilities_of_its_unit() {
+    use api::imagesvc::{PrepareRequest, TeardownRequest};
+    if !integration_tests::is_root() {
+        eprintln!("skipped: running serve under a bounding set needs root");
+        return;
+    }
+    let caps = integration_tests::unit_capabilities("ipu-image-svc.service");
+    let (s, _broker) = setup();
+    let host_agent = 65534;
+    let service = ImageService::start_as(
+        &s,
+        "",
+        integration_tests::with_capabilities(&caps, &bin("ipu-image-svc")),
+        host_agent,
+    );
+    let owner = |p: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).unwrap());
+    assert_eq!(
+        owner(&service.socket),
+        host_agent,
+        "the API socket is the host agent's"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut api = service.client(&rt);
+    let prepared = rt
+        .block_on(api.prepare(PrepareRequest {
+            tenant: "acme".into(),
+            function: "resize-1".into(),
+            image: s.image.clone(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(owner(Path::new(&prepared.socket)), host_agent);
+    // The host agent reads it as its own uid (the export refuses any other). Its way to the
+    // socket: the unit makes the state directories traversable (StateDirectoryMode=0711).
+    for dir in [s.path(""), s.path("ipu-state")] {
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .unwrap();
+    }
+    let read = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "nbdcopy",
+        ])
+        .arg(nbd_uri(&prepared.socket, &prepared.export_name))
+        .arg("-"));
+    let copy = s.path("bounded.img");
+    std::fs::write(&copy, &read.stdout).unwrap();
+    assert_eq!(
+        ext4_cat(&copy, "/hello").as_deref(),
+        Some(&b"hello from a broker-keyed image\n"[..])
+    );
+    let erased = rt
+        .block_on(api.teardown(TeardownRequest {
+            clone_id: prepared.clone_id,
+            forced_removal: false,
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(erased.erased);
+    service.signal(libc::SIGTERM);
+
+    let without: Vec<String> = caps.into_iter().filter(|c| c != "sys_admin").collect();
+    let out = ImageService::serve(
+        &s,
+        integration_tests::with_capabilities(&without, &bin("ipu-image-svc")),
+        host_agent,
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot give the service a private mount namespace"),
+        "{stderr}"
+    );
 }
 
 /// The size of the ext4 file system in an image file.
