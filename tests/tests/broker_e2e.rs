@@ -1805,6 +1805,22 @@ fn process_tree(root: u32) -> Vec<u32> {
 /// to the agent alone stops the function and still tears down.
 #[test]
 fn the_host_agent_and_host_files_hold_no_key_bytes() {
+    host_side_holds_no_key_bytes(false);
+}
+
+/// The same with the function in a microVM (`run --vm`): neither the host agent nor QEMU
+/// (whose memory includes all of the guest's: the function's file system data read through
+/// the vhost-user-blk device, its page cache, the kernel) holds the layer key.
+#[test]
+fn the_microvm_and_the_host_agent_hold_no_key_bytes() {
+    if !microvm_ready() {
+        eprintln!("skipped: QEMU and the vhost-user socket checks need root");
+        return;
+    }
+    host_side_holds_no_key_bytes(true);
+}
+
+fn host_side_holds_no_key_bytes(vm: bool) {
     if !integration_tests::is_root() {
         eprintln!("skipped: mounting and runc need root");
         return;
@@ -1819,7 +1835,9 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
     let service = ImageService::start(&s);
     let mut agent = Agent(
         Command::new(bin("host-attach"))
-            .args(["run", "--api"])
+            .arg("run")
+            .args(if vm { &["--vm"][..] } else { &[][..] })
+            .arg("--api")
             .arg(&service.socket)
             .args(["--tenant", "acme", "--function", "scan"])
             .arg("--workdir")
@@ -1840,7 +1858,15 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
     assert_eq!(line, "hello from a broker-keyed image\n");
 
     let tree = process_tree(agent.0.id());
-    assert!(tree.len() >= 3, "host-attach, nbdfuse, runc...: {tree:?}");
+    if vm {
+        let qemu = tree.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        });
+        assert!(qemu, "host-attach and QEMU: {tree:?}");
+    } else {
+        assert!(tree.len() >= 3, "host-attach, nbdfuse, runc...: {tree:?}");
+    }
     for pid in &tree {
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         // Gone since the listing, or without memory of its own (a zombie).
@@ -1859,10 +1885,18 @@ fn the_host_agent_and_host_files_hold_no_key_bytes() {
         if *pid == agent.0.id() {
             assert!(scan.bytes_scanned > 1_000_000, "{scan:?}");
         }
+        if name.starts_with("qemu-system") {
+            // The scan reaches the guest's memory: the plaintext the function read from the
+            // device (positive control) is there, the key that decrypted it is not.
+            let guest = scan_process_memory(*pid, &[b"hello from a broker-keyed image".to_vec()]);
+            assert_eq!(guest.found, vec![0], "the scan does not see the guest's memory");
+            assert!(scan.bytes_scanned > 200 << 20, "{scan:?}");
+        }
     }
     let host_files = walk(&s.path("host"));
+    let made = if vm { "initramfs.cpio" } else { "config.json" };
     assert!(
-        host_files.iter().any(|p| p.ends_with("config.json")),
+        host_files.iter().any(|p| p.ends_with(made)),
         "{host_files:?}"
     );
     for file in &host_files {
