@@ -34,16 +34,26 @@ impl Ipu {
 
     /// [`start`](Self::start), with verifications good for `verified_layer_ttl`.
     pub fn start_with_ttl(d: &Path, trust_policy: &str, verified_layer_ttl: Duration) -> Self {
+        Self::start_with_options(d, trust_policy, |o| o.verified_layer_ttl = verified_layer_ttl)
+    }
+
+    /// [`start`](Self::start), with the service's options changed by `adjust`.
+    pub fn start_with_options(
+        d: &Path,
+        trust_policy: &str,
+        adjust: impl FnOnce(&mut ServiceOptions),
+    ) -> Self {
+        let mut options = ServiceOptions {
+            max_cached_bases: 4,
+            ..crate::broker::service_options(d.join("ipu-state"))
+        };
+        adjust(&mut options);
         std::env::set_var("TSS2_LOG", "all+NONE");
         let (swtpm, broker) = crate::broker::start_with_tpm();
         let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
         let audit = crate::audit_log(&d.join("ipu-audit"));
         let service = Arc::new(crate::broker::ipu_service(
-            ServiceOptions {
-                max_cached_bases: 4,
-                verified_layer_ttl,
-                ..crate::broker::service_options(d.join("ipu-state"))
-            },
+            options,
             fixtures().join("policies").join(trust_policy),
             d.join("ipu-cache"),
             keys,
