@@ -5,7 +5,7 @@
 # it through the broker's key provider and signs it; the IPU service verifies
 # it, attests with its TPM (swtpm here), gets the layer key from the broker,
 # decrypts, unpacks, builds the encrypted base and a clone per function and
-# exports it; the host agent mounts it and runs the function with runc, then
+# exports it; the host agent runs the function in a microVM (or with runc without /dev/kvm), then
 # tears it down (the clone is erased).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -192,11 +192,22 @@ grant other-ipu demo ipu-2
 grant expired demo ipu-1 --not-before "$(date -u -d '-2 hours' +%Y-%m-%dT%H:%M:%SZ)" --valid-for 1h
 "$bin/policy" grant inspect grants/demo.grant
 
+# The function's sandbox: a microVM when this host has /dev/kvm (and setup.sh's QEMU and
+# kernel), its disk the clone as a vhost-user-blk device; runc on this host's kernel otherwise.
+# host-attach says whether the VM runs on KVM or, where KVM cannot run Debian's kernel, TCG.
+if [ -c /dev/kvm ] && command -v qemu-system-x86_64 >/dev/null && [ -f /opt/ipu-image-tools/microvm/vmlinuz ]; then
+    sandbox=(--vm)
+    path="boots a microVM whose disk is the clone (a hot-plugged vhost-user-blk device), runs it
+    there, hot-removes the device at exit"
+else
+    sandbox=()
+    path="mounts it (NBD), runs it with runc (no /dev/kvm for a microVM here)"
+fi
 echo "==> host: run the function with its grant. The IPU checks the grant, verifies the signature,"
 echo "    attests to the broker, decrypts the layer with the released key, builds the encrypted"
-echo "    base and a clone, and exports it; the host agent mounts it, runs it with runc, and tears"
-echo "    it down (the clone is erased)"
-"$bin/host-attach" run --api run/ipu-api.sock --tenant demo --function hello --grant grants/demo.grant \
+echo "    base and a clone, and exports it; the host agent $path,"
+echo "    and tears it down (the clone is erased)"
+"$bin/host-attach" run "${sandbox[@]}" --api run/ipu-api.sock --tenant demo --function hello --grant grants/demo.grant \
     --workdir "$demo/host" "$image"
 
 refused() { # WHAT, then the host-attach run arguments: must not start (exit code 125)

@@ -113,8 +113,11 @@ fn main() {
         println!("microvm: skipped (needs root for QEMU, nbdfuse, loop devices and runc)");
         return;
     }
-    let (starts, data_mb, read_rounds) =
-        (env("STARTS", 50), env("DATA_MB", 1024), env("READ_ROUNDS", 5));
+    let (starts, data_mb, read_rounds) = (
+        env("STARTS", 50),
+        env("DATA_MB", 1024),
+        env("READ_ROUNDS", 5),
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let layout = encrypted_image(d, "none", data_mb);
@@ -165,8 +168,14 @@ fn main() {
     let mut ratios: Vec<f64> = guest.iter().zip(&host).map(|(g, h)| g / h).collect();
     ratios.sort_by(f64::total_cmp);
     println!("sequential read of {data_mb} MB (dd bs=1M), median of {read_rounds} rounds:");
-    println!("  in the guest, vhost-user-blk: {:8.1} MB/s", pct(&guest, 0.5));
-    println!("  on the host, NBD (nbdfuse):   {:8.1} MB/s", pct(&host, 0.5));
+    println!(
+        "  in the guest, vhost-user-blk: {:8.1} MB/s",
+        pct(&guest, 0.5)
+    );
+    println!(
+        "  on the host, NBD (nbdfuse):   {:8.1} MB/s",
+        pct(&host, 0.5)
+    );
     println!(
         "  ratio vhost-user-blk / NBD: {:.2} (target >= 3); per round: min {:.2}, max {:.2}",
         pct(&guest, 0.5) / pct(&host, 0.5),

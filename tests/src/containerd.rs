@@ -34,7 +34,9 @@ impl Ipu {
 
     /// [`start`](Self::start), with verifications good for `verified_layer_ttl`.
     pub fn start_with_ttl(d: &Path, trust_policy: &str, verified_layer_ttl: Duration) -> Self {
-        Self::start_with_options(d, trust_policy, |o| o.verified_layer_ttl = verified_layer_ttl)
+        Self::start_with_options(d, trust_policy, |o| {
+            o.verified_layer_ttl = verified_layer_ttl
+        })
     }
 
     /// [`start`](Self::start), with the service's options changed by `adjust`.

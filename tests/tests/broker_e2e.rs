@@ -1889,7 +1889,11 @@ fn host_side_holds_no_key_bytes(vm: bool) {
             // The scan reaches the guest's memory: the plaintext the function read from the
             // device (positive control) is there, the key that decrypted it is not.
             let guest = scan_process_memory(*pid, &[b"hello from a broker-keyed image".to_vec()]);
-            assert_eq!(guest.found, vec![0], "the scan does not see the guest's memory");
+            assert_eq!(
+                guest.found,
+                vec![0],
+                "the scan does not see the guest's memory"
+            );
             assert!(scan.bytes_scanned > 200 << 20, "{scan:?}");
         }
     }
