@@ -275,18 +275,11 @@ impl Running {
         std::fs::write(dir.join("ca.pem"), self.pki.ca_pem()).unwrap();
         std::fs::write(dir.join("ipu.pem"), cert).unwrap();
         std::fs::write(dir.join("ipu.key"), key).unwrap();
-        ipu_image_svc::keys::broker_client::BrokerKeys::attest(
-            &ipu_image_svc::keys::broker_client::BrokerSettings {
-                url: self.url(),
-                server_name: Some("localhost".into()),
-                ca: dir.join("ca.pem"),
-                cert: dir.join("ipu.pem"),
-                key: dir.join("ipu.key"),
-                tpm: tcti.to_string(),
-                ak_handle: ipu_image_svc::tpm::DEFAULT_AK_HANDLE,
-                provider_name: "ipubroker".into(),
-            },
-        )
+        ipu_image_svc::keys::broker_client::BrokerKeys::attest(&ipu_settings(
+            vec![self.url()],
+            tcti,
+            dir,
+        ))
         .unwrap()
     }
 
@@ -308,6 +301,28 @@ impl Running {
             .block_on(endpoint.connect())
             .map(KeyBrokerClient::new)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// The IPU's broker settings as the tests use them: these replicas (certificates naming
+/// `localhost`), the TLS files [`Running::ipu_keys`] writes to `dir`, the TPM at `tcti`.
+pub fn ipu_settings(
+    urls: Vec<String>,
+    tcti: &str,
+    dir: &Path,
+) -> ipu_image_svc::keys::broker_client::BrokerSettings {
+    use ipu_image_svc::keys::broker_client as client;
+    client::BrokerSettings {
+        urls,
+        server_name: Some("localhost".into()),
+        ca: dir.join("ca.pem"),
+        cert: dir.join("ipu.pem"),
+        key: dir.join("ipu.key"),
+        tpm: tcti.to_string(),
+        ak_handle: ipu_image_svc::tpm::DEFAULT_AK_HANDLE,
+        provider_name: "ipubroker".into(),
+        connect_timeout: client::DEFAULT_CONNECT_TIMEOUT,
+        request_timeout: client::DEFAULT_REQUEST_TIMEOUT,
     }
 }
 
