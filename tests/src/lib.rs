@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod containerd;
+pub mod fleet;
 pub mod postgres;
 
 use std::io::{Read, Write};
