@@ -53,6 +53,11 @@ impl Replica {
         self.audit_dir.join("verifier.pub")
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -75,16 +80,16 @@ impl Replica {
             .append(true)
             .open(&self.log_file)
             .unwrap();
-        let mut child = Command::new(bin("keybroker"))
+        let mut child = Command::new(bin("keybroker"));
+        child
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("KEYBROKER_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
             // Its own process group: a signal to the test's group does not reach it.
-            .process_group(0)
-            .spawn()
-            .unwrap();
+            .process_group(0);
+        let mut child = crate::inherit_no_fds(&mut child).spawn().unwrap();
         let start = Instant::now();
         // Listening, not only bound: the TLS listener binds before the socket is created.
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err()

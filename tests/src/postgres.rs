@@ -83,6 +83,8 @@ impl Postgres {
     fn as_postgres(&self, tool: &str) -> Command {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+        // The server outlives the command: it must hold none of the caller's descriptors.
+        crate::inherit_no_fds(&mut c);
         c
     }
 

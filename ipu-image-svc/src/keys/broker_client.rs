@@ -249,6 +249,15 @@ pub struct Release {
     pub skipped: Vec<Skipped>,
 }
 
+/// A new session, and which replica attested it.
+#[derive(Clone, Debug)]
+pub struct Attested {
+    /// The URL of the replica that attested.
+    pub served_by: String,
+    /// The replicas skipped before it, in order.
+    pub skipped: Vec<Skipped>,
+}
+
 impl BrokerKeys {
     /// Connects and attests with the TPM, so that a broker or TPM problem shows at once.
     pub fn attest(settings: &BrokerSettings) -> Result<Self, KeyError> {
@@ -349,12 +358,15 @@ impl BrokerKeys {
     }
 
     /// Attests again now (a new session replaces the current one), failing over like any
-    /// request; returns the URL of the replica that attested.
-    pub fn attest_now(&self) -> Result<String, KeyError> {
+    /// request; returns which replica attested, after which skipped ones.
+    pub fn attest_now(&self) -> Result<Attested, KeyError> {
         let mut c = self.connection.lock().expect("not poisoned");
         c.session = None;
-        let i = c.attest_any(&self.settings)?;
-        Ok(c.replicas[i].url.clone())
+        let (i, skipped) = c.attest_any(&self.settings)?;
+        Ok(Attested {
+            served_by: c.replicas[i].url.clone(),
+            skipped,
+        })
     }
 
     /// One layer's private options, released by the first replica that decides (see the
@@ -499,14 +511,15 @@ impl Connection {
         Ok(self.session.as_ref().expect("set above"))
     }
 
-    /// A new session from the first replica that decides; returns its index.
-    fn attest_any(&mut self, settings: &BrokerSettings) -> Result<usize, KeyError> {
+    /// A new session from the first replica that decides; returns its index and the
+    /// replicas skipped before it.
+    fn attest_any(&mut self, settings: &BrokerSettings) -> Result<(usize, Vec<Skipped>), KeyError> {
         let urls = settings.urls.clone();
         let start = self.current;
         let served = over_replicas(&urls, start, |i| self.attest_on(i, settings))?;
         self.session = Some(served.value);
         self.current = served.replica;
-        Ok(served.replica)
+        Ok((served.replica, served.skipped))
     }
 
     /// Challenge, (credential activation,) quote, attest, on replica `i`: a new session.
