@@ -4,7 +4,7 @@
 //! own TLS port and Unix socket, and its own audit log under its own origin; IPUs with a
 //! swtpm each, enrolled with their endorsement key, and their TLS client certificates.
 //!
-//! Used by `tests/tests/broker_fleet.rs` and `tests/benches/attest_release.rs`.
+//! Used by `tests/tests/broker_fleet.rs` and `tests/benches/broker_fleet.rs`.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -223,12 +223,23 @@ impl Fleet {
     /// be 1), started, with policy version 1 (PCR values from `pcrs`, the values of a fresh
     /// swtpm) and the EC key `acme-ec` loaded through the first.
     pub fn start(store: FleetStore, n: usize, pcrs: &BTreeMap<u8, Vec<u8>>) -> Fleet {
+        Self::start_with(store, n, pcrs, false)
+    }
+
+    /// As [`Fleet::start`], PostgreSQL with fsync on (`pg_fsync`, as in production) or off
+    /// (the tests).
+    pub fn start_with(
+        store: FleetStore,
+        n: usize,
+        pcrs: &BTreeMap<u8, Vec<u8>>,
+        pg_fsync: bool,
+    ) -> Fleet {
         assert!(n >= 1 && (store == FleetStore::Postgres || n == 1));
         let dir = tempfile::Builder::new().prefix("fleet").tempdir().unwrap();
         let d = dir.path();
         let (pg, db) = match store {
             FleetStore::Postgres => {
-                let pg = Postgres::start();
+                let pg = Postgres::start_with(pg_fsync);
                 let url = pg.create_db("keybroker");
                 keybroker::store::postgres::PgStore::connect(&url)
                     .unwrap()
@@ -344,14 +355,24 @@ socket = "run/{name}.sock"
     /// A new IPU `id`: a swtpm, its AK and EK enrolled (class `ipu-gen2`) through the first
     /// replica, a client certificate (role ipu) in `id/tls`.
     pub fn ipu(&self, id: &str, swtpm: Swtpm) -> Ipu {
+        let tls = self.enroll(id, &swtpm.tcti());
+        Ipu {
+            id: id.to_string(),
+            swtpm,
+            tls,
+        }
+    }
+
+    /// Enrolls the TPM at `tcti` as IPU `id` (its AK and EK, class `ipu-gen2`) through the
+    /// first replica and issues its client certificate (role ipu); returns the directory of
+    /// its TLS files. A TPM may be enrolled in several fleets.
+    pub fn enroll(&self, id: &str, tcti: &str) -> PathBuf {
         let d = self.path(id);
         let tls = d.join("tls");
         std::fs::create_dir_all(&tls).unwrap();
-        let mut tpm = ipu_image_svc::tpm::Tpm::open_persistent(
-            &swtpm.tcti(),
-            ipu_image_svc::tpm::DEFAULT_AK_HANDLE,
-        )
-        .unwrap();
+        let mut tpm =
+            ipu_image_svc::tpm::Tpm::open_persistent(tcti, ipu_image_svc::tpm::DEFAULT_AK_HANDLE)
+                .unwrap();
         assert_eq!(
             tpm.read_pcrs(&PCRS).unwrap(),
             self.pcrs,
@@ -371,11 +392,7 @@ socket = "run/{name}.sock"
         std::fs::write(tls.join("ca.pem"), self.pki.ca_pem()).unwrap();
         std::fs::write(tls.join("ipu.pem"), cert).unwrap();
         std::fs::write(tls.join("ipu.key"), key).unwrap();
-        Ipu {
-            id: id.to_string(),
-            swtpm,
-            tls,
-        }
+        tls
     }
 
     /// The fixture layer (`enc-signed`, layer 0) with its private options wrapped again by

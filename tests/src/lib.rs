@@ -368,6 +368,11 @@ impl Swtpm {
         panic!("swtpm did not start");
     }
 
+    /// The swtpm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The TCTI string for tss-esapi.
     pub fn tcti(&self) -> String {
         format!("swtpm:host=127.0.0.1,port={}", self.port)

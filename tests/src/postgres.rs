@@ -11,6 +11,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// Whether commits wait for the disk (off in the tests: `-F`).
+    fsync: bool,
 }
 
 /// The newest `/usr/lib/postgresql/N/bin`.
@@ -43,8 +45,15 @@ fn checked(what: &str, out: std::io::Result<Output>) -> Output {
 }
 
 impl Postgres {
-    /// A running cluster (the caller must be root, to act as `postgres`).
+    /// A running cluster (the caller must be root, to act as `postgres`), without fsync
+    /// (`-F`): the tests need no durability across a power cut.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A running cluster, with fsync as in production (`true`: commits wait for the WAL
+    /// to reach the disk) or off.
+    pub fn start_with(fsync: bool) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("kbpg")
@@ -60,6 +69,7 @@ impl Postgres {
             bin,
             port: crate::free_port(),
             dir,
+            fsync,
         };
         let initdb = pg
             .as_postgres("initdb")
@@ -91,9 +101,10 @@ impl Postgres {
     /// Starts the (stopped) cluster and waits until it accepts connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-k {} -h 127.0.0.1 -p {} -F -c max_connections=200",
+            "-k {} -h 127.0.0.1 -p {}{} -c max_connections=200",
             self.socket_dir().display(),
-            self.port
+            self.port,
+            if self.fsync { "" } else { " -F" }
         );
         let start = self
             .as_postgres("pg_ctl")
@@ -104,6 +115,35 @@ impl Postgres {
             .args(["-w", "-t", "30", "-o", &options, "start"])
             .output();
         checked("pg_ctl start", start);
+    }
+
+    /// The server's processes (the postmaster and its children: backends, WAL writer,
+    /// checkpointer, ...), for CPU accounting.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(main) = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![main];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: the command may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(main) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     /// Stops the cluster (fast shutdown: connections are cut).
