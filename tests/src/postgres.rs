@@ -157,6 +157,18 @@ impl Postgres {
         checked("pg_ctl stop", stop);
     }
 
+    /// Stops the cluster as a crash would (immediate shutdown: no checkpoint, what was not
+    /// written to the WAL is lost; the WAL is replayed at the next start).
+    pub fn crash(&self) {
+        let stop = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+        checked("pg_ctl stop -m immediate", stop);
+    }
+
     /// Creates a database; returns its URL over the Unix socket.
     pub fn create_db(&self, name: &str) -> String {
         let out = Command::new(self.bin.join("createdb"))

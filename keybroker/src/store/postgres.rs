@@ -245,6 +245,18 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    /// Closing a connection blocks on its own small runtime, which panics on a thread that
+    /// drives asynchronous tasks (a broker is dropped on one when `keybroker serve` stops):
+    /// the idle connections are closed on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.state.get_mut().expect("not poisoned").idle);
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
 pub struct PgStore {
     pool: Pool,
     /// Connections whose commits do not wait for the WAL to reach the disk
