@@ -13,6 +13,8 @@ pub struct Postgres {
     pub port: u16,
     /// Whether commits wait for the disk (off in the tests: `-F`).
     fsync: bool,
+    /// More server settings (`-c name=value ...`).
+    extra: String,
 }
 
 /// The newest `/usr/lib/postgresql/N/bin`.
@@ -54,6 +56,11 @@ impl Postgres {
     /// A running cluster, with fsync as in production (`true`: commits wait for the WAL
     /// to reach the disk) or off.
     pub fn start_with(fsync: bool) -> Self {
+        Self::start_configured(fsync, "")
+    }
+
+    /// A running cluster with more server settings (`-c name=value ...`).
+    pub fn start_configured(fsync: bool, extra: &str) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("kbpg")
@@ -70,6 +77,7 @@ impl Postgres {
             port: crate::free_port(),
             dir,
             fsync,
+            extra: extra.to_string(),
         };
         let initdb = pg
             .as_postgres("initdb")
@@ -101,10 +109,11 @@ impl Postgres {
     /// Starts the (stopped) cluster and waits until it accepts connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-k {} -h 127.0.0.1 -p {}{} -c max_connections=200",
+            "-k {} -h 127.0.0.1 -p {}{} -c max_connections=200 {}",
             self.socket_dir().display(),
             self.port,
-            if self.fsync { "" } else { " -F" }
+            if self.fsync { "" } else { " -F" },
+            self.extra
         );
         let start = self
             .as_postgres("pg_ctl")
@@ -189,6 +198,25 @@ impl Postgres {
     /// A database's URL over loopback TCP.
     pub fn tcp_url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Runs SQL on a database with `psql`; returns its output.
+    pub fn psql(&self, db: &str, sql: &str) -> Vec<u8> {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output();
+        checked("psql", out).stdout
     }
 
     /// `pg_dump` of a database (plain SQL, data included).
