@@ -62,6 +62,16 @@ fn cpu_of(pids: &[u32]) -> Duration {
     pids.iter().map(|&p| cpu(p)).sum()
 }
 
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One configuration: its fleet and every IPU's connection to it.
 struct Setup {
     name: &'static str,
@@ -73,6 +83,13 @@ struct Setup {
 impl Setup {
     fn new(name: &'static str, store: FleetStore, n: usize, swtpms: &[Swtpm]) -> Setup {
         let pcrs = fresh_pcrs(&swtpms[0]);
+        // Other work on the machine shares its CPUs with every configuration: say how much.
+        println!(
+            "machine: {} CPUs; load average before setup and now: {} / {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load_before.trim(),
+            loadavg().trim()
+        );
         let fsync = std::env::var("PG_FSYNC").map_or(true, |v| v != "off");
         let fleet = Fleet::start_with(store, n, &pcrs, fsync);
         let urls = fleet.urls();
@@ -221,6 +238,7 @@ fn main() {
     }
     own_network();
     std::env::set_var("TSS2_LOG", "all+NONE");
+    let load_before = loadavg();
     let rounds: usize = env("ROUNDS", 5);
     let window = Duration::from_secs_f64(env("WINDOW_SECS", 3.0));
     let n_ipus: usize = env("IPUS", 16);
