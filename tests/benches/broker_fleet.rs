@@ -83,13 +83,6 @@ struct Setup {
 impl Setup {
     fn new(name: &'static str, store: FleetStore, n: usize, swtpms: &[Swtpm]) -> Setup {
         let pcrs = fresh_pcrs(&swtpms[0]);
-        // Other work on the machine shares its CPUs with every configuration: say how much.
-        println!(
-            "machine: {} CPUs; load average before setup and now: {} / {}",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            load_before.trim(),
-            loadavg().trim()
-        );
         let fsync = std::env::var("PG_FSYNC").map_or(true, |v| v != "off");
         let fleet = Fleet::start_with(store, n, &pcrs, fsync);
         let urls = fleet.urls();
@@ -281,6 +274,13 @@ fn main() {
             releases[i].push(rel);
         }
     }
+    // Other work on the machine shares its CPUs with every configuration: say how much.
+    println!(
+        "machine: {} CPUs; load average before setup and now: {} / {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_before,
+        loadavg()
+    );
     let fsync = std::env::var("PG_FSYNC").map_or("on", |v| if v == "off" { "off" } else { "on" });
     println!(
         "attest + release rounds (challenge, swtpm quote, attest, release of an EC P-256 wrapped layer key, open), \
