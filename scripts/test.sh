@@ -13,5 +13,12 @@ cargo build --workspace --locked --bins
 # The sigstore-conformance bundle-verify suite (all 70 cases) through its own client protocol.
 bash tests/fixtures/sigstore-conformance/run.sh target/debug/policy sigstore
 cargo test --workspace --locked
+# The broker end-to-end suite again with the broker's state in PostgreSQL instead of sled
+# (a throwaway cluster per test; root only, as every PostgreSQL test: it runs as `postgres`).
+if [ "$(id -u)" = 0 ]; then
+    KEYBROKER_TEST_STORE=postgres cargo test --locked -p integration-tests --test broker_e2e
+else
+    echo "skipped: the broker suite on PostgreSQL (needs root)"
+fi
 # The fuzz targets build (scripts/fuzz.sh runs them for a bounded time).
 cargo build --manifest-path fuzz/Cargo.toml --locked --target-dir target/fuzz-check

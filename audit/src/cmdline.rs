@@ -221,8 +221,22 @@ struct AppendArgs {
 
 #[derive(Args)]
 struct QueryArgs {
-    #[command(flatten)]
-    log: LogArg,
+    /// The log directory (opened directly; no daemon may hold it). Repeatable: the logs of
+    /// several writers (one per key broker replica) merged into one query, each verified in
+    /// full with its --key first, events in time order labelled with their log's origin.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ipu-image-svc/audit"
+    )]
+    log: Vec<PathBuf>,
+    /// Ask the log daemon on this query socket instead (`audit serve`; one log).
+    #[arg(long, value_name = "SOCKET", conflicts_with = "key")]
+    server: Option<PathBuf>,
+    /// The verifier key of each --log, in the same order (required with several logs): each
+    /// log is verified with it before anything is shown.
+    #[arg(long, value_name = "FILE")]
+    key: Vec<PathBuf>,
     /// RFC 3339 time, e.g. 2026-11-29T08:00:00Z.
     #[arg(long)]
     since: Option<String>,
@@ -301,7 +315,21 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 after: q.after,
                 limit: q.limit,
             };
-            cli::query(&q.log.target(), &query, q.json, &mut stdout)?;
+            if q.log.len() > 1 || !q.key.is_empty() {
+                if q.server.is_some() || q.key.len() != q.log.len() {
+                    eprintln!("audit: a merged query needs one --key per --log (and no --server): each log is verified with its key");
+                    return Ok(2);
+                }
+                let logs: Vec<cli::MergedLog> = q
+                    .log
+                    .into_iter()
+                    .zip(q.key)
+                    .map(|(dir, key)| cli::MergedLog { dir, key })
+                    .collect();
+                return cli::merged_query(&logs, &query, q.json, &mut stdout);
+            }
+            let target = AuditTarget::socket_or_dir(q.server.as_deref(), &q.log[0]);
+            cli::query(&target, &query, q.json, &mut stdout)?;
         }
         Command::Tail {
             log,

@@ -147,7 +147,15 @@ pub fn build_rootfs(
             image.layers.len(),
             layer.descriptor.digest
         ));
-        let details = layer_details(layer);
+        let mut details = layer_details(layer).to_vec();
+        // Which broker replica released the key, for the record.
+        if let Some(d) = key
+            .as_ref()
+            .and_then(|k| k.as_ref().ok())
+            .and_then(LayerKey::broker_detail)
+        {
+            details.push(d);
+        }
         match apply_layer(
             &staging,
             blob,

@@ -135,9 +135,11 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<ops::metrics::MetricsListen>,
     /// The key broker (`https://HOST:PORT`): attest with the TPM and obtain every layer key
-    /// from it, sealed to this run's session key.
+    /// from it, sealed to this run's session key. Repeatable, one per replica, in the order
+    /// they are tried (replaces the file's `urls`): a replica that is down, refuses the
+    /// connection or times out is skipped to the next; a denial is final.
     #[arg(long, value_name = "URL")]
-    broker: Option<String>,
+    broker: Vec<String>,
     /// The CA the broker's certificate chains to.
     #[arg(long, value_name = "FILE")]
     broker_ca: Option<PathBuf>,
@@ -152,6 +154,12 @@ struct ServeArgs {
     /// The broker's key provider name [default: the protocol's].
     #[arg(long, value_name = "NAME")]
     provider_name: Option<String>,
+    /// How long connecting to one broker replica (TLS included) may take [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    broker_connect_timeout: Option<std::time::Duration>,
+    /// How long one request to one broker replica may take [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    broker_request_timeout: Option<std::time::Duration>,
     /// The TPM, as a tpm2-tss TCTI [default: device:/dev/tpmrm0].
     #[arg(long, value_name = "TCTI")]
     tpm: Option<String>,
@@ -193,7 +201,8 @@ impl ServeArgs {
                     client_ca: self.export_client_ca,
                 },
                 broker: BrokerFileSettings {
-                    url: self.broker,
+                    url: None,
+                    urls: (!self.broker.is_empty()).then_some(self.broker),
                     ca: self.broker_ca,
                     cert: self.broker_cert,
                     key: self.broker_key,
@@ -201,6 +210,8 @@ impl ServeArgs {
                     provider_name: self.provider_name,
                     tpm: self.tpm,
                     ak_handle: self.ak_handle,
+                    connect_timeout: self.broker_connect_timeout,
+                    request_timeout: self.broker_request_timeout,
                 },
             },
         )
@@ -251,9 +262,11 @@ struct TpmArgs {
 
 impl BrokerArgs {
     fn settings(&self) -> Option<BrokerSettings> {
-        let url = self.broker.clone()?;
+        if self.broker.is_empty() {
+            return None;
+        }
         Some(BrokerSettings {
-            url,
+            urls: self.broker.clone(),
             server_name: self.broker_name.clone(),
             ca: self.broker_ca.clone().expect("required by clap"),
             cert: self.broker_cert.clone().expect("required by clap"),
@@ -261,6 +274,8 @@ impl BrokerArgs {
             tpm: self.tpm.tpm.clone(),
             ak_handle: self.tpm.ak_handle,
             provider_name: self.provider_name.clone(),
+            connect_timeout: self.broker_connect_timeout,
+            request_timeout: self.broker_request_timeout,
         })
     }
 }
@@ -279,9 +294,11 @@ fn parse_handle(s: &str) -> Result<u32, String> {
 #[derive(Args)]
 struct BrokerArgs {
     /// The key broker (`https://HOST:PORT`): attest with the TPM and obtain every layer key
-    /// from it, sealed to this run's session key. Needs --tenant and --function.
+    /// from it, sealed to this run's session key. Needs --tenant and --function. Repeatable,
+    /// one per replica, in the order they are tried: a replica that is down, refuses the
+    /// connection or times out is skipped to the next; a denial is final.
     #[arg(long, value_name = "URL", requires_all = ["broker_ca", "broker_cert", "broker_key"])]
-    broker: Option<String>,
+    broker: Vec<String>,
     /// The CA the broker's certificate chains to.
     #[arg(long, value_name = "FILE")]
     broker_ca: Option<PathBuf>,
@@ -296,6 +313,12 @@ struct BrokerArgs {
     /// The broker's key provider name.
     #[arg(long, value_name = "NAME", default_value = broker_protocol::DEFAULT_PROVIDER_NAME)]
     provider_name: String,
+    /// How long connecting to one broker replica (TLS included) may take.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
+    broker_connect_timeout: std::time::Duration,
+    /// How long one request to one broker replica may take.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    broker_request_timeout: std::time::Duration,
     #[command(flatten)]
     tpm: TpmArgs,
 }
@@ -485,7 +508,7 @@ fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
         None => None,
     };
     let broker = BrokerSettings {
-        url: c.broker.url,
+        urls: c.broker.urls,
         server_name: c.broker.name,
         ca: c.broker.ca,
         cert: c.broker.cert,
@@ -493,6 +516,8 @@ fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
         tpm: c.broker.tpm,
         ak_handle: c.broker.ak_handle,
         provider_name: c.broker.provider_name,
+        connect_timeout: c.broker.connect_timeout,
+        request_timeout: c.broker.request_timeout,
     };
     let audit = match (c.audit_socket, c.audit_log) {
         (Some(socket), _) => AuditTarget::Socket(socket),

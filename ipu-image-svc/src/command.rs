@@ -133,7 +133,7 @@ pub fn set_up(opts: &ImageOptions) -> Result<(TrustPipeline, KeySource), Error> 
 fn broker_keys(cfg: &mut PipelineConfig, settings: &BrokerSettings) -> Result<KeySource, Error> {
     let who = format!(
         "{} (tenant {}, function {})",
-        settings.url,
+        settings.replicas(),
         cfg.tenant.as_deref().unwrap_or(""),
         cfg.function.as_deref().unwrap_or("")
     );

@@ -67,7 +67,10 @@ pub struct ExportTcpSettings {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerFileSettings {
+    /// One broker (`url = "..."`), or the first of `urls`; give one of the two.
     pub url: Option<String>,
+    /// The broker's replicas, in the order they are tried.
+    pub urls: Option<Vec<String>>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -75,6 +78,10 @@ pub struct BrokerFileSettings {
     pub provider_name: Option<String>,
     pub tpm: Option<String>,
     pub ak_handle: Option<u32>,
+    #[serde(default, deserialize_with = "file::duration")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "file::duration")]
+    pub request_timeout: Option<Duration>,
 }
 
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -128,7 +135,8 @@ pub struct ExportTcp {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Broker {
-    pub url: String,
+    /// The replicas, in the order they are tried.
+    pub urls: Vec<String>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     /// A path: the key itself is never read into the configuration.
@@ -138,6 +146,10 @@ pub struct Broker {
     pub provider_name: String,
     pub tpm: String,
     pub ak_handle: u32,
+    #[serde(serialize_with = "file::show_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "file::show_duration")]
+    pub request_timeout: Duration,
 }
 
 fn show<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -183,6 +195,12 @@ impl ServeSettings {
     /// These settings (the flags) over `file`'s.
     fn over(self, f: ServeSettings) -> ServeSettings {
         let (t, b) = (self.export_tcp, self.broker);
+        // The flags' URLs (one or several) replace the file's list, whichever key it used.
+        let (url, urls) = if b.url.is_some() || b.urls.is_some() {
+            (b.url, b.urls)
+        } else {
+            (f.broker.url, f.broker.urls)
+        };
         // The two audit targets are one choice: a flag for either replaces the file's.
         let (audit_log, audit_socket) = match (self.audit_log, self.audit_socket) {
             (None, None) => (f.audit_log, f.audit_socket),
@@ -214,7 +232,8 @@ impl ServeSettings {
                 client_ca: t.client_ca.or(f.export_tcp.client_ca),
             },
             broker: BrokerFileSettings {
-                url: b.url.or(f.broker.url),
+                url,
+                urls,
                 ca: b.ca.or(f.broker.ca),
                 cert: b.cert.or(f.broker.cert),
                 key: b.key.or(f.broker.key),
@@ -222,6 +241,8 @@ impl ServeSettings {
                 provider_name: b.provider_name.or(f.broker.provider_name),
                 tpm: b.tpm.or(f.broker.tpm),
                 ak_handle: b.ak_handle.or(f.broker.ak_handle),
+                connect_timeout: b.connect_timeout.or(f.broker.connect_timeout),
+                request_timeout: b.request_timeout.or(f.broker.request_timeout),
             },
         }
     }
@@ -264,9 +285,38 @@ pub fn effective(config: Option<&Path>, flags: ServeSettings) -> Result<ServeCon
         }
     };
     let b = s.broker;
-    let url = b.url.ok_or_else(|| {
-        invalid("broker.url is required (--broker or `[broker] url = ...`): layer keys come from the attested key broker".into())
-    })?;
+    let urls = match (b.url, b.urls) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "broker.url and broker.urls: give one (urls lists every replica)".into(),
+            ))
+        }
+        (Some(url), None) => vec![url],
+        (None, Some(urls)) => urls,
+        (None, None) => Vec::new(),
+    };
+    if urls.is_empty() {
+        return Err(invalid("broker.urls is required (--broker URL, repeatable, or `[broker] urls = [...]`): layer keys come from the attested key broker".into()));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        if urls[..i].contains(url) {
+            return Err(invalid(format!("broker.urls names {url} twice")));
+        }
+    }
+    let timeout = |d: Option<Duration>, default: Duration, key: &str| match d {
+        Some(d) if d.is_zero() => Err(invalid(format!("broker.{key} must be longer than zero"))),
+        d => Ok(d.unwrap_or(default)),
+    };
+    let connect_timeout = timeout(
+        b.connect_timeout,
+        crate::keys::broker_client::DEFAULT_CONNECT_TIMEOUT,
+        "connect_timeout",
+    )?;
+    let request_timeout = timeout(
+        b.request_timeout,
+        crate::keys::broker_client::DEFAULT_REQUEST_TIMEOUT,
+        "request_timeout",
+    )?;
     let ak_handle = b.ak_handle.unwrap_or(0x8101_0010);
     if !(0x8100_0000..=0x81ff_ffff).contains(&ak_handle) {
         return Err(invalid(format!(
@@ -279,13 +329,15 @@ pub fn effective(config: Option<&Path>, flags: ServeSettings) -> Result<ServeCon
             .cert
             .ok_or_else(|| missing("broker.cert", "--broker-cert"))?,
         key: b.key.ok_or_else(|| missing("broker.key", "--broker-key"))?,
-        url,
+        urls,
         name: b.name,
         provider_name: b
             .provider_name
             .unwrap_or_else(|| broker_protocol::DEFAULT_PROVIDER_NAME.into()),
         tpm: b.tpm.unwrap_or_else(|| "device:/dev/tpmrm0".into()),
         ak_handle,
+        connect_timeout,
+        request_timeout,
     };
     let bundle_keys = s.bundle_keys.unwrap_or_default();
     if bundle_keys.is_empty() {
@@ -387,7 +439,7 @@ mod tests {
             "the flag's audit target replaces the file's"
         );
         assert_eq!(c.bundle_keys, [Path::new("/k1"), Path::new("/k2")]);
-        assert_eq!(c.broker.url, "https://other:1");
+        assert_eq!(c.broker.urls, ["https://other:1"]);
         assert!(
             c.broker.ca.ends_with("ca.pem"),
             "the file's other broker keys stay"
@@ -444,7 +496,30 @@ mod tests {
             ),
             (
                 "bundle_keys = [\"k\"]\npolicy_bundle = \"b\"\n".to_string(),
-                "broker.url is required",
+                "broker.urls is required",
+            ),
+            (
+                format!("{MINIMAL}urls = [\"https://b:1\"]\n"),
+                "broker.url and broker.urls: give one",
+            ),
+            (
+                MINIMAL.replace(
+                    "url = \"https://broker:8443\"",
+                    "urls = [\"https://a:1\", \"https://b:1\", \"https://a:1\"]",
+                ),
+                "broker.urls names https://a:1 twice",
+            ),
+            (
+                MINIMAL.replace("url = \"https://broker:8443\"", "urls = []"),
+                "broker.urls is required",
+            ),
+            (
+                format!("{MINIMAL}request_timeout = \"0s\"\n"),
+                ":9:19: \"0s\": must be longer than zero",
+            ),
+            (
+                format!("{MINIMAL}connect_timeout = \"soon\"\n"),
+                ":9:19: \"soon\" is not a duration",
             ),
         ];
         for (text, want) in cases {
@@ -456,6 +531,40 @@ mod tests {
                 e.starts_with(&p.display().to_string()) && e.contains(want),
                 "{text:?}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn several_broker_replicas_from_the_file_or_the_flags() {
+        let (_d, p) = write(&MINIMAL.replace(
+            "url = \"https://broker:8443\"",
+            "urls = [\"https://kb-1:8443\", \"https://kb-2:8443\"]\nconnect_timeout = \"2s\"",
+        ));
+        let c = effective(Some(&p), ServeSettings::default()).unwrap();
+        assert_eq!(c.broker.urls, ["https://kb-1:8443", "https://kb-2:8443"]);
+        assert_eq!(c.broker.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.broker.request_timeout, Duration::from_secs(30));
+        let shown = ops::config::render(&c);
+        assert!(
+            shown.contains("urls = [\"https://kb-1:8443\", \"https://kb-2:8443\"]"),
+            "{shown}"
+        );
+        // `url` still works, as a list of one.
+        let (_d1, p1) = write(MINIMAL);
+        let one = effective(Some(&p1), ServeSettings::default()).unwrap();
+        assert_eq!(one.broker.urls, ["https://broker:8443"]);
+        assert_eq!(one.broker.connect_timeout, Duration::from_secs(10));
+        // Repeated --broker flags replace the file's list, whichever key it used.
+        for file in [&p, &p1] {
+            let flags = ServeSettings {
+                broker: BrokerFileSettings {
+                    urls: Some(vec!["https://x:1".into(), "https://y:1".into()]),
+                    ..Default::default()
+                },
+                ..ServeSettings::default()
+            };
+            let c = effective(Some(file), flags).unwrap();
+            assert_eq!(c.broker.urls, ["https://x:1", "https://y:1"]);
         }
     }
 }

@@ -29,7 +29,8 @@ fn the_example_checks_and_flags_override_it() {
         "metrics_listen = \"127.0.0.1:9464\"",
         "log_format = \"json\"",
         "clone_ttl = \"15m\"",
-        "url = \"https://keybroker.example:8443\"",
+        "urls = [\"https://keybroker-1.example:8443\", \"https://keybroker-2.example:8443\", \"https://keybroker-3.example:8443\"]",
+        "connect_timeout = \"10s\"",
         "key = \"/etc/ipu-image-svc/ipu.key\"",
         "ak_handle = 2164326416",
     ] {
@@ -49,6 +50,10 @@ fn the_example_checks_and_flags_override_it() {
         .args([
             "--broker",
             "https://other:1",
+            "--broker",
+            "https://other:2",
+            "--broker-request-timeout",
+            "5s",
             "--metrics-listen",
             "/run/m.sock",
         ])
@@ -64,7 +69,8 @@ fn the_example_checks_and_flags_override_it() {
         "clone_ttl = \"1h\"",
         "log_format = \"text\"",
         "audit_log = \"/a\"",
-        "url = \"https://other:1\"",
+        "urls = [\"https://other:1\", \"https://other:2\"]",
+        "request_timeout = \"5s\"",
         "metrics_listen = \"unix:/run/m.sock\"",
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");

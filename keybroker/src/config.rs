@@ -5,6 +5,7 @@
 //! state_dir = "/var/lib/keybroker"          # master key, audit log; the sled store
 //! store = "postgres://kb@%2Frun%2Fpostgresql/keybroker"  # or "sled" (the default)
 //! audit_log = "/var/lib/keybroker/audit"    # or audit_socket = "/run/ipu-audit/writer.sock"
+//! audit_origin = "keybroker/kb-1.example"   # the log's name in its checkpoints (default: keybroker/HOSTNAME)
 //! bundle_keys = ["policy-signer.pub"]       # who may sign deployment policy bundles
 //! session_ttl = "5m"
 //! nonce_lifetime = "60s"
@@ -42,6 +43,8 @@ struct Raw {
     audit_log: Option<PathBuf>,
     #[serde(default)]
     audit_socket: Option<PathBuf>,
+    #[serde(default)]
+    audit_origin: Option<String>,
     #[serde(default)]
     bundle_keys: Vec<PathBuf>,
     #[serde(default)]
@@ -112,6 +115,10 @@ pub enum ConfigError {
     ProviderName(String),
     #[error("give audit_log or audit_socket, not both")]
     TwoAuditTargets,
+    #[error("audit_origin names this broker's own audit log; an audit daemon (audit_socket) has its own origin")]
+    OriginWithSocket,
+    #[error("audit_origin = {0:?}: letters, digits and - _ . / : (a C2SP note origin)")]
+    AuditOrigin(String),
     #[error("tls.listen = {value:?}: {source}")]
     Listen {
         value: String,
@@ -227,11 +234,28 @@ impl Config {
         if let Some(r) = raw.require_ek {
             broker.require_ek = r;
         }
+        if let Some(origin) = &raw.audit_origin {
+            if origin.is_empty()
+                || !origin
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
+            {
+                return Err(ConfigError::AuditOrigin(origin.clone()));
+            }
+        }
+        let dir = |d: PathBuf| AuditTarget::Dir {
+            dir: d,
+            origin: raw.audit_origin.clone(),
+            signer: None,
+        };
         let audit = match (raw.audit_log, raw.audit_socket) {
             (Some(_), Some(_)) => return Err(ConfigError::TwoAuditTargets),
-            (Some(d), None) => AuditTarget::dir(at(&d)),
+            (None, Some(_)) if raw.audit_origin.is_some() => {
+                return Err(ConfigError::OriginWithSocket)
+            }
+            (Some(d), None) => dir(at(&d)),
             (None, Some(s)) => AuditTarget::Socket(at(&s)),
-            (None, None) => AuditTarget::dir(crate::broker::default_audit_dir(&broker.state_dir)),
+            (None, None) => dir(crate::broker::default_audit_dir(&broker.state_dir)),
         };
         let tls = match raw.tls {
             None => None,
@@ -344,10 +368,29 @@ roles = { "1000" = "publisher" }
             ("state_dir = \"s\"\n[unix]\nsocket = \"x\"\nroles = { \"bob\" = \"admin\" }\n", "numeric uid"),
             ("state_dir = \"s\"\n[tls]\nlisten = \"nowhere\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"a\"\n", "tls.listen"),
             ("state_dir = \"s\"\naudit_log = \"a\"\naudit_socket = \"b\"\n[unix]\nsocket = \"x\"\n", "not both"),
+            ("state_dir = \"s\"\naudit_socket = \"b\"\naudit_origin = \"kb/1\"\n[unix]\nsocket = \"x\"\n", "has its own origin"),
+            ("state_dir = \"s\"\naudit_origin = \"kb 1\"\n[unix]\nsocket = \"x\"\n", "audit_origin = \"kb 1\""),
         ];
         for (text, want) in cases {
             let e = Config::parse(text, Path::new("/")).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn each_replica_names_its_own_audit_log() {
+        let c = Config::parse(
+            "state_dir = \"s\"\naudit_origin = \"keybroker/kb-2\"\n[unix]\nsocket = \"x\"\n",
+            Path::new("/etc/kb"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.audit,
+            AuditTarget::Dir {
+                dir: "/etc/kb/s/audit".into(),
+                origin: Some("keybroker/kb-2".into()),
+                signer: None,
+            }
+        );
     }
 }

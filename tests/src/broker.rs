@@ -129,7 +129,7 @@ pub struct Running {
     /// The broker's audit log.
     pub audit: Arc<audit::AuditLog>,
     addr: std::net::SocketAddr,
-    pub pki: Pki,
+    pub pki: Arc<Pki>,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
@@ -179,7 +179,18 @@ pub fn broker(
     log: Arc<audit::AuditLog>,
     session_ttl: Duration,
 ) -> Broker {
-    let policy = policy::deploy::parse(POLICY, "policy.toml").unwrap();
+    broker_under(POLICY, verifier, keys, log, session_ttl)
+}
+
+/// A broker under the deployment policy `policy` (TOML).
+pub fn broker_under(
+    policy: &str,
+    verifier: Verifier,
+    keys: KeyStore,
+    log: Arc<audit::AuditLog>,
+    session_ttl: Duration,
+) -> Broker {
+    let policy = policy::deploy::parse(policy, "policy.toml").unwrap();
     Broker::new(verifier, keys, policy, session_ttl, log)
 }
 
@@ -213,18 +224,24 @@ pub fn pipeline_factory(
 }
 
 pub fn start(tpm: &mut Tpm) -> Running {
+    start_with(tpm, POLICY, Arc::new(Pki::new()))
+}
+
+/// A broker in process under the deployment policy `policy`, its TLS certificate from
+/// `pki` (brokers sharing a PKI are one client's replicas), its own state and audit log.
+pub fn start_with(tpm: &mut Tpm, policy: &str, pki: Arc<Pki>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let log = audit_log(&dir.path().join("audit"));
     let keys = key_store(dir.path());
     keys.create("acme-ec", keybroker::keystore::KeyKind::EcP256)
         .unwrap();
-    let broker = Arc::new(broker(
+    let broker = Arc::new(broker_under(
+        policy,
         verifier_for(tpm),
         keys,
         log.clone(),
         Duration::from_secs(60),
     ));
-    let pki = Pki::new();
     let (cert, key) = pki.issue("broker.test", Some("broker"), true);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt
@@ -275,18 +292,11 @@ impl Running {
         std::fs::write(dir.join("ca.pem"), self.pki.ca_pem()).unwrap();
         std::fs::write(dir.join("ipu.pem"), cert).unwrap();
         std::fs::write(dir.join("ipu.key"), key).unwrap();
-        ipu_image_svc::keys::broker_client::BrokerKeys::attest(
-            &ipu_image_svc::keys::broker_client::BrokerSettings {
-                url: self.url(),
-                server_name: Some("localhost".into()),
-                ca: dir.join("ca.pem"),
-                cert: dir.join("ipu.pem"),
-                key: dir.join("ipu.key"),
-                tpm: tcti.to_string(),
-                ak_handle: ipu_image_svc::tpm::DEFAULT_AK_HANDLE,
-                provider_name: "ipubroker".into(),
-            },
-        )
+        ipu_image_svc::keys::broker_client::BrokerKeys::attest(&ipu_settings(
+            vec![self.url()],
+            tcti,
+            dir,
+        ))
         .unwrap()
     }
 
@@ -308,6 +318,28 @@ impl Running {
             .block_on(endpoint.connect())
             .map(KeyBrokerClient::new)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// The IPU's broker settings as the tests use them: these replicas (certificates naming
+/// `localhost`), the TLS files [`Running::ipu_keys`] writes to `dir`, the TPM at `tcti`.
+pub fn ipu_settings(
+    urls: Vec<String>,
+    tcti: &str,
+    dir: &Path,
+) -> ipu_image_svc::keys::broker_client::BrokerSettings {
+    use ipu_image_svc::keys::broker_client as client;
+    client::BrokerSettings {
+        urls,
+        server_name: Some("localhost".into()),
+        ca: dir.join("ca.pem"),
+        cert: dir.join("ipu.pem"),
+        key: dir.join("ipu.key"),
+        tpm: tcti.to_string(),
+        ak_handle: ipu_image_svc::tpm::DEFAULT_AK_HANDLE,
+        provider_name: "ipubroker".into(),
+        connect_timeout: client::DEFAULT_CONNECT_TIMEOUT,
+        request_timeout: client::DEFAULT_REQUEST_TIMEOUT,
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod containerd;
+pub mod fleet;
 pub mod postgres;
 
 use std::io::{Read, Write};
@@ -199,6 +200,26 @@ impl Drop for Registry {
     }
 }
 
+/// Makes `cmd`'s process inherit no descriptor beyond stdin, stdout and stderr. A
+/// long-lived child (a broker replica, PostgreSQL) spawned while another thread holds a
+/// connection to a swtpm would otherwise keep that connection open after the thread closes
+/// it (the TSS opens its sockets without `SOCK_CLOEXEC`), and a swtpm serves one connection
+/// at a time: that TPM would never answer again.
+pub fn inherit_no_fds(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec; close_range(2) is a plain
+    // system call (async-signal-safe), allocates nothing and only marks descriptors
+    // close-on-exec, so the exec error pipe std relies on keeps working.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -376,6 +397,11 @@ impl Swtpm {
             let _ = child.wait();
         }
         panic!("swtpm did not start");
+    }
+
+    /// The swtpm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The TCTI string for tss-esapi.

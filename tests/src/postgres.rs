@@ -11,6 +11,10 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// Whether commits wait for the disk (off in the tests: `-F`).
+    fsync: bool,
+    /// More server settings (`-c name=value ...`).
+    extra: String,
 }
 
 /// The newest `/usr/lib/postgresql/N/bin`.
@@ -43,8 +47,20 @@ fn checked(what: &str, out: std::io::Result<Output>) -> Output {
 }
 
 impl Postgres {
-    /// A running cluster (the caller must be root, to act as `postgres`).
+    /// A running cluster (the caller must be root, to act as `postgres`), without fsync
+    /// (`-F`): the tests need no durability across a power cut.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A running cluster, with fsync as in production (`true`: commits wait for the WAL
+    /// to reach the disk) or off.
+    pub fn start_with(fsync: bool) -> Self {
+        Self::start_configured(fsync, "")
+    }
+
+    /// A running cluster with more server settings (`-c name=value ...`).
+    pub fn start_configured(fsync: bool, extra: &str) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("kbpg")
@@ -60,6 +76,8 @@ impl Postgres {
             bin,
             port: crate::free_port(),
             dir,
+            fsync,
+            extra: extra.to_string(),
         };
         let initdb = pg
             .as_postgres("initdb")
@@ -83,15 +101,19 @@ impl Postgres {
     fn as_postgres(&self, tool: &str) -> Command {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+        // The server outlives the command: it must hold none of the caller's descriptors.
+        crate::inherit_no_fds(&mut c);
         c
     }
 
     /// Starts the (stopped) cluster and waits until it accepts connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-k {} -h 127.0.0.1 -p {} -F -c max_connections=200",
+            "-k {} -h 127.0.0.1 -p {}{} -c max_connections=200 {}",
             self.socket_dir().display(),
-            self.port
+            self.port,
+            if self.fsync { "" } else { " -F" },
+            self.extra
         );
         let start = self
             .as_postgres("pg_ctl")
@@ -104,6 +126,35 @@ impl Postgres {
         checked("pg_ctl start", start);
     }
 
+    /// The server's processes (the postmaster and its children: backends, WAL writer,
+    /// checkpointer, ...), for CPU accounting.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(main) = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![main];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: the command may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(main) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Stops the cluster (fast shutdown: connections are cut).
     pub fn stop(&self) {
         let stop = self
@@ -113,6 +164,18 @@ impl Postgres {
             .args(["-w", "-m", "fast", "stop"])
             .output();
         checked("pg_ctl stop", stop);
+    }
+
+    /// Stops the cluster as a crash would (immediate shutdown: no checkpoint, what was not
+    /// written to the WAL is lost; the WAL is replayed at the next start).
+    pub fn crash(&self) {
+        let stop = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+        checked("pg_ctl stop -m immediate", stop);
     }
 
     /// Creates a database; returns its URL over the Unix socket.
@@ -135,6 +198,25 @@ impl Postgres {
     /// A database's URL over loopback TCP.
     pub fn tcp_url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Runs SQL on a database with `psql`; returns its output.
+    pub fn psql(&self, db: &str, sql: &str) -> Vec<u8> {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output();
+        checked("psql", out).stdout
     }
 
     /// `pg_dump` of a database (plain SQL, data included).

@@ -625,6 +625,60 @@ fn a_stopped_database_fails_operationally_grants_nothing_and_recovers() {
     release_and_open(&a, &s2, &n2, &key).unwrap();
 }
 
+#[test]
+fn a_consumed_nonce_stays_consumed_through_a_database_crash() {
+    if !root() {
+        return;
+    }
+    // Issuing a nonce and opening a session do not wait for the WAL flush (their loss costs
+    // an attestation); consuming a nonce does: a crash right after must not bring it back.
+    // The WAL writer waits 10 s between rounds here, so that a commit that did not wait for
+    // the WAL is still unwritten when the server crashes.
+    let pg = Postgres::start_configured(false, "-c wal_writer_delay=10000");
+    let url = pg.create_db("crash");
+    PgStore::connect(&url).unwrap().migrate().unwrap();
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let fleet = Fleet::new(StoreLocation::Postgres(url));
+    let a = fleet.first(&tpm);
+    let b = fleet.replica("b");
+    let key = SessionKey::generate();
+    let nonce = a.challenge().unwrap();
+    // The issued nonce on disk for sure (its own commit did not wait): were the consumption
+    // lost, the crash would bring the nonce back.
+    pg.psql("crash", "CHECKPOINT");
+    let evidence = tpm.quote(&nonce, &key.public(), &PCRS).unwrap();
+    b.attest(CLIENT, &evidence, tpm.ak_public(), &nonce, &key.public())
+        .unwrap();
+    pg.crash();
+    pg.start_again();
+    // The replicas' connections died with the server: a call may fail once on one.
+    let mut replay = None;
+    for _ in 0..3 {
+        let e = a
+            .attest(CLIENT, &evidence, tpm.ak_public(), &nonce, &key.public())
+            .unwrap_err();
+        if !e.is_operational() {
+            replay = Some(e);
+            break;
+        }
+    }
+    let replay = replay.expect("the database answers again");
+    assert!(
+        matches!(replay, BrokerError::Attestation(AttestError::StaleNonce)),
+        "{replay}"
+    );
+    // Control: the database is back and serves a new attestation (each replica's first call
+    // after the crash may fail once on a connection that died with the server).
+    for attempt in 0..3 {
+        match attest(&a, &b, &mut tpm, &key).and_then(|(s, n)| release_and_open(&b, &s, &n, &key)) {
+            Ok(_) => break,
+            Err(e) if e.is_operational() && attempt < 2 => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// Key releases granted by a replica, from its audit log.
 fn grants(fleet: &Fleet, replica: &str) -> usize {
     fleet

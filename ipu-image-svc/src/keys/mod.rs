@@ -55,10 +55,17 @@ pub struct LayerKeyRequest<'a> {
     pub grant: Option<&'a str>,
 }
 
+/// One layer's private options (ocicrypt JSON) in secret memory, and who released them.
+pub struct ReleasedOptions {
+    pub secret: SecretBuf,
+    /// The broker replica that released them (its URL), for the record.
+    pub served_by: Option<String>,
+}
+
 /// A source of layer keys other than local key files (the key broker).
 pub trait LayerKeySource: Send + Sync {
     /// One layer's private options (ocicrypt JSON), in secret memory.
-    fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<SecretBuf, KeyError>;
+    fn private_options(&self, req: &LayerKeyRequest<'_>) -> Result<ReleasedOptions, KeyError>;
 
     /// Whether keys can be had now (for readiness): what is wrong otherwise.
     fn ready(&self) -> Result<(), String> {
@@ -71,6 +78,15 @@ pub trait LayerKeySource: Send + Sync {
 pub struct LayerKey {
     pub pubopts: PublicLayerOptions,
     pub privopts: PrivateLayerOptions,
+    /// The key broker replica that released it (`None` for local keys).
+    pub broker: Option<String>,
+}
+
+impl LayerKey {
+    /// The audit detail naming the broker replica that released the key, if one did.
+    pub fn broker_detail(&self) -> Option<(&'static str, String)> {
+        self.broker.clone().map(|url| ("key_broker", url))
+    }
 }
 
 impl std::fmt::Debug for LayerKey {
@@ -140,7 +156,7 @@ impl KeySource {
         match self {
             KeySource::Broker(source) => {
                 let layer_digest = req.layer.digest.to_string();
-                let secret = source.private_options(&LayerKeyRequest {
+                let released = source.private_options(&LayerKeyRequest {
                     image: req.image,
                     image_digest: req.image_digest,
                     layer_digest: &layer_digest,
@@ -149,11 +165,15 @@ impl KeySource {
                     function: req.function,
                     grant: req.grant,
                 })?;
-                // Parsed from secret memory, which is zeroized when `secret` drops here; the
+                // Parsed from secret memory, which is zeroized when `released` drops here; the
                 // parsed options are zeroized when the key drops.
-                let privopts = PrivateLayerOptions::from_json(secret.as_slice())?;
+                let privopts = PrivateLayerOptions::from_json(released.secret.as_slice())?;
                 let pubopts = PublicLayerOptions::from_annotations(annotations)?;
-                Ok(LayerKey { pubopts, privopts })
+                Ok(LayerKey {
+                    pubopts,
+                    privopts,
+                    broker: released.served_by,
+                })
             }
             KeySource::Local(dc) => {
                 if dc.keys().is_empty() {
@@ -161,7 +181,11 @@ impl KeySource {
                 }
                 let pubopts = PublicLayerOptions::from_annotations(annotations)?;
                 let privopts = ocicrypt::unwrap_private_options(annotations, dc)?;
-                Ok(LayerKey { pubopts, privopts })
+                Ok(LayerKey {
+                    pubopts,
+                    privopts,
+                    broker: None,
+                })
             }
         }
     }
@@ -173,7 +197,7 @@ mod tests {
 
     struct Refusing;
     impl LayerKeySource for Refusing {
-        fn private_options(&self, _: &LayerKeyRequest<'_>) -> Result<SecretBuf, KeyError> {
+        fn private_options(&self, _: &LayerKeyRequest<'_>) -> Result<ReleasedOptions, KeyError> {
             Err(KeyError::Denied("no".into()))
         }
     }

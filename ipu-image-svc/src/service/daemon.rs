@@ -67,7 +67,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
     // before it expires, or when the broker no longer knows it.
     let broker = Arc::new(
         BrokerKeys::attest(&settings)
-            .map_err(|e| Error::from(e).context(format!("key broker {}", settings.url)))?,
+            .map_err(|e| Error::from(e).context(format!("key broker {}", settings.replicas())))?,
     );
     let image_trust = bundle.image_trust;
     let deployment = Arc::new(bundle.deployment);
@@ -78,7 +78,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), ServiceError> {
     let factory: PipelineFactory = Box::new(move |tenant, function| {
         let ipu_class = class_source
             .ipu_class()
-            .map_err(|e| Error::from(e).context(format!("key broker {}", settings.url)))?;
+            .map_err(|e| Error::from(e).context(format!("key broker {}", settings.replicas())))?;
         let mut pipeline = PipelineConfig::new(image_trust.clone(), cache.clone());
         pipeline.audit = Some(factory_sink.clone());
         pipeline.tenant = Some(tenant.to_string());

@@ -274,18 +274,20 @@ impl Service {
         };
         match opened {
             Ok(opened) => {
+                let mut details = vec![(
+                    "hmac_checked",
+                    if opened.on_arrival {
+                        "on arrival (recognised from its start)"
+                    } else {
+                        "over the stored blob"
+                    }
+                    .to_string(),
+                )];
+                details.extend(opened.keys.broker_detail());
                 record.record(
                     Outcome::Success,
                     "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted".into(),
-                    &[(
-                        "hmac_checked",
-                        if opened.on_arrival {
-                            "on arrival (recognised from its start)"
-                        } else {
-                            "over the stored blob"
-                        }
-                        .to_string(),
-                    )],
+                    &details,
                 )?;
                 Ok(LayerStream {
                     opened: Some(opened),

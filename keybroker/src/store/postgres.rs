@@ -9,15 +9,26 @@
 //! - The running policy bundle is one row, replaced only by compare-and-set on its version.
 //! - Times are the database's (`now()`), so replicas' clocks do not matter.
 //!
-//! Connections: a small pool of synchronous clients (the broker's calls run on blocking
-//! threads); a connection that failed is dropped and the next call opens a new one, so the
-//! broker recovers by itself when the database is back. No TLS: the database is reached
+//! - Expired nonces and sessions are swept at most once per [`SWEEP_EVERY`] per replica
+//!   (reads ignore expired rows), not by every insert.
+//! - Writes that lose nothing but an attestation when lost in a crash of the database
+//!   (issuing a nonce, opening a session: the IPU attests again) commit without waiting for
+//!   the WAL flush (connections of their own, `synchronous_commit = off`); consuming a
+//!   nonce, revocations and every administrative write wait for it.
+//!
+//! Connections: two bounded pools of synchronous clients (the broker's calls run on blocking
+//! threads; [`POOL`] connections for reads and durable writes, [`POOL_UNFLUSHED`] for the
+//! rest), each connection with its prepared statements (one round trip per statement after
+//! the first use); a connection that failed is dropped and the next call opens a new one,
+//! so the broker recovers by itself when the database is back. No TLS: the database is reached
 //! over a Unix socket or loopback (see docs/operations.md).
 
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use postgres::{Client, Config, NoTls};
+use postgres::types::ToSql;
+use postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{SessionRecord, Store, StoreError};
 
@@ -67,12 +78,193 @@ pub fn schema_version() -> i32 {
 /// An arbitrary constant: the advisory lock `keybroker db migrate` holds.
 const MIGRATION_LOCK: i64 = 0x6b65_7962_726f_6b72;
 
-/// Idle connections kept for reuse.
-const POOL: usize = 8;
+/// The most connections one replica opens for reads and durable writes; a call finding
+/// them all busy waits for one (at most [`POOL_WAIT`]).
+pub const POOL: usize = 32;
+
+/// The most connections one replica opens for writes that need not wait for the disk.
+pub const POOL_UNFLUSHED: usize = 16;
+
+/// How long a call waits for a connection when all are busy: then it fails (unavailable).
+const POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// How often one replica sweeps expired nonces and sessions.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// A pooled connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    fn prepared(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.client.execute(&s, params)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.client.query(&s, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.client.query_opt(&s, params)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.client.query_one(&s, params)
+    }
+}
+
+/// Connections to one database with one configuration, at most `max` open at a time.
+struct Pool {
+    config: Config,
+    max: usize,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Conn>,
+    /// Open connections: idle ones and those in use.
+    open: usize,
+}
+
+impl Pool {
+    fn new(config: Config, max: usize) -> Self {
+        Self {
+            config,
+            max,
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// An idle connection, or a new one while fewer than `max` are open, or the first one
+    /// given back within [`POOL_WAIT`].
+    fn take(&self, operation: &'static str) -> Result<Conn, StoreError> {
+        let deadline = Instant::now() + POOL_WAIT;
+        let mut state = self.state.lock().expect("not poisoned");
+        loop {
+            while let Some(c) = state.idle.pop() {
+                if !c.client.is_closed() {
+                    return Ok(c);
+                }
+                state.open -= 1;
+            }
+            if state.open < self.max {
+                state.open += 1;
+                drop(state);
+                return match self.config.connect(NoTls) {
+                    Ok(client) => Ok(Conn {
+                        client,
+                        statements: HashMap::new(),
+                    }),
+                    Err(e) => {
+                        self.gone(1);
+                        Err(err(operation)(e))
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(StoreError::new(
+                    "postgres",
+                    operation,
+                    format!(
+                        "all {} connections of this replica stayed busy for {} s",
+                        self.max,
+                        POOL_WAIT.as_secs()
+                    ),
+                ));
+            }
+            state = self
+                .freed
+                .wait_timeout(state, deadline - now)
+                .expect("not poisoned")
+                .0;
+        }
+    }
+
+    /// A connection back after use (a closed one is dropped).
+    fn put(&self, conn: Conn) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if conn.client.is_closed() {
+            state.open -= 1;
+        } else {
+            state.idle.push(conn);
+        }
+        self.freed.notify_one();
+    }
+
+    /// `n` connections in use are gone (dropped after a failure).
+    fn gone(&self, n: usize) {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.open -= n;
+        self.freed.notify_all();
+    }
+
+    /// Drops every idle connection (the server went away: they are dead too).
+    fn clear(&self) {
+        let mut state = self.state.lock().expect("not poisoned");
+        let n = state.idle.len();
+        state.idle.clear();
+        state.open -= n;
+        self.freed.notify_all();
+    }
+}
+
+impl Drop for Pool {
+    /// Closing a connection blocks on its own small runtime, which panics on a thread that
+    /// drives asynchronous tasks (a broker is dropped on one when `keybroker serve` stops):
+    /// the idle connections are closed on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.state.get_mut().expect("not poisoned").idle);
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
 
 pub struct PgStore {
-    config: Config,
-    idle: Mutex<Vec<Client>>,
+    pool: Pool,
+    /// Connections whose commits do not wait for the WAL to reach the disk
+    /// (`synchronous_commit = off`): for writes whose loss in a crash of the database
+    /// costs an attestation, nothing else.
+    unflushed: Pool,
+    /// When this replica last swept expired nonces, and sessions.
+    swept: Mutex<[Option<Instant>; 2]>,
 }
 
 fn err(operation: &'static str) -> impl Fn(postgres::Error) -> StoreError {
@@ -98,54 +290,89 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("keybroker");
         }
-        let store = Self {
-            config,
-            idle: Mutex::new(Vec::new()),
+        let mut unflushed = config.clone();
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_string(),
         };
-        let client = store.client("connect")?;
-        store.give_back(client);
+        unflushed.options(&options);
+        let store = Self {
+            pool: Pool::new(config, POOL),
+            unflushed: Pool::new(unflushed, POOL_UNFLUSHED),
+            swept: Mutex::new([None, None]),
+        };
+        let conn = store.pool.take("connect")?;
+        store.pool.put(conn);
         Ok(store)
-    }
-
-    fn client(&self, operation: &'static str) -> Result<Client, StoreError> {
-        while let Some(c) = self.idle.lock().expect("not poisoned").pop() {
-            if !c.is_closed() {
-                return Ok(c);
-            }
-        }
-        self.config.connect(NoTls).map_err(err(operation))
-    }
-
-    fn give_back(&self, client: Client) {
-        let mut idle = self.idle.lock().expect("not poisoned");
-        if !client.is_closed() && idle.len() < POOL {
-            idle.push(client);
-        }
     }
 
     /// Runs `f` on a pooled connection; a connection whose call failed is not reused.
     fn with<T>(
         &self,
         operation: &'static str,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+        f: impl FnMut(&mut Conn) -> Result<T, postgres::Error>,
     ) -> Result<T, StoreError> {
-        let mut client = self.client(operation)?;
-        match f(&mut client) {
-            Ok(t) => {
-                self.give_back(client);
-                Ok(t)
-            }
-            Err(e) => {
-                // A database-side refusal leaves the connection usable. Anything else (the
-                // server went away) likely broke every idle connection too: drop them all,
-                // so the next call connects afresh.
-                if e.as_db_error().is_some() {
-                    self.give_back(client);
-                } else {
-                    self.idle.lock().expect("not poisoned").clear();
+        self.on(operation, false, f)
+    }
+
+    /// As [`PgStore::with`], on a connection whose commits do not wait for the disk.
+    fn with_unflushed<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnMut(&mut Conn) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        self.on(operation, true, f)
+    }
+
+    fn on<T>(
+        &self,
+        operation: &'static str,
+        unflushed: bool,
+        f: impl FnMut(&mut Conn) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let pool = if unflushed {
+            &self.unflushed
+        } else {
+            &self.pool
+        };
+        let mut f = f;
+        let mut retried = false;
+        loop {
+            let mut conn = pool.take(operation)?;
+            let e = match f(&mut conn) {
+                Ok(t) => {
+                    pool.put(conn);
+                    return Ok(t);
                 }
-                Err(err(operation)(e))
+                Err(e) => e,
+            };
+            // The server ended the connection (FATAL: it is shutting down or restarted, or
+            // an administrator terminated the session), or it is gone: every idle connection
+            // is likely as dead, so all are dropped and the next call connects afresh.
+            let ended = e
+                .as_db_error()
+                .is_some_and(|d| matches!(d.severity(), "FATAL" | "PANIC"));
+            if e.as_db_error().is_none() || ended || conn.client.is_closed() {
+                drop(conn);
+                pool.gone(1);
+                self.pool.clear();
+                self.unflushed.clear();
+                // A connection the server ended rolled back what it was doing: the call
+                // is tried once more, on a new connection (a database that restarted
+                // while this connection sat idle costs nothing). A connection lost without
+                // a word may have committed: never tried again.
+                if ended && !retried {
+                    retried = true;
+                    continue;
+                }
+            } else {
+                // A refusal of the database's: the connection is still usable (its
+                // prepared statements are forgotten: a schema change may have made them
+                // stale).
+                conn.statements.clear();
+                pool.put(conn);
             }
+            return Err(err(operation)(e));
         }
     }
 
@@ -169,7 +396,7 @@ impl PgStore {
     /// Applies the missing migrations; returns the versions applied now.
     pub fn migrate(&self) -> Result<Vec<i32>, StoreError> {
         self.with("migrate the schema", |c| {
-            let mut tx = c.transaction()?;
+            let mut tx = c.client.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -225,6 +452,18 @@ impl PgStore {
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+impl PgStore {
+    /// Whether this replica should sweep table `which` (0: nonces, 1: sessions) now.
+    fn sweep_due(&self, which: usize) -> bool {
+        let mut swept = self.swept.lock().expect("not poisoned");
+        let due = swept[which].is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+        if due {
+            swept[which] = Some(Instant::now());
+        }
+        due
+    }
 }
 
 impl Store for PgStore {
@@ -371,9 +610,14 @@ impl Store for PgStore {
 
     fn issue_nonce(&self, nonce_hash: &[u8; 32], lifetime: Duration) -> Result<(), StoreError> {
         let hash = nonce_hash.as_slice();
-        self.with("issue a nonce", |c| {
-            // Expired nonces are swept as new ones are issued.
-            c.execute("DELETE FROM attestation_nonces WHERE expires <= now()", &[])?;
+        let sweep = self.sweep_due(0);
+        self.with_unflushed("issue a nonce", |c| {
+            // Expired nonces are swept now and then as new ones are issued.
+            if sweep {
+                c.execute("DELETE FROM attestation_nonces WHERE expires <= now()", &[])?;
+            }
+            // Lost in a crash of the database, the nonce is unknown: the attestation fails
+            // and the IPU asks for another. Never a nonce accepted twice.
             c.execute(
                 "INSERT INTO attestation_nonces (nonce_sha256, expires)
                  VALUES ($1, now() + $2 * interval '1 second')",
@@ -402,8 +646,13 @@ impl Store for PgStore {
                 .unwrap_or_default(),
         );
         let salt = s.salt.as_slice();
-        self.with("open a session", |c| {
-            c.execute("DELETE FROM sessions WHERE expires <= now()", &[])?;
+        let sweep = self.sweep_due(1);
+        self.with_unflushed("open a session", |c| {
+            if sweep {
+                c.execute("DELETE FROM sessions WHERE expires <= now()", &[])?;
+            }
+            // Lost in a crash of the database, the session is unknown to every replica: the
+            // IPU attests again.
             c.execute(
                 "INSERT INTO sessions
                      (id, ipu_id, ipu_class, client, session_public, binding_salt, expires)
