@@ -1,4 +1,4 @@
-//! Placement grants on the IPU (issue 15): the control plane's signed word on which tenant's
+//! Placement grants on the IPU: the control plane's signed word on which tenant's
 //! function runs here, for which host and image. [`policy::grant::verify`] checks a grant
 //! against the running deployment policy without state; [`GrantGate`] adds what needs state:
 //! a grant's serial is accepted once within its validity window, across restarts

@@ -1,4 +1,4 @@
-//! Key residue (issue 14, item 2; threat model T16): once a clone is erased, or a layer has
+//! Key residue (threat model T16): once a clone is erased, or a layer has
 //! decrypted and its key dropped, this process's memory holds neither the key nor its first
 //! two AES round keys (AES-256's round keys 0 and 1 are the key's two halves, and the
 //! decryption schedule ends with round key 0), anywhere the kernel lets us read: every

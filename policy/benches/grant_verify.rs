@@ -1,4 +1,4 @@
-//! The cost of checking a placement grant (issue 15): `policy::grant::verify` of a valid grant
+//! The cost of checking a placement grant: `policy::grant::verify` of a valid grant
 //! signed with Ed25519 and with ECDSA P-256, against a policy naming both keys, as the IPU
 //! runs it on every Prepare and Verify (the serial's claim, a file create and two syncs, is
 //! measured by the warm-start benchmark once grants are on its path).

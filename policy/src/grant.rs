@@ -1,5 +1,5 @@
 //! Placement grants: the control plane's signed statement that one function of one tenant
-//! may run one image on one IPU, exported to one host, for a short time (issue 15). The
+//! may run one image on one IPU, exported to one host, for a short time. The
 //! IPU service and the key broker check a grant instead of taking the host's word for
 //! which tenant a request is for (threat model T30, T37).
 //!

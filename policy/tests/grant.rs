@@ -1,4 +1,4 @@
-//! Placement grants (issue 15): a valid grant verifies with Ed25519 and P-256 keys, and
+//! Placement grants: a valid grant verifies with Ed25519 and P-256 keys, and
 //! each way a grant can be wrong is refused with its own error.
 
 use std::time::{Duration, SystemTime};

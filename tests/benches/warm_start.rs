@@ -11,7 +11,7 @@
 //! attested session (a swtpm quote), as `ipu-image-svc serve` holds one: every Prepare has
 //! both layers' keys released again for its own request.
 //!
-//! Then the same sequential runs with placement grants on (issue 15): the broker's and the
+//! Then the same sequential runs with placement grants on: the broker's and the
 //! service's policy name a grant key, each start carries a fresh grant (minted outside the
 //! timed part, as the control plane would), the IPU verifies it and claims its serial (synced
 //! to disk) and every key release carries it to the broker, which verifies it again. The

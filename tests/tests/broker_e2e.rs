@@ -1972,7 +1972,7 @@ fn host_side_holds_no_key_bytes(vm: bool) {
     }
 }
 
-/// Issue 15 through the real binaries: the control plane mints grants (`policy grant issue`),
+/// Placement grants through the real binaries: the control plane mints grants (`policy grant issue`),
 /// the host agent passes them (`host-attach verify --grant`), `ipu-image-svc serve` and
 /// `keybroker serve` check them. Each forgery is refused with its reason in the IPU's audit
 /// log; a replay is refused, also after the service restarts; a policy update at the broker

@@ -1,4 +1,4 @@
-//! The broker's state behind its store (issue 18): the same store and broker suites on sled
+//! The broker's state behind its store: the same store and broker suites on sled
 //! and on a real PostgreSQL (Debian's, started here in a temporary directory), then several
 //! broker replicas on one database: a nonce consumed once across replicas under concurrency,
 //! a session honoured by another replica, a revocation seen by all within a second, policy

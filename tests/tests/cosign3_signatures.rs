@@ -1,4 +1,4 @@
-//! cosign 3 signatures (issue 16): images signed by key with the real cosign 3.1.1
+//! cosign 3 signatures: images signed by key with the real cosign 3.1.1
 //! (scripts/setup.sh fetches it from Debian sid into /opt/ipu-image-tools/cosign-3.1.1) in a
 //! real `docker-registry` (distribution 2.8: no referrers API, so cosign writes the referrers
 //! tag schema), and what signature discovery finds there: the Sigstore bundle with its media

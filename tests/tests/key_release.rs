@@ -404,7 +404,7 @@ fn policy_with_grant_keys(
     policy::deploy::parse(&text, "policy.toml").unwrap()
 }
 
-/// Issue 15: with grant keys in its policy, the broker releases a key only under a placement
+/// With grant keys in its policy, the broker releases a key only under a placement
 /// grant that verifies for the attested IPU and covers the release's tenant, function and
 /// image, whatever the IPU asks; each refusal is audited with its reason code and the grant's
 /// serial. A policy update that drops the signing key refuses its grants from then on.

@@ -1,4 +1,4 @@
-//! Placement grants on the IPU (issue 15, the Prepare side): when the running policy names
+//! Placement grants on the IPU (the Prepare side): when the running policy names
 //! grant keys, the tenant and function come from the control plane's signed grant, not from
 //! the host. A host forging a tenant is refused before anything is fetched, audited with the
 //! reason: no grant, a grant signed by a key trusted only for another tenant, an expired

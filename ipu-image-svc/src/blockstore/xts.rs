@@ -2,7 +2,7 @@
 //! self-encrypting drive or SPDK's crypto bdev does. The two AES-256 keys (64 bytes) live in
 //! secret memory for as long as the key exists and are zeroized when it is dropped.
 //!
-//! So do their key schedules (issue 14, item 2): the `Xts128<Aes256>` (both AES-256 keys
+//! So do their key schedules: the `Xts128<Aes256>` (both AES-256 keys
 //! expanded, encryption and decryption round keys; round keys 0 and 1 are the raw key) is
 //! built straight into a [`SecretBox`] and wiped (the `aes` crate's `zeroize` feature, then
 //! the whole mapping) when the cipher drops, which is what a clone's erase does. The stack,
