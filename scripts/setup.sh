@@ -72,6 +72,31 @@ COSIGN_DIR=${COSIGN_DIR:-/opt/ipu-image-tools/cosign-$COSIGN_VERSION}
 # 2.1.9+ds1-5). Prints why on failure. Downloads as the calling user; only the final move
 # uses $SUDO.
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-${COSIGN_DEBIAN_MIRROR:-http://deb.debian.org/debian}}
+DEBIAN_SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+
+# private_apt WORK MODE SOURCE...: a private apt configuration under WORK (its sources.list of
+# the SOURCE lines "MIRROR SUITE", package lists and cache), in the array APT_OPTS. MODE
+# `download` also ignores the installed packages and downloads as the calling user (nothing
+# is installed); `install` installs into this system.
+private_apt() {
+    local work=$1 mode=$2 line
+    shift 2
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" || return 1
+    : >"$work/sources.list"
+    for line in "$@"; do
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $line main" >>"$work/sources.list"
+    done
+    APT_OPTS=(
+        -o "Dir::Etc::sourcelist=$work/sources.list"
+        -o Dir::Etc::sourceparts=/nonexistent
+        -o "Dir::State::Lists=$work/lists"
+        -o "Dir::Cache=$work/cache"
+    )
+    if [ "$mode" = download ]; then
+        APT_OPTS+=(-o "Dir::State::status=/dev/null" -o APT::Sandbox::User="$(id -un)")
+    fi
+}
+
 fetch_debian_package() {
     local suite=$1 package=$2 prefix=$3 dest=$4 binary=$5
     shift 5
@@ -79,16 +104,9 @@ fetch_debian_package() {
     work=$(mktemp -d) || return 1
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/root" || return 1
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR $suite main" >"$work/sources.list"
-    local apt_opts=(
-        -o "Dir::Etc::sourcelist=$work/sources.list"
-        -o Dir::Etc::sourceparts=/nonexistent
-        -o "Dir::State::Lists=$work/lists"
-        -o "Dir::State::status=/dev/null"
-        -o "Dir::Cache=$work/cache"
-        -o APT::Sandbox::User="$(id -un)"
-    )
+    mkdir -p "$work/root" || return 1
+    private_apt "$work" download "$DEBIAN_MIRROR $suite" || return 1
+    local apt_opts=("${APT_OPTS[@]}")
     apt-get "${apt_opts[@]}" -qq --error-on=any update || { echo "apt-get update from $DEBIAN_MIRROR $suite failed"; return 1; }
     local version
     # madison lists the newest first.
@@ -164,19 +182,9 @@ install_backports_qemu() {
     work=$(mktemp -d) || return 1
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
-    {
-        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm main"
-        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm-updates main"
-        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm-backports main"
-        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} bookworm-security main"
-    } >"$work/sources.list"
-    local apt_opts=(
-        -o "Dir::Etc::sourcelist=$work/sources.list"
-        -o Dir::Etc::sourceparts=/nonexistent
-        -o "Dir::State::Lists=$work/lists"
-        -o "Dir::Cache=$work/cache"
-    )
+    private_apt "$work" install "$DEBIAN_MIRROR bookworm" "$DEBIAN_MIRROR bookworm-updates" \
+        "$DEBIAN_MIRROR bookworm-backports" "$DEBIAN_SECURITY_MIRROR bookworm-security" || return 1
+    local apt_opts=("${APT_OPTS[@]}")
     $SUDO apt-get "${apt_opts[@]}" -qq update || return 1
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends \
         -t bookworm-backports qemu-system-x86 >/dev/null
@@ -199,17 +207,9 @@ fetch_microvm_assets() {
     work=$(mktemp -d) || return 1
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/x" "$work/out/initramfs/bin" "$work/out/initramfs/lib/modules"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR bookworm main" >"$work/sources.list"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} bookworm-security main" >>"$work/sources.list"
-    local apt_opts=(
-        -o "Dir::Etc::sourcelist=$work/sources.list"
-        -o Dir::Etc::sourceparts=/nonexistent
-        -o "Dir::State::Lists=$work/lists"
-        -o "Dir::State::status=/dev/null"
-        -o "Dir::Cache=$work/cache"
-        -o APT::Sandbox::User="$(id -un)"
-    )
+    mkdir -p "$work/x" "$work/out/initramfs/bin" "$work/out/initramfs/lib/modules" || return 1
+    private_apt "$work" download "$DEBIAN_MIRROR bookworm" "$DEBIAN_SECURITY_MIRROR bookworm-security" || return 1
+    local apt_opts=("${APT_OPTS[@]}")
     apt-get "${apt_opts[@]}" -qq --error-on=any update || { echo "apt-get update failed"; return 1; }
     local image
     image=$(apt-cache "${apt_opts[@]}" depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
