@@ -161,6 +161,23 @@ fn main() {
         pct(&vm, 0.5) / pct(&runc, 0.5)
     );
 
+    use integration_tests::bench_report::{emit, ratio, value, Target};
+    emit(&value(
+        "microvm",
+        "warm start to first output, microVM (p50)",
+        "ms",
+        &vm,
+        Some(Target::AtMost(300.0)),
+    ));
+    emit(&ratio(
+        "microvm",
+        "warm start to first output: microVM / runc",
+        ("microVM (vhost-user-blk)", &vm),
+        ("runc (NBD)", &runc),
+        "ms",
+        None,
+    ));
+
     let (mut guest, mut host) = (Vec::new(), Vec::new());
     for _ in 0..read_rounds {
         guest.push(read_rate(&ipu.api, true, &image, data_mb));
@@ -184,6 +201,15 @@ fn main() {
         ratios[ratios.len() - 1]
     );
 
+    emit(&ratio(
+        "microvm",
+        &format!("sequential read of {data_mb} MB: vhost-user-blk / NBD"),
+        ("guest, vhost-user-blk", &guest),
+        ("host, NBD", &host),
+        "MB/s",
+        Some(Target::AtLeast(3.0)),
+    ));
+
     // The IPU's record: per clone, the front-end's release, then the erase.
     let events = ipu
         .audit
@@ -206,6 +232,13 @@ fn main() {
         }
     }
     assert!(latencies.len() >= starts, "{} releases", latencies.len());
+    emit(&value(
+        "microvm",
+        "hot-remove (front-end released) to erase (p50)",
+        "ms",
+        &latencies,
+        None,
+    ));
     println!(
         "hot-remove (front-end released) to erase on the record: p50 {:.1} ms, p99 {:.1} ms over {} microVM runs",
         pct(&latencies, 0.5),
