@@ -60,6 +60,8 @@ pub fn init_with(
             .with_filter(filter)
             .boxed(),
     };
-    let subscriber = tracing_subscriber::registry().with(fmt).with(timings);
+    let subscriber = tracing_subscriber::registry()
+        .with(fmt)
+        .with(timings.map(crate::timings::TimingsLayer::filtered));
     let _ = tracing::subscriber::set_global_default(subscriber);
 }

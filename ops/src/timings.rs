@@ -331,12 +331,29 @@ where
     }
 }
 
+/// Whether `metadata` is a stage span's: the only callsites a [`TimingsLayer`] needs (as its
+/// per-layer filter, it leaves every other span and event disabled unless another layer wants
+/// them).
+pub fn is_stage(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.target() == TARGET && metadata.name() == SPAN
+}
+
+impl TimingsLayer {
+    /// This layer with [`is_stage`] as its per-layer filter.
+    pub fn filtered<S>(self) -> impl Layer<S>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        self.with_filter(tracing_subscriber::filter::filter_fn(is_stage))
+    }
+}
+
 /// Installs a global subscriber that only collects stage timings (for a process that logs
 /// nothing else through tracing); `None` when one is installed already.
 pub fn install() -> Option<Timings> {
     use tracing_subscriber::layer::SubscriberExt;
     let timings = Timings::new();
-    let subscriber = tracing_subscriber::registry().with(timings.layer());
+    let subscriber = tracing_subscriber::registry().with(timings.layer().filtered());
     tracing::subscriber::set_global_default(subscriber)
         .ok()
         .map(|()| timings)
