@@ -97,7 +97,7 @@ fn the_readme_section_is_replaced_between_its_markers() {
 
 #[test]
 fn numbers_keep_about_three_digits() {
-    assert_eq!(number(1234.5), "1235");
+    assert_eq!(number(1234.6), "1235");
     assert_eq!(number(12.345), "12.3");
     assert_eq!(number(1.2345), "1.23");
     assert_eq!(number(0.01234), "0.012");
