@@ -19,6 +19,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use tracing::span::{Attributes, Id};
@@ -65,7 +66,8 @@ pub struct Record {
     pub stage: String,
     /// From the span's creation to its close.
     pub wall: Duration,
-    /// Inside the span and not inside a stage span entered within it.
+    /// Inside the span and not inside a stage span entered within it, summed over the
+    /// threads it was entered on.
     pub busy: Duration,
     /// Interleaved with another stage on its thread.
     pub concurrent: bool,
@@ -208,8 +210,26 @@ struct Clock {
     concurrent: bool,
     created: Instant,
     busy: Duration,
-    /// Since when it has been running (entered and innermost) on its thread.
-    running_since: Option<Instant>,
+    /// The threads it is running on (entered and innermost there), since when: a span may
+    /// be entered on several threads (a client that carries the caller's span to its own).
+    running: Vec<(ThreadId, Instant)>,
+}
+
+impl Clock {
+    fn resume(&mut self, now: Instant) {
+        let me = std::thread::current().id();
+        if !self.running.iter().any(|(t, _)| *t == me) {
+            self.running.push((me, now));
+        }
+    }
+
+    fn pause(&mut self, now: Instant) {
+        let me = std::thread::current().id();
+        if let Some(at) = self.running.iter().position(|(t, _)| *t == me) {
+            let (_, since) = self.running.swap_remove(at);
+            self.busy += now - since;
+        }
+    }
 }
 
 thread_local! {
@@ -259,7 +279,7 @@ where
             concurrent: fields.concurrent,
             created: Instant::now(),
             busy: Duration::ZERO,
-            running_since: None,
+            running: Vec::new(),
         });
     }
 
@@ -274,16 +294,14 @@ where
             if let Some(outer) = entered.last().and_then(|o| ctx.span(o)) {
                 let mut ext = outer.extensions_mut();
                 if let Some(clock) = ext.get_mut::<Clock>() {
-                    if let Some(since) = clock.running_since.take() {
-                        clock.busy += now - since;
-                    }
+                    clock.pause(now);
                 }
             }
             entered.push(id.clone());
         });
         let mut ext = span.extensions_mut();
         if let Some(clock) = ext.get_mut::<Clock>() {
-            clock.running_since = Some(now);
+            clock.resume(now);
         }
     }
 
@@ -295,9 +313,7 @@ where
             let Some(clock) = ext.get_mut::<Clock>() else {
                 return;
             };
-            if let Some(since) = clock.running_since.take() {
-                clock.busy += now - since;
-            }
+            clock.pause(now);
         }
         ENTERED.with(|entered| {
             let mut entered = entered.borrow_mut();
@@ -310,7 +326,7 @@ where
                 if let Some(outer) = entered.last().and_then(|o| ctx.span(o)) {
                     let mut ext = outer.extensions_mut();
                     if let Some(clock) = ext.get_mut::<Clock>() {
-                        clock.running_since = Some(now);
+                        clock.resume(now);
                     }
                 }
             }
@@ -463,6 +479,24 @@ mod tests {
         assert!(by("unpack").busy < ms(30), "{:?}", by("unpack"));
         assert!(by("unpack").wall >= ms(45));
         assert_eq!(timings.take().len(), 3);
+        // A span carried to another thread (a client's worker) and entered there too: its
+        // time on the first thread is still counted.
+        let subscriber = tracing_subscriber::registry().with(timings.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let release = span("key_release");
+            release.in_scope(|| {
+                let carried = release.clone();
+                std::thread::spawn(move || carried.in_scope(|| std::thread::sleep(ms(5))))
+                    .join()
+                    .unwrap();
+                std::thread::sleep(ms(20));
+            });
+        });
+        let records = timings.take();
+        assert_eq!(records.len(), 1);
+        assert!(records[0].busy >= ms(25), "{records:?}");
+        let rows = Timings::rows(&records);
+        assert!(rows[0].time <= records[0].wall, "{rows:?}");
         assert!(timings.records().is_empty());
     }
 }

@@ -163,7 +163,8 @@ fn main() {
             let (took, stages) = ours(dir.path(), &image, round, &broker, &swtpm.tcti());
             o.push(took);
             st.push(stages);
-            for row in ops::timings::Timings::rows(&timings.take()) {
+            let recs = timings.take();
+            for row in ops::timings::Timings::rows(&recs) {
                 let ms = row.time.as_secs_f64() * 1e3;
                 match spans.iter_mut().find(|(n, _)| *n == row.stage) {
                     Some((_, v)) => v.push(ms),
