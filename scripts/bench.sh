@@ -74,7 +74,7 @@ bench_env() {
     case "$1" in
         warm_start) echo "ROUNDS=${WARM_ROUNDS:-100}" ;;
         attest_release) echo "ROUNDS=${ATTEST_ROUNDS:-200}" ;;
-        append_query) echo "AUDIT_BENCH_SECS=${AUDIT_BENCH_SECS:-1} AUDIT_BENCH_EVENTS=${AUDIT_BENCH_EVENTS:-200000}" ;;
+        append_query) echo "AUDIT_BENCH_SECS=${AUDIT_BENCH_SECS:-1}" ;;
         *) echo "" ;;
     esac
 }

@@ -138,9 +138,39 @@ fn main() {
             .find_map(|l| l.strip_prefix("host-attach: running the function in a microVM on "))
             .unwrap_or("?")
     );
-    // Warm: the base is built, both paths have run once.
+    // Warm: the base is built, both paths have run once. Then one warm start of each with
+    // `--timings`: where its time goes.
     first_output(&ipu.api, false, &image);
     first_output(&ipu.api, true, &image);
+    for (name, vm) in [("runc", false), ("microVM", true)] {
+        let out = Command::new(bin("host-attach"))
+            .args(["run", "--timings"])
+            .args(if vm { &["--vm"][..] } else { &[][..] })
+            .arg("--api")
+            .arg(&ipu.api)
+            .args([
+                "--tenant",
+                "acme",
+                "--function",
+                "bench",
+                &image,
+                "--",
+                "/hello",
+            ])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        let table: Vec<&str> = said
+            .lines()
+            .skip_while(|l| !l.starts_with("stage"))
+            .collect();
+        assert!(table.iter().any(|l| l.starts_with("run ")), "{said}");
+        println!("one warm start, {name}, host-attach run --timings:");
+        for l in table {
+            println!("  {l}");
+        }
+    }
 
     let (mut vm, mut runc) = (Vec::new(), Vec::new());
     for _ in 0..starts {

@@ -151,8 +151,10 @@ pub fn number(v: f64) -> String {
         format!("{v:.1}")
     } else if a >= 0.1 {
         format!("{v:.2}")
-    } else {
+    } else if a >= 0.001 {
         format!("{v:.3}")
+    } else {
+        format!("{v:.1e}")
     }
 }
 

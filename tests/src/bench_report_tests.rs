@@ -102,4 +102,5 @@ fn numbers_keep_about_three_digits() {
     assert_eq!(number(1.2345), "1.23");
     assert_eq!(number(0.01234), "0.012");
     assert_eq!(number(0.0), "0");
+    assert_eq!(number(0.000107), "1.1e-4");
 }
