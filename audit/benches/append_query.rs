@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/src/bench_report.rs"]
+mod bench_report;
+
 use audit::{AuditLog, CheckpointSigner, Event, EventKind, LogOptions, Outcome, Query};
 
 fn event(i: u64) -> Event {
@@ -91,18 +94,38 @@ fn main() {
         .tempdir_in(base)
         .unwrap();
 
-    println!("durable appends (each append returns after fsync), {secs} s per run:");
-    let mut results = Vec::new();
-    for writers in [1usize, 8, 64] {
-        let rate = appends_per_second(&work.path().join(format!("w{writers}")), writers, secs);
-        results.push((writers, rate));
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    println!(
+        "durable appends (each append returns after fsync), {secs} s per run, median of {rounds} rounds:"
+    );
+    // Per round, each writer count once: the ratios to one writer are per round.
+    let mut rates: Vec<(usize, Vec<f64>)> = [1usize, 8, 64].map(|w| (w, Vec::new())).to_vec();
+    for round in 0..rounds {
+        for (writers, v) in rates.iter_mut() {
+            let dir = work.path().join(format!("w{writers}-{round}"));
+            v.push(appends_per_second(&dir, *writers, secs));
+        }
     }
-    let baseline = results[0].1;
-    for (writers, rate) in &results {
+    let baseline = bench_report::median(&rates[0].1);
+    for (writers, v) in &rates {
+        let rate = bench_report::median(v);
         println!(
             "  {writers:>2} writers: {rate:>10.0} appends/s  ({:.1}x one writer)",
             rate / baseline
         );
+        if *writers > 1 {
+            bench_report::emit(&bench_report::ratio(
+                "append_query",
+                &format!("durable appends: {writers} writers (group commit) / one writer"),
+                (&format!("{writers} writers"), v),
+                ("one writer", &rates[0].1),
+                "appends/s",
+                None,
+            ));
+        }
     }
 
     println!("query latency over {n} events:");
@@ -161,6 +184,13 @@ fn main() {
         by_time.push(t.elapsed());
     }
     for (name, mut v) in [("by function", by_function), ("by time range", by_time)] {
+        bench_report::emit(&bench_report::value(
+            "append_query",
+            &format!("query {name} over {n} events, page of 100 (p50)"),
+            "ms",
+            &v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            None,
+        ));
         v.sort();
         println!(
             "  {name:<14} (page of 100): p50 {:>7.2} ms  p99 {:>7.2} ms",

@@ -180,6 +180,7 @@ impl Attachment {
             loop_device: None,
             mountpoint: None,
         };
+        let attaching = ops::timings::span("attach").entered();
         let file = a.start_fuse(export, workdir)?;
         let dev = run(
             Tool::Losetup,
@@ -193,6 +194,8 @@ impl Attachment {
         if device_bytes >= fs_bytes + GROW_THRESHOLD {
             run(Tool::Resize2fs, [&dev])?;
         }
+        drop(attaching);
+        let _mounting = ops::timings::span("mount").entered();
         std::fs::create_dir_all(mountpoint).map_err(io_error(mountpoint))?;
         // noatime: reading a file must not write its inode back through the export.
         run(

@@ -60,6 +60,11 @@ struct RunArgs {
     host_identity: Option<String>,
     #[command(flatten)]
     vm: crate::microvm::VmOptions,
+    /// At the end, a table of the start's stages (prepare on the IPU, attach, mount, run;
+    /// with --vm: boot, device attach, run) with their milliseconds and share of the whole,
+    /// on stderr.
+    #[arg(long)]
+    timings: bool,
     /// The image reference (docker://... or oci:DIR:TAG).
     image: String,
     /// The command to run instead of the image's Cmd.
@@ -82,10 +87,19 @@ pub fn main() -> ExitCode {
                 host_identity: args.host_identity,
                 microvm: args.vm.vm.then_some(args.vm),
             };
-            exit::run(
+            let timings = args.timings.then(ops::timings::install).flatten();
+            let started = std::time::Instant::now();
+            let code = exit::run(
                 Interrupt::on_signals()
                     .and_then(|interrupt| run::run(&args.ipu, &function, &interrupt)),
-            )
+            );
+            if let Some(t) = timings {
+                eprint!(
+                    "{}",
+                    ops::timings::Timings::table(&t.take(), started.elapsed())
+                );
+            }
+            code
         }
     }
 }

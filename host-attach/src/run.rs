@@ -113,6 +113,7 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
     };
     let grant = ipu.grant_text()?;
     let (rt, mut client) = ipu.connect_blocking()?;
+    let preparing = ops::timings::span("prepare").entered();
     let prepared = rt
         .block_on(client.prepare(PrepareRequest {
             tenant: ipu.tenant.clone(),
@@ -129,6 +130,7 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
         }))
         .map_err(|status| IpuError::Prepare(status.into()))?
         .into_inner();
+    drop(preparing);
     let teardown = |client: &mut Client, forced_removal: bool| {
         rt.block_on(client.teardown(TeardownRequest {
             clone_id: prepared.clone_id.clone(),
@@ -162,7 +164,7 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
         })
     };
     // Whatever happened, the clone goes: the IPU erases it.
-    let torn_down = teardown(&mut client, forced);
+    let torn_down = ops::timings::time("teardown", || teardown(&mut client, forced));
     let _ = std::fs::remove_dir_all(&workdir);
     let code = result?;
     torn_down?;
@@ -271,6 +273,7 @@ fn start_and_wait(
     let image_config = image_config(prepared)?;
     let outcome = (|| {
         let process = Process::from_image(&image_config, command, &rootfs)?;
+        let _running = ops::timings::span("run").entered();
         let bundle = workdir.join("bundle");
         crate::runc::write_bundle(&bundle, &process, &rootfs)?;
         let status = crate::runc::run(
@@ -281,7 +284,7 @@ fn start_and_wait(
         )?;
         Ok::<u8, RunError>(crate::exit::of_function(status))
     })();
-    let detached = attachment.detach();
+    let detached = ops::timings::time("teardown", || attachment.detach());
     let code = outcome?;
     detached?;
     Ok(code)
@@ -403,13 +406,17 @@ fn run_in_vm(
     eprintln!("host-attach: running the function in a microVM on {why}");
     let watch = Watch::subscribe(ipu, &prepared.clone_id)?;
     let name = format!("fn-{}", prepared.clone_id);
-    let mut vm = MicroVm::start(options, accel, &workdir.join("vm"), &name, &process)?;
-    let ended = vm.attach(Path::new(&prepared.socket)).and_then(|()| {
+    let mut vm = ops::timings::time("boot", || {
+        MicroVm::start(options, accel, &workdir.join("vm"), &name, &process)
+    })?;
+    let attached = ops::timings::time("device_attach", || vm.attach(Path::new(&prepared.socket)));
+    let ended = attached.and_then(|()| {
         vm.wait(
             std::time::Duration::from_secs(options.vm_boot_timeout),
             &|| interrupt.is_set(),
         )
     });
+    let teardown = ops::timings::span("teardown").entered();
     let removal = vm.remove(std::time::Duration::from_secs(options.vm_release_deadline));
     match &removal {
         Removal::Released { .. } => {
@@ -433,6 +440,7 @@ fn run_in_vm(
     }
     vm.shutdown();
     drop(watch);
+    drop(teardown);
     match ended? {
         GuestEnd::Exited(code) => Ok((code, removal)),
         // As runc reports a function its SIGTERM ended.

@@ -17,6 +17,9 @@ use ipu_image_svc::blockstore::clone::CloneDevice;
 use ipu_image_svc::blockstore::xts::XtsKey;
 use ipu_image_svc::blockstore::BlockDevice;
 
+#[path = "../../tests/src/bench_report.rs"]
+mod bench_report;
+
 const MIB: u64 = 1 << 20;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -47,6 +50,7 @@ fn main() {
     std::fs::remove_file(&plain).unwrap();
     let chunk = vec![0x5au8; 8 * MIB as usize];
     let mut results = Vec::new();
+    let mut per_round = Vec::new();
     for written in [MIB, 1024 * MIB] {
         let mut erase = Vec::new();
         let mut reclaim = Vec::new();
@@ -96,6 +100,16 @@ fn main() {
             shred.push(t.elapsed());
             assert!(status.success());
         }
+        let ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+        bench_report::emit(&bench_report::ratio(
+            "teardown_erase",
+            &format!("{} MiB written: crypto-erase / shred -n1 -u", written / MIB),
+            ("crypto-erase", &ms(&erase)),
+            ("shred", &ms(&shred)),
+            "ms",
+            None,
+        ));
+        per_round.push(ms(&erase));
         results.push((written, median(erase), median(shred), median(reclaim)));
     }
     println!("teardown, median of {rounds} rounds, same run:");
@@ -109,6 +123,14 @@ fn main() {
         );
     }
     let (small, large) = (results[0].1, results[1].1);
+    bench_report::emit(&bench_report::ratio(
+        "teardown_erase",
+        "crypto-erase: 1 GiB written / 1 MiB written",
+        ("1 GiB", &per_round[1]),
+        ("1 MiB", &per_round[0]),
+        "ms",
+        Some(bench_report::Target::AtMost(1.2)),
+    ));
     println!(
         "  erase 1 GiB / 1 MiB: {:.2} (target <= 1.2); shred 1 GiB / 1 MiB: {:.0}",
         large.as_secs_f64() / small.as_secs_f64(),

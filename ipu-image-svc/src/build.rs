@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::decrypt::{self, Finished};
 use crate::error::{from_unpack, Error, FailureClass};
 use crate::keys::{KeyError, KeyFor, KeySource, LayerKey};
+use crate::metrics::Stage;
 use crate::progress::Progress;
 use crate::record::Recorder;
 use crate::rootfs::{self, RootfsError, RootfsImage, RootfsOptions};
@@ -156,14 +157,17 @@ pub fn build_rootfs(
         {
             details.push(d);
         }
-        match apply_layer(
-            &staging,
-            blob,
-            layer,
-            key,
-            &image.admission.limits,
-            &mut budget,
-        ) {
+        let unpacking = Stage::Unpack.span();
+        match unpacking.in_scope(|| {
+            apply_layer(
+                &staging,
+                blob,
+                layer,
+                key,
+                &image.admission.limits,
+                &mut budget,
+            )
+        }) {
             Ok(outcome) => {
                 if layer.encrypted {
                     rec.record(
@@ -192,7 +196,9 @@ pub fn build_rootfs(
     }
     progress.stage("building ext4 image");
     let uuid = rootfs::uuid_from_seed(&image.platform_manifest_digest.to_string());
-    let built = rootfs::build_ext4(&staging.path(), output, &uuid, cfg.rootfs).map_err(|e| {
+    let built =
+        Stage::FileSystem.traced(|| rootfs::build_ext4(&staging.path(), output, &uuid, cfg.rootfs));
+    let built = built.map_err(|e| {
         let class = match e {
             RootfsError::Io { .. } => FailureClass::Io,
             RootfsError::NoSpace { .. } => FailureClass::WorkspaceFull,
@@ -260,9 +266,17 @@ fn apply_layer(
         let key = key
             .unwrap_or(Err(KeyError::NotConfigured))
             .map_err(|e| decrypt_err(e.into()))?;
-        let mut decryptor = decrypt::decryptor(reader, &key).map_err(|e| decrypt_err(e.into()))?;
-        let unpacked = unpack_stream(staging, &mut decryptor, layer.compression, limits, budget);
-        match decrypt::finish(decryptor, unpacked) {
+        let decrypting = Stage::Decrypt.span();
+        let mut decryptor = decrypting
+            .in_scope(|| decrypt::decryptor(reader, &key))
+            .map_err(|e| decrypt_err(e.into()))?;
+        // Every read of the stream the unpacker consumes decrypts: timed as `decrypt`.
+        let stream = InSpan {
+            span: &decrypting,
+            inner: &mut decryptor,
+        };
+        let unpacked = unpack_stream(staging, stream, layer.compression, limits, budget);
+        match decrypting.in_scope(|| decrypt::finish(decryptor, unpacked)) {
             Ok((stats, stale)) => (stats, stale.map(|s| s.declared)),
             Err(Finished::Decrypt(e)) => return Err(decrypt_err(e.into())),
             Err(Finished::Consumer(e)) => return Err(unpack_err(e)),
@@ -288,6 +302,18 @@ fn apply_layer(
         file_bytes: stats.file_bytes,
         stale_private_digest: stale,
     })
+}
+
+/// A reader whose every read runs inside `span`.
+struct InSpan<'s, R> {
+    span: &'s tracing::Span,
+    inner: R,
+}
+
+impl<R: Read> Read for InSpan<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.span.in_scope(|| self.inner.read(buf))
+    }
 }
 
 fn unpack_stream<R: Read>(

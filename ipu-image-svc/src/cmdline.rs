@@ -379,6 +379,10 @@ struct CommonArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// At the end, a table of the stages that ran (fetch, verify, key release, decrypt,
+    /// unpack, file system) with their milliseconds and share of the whole, on stderr.
+    #[arg(long)]
+    timings: bool,
     /// The tamper-evident audit log every decision is written to.
     #[arg(
         long,
@@ -467,9 +471,32 @@ pub fn main() -> ExitCode {
         },
         _ => cli,
     };
-    log(ops::logging::LogFormat::Text);
+    let timings = match &cli.command {
+        Top::Image(
+            ImageCommand::Verify(c)
+            | ImageCommand::Pull(c)
+            | ImageCommand::Unpack(UnpackArgs { common: c, .. }),
+        ) if c.timings => Some(ops::timings::Timings::new()),
+        _ => None,
+    };
+    ops::logging::init_with(
+        ops::logging::LogFormat::Text,
+        "IPU_LOG",
+        LOG_FILTER,
+        timings.as_ref().map(ops::timings::Timings::layer),
+    );
     match cli.command {
-        Top::Image(cmd) => image(cmd),
+        Top::Image(cmd) => {
+            let started = std::time::Instant::now();
+            let code = image(cmd);
+            if let Some(t) = timings {
+                eprint!(
+                    "{}",
+                    ops::timings::Timings::table(&t.take(), started.elapsed())
+                );
+            }
+            code
+        }
         Top::Serve(_) | Top::Config(_) => unreachable!("handled above"),
         Top::Tpm(TpmCommand::Ak {
             tpm,

@@ -16,6 +16,11 @@ use ops::prometheus_client::registry::{Registry, Unit};
 use crate::error::FailureClass;
 
 /// A timed step of Prepare (`verify` .. `export`) or Teardown (`teardown`, `erase`).
+///
+/// The steps of a start also run inside tracing spans ([`Stage::span`], collected by
+/// `ops::timings` for `--timings` and the benchmarks): every stage but `build`, which is
+/// broken down there into `decrypt`, `unpack` and `file_system`, and `teardown`/`erase`,
+/// which are not part of a start. [`Stage::ALL`] are the stages with a histogram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// Policy, manifest, signatures, configuration.
@@ -26,6 +31,13 @@ pub enum Stage {
     Fetch,
     /// Layers decrypted and unpacked, the ext4 image built (in the plaintext tmpfs).
     Build,
+    /// Part of `build`: the layers' decryption (reading the cached blob, HMAC, AES-CTR,
+    /// digest), busy time measured inside the stream the unpacker reads.
+    Decrypt,
+    /// Part of `build`: decompression and unpack into the staging tree, less `decrypt`.
+    Unpack,
+    /// Part of `build`: the ext4 file system made from the staging tree.
+    FileSystem,
     /// The ext4 image encrypted at rest into a new base.
     BaseEncrypt,
     /// The function's copy-on-write clone created.
@@ -39,6 +51,7 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stages with a histogram.
     pub const ALL: [Stage; 9] = [
         Stage::Verify,
         Stage::KeyRelease,
@@ -57,12 +70,31 @@ impl Stage {
             Stage::KeyRelease => "key_release",
             Stage::Fetch => "fetch",
             Stage::Build => "build",
+            Stage::Decrypt => "decrypt",
+            Stage::Unpack => "unpack",
+            Stage::FileSystem => "file_system",
             Stage::BaseEncrypt => "base_encrypt",
             Stage::Clone => "clone",
             Stage::Export => "export",
             Stage::Teardown => "teardown",
             Stage::Erase => "erase",
         }
+    }
+
+    /// The tracing span of this stage of a start (disabled for `build`, whose parts have
+    /// their own, and for teardown's stages).
+    pub fn span(self) -> tracing::Span {
+        match self {
+            Stage::Build | Stage::Teardown | Stage::Erase => tracing::Span::none(),
+            // Decryption feeds the unpacker through a stream: interleaved on one thread.
+            Stage::Decrypt | Stage::Unpack => ops::timings::concurrent_span(self.as_str()),
+            _ => ops::timings::span(self.as_str()),
+        }
+    }
+
+    /// Runs `f` inside this stage's span.
+    pub fn traced<T>(self, f: impl FnOnce() -> T) -> T {
+        self.span().in_scope(f)
     }
 }
 
@@ -210,10 +242,10 @@ impl ServiceMetrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Runs `f`, timing it as `stage` (whatever its outcome).
+    /// Runs `f`, timing it as `stage` (whatever its outcome), inside the stage's span.
     pub fn time<T>(&self, stage: Stage, f: impl FnOnce() -> T) -> T {
         let started = Instant::now();
-        let out = f();
+        let out = stage.traced(f);
         self.observe(stage, started.elapsed());
         out
     }

@@ -214,7 +214,8 @@ impl ImageRequest<'_> {
                 Some(m) => m.time(Stage::KeyRelease, || {
                     build::release_keys(keys, image, tenant, function, grant)
                 }),
-                None => build::release_keys(keys, image, tenant, function, grant),
+                None => Stage::KeyRelease
+                    .traced(|| build::release_keys(keys, image, tenant, function, grant)),
             };
             std::thread::scope(|scope| {
                 let releasing = std::thread::Builder::new()
@@ -244,11 +245,11 @@ impl ImageRequest<'_> {
         Ok(built)
     }
 
-    /// Runs `f`, timed as `stage` when the request counts its stages.
+    /// Runs `f` inside `stage`'s span, timed as `stage` when the request counts its stages.
     fn timed<T>(&self, stage: Stage, f: impl FnOnce() -> T) -> T {
         match &self.cfg.metrics {
             Some(m) => m.time(stage, f),
-            None => f(),
+            None => stage.traced(f),
         }
     }
 

@@ -12,6 +12,7 @@ use crate::build::LayerOutcome;
 use crate::error::{Error, FailureClass};
 use crate::fetch::ResolvedImage;
 use crate::keys::KeySource;
+use crate::metrics::Stage;
 use crate::pipeline::TrustPipeline;
 use crate::progress::Progress;
 use crate::rootfs::RootfsImage;
@@ -46,11 +47,11 @@ pub fn run(
     };
     let request = pipeline.request(reference);
     let result = request.finish((|| {
-        let image = request.verify(reference, &observed)?;
+        let image = Stage::Verify.traced(|| request.verify(reference, &observed))?;
         match command {
             ImageCommand::Verify => {}
             ImageCommand::Pull => {
-                request.pull(&image, &observed)?;
+                Stage::Fetch.traced(|| request.pull(&image, &observed))?;
             }
             ImageCommand::Unpack { output } => {
                 request.build(&image, keys, output, &observed)?;

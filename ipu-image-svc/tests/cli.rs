@@ -50,6 +50,89 @@ fn json(out: &Output) -> serde_json::Value {
 }
 
 #[test]
+fn unpack_with_timings_prints_every_stage_that_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("rootfs.ext4");
+    let key = fixtures().join("keys/rsa-2048/priv.pem");
+    let out = svc(&[
+        "image",
+        "unpack",
+        "--policy",
+        &policy("policy-A.json"),
+        "--cache",
+        dir.path().join("cache").to_str().unwrap(),
+        "--decryption-key",
+        key.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "-q",
+        "--timings",
+        &layout("enc-signed"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let rows: Vec<(&str, f64, &str)> = stderr
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[..] {
+                [stage, ms, share] if share.ends_with('%') => {
+                    Some((stage, ms.parse().ok()?, share))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    // Every stage of an unpack, once each; decryption and unpacking as busy times.
+    for stage in [
+        "verify",
+        "key_release",
+        "fetch",
+        "decrypt*",
+        "unpack*",
+        "file_system",
+        "total",
+    ] {
+        assert_eq!(
+            names.iter().filter(|n| **n == stage).count(),
+            1,
+            "{stage}: {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("stage") && stderr.contains("wall ms"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("* busy time"), "{stderr}");
+    let total = rows.iter().find(|r| r.0 == "total").unwrap().1;
+    for (stage, ms, _) in &rows {
+        assert!(
+            *ms >= 0.0 && *ms <= total,
+            "{stage} {ms} of {total}: {stderr}"
+        );
+    }
+    // The summary is on stdout as without the flag; the table only on stderr.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("accepted: ") && !stdout.contains("wall ms"),
+        "{stdout}"
+    );
+    // Without the flag: no table.
+    let out = svc(&[
+        "image",
+        "verify",
+        "--policy",
+        &policy("policy-A.json"),
+        "--cache",
+        dir.path().join("cache").to_str().unwrap(),
+        &layout("enc-signed"),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("wall ms"));
+}
+
+#[test]
 fn accepted_unpack_exits_0_with_a_summary() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");

@@ -11,7 +11,8 @@
 //! - skopeo: `skopeo copy --decryption-key` from one OCI layout to another (the layer's
 //!   decryption, digesting and writing; config and manifest are a few hundred bytes);
 //!
-//! and the ratios of ours to skopeo.
+//! and the ratios of ours to skopeo. Every way runs once per round (`ROUNDS`, default 5); the
+//! medians and the per-round ratios are reported (`BENCH_JSON`: see tests/src/bench_report.rs).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -23,6 +24,10 @@ use ocicrypt::keys::{PrivateKey, PublicKey};
 use ocicrypt::{Annotations, DecryptConfig, EncryptConfig, HmacMode, LayerEncryptor};
 use sha2::{Digest, Sha256};
 
+#[path = "../../tests/src/bench_report.rs"]
+mod bench_report;
+
+/// Rounds unless `ROUNDS` says otherwise.
 const RUNS: usize = 5;
 
 fn fixture_key(file: &str) -> Vec<u8> {
@@ -166,10 +171,6 @@ fn skopeo(layout: &Path, out: &Path, key: &Path) -> Option<Duration> {
     status.success().then_some(elapsed)
 }
 
-fn best(times: &[Duration]) -> Duration {
-    *times.iter().min().unwrap()
-}
-
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -216,53 +217,114 @@ fn main() {
         ocicrypt::hardware_acceleration(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    // The ceiling for one SHA-256 pass on this machine, now: decryption needs two (the HMAC
-    // over the ciphertext and the digest of the plaintext).
-    let ciphertext = fs::read(&blob).unwrap();
-    let sha: Vec<_> = (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            std::hint::black_box(Sha256::digest(&ciphertext));
-            start.elapsed()
-        })
-        .collect();
-    drop(ciphertext);
-    let sha = mbps(layer.size, best(&sha));
-
-    // Warm the page cache, then measure.
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RUNS);
+    // Warm the page cache, then measure, every way once per round: the ratios are per round.
     ours(&blob, &layer, &dc, None, HmacMode::Inline);
-    let measure = |out: Option<&Path>, mode| -> f64 {
-        let times: Vec<_> = (0..RUNS)
-            .map(|_| ours(&blob, &layer, &dc, out, mode))
-            .collect();
-        mbps(layer.size, best(&times))
-    };
-    let inline = measure(None, HmacMode::Inline);
-    let threaded = measure(None, HmacMode::Thread);
+    let ciphertext = fs::read(&blob).unwrap();
     let out = work.path().join("ours.out");
-    let to_file = measure(Some(&out), HmacMode::auto());
-    let _ = fs::remove_file(&out);
     let skopeo_out = work.path().join("skopeo-out");
-    let skopeo_times: Vec<_> = (0..3)
-        .filter_map(|_| skopeo(&layout, &skopeo_out, &key_file))
-        .collect();
-
-    println!("SHA-256, one pass (ceiling ref): {sha:8.1} MB/s  (best of {RUNS}, in memory)");
-    println!("ours, 1 thread, to a sink:       {inline:8.1} MB/s  (best of {RUNS})");
-    println!("ours, HMAC thread, to a sink:    {threaded:8.1} MB/s  (best of {RUNS})");
-    println!("ours, default mode, to a file:   {to_file:8.1} MB/s  (best of {RUNS})");
-    if skopeo_times.is_empty() {
+    let (mut sha, mut inline, mut threaded, mut auto, mut to_file, mut sk) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        // The ceiling for one SHA-256 pass on this machine, now: decryption needs two (the
+        // HMAC over the ciphertext and the digest of the plaintext).
+        let start = Instant::now();
+        std::hint::black_box(Sha256::digest(&ciphertext));
+        sha.push(mbps(layer.size, start.elapsed()));
+        inline.push(mbps(
+            layer.size,
+            ours(&blob, &layer, &dc, None, HmacMode::Inline),
+        ));
+        threaded.push(mbps(
+            layer.size,
+            ours(&blob, &layer, &dc, None, HmacMode::Thread),
+        ));
+        auto.push(mbps(
+            layer.size,
+            ours(&blob, &layer, &dc, None, HmacMode::auto()),
+        ));
+        to_file.push(mbps(
+            layer.size,
+            ours(&blob, &layer, &dc, Some(&out), HmacMode::auto()),
+        ));
+        let _ = fs::remove_file(&out);
+        if let Some(t) = skopeo(&layout, &skopeo_out, &key_file) {
+            sk.push(mbps(layer.size, t));
+        }
+    }
+    drop(ciphertext);
+    let m = bench_report::median;
+    println!("medians of {rounds} rounds:");
+    println!(
+        "SHA-256, one pass (ceiling ref): {:8.1} MB/s  (in memory)",
+        m(&sha)
+    );
+    println!("ours, 1 thread, to a sink:       {:8.1} MB/s", m(&inline));
+    println!("ours, HMAC thread, to a sink:    {:8.1} MB/s", m(&threaded));
+    println!("ours, default mode, to a sink:   {:8.1} MB/s", m(&auto));
+    println!("ours, default mode, to a file:   {:8.1} MB/s", m(&to_file));
+    let ratios: Vec<f64> = auto.iter().zip(&sha).map(|(a, s)| a / s).collect();
+    println!(
+        "ratio ours (default mode, to a sink) / SHA-256: {:.2} (target >= 0.9); per round: min {:.2}, max {:.2}",
+        m(&ratios),
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(0.0, f64::max)
+    );
+    use bench_report::{emit, ratio, value, Target};
+    emit(&ratio(
+        "decrypt_throughput",
+        &format!("decrypt {mib} MiB to a sink / one SHA-256 pass"),
+        ("ours, default mode", &auto),
+        ("SHA-256, one pass", &sha),
+        "MB/s",
+        Some(Target::AtLeast(0.9)),
+    ));
+    emit(&value(
+        "decrypt_throughput",
+        "ours, 1 thread, to a sink",
+        "MB/s",
+        &inline,
+        None,
+    ));
+    emit(&ratio(
+        "decrypt_throughput",
+        &format!("decrypt {mib} MiB to a file / one SHA-256 pass"),
+        ("ours, default mode, to a file", &to_file),
+        ("SHA-256, one pass", &sha),
+        "MB/s",
+        None,
+    ));
+    if sk.len() != rounds {
         println!("skopeo copy --decryption-key:    not run (skopeo missing or failed; scripts/setup.sh installs it)");
         return;
     }
-    let sk = mbps(layer.size, best(&skopeo_times));
     println!(
-        "skopeo copy --decryption-key:    {sk:8.1} MB/s  (best of {}, whole process, to a file)",
-        skopeo_times.len()
+        "skopeo copy --decryption-key:    {:8.1} MB/s  (whole process, to a file)",
+        m(&sk)
     );
-    println!("ratio ours/skopeo, 1 thread:     {:8.1}x", inline / sk);
-    println!("ratio ours/skopeo, HMAC thread:  {:8.1}x", threaded / sk);
-    println!("ratio ours/skopeo, both to file: {:8.1}x", to_file / sk);
+    println!(
+        "ratio ours/skopeo, 1 thread:     {:8.1}x",
+        m(&inline) / m(&sk)
+    );
+    println!(
+        "ratio ours/skopeo, HMAC thread:  {:8.1}x",
+        m(&threaded) / m(&sk)
+    );
+    println!(
+        "ratio ours/skopeo, both to file: {:8.1}x",
+        m(&to_file) / m(&sk)
+    );
+    emit(&ratio(
+        "decrypt_throughput",
+        &format!("decrypt {mib} MiB to a file: ours / skopeo (throughput)"),
+        ("ours, default mode, to a file", &to_file),
+        ("skopeo copy --decryption-key", &sk),
+        "MB/s",
+        None,
+    ));
 }
 
 /// Where the layers go: `BENCH_DIR` or `target/` (a disk, not a small tmpfs).

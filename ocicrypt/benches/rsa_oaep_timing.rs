@@ -14,6 +14,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ocicrypt::keys::{PrivateKey, PublicKey};
 
+#[path = "../../tests/src/bench_report.rs"]
+mod bench_report;
+
 const RSA_PRIV: &str = include_str!("../../tests/fixtures/keys/rsa-2048/priv.pem");
 const RSA_PUB: &str = include_str!("../../tests/fixtures/keys/rsa-2048/pub.pem");
 
@@ -50,6 +53,23 @@ fn main() {
             assert_eq!(r.is_some(), *ok);
         }
     }
+    // Five consecutive slices of the interleaved runs: each slice's medians are a round of
+    // the side-by-side figure (a constant-time unwrap keeps the ratio near 1).
+    let slice_medians = |t: &[u64]| -> Vec<f64> {
+        t.chunks(t.len().div_ceil(5).max(1))
+            .map(|c| {
+                bench_report::median(&c.iter().map(|&n| n as f64 / 1000.0).collect::<Vec<_>>())
+            })
+            .collect()
+    };
+    bench_report::emit(&bench_report::ratio(
+        "rsa_oaep_timing",
+        "RSA-2048 OAEP unwrap: bit flipped (bad padding) / valid",
+        ("bit flipped", &slice_medians(&times[1])),
+        ("valid", &slice_medians(&times[0])),
+        "µs",
+        None,
+    ));
     println!("RSA-2048 OAEP unwrap (aws-lc), {rounds} interleaved rounds:");
     for ((name, _, _), t) in cases.iter().zip(times.iter_mut()) {
         t.sort_unstable();

@@ -36,12 +36,32 @@ impl std::fmt::Display for LogFormat {
 /// Installs the global subscriber writing to stderr (once; later calls do nothing). The
 /// filter is `$env_var` when set, else `default_filter` (`EnvFilter` syntax).
 pub fn init(format: LogFormat, env_var: &str, default_filter: &str) {
+    init_with(format, env_var, default_filter, None);
+}
+
+/// As [`init`], with `timings` collecting the stage spans (whatever the log filter says:
+/// the filter applies to the log output only).
+pub fn init_with(
+    format: LogFormat,
+    env_var: &str,
+    default_filter: &str,
+    timings: Option<crate::timings::TimingsLayer>,
+) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer as _;
     let filter = std::env::var(env_var).unwrap_or_else(|_| default_filter.to_string());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed(),
     };
+    let subscriber = tracing_subscriber::registry()
+        .with(fmt)
+        .with(timings.map(crate::timings::TimingsLayer::filtered));
+    let _ = tracing::subscriber::set_global_default(subscriber);
 }

@@ -8,6 +8,9 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+#[path = "../../tests/src/bench_report.rs"]
+mod bench_report;
+
 use policy::grant::{Expectation, Grant, ImageClaim};
 use ring::signature::KeyPair as _;
 
@@ -113,6 +116,13 @@ tenants = ["acme"]
                 t.elapsed().as_secs_f64() * 1e6 / f64::from(PER_ROUND)
             })
             .collect();
+        bench_report::emit(&bench_report::value(
+            "grant_verify",
+            &format!("grant verify, {name}"),
+            "µs",
+            &per_round,
+            None,
+        ));
         per_round.sort_by(f64::total_cmp);
         println!(
             "  {name:<12} median {:7.1} µs (rounds: min {:.1}, max {:.1})",

@@ -9,6 +9,9 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/src/bench_report.rs"]
+mod bench_report;
+
 use sigstore_verify::{
     verify_json, Artifact, ExpectedIdentity, Matcher, Policy, TrustedRoot, VerifyError,
 };
@@ -55,11 +58,24 @@ fn main() {
     let p = |q: f64| samples[((n as f64 - 1.0) * q) as usize];
     println!("verify_bundle (happy-path-v0.3, keyless, Rekor v1): verified");
     println!("  n={n} p50={:?} p99={:?}", p(0.50), p(0.99));
+    bench_report::emit(&bench_report::value(
+        "verify_bundle",
+        "verify one keyless bundle, in process (p50)",
+        "ms",
+        &samples
+            .iter()
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect::<Vec<_>>(),
+        Some(bench_report::Target::AtMost(2.0)),
+    ));
     compare_processes();
 }
 
 /// p50 and spread of 21 runs of a verifying command, as whole processes.
-fn time_command(program: &str, args: &[String]) -> Option<(Duration, Duration, Duration)> {
+fn time_command(
+    program: &str,
+    args: &[String],
+) -> Option<(Duration, Duration, Duration, Vec<f64>)> {
     let mut samples = Vec::new();
     for _ in 0..21 {
         let t = Instant::now();
@@ -72,8 +88,9 @@ fn time_command(program: &str, args: &[String]) -> Option<(Duration, Duration, D
         samples.push(t.elapsed());
         assert!(status.success(), "{program} refused the bundle");
     }
+    let ms = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     samples.sort();
-    Some((samples[10], samples[0], samples[20]))
+    Some((samples[10], samples[0], samples[20], ms))
 }
 
 fn compare_processes() {
@@ -102,6 +119,7 @@ fn compare_processes() {
         a
     };
     let ours = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/policy");
+    let mut medians = Vec::new();
     for (name, program, verb) in [
         (
             "cosign 3 verify-blob",
@@ -115,10 +133,21 @@ fn compare_processes() {
         ),
     ] {
         match time_command(program, &args(verb)) {
-            Some((p50, min, max)) => {
-                println!("  {name} (whole process, 21 runs): p50={p50:?} min={min:?} max={max:?}")
+            Some((p50, min, max, samples)) => {
+                println!("  {name} (whole process, 21 runs): p50={p50:?} min={min:?} max={max:?}");
+                medians.push(samples);
             }
             None => println!("  {name}: not run ({program} not found)"),
         }
+    }
+    if let [cosign, ours] = &medians[..] {
+        bench_report::emit(&bench_report::ratio(
+            "verify_bundle",
+            "verify a bundle, whole process: ours / cosign 3 verify-blob",
+            ("policy sigstore verify-bundle", ours),
+            ("cosign verify-blob", cosign),
+            "ms",
+            None,
+        ));
     }
 }

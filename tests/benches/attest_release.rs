@@ -117,6 +117,30 @@ fn main() {
             release_t.push(release_time);
         }
     }
+    let ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+    use integration_tests::bench_report::{emit, ratio, value};
+    emit(&ratio(
+        "attest_release",
+        "round trip (JWE to RSA-2048) / TPM quote alone",
+        ("round trip", &ms(&total)),
+        ("TPM quote", &ms(&quote_only)),
+        "ms",
+        None,
+    ));
+    emit(&value(
+        "attest_release",
+        "round trip, provider to EC P-256 (p50)",
+        "ms",
+        &ms(&total_ec),
+        None,
+    ));
+    emit(&value(
+        "attest_release",
+        "Release RPC, RSA (p50)",
+        "ms",
+        &ms(&release_t),
+        None,
+    ));
     println!("{rounds} rounds each of challenge + quote + attest + release + open, loopback mTLS gRPC, swtpm:");
     println!(
         "  round trip, JWE to RSA-2048:         p50 {:6.2} ms  p99 {:6.2} ms",

@@ -1,8 +1,8 @@
 //! Pull + unpack through containerd of an image with one large layer (default 200 MB of
 //! incompressible data, `LAYER_MB`): encrypted, through `ipu-decrypt-hook` and the IPU (the
 //! `host-attach verify` before the pull counted too), against the same image unencrypted,
-//! same run, each on a fresh containerd. Median of `ROUNDS` (default 3); target: at most 1.3x
-//! the plain pull. `UNPACK_ONLY=1` fetches the blob into containerd first, untimed, and so
+//! same run, each on a fresh containerd, which goes first flipping every round. Median of
+//! `ROUNDS` (default 5); target: at most 1.2x the plain pull, no round above 1.3. `UNPACK_ONLY=1` fetches the blob into containerd first, untimed, and so
 //! compares the unpack alone (where all of the hook's cost is).
 //!
 //! The IPU runs in process with layer keys from the key broker through an attested session
@@ -33,7 +33,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let (rounds, mb) = (env("ROUNDS", 3), env("LAYER_MB", 200));
+    let (rounds, mb) = (env("ROUNDS", 5), env("LAYER_MB", 200));
     let unpack_only = env("UNPACK_ONLY", 0) == 1;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -50,7 +50,11 @@ fn main() {
     let ipu = Ipu::start(d, "policy-accept-anything.json");
     let (mut plain, mut enc) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        for (tag, times) in [("plain", &mut plain), ("enc", &mut enc)] {
+        let mut sides = [("plain", &mut plain), ("enc", &mut enc)];
+        if round % 2 == 1 {
+            sides.reverse();
+        }
+        for (tag, times) in sides {
             let home = d.join(format!("ctd-{tag}-{round}"));
             let ctd = Containerd::start(&home, &ipu.api, "acme", "pull");
             let image = format!("{}/bench/large:{tag}", registry.host());
@@ -87,6 +91,24 @@ fn main() {
         .map(|(e, p)| e.as_secs_f64() / p.as_secs_f64())
         .collect();
     ratios.sort_by(f64::total_cmp);
+    let ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+    let what_short = if unpack_only { "unpack" } else { "pull" };
+    use integration_tests::bench_report::{emit, ratio, value, Target};
+    emit(&ratio(
+        "containerd_pull",
+        &format!("{what_short} of one {mb} MB layer: hook / plain"),
+        ("verify + hook + IPU", &ms(&enc)),
+        ("plain", &ms(&plain)),
+        "ms",
+        Some(Target::AtMost(1.2)),
+    ));
+    emit(&value(
+        "containerd_pull",
+        &format!("{what_short} of one {mb} MB layer: highest round's hook / plain"),
+        "ratio",
+        &[ratios[ratios.len() - 1]],
+        Some(Target::AtMost(1.3)),
+    ));
     let (p, e) = (median(plain), median(enc));
     let what = if unpack_only {
         "unpack (blob already fetched)"
@@ -103,7 +125,7 @@ fn main() {
         e.as_secs_f64() * 1e3
     );
     println!(
-        "  ratio encrypted / plain: {:.2} (target <= 1.3); per round: min {:.2}, max {:.2}",
+        "  ratio encrypted / plain: {:.2} (target <= 1.2, no round above 1.3); per round: min {:.2}, max {:.2}",
         e.as_secs_f64() / p.as_secs_f64(),
         ratios[0],
         ratios[ratios.len() - 1]

@@ -138,9 +138,39 @@ fn main() {
             .find_map(|l| l.strip_prefix("host-attach: running the function in a microVM on "))
             .unwrap_or("?")
     );
-    // Warm: the base is built, both paths have run once.
+    // Warm: the base is built, both paths have run once. Then one warm start of each with
+    // `--timings`: where its time goes.
     first_output(&ipu.api, false, &image);
     first_output(&ipu.api, true, &image);
+    for (name, vm) in [("runc", false), ("microVM", true)] {
+        let out = Command::new(bin("host-attach"))
+            .args(["run", "--timings"])
+            .args(if vm { &["--vm"][..] } else { &[][..] })
+            .arg("--api")
+            .arg(&ipu.api)
+            .args([
+                "--tenant",
+                "acme",
+                "--function",
+                "bench",
+                &image,
+                "--",
+                "/hello",
+            ])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        let table: Vec<&str> = said
+            .lines()
+            .skip_while(|l| !l.starts_with("stage"))
+            .collect();
+        assert!(table.iter().any(|l| l.starts_with("run ")), "{said}");
+        println!("one warm start, {name}, host-attach run --timings:");
+        for l in table {
+            println!("  {l}");
+        }
+    }
 
     let (mut vm, mut runc) = (Vec::new(), Vec::new());
     for _ in 0..starts {
@@ -160,6 +190,23 @@ fn main() {
         "  ratio microVM / runc (p50): {:.2}; target microVM p50 <= 300 ms",
         pct(&vm, 0.5) / pct(&runc, 0.5)
     );
+
+    use integration_tests::bench_report::{emit, ratio, value, Target};
+    emit(&value(
+        "microvm",
+        "warm start to first output, microVM (p50)",
+        "ms",
+        &vm,
+        Some(Target::AtMost(300.0)),
+    ));
+    emit(&ratio(
+        "microvm",
+        "warm start to first output: microVM / runc",
+        ("microVM (vhost-user-blk)", &vm),
+        ("runc (NBD)", &runc),
+        "ms",
+        None,
+    ));
 
     let (mut guest, mut host) = (Vec::new(), Vec::new());
     for _ in 0..read_rounds {
@@ -184,6 +231,15 @@ fn main() {
         ratios[ratios.len() - 1]
     );
 
+    emit(&ratio(
+        "microvm",
+        &format!("sequential read of {data_mb} MB: vhost-user-blk / NBD"),
+        ("guest, vhost-user-blk", &guest),
+        ("host, NBD", &host),
+        "MB/s",
+        Some(Target::AtLeast(3.0)),
+    ));
+
     // The IPU's record: per clone, the front-end's release, then the erase.
     let events = ipu
         .audit
@@ -206,6 +262,13 @@ fn main() {
         }
     }
     assert!(latencies.len() >= starts, "{} releases", latencies.len());
+    emit(&value(
+        "microvm",
+        "hot-remove (front-end released) to erase (p50)",
+        "ms",
+        &latencies,
+        None,
+    ));
     println!(
         "hot-remove (front-end released) to erase on the record: p50 {:.1} ms, p99 {:.1} ms over {} microVM runs",
         pct(&latencies, 0.5),

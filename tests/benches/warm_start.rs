@@ -165,6 +165,32 @@ fn main() {
     granted_service.shutdown();
 
     println!("warm start of the enc-signed fixture, {rounds} runs (base cached), same run:");
+    let ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+    use integration_tests::bench_report::{emit, ratio, value, Target};
+    for (name, r) in [("without grants", &plain), ("with grants", &granted)] {
+        emit(&value(
+            "warm_start",
+            &format!("Prepare + attach + mount, {name} (p50)"),
+            "ms",
+            &ms(&r.total),
+            Some(Target::AtMost(50.0)),
+        ));
+    }
+    emit(&ratio(
+        "warm_start",
+        "with grants / without (Prepare + attach + mount)",
+        ("with grants", &ms(&granted.total)),
+        ("without", &ms(&plain.total)),
+        "ms",
+        None,
+    ));
+    emit(&value(
+        "warm_start",
+        &format!("{concurrent} concurrent starts (p50; {failed} failed)"),
+        "ms",
+        &ms(&started),
+        None,
+    ));
     for (name, mut r) in [("without grants", plain), ("with grants", granted)] {
         println!("  {name}:");
         println!(

@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: the fixture set, a real `docker-registry`
 //! serving it on 127.0.0.1, and ext4 inspection with e2fsprogs.
 
+pub mod bench_report;
+#[cfg(test)]
+mod bench_report_tests;
 pub mod broker;
 pub mod containerd;
 pub mod fleet;

@@ -552,12 +552,18 @@ impl MicroVm {
     ) -> Result<GuestEnd, VmError> {
         let started_at = Instant::now();
         let mut started = false;
+        // Until the guest says the function started: the rest of its boot; then its run.
+        let mut stage = ops::timings::span("boot").entered();
         loop {
             if interrupted() {
                 return Ok(GuestEnd::Interrupted);
             }
             match self.control.recv_timeout(Duration::from_millis(20)) {
-                Ok(Control::Started) => started = true,
+                Ok(Control::Started) => {
+                    started = true;
+                    drop(stage);
+                    stage = ops::timings::span("run").entered();
+                }
                 Ok(Control::Exit(code)) => return Ok(GuestEnd::Exited(code)),
                 Ok(Control::Error(message)) => {
                     return Err(VmError::Guest {

@@ -680,6 +680,7 @@ impl Service {
         let receipt = self.record(created)?;
         fail::fail_point!("prepare-before-export");
         let exporting = Instant::now();
+        let export_span = Stage::Export.span().entered();
         let export = match (&self.opts.tcp_exports, kind) {
             (_, ExportKind::VhostUserBlk) => {
                 let socket = self
@@ -832,6 +833,7 @@ impl Service {
         }
         self.record(attached)?;
         self.metrics.observe(Stage::Export, exporting.elapsed());
+        drop(export_span);
         let prepared = Prepared {
             clone_id: clone_id.clone(),
             endpoint: endpoint.clone(),
