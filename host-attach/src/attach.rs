@@ -304,7 +304,8 @@ impl Attachment {
         }
         if let Some(mut fuse) = self.fuse.take() {
             // The loop device lets go of the FUSE file asynchronously after `losetup -d`
-            // (and udev may still hold it open a moment): busy for a while is expected.
+            // (and udev, or another process probing loop devices, may still hold it open a
+            // moment): busy for a while is expected. Seen past 5 s on a loaded 2-core host.
             let start = Instant::now();
             let unmounted = loop {
                 let r = run(
@@ -312,7 +313,7 @@ impl Attachment {
                     [OsStr::new("-u"), fuse.mountpoint.as_os_str()],
                 );
                 let busy = matches!(&r, Err(AttachError::Failed { stderr, .. }) if stderr.contains("busy"));
-                if !busy || start.elapsed() > Duration::from_secs(5) {
+                if !busy || start.elapsed() > FUSE_BUSY_WAIT {
                     break r;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -336,6 +337,9 @@ impl Attachment {
         first.map_or(Ok(()), Err)
     }
 }
+
+/// How long a FUSE file still held after `losetup -d` is waited for before the unmount fails.
+const FUSE_BUSY_WAIT: Duration = Duration::from_secs(20);
 
 impl Drop for Attachment {
     fn drop(&mut self) {

@@ -1291,8 +1291,9 @@ fn host_attach_runs_a_function_from_the_image_and_tears_down() {
         let out = host_attach(attempt);
         assert!(
             matches!(out.status.code(), Some(c) if c != 0 && c != 125),
-            "{attempt:?} ran: {:?}",
-            out.status
+            "{attempt:?} ran: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
