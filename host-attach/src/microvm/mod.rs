@@ -509,11 +509,6 @@ impl MicroVm {
         })
     }
 
-    /// QEMU's process id.
-    pub fn pid(&self) -> u32 {
-        self.qemu.id()
-    }
-
     fn console(&self) -> String {
         let tail = self.console_tail.lock().expect("not poisoned");
         tail.iter().cloned().collect::<Vec<_>>().join("\n")
