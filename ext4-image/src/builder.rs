@@ -21,6 +21,10 @@ pub struct Builder<S: BlockSink> {
     pub(crate) cursor: u64,
     /// A reusable write buffer for file writers.
     scratch: Vec<u8>,
+    /// Content blocks allocated but not yet written, from `pending_start`: consecutive
+    /// small files share one write call.
+    pending: Vec<u8>,
+    pending_start: u64,
 }
 
 impl<S: BlockSink> Builder<S> {
@@ -47,6 +51,8 @@ impl<S: BlockSink> Builder<S> {
             opts,
             tree: Tree::new(root_meta),
             scratch: Vec::new(),
+            pending: Vec::new(),
+            pending_start: 0,
         })
     }
 
@@ -239,11 +245,41 @@ impl<S: BlockSink> Builder<S> {
             }
             let from = done as usize * BLOCK_SIZE;
             let to = (done + len) as usize * BLOCK_SIZE;
-            self.sink.write_blocks(start, &data[from..to])?;
+            self.emit(start, &data[from..to])?;
             if let Body::File { extents, .. } = &mut self.tree.node_mut(node).body {
                 extent::append(extents, start, len);
             }
             done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes content blocks at `start`, joining them to the pending run when they follow
+    /// it: small files then share write calls of up to 1 MiB.
+    fn emit(&mut self, start: u64, data: &[u8]) -> io::Result<()> {
+        let end = self.pending_start + (self.pending.len() / BLOCK_SIZE) as u64;
+        if !self.pending.is_empty() && start == end && self.pending.len() + data.len() <= MAX_WRITE
+        {
+            self.pending.extend_from_slice(data);
+            if self.pending.len() == MAX_WRITE {
+                self.flush_pending()?;
+            }
+            return Ok(());
+        }
+        self.flush_pending()?;
+        if data.len() >= MAX_WRITE / 2 {
+            return self.sink.write_blocks(start, data);
+        }
+        self.pending_start = start;
+        self.pending.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Writes the pending run.
+    pub(crate) fn flush_pending(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.sink.write_blocks(self.pending_start, &self.pending)?;
+            self.pending.clear();
         }
         Ok(())
     }

@@ -137,7 +137,8 @@ impl Bitmap {
     }
 }
 
-pub(crate) fn finish<S: BlockSink>(b: Builder<S>) -> Result<Image<S>, Error> {
+pub(crate) fn finish<S: BlockSink>(mut b: Builder<S>) -> Result<Image<S>, Error> {
+    b.flush_pending()?;
     let Builder {
         mut sink,
         opts,

@@ -1,3 +1,6 @@
+//! The smallest useful tree; `KEEP_IMAGE=/path` keeps its image for a look with dumpe2fs
+//! or debugfs.
+
 mod common;
 
 use common::*;
