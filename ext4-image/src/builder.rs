@@ -12,6 +12,10 @@ use crate::{Error, Image, Options, BLOCK_SIZE};
 
 /// Builds an ext4 image: the tree is kept in memory, file content goes to its final blocks
 /// as it is written, and [`Builder::finish`] writes all the metadata.
+///
+/// The content of consecutive small files is gathered into one write of up to 1 MiB, so a
+/// sink error may be reported by a later call than the one whose data failed (another
+/// file's writer, or `finish`); the build is lost either way.
 pub struct Builder<S: BlockSink> {
     pub(crate) sink: S,
     pub(crate) opts: Options,

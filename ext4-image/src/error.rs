@@ -62,6 +62,9 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// A hard link to a node that was removed.
+    #[error("`{0}`: the link target was removed")]
+    TargetRemoved(String),
     /// An option out of range.
     #[error("bad option: {0}")]
     BadOption(String),

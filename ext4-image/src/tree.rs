@@ -90,8 +90,9 @@ pub(crate) struct Node {
     pub kind: NodeKind,
     /// The name it was created with (for messages).
     pub name: Vec<u8>,
+    /// The metadata, less `xattrs`, which are kept in `attrs`.
     pub meta: Meta,
-    /// `meta.xattrs` parsed and sorted.
+    /// The extended attributes, parsed and sorted.
     pub attrs: Vec<Attr>,
     /// Why `meta.xattrs` (set by `set_meta`) cannot be stored.
     pub attr_error: Option<Refusal>,
@@ -200,11 +201,13 @@ impl Tree {
         dir: NodeId,
         name: &[u8],
         kind: NodeKind,
-        meta: Meta,
+        mut meta: Meta,
         body: Body,
     ) -> Result<NodeId, Error> {
         self.check_new(dir, name)?;
         let attrs = xattr::parse(&meta.xattrs).map_err(|r| bad_xattr(name, r))?;
+        // kept parsed only
+        meta.xattrs = Vec::new();
         xattr::place(&attrs).map_err(|why| bad_xattr(name, (ALL.to_string(), why)))?;
         let id = NodeId(
             u32::try_from(self.nodes.len())
@@ -239,7 +242,7 @@ impl Tree {
             .nodes
             .get(target.0 as usize)
             .filter(|n| n.alive)
-            .ok_or_else(|| Error::BadName(format!("{}: link target is gone", show(name))))?;
+            .ok_or_else(|| Error::TargetRemoved(show(name)))?;
         if t.kind == NodeKind::Directory {
             return Err(Error::HardlinkToDirectory(show(name)));
         }
@@ -280,7 +283,7 @@ impl Tree {
         Ok(true)
     }
 
-    pub(crate) fn set_meta(&mut self, node: NodeId, meta: Meta) {
+    pub(crate) fn set_meta(&mut self, node: NodeId, mut meta: Meta) {
         let Some(n) = self.nodes.get_mut(node.0 as usize).filter(|n| n.alive) else {
             return;
         };
@@ -298,6 +301,7 @@ impl Tree {
                 n.attr_error = Some(r);
             }
         }
+        meta.xattrs = Vec::new();
         n.meta = meta;
     }
 

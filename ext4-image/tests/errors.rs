@@ -66,6 +66,11 @@ fn refusals_name_the_entry() {
     assert!(matches!(e, Error::HardlinkToDirectory(_)), "{e}");
     assert!(e.to_string().contains("dir-link"), "{e}");
 
+    let gone = b.fifo(root, b"gone-fifo", m()).unwrap();
+    assert!(b.remove(root, b"gone-fifo").unwrap());
+    let e = b.hardlink(root, b"to-gone", gone).unwrap_err();
+    assert!(matches!(e, Error::TargetRemoved(_)) && e.to_string().contains("to-gone"));
+
     let e = b.mkdir(file, b"under-file", m()).unwrap_err();
     assert!(matches!(e, Error::NotADirectory(_)) && e.to_string().contains("under-file"));
 
@@ -227,4 +232,26 @@ fn dropped_writer_removes_its_file() {
             Content::File(b"second try".to_vec()),
         )],
     );
+}
+
+#[test]
+fn directory_with_more_than_65000_subdirectories() {
+    // past 65000 links a directory's i_links_count is 1 (dir_nlink)
+    let tmp = tempfile::tempdir().unwrap();
+    let (path, mut b) = builder(tmp.path(), Options::default());
+    let d = b.mkdir(b.root(), b"wide", m()).unwrap();
+    for i in 0..65001 {
+        b.mkdir(d, format!("{i}").as_bytes(), meta(0o755, 0, 0, 0))
+            .unwrap();
+    }
+    let img = b.finish().unwrap();
+    img.sink.set_len(img.size_bytes).unwrap();
+    fsck(&path);
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /wide"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Links: 1 "), "{text}");
 }
