@@ -12,13 +12,13 @@
 # still run. Needs root (mounts, loop devices, runc, containerd, QEMU); installs what it needs
 # with scripts/setup.sh. The benches take a few more settings from the environment (see each
 # file's header): LAYER_MB (containerd_pull), TREE_MB and FILE_MIB (unpack_vs_skopeo),
-# STARTS, DATA_MB and READ_ROUNDS (microvm), WARM_ROUNDS (warm_start's starts, default 100),
+# STARTS, DATA_MB and READ_ROUNDS (microvm), IPUS and WINDOW_SECS (broker_fleet), WARM_ROUNDS (warm_start's starts, default 100),
 # ATTEST_ROUNDS (attest_release's, default 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 all=(decrypt_throughput unpack_vs_skopeo cold_start containerd_pull warm_start attest_release
-    microvm teardown_erase verify_bundle grant_verify rsa_oaep_timing append_query)
+    microvm broker_fleet teardown_erase verify_bundle grant_verify rsa_oaep_timing append_query)
 readme=""
 selected=()
 for a in "$@"; do

@@ -2,7 +2,7 @@
 # Builds the Debian packages, one per daemon or tool, with cargo-deb:
 #
 #   keybroker      keybroker            + keybroker.service
-#   ipu-image-svc  ipu-image-svc        + ipu-image-svc.service   (depends on e2fsprogs)
+#   ipu-image-svc  ipu-image-svc        + ipu-image-svc.service
 #   ipu-audit      audit                + ipu-audit.service
 #   host-attach    host-attach, ipu-decrypt-hook (runc, libnbd-bin, fuse3, e2fsprogs, mount)
 #   ipu-policy     policy

@@ -1,15 +1,17 @@
 //! The build stage: a verified, pulled image's layers decrypted ([`crate::decrypt`]),
-//! decompressed and applied ([`crate::unpack`]) to a private staging tree, then the ext4
-//! image ([`crate::rootfs`]).
+//! decompressed and applied ([`crate::unpack`]) to the image's ext4 file system, whose file
+//! content goes straight to its blocks in the target ([`crate::rootfs`]).
 //!
-//! Each layer, read back from the verified blob cache, must hash to the signed config's
-//! diff_id, and an encrypted layer's HMAC must verify, before the next layer starts. Only
-//! then is the ext4 image built and moved to the output path. Any failure drops the staging
-//! tree and leaves no output.
+//! Each layer, read from the verified blob cache, must hash to the signed config's diff_id,
+//! and an encrypted layer's HMAC must verify, before the next layer starts. Only then is the
+//! file system's metadata written and the image published. Any failure drops the target and
+//! leaves no output.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+
+use ext4_image::BlockSink;
 
 use audit::{EventKind, Outcome};
 use policy::reference::Digest;
@@ -17,12 +19,14 @@ use serde::Serialize;
 
 use crate::decrypt::{self, Finished};
 use crate::error::{from_unpack, Error, FailureClass};
+use crate::fetch::{FetchError, VerifyingReader};
 use crate::keys::{KeyError, KeyFor, KeySource, LayerKey};
 use crate::metrics::Stage;
 use crate::progress::Progress;
+use crate::readahead;
 use crate::record::Recorder;
-use crate::rootfs::{self, RootfsError, RootfsImage, RootfsOptions};
-use crate::unpack::{self, Budget, Compression, Limits, Staging, UnpackError};
+use crate::rootfs::{self, ImageTarget, RootfsError, RootfsImage, RootfsOptions};
+use crate::unpack::{self, Budget, Compression, ImageTree, Limits, UnpackError};
 use crate::verify::{VerifiedImage, VerifiedLayer};
 
 /// What applying one layer established.
@@ -38,8 +42,6 @@ pub struct LayerOutcome {
 
 /// What the build stage needs besides the image.
 pub struct BuildConfig<'a> {
-    /// Where the private staging tree is made (deleted with it).
-    pub staging_parent: &'a Path,
     pub rootfs: &'a RootfsOptions,
 }
 
@@ -107,38 +109,51 @@ pub fn release_keys(
     released
 }
 
-/// The built ext4 image and what the unpack found on the way.
+/// The built ext4 image, published, and what the unpack found on the way.
 #[derive(Clone, Debug)]
-pub struct Built {
+pub struct Built<O> {
+    /// The published image (a path, or the service's base).
+    pub output: O,
     pub rootfs: RootfsImage,
     /// Totals over all layers, as the unpack limits counted them: a cached base keeps them,
     /// so each later request is held to its own limits ([`Budget::check`]).
     pub found: Budget,
 }
 
-/// Builds the ext4 image of `image` (whose layers' blobs are `blobs`) at `output`.
-pub fn build_rootfs(
+/// Builds the ext4 image of `image` (whose layers' blobs are `blobs`) into `target`, and
+/// publishes it once every layer checked out and the build is on the record.
+#[allow(clippy::too_many_arguments)]
+pub fn build_rootfs<T: ImageTarget>(
     cfg: &BuildConfig<'_>,
     image: &VerifiedImage,
     blobs: &[PathBuf],
     mut released: ReleasedKeys,
-    output: &Path,
+    mut target: T,
     progress: &dyn Progress,
     rec: &Recorder,
-) -> Result<Built, Error> {
-    // Where the plaintext goes, named in a "full" error (the service bounds it).
-    let full = |e: Error, place: &Path| {
-        if e.class == FailureClass::WorkspaceFull {
-            e.context(format!(
-                "no space left for the image's plaintext in {} (the service bounds it: --plaintext-memory)",
-                place.display()
-            ))
-        } else {
-            e
-        }
+) -> Result<Built<T::Output>, Error> {
+    let output = target.path().display().to_string();
+    let refuse_build = |e: RootfsError| {
+        let class = match &e {
+            RootfsError::NoSpace { .. } => FailureClass::WorkspaceFull,
+            RootfsError::Ext4 {
+                source: ext4_image::Error::TooLarge(_),
+                ..
+            } => FailureClass::TooLarge,
+            RootfsError::Io { .. } | RootfsError::Ext4 { .. } => FailureClass::Io,
+        };
+        rec.refuse(
+            EventKind::BaseBuild,
+            Error::new(class, e.to_string()),
+            &[("output", output.clone())],
+        )
     };
-    let staging = Staging::create(cfg.staging_parent)
-        .map_err(|e| Error::io("cannot create staging tree in", cfg.staging_parent, e))?;
+    let seed = image.platform_manifest_digest.to_string();
+    let options = cfg
+        .rootfs
+        .ext4(&seed, image.admission.limits.max_unpacked_bytes);
+    let mut tree = ImageTree::new(target.sink(), options)
+        .map_err(|source| refuse_build(ext4_error(&output, source)))?;
     let mut budget = Budget::default();
     released.resize_with(image.layers.len(), || None);
     for ((layer, blob), key) in image.layers.iter().zip(blobs).zip(released) {
@@ -160,7 +175,7 @@ pub fn build_rootfs(
         let unpacking = Stage::Unpack.span();
         match unpacking.in_scope(|| {
             apply_layer(
-                &staging,
+                &mut tree,
                 blob,
                 layer,
                 key,
@@ -180,7 +195,7 @@ pub fn build_rootfs(
                 rec.record(
                     EventKind::LayerUnpack,
                     Outcome::Success,
-                    "layer unpacked into the private staging tree",
+                    "layer unpacked into the image's file system",
                     &details,
                 )?;
                 progress.unpacked(layer.index, &outcome);
@@ -189,47 +204,80 @@ pub fn build_rootfs(
                 return Err(rec.refuse(EventKind::LayerDecrypt, e, &details))
             }
             Err(LayerFailure::Unpack(e)) => {
-                let e = full(e, cfg.staging_parent);
+                let e = if e.class == FailureClass::WorkspaceFull {
+                    e.context(format!("no space left for the image at {output}"))
+                } else {
+                    e
+                };
                 return Err(rec.refuse(EventKind::LayerUnpack, e, &details));
             }
         }
     }
-    progress.stage("building ext4 image");
-    let uuid = rootfs::uuid_from_seed(&image.platform_manifest_digest.to_string());
-    let built =
-        Stage::FileSystem.traced(|| rootfs::build_ext4(&staging.path(), output, &uuid, cfg.rootfs));
-    let built = built.map_err(|e| {
-        let class = match e {
-            RootfsError::Io { .. } => FailureClass::Io,
-            RootfsError::NoSpace { .. } => FailureClass::WorkspaceFull,
-            RootfsError::Mkfs { .. } | RootfsError::MkfsMissing => FailureClass::Mkfs,
-        };
-        let e = full(Error::new(class, e.to_string()), output);
-        rec.refuse(
-            EventKind::BaseBuild,
-            e,
-            &[("output", output.display().to_string())],
-        )
+    progress.stage("writing the ext4 file system");
+    let image_fs = Stage::FileSystem
+        .traced(|| tree.finish())
+        .map_err(|source| refuse_build(ext4_error(&output, source)))?;
+    let ext4_image::Image {
+        size_bytes: size,
+        inodes_count,
+        summary,
+        ..
+    } = image_fs;
+    let rootfs = RootfsImage {
+        path: target.path().to_path_buf(),
+        image_bytes: size,
+        inodes_reserved: inodes_count,
+        uuid: rootfs::uuid_from_seed(&seed),
+        tree: summary.into(),
+    };
+    let published = target.publish(size).map_err(|source| {
+        refuse_build(if is_no_space(&source) {
+            RootfsError::NoSpace {
+                output: output.clone(),
+                source,
+            }
+        } else {
+            RootfsError::Io {
+                what: "cannot publish the image at",
+                path: output.clone(),
+                source,
+            }
+        })
     })?;
     let recorded = rec.record(
         EventKind::BaseBuild,
         Outcome::Success,
         "ext4 rootfs built from the verified image",
-        &[
-            ("output", built.path.display().to_string()),
-            ("uuid", built.uuid.clone()),
-        ],
+        &[("output", output.clone()), ("uuid", rootfs.uuid.clone())],
     );
     if let Err(e) = recorded {
         // Unrecorded, so not published.
-        let _ = std::fs::remove_file(&built.path);
+        T::retract(published);
         return Err(e);
     }
-    progress.built(&built);
+    progress.built(&rootfs);
     Ok(Built {
-        rootfs: built,
+        output: published,
+        rootfs,
         found: budget,
     })
+}
+
+fn ext4_error(output: &str, source: ext4_image::Error) -> RootfsError {
+    match source {
+        ext4_image::Error::Io(source) if is_no_space(&source) => RootfsError::NoSpace {
+            output: output.to_string(),
+            source,
+        },
+        source => RootfsError::Ext4 {
+            output: output.to_string(),
+            source,
+        },
+    }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 fn layer_details(layer: &VerifiedLayer) -> [(&'static str, String); 2] {
@@ -245,10 +293,12 @@ enum LayerFailure {
     Unpack(Error),
 }
 
-/// Applies one layer from its cached blob: its released key (`None` for a layer that is not
-/// encrypted), decryption, decompression, unpack, then the diff_id check.
-fn apply_layer(
-    staging: &Staging,
+/// Applies one layer from its blob: its released key (`None` for a layer that is not
+/// encrypted), decryption, decompression, unpack, then the diff_id check. The blob is read
+/// once, its digest checked as it is read; reading and decrypting, decompressing, and the
+/// unpack each run on a thread of their own ([`readahead`]).
+fn apply_layer<S: BlockSink>(
+    tree: &mut ImageTree<S>,
     blob: &Path,
     layer: &VerifiedLayer,
     key: Option<Result<LayerKey, KeyError>>,
@@ -257,35 +307,94 @@ fn apply_layer(
 ) -> Result<LayerOutcome, LayerFailure> {
     let (index, digest) = (layer.index, &layer.descriptor.digest);
     let file = File::open(blob)
-        .map_err(|e| LayerFailure::Unpack(Error::io("cannot open cached blob", blob, e)))?;
-    let reader = BufReader::with_capacity(256 * 1024, file);
+        .map_err(|e| LayerFailure::Unpack(Error::io("cannot open blob", blob, e)))?;
+    // Checked against the signed manifest as it is read, wherever the blob came from. A
+    // blob that fails its digest is the failure to report, whatever it made the stages after
+    // it see (a tampered blob decrypts or decompresses to garbage first).
+    let blob_failure = BlobFailure::default();
+    let reader = BlobFailure::watch(
+        &blob_failure,
+        VerifyingReader::new(
+            BufReader::with_capacity(256 * 1024, file),
+            digest.clone(),
+            layer.descriptor.size,
+            blob.display().to_string(),
+        ),
+    );
     let decrypt_err =
         |e: Error| LayerFailure::Decrypt(e.context(format!("layer {index} ({digest})")));
     let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, digest));
+    // The blob's own failure (its digest), over what it made the stages after it see.
+    let blob_err = |e: FetchError| LayerFailure::Unpack(Error::from(e));
+    let unpacking = tracing::Span::current();
     let (stats, stale) = if layer.encrypted {
         let key = key
             .unwrap_or(Err(KeyError::NotConfigured))
             .map_err(|e| decrypt_err(e.into()))?;
         let decrypting = Stage::Decrypt.span();
-        let mut decryptor = decrypting
+        let decryptor = decrypting
             .in_scope(|| decrypt::decryptor(reader, &key))
             .map_err(|e| decrypt_err(e.into()))?;
-        // Every read of the stream the unpacker consumes decrypts: timed as `decrypt`.
-        let stream = InSpan {
-            span: &decrypting,
-            inner: &mut decryptor,
-        };
-        let unpacked = unpack_stream(staging, stream, layer.compression, limits, budget);
-        match decrypting.in_scope(|| decrypt::finish(decryptor, unpacked)) {
+        let (unpacked, decryptor) = std::thread::scope(|scope| {
+            // Every read of the ciphertext decrypts: timed as `decrypt`.
+            let (plaintext, decrypting) = readahead::spawn(
+                scope,
+                "layer-decrypt",
+                InSpan {
+                    span: decrypting.clone(),
+                    inner: decryptor,
+                },
+            );
+            let unpacked = unpack_stream(
+                scope,
+                &unpacking,
+                tree,
+                plaintext,
+                layer.compression,
+                limits,
+                budget,
+            );
+            let produced = decrypting.join().expect("the decrypt thread panicked");
+            (unpacked, produced.reader.inner)
+        });
+        let finished = decrypting.in_scope(|| decrypt::finish(decryptor, unpacked));
+        if let Some(e) = blob_failure.take() {
+            return Err(blob_err(e));
+        }
+        match finished {
             Ok((stats, stale)) => (stats, stale.map(|s| s.declared)),
             Err(Finished::Decrypt(e)) => return Err(decrypt_err(e.into())),
             Err(Finished::Consumer(e)) => return Err(unpack_err(e)),
         }
     } else {
-        // The blob's digest was checked against the signed manifest when it was cached.
-        let stats = unpack_stream(staging, reader, layer.compression, limits, budget)
-            .map_err(unpack_err)?;
-        (stats, None)
+        let (unpacked, produced) = std::thread::scope(|scope| {
+            let (compressed, reading) = readahead::spawn(scope, "layer-read", reader);
+            let unpacked = unpack_stream(
+                scope,
+                &unpacking,
+                tree,
+                compressed,
+                layer.compression,
+                limits,
+                budget,
+            );
+            (unpacked, reading.join().expect("the read thread panicked"))
+        });
+        let (mut reader, mut error) = (produced.reader, produced.error);
+        if error.is_none() {
+            // To its end, whatever the unpack left unread: the digest covers all of it.
+            error = std::io::copy(&mut reader, &mut std::io::sink()).err();
+        }
+        if let Some(e) = blob_failure.take() {
+            return Err(blob_err(e));
+        }
+        if let Some(e) = error {
+            return Err(blob_err(FetchError::from_io(
+                e,
+                &format!("reading {}", blob.display()),
+            )));
+        }
+        (unpacked.map_err(unpack_err)?, None)
     };
     if stats.diff_id != layer.diff_id {
         return Err(LayerFailure::Unpack(Error::new(
@@ -304,20 +413,57 @@ fn apply_layer(
     })
 }
 
+/// The failure of a blob's own check (its size and digest), kept aside for the caller.
+#[derive(Clone, Default)]
+struct BlobFailure(std::sync::Arc<std::sync::Mutex<Option<FetchError>>>);
+
+impl BlobFailure {
+    fn watch<R: Read>(&self, reader: VerifyingReader<R>) -> Watched<R> {
+        Watched {
+            reader,
+            failure: self.clone(),
+        }
+    }
+
+    fn take(&self) -> Option<FetchError> {
+        self.0.lock().expect("not poisoned").take()
+    }
+}
+
+/// A blob's verifying reader that keeps its failure in a [`BlobFailure`].
+struct Watched<R> {
+    reader: VerifyingReader<R>,
+    failure: BlobFailure,
+}
+
+impl<R: Read> Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf).inspect_err(|e| {
+            if let Some(f) = e.get_ref().and_then(|i| i.downcast_ref::<FetchError>()) {
+                *self.failure.0.lock().expect("not poisoned") = Some(f.clone());
+            }
+        })
+    }
+}
+
 /// A reader whose every read runs inside `span`.
-struct InSpan<'s, R> {
-    span: &'s tracing::Span,
+struct InSpan<R> {
+    span: tracing::Span,
     inner: R,
 }
 
-impl<R: Read> Read for InSpan<'_, R> {
+impl<R: Read> Read for InSpan<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.span.in_scope(|| self.inner.read(buf))
     }
 }
 
-fn unpack_stream<R: Read>(
-    staging: &Staging,
+/// Decompresses `compressed` on a thread of `scope` (timed as part of `unpacking`) and
+/// applies the tar stream to `tree` on this one.
+fn unpack_stream<'scope, S: BlockSink, R: Read + Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    unpacking: &tracing::Span,
+    tree: &mut ImageTree<S>,
     compressed: R,
     compression: Compression,
     limits: &Limits,
@@ -326,5 +472,18 @@ fn unpack_stream<R: Read>(
     let decoder = compression
         .decoder(compressed)
         .map_err(|e| UnpackError::from_stream(e, "starting decompression"))?;
-    unpack::apply_layer(staging, decoder, limits, budget)
+    let (tar, decompressing) = readahead::spawn(
+        scope,
+        "layer-decompress",
+        InSpan {
+            span: unpacking.clone(),
+            inner: decoder,
+        },
+    );
+    let applied = unpack::apply_layer(tree, tar, limits, budget);
+    // Its errors reached the unpack through the stream.
+    let _ = decompressing
+        .join()
+        .expect("the decompress thread panicked");
+    applied
 }

@@ -75,11 +75,6 @@ struct ServeArgs {
     /// encrypted; the least recently used one no function uses goes first) [default: 16].
     #[arg(long, value_name = "N")]
     max_cached_bases: Option<usize>,
-    /// The most memory plaintext may take while bases are built (e.g. 2G): a tmpfs the
-    /// service mounts at <state-dir>/plain, the only place decrypted content is written. A
-    /// start whose image does not fit fails with `workspace-full` [default: 4G].
-    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
-    plaintext_memory: Option<u64>,
     /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have
     /// the image's layers decrypted; then the image must be verified again [default: 15m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -181,7 +176,6 @@ impl ServeArgs {
                 host_agent_uid: self.host_agent_uid,
                 clone_ttl: self.clone_ttl,
                 max_cached_bases: self.max_cached_bases,
-                plaintext_memory: self.plaintext_memory,
                 verified_layer_ttl: self.verified_layer_ttl,
                 export: self.export_kind,
                 vhost_queues: self.vhost_queues,
@@ -425,9 +419,6 @@ struct UnpackArgs {
     /// with every release: required when the broker's policy names grant keys.
     #[arg(long, value_name = "FILE")]
     grant: Option<PathBuf>,
-    /// Where private staging trees are made (default: <cache>/staging).
-    #[arg(long, value_name = "DIR")]
-    staging_dir: Option<PathBuf>,
     /// Create character and block device nodes instead of refusing such layers.
     #[arg(long)]
     allow_device_nodes: bool,
@@ -518,9 +509,6 @@ fn done(result: Result<(), String>) -> ExitCode {
 }
 
 fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
-    // Before any thread exists: the mount namespace is per thread until then.
-    crate::service::plaintext::private_mount_namespace()
-        .map_err(|e| format!("cannot give the service a private mount namespace: {e}"))?;
     let tcp_exports = match c.export_tcp {
         Some(t) => Some(
             TcpExportFiles {
@@ -558,7 +546,6 @@ fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
             tcp_exports,
             max_cached_bases: c.max_cached_bases,
             verified_layer_ttl: c.verified_layer_ttl,
-            plaintext_memory: c.plaintext_memory,
             exports: crate::service::ExportOptions {
                 default_kind: c.export,
                 vhost_queues: c.vhost_queues.into(),
@@ -729,7 +716,6 @@ impl UnpackArgs {
                     Ok(Err(_)) => exit_usage(&format!("--grant {}: not UTF-8", path.display())),
                     Err(e) => exit_usage(&format!("--grant {}: {e}", path.display())),
                 }),
-            staging_dir: self.staging_dir,
             allow_device_nodes: self.allow_device_nodes,
             max_unpacked_bytes: self.max_unpacked_bytes,
             max_file_size: self.max_file_size,

@@ -62,7 +62,6 @@ pub struct UnpackOptions {
     /// requires one when its policy names grant keys. The CLI does not admit it itself (no
     /// serial store): the broker's check is the one that counts here.
     pub grant: Option<String>,
-    pub staging_dir: Option<PathBuf>,
     pub allow_device_nodes: bool,
     pub max_unpacked_bytes: Option<u64>,
     pub max_file_size: Option<u64>,
@@ -111,7 +110,6 @@ pub fn set_up(opts: &ImageOptions) -> Result<(TrustPipeline, KeySource), Error> 
         } else if !u.decryption_keys.is_empty() {
             keys = development_keys(&cfg, &opts.image, &u.decryption_keys)?;
         }
-        cfg.staging_dir = u.staging_dir.clone();
         cfg.limits.allow_device_nodes = u.allow_device_nodes;
         if let Some(v) = u.max_unpacked_bytes {
             cfg.limits.max_unpacked_bytes = v;

@@ -71,7 +71,7 @@ pub enum Finished<E> {
 }
 
 /// `sha256:<hex>` of the decompressed plaintext `plain` yields; `plain`'s HMAC must match.
-pub fn diff_id<R: Read>(
+pub fn diff_id<R: Read + Send>(
     mut plain: ocicrypt::LayerDecryptor<R>,
     media_type: &str,
 ) -> Result<String, Error> {

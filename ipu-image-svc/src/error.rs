@@ -40,8 +40,8 @@ pub enum FailureClass {
     /// The key broker could not be reached or did not answer in time.
     KeyBrokerUnavailable,
     Io,
-    Mkfs,
-    /// The memory the service bounds for plaintext (its tmpfs) cannot hold the image.
+    /// The storage the image is written to is full (the service's state directory, where
+    /// the base goes, or the CLI's output).
     WorkspaceFull,
 }
 
@@ -66,7 +66,6 @@ impl FailureClass {
             FailureClass::Network => "network",
             FailureClass::KeyBrokerUnavailable => "key-broker-unavailable",
             FailureClass::Io => "io",
-            FailureClass::Mkfs => "mkfs",
             FailureClass::WorkspaceFull => "workspace-full",
         }
     }
@@ -81,7 +80,6 @@ impl FailureClass {
                 | FailureClass::Network
                 | FailureClass::KeyBrokerUnavailable
                 | FailureClass::Io
-                | FailureClass::Mkfs
                 | FailureClass::WorkspaceFull
         )
     }
@@ -297,7 +295,6 @@ mod tests {
             C::Network,
             C::KeyBrokerUnavailable,
             C::Io,
-            C::Mkfs,
         ];
         for c in all {
             let (exit, code) = (c.exit_code(), c.grpc_code());

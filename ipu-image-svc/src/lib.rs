@@ -8,9 +8,11 @@
 //! - [`keys`]: the one layer-key release (key broker through [`keys::broker_client`], or
 //!   local development keys): a [`keys::LayerKey`] per encrypted layer.
 //! - [`decrypt`]: ocicrypt streaming and two-pass decryption with a released key.
-//! - [`unpack`]: safe OCI layer application into a private staging tree.
-//! - [`rootfs`]: the ext4 image (`mkfs.ext4 -d`).
-//! - [`build`]: decrypt, unpack and rootfs for every layer of a pulled image.
+//! - [`unpack`]: safe OCI layer application into the image's ext4 file system, built in
+//!   memory with file content streamed to its blocks (the `ext4-image` crate).
+//! - [`rootfs`]: where the ext4 image goes: a file, or (the service) the encrypted base.
+//! - [`build`]: decrypt, unpack and rootfs for every layer of a pulled image, the stages of
+//!   each layer's stream on separate threads ([`readahead`]).
 //! - [`blockstore`]: the encrypted base, copy-on-write clones, cryptographic erase.
 //! - [`export`]: clones exported to the host over NBD.
 //! - [`service`]: Prepare (the cache decision), Teardown, Verify and the decrypt hook's
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy_bundle;
 pub mod progress;
+pub mod readahead;
 pub mod record;
 pub mod report;
 pub mod rootfs;

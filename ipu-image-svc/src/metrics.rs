@@ -29,16 +29,19 @@ pub enum Stage {
     KeyRelease,
     /// Layers pulled into the verified blob cache.
     Fetch,
-    /// Layers decrypted and unpacked, the ext4 image built (in the plaintext tmpfs).
+    /// Layers decrypted and unpacked into the ext4 image, written where it goes (on the
+    /// service, encrypted into the base as it is written).
     Build,
     /// Part of `build`: the layers' decryption (reading the cached blob, HMAC, AES-CTR,
     /// digest), busy time measured inside the stream the unpacker reads.
     Decrypt,
-    /// Part of `build`: decompression and unpack into the staging tree, less `decrypt`.
+    /// Part of `build`: decompression and unpack into the image's file system, file content
+    /// written to its blocks, less `decrypt` and `base_encrypt`.
     Unpack,
-    /// Part of `build`: the ext4 file system made from the staging tree.
+    /// Part of `build`: the file system's metadata, written once the layers are applied.
     FileSystem,
-    /// The ext4 image encrypted at rest into a new base.
+    /// Part of `build` on the service: the image's blocks encrypted at rest into the new
+    /// base as they are written.
     BaseEncrypt,
     /// The function's copy-on-write clone created.
     Clone,
@@ -86,8 +89,11 @@ impl Stage {
     pub fn span(self) -> tracing::Span {
         match self {
             Stage::Build | Stage::Teardown | Stage::Erase => tracing::Span::none(),
-            // Decryption feeds the unpacker through a stream: interleaved on one thread.
-            Stage::Decrypt | Stage::Unpack => ops::timings::concurrent_span(self.as_str()),
+            // Decryption feeds the unpacker through a stream, and the base is encrypted as the
+            // unpacker writes it: interleaved on one thread.
+            Stage::Decrypt | Stage::Unpack | Stage::BaseEncrypt => {
+                ops::timings::concurrent_span(self.as_str())
+            }
             _ => ops::timings::span(self.as_str()),
         }
     }

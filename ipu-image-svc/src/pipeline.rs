@@ -3,7 +3,7 @@
 //! (decrypt, unpack, rootfs). Each step hands the next a typed value; the callers (the CLI's
 //! [`crate::report`], the service's Prepare and Verify) choose the steps.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use audit::{AuditSink, EventKind};
@@ -17,7 +17,7 @@ use crate::keys::{KeyFor, KeySource};
 use crate::metrics::Stage;
 use crate::progress::Progress;
 use crate::record::Recorder;
-use crate::rootfs::RootfsOptions;
+use crate::rootfs::{ImageTarget, RootfsOptions};
 use crate::unpack::{Budget, Limits};
 use crate::verify::{self, Deployment, VerifiedImage, VerifyConfig};
 
@@ -25,8 +25,6 @@ use crate::verify::{self, Deployment, VerifiedImage, VerifyConfig};
 pub struct PipelineConfig {
     pub policy: Policy,
     pub cache_dir: PathBuf,
-    /// Where private staging trees are made; defaults to `<cache_dir>/staging`.
-    pub staging_dir: Option<PathBuf>,
     pub source: SourceOptions,
     pub limits: Limits,
     pub rootfs: RootfsOptions,
@@ -51,7 +49,6 @@ impl PipelineConfig {
         Self {
             policy,
             cache_dir,
-            staging_dir: None,
             source: SourceOptions::default(),
             limits: Limits::default(),
             rootfs: RootfsOptions::default(),
@@ -62,12 +59,6 @@ impl PipelineConfig {
             grant: None,
             metrics: None,
         }
-    }
-
-    fn staging_parent(&self) -> PathBuf {
-        self.staging_dir
-            .clone()
-            .unwrap_or_else(|| self.cache_dir.join("staging"))
     }
 }
 
@@ -170,6 +161,26 @@ impl ImageRequest<'_> {
         })
     }
 
+    /// Every layer's blob for a build: an OCI layout's own files when the source is one (read
+    /// once by the build, which checks each digest as it reads), else fetched into the
+    /// verified blob cache.
+    fn layer_blobs(
+        &self,
+        image: &VerifiedImage,
+        progress: &dyn Progress,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let local: Option<Vec<PathBuf>> = image
+            .manifest
+            .layers
+            .iter()
+            .map(|layer| image.source.local_blob(&layer.digest))
+            .collect();
+        match local {
+            Some(paths) => Ok(paths),
+            None => self.pull(image, progress),
+        }
+    }
+
     /// Every layer fetched into the verified blob cache; returns their paths.
     pub fn pull(
         &self,
@@ -185,15 +196,15 @@ impl ImageRequest<'_> {
         )?)
     }
 
-    /// The ext4 image of `image` at `output`: refused before anything is fetched when no key
-    /// could decrypt it, then pulled, decrypted, unpacked and built.
-    pub fn build(
+    /// The ext4 image of `image` built into `target`: refused before anything is fetched
+    /// when no key could decrypt it, then pulled, decrypted, unpacked and published.
+    pub fn build<T: ImageTarget>(
         &self,
         image: &VerifiedImage,
         keys: &KeySource,
-        output: &Path,
+        target: T,
         progress: &dyn Progress,
-    ) -> Result<build::Built, Error> {
+    ) -> Result<build::Built<T::Output>, Error> {
         build::require_keys(keys, image, &self.rec)?;
         // The layer keys are released while the layers are fetched: the broker's round trips
         // overlap the registry's. A refusal is recorded when the build reaches its layer.
@@ -205,7 +216,7 @@ impl ImageRequest<'_> {
         let (blobs, released) = if image.encrypted_layers().next().is_none() {
             // No key to ask for: no thread either.
             (
-                self.timed(Stage::Fetch, || self.pull(image, progress)),
+                self.timed(Stage::Fetch, || self.layer_blobs(image, progress)),
                 Vec::new(),
             )
         } else {
@@ -221,7 +232,7 @@ impl ImageRequest<'_> {
                 let releasing = std::thread::Builder::new()
                     .name("key-release".into())
                     .spawn_scoped(scope, release);
-                let blobs = self.timed(Stage::Fetch, || self.pull(image, progress));
+                let blobs = self.timed(Stage::Fetch, || self.layer_blobs(image, progress));
                 let released = match releasing {
                     Ok(thread) => thread.join().expect("the key release thread panicked"),
                     // No thread to be had: released here, after the pull.
@@ -231,13 +242,11 @@ impl ImageRequest<'_> {
             })
         };
         let blobs = blobs?;
-        let staging_parent = self.cfg.staging_parent();
         let cfg = BuildConfig {
-            staging_parent: &staging_parent,
             rootfs: &self.cfg.rootfs,
         };
         let built = self.timed(Stage::Build, || {
-            build::build_rootfs(&cfg, image, &blobs, released, output, progress, &self.rec)
+            build::build_rootfs(&cfg, image, &blobs, released, target, progress, &self.rec)
         })?;
         if let Some(m) = &self.cfg.metrics {
             m.decrypted(image.encrypted_layers().map(|l| l.descriptor.size).sum());

@@ -15,7 +15,7 @@ use crate::keys::KeySource;
 use crate::metrics::Stage;
 use crate::pipeline::TrustPipeline;
 use crate::progress::Progress;
-use crate::rootfs::RootfsImage;
+use crate::rootfs::{FileTarget, RootfsImage};
 use crate::unpack::Compression;
 use crate::verify::{Admission, PolicyDecision, VerifiedImage};
 
@@ -54,7 +54,9 @@ pub fn run(
                 Stage::Fetch.traced(|| request.pull(&image, &observed))?;
             }
             ImageCommand::Unpack { output } => {
-                request.build(&image, keys, output, &observed)?;
+                let target = FileTarget::create(output)
+                    .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
+                request.build(&image, keys, target, &observed)?;
             }
         }
         Ok(())

@@ -302,11 +302,37 @@ fn main() {
             show(alone[i].iter().map(|x| x.p50).collect(), 6, 2),
         );
     }
+    use integration_tests::bench_report::{emit, ratio, value, Target};
+    for (i, s) in setups.iter().enumerate() {
+        let l = &loaded[i];
+        emit(&value(
+            "broker_fleet",
+            &format!(
+                "{}: p50 of attest + release, {n_ipus} concurrent IPUs",
+                s.name
+            ),
+            "ms",
+            &l.iter().map(|x| x.p50).collect::<Vec<_>>(),
+            Some(Target::AtMost(10.0)),
+        ));
+    }
     let with_sled = setups[0].fleet.store == FleetStore::Sled;
     for i in (1..setups.len()).filter(|_| with_sled) {
         let ratios: Vec<f64> = (0..rounds)
             .map(|r| loaded[i][r].rps / loaded[0][r].rps)
             .collect();
+        let rps = |k: usize| loaded[k].iter().map(|x| x.rps).collect::<Vec<_>>();
+        emit(&ratio(
+            "broker_fleet",
+            &format!(
+                "{} / sled: attest + release rounds per second",
+                setups[i].name
+            ),
+            (setups[i].name, &rps(i)),
+            (setups[0].name, &rps(0)),
+            "rounds/s",
+            Some(Target::AtLeast(0.8)),
+        ));
         println!(
             "  {} / sled rounds/s: {}",
             setups[i].name,

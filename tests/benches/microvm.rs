@@ -122,11 +122,7 @@ fn main() {
     let d = dir.path();
     let layout = encrypted_image(d, "none", data_mb);
     let image = format!("oci:{}:enc", layout.display());
-    // Room for the image's plaintext while its base is built: the unpacked tree and the ext4
-    // image made from it are both there at once.
-    let ipu = Ipu::start_with_options(d, "policy-accept-anything.json", |o| {
-        o.plaintext_memory = (2 * data_mb as u64 + 512) << 20;
-    });
+    let ipu = Ipu::start_with_options(d, "policy-accept-anything.json", |_| {});
     let accel = host_attach(&ipu.api, true, &image, &["/bin/busybox", "true"])
         .output()
         .unwrap();

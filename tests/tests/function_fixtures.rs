@@ -46,7 +46,6 @@ fn service(
         tcp_exports: None,
         max_cached_bases: 16,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
-        plaintext_memory: 512 << 20,
         exports: Default::default(),
     };
     configure(&mut options);

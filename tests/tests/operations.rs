@@ -41,7 +41,6 @@ fn service(d: &Path, sink: Arc<dyn audit::AuditSink>) -> Service {
         tcp_exports: None,
         max_cached_bases: 16,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
-        plaintext_memory: 512 << 20,
         exports: Default::default(),
     };
     let keys = KeySource::local(DecryptConfig::new(vec![PrivateKey::from_pem(
@@ -128,7 +127,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn metrics_after_prepare_and_teardown_and_health_follows_the_state_dir_and_the_audit_daemon() {
     if !is_root() {
-        eprintln!("skipped: the plaintext tmpfs and the read-only mount need root");
+        eprintln!("skipped: the read-only mount needs root");
         return;
     }
     let registry = Registry::start_fixtures();

@@ -19,7 +19,7 @@ use ocicrypt::DecryptConfig;
 use policy::reference::ImageReference;
 use policy::Policy;
 
-/// One pipeline run in its own scratch directory (cache, staging, output).
+/// One pipeline run in its own scratch directory (cache, output).
 struct Run {
     report: Report,
     result: Result<(), PipelineError>,
@@ -33,8 +33,18 @@ impl Run {
     fn cache(&self) -> PathBuf {
         self.scratch.path().join("cache")
     }
-    fn staging(&self) -> PathBuf {
-        self.scratch.path().join("staging")
+    /// Partial images a failed build left beside the output.
+    fn partial_images(&self) -> usize {
+        std::fs::read_dir(self.scratch.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".rootfs-partial")
+            })
+            .count()
     }
     /// Blobs the cache holds (fetched and verified).
     fn cached_blobs(&self) -> usize {
@@ -56,7 +66,6 @@ fn key(name: &str) -> PrivateKey {
 fn run(reference: &str, policy_file: &str, keys: &[&str], goal: &str) -> Run {
     let scratch = tempfile::tempdir().unwrap();
     let mut cfg = PipelineConfig::new(policy(policy_file), scratch.path().join("cache"));
-    cfg.staging_dir = Some(scratch.path().join("staging"));
     let keys = KeySource::local(DecryptConfig::new(keys.iter().map(|k| key(k)).collect()));
     let command = match goal {
         "verify" => ImageCommand::Verify,
@@ -162,12 +171,8 @@ fn check(run: &Run, want: &Expected, via: &str) -> Vec<String> {
         if run.output().exists() {
             problems.push(format!("{via} {tag}: rejected but an output image exists"));
         }
-        if std::fs::read_dir(run.staging())
-            .map(|d| d.count())
-            .unwrap_or(0)
-            != 0
-        {
-            problems.push(format!("{via} {tag}: staging tree left behind"));
+        if run.partial_images() != 0 {
+            problems.push(format!("{via} {tag}: a partial image left behind"));
         }
     }
     problems
@@ -316,7 +321,7 @@ fn encrypted_layers_without_a_matching_key_are_refused_before_any_fetch() {
     let err = wrong.result.as_ref().unwrap_err();
     assert_eq!(err.class, FailureClass::NoDecryptionKey, "{}", err.message);
     assert!(!wrong.output().exists());
-    assert_eq!(std::fs::read_dir(wrong.staging()).unwrap().count(), 0);
+    assert_eq!(wrong.partial_images(), 0);
 }
 
 #[test]
@@ -404,12 +409,12 @@ fn evil_traversal_stops_at_the_first_unsafe_entry_and_leaves_nothing() {
     let err = run.result.as_ref().unwrap_err();
     assert_eq!(err.class, FailureClass::UnsafeLayer);
     assert!(err.message.contains("../../escape.txt"), "{}", err.message);
-    // Nothing escaped next to the staging directory or the scratch directory.
-    for dir in [run.scratch.path(), &run.staging(), Path::new("/tmp")] {
+    // Nothing escaped next to the output or the scratch directory.
+    for dir in [run.scratch.path(), Path::new("/tmp")] {
         assert!(!dir.join("escape.txt").exists(), "{}", dir.display());
     }
     assert!(!Path::new("/abs-escape.txt").exists());
-    assert_eq!(std::fs::read_dir(run.staging()).unwrap().count(), 0);
+    assert_eq!(run.partial_images(), 0);
     assert!(!run.output().exists());
     // The layer was never counted as applied.
     assert!(run.report.layers[0].entries.is_none());

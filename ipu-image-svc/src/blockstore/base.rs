@@ -49,27 +49,151 @@ fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
-impl BaseImage {
-    /// Encrypts the plaintext image at `plain` into `dest` under `key` (the size rounded up
-    /// to whole blocks with zeros), block for block at the same offsets, skipping holes.
-    /// `dest` appears only complete (written to a temporary name, then renamed). It is not
-    /// synced: a base is a cache whose key dies with the process, so it never has to survive
-    /// a crash.
-    pub fn build(plain: &Path, dest: &Path, key: XtsKey) -> io::Result<Self> {
+/// A base being written: each block is encrypted under the base's key on its way to the
+/// file, so the plaintext image never exists anywhere but in the writer's buffer. Blocks that
+/// are never written are holes, which read as zeros and cost nothing. The file appears under
+/// its name only when [`finish`](Self::finish)ed; dropped unfinished, it is deleted.
+pub struct BaseWriter {
+    file: File,
+    partial: PathBuf,
+    dest: PathBuf,
+    /// Taken by the finished base.
+    cipher: Option<XtsCipher>,
+    /// The block ranges written so far, in write order.
+    written: Vec<(u64, u64)>,
+    /// Where a chunk is encrypted before it is written; wiped after each use.
+    scratch: Vec<u8>,
+    finished: bool,
+    /// Entered for each write: the `base_encrypt` stage of the build.
+    span: tracing::Span,
+    /// Time spent encrypting and writing.
+    busy: std::time::Duration,
+}
+
+impl BaseWriter {
+    /// Starts the base that will be at `dest` (written to a temporary name beside it).
+    pub fn create(dest: &Path, key: XtsKey) -> io::Result<Self> {
         let cipher = XtsCipher::new(key)?;
-        let input = File::open(plain)?;
-        let plain_size = input.metadata()?.len();
-        let size = plain_size.div_ceil(BLOCK as u64) * BLOCK as u64;
-        let extents = data_extents(&input, plain_size)?;
-        let tmp = dest.with_extension("partial");
-        let out = std::fs::OpenOptions::new()
+        let partial = dest.with_extension("partial");
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(&partial)?;
+        Ok(Self {
+            file,
+            partial,
+            dest: dest.to_path_buf(),
+            cipher: Some(cipher),
+            written: Vec::new(),
+            scratch: vec![0u8; CHUNK],
+            finished: false,
+            span: crate::metrics::Stage::BaseEncrypt.span(),
+            busy: std::time::Duration::ZERO,
+        })
+    }
+
+    /// Where the base will be.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Time spent encrypting and writing blocks so far.
+    pub fn busy(&self) -> std::time::Duration {
+        self.busy
+    }
+
+    /// Encrypts whole blocks starting at block `first` and writes them in place.
+    pub fn write_blocks(&mut self, first: u64, data: &[u8]) -> io::Result<()> {
+        if data.len() % BLOCK != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} bytes are not whole {BLOCK}-byte blocks", data.len()),
+            ));
+        }
+        let started = std::time::Instant::now();
+        let _encrypting = self.span.enter();
+        let cipher = self.cipher.as_ref().expect("not finished");
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            let block = first + (i * CHUNK / BLOCK) as u64;
+            let buf = &mut self.scratch[..chunk.len()];
+            buf.copy_from_slice(chunk);
+            cipher.encrypt(buf, block);
+            let written = self.file.write_all_at(buf, block * BLOCK as u64);
+            self.scratch.fill(0);
+            written?;
+        }
+        self.busy += started.elapsed();
+        let end = first + (data.len() / BLOCK) as u64;
+        match self.written.last_mut() {
+            Some(last) if last.1 == first => last.1 = end,
+            _ => self.written.push((first, end)),
+        }
+        Ok(())
+    }
+
+    /// The base, `size` bytes (rounded up to whole blocks), under its name. Not synced: a
+    /// base is a cache whose key dies with the process, so it never has to survive a crash.
+    pub fn finish(mut self, size: u64) -> io::Result<BaseImage> {
+        let size = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        let blocks = size / BLOCK as u64;
+        if let Some(&(_, end)) = self.written.iter().find(|&&(_, end)| end > blocks) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "block {} was written past the end of a {size}-byte base",
+                    end - 1
+                ),
+            ));
+        }
+        self.file.set_len(size)?;
+        std::fs::rename(&self.partial, &self.dest)?;
+        self.finished = true;
+        let mut extents = std::mem::take(&mut self.written);
+        extents.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
+        for (start, end) in extents {
+            match merged.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        Ok(BaseImage {
+            file: File::open(&self.dest)?,
+            path: self.dest.clone(),
+            size,
+            cipher: self.cipher.take().expect("not finished"),
+            extents: merged,
+        })
+    }
+}
+
+impl Drop for BaseWriter {
+    fn drop(&mut self) {
+        self.scratch.fill(0);
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+impl ext4_image::BlockSink for BaseWriter {
+    fn write_blocks(&mut self, first_block: u64, data: &[u8]) -> io::Result<()> {
+        BaseWriter::write_blocks(self, first_block, data)
+    }
+}
+
+impl BaseImage {
+    /// Encrypts the plaintext image at `plain` into `dest` under `key` (the size rounded up
+    /// to whole blocks with zeros), block for block at the same offsets, skipping holes: an
+    /// existing image imported as a base.
+    pub fn build(plain: &Path, dest: &Path, key: XtsKey) -> io::Result<Self> {
+        let input = File::open(plain)?;
+        let plain_size = input.metadata()?.len();
+        let extents = data_extents(&input, plain_size)?;
+        let mut writer = BaseWriter::create(dest, key)?;
+        let mut buf = vec![0u8; CHUNK];
         let result = (|| {
-            out.set_len(size)?;
-            let mut buf = vec![0u8; CHUNK];
             for &(start, end) in &extents {
                 let mut block = start;
                 while block < end {
@@ -79,26 +203,15 @@ impl BaseImage {
                     let avail = (plain_size - offset).min(chunk.len() as u64) as usize;
                     input.read_exact_at(&mut chunk[..avail], offset)?;
                     chunk[avail..].fill(0);
-                    cipher.encrypt(chunk, block);
-                    out.write_all_at(chunk, offset)?;
+                    writer.write_blocks(block, chunk)?;
                     block += n as u64;
                 }
             }
-            buf.fill(0);
             Ok::<_, io::Error>(())
         })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, dest)?;
-        Ok(Self {
-            file: File::open(dest)?,
-            path: dest.to_path_buf(),
-            size,
-            cipher,
-            extents,
-        })
+        buf.fill(0);
+        result?;
+        writer.finish(plain_size)
     }
 
     pub fn path(&self) -> &Path {

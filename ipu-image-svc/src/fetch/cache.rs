@@ -81,10 +81,9 @@ impl BlobCache {
             done += n as u64;
             progress(done, desc.size);
         }
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| io_err("cannot sync", tmp.path(), e))?;
-        // Verified by the reader at EOF; only now does it get its content address.
+        // Verified by the reader at EOF; only now does it get its content address. Not
+        // synced: a cached blob is hashed again before each use (and by the build as it
+        // reads it), so one a crash left short or corrupt is fetched again.
         tmp.persist(&path)
             .map_err(|e| io_err("cannot store", &path, e.error))?;
         Ok(path)

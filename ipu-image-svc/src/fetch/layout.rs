@@ -251,6 +251,13 @@ impl ImageSource for OciLayoutSource {
         })
     }
 
+    fn local_blob(&self, digest: &Digest) -> Option<std::path::PathBuf> {
+        let path = self.blob_path(digest);
+        std::fs::metadata(&path)
+            .is_ok_and(|m| m.is_file())
+            .then_some(path)
+    }
+
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError> {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(|e| {

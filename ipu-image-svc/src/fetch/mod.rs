@@ -129,6 +129,12 @@ pub trait ImageSource: Send + Sync {
     fn fetch_manifest(&self, r: &ManifestRef) -> Result<Option<RawManifest>, FetchError>;
     /// The raw blob stream (unchecked).
     fn open_blob_raw(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, FetchError>;
+    /// The blob's file when the source is a local directory (unchecked: whoever reads it
+    /// checks its digest as it reads), so that it need not be copied to be built from.
+    fn local_blob(&self, digest: &Digest) -> Option<std::path::PathBuf> {
+        let _ = digest;
+        None
+    }
     /// The first `len` bytes of a blob (fewer if it is shorter), unchecked: a hint only,
     /// never content anything is built from.
     fn blob_prefix(&self, digest: &Digest, len: usize) -> Result<Vec<u8>, FetchError> {

@@ -14,7 +14,6 @@ pub mod error;
 pub mod grpc;
 pub mod known;
 pub mod operations;
-pub mod plaintext;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,11 +23,11 @@ use std::time::{Duration, Instant};
 use audit::{AuditSink, Event, EventKind, KeyId, Outcome};
 use policy::reference::ImageReference;
 
-use crate::blockstore::base::BaseImage;
+use crate::blockstore::base::{BaseImage, BaseWriter};
 use crate::blockstore::clone::CloneDevice;
 use crate::blockstore::xts::XtsKey;
 use crate::blockstore::BlockDevice;
-use crate::error::{Error, FailureClass};
+use crate::error::Error;
 use crate::export::nbd::Export;
 use crate::export::vhost::{VhostEvent, VhostOptions, VhostUserBlkExport};
 use crate::export::{Endpoint, ExportKind, HostExport};
@@ -37,6 +36,7 @@ use crate::metrics::{ServiceMetrics, Stage};
 use crate::pipeline::{PipelineConfig, TrustPipeline};
 use crate::progress::Quiet;
 use crate::record::AUDIT_SERVICE;
+use crate::rootfs::ImageTarget;
 use crate::unpack::Budget;
 use crate::verify::VerifiedImage;
 pub use error::ServiceError;
@@ -46,12 +46,10 @@ pub type PipelineFactory = Box<dyn Fn(&str, &str) -> Result<PipelineConfig, Erro
 
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
-    /// `bases/`, `clones/`, `exports/`, `spool/` and the plaintext tmpfs `plain/` live
-    /// here.
+    /// `bases/`, `clones/`, `exports/` and `spool/` live here (nothing decrypted: a base's
+    /// blocks are encrypted as they are written, clones under their own keys, and the spool
+    /// holds ciphertext).
     pub state_dir: PathBuf,
-    /// The bound, in bytes, of the tmpfs that holds plaintext while a base is built (unpack
-    /// trees, the plaintext ext4 image): nothing decrypted is written anywhere else.
-    pub plaintext_memory: u64,
     /// The only uid (besides root) that may open exports and call the API.
     pub host_agent_uid: u32,
     /// How long a clone lives unless torn down first, when the deployment policy does not
@@ -193,8 +191,6 @@ pub struct Service {
     grants: Option<crate::grant::GrantGate>,
     /// Stage durations, cache, clones, refusals and grant decisions, for operators.
     metrics: Arc<ServiceMetrics>,
-    /// Unmounted last, when everything that wrote to it is gone.
-    plaintext: plaintext::PlaintextMemory,
 }
 
 /// The reclaimer thread and the channel that feeds it erased clones' leftover files.
@@ -298,10 +294,13 @@ impl Service {
             })
             .map_err(|e| ServiceError::device("cannot start the reclaimer thread", e))?;
         let known_layers = known::KnownLayers::new(opts.verified_layer_ttl);
-        let plaintext = plaintext::PlaintextMemory::mount(
-            &opts.state_dir.join("plain"),
-            opts.plaintext_memory,
-        )?;
+        if swap_is_on() {
+            // A base being built is plaintext in this process's memory (its tree and the
+            // buffers its blocks pass through before they are encrypted).
+            tracing::warn!(
+                "swap is on: decrypted image content in this service's memory could be written to it; run IPUs without swap, or with encrypted swap"
+            );
+        }
         let service = Self {
             opts,
             factory,
@@ -317,7 +316,6 @@ impl Service {
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
             grants: None,
             metrics: Arc::new(ServiceMetrics::new()),
-            plaintext,
         };
         service.recover()?;
         Ok(service)
@@ -371,11 +369,13 @@ impl Service {
             )?;
         }
         // Bases (their keys died too), sockets, and the decrypt hook's spooled ciphertext.
-        // (Plaintext of starts that were cut short was in the tmpfs a fresh one replaced.)
-        let legacy = self.opts.state_dir.join("staging");
-        if legacy.exists() {
-            // Unpack trees of versions before the plaintext tmpfs.
-            std::fs::remove_dir_all(&legacy).map_err(|e| io_error("cannot delete", &legacy, e))?;
+        // Earlier versions kept unpack trees in `staging/` and a tmpfs at `plain/`.
+        for legacy in ["staging", "plain"] {
+            let legacy = self.opts.state_dir.join(legacy);
+            if legacy.exists() {
+                std::fs::remove_dir_all(&legacy)
+                    .map_err(|e| io_error("cannot delete", &legacy, e))?;
+            }
         }
         for d in ["bases", "exports", "spool"] {
             let dir = self.opts.state_dir.join(d);
@@ -396,11 +396,6 @@ impl Service {
     /// Where the decrypt hook's received blobs (ciphertext only) go; emptied at start-up.
     pub(crate) fn spool_dir(&self) -> PathBuf {
         self.opts.state_dir.join("spool")
-    }
-
-    /// The tmpfs that holds plaintext while a base is built.
-    pub fn plaintext_memory(&self) -> &Path {
-        self.plaintext.path()
     }
 
     /// The service's metrics (for the metrics endpoint).
@@ -627,8 +622,6 @@ impl Service {
         let mut cfg = (self.factory)(tenant, function)?;
         cfg.grant = placement.envelope();
         cfg.metrics = Some(self.metrics.clone());
-        // Unpack trees hold plaintext: only in the bounded tmpfs.
-        cfg.staging_dir = Some(self.plaintext.path().to_path_buf());
         let pipeline = TrustPipeline::new(cfg);
         let mut suffix = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
@@ -907,8 +900,6 @@ impl Service {
             None => None,
         };
         let dir = self.opts.state_dir.join("bases");
-        // Plaintext: in the tmpfs only, until it is encrypted into the base.
-        let plain = self.plaintext.path().join(format!("{instance}.ext4"));
         // Held for the run, so none of them is evicted before this start has its clone.
         let mut cached = self.bases.lock().expect("not poisoned").snapshot();
         let request = pipeline.request(reference);
@@ -934,16 +925,18 @@ impl Service {
                 }
                 None => {
                     self.metrics.cache_miss();
-                    let built = request.build(&verified, &self.keys, &plain, &Quiet)?;
-                    let key = XtsKey::generate()
-                        .map_err(|e| Error::new(FailureClass::Io, e.to_string()))?;
-                    let base = self
-                        .metrics
-                        .time(Stage::BaseEncrypt, || {
-                            BaseImage::build(&plain, &dir.join(format!("{instance}.img")), key)
+                    // The image is encrypted into the base as it is written: its plaintext
+                    // exists only in the build's buffers.
+                    let dest = dir.join(format!("{instance}.img"));
+                    let target = XtsKey::generate()
+                        .and_then(|key| BaseWriter::create(&dest, key))
+                        .map(|writer| BaseTarget {
+                            writer,
+                            metrics: &self.metrics,
                         })
-                        .map_err(|e| Error::new(FailureClass::Io, format!("base image: {e}")))?;
-                    // The base is built and its plaintext ext4 still in the tmpfs.
+                        .map_err(|e| Error::io("cannot create the base image", &dest, e))?;
+                    let built = request.build(&verified, &self.keys, target, &Quiet)?;
+                    let base = built.output;
                     fail::fail_point!("prepare-base-built");
                     // Built meanwhile under another reference: that one stays, this one is
                     // dropped (and deleted).
@@ -961,8 +954,6 @@ impl Service {
             };
             Ok((digest, base, verified))
         })());
-        // The plaintext image never stays: encrypted, or refused.
-        let _ = std::fs::remove_file(&plain);
         let (digest, base, verified) = result?;
         self.resolved
             .lock()
@@ -1146,4 +1137,39 @@ impl Service {
             let _ = thread.join();
         }
     }
+}
+
+/// Whether any swap area is active (unknown counts as on).
+fn swap_is_on() -> bool {
+    std::fs::read_to_string("/proc/swaps")
+        .map(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
+        .unwrap_or(true)
+}
+
+/// A base as the build's target: the image's blocks are encrypted as they are written, and
+/// the time that took is the start's `base_encrypt` stage.
+struct BaseTarget<'m> {
+    writer: BaseWriter,
+    metrics: &'m ServiceMetrics,
+}
+
+impl ImageTarget for BaseTarget<'_> {
+    type Sink = BaseWriter;
+    type Output = BaseImage;
+
+    fn sink(&mut self) -> &mut BaseWriter {
+        &mut self.writer
+    }
+
+    fn path(&self) -> &Path {
+        self.writer.dest()
+    }
+
+    fn publish(self, size: u64) -> std::io::Result<BaseImage> {
+        self.metrics.observe(Stage::BaseEncrypt, self.writer.busy());
+        self.writer.finish(size)
+    }
+
+    /// Dropping a base deletes its file.
+    fn retract(_base: BaseImage) {}
 }

@@ -1,19 +1,20 @@
-//! Safe unpack of decrypted, decompressed OCI layers into a private staging tree.
+//! Safe unpack of decrypted, decompressed OCI layers into the image's file system, built in
+//! memory ([`tree`]) with file content streamed to its final blocks.
 //!
 //! Layers are applied in order with OCI whiteout semantics (`.wh.<name>` removes a lower
-//! entry, `.wh..wh..opq` empties a directory of lower entries). Anything that could write
-//! outside the tree is refused before it touches the file system: absolute paths, `..`,
-//! writes through a symlink (see [`staging`]), hardlinks to outside or to directories, and
-//! device nodes unless allowed. Limits on entries, one file's size, total bytes and the raw
-//! tar stream are checked from tar headers before content is read, so a decompression bomb
-//! stops at its first oversized header rather than after inflating it.
+//! entry, `.wh..wh..opq` empties a directory of lower entries). Anything that could make a
+//! path resolve elsewhere is refused: absolute paths, `..`, paths through a symlink (see
+//! [`tree`]), hardlinks through symlinks or to directories, and device nodes unless allowed.
+//! Limits on entries, one file's size, total bytes and the raw tar stream are checked from tar
+//! headers before content is read, so a decompression bomb stops at its first oversized
+//! header rather than after inflating it.
 //!
-//! The staging tree is not published by this module: callers build the rootfs only after
-//! every layer's decryption was authenticated and its diff_id matched.
+//! Nothing is published by this module: callers finish the file system only after every
+//! layer's decryption was authenticated and its diff_id matched, and drop it otherwise.
 
 mod apply;
 pub mod path;
-pub mod staging;
+pub mod tree;
 
 use std::fmt;
 use std::io::{self, Read};
@@ -22,7 +23,7 @@ use policy::reference::Digest;
 use sha2::{Digest as _, Sha256};
 
 pub use apply::apply_layer;
-pub use staging::Staging;
+pub use tree::ImageTree;
 
 /// How a layer's tar stream is compressed, from its (decrypted) media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -57,7 +58,7 @@ impl Compression {
     }
 
     /// Wraps `r` in the matching decoder.
-    pub fn decoder<'a, R: Read + 'a>(self, r: R) -> io::Result<Box<dyn Read + 'a>> {
+    pub fn decoder<'a, R: Read + Send + 'a>(self, r: R) -> io::Result<Box<dyn Read + Send + 'a>> {
         Ok(match self {
             Compression::None => Box::new(r),
             // Multi-member gzip is valid and produced by some tools (pigz).
@@ -174,8 +175,7 @@ pub enum UnpackErrorKind {
     Unsupported,
     /// The local file system failed.
     Io,
-    /// The file system the tree is written to is full (for the service: its bounded
-    /// plaintext memory).
+    /// The storage the image is written to is full.
     NoSpace,
 }
 
