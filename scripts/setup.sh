@@ -4,7 +4,9 @@
 set -euo pipefail
 
 packages=(
-    e2fsprogs        # mkfs.ext4 -d, e2fsck, debugfs
+    e2fsprogs        # e2fsck, debugfs, resize2fs: checks of the images we build; mkfs.ext4 -d
+    attr             # getfattr: the ext4-image tests read xattrs back through the kernel
+    acl              # getfacl: ... and POSIX ACLs
     skopeo           # third-party ocicrypt peer for interop tests
     docker-registry  # a real OCI distribution registry on 127.0.0.1 for tests
     busybox-static   # the demo image's rootfs

@@ -25,9 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use integration_tests::{
-    bin, ext4_stat, fixtures, is_root, run_ok, sha256_hex, unit_capabilities, with_capabilities,
-};
+use integration_tests::{bin, ext4_stat, fixtures, is_root, run_ok, sha256_hex, with_capabilities};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

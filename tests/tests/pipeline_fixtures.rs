@@ -65,7 +65,7 @@ fn key(name: &str) -> PrivateKey {
 
 fn run(reference: &str, policy_file: &str, keys: &[&str], goal: &str) -> Run {
     let scratch = tempfile::tempdir().unwrap();
-    let mut cfg = PipelineConfig::new(policy(policy_file), scratch.path().join("cache"));
+    let cfg = PipelineConfig::new(policy(policy_file), scratch.path().join("cache"));
     let keys = KeySource::local(DecryptConfig::new(keys.iter().map(|k| key(k)).collect()));
     let command = match goal {
         "verify" => ImageCommand::Verify,
