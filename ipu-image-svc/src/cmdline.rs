@@ -75,6 +75,11 @@ struct ServeArgs {
     /// encrypted; the least recently used one no function uses goes first) [default: 16].
     #[arg(long, value_name = "N")]
     max_cached_bases: Option<usize>,
+    /// How much memory the decrypt hook's received blobs (ciphertext, held until their HMAC
+    /// is checked and they are decrypted) may take at once (e.g. 2G); a blob past it goes
+    /// to <state-dir>/spool [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
+    spool_memory: Option<u64>,
     /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have
     /// the image's layers decrypted; then the image must be verified again [default: 15m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -176,6 +181,7 @@ impl ServeArgs {
                 host_agent_uid: self.host_agent_uid,
                 clone_ttl: self.clone_ttl,
                 max_cached_bases: self.max_cached_bases,
+                spool_memory: self.spool_memory,
                 verified_layer_ttl: self.verified_layer_ttl,
                 export: self.export_kind,
                 vhost_queues: self.vhost_queues,
@@ -545,6 +551,7 @@ fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
             clone_ttl: c.clone_ttl,
             tcp_exports,
             max_cached_bases: c.max_cached_bases,
+            spool_memory: c.spool_memory,
             verified_layer_ttl: c.verified_layer_ttl,
             exports: crate::service::ExportOptions {
                 default_kind: c.export,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use ops::config::{self as file, ConfigError};
 use ops::logging::LogFormat;
 use ops::metrics::MetricsListen;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::export::ExportKind;
 
@@ -29,6 +29,8 @@ pub struct ServeSettings {
     #[serde(default, deserialize_with = "file::duration")]
     pub clone_ttl: Option<Duration>,
     pub max_cached_bases: Option<usize>,
+    #[serde(default, deserialize_with = "size")]
+    pub spool_memory: Option<u64>,
     #[serde(default, deserialize_with = "file::duration")]
     pub verified_layer_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "file::from_str")]
@@ -82,6 +84,15 @@ pub struct BrokerFileSettings {
     pub request_timeout: Option<Duration>,
 }
 
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(s) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    policy::deploy::parse_size(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+}
+
 /// The configuration `serve` runs with (printed by `config check`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServeConfig {
@@ -91,6 +102,7 @@ pub struct ServeConfig {
     #[serde(serialize_with = "file::show_duration")]
     pub clone_ttl: Duration,
     pub max_cached_bases: usize,
+    pub spool_memory: u64,
     #[serde(serialize_with = "file::show_duration")]
     pub verified_layer_ttl: Duration,
     #[serde(serialize_with = "show")]
@@ -200,6 +212,7 @@ impl ServeSettings {
             host_agent_uid: self.host_agent_uid.or(f.host_agent_uid),
             clone_ttl: self.clone_ttl.or(f.clone_ttl),
             max_cached_bases: self.max_cached_bases.or(f.max_cached_bases),
+            spool_memory: self.spool_memory.or(f.spool_memory),
             verified_layer_ttl: self.verified_layer_ttl.or(f.verified_layer_ttl),
             export: self.export.or(f.export),
             vhost_queues: self.vhost_queues.or(f.vhost_queues),
@@ -340,6 +353,9 @@ pub fn effective(config: Option<&Path>, flags: ServeSettings) -> Result<ServeCon
         host_agent_uid: s.host_agent_uid.unwrap_or(0),
         clone_ttl: s.clone_ttl.unwrap_or(Duration::from_secs(15 * 60)),
         max_cached_bases: s.max_cached_bases.unwrap_or(16),
+        spool_memory: s
+            .spool_memory
+            .unwrap_or(crate::service::spool::DEFAULT_SPOOL_MEMORY),
         verified_layer_ttl: s.verified_layer_ttl.unwrap_or(Duration::from_secs(15 * 60)),
         export: s.export.unwrap_or_default(),
         vhost_queues,
@@ -458,6 +474,10 @@ mod tests {
             (
                 format!("clone_ttl = \"forever\"\n{MINIMAL}"),
                 ":1:13: \"forever\" is not a duration",
+            ),
+            (
+                format!("spool_memory = \"lots\"\n{MINIMAL}"),
+                ":1:16: \"lots\"",
             ),
             (format!("export = \"iscsi\"\n{MINIMAL}"), ":1:10: \"iscsi\""),
             (

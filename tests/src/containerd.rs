@@ -47,6 +47,7 @@ impl Ipu {
     ) -> Self {
         let mut options = ServiceOptions {
             max_cached_bases: 4,
+            spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
             ..crate::broker::service_options(d.join("ipu-state"))
         };
         adjust(&mut options);

@@ -27,6 +27,7 @@ fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
     let service = integration_tests::broker::ipu_service(
         ServiceOptions {
             max_cached_bases: 4,
+            spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
             ..integration_tests::broker::service_options(d.join("state"))
         },
         fixtures().join("policies/policy-A.json"),

@@ -40,6 +40,7 @@ fn service(d: &Path, sink: Arc<dyn audit::AuditSink>) -> Service {
         clone_ttl: Duration::from_secs(600),
         tcp_exports: None,
         max_cached_bases: 16,
+        spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
         exports: Default::default(),
     };

@@ -268,6 +268,7 @@ fn broker_events(log: &audit::AuditLog, kind: audit::EventKind) -> Vec<(String, 
 fn decryptions_act_under_the_grant_their_verify_carried_and_the_broker_checks_it() {
     use ipu_image_svc::grant::{AdmittedGrant, Placement};
     use ipu_image_svc::service::decrypt::ReceivedBlob;
+    use ipu_image_svc::service::spool::StoredBlob;
     if !is_root() {
         eprintln!("skipped: the service's plaintext tmpfs needs root");
         return;
@@ -302,8 +303,9 @@ fn decryptions_act_under_the_grant_their_verify_carried_and_the_broker_checks_it
     let image = layer.image.clone();
     let blob_path = d.join("blob");
     std::fs::write(&blob_path, &layer.blob).unwrap();
+    let stored = StoredBlob::borrowed_file(&blob_path).unwrap();
     let blob = ReceivedBlob {
-        path: &blob_path,
+        blob: &stored,
         digest: &layer.layer_digest,
         size: layer.blob.len() as u64,
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",

@@ -78,15 +78,17 @@ pub fn bind(path: &Path, access: Access) -> Result<UnixListener, ListenError> {
     rustix::net::bind(&socket, &address).map_err(|e| ListenError::io(path, "cannot bind", e))?;
     // Bound but not listening: a connection attempt is refused until the access is right.
     let protect = || -> Result<(), ListenError> {
-        if let Some(uid) = access.owner {
-            std::os::unix::fs::chown(path, Some(uid), None)
-                .map_err(|e| ListenError::io(path, "cannot give the socket its owner", e))?;
-        }
+        // The mode while this process owns the file: changing another owner's needs
+        // CAP_FOWNER, which the IPU service does not keep (only CAP_CHOWN).
         std::fs::set_permissions(
             path,
             std::os::unix::fs::PermissionsExt::from_mode(access.mode),
         )
         .map_err(|e| ListenError::io(path, "cannot set the socket's mode", e))?;
+        if let Some(uid) = access.owner {
+            std::os::unix::fs::chown(path, Some(uid), None)
+                .map_err(|e| ListenError::io(path, "cannot give the socket its owner", e))?;
+        }
         rustix::net::listen(&socket, 1024).map_err(|e| ListenError::io(path, "cannot listen", e))
     };
     if let Err(e) = protect() {

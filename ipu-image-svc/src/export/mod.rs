@@ -346,6 +346,9 @@ pub struct HostExport {
     shared: Arc<Shared>,
     endpoint: Endpoint,
     acceptor: Option<JoinHandle<()>>,
+    /// The listening socket (a duplicate), shut down to wake the acceptor: connecting to it
+    /// would need the right to the socket file, which belongs to the host agent.
+    listening: std::os::fd::OwnedFd,
 }
 
 fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
@@ -372,9 +375,11 @@ impl HostExport {
             unix_listen::bind(socket, unix_listen::Access::owner_only(Some(allowed_uid)))
                 .map_err(io::Error::other)?;
         let name = export.name.clone();
+        let listening = std::os::fd::OwnedFd::from(listener.try_clone()?);
         Self::start(
             export,
             Endpoint::Unix(socket.to_path_buf()),
+            listening,
             move || {
                 let (s, _) = listener.accept()?;
                 match peer_uid(&s) {
@@ -395,9 +400,11 @@ impl HostExport {
     pub fn tcp(export: Export, ip: IpAddr, access: TcpAccess) -> io::Result<Self> {
         let listener = TcpListener::bind((ip, 0))?;
         let addr = listener.local_addr()?;
+        let listening = std::os::fd::OwnedFd::from(listener.try_clone()?);
         Self::start(
             export,
             Endpoint::Tcp(addr),
+            listening,
             move || {
                 let (s, _) = listener.accept()?;
                 s.set_nodelay(true)?;
@@ -414,6 +421,7 @@ impl HostExport {
     fn start(
         export: Export,
         endpoint: Endpoint,
+        listening: std::os::fd::OwnedFd,
         accept: impl Fn() -> io::Result<Option<Stream>> + Send + 'static,
         tls: Option<TlsAccess>,
         on_refused: Option<OnRefused>,
@@ -448,6 +456,7 @@ impl HostExport {
             shared,
             endpoint,
             acceptor: Some(acceptor),
+            listening,
         })
     }
 
@@ -480,11 +489,9 @@ impl HostExport {
         // Connections waiting for their first bytes are closed too.
         pool::Pool::global().wake();
         if let Some(acceptor) = self.acceptor.take() {
-            // Wake the acceptor so it sees the revocation (and drops the listener).
-            match &self.endpoint {
-                Endpoint::Unix(p) | Endpoint::VhostUser(p) => drop(UnixStream::connect(p)),
-                Endpoint::Tcp(a) => drop(TcpStream::connect(a)),
-            }
+            // Wake the acceptor so it sees the revocation (and drops the listener): a
+            // listening socket shut down fails the accept waiting on it.
+            let _ = rustix::net::shutdown(&self.listening, rustix::net::Shutdown::Both);
             let _ = acceptor.join();
         }
         if let Endpoint::Unix(p) = &self.endpoint {

@@ -13,15 +13,14 @@
 //! before the HMAC matched), then the [`LayerStream`] decrypting it as it is sent, whose
 //! `finish` checks the length and plaintext digest before the trailer.
 
-use std::fs::File;
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
 use audit::{AuditSink, Event, EventKind, Outcome};
 
 use super::known::{KnownLayer, Lookup};
+use super::spool::StoredBlob;
 use super::{check_name, Service, ServiceError};
 use crate::error::{ocicrypt_class, Error, FailureClass};
 use crate::grant::Placement;
@@ -44,7 +43,8 @@ pub struct DecryptedLayer {
 
 /// The blob as received from the host.
 pub struct ReceivedBlob<'a> {
-    pub path: &'a Path,
+    /// Where it is held (in memory, or spilled to a file).
+    pub blob: &'a StoredBlob,
     /// `sha256:<hex>`, computed while it was received.
     pub digest: &'a str,
     pub size: u64,
@@ -372,14 +372,14 @@ impl Service {
                 )
                 .map_err(integrity)?;
                 verifier
-                    .update_from(open_blob(blob.path)?)
+                    .update_from(open_blob(blob.blob)?)
                     .map_err(|e| io("reading the received blob", e))?;
                 let proof = verifier.verify().map_err(integrity)?;
                 (keys, proof)
             }
         };
         let decryptor = ocicrypt::VerifiedDecryptor::new_in(
-            open_blob(blob.path)?,
+            open_blob(blob.blob)?,
             &keys.privopts,
             proof,
             &SecretHome,
@@ -387,7 +387,7 @@ impl Service {
         .map_err(integrity)?;
         Ok(Opened {
             decryptor,
-            blob: blob.path.to_path_buf(),
+            blob: blob.blob.clone(),
             keys,
             media_type,
             known,
@@ -481,11 +481,8 @@ fn io(what: &str, e: std::io::Error) -> ServiceError {
     ServiceError::device(what, e)
 }
 
-fn open_blob(path: &Path) -> Result<BufReader<File>, ServiceError> {
-    Ok(BufReader::with_capacity(
-        256 * 1024,
-        File::open(path).map_err(|e| io("the received blob", e))?,
-    ))
+fn open_blob(blob: &StoredBlob) -> Result<Box<dyn Read + Send>, ServiceError> {
+    blob.reader().map_err(|e| io("the received blob", e))
 }
 
 /// The `layer.decrypt` events of one request.
@@ -535,8 +532,8 @@ impl LayerRecord {
 
 /// What [`Service::authenticate`] hands to the stream.
 struct Opened {
-    decryptor: ocicrypt::VerifiedDecryptor<BufReader<File>>,
-    blob: PathBuf,
+    decryptor: ocicrypt::VerifiedDecryptor<Box<dyn Read + Send>>,
+    blob: StoredBlob,
     /// Kept for the rare second look at a stale digest.
     keys: LayerKey,
     media_type: String,

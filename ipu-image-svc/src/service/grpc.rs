@@ -12,6 +12,7 @@ use api::imagesvc::{
 use tonic::{Request, Response, Status, Streaming};
 
 use super::decrypt::EarlyLayer;
+use super::spool::{Chunk, SpoolWriter, StoredBlob};
 use super::Service;
 use super::ServiceError;
 use crate::verify::BLOB_PREFIX_LEN;
@@ -65,17 +66,16 @@ const CHUNK: usize = 1 << 20;
 /// The HMAC's verdict over a received blob.
 type Authenticated = Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>;
 
-/// Receives a DecryptLayer request's blob into `path` (created, mode 0600), hashed on the
-/// way, and fed to `verifier` (the layer's HMAC) when the blob was recognised from its
-/// start. The hash, the HMAC and the write run on a thread each: one SHA-256 pass alone is
-/// about as slow as the stream.
+/// Receives a DecryptLayer request's blob into `spool` (in memory while the spool budget has
+/// room, else spilled to its file), hashed on the way, and fed to `verifier` (the layer's
+/// HMAC) when the blob was recognised from its start. The hash, the HMAC and the spool run on
+/// a thread each: one SHA-256 pass alone is about as slow as the stream.
 async fn receive_blob(
     first: Vec<u8>,
     inbound: &mut Streaming<DecryptLayerRequest>,
-    path: &std::path::Path,
+    mut spool: SpoolWriter,
     verifier: Option<ocicrypt::CiphertextVerifier>,
-) -> Result<(String, u64, Option<Authenticated>), Status> {
-    type Chunk = Arc<Vec<u8>>;
+) -> Result<(StoredBlob, String, u64, Option<Authenticated>), Status> {
     let (to_writer, mut writes) = tokio::sync::mpsc::channel::<Chunk>(8);
     let (to_hasher, mut hashes) = tokio::sync::mpsc::channel::<Chunk>(8);
     let (to_mac, mac) = match verifier {
@@ -91,19 +91,11 @@ async fn receive_blob(
         }
         None => (None, None),
     };
-    let path = path.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<StoredBlob> {
         while let Some(chunk) = writes.blocking_recv() {
-            f.write_all(&chunk)?;
+            spool.push(chunk)?;
         }
-        Ok(())
+        spool.finish()
     });
     let hasher = tokio::task::spawn_blocking(move || {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -140,8 +132,8 @@ async fn receive_blob(
         }
     };
     drop((to_writer, to_hasher, to_mac));
-    // All are done with the blob before anything returns (the spool then deletes it,
-    // whatever happened).
+    // All are done with the blob before anything returns (the blob is then dropped,
+    // whatever happened: its memory returns to the budget, a spilled file is deleted).
     let written = writer.await;
     let digest = hasher.await;
     let authenticated = match mac {
@@ -151,37 +143,26 @@ async fn receive_blob(
     if let Some(e) = failed {
         return Err(e);
     }
-    written
+    let stored = written
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("spooling the blob: {e}")))?;
     Ok((
+        stored,
         digest.map_err(|e| Status::internal(e.to_string()))?,
         received,
         authenticated,
     ))
 }
 
-/// A DecryptLayer request's spooled blob on the IPU: deleted when dropped, whatever happened.
-struct Spool {
-    blob: std::path::PathBuf,
-}
-
-impl Spool {
-    fn new(dir: std::path::PathBuf) -> Self {
-        let mut id = [0u8; 8];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .expect("system randomness");
-        let id = hex::encode(id);
-        Self {
-            blob: dir.join(format!("decrypt-{id}.blob")),
-        }
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.blob);
-    }
+/// A DecryptLayer request's spool: where its blob would be spilled, under a random name.
+fn spool_for(service: &Service) -> SpoolWriter {
+    let mut id = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .expect("system randomness");
+    let path = service
+        .spool_dir()
+        .join(format!("decrypt-{}.blob", hex::encode(id)));
+    SpoolWriter::new(service.spool_budget().clone(), &path)
 }
 
 /// The endpoint's Unix socket path, or "".
@@ -317,7 +298,7 @@ impl ImageService for Api {
         let header = first.header.ok_or_else(|| {
             Status::invalid_argument("the first DecryptLayer message must carry the header")
         })?;
-        let spool = Spool::new(self.service.spool_dir());
+        let spool = spool_for(&self.service);
         // A blob recognised from its start (the payload's digest, or its first bytes) has its
         // key released now and its HMAC computed while it arrives.
         let mut early = {
@@ -344,15 +325,16 @@ impl ImageService for Api {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
         };
-        // The blob to the IPU's disk, hashed (and authenticated, if recognised) on the way.
+        // The blob held (in memory, or spilled), hashed (and authenticated, if recognised) on
+        // the way.
         let verifier = early.as_mut().and_then(EarlyLayer::take_verifier);
-        let (digest, size, proof) =
-            receive_blob(first.data, &mut inbound, &spool.blob, verifier).await?;
+        let (stored, digest, size, proof) =
+            receive_blob(first.data, &mut inbound, spool, verifier).await?;
         if let (Some(early), Some(proof)) = (early.as_mut(), proof) {
             early.authenticated(proof);
         }
         let service = self.service.clone();
-        let blob = spool.blob.clone();
+        let blob = stored.clone();
         let mut layer = blocking(move || {
             let payload = (!header.payload_descriptor_json.is_empty())
                 .then_some(header.payload_descriptor_json.as_str());
@@ -360,7 +342,7 @@ impl ImageService for Api {
                 &header.tenant,
                 &header.function,
                 &crate::service::decrypt::ReceivedBlob {
-                    path: &blob,
+                    blob: &blob,
                     digest: &digest,
                     size,
                     media_type: &header.media_type,
@@ -374,8 +356,8 @@ impl ImageService for Api {
         // waits for, sent only once the length and plaintext digest are checked.
         let (out, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            // The spool (and the blob in it) and the stream's permit live until it ends.
-            let (_spool, _permit) = (spool, permit);
+            // The blob and the stream's permit live until it ends.
+            let (_blob, _permit) = (stored, permit);
             let mut buf = vec![0u8; CHUNK];
             loop {
                 // Reads of the stored blob fill `buf` (1 MiB) until its end.

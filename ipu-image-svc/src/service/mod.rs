@@ -14,6 +14,7 @@ pub mod error;
 pub mod grpc;
 pub mod known;
 pub mod operations;
+pub mod spool;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ pub struct ServiceOptions {
     pub verified_layer_ttl: Duration,
     /// How clones are exported when a Prepare does not say.
     pub exports: ExportOptions,
+    /// Bytes of received blobs the decrypt hook's streams may hold in memory at once; a blob
+    /// past it is spilled to `<state-dir>/spool` ([`spool`]).
+    pub spool_memory: u64,
 }
 
 /// How clones are exported.
@@ -191,6 +195,8 @@ pub struct Service {
     grants: Option<crate::grant::GrantGate>,
     /// Stage durations, cache, clones, refusals and grant decisions, for operators.
     metrics: Arc<ServiceMetrics>,
+    /// What the decrypt hook's received blobs hold in memory.
+    spool_budget: Arc<spool::SpoolBudget>,
 }
 
 /// The reclaimer thread and the channel that feeds it erased clones' leftover files.
@@ -301,6 +307,7 @@ impl Service {
                 "swap is on: decrypted image content in this service's memory could be written to it; run IPUs without swap, or with encrypted swap"
             );
         }
+        let spool_budget = spool::SpoolBudget::new(opts.spool_memory);
         let service = Self {
             opts,
             factory,
@@ -316,6 +323,7 @@ impl Service {
             reclaimer: Mutex::new(Some((tx, reclaim_thread))),
             grants: None,
             metrics: Arc::new(ServiceMetrics::new()),
+            spool_budget,
         };
         service.recover()?;
         Ok(service)
@@ -393,9 +401,15 @@ impl Service {
         Ok(())
     }
 
-    /// Where the decrypt hook's received blobs (ciphertext only) go; emptied at start-up.
+    /// Where the decrypt hook's received blobs (ciphertext only) that outgrow the spool
+    /// budget go; emptied at start-up.
     pub(crate) fn spool_dir(&self) -> PathBuf {
         self.opts.state_dir.join("spool")
+    }
+
+    /// The memory the decrypt hook's received blobs share.
+    pub fn spool_budget(&self) -> &Arc<spool::SpoolBudget> {
+        &self.spool_budget
     }
 
     /// The service's metrics (for the metrics endpoint).
