@@ -12,9 +12,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::{Scope, ScopedJoinHandle};
 
 /// Bytes handed over at once.
-pub const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 256 << 10;
 /// Chunks in flight between a producer and its consumer.
-pub const DEPTH: usize = 4;
+pub const DEPTH: usize = 2;
 
 /// The consuming end: reads what the producer thread read.
 pub struct ChannelReader {

@@ -223,8 +223,8 @@ fn a_stolen_ipu_disk_holds_no_plaintext_of_a_prepared_or_hook_decrypted_image() 
     let (image, policy) = marked_image(dir.path(), &markers);
     let mut disk = Disk::new(dir.path(), 384);
     {
-        // Everything of the IPU on its disk: state (bases, clones, spool, the plaintext
-        // tmpfs's mount point), blob cache, audit log, TLS keys.
+        // Everything of the IPU on its disk: state (bases, clones, spool), blob cache, audit
+        // log, TLS keys.
         let ipu = Ipu::start(&disk.mount, policy.to_str().unwrap());
 
         // Prepare: the base is built, the host reads the markers from its clone.
