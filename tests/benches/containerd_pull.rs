@@ -1,7 +1,8 @@
 //! Pull + unpack through containerd of an image with one large layer (default 200 MB of
 //! incompressible data, `LAYER_MB`): encrypted, through `ipu-decrypt-hook` and the IPU (the
 //! `host-attach verify` before the pull counted too), against the same image unencrypted,
-//! same run, each on a fresh containerd, which goes first flipping every round. Median of
+//! same run, each on a fresh containerd (after a `sync`, untimed), which goes first flipping
+//! every round. Median of
 //! `ROUNDS` (default 5); target: at most 1.2x the plain pull, no round above 1.3. `UNPACK_ONLY=1` fetches the blob into containerd first, untimed, and so
 //! compares the unpack alone (where all of the hook's cost is).
 //!
@@ -68,6 +69,9 @@ fn main() {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
+            // What the previous pull wrote is flushed first, untimed: its writeback would
+            // otherwise land in this one's time, whichever side it is.
+            run_ok(&mut Command::new("sync"));
             let t = Instant::now();
             if tag == "enc" {
                 let v = verify(&ipu, "acme", "pull", &format!("docker://{image}"));
