@@ -122,7 +122,6 @@ pub struct Built<O> {
 
 /// Builds the ext4 image of `image` (whose layers' blobs are `blobs`) into `target`, and
 /// publishes it once every layer checked out and the build is on the record.
-#[allow(clippy::too_many_arguments)]
 pub fn build_rootfs<T: ImageTarget>(
     cfg: &BuildConfig<'_>,
     image: &VerifiedImage,

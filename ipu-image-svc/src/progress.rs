@@ -31,7 +31,7 @@ pub trait Progress: Sync {
     fn verified(&self, _image: &VerifiedImage) {}
     /// Layer `index`'s blob is in the verified cache at `path`.
     fn pulled(&self, _index: usize, _path: &Path) {}
-    /// Layer `index` was applied to the staging tree.
+    /// Layer `index` was applied to the image's file system.
     fn unpacked(&self, _index: usize, _outcome: &LayerOutcome) {}
     /// The ext4 image was built.
     fn built(&self, _rootfs: &RootfsImage) {}

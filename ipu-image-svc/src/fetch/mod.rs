@@ -479,10 +479,27 @@ pub fn signatures(
     source: &dyn ImageSource,
     manifest_digest: &Digest,
 ) -> Result<Vec<SignatureFormat>, FetchError> {
-    let mut out = Vec::new();
+    // The two kinds are discovered at once (each is a few round trips to the source), each
+    // within the whole budget; together they must fit it too.
+    let ((simple, simple_left), (bundles, bundles_left)) = std::thread::scope(|scope| {
+        let simple = scope.spawn(|| {
+            let (mut out, mut budget) = (Vec::new(), MAX_SIGNATURE_BYTES);
+            simple_signing_signatures(source, manifest_digest, &mut out, &mut budget)
+                .map(|()| (out, budget))
+        });
+        let (mut out, mut budget) = (Vec::new(), MAX_SIGNATURE_BYTES);
+        let bundles = bundle_signatures(source, manifest_digest, &mut out, &mut budget)
+            .map(|()| (out, budget));
+        let simple = simple
+            .join()
+            .expect("the signature discovery thread panicked");
+        Ok::<_, FetchError>((simple?, bundles?))
+    })?;
+    let used = (MAX_SIGNATURE_BYTES - simple_left) + (MAX_SIGNATURE_BYTES - bundles_left);
     let mut budget = MAX_SIGNATURE_BYTES;
-    simple_signing_signatures(source, manifest_digest, &mut out, &mut budget)?;
-    bundle_signatures(source, manifest_digest, &mut out, &mut budget)?;
+    take_budget(&mut budget, used, source)?;
+    let mut out = simple;
+    out.extend(bundles);
     Ok(out)
 }
 

@@ -2,7 +2,7 @@
 //!
 //! A tar path is accepted only if it stays inside the tree by construction: relative, no `..`
 //! component, no NUL. `.` components and leading `./` are dropped. Whether an intermediate
-//! component is a symlink is checked later, one component at a time, against the staging tree.
+//! component is a symlink is checked later, one component at a time, against the image tree ([`super::tree`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
