@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ext4_image::BlockSink;
 
@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::decrypt::{self, Finished};
 use crate::error::{from_unpack, Error, FailureClass};
-use crate::fetch::{FetchError, VerifyingReader};
+use crate::fetch::{BlobCache, FetchError, ImageSource, VerifyingReader};
 use crate::keys::{KeyError, KeyFor, KeySource, LayerKey};
 use crate::metrics::Stage;
 use crate::progress::Progress;
@@ -109,6 +109,23 @@ pub fn release_keys(
     released
 }
 
+/// Where a layer's blob is read from; whichever it is, its digest is checked as it is read.
+pub enum LayerBlob {
+    /// A file of the source itself (an OCI layout's blob).
+    File(PathBuf),
+    /// The verified cache's copy (checked again before the build): deleted if it no longer
+    /// matches its digest as the build reads it, so that the next build fetches it again.
+    Cached(PathBuf),
+    /// Fetched from the image's source as the build reads it (the network's reads overlap
+    /// the decryption and the unpack), and kept in this cache once all of it matched its
+    /// digest. `opened` is its stream when the request was made ahead (while the layer keys
+    /// were being released).
+    Fetch {
+        cache: BlobCache,
+        opened: Option<Box<dyn Read + Send>>,
+    },
+}
+
 /// The built ext4 image, published, and what the unpack found on the way.
 #[derive(Clone, Debug)]
 pub struct Built<O> {
@@ -125,7 +142,7 @@ pub struct Built<O> {
 pub fn build_rootfs<T: ImageTarget>(
     cfg: &BuildConfig<'_>,
     image: &VerifiedImage,
-    blobs: &[PathBuf],
+    blobs: Vec<LayerBlob>,
     mut released: ReleasedKeys,
     mut target: T,
     progress: &dyn Progress,
@@ -171,10 +188,15 @@ pub fn build_rootfs<T: ImageTarget>(
         {
             details.push(d);
         }
+        let cached_at = match &blob {
+            LayerBlob::Fetch { cache, .. } => Some(cache.path_of(&layer.descriptor.digest)),
+            _ => None,
+        };
         let unpacking = Stage::Unpack.span();
         match unpacking.in_scope(|| {
             apply_layer(
                 &mut tree,
+                image.source.as_ref(),
                 blob,
                 layer,
                 key,
@@ -197,6 +219,9 @@ pub fn build_rootfs<T: ImageTarget>(
                     "layer unpacked into the image's file system",
                     &details,
                 )?;
+                if let Some(cached) = &cached_at {
+                    progress.pulled(layer.index, cached);
+                }
                 progress.unpacked(layer.index, &outcome);
             }
             Err(LayerFailure::Decrypt(e)) => {
@@ -298,33 +323,65 @@ enum LayerFailure {
 /// unpack each run on a thread of their own ([`readahead`]).
 fn apply_layer<S: BlockSink>(
     tree: &mut ImageTree<S>,
-    blob: &Path,
+    source: &dyn ImageSource,
+    blob: LayerBlob,
     layer: &VerifiedLayer,
     key: Option<Result<LayerKey, KeyError>>,
     limits: &Limits,
     budget: &mut Budget,
 ) -> Result<LayerOutcome, LayerFailure> {
     let (index, digest) = (layer.index, &layer.descriptor.digest);
-    let file = File::open(blob)
-        .map_err(|e| LayerFailure::Unpack(Error::io("cannot open blob", blob, e)))?;
+    let open_file = |path: &std::path::Path| -> Result<Box<dyn Read + Send>, LayerFailure> {
+        let file = File::open(path)
+            .map_err(|e| LayerFailure::Unpack(Error::io("cannot open blob", path, e)))?;
+        Ok(Box::new(BufReader::with_capacity(256 * 1024, file)))
+    };
+    // What to read, where from (for messages), the cache to keep a fetched blob in, and the
+    // cached copy to delete if it no longer matches (so that the next build fetches it).
+    let (raw, origin, keep_in, corrupt_copy) = match blob {
+        LayerBlob::File(path) => (open_file(&path)?, path.display().to_string(), None, None),
+        LayerBlob::Cached(path) => (
+            open_file(&path)?,
+            path.display().to_string(),
+            None,
+            Some(path),
+        ),
+        LayerBlob::Fetch { cache, opened } => {
+            let raw = match opened {
+                Some(stream) => stream,
+                None => source
+                    .open_blob_raw(digest)
+                    .map_err(|e| LayerFailure::Unpack(Error::from(e)))?,
+            };
+            (raw, source.describe(), Some(cache), None)
+        }
+    };
     // Checked against the signed manifest as it is read, wherever the blob came from. A
     // blob that fails its digest is the failure to report, whatever it made the stages after
     // it see (a tampered blob decrypts or decompresses to garbage first).
     let blob_failure = BlobFailure::default();
-    let reader = BlobFailure::watch(
+    let verified = BlobFailure::watch(
         &blob_failure,
-        VerifyingReader::new(
-            BufReader::with_capacity(256 * 1024, file),
-            digest.clone(),
-            layer.descriptor.size,
-            blob.display().to_string(),
-        ),
+        VerifyingReader::new(raw, digest.clone(), layer.descriptor.size, origin),
     );
+    let reader: Box<dyn Read + Send> = match keep_in {
+        Some(cache) => Box::new(
+            cache
+                .tee(&layer.descriptor, verified)
+                .map_err(|e| LayerFailure::Unpack(Error::from(e)))?,
+        ),
+        None => Box::new(verified),
+    };
+    let blob_err = |e: FetchError| {
+        if let Some(path) = &corrupt_copy {
+            tracing::warn!(path = %path.display(), "cached blob is corrupt; deleted");
+            let _ = std::fs::remove_file(path);
+        }
+        LayerFailure::Unpack(Error::from(e))
+    };
     let decrypt_err =
         |e: Error| LayerFailure::Decrypt(e.context(format!("layer {index} ({digest})")));
     let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, digest));
-    // The blob's own failure (its digest), over what it made the stages after it see.
-    let blob_err = |e: FetchError| LayerFailure::Unpack(Error::from(e));
     let unpacking = tracing::Span::current();
     let (stats, stale) = if layer.encrypted {
         let key = key
@@ -390,7 +447,7 @@ fn apply_layer<S: BlockSink>(
         if let Some(e) = error {
             return Err(blob_err(FetchError::from_io(
                 e,
-                &format!("reading {}", blob.display()),
+                &format!("reading layer {index} ({digest})"),
             )));
         }
         (unpacked.map_err(unpack_err)?, None)

@@ -27,7 +27,10 @@ pub enum Stage {
     Verify,
     /// Every encrypted layer's key released by the broker (overlaps `fetch` on a build).
     KeyRelease,
-    /// Layers pulled into the verified blob cache.
+    /// Layers pulled into the verified blob cache (`image pull`), or, for a build, found (an
+    /// OCI layout's own blob, the cache's copy) and the first one to fetch asked for: a build
+    /// reads a registry's blob as it decrypts it, so that transfer is in `decrypt` (or
+    /// `unpack` for a layer that is not encrypted).
     Fetch,
     /// Layers decrypted and unpacked into the ext4 image, written where it goes (on the
     /// service, encrypted into the base as it is written).

@@ -10,7 +10,7 @@ use audit::{AuditSink, EventKind};
 use policy::reference::ImageReference;
 use policy::trust::Policy;
 
-use crate::build::{self, BuildConfig};
+use crate::build::{self, BuildConfig, LayerBlob};
 use crate::error::Error;
 use crate::fetch::{self, BlobCache, SourceOptions};
 use crate::keys::{KeyFor, KeySource};
@@ -161,24 +161,34 @@ impl ImageRequest<'_> {
         })
     }
 
-    /// Every layer's blob for a build: an OCI layout's own files when the source is one (read
-    /// once by the build, which checks each digest as it reads), else fetched into the
-    /// verified blob cache.
-    fn layer_blobs(
-        &self,
-        image: &VerifiedImage,
-        progress: &dyn Progress,
-    ) -> Result<Vec<PathBuf>, Error> {
+    /// Where the build reads each layer's blob (it checks each digest as it reads): an OCI
+    /// layout's own files when the source is one, the verified cache's copy when there is
+    /// one, else the source itself, as the build reads it, kept in the cache as it goes.
+    fn layer_blobs(&self, image: &VerifiedImage) -> Result<Vec<LayerBlob>, Error> {
         let local: Option<Vec<PathBuf>> = image
             .manifest
             .layers
             .iter()
             .map(|layer| image.source.local_blob(&layer.digest))
             .collect();
-        match local {
-            Some(paths) => Ok(paths),
-            None => self.pull(image, progress),
+        if let Some(paths) = local {
+            return Ok(paths.into_iter().map(LayerBlob::File).collect());
         }
+        let cache = BlobCache::new(&self.cfg.cache_dir)?;
+        let mut blobs = Vec::with_capacity(image.manifest.layers.len());
+        for layer in &image.manifest.layers {
+            blobs.push(if cache.path_of(&layer.digest).exists() {
+                // A copy from an earlier build, checked again first (fetched again if it no
+                // longer matches), so that a corrupt cache costs a fetch, not a build.
+                LayerBlob::Cached(cache.fetch(image.source.as_ref(), layer, &|_, _| {})?)
+            } else {
+                LayerBlob::Fetch {
+                    cache: cache.clone(),
+                    opened: None,
+                }
+            });
+        }
+        Ok(blobs)
     }
 
     /// Every layer fetched into the verified blob cache; returns their paths.
@@ -213,12 +223,22 @@ impl ImageRequest<'_> {
             self.rec.function(),
             self.cfg.grant.as_deref(),
         );
+        // The first layer to fetch is asked for at once: its transfer overlaps the broker's
+        // round trips (a failure is reported when the build asks again).
+        let blobs = |image: &VerifiedImage| -> Result<Vec<LayerBlob>, Error> {
+            let mut blobs = self.layer_blobs(image)?;
+            let first = blobs
+                .iter_mut()
+                .zip(&image.manifest.layers)
+                .find(|(b, _)| matches!(b, LayerBlob::Fetch { .. }));
+            if let Some((LayerBlob::Fetch { opened, .. }, desc)) = first {
+                *opened = image.source.open_blob_raw(&desc.digest).ok();
+            }
+            Ok(blobs)
+        };
         let (blobs, released) = if image.encrypted_layers().next().is_none() {
             // No key to ask for: no thread either.
-            (
-                self.timed(Stage::Fetch, || self.layer_blobs(image, progress)),
-                Vec::new(),
-            )
+            (self.timed(Stage::Fetch, || blobs(image)), Vec::new())
         } else {
             let metrics = self.cfg.metrics.as_deref();
             let release = || match metrics {
@@ -232,7 +252,7 @@ impl ImageRequest<'_> {
                 let releasing = std::thread::Builder::new()
                     .name("key-release".into())
                     .spawn_scoped(scope, release);
-                let blobs = self.timed(Stage::Fetch, || self.layer_blobs(image, progress));
+                let blobs = self.timed(Stage::Fetch, || blobs(image));
                 let released = match releasing {
                     Ok(thread) => thread.join().expect("the key release thread panicked"),
                     // No thread to be had: released here, after the pull.
@@ -246,7 +266,7 @@ impl ImageRequest<'_> {
             rootfs: &self.cfg.rootfs,
         };
         let built = self.timed(Stage::Build, || {
-            build::build_rootfs(&cfg, image, &blobs, released, target, progress, &self.rec)
+            build::build_rootfs(&cfg, image, blobs, released, target, progress, &self.rec)
         })?;
         if let Some(m) = &self.cfg.metrics {
             m.decrypted(image.encrypted_layers().map(|l| l.descriptor.size).sum());

@@ -452,3 +452,67 @@ fn accepted_rootfs_runs_hello_under_chroot() {
         "hello from enc-signed\n"
     );
 }
+
+/// A build from a registry reads each layer blob from the network once, as it decrypts it,
+/// and keeps a copy in the blob cache only once all of it matched its digest; a later build
+/// reads that copy, and a copy corrupted at rest is fetched again rather than trusted.
+#[test]
+fn registry_builds_keep_what_they_read_in_the_cache_and_refetch_a_corrupt_copy() {
+    let registry = Registry::start_fixtures();
+    let reference = ImageReference::parse(&registry.reference("fixtures/hello", "enc-signed"))
+        .expect("reference parses");
+    let scratch = tempfile::tempdir().unwrap();
+    let cache = scratch.path().join("cache");
+    let build = |output: &str| {
+        let cfg = PipelineConfig::new(policy("policy-A.json"), cache.clone());
+        let keys = KeySource::local(DecryptConfig::new(vec![key("rsa-2048")]));
+        let command = ImageCommand::Unpack {
+            output: scratch.path().join(output),
+        };
+        report::run(
+            &TrustPipeline::new(cfg),
+            &keys,
+            &reference,
+            &command,
+            &Quiet,
+        )
+    };
+    let blobs = |r: &Report| -> Vec<PathBuf> {
+        r.layers
+            .iter()
+            .map(|l| l.cached_at.clone().expect("each layer kept in the cache"))
+            .collect()
+    };
+    let (first, result) = build("first.ext4");
+    result.unwrap();
+    let kept = blobs(&first);
+    assert_eq!(kept.len(), 2);
+    for (path, layer) in kept.iter().zip(&first.layers) {
+        assert!(path.starts_with(&cache), "{}", path.display());
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(&bytes)),
+            layer.digest.to_string()
+        );
+    }
+    // No partial file left beside them.
+    let dir = kept[0].parent().unwrap();
+    assert_eq!(std::fs::read_dir(dir).unwrap().count(), 2);
+
+    // Corrupted at rest: the next build fetches it again and builds the same image.
+    let mut bytes = std::fs::read(&kept[0]).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&kept[0], &bytes).unwrap();
+    let (_, result) = build("second.ext4");
+    result.unwrap();
+    let bytes = std::fs::read(&kept[0]).unwrap();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&bytes)),
+        first.layers[0].digest.to_string()
+    );
+    assert_eq!(
+        std::fs::read(scratch.path().join("first.ext4")).unwrap(),
+        std::fs::read(scratch.path().join("second.ext4")).unwrap(),
+        "the same image"
+    );
+}

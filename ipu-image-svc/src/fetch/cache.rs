@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{open_blob, Descriptor, FetchError, FetchErrorClass, ImageSource};
 
+#[derive(Clone, Debug)]
 pub struct BlobCache {
     dir: PathBuf,
 }
@@ -89,6 +90,24 @@ impl BlobCache {
         Ok(path)
     }
 
+    /// Where a blob not yet cached is kept once a build has read all of it: `reader` (the
+    /// blob as its digest check passes it) copied into a partial file of the cache as it is
+    /// read, and given its content address when `reader` ends, which it does only after the
+    /// whole blob matched its digest. Dropped before that, the partial file goes.
+    pub fn tee<R: Read>(&self, desc: &Descriptor, reader: R) -> Result<CacheTee<R>, FetchError> {
+        let path = self.path_of(&desc.digest);
+        let dir = path.parent().expect("blob path has a parent");
+        let partial = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempfile_in(dir)
+            .map_err(|e| io_err("cannot create temp file in", dir, e))?;
+        Ok(CacheTee {
+            inner: reader,
+            partial: Some(partial),
+            dest: path,
+        })
+    }
+
     fn still_valid(&self, path: &Path, desc: &Descriptor) -> Result<bool, FetchError> {
         let mut file = File::open(path).map_err(|e| io_err("cannot open", path, e))?;
         let len = file
@@ -102,6 +121,37 @@ impl BlobCache {
         io::copy(&mut file, &mut HashWriter(&mut hash))
             .map_err(|e| io_err("cannot read", path, e))?;
         Ok(Digest::from_sha256(hash.finalize().into()) == desc.digest)
+    }
+}
+
+/// A verified blob's reader that keeps a copy in the cache ([`BlobCache::tee`]).
+pub struct CacheTee<R> {
+    inner: R,
+    /// Until the blob ended.
+    partial: Option<tempfile::NamedTempFile>,
+    dest: PathBuf,
+}
+
+impl<R: Read> Read for CacheTee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let Some(partial) = self.partial.as_mut() else {
+            return Ok(n);
+        };
+        if n > 0 {
+            if let Err(e) = partial.write_all(&buf[..n]) {
+                // The build goes on; only the copy is lost.
+                tracing::warn!(path = %self.dest.display(), error = %e, "cannot keep a blob in the cache");
+                self.partial = None;
+            }
+        } else if let Some(partial) = self.partial.take() {
+            // The end, past the digest check: the copy is the verified blob. Not synced (a
+            // cached blob is checked again whenever it is read).
+            if let Err(e) = partial.persist(&self.dest) {
+                tracing::warn!(path = %self.dest.display(), error = %e.error, "cannot keep a blob in the cache");
+            }
+        }
+        Ok(n)
     }
 }
 
