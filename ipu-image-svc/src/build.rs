@@ -382,7 +382,6 @@ fn apply_layer<S: BlockSink>(
     let decrypt_err =
         |e: Error| LayerFailure::Decrypt(e.context(format!("layer {index} ({digest})")));
     let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, digest));
-    let unpacking = tracing::Span::current();
     let (stats, stale) = if layer.encrypted {
         let key = key
             .unwrap_or(Err(KeyError::NotConfigured))
@@ -401,15 +400,7 @@ fn apply_layer<S: BlockSink>(
                     inner: decryptor,
                 },
             );
-            let unpacked = unpack_stream(
-                scope,
-                &unpacking,
-                tree,
-                plaintext,
-                layer.compression,
-                limits,
-                budget,
-            );
+            let unpacked = unpack_stream(scope, tree, plaintext, layer.compression, limits, budget);
             let produced = decrypting.join().expect("the decrypt thread panicked");
             (unpacked, produced.reader.inner)
         });
@@ -425,15 +416,8 @@ fn apply_layer<S: BlockSink>(
     } else {
         let (unpacked, produced) = std::thread::scope(|scope| {
             let (compressed, reading) = readahead::spawn(scope, "layer-read", reader);
-            let unpacked = unpack_stream(
-                scope,
-                &unpacking,
-                tree,
-                compressed,
-                layer.compression,
-                limits,
-                budget,
-            );
+            let unpacked =
+                unpack_stream(scope, tree, compressed, layer.compression, limits, budget);
             (unpacked, reading.join().expect("the read thread panicked"))
         });
         let (mut reader, mut error) = (produced.reader, produced.error);
@@ -514,11 +498,10 @@ impl<R: Read> Read for InSpan<R> {
     }
 }
 
-/// Decompresses `compressed` on a thread of `scope` (timed as part of `unpacking`) and
-/// applies the tar stream to `tree` on this one.
+/// Decompresses `compressed` on a thread of `scope` (timed as `decompress`) and applies the
+/// tar stream to `tree` on this one.
 fn unpack_stream<'scope, S: BlockSink, R: Read + Send + 'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
-    unpacking: &tracing::Span,
     tree: &mut ImageTree<S>,
     compressed: R,
     compression: Compression,
@@ -532,7 +515,7 @@ fn unpack_stream<'scope, S: BlockSink, R: Read + Send + 'scope>(
         scope,
         "layer-decompress",
         InSpan {
-            span: unpacking.clone(),
+            span: Stage::Decompress.span(),
             inner: decoder,
         },
     );

@@ -38,8 +38,10 @@ pub enum Stage {
     /// Part of `build`: the layers' decryption (reading the cached blob, HMAC, AES-CTR,
     /// digest), busy time measured inside the stream the unpacker reads.
     Decrypt,
-    /// Part of `build`: decompression and unpack into the image's file system, file content
-    /// written to its blocks, less `decrypt` and `base_encrypt`.
+    /// Part of `build`: decompression of a layer's stream, on a thread of its own.
+    Decompress,
+    /// Part of `build`: the tar applied to the image's file system, file content written to
+    /// its blocks (waiting for the decompressed stream included), less `base_encrypt`.
     Unpack,
     /// Part of `build`: the file system's metadata, written once the layers are applied.
     FileSystem,
@@ -77,6 +79,7 @@ impl Stage {
             Stage::Fetch => "fetch",
             Stage::Build => "build",
             Stage::Decrypt => "decrypt",
+            Stage::Decompress => "decompress",
             Stage::Unpack => "unpack",
             Stage::FileSystem => "file_system",
             Stage::BaseEncrypt => "base_encrypt",
@@ -92,9 +95,9 @@ impl Stage {
     pub fn span(self) -> tracing::Span {
         match self {
             Stage::Build | Stage::Teardown | Stage::Erase => tracing::Span::none(),
-            // Decryption feeds the unpacker through a stream, and the base is encrypted as the
-            // unpacker writes it: interleaved on one thread.
-            Stage::Decrypt | Stage::Unpack | Stage::BaseEncrypt => {
+            // A layer's decryption, decompression and unpack run at once on their own
+            // threads, and the base is encrypted as the unpack writes it.
+            Stage::Decrypt | Stage::Decompress | Stage::Unpack | Stage::BaseEncrypt => {
                 ops::timings::concurrent_span(self.as_str())
             }
             _ => ops::timings::span(self.as_str()),

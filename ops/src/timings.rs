@@ -9,9 +9,9 @@
 //! nested in another is not counted twice). [`Timings::table`] renders what was collected as
 //! the `--timings` table.
 //!
-//! A span marked `concurrent = true` ran interleaved with another stage on the same thread
-//! (decryption feeds the unpacker through a stream: each read decrypts the next block): its
-//! busy time is what the table shows, and the table says so.
+//! A span marked `concurrent = true` ran at the same time as other stages (a layer's reading
+//! and decryption, its decompression and its unpack each run on a thread of their own, fed
+//! through streams): its busy time is what the table shows, and the table says so.
 //!
 //! Without a [`TimingsLayer`] the spans are at DEBUG level, so ordinary logging (INFO) does
 //! not carry them and costs nothing.
@@ -190,9 +190,9 @@ impl Timings {
         if rows.iter().any(|r| r.concurrent) {
             let _ = writeln!(
                 out,
-                "* busy time: decryption and unpacking run together in one streaming pipeline \
-                 (each read decrypts the next block), so these are the times measured inside \
-                 each, not separate wall-clock phases"
+                "* busy time: these stages run at the same time, on threads of their own fed \
+                 through streams, so these are the times measured inside each (waiting for \
+                 the stage before included), not separate wall-clock phases"
             );
         }
         out
