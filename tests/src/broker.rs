@@ -433,3 +433,52 @@ pub fn ipu_service(
     )
     .unwrap()
 }
+
+/// `ipu-image-svc image unpack --json` of the `enc-signed` fixture for `tenant`, its keys
+/// from these `--broker` URLs (in order) with the IPU's TLS files in `d/tls` and its TPM at
+/// `tcti`, with `extra` arguments; the exit code and the JSON report.
+pub fn cli_unpack(
+    d: &Path,
+    urls: &[&str],
+    extra: &[&str],
+    tcti: &str,
+    tenant: &str,
+) -> (i32, serde_json::Value) {
+    let tls = d.join("tls");
+    let mut cmd = std::process::Command::new(crate::bin("ipu-image-svc"));
+    cmd.args(["image", "unpack", "--json", "--quiet", "--policy"])
+        .arg(fixtures().join("policies/policy-A.json"));
+    for url in urls {
+        cmd.args(["--broker", url]);
+    }
+    let out = cmd
+        .args(extra)
+        .args(["--broker-name", "localhost"])
+        .arg("--broker-ca")
+        .arg(tls.join("ca.pem"))
+        .arg("--broker-cert")
+        .arg(tls.join("ipu.pem"))
+        .arg("--broker-key")
+        .arg(tls.join("ipu.key"))
+        .args(["--tpm", tcti, "--tenant", tenant, "--function", "f"])
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--audit-log")
+        .arg(d.join("audit"))
+        .arg("--output")
+        .arg(d.join(format!("{tenant}.ext4")))
+        .arg(format!(
+            "oci:{}:enc-signed",
+            fixtures().join("oci-layout").display()
+        ))
+        .env("TSS2_LOG", "all+NONE")
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), report)
+}

@@ -206,18 +206,6 @@ ipu_classes = ["ipu-gen2"]
     )
 }
 
-/// Runs a command that must succeed; returns its stdout.
-fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().expect("the command starts");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 impl Fleet {
     /// `n` replicas on `store` (PostgreSQL: a new cluster, database migrated; sled: `n` must
     /// be 1), started, with policy version 1 (PCR values from `pcrs`, the values of a fresh
@@ -318,9 +306,11 @@ socket = "run/{name}.sock"
             r.start();
         }
         fleet.load_policy(1, "");
-        run(fleet.replicas[0]
-            .admin()
-            .args(["keys", "create", "--id", "acme-ec", "--kind", "ec-p256"]));
+        crate::run_ok(
+            fleet.replicas[0]
+                .admin()
+                .args(["keys", "create", "--id", "acme-ec", "--kind", "ec-p256"]),
+        );
         fleet
     }
 
@@ -349,7 +339,7 @@ socket = "run/{name}.sock"
             .into_bytes();
         let path = self.path(&format!("bundle-{version}.json"));
         std::fs::write(&path, bundle).unwrap();
-        run(self.replicas[0].admin().args(["policy", "load"]).arg(&path));
+        crate::run_ok(self.replicas[0].admin().args(["policy", "load"]).arg(&path));
     }
 
     /// A new IPU `id`: a swtpm, its AK and EK enrolled (class `ipu-gen2`) through the first
@@ -381,13 +371,15 @@ socket = "run/{name}.sock"
         std::fs::write(d.join("ak.tpmt"), tpm.ak_template()).unwrap();
         std::fs::write(d.join("ek.tpmt"), tpm.ek_template().unwrap()).unwrap();
         drop(tpm);
-        run(self.replicas[0]
-            .admin()
-            .args(["ipus", "enroll", "--id", id, "--class", "ipu-gen2"])
-            .arg("--ak-template")
-            .arg(d.join("ak.tpmt"))
-            .arg("--ek-template")
-            .arg(d.join("ek.tpmt")));
+        crate::run_ok(
+            self.replicas[0]
+                .admin()
+                .args(["ipus", "enroll", "--id", id, "--class", "ipu-gen2"])
+                .arg("--ak-template")
+                .arg(d.join("ak.tpmt"))
+                .arg("--ek-template")
+                .arg(d.join("ek.tpmt")),
+        );
         let (cert, key) = self.pki.issue(&format!("{id}.example"), Some("ipu"), false);
         std::fs::write(tls.join("ca.pem"), self.pki.ca_pem()).unwrap();
         std::fs::write(tls.join("ipu.pem"), cert).unwrap();
@@ -489,7 +481,7 @@ pub fn merged_events(replicas: &[Replica], kind: &str) -> Vec<(String, serde_jso
         cmd.arg("--key").arg(r.verifier());
     }
     cmd.args(["--json", "--limit", "1000000", "--kind", kind]);
-    let out = run(&mut cmd);
+    let out = crate::run_ok(&mut cmd);
     String::from_utf8(out)
         .unwrap()
         .lines()

@@ -34,8 +34,8 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Runs `cmd`, which must succeed.
-pub fn run_ok(cmd: &mut std::process::Command) {
+/// Runs `cmd`, which must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut std::process::Command) -> Vec<u8> {
     let out = cmd.output().expect("the command starts");
     assert!(
         out.status.success(),
@@ -43,6 +43,7 @@ pub fn run_ok(cmd: &mut std::process::Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 /// A blob of an OCI layout, by digest.

@@ -7,18 +7,13 @@
 //! `broker_fleet.rs`.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::broker::{self, ipu_settings, Pki, Running, POLICY};
-use integration_tests::{bin, fixtures, Swtpm};
+use integration_tests::Swtpm;
 use ipu_image_svc::keys::broker_client::BrokerKeys;
 use ipu_image_svc::keys::{KeyError, LayerKeyRequest};
-
-fn image() -> String {
-    format!("oci:{}:enc-signed", fixtures().join("oci-layout").display())
-}
 
 /// POLICY, but globex may have the fixture's key too: a replica that disagrees with the
 /// others (a stale or misconfigured one).
@@ -91,47 +86,10 @@ fn count(running: &Running, kind: audit::EventKind) -> usize {
         .len()
 }
 
-/// `ipu-image-svc image unpack` for `tenant` with these `--broker` URLs (in order), the
-/// IPU's TLS files in `d/tls`; returns the exit code and the JSON report.
+/// `ipu-image-svc image unpack` for `tenant` with these `--broker` URLs (in order), each
+/// given a second to connect.
 fn unpack(d: &Path, urls: &[&str], tcti: &str, tenant: &str) -> (i32, serde_json::Value) {
-    let tls = d.join("tls");
-    let mut cmd = Command::new(bin("ipu-image-svc"));
-    cmd.args(["image", "unpack", "--json", "--quiet", "--policy"])
-        .arg(fixtures().join("policies/policy-A.json"));
-    for url in urls {
-        cmd.args(["--broker", url]);
-    }
-    let out = cmd
-        .args([
-            "--broker-connect-timeout",
-            "1s",
-            "--broker-name",
-            "localhost",
-        ])
-        .arg("--broker-ca")
-        .arg(tls.join("ca.pem"))
-        .arg("--broker-cert")
-        .arg(tls.join("ipu.pem"))
-        .arg("--broker-key")
-        .arg(tls.join("ipu.key"))
-        .args(["--tpm", tcti, "--tenant", tenant, "--function", "f"])
-        .arg("--cache")
-        .arg(d.join("cache"))
-        .arg("--audit-log")
-        .arg(d.join("audit"))
-        .arg("--output")
-        .arg(d.join(format!("{tenant}.ext4")))
-        .arg(image())
-        .env("TSS2_LOG", "all+NONE")
-        .output()
-        .unwrap();
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap(), report)
+    broker::cli_unpack(d, urls, &["--broker-connect-timeout", "1s"], tcti, tenant)
 }
 
 #[test]

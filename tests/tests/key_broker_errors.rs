@@ -4,11 +4,10 @@
 //! its positive control against the same broker.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::{bin, fixtures};
+use integration_tests::fixtures;
 use ipu_image_svc::error::{FailureClass, EXIT_OPERATIONAL, EXIT_REJECTED};
 use ipu_image_svc::service::ServiceOptions;
 
@@ -56,37 +55,10 @@ fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
     service.shutdown();
 }
 
-/// `ipu-image-svc image unpack --broker URL` for tenant acme, with the IPU's TLS files in
-/// `tls`; returns the exit code and the JSON report.
+/// `ipu-image-svc image unpack` for `tenant` with the key broker at `url` (its default
+/// timeouts).
 fn unpack(d: &Path, url: &str, tcti: &str, tenant: &str) -> (i32, serde_json::Value) {
-    let tls = d.join("tls");
-    let out = Command::new(bin("ipu-image-svc"))
-        .args(["image", "unpack", "--json", "--quiet", "--policy"])
-        .arg(fixtures().join("policies/policy-A.json"))
-        .args(["--broker", url, "--broker-name", "localhost", "--broker-ca"])
-        .arg(tls.join("ca.pem"))
-        .arg("--broker-cert")
-        .arg(tls.join("ipu.pem"))
-        .arg("--broker-key")
-        .arg(tls.join("ipu.key"))
-        .args(["--tpm", tcti, "--tenant", tenant, "--function", "f"])
-        .arg("--cache")
-        .arg(d.join("cache"))
-        .arg("--audit-log")
-        .arg(d.join("audit"))
-        .arg("--output")
-        .arg(d.join(format!("{tenant}.ext4")))
-        .arg(image())
-        .env("TSS2_LOG", "all+NONE")
-        .output()
-        .unwrap();
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap(), report)
+    integration_tests::broker::cli_unpack(d, &[url], &[], tcti, tenant)
 }
 
 #[test]
