@@ -185,16 +185,7 @@ fn image(d: &Path, rootfs: &Path) -> (PathBuf, u64) {
             .arg(&layout)
             .args(["--tag", "plain", "--compression", "gzip"]),
     );
-    run_ok(
-        Command::new(bin("ocipub"))
-            .args(["encrypt", "--layout"])
-            .arg(&layout)
-            .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
-            .arg(format!(
-                "jwe:{}",
-                fixtures().join("keys/rsa-2048/pub.pem").display()
-            )),
-    );
+    integration_tests::encrypt_plain_to_fixture_key(&layout);
     let (_, manifest) = integration_tests::layout_manifest(&layout, "enc");
     let size = manifest["layers"]
         .as_array()

@@ -532,16 +532,7 @@ pub fn encrypted_image(d: &Path, compression: &str, data_mb: usize) -> PathBuf {
                 compression,
             ]),
     );
-    crate::run_ok(
-        Command::new(bin("ocipub"))
-            .args(["encrypt", "--layout"])
-            .arg(&layout)
-            .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
-            .arg(format!(
-                "jwe:{}",
-                fixtures().join("keys/rsa-2048/pub.pem").display()
-            )),
-    );
+    crate::encrypt_plain_to_fixture_key(&layout);
     layout
 }
 

@@ -34,6 +34,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// `ocipub encrypt` of the layout's image tagged `plain` into `enc`, encrypted to the
+/// fixtures' RSA key (`keys/rsa-2048`).
+pub fn encrypt_plain_to_fixture_key(layout: &Path) {
+    run_ok(
+        std::process::Command::new(bin("ocipub"))
+            .args(["encrypt", "--layout"])
+            .arg(layout)
+            .args(["--tag", "plain", "--out-tag", "enc", "--recipient"])
+            .arg(format!(
+                "jwe:{}",
+                fixtures().join("keys/rsa-2048/pub.pem").display()
+            )),
+    );
+}
+
 /// Runs `cmd`, which must succeed; returns its stdout.
 pub fn run_ok(cmd: &mut std::process::Command) -> Vec<u8> {
     let out = cmd.output().expect("the command starts");
