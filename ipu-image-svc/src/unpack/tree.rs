@@ -67,11 +67,6 @@ impl<S: BlockSink> ImageTree<S> {
         &mut self.fs
     }
 
-    /// What the tree holds so far.
-    pub fn summary(&self) -> ext4_image::Summary {
-        self.fs.summary()
-    }
-
     /// Writes the file system's metadata; the sink then holds the whole image.
     pub fn finish(self) -> Result<Image<S>, ext4_image::Error> {
         self.fs.finish()
