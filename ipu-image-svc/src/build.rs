@@ -36,8 +36,6 @@ pub struct LayerOutcome {
     pub diff_id: Digest,
     pub entries: u64,
     pub file_bytes: u64,
-    /// Go ocicrypt recorded a pre-recompression digest; the diff_id check authenticated it.
-    pub stale_private_digest: Option<String>,
 }
 
 /// What the build stage needs besides the image.
@@ -382,7 +380,7 @@ fn apply_layer<S: BlockSink>(
     let decrypt_err =
         |e: Error| LayerFailure::Decrypt(e.context(format!("layer {index} ({digest})")));
     let unpack_err = |e| LayerFailure::Unpack(from_unpack(e, index, digest));
-    let (stats, stale) = if layer.encrypted {
+    let stats = if layer.encrypted {
         let key = key
             .unwrap_or(Err(KeyError::NotConfigured))
             .map_err(|e| decrypt_err(e.into()))?;
@@ -409,7 +407,7 @@ fn apply_layer<S: BlockSink>(
             return Err(blob_err(e));
         }
         match finished {
-            Ok((stats, stale)) => (stats, stale.map(|s| s.declared)),
+            Ok(stats) => stats,
             Err(Finished::Decrypt(e)) => return Err(decrypt_err(e.into())),
             Err(Finished::Consumer(e)) => return Err(unpack_err(e)),
         }
@@ -434,7 +432,7 @@ fn apply_layer<S: BlockSink>(
                 &format!("reading layer {index} ({digest})"),
             )));
         }
-        (unpacked.map_err(unpack_err)?, None)
+        unpacked.map_err(unpack_err)?
     };
     if stats.diff_id != layer.diff_id {
         return Err(LayerFailure::Unpack(Error::new(
@@ -449,7 +447,6 @@ fn apply_layer<S: BlockSink>(
         diff_id: stats.diff_id,
         entries: stats.entries,
         file_bytes: stats.file_bytes,
-        stale_private_digest: stale,
     })
 }
 

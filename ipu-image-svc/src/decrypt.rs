@@ -2,8 +2,8 @@
 //!
 //! Two ways, both ocicrypt's:
 //! - streaming ([`decryptor`]), for the unpack path: plaintext is unauthenticated until
-//!   [`finish`] checks the HMAC over the whole ciphertext and the plaintext digest; the
-//!   unpack tree it went into is private and dropped on failure;
+//!   [`finish`] checks the HMAC over the whole ciphertext and the unpacker's diff_id matches
+//!   the signed config; the unpack tree it went into is private and dropped on failure;
 //! - two-pass (`ocicrypt::CiphertextVerifier` then `VerifiedDecryptor`), for plaintext that
 //!   leaves the IPU (the decrypt hook, `service::decrypt`): nothing is decrypted before the
 //!   HMAC over the stored ciphertext matched.
@@ -17,6 +17,11 @@ use crate::unpack::Compression;
 /// A streaming decryptor of `ciphertext` under `key`. Its AES-CTR and HMAC states (as good
 /// as the layer key) live in secret memory while the layer decrypts, and are wiped and
 /// unmapped when it drops.
+///
+/// It does not hash the plaintext against the digest in the private options: every caller
+/// checks the decompressed plaintext against the signed config's diff_id, which vouches for
+/// more (a publisher that recompressed a layer leaves a stale digest there, as skopeo does
+/// with zstd), and the hash would cost a third of the decryption's work.
 pub fn decryptor<R: Read>(
     ciphertext: R,
     key: &LayerKey,
@@ -25,41 +30,25 @@ pub fn decryptor<R: Read>(
         ciphertext,
         &key.pubopts,
         &key.privopts,
-        ocicrypt::HmacMode::auto(),
+        ocicrypt::DecryptMode::caller_verifies(),
         &crate::secret::SecretHome,
     )
-}
-
-/// A digest in the private options that a publisher left stale (it recompressed the layer):
-/// acceptable only where the signed config's diff_id vouches for the content.
-#[derive(Clone, Debug)]
-pub struct StaleDigest {
-    pub declared: String,
 }
 
 /// Ends a streaming decryption whose plaintext was consumed with `consumed`'s result: the
 /// HMAC over all ciphertext must match first. A layer that failed to unpack is checked too:
 /// modified ciphertext decrypts to garbage, and that is an integrity failure, not a malformed
-/// tar. Returns what consumed the plaintext produced, and a stale digest if there was one.
+/// tar. Returns what consumed the plaintext produced, which the caller must still check
+/// against the signed diff_id.
 pub fn finish<R: Read, T, E>(
     decryptor: ocicrypt::LayerDecryptor<R>,
     consumed: Result<T, E>,
-) -> Result<(T, Option<StaleDigest>), Finished<E>> {
-    match (consumed, decryptor.finish_allowing_stale_digest()) {
+) -> Result<T, Finished<E>> {
+    match (consumed, decryptor.finish()) {
         (_, Err(e)) if e.class() == ocicrypt::ErrorClass::Integrity => Err(Finished::Decrypt(e)),
         (Err(e), _) => Err(Finished::Consumer(e)),
         (Ok(_), Err(e)) => Err(Finished::Decrypt(e)),
-        (Ok(t), Ok((authenticated, stale))) => {
-            let stale = stale.map(|s| {
-                tracing::warn!(
-                    declared = %s.declared,
-                    actual = authenticated.plaintext_digest(),
-                    "encrypted layer's private options carry a stale digest (recompressed by the publisher); relying on the signed diff_id"
-                );
-                StaleDigest { declared: s.declared }
-            });
-            Ok((t, stale))
-        }
+        (Ok(t), Ok(_)) => Ok(t),
     }
 }
 
@@ -94,7 +83,7 @@ pub fn diff_id<R: Read + Send>(
         }
     }
     plain
-        .finish_allowing_stale_digest()
+        .finish()
         .map_err(|e| Error::new(ocicrypt_class(&e), e.to_string()))?;
     Ok(format!("sha256:{}", hex::encode(ctx.finish())))
 }

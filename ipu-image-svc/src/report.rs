@@ -121,9 +121,6 @@ pub struct LayerReport {
     /// Set once the layer's tar stream hashed to the config's diff_id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff_id: Option<Digest>,
-    /// Go ocicrypt recorded a pre-recompression digest; the diff_id check authenticated it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stale_private_digest: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entries: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,7 +251,6 @@ impl Progress for Observed<'_> {
                     compression: None,
                     cached_at: None,
                     diff_id: None,
-                    stale_private_digest: None,
                     entries: None,
                     file_bytes: None,
                 })
@@ -281,7 +277,6 @@ impl Progress for Observed<'_> {
                 l.diff_id = Some(outcome.diff_id.clone());
                 l.entries = Some(outcome.entries);
                 l.file_bytes = Some(outcome.file_bytes);
-                l.stale_private_digest = outcome.stale_private_digest.clone();
             }
         });
     }

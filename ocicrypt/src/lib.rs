@@ -9,16 +9,19 @@
 //!
 //! The rule this crate enforces in its types: [`LayerDecryptor`] hands out plaintext that is not
 //! yet authenticated; only [`LayerDecryptor::finish`] returns an [`AuthenticatedLayer`], after
-//! the HMAC over the whole ciphertext and the plaintext digest were checked. Callers keep the
-//! plaintext private until they hold that proof.
+//! the HMAC over the whole ciphertext and the plaintext digest were checked (the digest is
+//! left to callers that verify the plaintext themselves, [`PlaintextCheck::CallerVerifies`]).
+//! Callers keep the plaintext private until they hold that proof.
 //!
 //! Where the ciphertext is stored where only the caller writes, [`CiphertextVerifier`] checks
 //! the HMAC in a first pass and its [`VerifiedCiphertext`] opens a [`VerifiedDecryptor`]
 //! whose plaintext may be released as it comes (every byte of it was authenticated).
 //!
-//! Speed: decryption is two SHA-256 passes (HMAC over the ciphertext, digest of the plaintext)
-//! plus AES-CTR. With more than one CPU the HMAC runs on a helper thread ([`HmacMode`]);
-//! `cargo bench -p ocicrypt --bench decrypt_throughput` measures both modes against skopeo.
+//! Speed: decryption is the HMAC over the ciphertext (one SHA-256 pass) and AES-CTR (a third
+//! of one with AES-NI), plus a second SHA-256 pass for the plaintext digest unless the caller
+//! verifies the plaintext itself ([`DecryptMode`]). With more than one CPU the HMAC runs on a
+//! helper thread ([`HmacMode`]); `cargo bench -p ocicrypt --bench decrypt_throughput` measures
+//! the modes against one SHA-256 pass and against skopeo.
 //!
 //! Modules:
 //! - `cipher`: the AES-256-CTR + HMAC-SHA256 layer cipher as streams ([`LayerEncryptor`],
@@ -43,8 +46,8 @@ mod wipe;
 use std::collections::BTreeMap;
 
 pub use cipher::{
-    decrypt_layer, decrypt_layer_with, unwrap_private_options, AuthenticatedLayer, HmacMode,
-    LayerDecryptor, LayerEncryptor, StaleDigest,
+    decrypt_layer, decrypt_layer_with, unwrap_private_options, AuthenticatedLayer, DecryptMode,
+    HmacMode, LayerDecryptor, LayerEncryptor, PlaintextCheck, StaleDigest,
 };
 pub use hw::{hardware_acceleration, HwAccel};
 pub use options::{PrivateLayerOptions, PublicLayerOptions, CIPHER_NAME};

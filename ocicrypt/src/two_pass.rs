@@ -188,7 +188,7 @@ impl<R: Read> VerifiedDecryptor<R> {
         let stale = (digest != self.expected_digest).then(|| StaleDigest {
             declared: std::mem::take(&mut self.expected_digest),
         });
-        Ok((AuthenticatedLayer::new(digest, self.size), stale))
+        Ok((AuthenticatedLayer::new(Some(digest), self.size), stale))
     }
 }
 
@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(out, plain);
         let (layer, stale) = d.finish().unwrap();
         assert!(stale.is_none());
-        assert_eq!(layer.plaintext_digest(), privopts.digest());
+        assert_eq!(layer.plaintext_digest(), Some(privopts.digest()));
         assert_eq!(layer.plaintext_size(), plain.len() as u64);
     }
 

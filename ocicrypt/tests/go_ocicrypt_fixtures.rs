@@ -93,7 +93,11 @@ fn check_tag(tag: &str, key_name: &str) -> usize {
         let (proof, stale) = dec
             .finish_allowing_stale_digest()
             .unwrap_or_else(|e| panic!("{tag} layer {i}: {e}"));
-        assert_eq!(proof.plaintext_digest(), sha256(&plain), "{tag} layer {i}");
+        assert_eq!(
+            proof.plaintext_digest(),
+            Some(sha256(&plain).as_str()),
+            "{tag} layer {i}"
+        );
         // skopeo 1.18 recompressed the zstd tag while encrypting and recorded the gzip
         // layer's digest; every other Go-made layer declares the right one.
         assert_eq!(stale.is_some(), tag == "zstd", "{tag} layer {i}: {stale:?}");

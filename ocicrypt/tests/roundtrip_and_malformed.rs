@@ -7,8 +7,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ocicrypt::keys::{PrivateKey, PublicKey};
 use ocicrypt::{
-    decrypt_layer_with, jwe, Annotations, DecryptConfig, EncryptConfig, ErrorClass, HmacMode,
-    LayerDecryptor, LayerEncryptor, PrivateLayerOptions, PublicLayerOptions, ANNOTATION_KEYS_JWE,
+    decrypt_layer_with, jwe, Annotations, DecryptConfig, DecryptMode, EncryptConfig, ErrorClass,
+    HmacMode, LayerDecryptor, LayerEncryptor, PlaintextCheck, PrivateLayerOptions,
+    PublicLayerOptions, ANNOTATION_KEYS_JWE,
 };
 
 const RSA_PRIV: &str = include_str!("../../tests/fixtures/keys/rsa-2048/priv.pem");
@@ -172,6 +173,61 @@ fn wrong_plaintext_digest_is_caught_even_with_valid_hmac() {
     );
     let err = dec.finish().unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
+
+    // A caller that verifies the plaintext itself takes that check on: the same forged digest
+    // passes, and the proof says no digest was computed.
+    for hmac in [HmacMode::Inline, HmacMode::Thread] {
+        let mode = DecryptMode {
+            hmac,
+            plaintext: PlaintextCheck::CallerVerifies,
+        };
+        let mut dec =
+            LayerDecryptor::with_options_and_mode(cipher.as_slice(), &pubopts, &forged, mode)
+                .unwrap();
+        let mut out = Vec::new();
+        dec.read_to_end(&mut out).unwrap();
+        assert_eq!(out, plain);
+        let proof = dec.finish().expect("only the HMAC is checked");
+        assert_eq!(proof.plaintext_digest(), None);
+        assert_eq!(proof.plaintext_size(), plain.len() as u64);
+    }
+}
+
+/// Leaving the plaintext digest to the caller leaves the HMAC in place: every modified,
+/// truncated or extended ciphertext is refused at `finish`, in both HMAC modes. The control
+/// (the unmodified ciphertext) must pass.
+#[test]
+fn caller_verified_plaintext_still_needs_the_hmac() {
+    let plain = sample(300_000);
+    let (cipher, ann) = encrypt(&plain, &[RSA_PUB]);
+    let dc = DecryptConfig::new(vec![PrivateKey::from_pem(RSA_PRIV.as_bytes()).unwrap()]);
+    let mut flipped = cipher.clone();
+    flipped[200_000] ^= 0x01;
+    let mut extended = cipher.clone();
+    extended.push(0);
+    let cases: [(&str, &[u8]); 4] = [
+        ("unmodified", &cipher),
+        ("one bit flipped", &flipped),
+        ("truncated", &cipher[..cipher.len() - 1]),
+        ("extended", &extended),
+    ];
+    for hmac in [HmacMode::Inline, HmacMode::Thread] {
+        for (what, bytes) in cases {
+            let mode = DecryptMode {
+                hmac,
+                plaintext: PlaintextCheck::CallerVerifies,
+            };
+            let mut dec = decrypt_layer_with(bytes, &ann, &dc, mode).unwrap();
+            std::io::copy(&mut dec, &mut std::io::sink()).unwrap();
+            let result = dec.finish();
+            if what == "unmodified" {
+                result.unwrap_or_else(|e| panic!("{hmac:?}: the control fails: {e}"));
+            } else {
+                let err = result.expect_err(what);
+                assert_eq!(err.class(), ErrorClass::Integrity, "{hmac:?} {what}: {err}");
+            }
+        }
+    }
 }
 
 fn rewrite_jwe(ann: &Annotations, edit: impl Fn(&mut serde_json::Value)) -> Annotations {

@@ -341,14 +341,96 @@ fn zstd_layers_with_a_stale_private_digest_are_authenticated_by_the_diff_id() {
             l.index
         );
         assert!(l.encrypted);
+        // skopeo 1.18 recompressed after encrypting and left the gzip layer's digest in the
+        // private options (ocicrypt's go_ocicrypt_fixtures shows it); the unpack path does
+        // not hash the plaintext against it, the signed diff_id vouches for the content.
         assert!(l.diff_id.is_some());
     }
-    // skopeo 1.18 recompressed after encrypting; the report says so rather than hiding it.
-    assert!(run
-        .report
-        .layers
+}
+
+/// The unpack path does not hash decrypted layers against the digest in their private
+/// options (skopeo leaves a stale one, see above): the signed config's diff_id is what
+/// authenticates a decrypted layer. A copy of the `zstd` image whose config names another
+/// diff_id for its last layer (ciphertext, HMAC and keys intact) is refused as a digest
+/// mismatch and leaves nothing; the copy with its config unchanged, the control, unpacks.
+#[test]
+fn a_decrypted_layer_the_configs_diff_id_does_not_vouch_for_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(fixtures().join("oci-layout"))
+        .arg(&layout)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let blob_path = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: Vec<u8>| {
+        let digest = format!("sha256:{}", sha256_hex(&bytes));
+        std::fs::write(blob_path(&digest), &bytes).unwrap();
+        (digest, bytes.len())
+    };
+    let read_json = |digest: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(blob_path(digest)).unwrap()).unwrap()
+    };
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
         .iter()
-        .any(|l| l.stale_private_digest.is_some()));
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "zstd")
+        .expect("the zstd fixture")
+        .clone();
+    let mut manifest = read_json(entry["digest"].as_str().unwrap());
+    let last = manifest["layers"].as_array().unwrap().len() - 1;
+    assert!(manifest["layers"][last]["mediaType"]
+        .as_str()
+        .unwrap()
+        .ends_with("+encrypted"));
+    let mut config = read_json(manifest["config"]["digest"].as_str().unwrap());
+    config["rootfs"]["diff_ids"][last] = format!("sha256:{}", "e".repeat(64)).into();
+    let (config_digest, config_size) = put(serde_json::to_vec(&config).unwrap());
+    manifest["config"]["digest"] = config_digest.into();
+    manifest["config"]["size"] = config_size.into();
+    let (manifest_digest, manifest_size) = put(serde_json::to_vec(&manifest).unwrap());
+    let mut wrong = entry.clone();
+    wrong["digest"] = manifest_digest.into();
+    wrong["size"] = manifest_size.into();
+    wrong["annotations"]["org.opencontainers.image.ref.name"] = "wrong-diff-id".into();
+    index["manifests"].as_array_mut().unwrap().push(wrong);
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+
+    let reference = |tag: &str| format!("oci:{}:{tag}", layout.display());
+    let control = run(
+        &reference("zstd"),
+        "policy-accept-anything.json",
+        &["rsa-2048"],
+        "unpack",
+    );
+    control.result.as_ref().expect("the unchanged copy unpacks");
+    assert!(control.output().exists());
+
+    let refused = run(
+        &reference("wrong-diff-id"),
+        "policy-accept-anything.json",
+        &["rsa-2048"],
+        "unpack",
+    );
+    let err = refused.result.as_ref().unwrap_err();
+    assert_eq!(err.class, FailureClass::DigestMismatch, "{}", err.message);
+    assert!(
+        err.message.contains("the signed config says"),
+        "{}",
+        err.message
+    );
+    assert!(!refused.output().exists());
+    assert_eq!(refused.partial_images(), 0);
 }
 
 fn inode_of(stat: &str) -> String {

@@ -626,6 +626,10 @@ impl Opened {
         let integrity =
             |e: ocicrypt::Error| Error::new(ocicrypt_class(&e), format!("layer {}: {e}", d.digest));
         let (authenticated, stale) = self.decryptor.finish().map_err(integrity)?;
+        let digest = authenticated
+            .plaintext_digest()
+            .expect("the two-pass decryptor always hashes the plaintext")
+            .to_string();
         if let Some(stale) = stale {
             // A publisher that recompressed the layer left the old digest in the private
             // options (as skopeo does with zstd). The signed config's diff_id can still vouch
@@ -639,9 +643,7 @@ impl Opened {
                     FailureClass::DigestMismatch,
                     format!(
                         "layer {}: decrypted digest {} does not match {} from the private options, and its diff_id {diff_id} is not the verified config's",
-                        d.digest,
-                        authenticated.plaintext_digest(),
-                        stale.declared
+                        d.digest, digest, stale.declared
                     ),
                 )));
             }
@@ -649,7 +651,7 @@ impl Opened {
         }
         Ok(DecryptedLayer {
             size: authenticated.plaintext_size(),
-            digest: authenticated.plaintext_digest().to_string(),
+            digest,
             media_type: self.media_type,
         })
     }
