@@ -3,8 +3,10 @@
 //! This machine's kernel has no nbd driver, so the export becomes a FUSE file backed by the
 //! NBD connection, and a loop device over that file: `nbdfuse` for a Unix socket export, and
 //! `qemu-storage-daemon` (an NBD client with x509 TLS, exported as FUSE) for an export over
-//! TCP with TLS, since nbdfuse cannot be given TLS certificates. Each step records how to
-//! undo itself; [`Attachment::detach`] (also run on drop) undoes them last first.
+//! TCP with TLS, since nbdfuse cannot be given TLS certificates. The loop device and the mount
+//! are system calls ([`crate::loop_device`], mount(2)), not processes: each `losetup` or
+//! `mount` cost a cold start about 2 ms. Each step records how to undo itself;
+//! [`Attachment::detach`] (also run on drop) undoes them last first.
 
 use std::ffi::OsStr;
 use std::io;
@@ -34,10 +36,7 @@ pub enum Tool {
     Nbdfuse,
     /// qemu's NBD client with TLS, exported as a FUSE file (TCP exports).
     QemuStorageDaemon,
-    Losetup,
     Resize2fs,
-    Mount,
-    Umount,
     Fusermount3,
 }
 
@@ -47,10 +46,7 @@ impl Tool {
         match self {
             Self::Nbdfuse => "nbdfuse",
             Self::QemuStorageDaemon => "qemu-storage-daemon",
-            Self::Losetup => "losetup",
             Self::Resize2fs => "resize2fs",
-            Self::Mount => "mount",
-            Self::Umount => "umount",
             Self::Fusermount3 => "fusermount3",
         }
     }
@@ -87,6 +83,9 @@ pub enum AttachError {
     /// A directory or file of the attachment.
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+    /// A system call of the attachment (`what` names it and its arguments).
+    #[error("{what}: {source}")]
+    Kernel { what: String, source: io::Error },
     /// The device's superblock could not be read.
     #[error("cannot read the superblock of {}: {source}", device.display())]
     Superblock { device: PathBuf, source: io::Error },
@@ -115,7 +114,7 @@ struct Fuse {
 /// A mounted export.
 pub struct Attachment {
     fuse: Option<Fuse>,
-    loop_device: Option<String>,
+    loop_device: Option<PathBuf>,
     mountpoint: Option<PathBuf>,
 }
 
@@ -182,15 +181,15 @@ impl Attachment {
         };
         let attaching = ops::timings::span("attach").entered();
         let file = a.start_fuse(export, workdir)?;
-        let dev = run(
-            Tool::Losetup,
-            [OsStr::new("--find"), OsStr::new("--show"), file.as_os_str()],
-        )?;
+        let dev = crate::loop_device::attach(&file).map_err(|source| AttachError::Kernel {
+            what: format!("attaching {} to a loop device", file.display()),
+            source,
+        })?;
         a.loop_device = Some(dev.clone());
         // The deployment policy may give the function a device larger than the image's file
         // system: grow it into the device before mounting.
         let device_bytes = std::fs::metadata(&file).map_err(io_error(&file))?.len();
-        let fs_bytes = ext4_bytes(Path::new(&dev))?;
+        let fs_bytes = ext4_bytes(&dev)?;
         if device_bytes >= fs_bytes + GROW_THRESHOLD {
             run(Tool::Resize2fs, [&dev])?;
         }
@@ -198,17 +197,22 @@ impl Attachment {
         let _mounting = ops::timings::span("mount").entered();
         std::fs::create_dir_all(mountpoint).map_err(io_error(mountpoint))?;
         // noatime: reading a file must not write its inode back through the export.
-        run(
-            Tool::Mount,
-            [
-                OsStr::new("-t"),
-                OsStr::new("ext4"),
-                OsStr::new("-o"),
-                OsStr::new("nodev,nosuid,noatime"),
-                OsStr::new(&dev),
-                mountpoint.as_os_str(),
-            ],
-        )?;
+        use rustix::mount::MountFlags;
+        rustix::mount::mount(
+            &dev,
+            mountpoint,
+            "ext4",
+            MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOATIME,
+            None,
+        )
+        .map_err(|e| AttachError::Kernel {
+            what: format!(
+                "mounting ext4 {} on {} (nodev,nosuid,noatime)",
+                dev.display(),
+                mountpoint.display()
+            ),
+            source: e.into(),
+        })?;
         a.mountpoint = Some(mountpoint.to_path_buf());
         Ok(a)
     }
@@ -270,7 +274,9 @@ impl Attachment {
         });
         let fuse = self.fuse.as_mut().expect("set above");
         let start = Instant::now();
-        // Served once the file exists (nbdfuse) or has the export's size (qemu).
+        // Served once the file exists (nbdfuse) or has the export's size (qemu): nbdfuse
+        // takes a few milliseconds, so the looks are frequent.
+        let mut pause = Duration::from_micros(200);
         while !std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
             if let Some(status) = fuse.child.try_wait().ok().flatten() {
                 return Err(AttachError::FuseExited {
@@ -282,7 +288,8 @@ impl Attachment {
             if start.elapsed() > Duration::from_secs(10) {
                 return Err(AttachError::FuseTimeout { tool, export: what });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
         }
         Ok(file)
     }
@@ -291,19 +298,31 @@ impl Attachment {
     /// step is attempted; the first failure is returned.
     pub fn detach(&mut self) -> Result<(), AttachError> {
         let mut first = None;
-        let mut note = |r: Result<String, AttachError>| {
+        let mut note = |r: Result<(), AttachError>| {
             if let Err(e) = r {
                 first.get_or_insert(e);
             }
         };
         if let Some(m) = self.mountpoint.take() {
-            note(run(Tool::Umount, [&m]));
+            note(
+                rustix::mount::unmount(&m, rustix::mount::UnmountFlags::empty()).map_err(|e| {
+                    AttachError::Kernel {
+                        what: format!("unmounting {}", m.display()),
+                        source: e.into(),
+                    }
+                }),
+            );
         }
         if let Some(dev) = self.loop_device.take() {
-            note(run(Tool::Losetup, ["-d", &dev]));
+            note(
+                crate::loop_device::detach(&dev).map_err(|source| AttachError::Kernel {
+                    what: format!("detaching loop device {}", dev.display()),
+                    source,
+                }),
+            );
         }
         if let Some(mut fuse) = self.fuse.take() {
-            // The loop device lets go of the FUSE file asynchronously after `losetup -d`
+            // The loop device lets go of the FUSE file asynchronously after LOOP_CLR_FD
             // (and udev, or another process probing loop devices, may still hold it open a
             // moment): busy for a while is expected. Seen past 5 s on a loaded 2-core host.
             let start = Instant::now();
@@ -318,7 +337,7 @@ impl Attachment {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             };
-            note(unmounted);
+            note(unmounted.map(drop));
             // nbdfuse exits once unmounted; qemu-storage-daemon is told to.
             if fuse.tool == Tool::QemuStorageDaemon {
                 // SAFETY: kill(2) on our own child, not yet reaped.
@@ -338,7 +357,7 @@ impl Attachment {
     }
 }
 
-/// How long a FUSE file still held after `losetup -d` is waited for before the unmount fails.
+/// How long a FUSE file still held after the loop device is detached is waited for before the unmount fails.
 const FUSE_BUSY_WAIT: Duration = Duration::from_secs(20);
 
 impl Drop for Attachment {
@@ -353,15 +372,15 @@ mod tests {
 
     #[test]
     fn a_failed_tool_is_named_with_its_stderr() {
-        let e = run(Tool::Umount, ["/nonexistent/host-attach-test"]).unwrap_err();
+        let e = run(Tool::Fusermount3, ["-u", "/nonexistent/host-attach-test"]).unwrap_err();
         match &e {
             AttachError::Failed { tool, stderr } => {
-                assert_eq!(*tool, Tool::Umount);
+                assert_eq!(*tool, Tool::Fusermount3);
                 assert!(stderr.contains("/nonexistent/host-attach-test"), "{stderr}");
             }
             e => panic!("{e}"),
         }
-        assert!(e.to_string().starts_with("\"umount\" failed: "), "{e}");
+        assert!(e.to_string().starts_with("\"fusermount3\" failed: "), "{e}");
     }
 
     #[test]

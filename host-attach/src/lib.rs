@@ -13,6 +13,7 @@
 //!
 //! - [`attach`]: the export attached (nbdfuse, or qemu-storage-daemon for TLS), a loop device,
 //!   the file system grown to the clone, mounted; undone in reverse order.
+//! - [`loop_device`]: loop devices attached and detached through the kernel's ioctls.
 //! - [`bundle`]: the hardened OCI runtime config (namespaces, no capabilities, seccomp).
 //! - [`runc`]: the bundle written and run; a stop passed on.
 //! - [`microvm`]: `run --vm`: the function in a QEMU microVM, the clone a hot-plugged
@@ -29,6 +30,7 @@ pub mod exit;
 pub mod hook;
 pub mod hook_cmdline;
 pub mod ipu;
+pub mod loop_device;
 pub mod microvm;
 pub mod payload;
 pub mod run;

@@ -170,71 +170,97 @@ pub fn build_rootfs<T: ImageTarget>(
         .map_err(|source| refuse_build(ext4_error(&output, source)))?;
     let mut budget = Budget::default();
     released.resize_with(image.layers.len(), || None);
-    for ((layer, blob), key) in image.layers.iter().zip(blobs).zip(released) {
-        progress.stage(&format!(
-            "unpacking layer {}/{} ({})",
-            layer.index + 1,
-            image.layers.len(),
-            layer.descriptor.digest
-        ));
-        let mut details = layer_details(layer).to_vec();
-        // Which broker replica released the key, for the record.
-        if let Some(d) = key
-            .as_ref()
-            .and_then(|k| k.as_ref().ok())
-            .and_then(LayerKey::broker_detail)
-        {
-            details.push(d);
-        }
-        let cached_at = match &blob {
-            LayerBlob::Fetch { cache, .. } => Some(cache.path_of(&layer.descriptor.digest)),
-            _ => None,
-        };
-        let unpacking = Stage::Unpack.span();
-        match unpacking.in_scope(|| {
-            apply_layer(
-                &mut tree,
-                image.source.as_ref(),
-                blob,
-                layer,
-                key,
-                &image.admission.limits,
-                &mut budget,
-            )
-        }) {
-            Ok(outcome) => {
-                if layer.encrypted {
+    // The next layer's blob is asked for while this one is built: the request's round trip
+    // (a few milliseconds from a registry, tens when it is busy) overlaps the build. Its body
+    // is read, and its digest checked, only when its turn comes.
+    let mut blobs: Vec<Option<LayerBlob>> = blobs.into_iter().map(Some).collect();
+    std::thread::scope(|scope| -> Result<(), Error> {
+        let mut ahead: Option<std::thread::ScopedJoinHandle<'_, Option<Box<dyn Read + Send>>>> =
+            None;
+        for ((i, layer), key) in image.layers.iter().enumerate().zip(released) {
+            let Some(mut blob) = blobs.get_mut(i).and_then(Option::take) else {
+                break;
+            };
+            if let (Some(opening), LayerBlob::Fetch { opened, .. }) = (ahead.take(), &mut blob) {
+                *opened = opening.join().unwrap_or(None);
+            }
+            if let (Some(Some(LayerBlob::Fetch { opened: None, .. })), Some(next)) =
+                (blobs.get(i + 1), image.layers.get(i + 1))
+            {
+                let source = image.source.as_ref();
+                ahead = std::thread::Builder::new()
+                    .name("blob-ahead".into())
+                    .spawn_scoped(scope, move || {
+                        source.open_blob_raw(&next.descriptor.digest).ok()
+                    })
+                    .ok();
+            }
+            progress.stage(&format!(
+                "unpacking layer {}/{} ({})",
+                layer.index + 1,
+                image.layers.len(),
+                layer.descriptor.digest
+            ));
+            let mut details = layer_details(layer).to_vec();
+            // Which broker replica released the key, for the record.
+            if let Some(d) = key
+                .as_ref()
+                .and_then(|k| k.as_ref().ok())
+                .and_then(LayerKey::broker_detail)
+            {
+                details.push(d);
+            }
+            let cached_at = match &blob {
+                LayerBlob::Fetch { cache, .. } => Some(cache.path_of(&layer.descriptor.digest)),
+                _ => None,
+            };
+            let unpacking = Stage::Unpack.span();
+            match unpacking.in_scope(|| {
+                apply_layer(
+                    &mut tree,
+                    image.source.as_ref(),
+                    blob,
+                    layer,
+                    key,
+                    &image.admission.limits,
+                    &mut budget,
+                )
+            }) {
+                Ok(outcome) => {
+                    if layer.encrypted {
+                        rec.record(
+                            EventKind::LayerDecrypt,
+                            Outcome::Success,
+                            "layer decrypted; HMAC and diff_id verified",
+                            &details,
+                        )?;
+                    }
                     rec.record(
-                        EventKind::LayerDecrypt,
+                        EventKind::LayerUnpack,
                         Outcome::Success,
-                        "layer decrypted; HMAC, plaintext digest and diff_id verified",
+                        "layer unpacked into the image's file system",
                         &details,
                     )?;
+                    if let Some(cached) = &cached_at {
+                        progress.pulled(layer.index, cached);
+                    }
+                    progress.unpacked(layer.index, &outcome);
                 }
-                rec.record(
-                    EventKind::LayerUnpack,
-                    Outcome::Success,
-                    "layer unpacked into the image's file system",
-                    &details,
-                )?;
-                if let Some(cached) = &cached_at {
-                    progress.pulled(layer.index, cached);
+                Err(LayerFailure::Decrypt(e)) => {
+                    return Err(rec.refuse(EventKind::LayerDecrypt, e, &details))
                 }
-                progress.unpacked(layer.index, &outcome);
-            }
-            Err(LayerFailure::Decrypt(e)) => {
-                return Err(rec.refuse(EventKind::LayerDecrypt, e, &details))
-            }
-            Err(LayerFailure::Unpack(e)) => {
-                let e = if e.class == FailureClass::WorkspaceFull {
-                    e.context(format!("no space left for the image at {output}"))
-                } else {
-                    e
-                };
-                return Err(rec.refuse(EventKind::LayerUnpack, e, &details));
+                Err(LayerFailure::Unpack(e)) => {
+                    let e = if e.class == FailureClass::WorkspaceFull {
+                        e.context(format!("no space left for the image at {output}"))
+                    } else {
+                        e
+                    };
+                    return Err(rec.refuse(EventKind::LayerUnpack, e, &details));
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     progress.stage("writing the ext4 file system");
     let image_fs = Stage::FileSystem
         .traced(|| tree.finish())

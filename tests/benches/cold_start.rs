@@ -89,7 +89,15 @@ fn ours(
     )
 }
 
-fn seed(d: &Path, image: &str, round: usize) -> Duration {
+/// The seed's three steps, each timed: skopeo, umoci, runc.
+#[derive(Default, Clone, Copy)]
+struct SeedSteps {
+    skopeo: Duration,
+    umoci: Duration,
+    runc: Duration,
+}
+
+fn seed(d: &Path, image: &str, round: usize) -> (Duration, SeedSteps) {
     let dir = d.join(format!("seed{round}"));
     std::fs::create_dir_all(&dir).unwrap();
     let t = Instant::now();
@@ -110,6 +118,7 @@ fn seed(d: &Path, image: &str, round: usize) -> Duration {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let copied = t.elapsed();
     let out = Command::new("umoci")
         .args(["unpack", "--image"])
         .arg(format!("{}:img", dir.join("layout").display()))
@@ -127,6 +136,7 @@ fn seed(d: &Path, image: &str, round: usize) -> Duration {
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     c["process"]["terminal"] = serde_json::Value::Bool(false);
     std::fs::write(&config_path, c.to_string()).unwrap();
+    let unpacked = t.elapsed();
     let out = integration_tests::runc_run(
         &dir.join("bundle"),
         &dir.join("runc"),
@@ -134,7 +144,14 @@ fn seed(d: &Path, image: &str, round: usize) -> Duration {
     );
     let took = t.elapsed();
     assert!(out.contains("hello from enc-signed"), "{out}");
-    took
+    (
+        took,
+        SeedSteps {
+            skopeo: copied,
+            umoci: unpacked - copied,
+            runc: took - unpacked,
+        },
+    )
 }
 
 fn main() {
@@ -155,7 +172,7 @@ fn main() {
     let (swtpm, broker) = integration_tests::broker::start_with_tpm();
     // Our start's stages, from their spans.
     let timings = ops::timings::install().expect("no other subscriber");
-    let (mut o, mut st, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut o, mut st, mut s, mut seed_steps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut spans: Vec<(String, Vec<f64>)> = Vec::new();
     for round in 0..rounds {
         let mut run_ours = || {
@@ -173,11 +190,16 @@ fn main() {
             }
         };
         // Which side goes first flips every round.
+        let mut run_seed = || {
+            let (took, steps) = seed(dir.path(), &image, round);
+            s.push(took);
+            seed_steps.push(steps);
+        };
         if round % 2 == 0 {
             run_ours();
-            s.push(seed(dir.path(), &image, round));
+            run_seed();
         } else {
-            s.push(seed(dir.path(), &image, round));
+            run_seed();
             run_ours();
         }
     }
@@ -221,6 +243,35 @@ fn main() {
         "  seed (skopeo copy --decryption-key, umoci unpack, runc run):                                                           {:8.1} ms",
         s.as_secs_f64() * 1e3
     );
+    let seed_step = |f: fn(&SeedSteps) -> Duration| {
+        median(seed_steps.iter().map(f).collect()).as_secs_f64() * 1e3
+    };
+    println!(
+        "    skopeo {:.1} ms, umoci {:.1} ms, runc {:.1} ms (medians)",
+        seed_step(|s| s.skopeo),
+        seed_step(|s| s.umoci),
+        seed_step(|s| s.runc)
+    );
+    for (name, f) in [
+        (
+            "skopeo",
+            (|s: &SeedSteps| s.skopeo) as fn(&SeedSteps) -> Duration,
+        ),
+        ("umoci", |s| s.umoci),
+        ("runc", |s| s.runc),
+    ] {
+        let v: Vec<f64> = seed_steps
+            .iter()
+            .map(|s| f(s).as_secs_f64() * 1e3)
+            .collect();
+        integration_tests::bench_report::emit(&integration_tests::bench_report::value(
+            "cold_start",
+            &format!("seed, step {name}"),
+            "ms",
+            &v,
+            None,
+        ));
+    }
     println!(
         "  ratio ours / seed: {:.2} (target <= 0.9); per round: min {:.2}, median {:.2}, max {:.2}",
         o.as_secs_f64() / s.as_secs_f64(),

@@ -662,15 +662,23 @@ fn bundle_signatures(
         candidates.push((d.clone(), via));
         Ok(())
     };
-    if let ReferrersLookup::Listed { via, descriptors } = source.referrers(manifest_digest)? {
+    // The tag schema, also where the source lists referrers: an image copied from a registry
+    // without the API keeps its signatures there. Both are asked at once (a round trip each).
+    let tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
+    let (listed, tagged) = std::thread::scope(|scope| {
+        let tagged = scope.spawn(|| source.fetch_manifest(&tag));
+        let listed = source.referrers(manifest_digest);
+        let tagged = tagged
+            .join()
+            .expect("the referrers tag lookup thread panicked");
+        (listed, tagged)
+    });
+    if let ReferrersLookup::Listed { via, descriptors } = listed? {
         for d in &descriptors {
             add(d, via)?;
         }
     }
-    // The tag schema, also where the source lists referrers: an image copied from a registry
-    // without the API keeps its signatures there.
-    let tag = ManifestRef::Tag(format!("sha256-{}", manifest_digest.hex()));
-    if let Some((bytes, mt)) = source.fetch_manifest(&tag)? {
+    if let Some((bytes, mt)) = tagged? {
         match manifest::parse(&bytes, mt.as_deref(), &source.describe()) {
             Ok(ManifestKind::Index(index)) => {
                 for d in &index.manifests {
