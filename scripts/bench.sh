@@ -81,6 +81,11 @@ bench_env() {
 
 for b in "${selected[@]}"; do
     echo "== $b (ROUNDS=$ROUNDS $(bench_env "$b"))" >&2
+    # Each bench starts from an empty page cache: with ten gigabytes cached from the previous
+    # ones, this VM's memory reclaim made the containerd pulls up to 1.5x slower, whichever
+    # side it hit.
+    sync
+    echo 3 >/proc/sys/vm/drop_caches || true
     started=$(date +%s)
     # shellcheck disable=SC2046 # word splitting wanted: the arguments and VAR=value pairs
     if env $(bench_env "$b") cargo bench --locked $(bench_args "$b") 2>"$out/$b.err" | tee "$out/$b.txt"; then
