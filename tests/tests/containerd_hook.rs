@@ -812,16 +812,19 @@ fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
         "application/vnd.oci.image.layer.v1.tar+gzip"
     );
 
-    // The start of the layer, then something else.
+    // The start of the layer, then something else. Its start named the layer, but only an
+    // HMAC over all of it matching that layer's makes it that layer: it is hashed, and
+    // refused under its own digest.
     let mut impostor = layer.blob[..4096].to_vec();
     impostor.extend_from_slice(&[0u8; 4096]);
+    let impostor_digest = format!("sha256:{}", integration_tests::sha256_hex(&impostor));
     let (sent, refused) = decrypt_over_api(&ipu.api, media_type, vec![impostor]);
     assert!(sent.is_empty());
     let refused = refused.unwrap_err();
     assert!(
         refused
             .message()
-            .contains("is in no image this IPU verified"),
+            .contains(&format!("layer {impostor_digest} is in no image this IPU verified")),
         "{refused:?}"
     );
     assert_eq!(

@@ -431,6 +431,23 @@ impl EarlyLayer {
         self.proof = Some(proof);
     }
 
+    /// The digest of the layer this blob's start named, if the HMAC over all of the blob
+    /// (`proof`, from the verifier taken above) matched that layer's, for exactly its size.
+    /// The HMAC is in the signed manifest like the digest, and no other byte string has it
+    /// (that would take a SHA-256 second preimage, key or no key): the blob is that layer's,
+    /// and it need not be hashed to say so.
+    pub fn identified_by_hmac(
+        &self,
+        proof: &Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>,
+    ) -> Option<String> {
+        match proof {
+            Ok(p) if p.size() == self.known.descriptor.size => {
+                Some(self.known.descriptor.digest.to_string())
+            }
+            _ => None,
+        }
+    }
+
     /// The keys and the verdict for [`Service::authenticate`]; `None` when there is no
     /// verdict (no key, or the receiver never ran the HMAC), so that the stored blob gets
     /// its first pass. A key error is returned as is (the broker refused this request).
@@ -481,7 +498,7 @@ fn io(what: &str, e: std::io::Error) -> ServiceError {
     ServiceError::device(what, e)
 }
 
-fn open_blob(blob: &StoredBlob) -> Result<Box<dyn Read + Send>, ServiceError> {
+pub(crate) fn open_blob(blob: &StoredBlob) -> Result<Box<dyn Read + Send>, ServiceError> {
     blob.reader().map_err(|e| io("the received blob", e))
 }
 

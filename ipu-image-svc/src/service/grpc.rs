@@ -67,17 +67,30 @@ const CHUNK: usize = 1 << 20;
 type Authenticated = Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>;
 
 /// Receives a DecryptLayer request's blob into `spool` (in memory while the spool budget has
-/// room, else spilled to its file), hashed on the way, and fed to `verifier` (the layer's
-/// HMAC) when the blob was recognised from its start. The hash, the HMAC and the spool run on
-/// a thread each: one SHA-256 pass alone is about as slow as the stream.
+/// room, else spilled to its file). A blob recognised from its start is fed to `verifier`
+/// (that layer's HMAC) on the way; any other is hashed on the way (its digest says which
+/// layer it is). The hash or the HMAC and the spool run on a thread each: one SHA-256 pass
+/// alone is about as slow as the stream. The digest is `None` when the HMAC ran instead.
 async fn receive_blob(
     first: Vec<u8>,
     inbound: &mut Streaming<DecryptLayerRequest>,
     mut spool: SpoolWriter,
     verifier: Option<ocicrypt::CiphertextVerifier>,
-) -> Result<(StoredBlob, String, u64, Option<Authenticated>), Status> {
+) -> Result<(StoredBlob, Option<String>, u64, Option<Authenticated>), Status> {
     let (to_writer, mut writes) = tokio::sync::mpsc::channel::<Chunk>(8);
-    let (to_hasher, mut hashes) = tokio::sync::mpsc::channel::<Chunk>(8);
+    let (to_hasher, hasher) = if verifier.is_none() {
+        let (tx, mut hashes) = tokio::sync::mpsc::channel::<Chunk>(8);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            while let Some(chunk) = hashes.blocking_recv() {
+                ctx.update(&chunk);
+            }
+            format!("sha256:{}", hex::encode(ctx.finish()))
+        });
+        (Some(tx), Some(hasher))
+    } else {
+        (None, None)
+    };
     let (to_mac, mac) = match verifier {
         Some(mut verifier) => {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(8);
@@ -96,13 +109,6 @@ async fn receive_blob(
             spool.push(chunk)?;
         }
         spool.finish()
-    });
-    let hasher = tokio::task::spawn_blocking(move || {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        while let Some(chunk) = hashes.blocking_recv() {
-            ctx.update(&chunk);
-        }
-        format!("sha256:{}", hex::encode(ctx.finish()))
     });
     let mut received = 0u64;
     let mut next = Some(first);
@@ -126,7 +132,11 @@ async fn receive_blob(
             // The HMAC thread only stops at the end.
             let _ = to_mac.send(chunk.clone()).await;
         }
-        if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
+        if let Some(to_hasher) = &to_hasher {
+            // The hasher only stops at the end.
+            let _ = to_hasher.send(chunk.clone()).await;
+        }
+        if to_writer.send(chunk).await.is_err() {
             // The writer failed; its error is reported below.
             break None;
         }
@@ -135,7 +145,10 @@ async fn receive_blob(
     // All are done with the blob before anything returns (the blob is then dropped,
     // whatever happened: its memory returns to the budget, a spilled file is deleted).
     let written = writer.await;
-    let digest = hasher.await;
+    let digest = match hasher {
+        Some(hasher) => Some(hasher.await.map_err(|e| Status::internal(e.to_string()))?),
+        None => None,
+    };
     let authenticated = match mac {
         Some(mac) => Some(mac.await.map_err(|e| Status::internal(e.to_string()))?),
         None => None,
@@ -146,12 +159,23 @@ async fn receive_blob(
     let stored = written
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("spooling the blob: {e}")))?;
-    Ok((
-        stored,
-        digest.map_err(|e| Status::internal(e.to_string()))?,
-        received,
-        authenticated,
-    ))
+    Ok((stored, digest, received, authenticated))
+}
+
+/// `sha256:<hex>` of a received blob, read back from where it is held.
+fn hash_stored(blob: &StoredBlob) -> Result<String, ServiceError> {
+    let mut reader = crate::service::decrypt::open_blob(blob)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => ctx.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ServiceError::device("reading the received blob back", e)),
+        }
+    }
+    Ok(format!("sha256:{}", hex::encode(ctx.finish())))
 }
 
 /// A DecryptLayer request's spool: where its blob would be spilled, under a random name.
@@ -330,6 +354,23 @@ impl ImageService for Api {
         let verifier = early.as_mut().and_then(EarlyLayer::take_verifier);
         let (stored, digest, size, proof) =
             receive_blob(first.data, &mut inbound, spool, verifier).await?;
+        // Which layer the blob is: its digest, or the layer its start named if the HMAC over
+        // all of it matched that one's. Otherwise (the start misled) it is hashed now, from
+        // where it is held.
+        let digest = match digest {
+            Some(digest) => digest,
+            None => match early
+                .as_ref()
+                .zip(proof.as_ref())
+                .and_then(|(e, p)| e.identified_by_hmac(p))
+            {
+                Some(digest) => digest,
+                None => {
+                    let blob = stored.clone();
+                    blocking(move || hash_stored(&blob)).await?
+                }
+            },
+        };
         if let (Some(early), Some(proof)) = (early.as_mut(), proof) {
             early.authenticated(proof);
         }
