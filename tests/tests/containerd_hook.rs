@@ -822,9 +822,9 @@ fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
     assert!(sent.is_empty());
     let refused = refused.unwrap_err();
     assert!(
-        refused
-            .message()
-            .contains(&format!("layer {impostor_digest} is in no image this IPU verified")),
+        refused.message().contains(&format!(
+            "layer {impostor_digest} is in no image this IPU verified"
+        )),
         "{refused:?}"
     );
     assert_eq!(
