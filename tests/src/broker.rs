@@ -434,17 +434,18 @@ pub fn ipu_service(
     .unwrap()
 }
 
-/// `ipu-image-svc image unpack --json` of the `enc-signed` fixture for `tenant`, its keys
-/// from these `--broker` URLs (in order) with the IPU's TLS files in `d/tls` and its TPM at
-/// `tcti`, with `extra` arguments; the exit code and the JSON report.
+/// `ipu-image-svc image unpack --json` of the `enc-signed` fixture for `tenant` and
+/// `function` (cache, audit log and output under `d`), its keys from these `--broker` URLs
+/// (in order) with the IPU's TLS files in `tls` (`ca.pem`, `ipu.pem`, `ipu.key`) and its TPM
+/// at `tcti`, with `extra` arguments; the exit code and the JSON report.
 pub fn cli_unpack(
     d: &Path,
+    tls: &Path,
     urls: &[&str],
     extra: &[&str],
     tcti: &str,
-    tenant: &str,
+    (tenant, function): (&str, &str),
 ) -> (i32, serde_json::Value) {
-    let tls = d.join("tls");
     let mut cmd = std::process::Command::new(crate::bin("ipu-image-svc"));
     cmd.args(["image", "unpack", "--json", "--quiet", "--policy"])
         .arg(fixtures().join("policies/policy-A.json"));
@@ -453,20 +454,19 @@ pub fn cli_unpack(
     }
     let out = cmd
         .args(extra)
-        .args(["--broker-name", "localhost"])
         .arg("--broker-ca")
         .arg(tls.join("ca.pem"))
         .arg("--broker-cert")
         .arg(tls.join("ipu.pem"))
         .arg("--broker-key")
         .arg(tls.join("ipu.key"))
-        .args(["--tpm", tcti, "--tenant", tenant, "--function", "f"])
+        .args(["--tpm", tcti, "--tenant", tenant, "--function", function])
         .arg("--cache")
         .arg(d.join("cache"))
         .arg("--audit-log")
         .arg(d.join("audit"))
         .arg("--output")
-        .arg(d.join(format!("{tenant}.ext4")))
+        .arg(d.join(format!("{tenant}-{function}.ext4")))
         .arg(format!(
             "oci:{}:enc-signed",
             fixtures().join("oci-layout").display()

@@ -89,7 +89,19 @@ fn count(running: &Running, kind: audit::EventKind) -> usize {
 /// `ipu-image-svc image unpack` for `tenant` with these `--broker` URLs (in order), each
 /// given a second to connect.
 fn unpack(d: &Path, urls: &[&str], tcti: &str, tenant: &str) -> (i32, serde_json::Value) {
-    broker::cli_unpack(d, urls, &["--broker-connect-timeout", "1s"], tcti, tenant)
+    broker::cli_unpack(
+        d,
+        &d.join("tls"),
+        urls,
+        &[
+            "--broker-name",
+            "localhost",
+            "--broker-connect-timeout",
+            "1s",
+        ],
+        tcti,
+        (tenant, "f"),
+    )
 }
 
 #[test]

@@ -15,13 +15,12 @@
 //!   request deadline.
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use integration_tests::fleet::{fresh_pcrs, merged_events, Fleet, FleetStore, Ipu};
-use integration_tests::{bin, fixtures, Swtpm};
+use integration_tests::{fixtures, Swtpm};
 use ipu_image_svc::keys::broker_client::{BrokerKeys, Skipped};
 use ipu_image_svc::keys::KeyError;
 
@@ -335,37 +334,17 @@ fn image_unpack_fails_over_from_a_killed_replica_and_past_one_hung_mid_request()
     );
     let urls = fleet.urls();
     let d = fleet.path("ipu-1");
-    let unpack = |out: &str| {
-        let mut c = Command::new(bin("ipu-image-svc"));
-        c.args(["image", "unpack", "--json", "--quiet", "--policy"])
-            .arg(fixtures().join("policies/policy-A.json"));
-        for u in &urls {
-            c.args(["--broker", u]);
-        }
-        c.args(["--broker-connect-timeout", "2s"])
-            .arg("--broker-ca")
-            .arg(ipu.tls.join("ca.pem"))
-            .arg("--broker-cert")
-            .arg(ipu.tls.join("ipu.pem"))
-            .arg("--broker-key")
-            .arg(ipu.tls.join("ipu.key"))
-            .args(["--tpm", &ipu.swtpm.tcti()])
-            .args(["--tenant", "acme", "--function", out])
-            .arg("--cache")
-            .arg(d.join("cache"))
-            .arg("--audit-log")
-            .arg(d.join("audit"))
-            .arg("--output")
-            .arg(d.join(format!("{out}.ext4")))
-            .arg(format!(
-                "oci:{}:enc-signed",
-                fixtures().join("oci-layout").display()
-            ))
-            .env("TSS2_LOG", "all+NONE");
-        let o = c.output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&o.stderr)));
-        (o.status.code().unwrap(), report)
+    let url_strs: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let tcti = ipu.swtpm.tcti();
+    let unpack = |function: &str| {
+        integration_tests::broker::cli_unpack(
+            &d,
+            &ipu.tls,
+            &url_strs,
+            &["--broker-connect-timeout", "2s"],
+            &tcti,
+            ("acme", function),
+        )
     };
     let key_brokers = |function: &str| -> Vec<String> {
         audit::cli::open_read(&d.join("audit"))

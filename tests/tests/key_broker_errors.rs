@@ -58,7 +58,14 @@ fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
 /// `ipu-image-svc image unpack` for `tenant` with the key broker at `url` (its default
 /// timeouts).
 fn unpack(d: &Path, url: &str, tcti: &str, tenant: &str) -> (i32, serde_json::Value) {
-    integration_tests::broker::cli_unpack(d, &[url], &[], tcti, tenant)
+    integration_tests::broker::cli_unpack(
+        d,
+        &d.join("tls"),
+        &[url],
+        &["--broker-name", "localhost"],
+        tcti,
+        (tenant, "f"),
+    )
 }
 
 #[test]
