@@ -59,6 +59,8 @@
 //! * A root entry named `lost+found` that is not a directory is kept as it is (e2fsck will
 //!   complain about it); the builder only makes lost+found when the name is free.
 //!
+//! Feature `serde`: [`Summary`] is `Serialize` (the image service reports it as JSON).
+//!
 //! # Example
 //!
 //! ```no_run

@@ -48,6 +48,7 @@ pub struct Meta {
 
 /// Counts of the tree.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Summary {
     /// Regular file inodes.
     pub regular_files: u64,

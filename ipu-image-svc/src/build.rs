@@ -276,7 +276,7 @@ pub fn build_rootfs<T: ImageTarget>(
         image_bytes: size,
         inodes_reserved: inodes_count,
         uuid: rootfs::uuid_from_seed(&seed),
-        tree: summary.into(),
+        tree: summary,
     };
     let published = target.publish(size).map_err(|source| {
         refuse_build(if is_no_space(&source) {

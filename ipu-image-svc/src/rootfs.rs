@@ -14,38 +14,6 @@ use serde::Serialize;
 
 const MIB: u64 = 1 << 20;
 
-/// What the image's tree holds.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct TreeSummary {
-    pub regular_files: u64,
-    pub directories: u64,
-    pub symlinks: u64,
-    /// Extra names for an inode already counted.
-    pub hardlinks: u64,
-    pub device_nodes: u64,
-    pub fifos: u64,
-    pub setuid_files: u64,
-    /// Sum of regular file sizes, each inode once.
-    pub content_bytes: u64,
-    pub inodes: u64,
-}
-
-impl From<ext4_image::Summary> for TreeSummary {
-    fn from(s: ext4_image::Summary) -> Self {
-        Self {
-            regular_files: s.regular_files,
-            directories: s.directories,
-            symlinks: s.symlinks,
-            hardlinks: s.hardlinks,
-            device_nodes: s.device_nodes,
-            fifos: s.fifos,
-            setuid_files: s.setuid_files,
-            content_bytes: s.content_bytes,
-            inodes: s.inodes,
-        }
-    }
-}
-
 /// The built image.
 #[derive(Clone, Debug, Serialize)]
 pub struct RootfsImage {
@@ -53,7 +21,8 @@ pub struct RootfsImage {
     pub image_bytes: u64,
     pub inodes_reserved: u64,
     pub uuid: String,
-    pub tree: TreeSummary,
+    /// What the image's tree holds.
+    pub tree: ext4_image::Summary,
 }
 
 #[derive(Clone, Debug)]
