@@ -116,9 +116,7 @@ fn refusals_name_the_entry() {
     assert!(matches!(e, Error::BadOption(_)) && e.to_string().contains("seventeen-bytes-x"));
 
     // nothing of the above left a trace
-    let img = b.finish().unwrap();
-    img.sink.set_len(img.size_bytes).unwrap();
-    fsck(&path);
+    finish_and_fsck(b, &path);
 
     let (_, mut b) = builder(tmp.path(), Options::default());
     let d = b.mkdir(b.root(), b"d", m()).unwrap();
@@ -149,9 +147,7 @@ fn too_many_links() {
     let e = b.hardlink(d, b"one-too-many", f).unwrap_err();
     assert!(matches!(e, Error::TooManyLinks(_)) && e.to_string().contains("one-too-many"));
     assert_eq!(b.summary().hardlinks, 64999);
-    let img = b.finish().unwrap();
-    img.sink.set_len(img.size_bytes).unwrap();
-    fsck(&path);
+    finish_and_fsck(b, &path);
 }
 
 #[test]
@@ -176,9 +172,7 @@ fn too_large() {
     );
     // the failed file is gone, the rest still builds
     assert_eq!(b.lookup(root, b"too-big"), None);
-    let img = b.finish().unwrap();
-    img.sink.set_len(img.size_bytes).unwrap();
-    fsck(&path);
+    finish_and_fsck(b, &path);
     let m = Mount::new(&path, false);
     compare(
         m.path(),
@@ -220,9 +214,7 @@ fn dropped_writer_removes_its_file() {
         b.kind(b.lookup(root, b"abandoned").unwrap()),
         NodeKind::Regular
     );
-    let img = b.finish().unwrap();
-    img.sink.set_len(img.size_bytes).unwrap();
-    fsck(&path);
+    finish_and_fsck(b, &path);
     let m = Mount::new(&path, false);
     compare(
         m.path(),
@@ -244,9 +236,7 @@ fn directory_with_more_than_65000_subdirectories() {
         b.mkdir(d, format!("{i}").as_bytes(), meta(0o755, 0, 0, 0))
             .unwrap();
     }
-    let img = b.finish().unwrap();
-    img.sink.set_len(img.size_bytes).unwrap();
-    fsck(&path);
+    finish_and_fsck(b, &path);
     let out = std::process::Command::new("debugfs")
         .args(["-R", "stat /wide"])
         .arg(&path)

@@ -80,9 +80,7 @@ fn crossing_backups_many_files_and_removals() {
     assert_eq!(s.hardlinks, 0);
     assert_eq!(s.directories, 1);
 
-    let img = b.finish().unwrap();
-    img.sink.set_len(img.size_bytes).unwrap();
-    fsck(&path);
+    finish_and_fsck(b, &path);
 
     // the survivors; "kept-link" now stands alone for large-1
     let large1 = pattern(3 << 20, 1);

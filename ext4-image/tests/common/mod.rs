@@ -118,9 +118,22 @@ pub fn build(dir: &Path, opts: Options, entries: &[Entry]) -> (PathBuf, Image<Fi
     let f = File::create(&path).unwrap();
     let mut b = Builder::new(f, opts).unwrap();
     build_into(&mut b, entries);
+    let img = finish(b);
+    (path, img)
+}
+
+/// Finishes `b`'s image in its file, sized to the image.
+pub fn finish(b: Builder<File>) -> Image<File> {
     let img = b.finish().unwrap();
     img.sink.set_len(img.size_bytes).unwrap();
-    (path, img)
+    img
+}
+
+/// Finishes `b`'s image in its file at `path`, which `e2fsck` must find clean.
+pub fn finish_and_fsck(b: Builder<File>, path: &Path) -> Image<File> {
+    let img = finish(b);
+    fsck(path);
+    img
 }
 
 /// `e2fsck -fn`: exit 0 and nothing but the pass lines and the summary.
