@@ -173,19 +173,19 @@ pub fn build_rootfs<T: ImageTarget>(
     // The next layer's blob is asked for while this one is built: the request's round trip
     // (a few milliseconds from a registry, tens when it is busy) overlaps the build. Its body
     // is read, and its digest checked, only when its turn comes.
-    let mut blobs: Vec<Option<LayerBlob>> = blobs.into_iter().map(Some).collect();
+    let mut blobs = blobs.into_iter().peekable();
     std::thread::scope(|scope| -> Result<(), Error> {
         let mut ahead: Option<std::thread::ScopedJoinHandle<'_, Option<Box<dyn Read + Send>>>> =
             None;
         for ((i, layer), key) in image.layers.iter().enumerate().zip(released) {
-            let Some(mut blob) = blobs.get_mut(i).and_then(Option::take) else {
+            let Some(mut blob) = blobs.next() else {
                 break;
             };
             if let (Some(opening), LayerBlob::Fetch { opened, .. }) = (ahead.take(), &mut blob) {
                 *opened = opening.join().unwrap_or(None);
             }
-            if let (Some(Some(LayerBlob::Fetch { opened: None, .. })), Some(next)) =
-                (blobs.get(i + 1), image.layers.get(i + 1))
+            if let (Some(LayerBlob::Fetch { opened: None, .. }), Some(next)) =
+                (blobs.peek(), image.layers.get(i + 1))
             {
                 let source = image.source.as_ref();
                 ahead = std::thread::Builder::new()
