@@ -9,7 +9,6 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use policy::reference::Digest;
-use sha2::{Digest as _, Sha256};
 
 use super::{open_blob, Descriptor, FetchError, FetchErrorClass, ImageSource};
 
@@ -117,10 +116,8 @@ impl BlobCache {
         if len != desc.size {
             return Ok(false);
         }
-        let mut hash = Sha256::new();
-        io::copy(&mut file, &mut HashWriter(&mut hash))
-            .map_err(|e| io_err("cannot read", path, e))?;
-        Ok(Digest::from_sha256(hash.finalize().into()) == desc.digest)
+        let digest = super::digest_of(&mut file).map_err(|e| io_err("cannot read", path, e))?;
+        Ok(digest == desc.digest)
     }
 }
 
@@ -152,17 +149,5 @@ impl<R: Read> Read for CacheTee<R> {
             }
         }
         Ok(n)
-    }
-}
-
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }

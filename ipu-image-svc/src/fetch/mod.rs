@@ -180,6 +180,13 @@ impl Default for SourceOptions {
 }
 
 /// Opens the source a reference names.
+/// The digest of everything `reader` yields.
+pub fn digest_of(mut reader: impl Read) -> io::Result<Digest> {
+    let mut hash = Sha256::new();
+    io::copy(&mut reader, &mut hash)?;
+    Ok(Digest::from_sha256(hash.finalize().into()))
+}
+
 pub fn open_source(
     reference: &ImageReference,
     opts: &SourceOptions,

@@ -164,18 +164,10 @@ async fn receive_blob(
 
 /// `sha256:<hex>` of a received blob, read back from where it is held.
 fn hash_stored(blob: &StoredBlob) -> Result<String, ServiceError> {
-    let mut reader = crate::service::decrypt::open_blob(blob)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match std::io::Read::read(&mut reader, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => ctx.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ServiceError::device("reading the received blob back", e)),
-        }
-    }
-    Ok(format!("sha256:{}", hex::encode(ctx.finish())))
+    let reader = crate::service::decrypt::open_blob(blob)?;
+    crate::fetch::digest_of(reader)
+        .map(|d| d.to_string())
+        .map_err(|e| ServiceError::device("reading the received blob back", e))
 }
 
 /// A DecryptLayer request's spool: where its blob would be spilled, under a random name.
