@@ -80,6 +80,13 @@ struct ServeArgs {
     /// to <state-dir>/spool [default: 1G].
     #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
     spool_memory: Option<u64>,
+    /// How many bytes of encrypted layers the IPU may fetch itself after a `Verify` and
+    /// hold for the decrypt hook at once (ciphertext, HMAC-checked as it arrives), so that
+    /// the hook's plaintext starts at once instead of after the whole blob has been
+    /// received; 0 turns it off (a second download of each layer the hook will decrypt)
+    /// [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
+    hook_prefetch: Option<u64>,
     /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have
     /// the image's layers decrypted; then the image must be verified again [default: 15m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -182,6 +189,7 @@ impl ServeArgs {
                 clone_ttl: self.clone_ttl,
                 max_cached_bases: self.max_cached_bases,
                 spool_memory: self.spool_memory,
+                hook_prefetch: self.hook_prefetch,
                 verified_layer_ttl: self.verified_layer_ttl,
                 export: self.export_kind,
                 vhost_queues: self.vhost_queues,
@@ -552,6 +560,7 @@ fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
             tcp_exports,
             max_cached_bases: c.max_cached_bases,
             spool_memory: c.spool_memory,
+            hook_prefetch: c.hook_prefetch,
             verified_layer_ttl: c.verified_layer_ttl,
             exports: crate::service::ExportOptions {
                 default_kind: c.export,

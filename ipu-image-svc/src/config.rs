@@ -31,6 +31,8 @@ pub struct ServeSettings {
     pub max_cached_bases: Option<usize>,
     #[serde(default, deserialize_with = "size")]
     pub spool_memory: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
+    pub hook_prefetch: Option<u64>,
     #[serde(default, deserialize_with = "file::duration")]
     pub verified_layer_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "file::from_str")]
@@ -103,6 +105,7 @@ pub struct ServeConfig {
     pub clone_ttl: Duration,
     pub max_cached_bases: usize,
     pub spool_memory: u64,
+    pub hook_prefetch: u64,
     #[serde(serialize_with = "file::show_duration")]
     pub verified_layer_ttl: Duration,
     #[serde(serialize_with = "show")]
@@ -213,6 +216,7 @@ impl ServeSettings {
             clone_ttl: self.clone_ttl.or(f.clone_ttl),
             max_cached_bases: self.max_cached_bases.or(f.max_cached_bases),
             spool_memory: self.spool_memory.or(f.spool_memory),
+            hook_prefetch: self.hook_prefetch.or(f.hook_prefetch),
             verified_layer_ttl: self.verified_layer_ttl.or(f.verified_layer_ttl),
             export: self.export.or(f.export),
             vhost_queues: self.vhost_queues.or(f.vhost_queues),
@@ -356,6 +360,9 @@ pub fn effective(config: Option<&Path>, flags: ServeSettings) -> Result<ServeCon
         spool_memory: s
             .spool_memory
             .unwrap_or(crate::service::spool::DEFAULT_SPOOL_MEMORY),
+        hook_prefetch: s
+            .hook_prefetch
+            .unwrap_or(crate::service::prefetch::DEFAULT_PREFETCH_LIMIT),
         verified_layer_ttl: s.verified_layer_ttl.unwrap_or(Duration::from_secs(15 * 60)),
         export: s.export.unwrap_or_default(),
         vhost_queues,

@@ -48,6 +48,7 @@ impl Ipu {
         let mut options = ServiceOptions {
             max_cached_bases: 4,
             spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
+            hook_prefetch: ipu_image_svc::service::prefetch::DEFAULT_PREFETCH_LIMIT,
             ..crate::broker::service_options(d.join("ipu-state"))
         };
         adjust(&mut options);
@@ -112,7 +113,20 @@ impl Ipu {
             .collect()
     }
 
+    /// The reasons of the IPU's records of layers it failed to fetch for the hook after a
+    /// `Verify` (`layer.decrypt`, via `hook-prefetch`).
+    pub fn prefetch_failures(&self) -> Vec<String> {
+        self.layer_decrypt_events("hook-prefetch")
+            .into_iter()
+            .map(|e| e.reason)
+            .collect()
+    }
+
     fn hook_decrypt_events(&self) -> Vec<audit::Event> {
+        self.layer_decrypt_events("decrypt-hook")
+    }
+
+    fn layer_decrypt_events(&self, via: &str) -> Vec<audit::Event> {
         self.audit
             .store()
             .query(&audit::Query {
@@ -123,7 +137,7 @@ impl Ipu {
             .unwrap()
             .events
             .into_iter()
-            .filter(|e| e.details.get("via").map(String::as_str) == Some("decrypt-hook"))
+            .filter(|e| e.details.get("via").map(String::as_str) == Some(via))
             .collect()
     }
 }

@@ -30,6 +30,14 @@ const EMPTY_DIFF_ID: &str =
 const ENC_SIGNED_DIFF_ID: &str =
     "sha256:b02c544e11e6b0f6bad701562e72f583b0d65e567f1fca858b0db65a7875532a";
 
+/// Where a released layer's HMAC was checked (`hmac_checked`): on the IPU's own copy, fetched
+/// after `Verify`, with the host's blob compared with it; as the host's blob arrived; or in a
+/// pass over the host's blob once held.
+const PREFETCHED: &str =
+    "on the IPU's own copy, fetched after Verify (the host's blob compared with it)";
+const ON_ARRIVAL: &str = "on arrival (recognised from its start)";
+const OVER_STORED: &str = "over the stored blob";
+
 fn shows_hook_failure(message: &str, hook_text: &[&str]) -> bool {
     message.contains(EMPTY_LAYER_DIFF_ID)
         || message.contains(&format!(
@@ -135,16 +143,15 @@ fn pull_and_run(flavour: Flavour) {
         1,
         "{outcomes:?}"
     );
-    // Verified images' blobs are recognised from their first bytes, so each was
-    // authenticated as containerd streamed it.
-    assert_eq!(
-        ipu.hook_hmac_checks(),
-        ["on arrival (recognised from its start)"; 3]
-    );
+    // Verified images' layers are fetched by the IPU after Verify and recognised from the
+    // first bytes of containerd's blobs: each was decrypted from the IPU's own authenticated
+    // copy as containerd streamed its blob, which was compared with that copy.
+    assert_eq!(ipu.hook_hmac_checks(), [PREFETCHED; 3]);
     if flavour == Flavour::V2_1 {
         // containerd 2's ctr pulls through the transfer service (the unpack runs in
         // containerd); `--local` unpacks in the client, as 1.x's ctr and Go clients do. In a
-        // fresh namespace both of enc-signed's layers go through the hook again.
+        // fresh namespace both of enc-signed's layers go through the hook again. The IPU's
+        // copies were used once already: these are authenticated as they arrive.
         let pulled = ctd.ctr(
             "ns-local",
             &["images", "pull", "--local", "--plain-http", &image],
@@ -158,7 +165,7 @@ fn pull_and_run(flavour: Flavour) {
         );
         assert_eq!(
             ipu.hook_hmac_checks(),
-            ["on arrival (recognised from its start)"; 5]
+            [PREFETCHED, PREFETCHED, PREFETCHED, ON_ARRIVAL, ON_ARRIVAL]
         );
     }
     ipu.service.shutdown();
@@ -451,11 +458,8 @@ fn a_payload_carrying_apply_through_the_diff_service() {
         .unwrap();
     assert_eq!(applied.digest, diff_id);
     assert_eq!(applied.media_type, "application/vnd.oci.image.layer.v1.tar");
-    // Recognised by the digest the payload names, and authenticated as it arrived.
-    assert_eq!(
-        ipu.hook_hmac_checks(),
-        ["on arrival (recognised from its start)"]
-    );
+    // Recognised by the digest the payload names, and decrypted from the IPU's own copy.
+    assert_eq!(ipu.hook_hmac_checks(), [PREFETCHED]);
 
     // A payload that names another blob.
     let other = format!("sha256:{}", "0".repeat(64));
@@ -710,6 +714,11 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
     );
     // Refused as an integrity failure, before any release, both times.
     assert_eq!(ipu.hook_decrypts(), ["denied", "denied"]);
+    // The IPU's own copy, fetched after Verify, failed the same HMAC: not held, and on the
+    // record.
+    let failures = ipu.prefetch_failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].contains("HMAC does not match"), "{failures:?}");
     assert!(
         ipu.hook_decrypt_reasons()
             .iter()
@@ -778,11 +787,13 @@ fn decrypt_over_api(
     integration_tests::containerd::decrypt_over_api(api, "acme", "pull", media_type, chunks)
 }
 
-/// The IPU recognises a verified layer's blob by its first bytes and authenticates it while it
-/// arrives; a blob whose start is too short to tell is authenticated in a pass over the stored
-/// blob instead. Both give the same plaintext and trailer. A blob that starts like a verified
-/// layer but is another is refused like any unknown blob, and the key released for it as it
-/// started is recorded as unused.
+/// The three ways a layer is authenticated give the same plaintext and trailer: the IPU's own
+/// copy, fetched after Verify, decrypted as the host's blob arrives (the first request); the
+/// blob recognised by its first bytes and authenticated while it arrives (the copy was used
+/// once already); and a blob whose start is too short to tell, authenticated in a pass over
+/// the stored blob. A blob that starts like a verified layer but is another, sent when no copy
+/// is held, is refused like any unknown blob, and the key released for it as it started is
+/// recorded as unused.
 #[test]
 fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
     let dir = tempfile::tempdir().unwrap();
@@ -790,16 +801,20 @@ fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
     let media_type = GZIP_ENCRYPTED;
     let privopts = fixture_private_options(&layer);
 
-    // Whole: recognised from its start.
-    let (early, trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
+    // Whole: the IPU's copy, fetched after Verify.
+    let (held, trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
     let trailer = trailer.unwrap();
+    // Whole again: recognised from its start, authenticated as it arrives.
+    let (early, early_trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
     // 16 bytes first: too few to recognise; authenticated once stored.
     let (late, late_trailer) = decrypt_over_api(
         &ipu.api,
         media_type,
         vec![layer.blob[..16].to_vec(), layer.blob[16..].to_vec()],
     );
+    assert_eq!(early_trailer.unwrap(), trailer);
     assert_eq!(late_trailer.unwrap(), trailer);
+    assert_eq!(held, early);
     assert_eq!(early, late);
     assert_eq!(trailer.size, early.len() as u64);
     assert_eq!(trailer.digest, privopts.digest());
@@ -829,20 +844,83 @@ fn a_layer_recognised_from_its_start_or_only_whole_decrypts_the_same() {
     );
     assert_eq!(
         ipu.hook_decrypts(),
-        ["success", "success", "failure", "denied"]
+        ["success", "success", "success", "failure", "denied"]
     );
     assert_eq!(
         ipu.hook_hmac_checks(),
-        [
-            "on arrival (recognised from its start)",
-            "over the stored blob"
-        ]
+        [PREFETCHED, ON_ARRIVAL, OVER_STORED]
     );
     let reasons = ipu.hook_decrypt_reasons();
     assert!(
-        reasons[2].contains("released for a blob as it started to arrive was not used"),
+        reasons[3].contains("released for a blob as it started to arrive was not used"),
         "{reasons:?}"
     );
+    ipu.service.shutdown();
+}
+
+/// With the IPU's own copy of a layer held, the plaintext starts before the host's blob has
+/// arrived, so the host's blob must be that copy to the last byte for the hook to succeed. A
+/// blob that starts like the layer and then differs (or is cut short, or runs on) gets an
+/// error instead of the trailer, and the IPU records where it differed. What was sent before
+/// is the verified layer's own plaintext (which the host may have), never a decryption of the
+/// host's other bytes. The control, the layer itself, gets its trailer.
+#[test]
+fn a_blob_that_only_starts_like_the_ipus_copy_gets_no_trailer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ipu, layer) = ipu_with_verified_layer(dir.path());
+    let media_type = GZIP_ENCRYPTED;
+    let privopts = fixture_private_options(&layer);
+    let reverify = || {
+        let verified = verify(&ipu, "acme", "pull", &layer.image);
+        assert!(verified.status.success(), "{}", text(&verified));
+    };
+    // Control: the layer itself, from the copy, with its trailer.
+    let (plaintext, trailer) = decrypt_over_api(&ipu.api, media_type, vec![layer.blob.clone()]);
+    assert_eq!(trailer.unwrap().digest, privopts.digest());
+    let n = layer.blob.len();
+    let mut changed = layer.blob.clone();
+    changed[n / 2] ^= 1;
+    let mut longer = layer.blob.clone();
+    longer.push(0);
+    let cases: [(&str, Vec<Vec<u8>>, usize); 3] = [
+        // In pieces, so that the difference arrives after the first message.
+        (
+            "one byte changed",
+            vec![changed[..4096].to_vec(), changed[4096..].to_vec()],
+            n / 2,
+        ),
+        ("cut short", vec![layer.blob[..n - 1].to_vec()], n - 1),
+        ("one byte more", vec![longer], n),
+    ];
+    for (what, chunks, at) in cases {
+        reverify();
+        let (sent, refused) = decrypt_over_api(&ipu.api, media_type, chunks);
+        let refused = refused.expect_err(what);
+        assert!(
+            refused.message().contains(&format!(
+                "is not layer {}, whose start it has: it differs from the IPU's verified copy from byte {at} on",
+                layer.layer_digest
+            )),
+            "{what}: {refused:?}"
+        );
+        assert!(
+            plaintext.starts_with(&sent),
+            "{what}: what was sent is not the verified layer's plaintext"
+        );
+    }
+    // Each a release from the copy, then its failure with the reason.
+    assert_eq!(
+        ipu.hook_decrypts(),
+        ["success", "success", "failure", "success", "failure", "success", "failure"]
+    );
+    assert_eq!(ipu.hook_hmac_checks(), [PREFETCHED; 4]);
+    let reasons = ipu.hook_decrypt_reasons();
+    for r in [&reasons[2], &reasons[4], &reasons[6]] {
+        assert!(
+            r.contains("differs from the IPU's verified copy"),
+            "{reasons:?}"
+        );
+    }
     ipu.service.shutdown();
 }
 

@@ -46,6 +46,7 @@ fn service(
         tcp_exports: None,
         max_cached_bases: 16,
         spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
+        hook_prefetch: ipu_image_svc::service::prefetch::DEFAULT_PREFETCH_LIMIT,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
         exports: Default::default(),
     };

@@ -27,6 +27,7 @@ fn prepare_is_unavailable_when_the_broker_stopped_and_denied_when_it_refuses() {
         ServiceOptions {
             max_cached_bases: 4,
             spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
+            hook_prefetch: ipu_image_svc::service::prefetch::DEFAULT_PREFETCH_LIMIT,
             ..integration_tests::broker::service_options(d.join("state"))
         },
         fixtures().join("policies/policy-A.json"),

@@ -41,6 +41,7 @@ fn service(d: &Path, sink: Arc<dyn audit::AuditSink>) -> Service {
         tcp_exports: None,
         max_cached_bases: 16,
         spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
+        hook_prefetch: ipu_image_svc::service::prefetch::DEFAULT_PREFETCH_LIMIT,
         verified_layer_ttl: ipu_image_svc::service::known::DEFAULT_VERIFIED_LAYER_TTL,
         exports: Default::default(),
     };

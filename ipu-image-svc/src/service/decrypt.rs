@@ -20,6 +20,7 @@ use std::time::Instant;
 use audit::{AuditSink, Event, EventKind, Outcome};
 
 use super::known::{KnownLayer, Lookup};
+use super::prefetch::{HeldLayer, HeldLayerView, PrefetchJob};
 use super::spool::StoredBlob;
 use super::{check_name, Service, ServiceError};
 use crate::error::{ocicrypt_class, Error, FailureClass};
@@ -122,7 +123,21 @@ impl Service {
             .iter()
             .map(|l| l.descriptor.digest.to_string())
             .collect();
-        Ok((verified.manifest_digest.to_string(), layers))
+        let manifest_digest = verified.manifest_digest.to_string();
+        // The encrypted layers are fetched now, while containerd fetches its copies, so that
+        // the hook's plaintext can start as its blob does.
+        PrefetchJob {
+            prefetches: self.prefetches.clone(),
+            keys: self.keys.clone(),
+            audit: self.audit.clone(),
+            spool_budget: self.spool_budget.clone(),
+            spool_dir: self.spool_dir(),
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            grant: placement.envelope(),
+        }
+        .start(verified);
+        Ok((manifest_digest, layers))
     }
 
     /// Recognises a blob from its start, before it has arrived whole: by the digest a
@@ -272,44 +287,172 @@ impl Service {
             })),
             (Some(k), _) => self.authenticate(tenant, function, k, blob, early),
         };
-        match opened {
-            Ok(opened) => {
-                let mut details = vec![(
-                    "hmac_checked",
-                    if opened.on_arrival {
-                        "on arrival (recognised from its start)"
-                    } else {
-                        "over the stored blob"
-                    }
-                    .to_string(),
-                )];
-                details.extend(opened.keys.broker_detail());
-                record.record(
+        release(record, opened)
+    }
+
+    /// Opens the IPU's own copy of the layer `early` recognised (`held`, fetched and
+    /// authenticated after `Verify`) for `tenant` and `function`, before the host's blob has
+    /// arrived: the layer must still be verified for them, under a grant still in its window,
+    /// with the request's media type (and the payload's digest and size, if any). The
+    /// caller compares the host's blob with the returned copy as it arrives, and sends the
+    /// trailer only if they are equal ([`super::prefetch::BlobComparison`]).
+    ///
+    /// Recorded like [`open_layer`](Self::open_layer), with `hmac_checked` saying the copy
+    /// was the IPU's.
+    pub fn open_held(
+        &self,
+        tenant: &str,
+        function: &str,
+        media_type: &str,
+        payload_descriptor: Option<&str>,
+        early: EarlyLayer,
+        held: HeldLayer,
+    ) -> Result<(LayerStream, HeldLayerView), ServiceError> {
+        check_name("tenant", tenant)?;
+        check_name("function", function)?;
+        let digest = early.known.descriptor.digest.to_string();
+        let lookup = self.known_layers.lock().expect("not poisoned").get(
+            &digest,
+            tenant,
+            function,
+            Instant::now(),
+        );
+        let record = LayerRecord::new(self, tenant, function, &early.known);
+        let opened = match lookup {
+            Lookup::Known(known) => (|| {
+                check_request(&known, &digest, None, media_type, payload_descriptor)?;
+                let keys = early.take_keys()?;
+                let d = &known.descriptor;
+                let integrity = |e: ocicrypt::Error| {
+                    Error::new(ocicrypt_class(&e), format!("layer {}: {e}", d.digest))
+                };
+                let decryptor = ocicrypt::VerifiedDecryptor::new_in(
+                    open_blob(&held.blob)?,
+                    &keys.privopts,
+                    held.proof,
+                    &SecretHome,
+                )
+                .map_err(integrity)?;
+                Ok(Opened {
+                    decryptor,
+                    blob: held.blob.clone(),
+                    keys,
+                    media_type: plain_media_type(d)?,
+                    known: *known,
+                    hmac: HmacChecked::Prefetched,
+                })
+            })(),
+            Lookup::Expired { .. } | Lookup::Unknown => Err(refused(format!(
+                "layer {digest} is no longer verified for tenant {tenant:?}, function {function:?}: verify the image again (ImageService.Verify, `host-attach verify`), then pull"
+            ))),
+        };
+        let size = early_size(&opened);
+        release(record, opened).map(|stream| {
+            (
+                stream,
+                HeldLayerView {
+                    blob: held.blob,
+                    size,
+                },
+            )
+        })
+    }
+}
+
+/// The checks of a request against the verified layer `known` before any release: the grant
+/// still in its window, the blob's size (when known: a blob compared with the IPU's own copy
+/// is checked as it arrives) and media type the descriptor's, and the stream processor
+/// payload, if any, naming this blob.
+fn check_request(
+    known: &KnownLayer,
+    digest: &str,
+    size: Option<u64>,
+    media_type: &str,
+    payload_descriptor: Option<&str>,
+) -> Result<(), ServiceError> {
+    if let Some(g) = known
+        .grant
+        .as_ref()
+        .filter(|g| g.expired(std::time::SystemTime::now()))
+    {
+        return Err(refused(format!(
+            "placement grant refused (expired): layer {digest} was verified under grant {}, whose window ended at {}: verify the image again with a new grant",
+            g.serial,
+            policy::grant::format_time(g.not_after)
+        )));
+    }
+    let d = &known.descriptor;
+    let size = size.unwrap_or(d.size);
+    if d.size != size || d.media_type != media_type {
+        return Err(refused(format!(
+            "the blob ({size} bytes, {media_type}) does not match layer {} of {} ({} bytes, {})",
+            d.digest, known.image, d.size, d.media_type
+        )));
+    }
+    if let Some(json) = payload_descriptor {
+        let payload: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| refused(format!("the stream processor payload's descriptor: {e}")))?;
+        if payload["digest"].as_str() != Some(digest) || payload["size"].as_u64() != Some(size) {
+            return Err(refused(format!(
+                "the stream processor payload names {} ({} bytes), not the blob received ({digest}, {size} bytes)",
+                payload["digest"], payload["size"]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The plain media type of an encrypted layer's descriptor.
+fn plain_media_type(d: &crate::fetch::Descriptor) -> Result<String, ServiceError> {
+    Ok(ocicrypt::decrypted_media_type(&d.media_type)
+        .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
+        .to_string())
+}
+
+/// The size of the layer an open attempt is for (0 when it failed: nothing is compared).
+fn early_size(opened: &Result<Opened, ServiceError>) -> u64 {
+    opened
+        .as_ref()
+        .map(|o| o.known.descriptor.size)
+        .unwrap_or(0)
+}
+
+/// Records a release (or its refusal) and hands out the stream.
+fn release(
+    record: LayerRecord,
+    opened: Result<Opened, ServiceError>,
+) -> Result<LayerStream, ServiceError> {
+    match opened {
+        Ok(opened) => {
+            let mut details = vec![("hmac_checked", opened.hmac.describe().to_string())];
+            details.extend(opened.keys.broker_detail());
+            record.record(
                     Outcome::Success,
                     "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted".into(),
                     &details,
                 )?;
-                Ok(LayerStream {
-                    opened: Some(opened),
-                    record: Some(record),
-                    sent: 0,
-                })
-            }
-            Err(e) => {
-                record.record(
-                    if e.class().is_rejection() {
-                        Outcome::Denied
-                    } else {
-                        Outcome::Failure
-                    },
-                    e.to_string(),
-                    &[],
-                )?;
-                Err(e)
-            }
+            Ok(LayerStream {
+                opened: Some(opened),
+                record: Some(record),
+                sent: 0,
+            })
+        }
+        Err(e) => {
+            record.record(
+                if e.class().is_rejection() {
+                    Outcome::Denied
+                } else {
+                    Outcome::Failure
+                },
+                e.to_string(),
+                &[],
+            )?;
+            Err(e)
         }
     }
+}
 
+impl Service {
     /// Everything up to the release: descriptor and payload checks, the key, the HMAC over
     /// the whole blob (computed on arrival when `early` recognised it, else in a first pass
     /// over the stored blob).
@@ -321,40 +464,15 @@ impl Service {
         blob: &ReceivedBlob<'_>,
         early: Option<EarlyLayer>,
     ) -> Result<Opened, ServiceError> {
-        if let Some(g) = known
-            .grant
-            .as_ref()
-            .filter(|g| g.expired(std::time::SystemTime::now()))
-        {
-            return Err(refused(format!(
-                "placement grant refused (expired): layer {} was verified under grant {}, whose window ended at {}: verify the image again with a new grant",
-                blob.digest,
-                g.serial,
-                policy::grant::format_time(g.not_after)
-            )));
-        }
+        check_request(
+            &known,
+            blob.digest,
+            Some(blob.size),
+            blob.media_type,
+            blob.payload_descriptor,
+        )?;
         let d = &known.descriptor;
-        if d.size != blob.size || d.media_type != blob.media_type {
-            return Err(refused(format!(
-                "the blob ({} bytes, {}) does not match layer {} of {} ({} bytes, {})",
-                blob.size, blob.media_type, d.digest, known.image, d.size, d.media_type
-            )));
-        }
-        if let Some(json) = blob.payload_descriptor {
-            let payload: serde_json::Value = serde_json::from_str(json)
-                .map_err(|e| refused(format!("the stream processor payload's descriptor: {e}")))?;
-            if payload["digest"].as_str() != Some(blob.digest)
-                || payload["size"].as_u64() != Some(blob.size)
-            {
-                return Err(refused(format!(
-                    "the stream processor payload names {} ({} bytes), not the blob received ({}, {} bytes)",
-                    payload["digest"], payload["size"], blob.digest, blob.size
-                )));
-            }
-        }
-        let media_type = ocicrypt::decrypted_media_type(&d.media_type)
-            .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
-            .to_string();
+        let media_type = plain_media_type(d)?;
         let integrity =
             |e: ocicrypt::Error| Error::new(ocicrypt_class(&e), format!("layer {}: {e}", d.digest));
         let early = early.map(EarlyLayer::used).transpose()?.flatten();
@@ -391,7 +509,11 @@ impl Service {
             keys,
             media_type,
             known,
-            on_arrival,
+            hmac: if on_arrival {
+                HmacChecked::OnArrival
+            } else {
+                HmacChecked::OverStored
+            },
         })
     }
 }
@@ -421,6 +543,18 @@ impl std::fmt::Debug for EarlyLayer {
 }
 
 impl EarlyLayer {
+    /// The digest of the layer the blob's start named.
+    pub fn layer_digest(&self) -> String {
+        self.known.descriptor.digest.to_string()
+    }
+
+    /// The key released for the layer (or why the broker refused it), for a release from
+    /// the IPU's own copy.
+    fn take_keys(mut self) -> Result<LayerKey, ServiceError> {
+        self.record = None;
+        self.keys.take().expect("used once")
+    }
+
     /// The HMAC to feed with the blob as it arrives (`None` without a key).
     pub fn take_verifier(&mut self) -> Option<ocicrypt::CiphertextVerifier> {
         self.verifier.take()
@@ -555,8 +689,31 @@ struct Opened {
     keys: LayerKey,
     media_type: String,
     known: KnownLayer,
-    /// Whether the HMAC was computed as the blob arrived (else in a pass over it stored).
-    on_arrival: bool,
+    hmac: HmacChecked,
+}
+
+/// When the HMAC of a released layer was checked (the audit event's `hmac_checked`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HmacChecked {
+    /// As the host's blob arrived, recognised from its start.
+    OnArrival,
+    /// In a pass over the host's blob once it was held whole.
+    OverStored,
+    /// On the IPU's own copy, fetched after `Verify`, before the host's blob arrived (which
+    /// is compared with that copy).
+    Prefetched,
+}
+
+impl HmacChecked {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::OnArrival => "on arrival (recognised from its start)",
+            Self::OverStored => "over the stored blob",
+            Self::Prefetched => {
+                "on the IPU's own copy, fetched after Verify (the host's blob compared with it)"
+            }
+        }
+    }
 }
 
 /// An authenticated layer, decrypting as it is read ([`std::io::Read`]).
@@ -599,6 +756,14 @@ impl std::io::Read for LayerStream {
 }
 
 impl LayerStream {
+    /// The digest of the layer (its blob's).
+    pub fn layer_digest(&self) -> String {
+        self.opened
+            .as_ref()
+            .map(|o| o.known.descriptor.digest.to_string())
+            .unwrap_or_default()
+    }
+
     /// Ends a stream that reached the end of its plaintext: the length and the plaintext
     /// digest must match (a stale digest only when the decompressed plaintext matches the
     /// verified diff_id). A failure is recorded.

@@ -11,7 +11,8 @@ use api::imagesvc::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::decrypt::EarlyLayer;
+use super::decrypt::{EarlyLayer, LayerStream};
+use super::prefetch::{BlobComparison, HeldLayer, PREFETCH_WAIT};
 use super::spool::{Chunk, SpoolWriter, StoredBlob};
 use super::Service;
 use super::ServiceError;
@@ -199,6 +200,173 @@ fn tcp_address(e: &crate::export::Endpoint) -> String {
     }
 }
 
+/// The plaintext stream DecryptLayer answers with.
+type PlaintextStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<DecryptLayerResponse, Status>> + Send>,
+>;
+
+impl Api {
+    /// The one-pass DecryptLayer: the plaintext of the IPU's own authenticated copy of the
+    /// layer goes out at once, while the host's blob (`first`, then the rest of `inbound`)
+    /// is compared with that copy as it arrives; the trailer is sent only if the two are the
+    /// same bytes, so a host whose blob is another one gets an error, not a success.
+    async fn decrypt_held(
+        &self,
+        header: api::imagesvc::DecryptLayerHeader,
+        first: Vec<u8>,
+        mut inbound: Streaming<DecryptLayerRequest>,
+        early: EarlyLayer,
+        held: HeldLayer,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Response<PlaintextStream>, Status> {
+        let service = self.service.clone();
+        let (layer, copy) = blocking(move || {
+            let payload = (!header.payload_descriptor_json.is_empty())
+                .then_some(header.payload_descriptor_json.as_str());
+            service.open_held(
+                &header.tenant,
+                &header.function,
+                &header.media_type,
+                payload,
+                early,
+                held,
+            )
+        })
+        .await?;
+        let mut comparison = BlobComparison::new(&copy)
+            .map_err(|e| Status::internal(format!("reading the IPU's copy: {e}")))?;
+        let digest = layer.layer_digest();
+        let (pieces, mut to_compare) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let (verdict, verdict_rx) = tokio::sync::oneshot::channel();
+        // The comparison reads the copy (memory, or its spool file): a thread of its own.
+        tokio::task::spawn_blocking(move || {
+            let result = loop {
+                let Some(piece) = to_compare.blocking_recv() else {
+                    break comparison.finish().map_err(Differs::At);
+                };
+                if let Err(e) = comparison.update(&piece) {
+                    break Err(Differs::Unreadable(e.to_string()));
+                }
+                if let Some(at) = comparison.differs_at() {
+                    break Err(Differs::At(at));
+                }
+            };
+            let _ = verdict.send(result.map_err(|d| d.describe(&digest)));
+        });
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            loop {
+                let data = match next.take() {
+                    Some(data) => data,
+                    None => match inbound.message().await {
+                        Ok(Some(m)) => m.data,
+                        // The end of the host's blob, or its stream failed (then the
+                        // comparison ends short, and says where).
+                        Ok(None) | Err(_) => break,
+                    },
+                };
+                if pieces.send(data).await.is_err() {
+                    // The comparison has its verdict already.
+                    break;
+                }
+            }
+        });
+        Ok(send_plaintext(layer, (copy, permit), Some(verdict_rx)))
+    }
+}
+
+/// Why a host's blob is not the IPU's copy.
+enum Differs {
+    At(u64),
+    Unreadable(String),
+}
+
+impl Differs {
+    fn describe(&self, layer: &str) -> String {
+        match self {
+            Differs::At(at) => format!(
+                "the blob received is not layer {layer}, whose start it has: it differs from the IPU's verified copy from byte {at} on"
+            ),
+            Differs::Unreadable(e) => format!("reading the IPU's copy of layer {layer}: {e}"),
+        }
+    }
+}
+
+/// Streams `layer`'s plaintext as it is decrypted, then its trailer once the length and
+/// plaintext digest are checked (and, when `verdict` is given, once the host's blob was found
+/// to be the IPU's copy: the stream ends with an error as soon as it is not). `keep` (the
+/// blob, the stream's permit) lives until the stream ends.
+fn send_plaintext<K: Send + 'static>(
+    mut layer: LayerStream,
+    keep: K,
+    mut verdict: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+) -> Response<PlaintextStream> {
+    let (out, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let _keep = keep;
+        let refuse = |layer: LayerStream, why: String| {
+            let e = ServiceError::Refused(why.clone());
+            let _ = out.blocking_send(Err(status(e)));
+            layer.abandon(&why);
+        };
+        // A verdict that came early, and said the blobs differ, stops the stream there.
+        let mut early_verdict = None;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            if let Some(v) = verdict.as_mut().and_then(|v| v.try_recv().ok()) {
+                verdict = None;
+                match v {
+                    Err(why) => return refuse(layer, why),
+                    Ok(()) => early_verdict = Some(Ok(())),
+                }
+            }
+            // Reads of the blob fill `buf` (1 MiB) until its end.
+            match std::io::Read::read(&mut layer, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let m = DecryptLayerResponse {
+                        data: buf[..n].to_vec(),
+                        trailer: None,
+                    };
+                    if out.blocking_send(Ok(m)).is_err() {
+                        layer.abandon("the host stopped reading");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let why = format!("reading the stored blob: {e}");
+                    let _ = out.blocking_send(Err(Status::internal(why.clone())));
+                    layer.abandon(&why);
+                    return;
+                }
+            }
+        }
+        let compared = match (early_verdict, verdict) {
+            (Some(v), _) => Some(v),
+            (None, Some(v)) => Some(
+                v.blocking_recv()
+                    .unwrap_or_else(|_| Err("the comparison with the IPU's copy stopped".into())),
+            ),
+            (None, None) => None,
+        };
+        if let Some(Err(why)) = compared {
+            return refuse(layer, why);
+        }
+        let _ = out.blocking_send(match layer.finish() {
+            Ok(decrypted) => Ok(DecryptLayerResponse {
+                data: Vec::new(),
+                trailer: Some(DecryptLayerTrailer {
+                    size: decrypted.size,
+                    digest: decrypted.digest,
+                    media_type: decrypted.media_type,
+                }),
+            }),
+            Err(e) => Err(status(e)),
+        });
+    });
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
 #[tonic::async_trait]
 impl ImageService for Api {
     async fn prepare(
@@ -269,9 +437,7 @@ impl ImageService for Api {
         Ok(Response::new(ListResponse { clones }))
     }
 
-    type DecryptLayerStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<DecryptLayerResponse, Status>> + Send>,
-    >;
+    type DecryptLayerStream = PlaintextStream;
 
     async fn verify(
         &self,
@@ -341,6 +507,23 @@ impl ImageService for Api {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
         };
+        // The IPU's own copy of the layer the blob's start named, fetched and authenticated
+        // after Verify: the plaintext starts now, and the host's blob is compared with it.
+        if let Some(layer) = early.as_ref().map(EarlyLayer::layer_digest) {
+            let prefetches = self.service.prefetches().clone();
+            let (tenant, function) = (header.tenant.clone(), header.function.clone());
+            let held = tokio::task::spawn_blocking(move || {
+                prefetches.take(&tenant, &function, &layer, PREFETCH_WAIT)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(held) = held {
+                let early = early.take().expect("it named the layer");
+                return self
+                    .decrypt_held(header, first.data, inbound, early, held, permit)
+                    .await;
+            }
+        }
         // The blob held (in memory, or spilled), hashed (and authenticated, if recognised) on
         // the way.
         let verifier = early.as_mut().and_then(EarlyLayer::take_verifier);
@@ -368,7 +551,7 @@ impl ImageService for Api {
         }
         let service = self.service.clone();
         let blob = stored.clone();
-        let mut layer = blocking(move || {
+        let layer = blocking(move || {
             let payload = (!header.payload_descriptor_json.is_empty())
                 .then_some(header.payload_descriptor_json.as_str());
             service.open_layer(
@@ -387,48 +570,7 @@ impl ImageService for Api {
         .await?;
         // Authenticated: the plaintext goes out as it is decrypted, then the trailer the hook
         // waits for, sent only once the length and plaintext digest are checked.
-        let (out, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            // The blob and the stream's permit live until it ends.
-            let (_blob, _permit) = (stored, permit);
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                // Reads of the stored blob fill `buf` (1 MiB) until its end.
-                match std::io::Read::read(&mut layer, &mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let m = DecryptLayerResponse {
-                            data: buf[..n].to_vec(),
-                            trailer: None,
-                        };
-                        if out.blocking_send(Ok(m)).is_err() {
-                            layer.abandon("the host stopped reading");
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let why = format!("reading the stored blob: {e}");
-                        let _ = out.blocking_send(Err(Status::internal(why.clone())));
-                        layer.abandon(&why);
-                        return;
-                    }
-                }
-            }
-            let _ = out.blocking_send(match layer.finish() {
-                Ok(decrypted) => Ok(DecryptLayerResponse {
-                    data: Vec::new(),
-                    trailer: Some(DecryptLayerTrailer {
-                        size: decrypted.size,
-                        digest: decrypted.digest,
-                        media_type: decrypted.media_type,
-                    }),
-                }),
-                Err(e) => Err(status(e)),
-            });
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(send_plaintext(layer, (stored, permit), None))
     }
 
     type WatchEventsStream =

@@ -14,6 +14,7 @@ pub mod error;
 pub mod grpc;
 pub mod known;
 pub mod operations;
+pub mod prefetch;
 pub mod spool;
 
 use std::collections::HashMap;
@@ -69,6 +70,10 @@ pub struct ServiceOptions {
     /// Bytes of received blobs the decrypt hook's streams may hold in memory at once; a blob
     /// past it is spilled to `<state-dir>/spool` ([`spool`]).
     pub spool_memory: u64,
+    /// Bytes of encrypted layers the IPU fetches itself after a `Verify` and holds for the
+    /// decrypt hook at once ([`prefetch`]); 0 fetches none (every hook run then takes the
+    /// two-pass way: the whole blob received, then decrypted).
+    pub hook_prefetch: u64,
 }
 
 /// How clones are exported.
@@ -197,6 +202,8 @@ pub struct Service {
     metrics: Arc<ServiceMetrics>,
     /// What the decrypt hook's received blobs hold in memory.
     spool_budget: Arc<spool::SpoolBudget>,
+    /// Verified layers the IPU fetched itself for the decrypt hook.
+    prefetches: Arc<prefetch::Prefetches>,
 }
 
 /// The reclaimer thread and the channel that feeds it erased clones' leftover files.
@@ -308,6 +315,7 @@ impl Service {
             );
         }
         let spool_budget = spool::SpoolBudget::new(opts.spool_memory);
+        let prefetches = Arc::new(prefetch::Prefetches::new(opts.hook_prefetch));
         let service = Self {
             opts,
             factory,
@@ -324,6 +332,7 @@ impl Service {
             grants: None,
             metrics: Arc::new(ServiceMetrics::new()),
             spool_budget,
+            prefetches,
         };
         service.recover()?;
         Ok(service)
@@ -410,6 +419,11 @@ impl Service {
     /// The memory the decrypt hook's received blobs share.
     pub fn spool_budget(&self) -> &Arc<spool::SpoolBudget> {
         &self.spool_budget
+    }
+
+    /// The layers fetched for the decrypt hook after a `Verify`.
+    pub fn prefetches(&self) -> &Arc<prefetch::Prefetches> {
+        &self.prefetches
     }
 
     /// The service's metrics (for the metrics endpoint).
