@@ -82,9 +82,9 @@ struct ServeArgs {
     spool_memory: Option<u64>,
     /// How many bytes of encrypted layers the IPU may fetch itself after a `Verify` and
     /// hold for the decrypt hook at once (ciphertext, HMAC-checked as it arrives), so that
-    /// the hook's plaintext starts at once instead of after the whole blob has been
-    /// received; 0 turns it off (a second download of each layer the hook will decrypt)
-    /// [default: 1G].
+    /// the hook's plaintext starts at once instead of after the whole blob has been received
+    /// (e.g. 1G). It downloads each such layer a second time, beside containerd: worth it
+    /// where the IPU has cores and a network port of its own [default: 0, off].
     #[arg(long, value_name = "SIZE", value_parser = policy::deploy::parse_size)]
     hook_prefetch: Option<u64>,
     /// How long a verification (`Verify`, or a Prepare) lets containerd's decrypt hook have

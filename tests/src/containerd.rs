@@ -11,6 +11,10 @@ use ipu_image_svc::service::{Service, ServiceOptions};
 
 use crate::{bin, fixtures, Swtpm};
 
+/// What the test IPU may prefetch for the hook (`--hook-prefetch`): on, so that the tests
+/// run the one-pass hook; a test that wants the service's default (off) says so.
+pub const HOOK_PREFETCH: u64 = 1 << 30;
+
 /// The IPU side: the key broker, the service and its API socket.
 pub struct Ipu {
     _swtpm: Swtpm,
@@ -48,7 +52,7 @@ impl Ipu {
         let mut options = ServiceOptions {
             max_cached_bases: 4,
             spool_memory: ipu_image_svc::service::spool::DEFAULT_SPOOL_MEMORY,
-            hook_prefetch: ipu_image_svc::service::prefetch::DEFAULT_PREFETCH_LIMIT,
+            hook_prefetch: HOOK_PREFETCH,
             ..crate::broker::service_options(d.join("ipu-state"))
         };
         adjust(&mut options);

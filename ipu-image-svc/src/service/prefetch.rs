@@ -41,8 +41,12 @@ pub const PREFETCH_HOLD: Duration = Duration::from_secs(300);
 /// way. The copy is usually ready first: the IPU starts fetching when `Verify` answers, before
 /// containerd has fetched the blob it then hands to the hook.
 pub const PREFETCH_WAIT: Duration = Duration::from_secs(30);
-/// The default of `--hook-prefetch`: the bytes of layers held or being fetched at once.
-pub const DEFAULT_PREFETCH_LIMIT: u64 = 1 << 30;
+/// The default of `--hook-prefetch`: off. Where the IPU shares cores with containerd (this
+/// project's test machine: 2 cores for containerd, the registry and the IPU), the second
+/// download slows containerd's own fetch by about as much as the one-pass hook saves
+/// (docs/containerd-hook.md has the figures); an IPU with cores and a network port of its own
+/// does not pay that, and should turn it on (`--hook-prefetch 1G`).
+pub const DEFAULT_PREFETCH_LIMIT: u64 = 0;
 /// The chunk a copy is read and held in.
 const CHUNK: usize = 1 << 20;
 
