@@ -304,10 +304,10 @@ fn send_plaintext<K: Send + 'static>(
     let (out, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         let _keep = keep;
+        // On the record before the host hears of it.
         let refuse = |layer: LayerStream, why: String| {
-            let e = ServiceError::Refused(why.clone());
-            let _ = out.blocking_send(Err(status(e)));
             layer.abandon(&why);
+            let _ = out.blocking_send(Err(status(ServiceError::Refused(why))));
         };
         // A verdict that came early, and said the blobs differ, stops the stream there.
         let mut early_verdict = None;
@@ -335,8 +335,8 @@ fn send_plaintext<K: Send + 'static>(
                 }
                 Err(e) => {
                     let why = format!("reading the stored blob: {e}");
-                    let _ = out.blocking_send(Err(Status::internal(why.clone())));
                     layer.abandon(&why);
+                    let _ = out.blocking_send(Err(Status::internal(why)));
                     return;
                 }
             }
