@@ -20,7 +20,7 @@ packages=(
     libtss2-dev      # tpm2-tss, linked by tss-esapi
     openssl          # the demo's TLS PKI for the key broker
     libnbd-bin       # nbdinfo, nbdcopy, nbdfuse: third-party NBD clients of the clone export
-    fuse3            # nbdfuse's FUSE mounts (the host agent's attach without kernel nbd)
+    fuse3            # FUSE mounts (the host agent's attach without kernel nbd)
     qemu-utils       # qemu-img (a third-party NBD client), qemu-storage-daemon (TLS attach)
     runc             # the host agent runs functions with it
     containerd       # the decrypt hook's tests run a real containerd (ctr)

@@ -1,12 +1,13 @@
 //! Attaching an NBD export as a mounted file system, and undoing it in reverse order.
 //!
 //! This machine's kernel has no nbd driver, so the export becomes a FUSE file backed by the
-//! NBD connection, and a loop device over that file: `nbdfuse` for a Unix socket export, and
+//! NBD connection, and a loop device over that file: served by this process
+//! ([`crate::fuse_file`], over [`crate::nbd_client`]) for a Unix socket export, and by
 //! `qemu-storage-daemon` (an NBD client with x509 TLS, exported as FUSE) for an export over
-//! TCP with TLS, since nbdfuse cannot be given TLS certificates. The loop device and the mount
-//! are system calls ([`crate::loop_device`], mount(2)), not processes: each `losetup` or
-//! `mount` cost a cold start about 2 ms. Each step records how to undo itself;
-//! [`Attachment::detach`] (also run on drop) undoes them last first.
+//! TCP with TLS. The loop device and the mount are system calls ([`crate::loop_device`],
+//! mount(2)), not processes: each `losetup` or `mount` cost a cold start about 2 ms. Each step
+//! records how to undo itself; [`Attachment::detach`] (also run on drop) undoes them last
+//! first.
 
 use std::ffi::OsStr;
 use std::io;
@@ -32,8 +33,6 @@ pub enum Export {
 /// The tools an attachment runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tool {
-    /// libnbd's NBD client as a FUSE file (Unix socket exports).
-    Nbdfuse,
     /// qemu's NBD client with TLS, exported as a FUSE file (TCP exports).
     QemuStorageDaemon,
     Resize2fs,
@@ -44,7 +43,6 @@ impl Tool {
     /// The program run.
     pub fn program(self) -> &'static str {
         match self {
-            Self::Nbdfuse => "nbdfuse",
             Self::QemuStorageDaemon => "qemu-storage-daemon",
             Self::Resize2fs => "resize2fs",
             Self::Fusermount3 => "fusermount3",
@@ -68,8 +66,11 @@ pub enum AttachError {
     #[error("\"{tool}\" failed: {stderr}")]
     Failed { tool: Tool, stderr: String },
     /// The FUSE client could not be started.
-    #[error("{tool} (apt install libnbd-bin qemu-utils fuse3): {source}")]
+    #[error("{tool} (apt install qemu-utils fuse3): {source}")]
     FuseStart { tool: Tool, source: io::Error },
+    /// The export could not be opened, or its FUSE file not mounted.
+    #[error("{what}: {source}")]
+    Export { what: String, source: io::Error },
     /// The FUSE client exited before it served the export.
     #[error("{tool} exited ({status}) before attaching {export}")]
     FuseExited {
@@ -104,11 +105,16 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> AttachError + '_ {
     }
 }
 
-/// The FUSE process serving the export as a file, and what to unmount to stop it.
-struct Fuse {
-    child: Child,
-    mountpoint: PathBuf,
-    tool: Tool,
+/// What serves the export as a file, and how to stop it.
+enum Fuse {
+    /// This process ([`crate::fuse_file`]).
+    InProcess(crate::fuse_file::FuseFile),
+    /// A FUSE process, and the mountpoint to unmount to stop it.
+    Process {
+        child: Child,
+        mountpoint: PathBuf,
+        tool: Tool,
+    },
 }
 
 /// A mounted export.
@@ -225,10 +231,23 @@ impl Attachment {
             Export::Unix { socket, name } => {
                 let dir = workdir.join("nbd");
                 mkdir(&dir)?;
-                let uri = format!("nbd+unix:///{name}?socket={}", socket.display());
-                let mut c = Command::new(Tool::Nbdfuse.program());
-                c.arg(&dir).arg(&uri);
-                (c, dir.join("nbd"), dir, Tool::Nbdfuse, uri)
+                let what = |step: &str| format!("{step} export {name:?} at {}", socket.display());
+                let nbd =
+                    crate::nbd_client::NbdClient::connect(socket, name).map_err(|source| {
+                        AttachError::Export {
+                            what: what("opening"),
+                            source,
+                        }
+                    })?;
+                let served = crate::fuse_file::FuseFile::mount(&dir, nbd).map_err(|source| {
+                    AttachError::Export {
+                        what: format!("{} as a FUSE file in {}", what("serving"), dir.display()),
+                        source,
+                    }
+                })?;
+                let file = served.file();
+                self.fuse = Some(Fuse::InProcess(served));
+                return Ok(file);
             }
             Export::Tls {
                 host,
@@ -267,18 +286,19 @@ impl Attachment {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|source| AttachError::FuseStart { tool, source })?;
-        self.fuse = Some(Fuse {
+        self.fuse = Some(Fuse::Process {
             child,
             mountpoint,
             tool,
         });
-        let fuse = self.fuse.as_mut().expect("set above");
+        let Some(Fuse::Process { child, .. }) = self.fuse.as_mut() else {
+            unreachable!("set above")
+        };
         let start = Instant::now();
-        // Served once the file exists (nbdfuse) or has the export's size (qemu): nbdfuse
-        // takes a few milliseconds, so the looks are frequent.
+        // Served once the file has the export's size (qemu).
         let mut pause = Duration::from_micros(200);
         while !std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
-            if let Some(status) = fuse.child.try_wait().ok().flatten() {
+            if let Some(status) = child.try_wait().ok().flatten() {
                 return Err(AttachError::FuseExited {
                     tool,
                     status,
@@ -294,7 +314,7 @@ impl Attachment {
         Ok(file)
     }
 
-    /// Unmounts, detaches the loop device, unmounts the FUSE file and stops nbdfuse. Every
+    /// Unmounts, detaches the loop device, unmounts the FUSE file and stops its server. Every
     /// step is attempted; the first failure is returned.
     pub fn detach(&mut self) -> Result<(), AttachError> {
         let mut first = None;
@@ -321,15 +341,48 @@ impl Attachment {
                 }),
             );
         }
-        if let Some(mut fuse) = self.fuse.take() {
-            // The loop device lets go of the FUSE file asynchronously after LOOP_CLR_FD
-            // (and udev, or another process probing loop devices, may still hold it open a
-            // moment): busy for a while is expected. Seen past 5 s on a loaded 2-core host.
-            let start = Instant::now();
+        if let Some(fuse) = self.fuse.take() {
+            note(stop_fuse(fuse));
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Unmounts a FUSE file and stops its server. The loop device lets go of the file
+/// asynchronously after LOOP_CLR_FD (and udev, or another process probing loop devices, may
+/// still hold it open a moment): busy for a while is expected. Seen past 5 s on a loaded
+/// 2-core host.
+fn stop_fuse(fuse: Fuse) -> Result<(), AttachError> {
+    let start = Instant::now();
+    match fuse {
+        Fuse::InProcess(mut served) => loop {
+            match served.unmount() {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && start.elapsed() <= FUSE_BUSY_WAIT =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => {
+                    break r.map_err(|source| AttachError::Kernel {
+                        what: format!(
+                            "unmounting the export's FUSE file {}",
+                            served.file().display()
+                        ),
+                        source,
+                    })
+                }
+            }
+        },
+        Fuse::Process {
+            mut child,
+            mountpoint,
+            tool,
+        } => {
             let unmounted = loop {
                 let r = run(
                     Tool::Fusermount3,
-                    [OsStr::new("-u"), fuse.mountpoint.as_os_str()],
+                    [OsStr::new("-u"), mountpoint.as_os_str()],
                 );
                 let busy = matches!(&r, Err(AttachError::Failed { stderr, .. }) if stderr.contains("busy"));
                 if !busy || start.elapsed() > FUSE_BUSY_WAIT {
@@ -337,23 +390,22 @@ impl Attachment {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             };
-            note(unmounted.map(drop));
-            // nbdfuse exits once unmounted; qemu-storage-daemon is told to.
-            if fuse.tool == Tool::QemuStorageDaemon {
+            // qemu-storage-daemon is told to stop.
+            if tool == Tool::QemuStorageDaemon {
                 // SAFETY: kill(2) on our own child, not yet reaped.
-                unsafe { libc::kill(fuse.child.id() as i32, libc::SIGTERM) };
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             }
             let start = Instant::now();
-            while fuse.child.try_wait().ok().flatten().is_none() {
+            while child.try_wait().ok().flatten().is_none() {
                 if start.elapsed() > Duration::from_secs(5) {
-                    let _ = fuse.child.kill();
-                    let _ = fuse.child.wait();
+                    let _ = child.kill();
+                    let _ = child.wait();
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+            unmounted.map(drop)
         }
-        first.map_or(Ok(()), Err)
     }
 }
 

@@ -121,7 +121,7 @@ pub fn run(ipu: &IpuApi, function: &Function, interrupt: &Interrupt) -> Result<u
             image: function.image.clone(),
             host_identity,
             grant,
-            // nbdfuse attaches an NBD export; a microVM takes a vhost-user-blk device.
+            // The host agent attaches an NBD export; a microVM takes a vhost-user-blk device.
             export_kind: if function.microvm.is_some() {
                 "vhost-user-blk".into()
             } else {

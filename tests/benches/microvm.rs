@@ -1,6 +1,6 @@
 //! The function in a microVM (`host-attach run --vm`: QEMU, the clone a hot-plugged
 //! vhost-user-blk-pci device) against the runc path (`host-attach run`: the clone attached
-//! over NBD with nbdfuse and a loop device on the host), same run, same image, same IPU:
+//! over NBD as a FUSE file and a loop device on the host), same run, same image, same IPU:
 //!
 //! 1. Warm start to the function's first output (the image's base already cached): from
 //!    spawning `host-attach run` to the first byte of the function's stdout, `STARTS`
@@ -19,7 +19,7 @@
 //! printed: on a host whose KVM is PVM it is TCG, and the figures are TCG's.
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p integration-tests --bench
-//! microvm` (root: QEMU, nbdfuse, loop devices, runc; host-attach runs from target/release)
+//! microvm` (root: QEMU, FUSE, loop devices, runc; host-attach runs from target/release)
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -110,7 +110,7 @@ fn read_rate(api: &std::path::Path, vm: bool, image: &str, data_mb: usize) -> f6
 
 fn main() {
     if !is_root() {
-        println!("microvm: skipped (needs root for QEMU, nbdfuse, loop devices and runc)");
+        println!("microvm: skipped (needs root for QEMU, FUSE, loop devices and runc)");
         return;
     }
     let (starts, data_mb, read_rounds) = (
@@ -217,7 +217,7 @@ fn main() {
         pct(&guest, 0.5)
     );
     println!(
-        "  on the host, NBD (nbdfuse):   {:8.1} MB/s",
+        "  on the host, NBD (FUSE file): {:8.1} MB/s",
         pct(&host, 0.5)
     );
     println!(

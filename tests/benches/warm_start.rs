@@ -1,5 +1,5 @@
 //! Warm start of a function (its image's base already cached): Prepare (policy, signature,
-//! layer keys released again by the broker, clone, export), attach (nbdfuse + loop device)
+//! layer keys released again by the broker, clone, export), attach (FUSE file + loop device)
 //! and mount, p50 and p99 over `ROUNDS` (default 100) runs, in process against the
 //! `enc-signed` fixture. The first (cold) Prepare, which builds the base, is reported apart. Target: p50 at
 //! most 50 ms.

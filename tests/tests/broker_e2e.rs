@@ -1227,7 +1227,7 @@ fn events_of(log: &Path, kind: &str) -> Vec<serde_json::Value> {
 }
 
 /// The host agent runs a function from the image through the whole chain: Prepare on the
-/// IPU, nbdfuse + loop + mount, a hardened OCI bundle, runc, the function's output and exit
+/// IPU, the export as a FUSE file + loop + mount, a hardened OCI bundle, runc, the function's output and exit
 /// code, then unmount, detach and Teardown, whether the function succeeds or fails.
 #[test]
 fn host_attach_runs_a_function_from_the_image_and_tears_down() {
@@ -1824,7 +1824,7 @@ fn process_tree(root: u32) -> Vec<u32> {
 }
 
 /// While a function runs through `host-attach run`, neither the host agent nor any process it
-/// started (nbdfuse, runc, the function) holds the layer key in its memory, and no file on
+/// started (runc, the function) holds the layer key in its memory, and no file on
 /// the host (its work directory, the mounted rootfs, the bundle, runc's state) holds it;
 /// after the run, no file of the whole test tree (host and IPU side) does either. A SIGTERM
 /// to the agent alone stops the function and still tears down.
@@ -1890,7 +1890,10 @@ fn host_side_holds_no_key_bytes(vm: bool) {
         });
         assert!(qemu, "host-attach and QEMU: {tree:?}");
     } else {
-        assert!(tree.len() >= 3, "host-attach, nbdfuse, runc...: {tree:?}");
+        assert!(
+            tree.len() >= 3,
+            "host-attach, runc, the function...: {tree:?}"
+        );
     }
     for pid in &tree {
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -1,5 +1,5 @@
 //! The function lifecycle on fixture images. A function runs from every accepted fixture of `tests/fixtures/EXPECTED.md`, served by the
-//! fixture registry: Prepare on the service (policy-A, the rsa-2048 key), attach (nbdfuse +
+//! fixture registry: Prepare on the service (policy-A, the rsa-2048 key), attach (a FUSE file +
 //! loop device), mount, a hardened OCI bundle from the image's own config (its `Cmd` is
 //! `/hello`), `runc run`; it prints `hello from <tag>`. Then teardown. Every rejected fixture
 //! gets no clone at all, with its reason class. At the end no clone is left, and each of the
@@ -175,7 +175,7 @@ fn an_expired_clone_is_hot_removed_and_erased() {
 
 /// Exports over TCP: NBD with STARTTLS forced, a client certificate from the host agents' CA
 /// required, and it must carry the host identity named at Prepare. Prepare without one is a
-/// bad request. The host agent's libnbd (nbdinfo, nbdfuse) attaches with its certificates and
+/// bad request. The host agent (qemu-storage-daemon's NBD client) attaches with its certificates and
 /// the function runs; a client without TLS, without a certificate, or with one from another
 /// CA gets nothing; a second host's valid certificate (same CA) is refused and the refusal is
 /// on the audit record with what it presented; after teardown the port is closed.
