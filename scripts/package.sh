@@ -4,7 +4,7 @@
 #   keybroker      keybroker            + keybroker.service
 #   ipu-image-svc  ipu-image-svc        + ipu-image-svc.service
 #   ipu-audit      audit                + ipu-audit.service
-#   host-attach    host-attach, ipu-decrypt-hook (runc, libnbd-bin, fuse3, e2fsprogs, mount)
+#   host-attach    host-attach, ipu-decrypt-hook (runc, fuse3, e2fsprogs, mount)
 #   ipu-policy     policy
 #   ocipub         ocipub
 #

@@ -19,7 +19,7 @@ packages=(
     tpm2-tools       # cross-checks of quotes
     libtss2-dev      # tpm2-tss, linked by tss-esapi
     openssl          # the demo's TLS PKI for the key broker
-    libnbd-bin       # nbdinfo, nbdcopy, nbdfuse: third-party NBD clients of the clone export
+    libnbd-bin       # nbdinfo, nbdcopy: third-party NBD clients of the clone export (tests)
     fuse3            # FUSE mounts (the host agent's attach without kernel nbd)
     qemu-utils       # qemu-img (a third-party NBD client), qemu-storage-daemon (TLS attach)
     runc             # the host agent runs functions with it
