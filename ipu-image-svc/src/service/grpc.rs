@@ -509,8 +509,9 @@ impl ImageService for Api {
         };
         // The IPU's own copy of the layer the blob's start named, fetched and authenticated
         // after Verify: the plaintext starts now, and the host's blob is compared with it.
-        if let Some(layer) = early.as_ref().map(EarlyLayer::layer_digest) {
-            let prefetches = self.service.prefetches().clone();
+        let prefetches = self.service.prefetches().clone();
+        let named = early.as_ref().map(EarlyLayer::layer_digest);
+        if let Some(layer) = named.filter(|_| prefetches.enabled()) {
             let (tenant, function) = (header.tenant.clone(), header.function.clone());
             let held = tokio::task::spawn_blocking(move || {
                 prefetches.take(&tenant, &function, &layer, PREFETCH_WAIT)

@@ -108,6 +108,11 @@ impl<T> Prefetches<T> {
         }
     }
 
+    /// Whether any copy may be fetched at all (`--hook-prefetch` is not 0).
+    pub fn enabled(&self) -> bool {
+        self.limit > 0
+    }
+
     /// Bytes of layers held or being fetched now.
     pub fn held_bytes(&self) -> u64 {
         let mut slots = self.slots.lock().expect("not poisoned");
