@@ -232,19 +232,24 @@ impl Attachment {
                 let dir = workdir.join("nbd");
                 mkdir(&dir)?;
                 let what = |step: &str| format!("{step} export {name:?} at {}", socket.display());
-                let nbd =
-                    crate::nbd_client::NbdClient::connect(socket, name).map_err(|source| {
+                let connections = (0..crate::fuse_file::CONNECTIONS)
+                    .map(|_| crate::nbd_client::NbdClient::connect(socket, name))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| AttachError::Export {
+                        what: what("opening"),
+                        source,
+                    })?;
+                let served =
+                    crate::fuse_file::FuseFile::mount(&dir, connections).map_err(|source| {
                         AttachError::Export {
-                            what: what("opening"),
+                            what: format!(
+                                "{} as a FUSE file in {}",
+                                what("serving"),
+                                dir.display()
+                            ),
                             source,
                         }
                     })?;
-                let served = crate::fuse_file::FuseFile::mount(&dir, nbd).map_err(|source| {
-                    AttachError::Export {
-                        what: format!("{} as a FUSE file in {}", what("serving"), dir.display()),
-                        source,
-                    }
-                })?;
                 let file = served.file();
                 self.fuse = Some(Fuse::InProcess(served));
                 return Ok(file);

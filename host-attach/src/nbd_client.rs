@@ -198,9 +198,10 @@ impl NbdClient {
         self.reply()
     }
 
-    /// Tells the server the connection ends (it sends no reply).
-    pub fn disconnect(mut self) {
+    /// Tells the server the connection ends (it sends no reply); nothing more is sent on it.
+    pub fn disconnect(&mut self) {
         let _ = self.request(CMD_DISC, 0, 0, &[]);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
 

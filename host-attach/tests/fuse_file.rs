@@ -23,7 +23,7 @@ struct QemuNbd(Child);
 impl QemuNbd {
     fn start(image: &Path, socket: &Path, name: &str) -> Self {
         let child = Command::new("qemu-nbd")
-            .args(["--format=raw", "--persistent", "--shared=2", "--cache=none"])
+            .args(["--format=raw", "--persistent", "--shared=8", "--cache=none"])
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--export-name={name}"))
             .arg(image)
@@ -58,11 +58,13 @@ fn served(d: &Path) -> (QemuNbd, FuseFile, PathBuf, Vec<u8>) {
     std::fs::write(&image, &pattern).unwrap();
     let socket = d.join("nbd.sock");
     let server = QemuNbd::start(&image, &socket, "disk");
-    let nbd = NbdClient::connect(&socket, "disk").unwrap();
-    assert_eq!(nbd.size(), pattern.len() as u64);
+    let connections: Vec<NbdClient> = (0..host_attach::fuse_file::CONNECTIONS)
+        .map(|_| NbdClient::connect(&socket, "disk").unwrap())
+        .collect();
+    assert_eq!(connections[0].size(), pattern.len() as u64);
     let mountpoint = d.join("mnt");
     std::fs::create_dir(&mountpoint).unwrap();
-    let fuse = FuseFile::mount(&mountpoint, nbd).unwrap();
+    let fuse = FuseFile::mount(&mountpoint, connections).unwrap();
     (server, fuse, image, pattern)
 }
 
