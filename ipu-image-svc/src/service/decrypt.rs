@@ -426,11 +426,8 @@ fn release(
         Ok(opened) => {
             let mut details = vec![("hmac_checked", opened.hmac.describe().to_string())];
             details.extend(opened.keys.broker_detail());
-            record.record(
-                    Outcome::Success,
-                    "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted".into(),
-                    &details,
-                )?;
+            let reason = "layer HMAC verified on the IPU; plaintext released to containerd's decrypt hook as it is decrypted";
+            record.record(Outcome::Success, reason.into(), &details)?;
             Ok(LayerStream {
                 opened: Some(opened),
                 record: Some(record),

@@ -232,6 +232,11 @@ impl PrefetchJob {
         if slots.is_empty() {
             return;
         }
+        let reserved: Vec<(SlotKey, Arc<Slot<HeldLayer>>)> = slots
+            .iter()
+            .map(|(_, key, slot)| (key.clone(), slot.clone()))
+            .collect();
+        let prefetches = self.prefetches.clone();
         let spawned = std::thread::Builder::new()
             .name("layer-prefetch".into())
             .spawn(move || {
@@ -249,6 +254,10 @@ impl PrefetchJob {
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no thread to prefetch verified layers; the hook takes the two-pass way");
+            // Nobody will fill the slots: a hook run must not wait for them.
+            for (key, slot) in reserved {
+                prefetches.complete(&key, &slot, None);
+            }
         }
     }
 
@@ -461,6 +470,26 @@ mod tests {
             c.update(p).unwrap();
         }
         c.finish()
+    }
+
+    #[test]
+    fn a_request_waits_for_a_copy_still_being_fetched() {
+        let p = Arc::new(Prefetches::<&str>::new(10));
+        let key = SlotKey {
+            tenant: "t".into(),
+            function: "f".into(),
+            layer: "a".into(),
+        };
+        let slot = p.reserve(&key, 1).unwrap();
+        let filler = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                p.complete(&key, &slot, Some("copy"));
+            })
+        };
+        assert_eq!(p.take("t", "f", "a", Duration::from_secs(30)), Some("copy"));
+        filler.join().unwrap();
     }
 
     #[test]
