@@ -11,13 +11,12 @@
 //! The protocol is the kernel's (`include/uapi/linux/fuse.h`, protocol 7.31 answered): INIT,
 //! LOOKUP, GETATTR, SETATTR (answered with the unchanged attributes), OPEN, READ, WRITE,
 //! FLUSH, FSYNC, RELEASE, STATFS and the root directory's OPENDIR/READDIR/RELEASEDIR; anything
-//! else is ENOSYS. Each of a few threads serves one request at a time over its own connection
-//! to the export, so that requests the kernel has in flight at once (the loop device's
-//! workers, one per cgroup, and the attribute lookups beside them) do not wait for each other;
-//! FSYNC flushes every connection. A single sequential read gains nothing from it: the loop
-//! device sends its direct reads one at a time (1 GiB read by a function on the host, four A/B
-//! pairs against nbdfuse: 164-171 MB/s either way). Written here because the FUSE crates either
-//! link libfuse or do not let the server raise `max_pages`.
+//! else is ENOSYS. A thread per connection to the export serves one request at a time; FSYNC
+//! flushes every connection. The attach opens one ([`CONNECTIONS`]): a sequential read gains
+//! nothing from more, since the loop device sends its direct reads one at a time (1 GiB read by
+//! a function on the host, four A/B pairs against nbdfuse: 164-171 MB/s either way). Written
+//! here because the FUSE crates either link libfuse or do not let the server raise
+//! `max_pages`.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -69,9 +68,11 @@ const MINOR: u32 = 31;
 
 const IN_HEADER: usize = 40;
 
-/// The connections (and serving threads) [`FuseFile::mount`] is meant to be given: this
-/// many requests may be in flight at once. An export takes up to 8.
-pub const CONNECTIONS: usize = 4;
+/// The connections (and serving threads) [`FuseFile::mount`] is given by the attach: one, as
+/// nbdfuse had. The IPU serves all exports' connections from one pool of 32 worker threads,
+/// and an idle connection holds its worker: four per attachment left the ninth of 32
+/// concurrent starts waiting for a worker (the `warm_start` bench hung), for no measured gain.
+pub const CONNECTIONS: usize = 1;
 
 /// A served FUSE file: unmount with [`FuseFile::unmount`] (the serving threads then end).
 pub struct FuseFile {

@@ -58,7 +58,9 @@ fn served(d: &Path) -> (QemuNbd, FuseFile, PathBuf, Vec<u8>) {
     std::fs::write(&image, &pattern).unwrap();
     let socket = d.join("nbd.sock");
     let server = QemuNbd::start(&image, &socket, "disk");
-    let connections: Vec<NbdClient> = (0..host_attach::fuse_file::CONNECTIONS)
+    // Three connections, so that the requests are spread over three serving threads and
+    // FSYNC must flush each (the attach opens `fuse_file::CONNECTIONS`).
+    let connections: Vec<NbdClient> = (0..3)
         .map(|_| NbdClient::connect(&socket, "disk").unwrap())
         .collect();
     assert_eq!(connections[0].size(), pattern.len() as u64);
