@@ -25,7 +25,6 @@ const REP_INFO: u32 = 3;
 const REP_FLAG_ERROR: u32 = 1 << 31;
 const INFO_EXPORT: u16 = 0;
 
-const TF_READ_ONLY: u16 = 1 << 1;
 const TF_SEND_FLUSH: u16 = 1 << 2;
 
 const CMD_READ: u16 = 0;
@@ -134,11 +133,6 @@ impl NbdClient {
     /// The export's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Whether the server takes writes.
-    pub fn read_only(&self) -> bool {
-        self.flags & TF_READ_ONLY != 0
     }
 
     fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> io::Result<()> {
@@ -285,7 +279,6 @@ mod tests {
         });
         let mut c = NbdClient::handshake(client, "clone-1").unwrap();
         assert_eq!(c.size(), 1 << 20);
-        assert!(!c.read_only());
         let mut buf = [0u8; 4];
         c.read_at(&mut buf, 512).unwrap();
         assert_eq!(&buf, b"abcd");

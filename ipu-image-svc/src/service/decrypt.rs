@@ -20,7 +20,7 @@ use std::time::Instant;
 use audit::{AuditSink, Event, EventKind, Outcome};
 
 use super::known::{KnownLayer, Lookup};
-use super::prefetch::{HeldLayer, HeldLayerView, PrefetchJob};
+use super::prefetch::{HeldLayer, PrefetchJob};
 use super::spool::StoredBlob;
 use super::{check_name, Service, ServiceError};
 use crate::error::{ocicrypt_class, Error, FailureClass};
@@ -307,7 +307,7 @@ impl Service {
         payload_descriptor: Option<&str>,
         early: EarlyLayer,
         held: HeldLayer,
-    ) -> Result<(LayerStream, HeldLayerView), ServiceError> {
+    ) -> Result<(LayerStream, StoredBlob), ServiceError> {
         check_name("tenant", tenant)?;
         check_name("function", function)?;
         let digest = early.known.descriptor.digest.to_string();
@@ -346,16 +346,7 @@ impl Service {
                 "layer {digest} is no longer verified for tenant {tenant:?}, function {function:?}: verify the image again (ImageService.Verify, `host-attach verify`), then pull"
             ))),
         };
-        let size = early_size(&opened);
-        release(record, opened).map(|stream| {
-            (
-                stream,
-                HeldLayerView {
-                    blob: held.blob,
-                    size,
-                },
-            )
-        })
+        release(record, opened).map(|stream| (stream, held.blob))
     }
 }
 
@@ -407,14 +398,6 @@ fn plain_media_type(d: &crate::fetch::Descriptor) -> Result<String, ServiceError
     Ok(ocicrypt::decrypted_media_type(&d.media_type)
         .ok_or_else(|| refused(format!("{} is not an encrypted layer type", d.media_type)))?
         .to_string())
-}
-
-/// The size of the layer an open attempt is for (0 when it failed: nothing is compared).
-fn early_size(opened: &Result<Opened, ServiceError>) -> u64 {
-    opened
-        .as_ref()
-        .map(|o| o.known.descriptor.size)
-        .unwrap_or(0)
 }
 
 /// Records a release (or its refusal) and hands out the stream.
@@ -759,6 +742,11 @@ impl LayerStream {
             .as_ref()
             .map(|o| o.known.descriptor.digest.to_string())
             .unwrap_or_default()
+    }
+
+    /// The size of the layer's blob.
+    pub fn layer_size(&self) -> u64 {
+        self.opened.as_ref().map_or(0, |o| o.known.descriptor.size)
     }
 
     /// Ends a stream that reached the end of its plaintext: the length and the plaintext

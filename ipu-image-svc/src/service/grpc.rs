@@ -233,7 +233,7 @@ impl Api {
             )
         })
         .await?;
-        let mut comparison = BlobComparison::new(&copy)
+        let mut comparison = BlobComparison::new(&copy, layer.layer_size())
             .map_err(|e| Status::internal(format!("reading the IPU's copy: {e}")))?;
         let digest = layer.layer_digest();
         let (pieces, mut to_compare) = tokio::sync::mpsc::channel::<Vec<u8>>(8);

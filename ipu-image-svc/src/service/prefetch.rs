@@ -114,7 +114,8 @@ impl<T> Prefetches<T> {
     }
 
     /// Bytes of layers held or being fetched now.
-    pub fn held_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn held_bytes(&self) -> u64 {
         let mut slots = self.slots.lock().expect("not poisoned");
         Self::purge(&mut slots, Instant::now());
         slots.values().map(|s| s.size).sum()
@@ -132,7 +133,7 @@ impl<T> Prefetches<T> {
         let mut slots = self.slots.lock().expect("not poisoned");
         Self::purge(&mut slots, Instant::now());
         let held: u64 = slots.values().map(|s| s.size).sum();
-        if slots.contains_key(key) || held.saturating_add(size) > self.limit {
+        if !self.enabled() || slots.contains_key(key) || held.saturating_add(size) > self.limit {
             return None;
         }
         let slot = Arc::new(Slot {
@@ -302,14 +303,17 @@ impl PrefetchJob {
         );
         let mut read = 0u64;
         loop {
-            let mut chunk = vec![0u8; CHUNK];
-            let n = read_full(&mut blob, &mut chunk).map_err(|e| {
-                format!("reading blob {} from {}: {e}", d.digest, source.describe())
-            })?;
+            // Whole chunks (a network read hands out less).
+            let mut chunk = Vec::with_capacity(CHUNK);
+            let n = (&mut blob)
+                .take(CHUNK as u64)
+                .read_to_end(&mut chunk)
+                .map_err(|e| {
+                    format!("reading blob {} from {}: {e}", d.digest, source.describe())
+                })?;
             if n == 0 {
                 break;
             }
-            chunk.truncate(n);
             read += n as u64;
             if read > d.size {
                 return Err(format!(
@@ -368,20 +372,6 @@ impl PrefetchJob {
     }
 }
 
-/// Reads until `buf` is full or the end.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
 /// Compares a blob arriving in pieces with a held copy.
 pub struct BlobComparison {
     held: Box<dyn Read + Send>,
@@ -393,10 +383,11 @@ pub struct BlobComparison {
 }
 
 impl BlobComparison {
-    pub fn new(held: &HeldLayerView) -> std::io::Result<Self> {
+    /// Against `held`, the copy of a layer of `size` bytes.
+    pub fn new(held: &StoredBlob, size: u64) -> std::io::Result<Self> {
         Ok(Self {
-            held: held.blob.reader()?,
-            size: held.size,
+            held: held.reader()?,
+            size,
             seen: 0,
             buf: Vec::new(),
             differs_at: None,
@@ -413,8 +404,10 @@ impl BlobComparison {
             .min(usize::try_from(self.size - self.seen).unwrap_or(usize::MAX));
         self.buf.resize(within, 0);
         self.held.read_exact(&mut self.buf)?;
-        if let Some(i) = self.buf.iter().zip(piece).position(|(a, b)| a != b) {
-            self.differs_at = Some(self.seen + i as u64);
+        // One memcmp per piece; the byte is looked for only in a piece that differs.
+        if self.buf[..] != piece[..within] {
+            let i = self.buf.iter().zip(piece).position(|(a, b)| a != b);
+            self.differs_at = Some(self.seen + i.expect("they differ") as u64);
         } else if within < piece.len() {
             // Longer than the layer.
             self.differs_at = Some(self.size);
@@ -439,13 +432,6 @@ impl BlobComparison {
     }
 }
 
-/// A held copy's blob and size, kept by the comparison while the decryptor reads the same
-/// blob.
-pub struct HeldLayerView {
-    pub blob: StoredBlob,
-    pub size: u64,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,11 +447,7 @@ mod tests {
     }
 
     fn compare(held: &[u8], pieces: &[&[u8]]) -> Result<(), u64> {
-        let view = HeldLayerView {
-            blob: stored(held),
-            size: held.len() as u64,
-        };
-        let mut c = BlobComparison::new(&view).unwrap();
+        let mut c = BlobComparison::new(&stored(held), held.len() as u64).unwrap();
         for p in pieces {
             c.update(p).unwrap();
         }
