@@ -1,7 +1,9 @@
 //! `ipu-decrypt-hook`: containerd's stream processor for encrypted layers. The encrypted blob
 //! comes on stdin (and, when the client passed one, a payload on fd 3, read by
-//! [`crate::payload`]); it goes to ipu-image-svc, which decrypts it on the IPU with a key only
-//! the IPU gets, and the plaintext comes back to stdout. No key ever reaches this process.
+//! [`crate::payload`]); after its first chunk it is read from containerd's own file of it when
+//! there is one ([`content_store`]: containerd's stdin feed is slow). It goes to ipu-image-svc,
+//! which decrypts it on the IPU with a key only the IPU gets, and the plaintext comes back to
+//! stdout. No key ever reaches this process.
 //!
 //! Any failure is one line on stderr (containerd shows it in its error) and exit code 1
 //! ([`crate::exit::hook`]). The IPU sends plaintext only after it has matched the blob's
@@ -26,6 +28,8 @@ use tokio_stream::{Stream, StreamExt};
 use crate::ipu::{IpuApi, IpuError};
 use crate::payload::PayloadError;
 
+pub mod content_store;
+
 /// Blob chunk sent to the IPU.
 pub const CHUNK: usize = 1 << 20;
 
@@ -40,6 +44,8 @@ pub enum HookError {
     Ipu(#[from] IpuError),
     #[error("reading the blob on stdin: {0}")]
     ReadBlob(#[source] io::Error),
+    #[error("reading the blob from containerd's content store file: {0}")]
+    ReadStoredBlob(#[source] io::Error),
     #[error("stdout: {0}")]
     Stdout(#[source] io::Error),
     #[error("writing the plaintext to stdout: {0}")]
@@ -87,17 +93,23 @@ fn grow_pipe(fd: std::os::fd::BorrowedFd<'_>) {
 
 /// Sends the blob read from `blob` in whole chunks, `header` with the first (an empty blob is
 /// one message with the header and no data); stops early, without error, once the receiver
-/// is gone.
-fn send_blob(
+/// is gone. After a whole first chunk, the rest is read from containerd's own file of the blob
+/// when `store` finds one ([`content_store::Finder::same_blob`]).
+fn send_blob_from(
     mut blob: impl Read,
+    store: Option<&content_store::Finder>,
     header: DecryptLayerHeader,
     tx: &Sender<DecryptLayerRequest>,
 ) -> Result<(), HookError> {
     let mut header = Some(header);
     let mut buf = vec![0u8; CHUNK];
+    let first = read_full(&mut blob, &mut buf).map_err(HookError::ReadBlob)?;
+    let mut rest = match store.filter(|_| first == CHUNK) {
+        Some(store) => store.same_blob(&buf[..first]),
+        None => None,
+    };
+    let mut n = first;
     loop {
-        // Whole chunks: a pipe hands out at most its size per read.
-        let n = read_full(&mut blob, &mut buf).map_err(HookError::ReadBlob)?;
         if n == 0 && header.is_none() {
             return Ok(());
         }
@@ -108,6 +120,11 @@ fn send_blob(
         if tx.blocking_send(m).is_err() || n == 0 {
             return Ok(());
         }
+        // Whole chunks: a pipe hands out at most its size per read.
+        n = match rest.as_mut() {
+            Some(file) => read_full(file, &mut buf).map_err(HookError::ReadStoredBlob)?,
+            None => read_full(&mut blob, &mut buf).map_err(HookError::ReadBlob)?,
+        };
     }
 }
 
@@ -170,7 +187,10 @@ pub fn run(ipu: &IpuApi) -> Result<(), HookError> {
             media_type,
             payload_descriptor_json: payload.unwrap_or_default(),
         };
-        let reader = std::thread::spawn(move || send_blob(io::stdin().lock(), header, &tx));
+        let store = content_store::Finder::of_parent();
+        let reader = std::thread::spawn(move || {
+            send_blob_from(io::stdin().lock(), store.as_ref(), header, &tx)
+        });
         let response = client
             .decrypt_layer(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -212,7 +232,7 @@ mod tests {
 
     fn sent(blob: &[u8]) -> Vec<DecryptLayerRequest> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        send_blob(blob, header(), &tx).unwrap();
+        send_blob_from(blob, None, header(), &tx).unwrap();
         drop(tx);
         std::iter::from_fn(|| rx.blocking_recv()).collect()
     }
@@ -237,10 +257,40 @@ mod tests {
     }
 
     #[test]
+    fn after_a_whole_first_chunk_the_rest_comes_from_containerds_file_of_the_blob() {
+        let blob: Vec<u8> = (0..CHUNK * 2 + 5).map(|i| (i * 7) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir(dir.path().join("fd")).unwrap();
+        let path = store.join("c".repeat(64));
+        std::fs::write(&path, &blob).unwrap();
+        std::os::unix::fs::symlink(&path, dir.path().join("fd/7")).unwrap();
+        let finder = content_store::Finder::in_dir(dir.path().join("fd"));
+        let sent = |stdin: &[u8]| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            send_blob_from(stdin, Some(&finder), header(), &tx).unwrap();
+            drop(tx);
+            std::iter::from_fn(|| rx.blocking_recv())
+                .flat_map(|m| m.data)
+                .collect::<Vec<u8>>()
+        };
+        // stdin carries the first chunk, then something else: what is sent is the file's.
+        let mut stdin = blob[..CHUNK].to_vec();
+        stdin.extend_from_slice(b"not the rest of the blob");
+        assert_eq!(sent(&stdin), blob);
+        // Control: a first chunk the file does not start with, and the rest is stdin's.
+        stdin[0] ^= 1;
+        assert_eq!(sent(&stdin), stdin);
+        // A blob of one chunk or less is stdin's alone.
+        assert_eq!(sent(&blob[..CHUNK - 1]), &blob[..CHUNK - 1]);
+    }
+
+    #[test]
     fn a_stopped_receiver_ends_the_sending_quietly() {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         drop(rx);
-        send_blob(&[1u8; 10][..], header(), &tx).unwrap();
+        send_blob_from(&[1u8; 10][..], None, header(), &tx).unwrap();
     }
 
     fn data(d: &[u8]) -> DecryptLayerResponse {

@@ -750,6 +750,96 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
     ipu.service.shutdown();
 }
 
+/// containerd keeps a layer's blob open in its content store while the hook runs, and the
+/// hook reads the blob after its first chunk from that file rather than from containerd's
+/// slow stdin feed (`host_attach::hook::content_store`). That is only a faster way to the same
+/// bytes: the IPU authenticates what it receives, whichever way the hook read it. Here the
+/// hook's parent is this test, holding a content store file open as containerd would.
+/// Control: the true blob in the file, and stdin carrying only its first chunk and then
+/// garbage: the layer's plaintext comes out, so the rest was read from the file. Then a file
+/// changed after its first chunk (as if tampered after containerd checked it), with the true
+/// blob on stdin: its HMAC does not match, so it is refused as the unknown blob it is, with no
+/// plaintext, and on the IPU's record.
+#[test]
+fn the_blob_read_from_the_content_store_is_authenticated_like_stdin() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (layout, policy) = signed_encrypted_image(d, "gzip", 3);
+    let (_, manifest) = integration_tests::layout_manifest(&layout, "enc");
+    let blob_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = integration_tests::layout_blob(&layout, &blob_digest);
+    let chunk = host_attach::hook::CHUNK;
+    assert!(blob.len() > 2 * chunk, "{} bytes", blob.len());
+    let ipu = Ipu::start(d, policy.to_str().unwrap());
+    let verified = verify(
+        &ipu,
+        "acme",
+        "pull",
+        &format!("oci:{}:enc", layout.display()),
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+    // The plaintext, straight over the API (this uses up the IPU's own copy).
+    let pieces = blob.chunks(chunk).map(<[u8]>::to_vec).collect();
+    let (plaintext, trailer) = decrypt_over_api(&ipu.api, GZIP_ENCRYPTED, pieces);
+    trailer.unwrap();
+
+    let store = d.join("content/blobs/sha256");
+    std::fs::create_dir_all(&store).unwrap();
+    let hook_with = |file: &[u8], stdin: Vec<u8>| {
+        let path = store.join(blob_digest.trim_start_matches("sha256:"));
+        std::fs::write(&path, file).unwrap();
+        let _open = std::fs::File::open(&path).unwrap();
+        let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
+        let mut input = hook.stdin.take().unwrap();
+        // The hook does not read stdin past the first chunk when it has the file: the rest
+        // is written only as far as it is taken, as containerd does.
+        let feeder = std::thread::spawn(move || {
+            let _ = input.write_all(&stdin);
+        });
+        let out = hook.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        out
+    };
+    let mut garbage_after_first_chunk = blob[..chunk].to_vec();
+    garbage_after_first_chunk.resize(blob.len(), 0x5a);
+    let out = hook_with(&blob, garbage_after_first_chunk);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout == plaintext,
+        "the hook wrote {} bytes, not the layer",
+        out.stdout.len()
+    );
+
+    let mut tampered = blob.clone();
+    tampered[chunk + 100] ^= 1;
+    let out = hook_with(&tampered, blob.clone());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "{} plaintext bytes left the IPU",
+        out.stdout.len()
+    );
+    // Its start named the layer, its HMAC did not match: hashed, and refused under the digest
+    // of what the hook read, the file's.
+    let tampered_digest = format!("sha256:{}", integration_tests::sha256_hex(&tampered));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "layer {tampered_digest} is in no image this IPU verified"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        ipu.hook_decrypts(),
+        ["success", "success", "failure", "denied"]
+    );
+    ipu.service.shutdown();
+}
+
 /// A host that stops reading in the middle of a layer (the hook killed while the IPU streams
 /// 32 MB, more than the transport buffers) leaves a record on the IPU of how far it got, after
 /// the release.
