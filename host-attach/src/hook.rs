@@ -113,9 +113,12 @@ fn send_blob_from(
         if n == 0 && header.is_none() {
             return Ok(());
         }
+        // The chunk itself goes out (no copy); the next is read into a new buffer.
+        let mut chunk = std::mem::replace(&mut buf, vec![0u8; CHUNK]);
+        chunk.truncate(n);
         let m = DecryptLayerRequest {
             header: header.take(),
-            data: buf[..n].to_vec(),
+            data: chunk.into(),
         };
         if tx.blocking_send(m).is_err() || n == 0 {
             return Ok(());
@@ -295,14 +298,14 @@ mod tests {
 
     fn data(d: &[u8]) -> DecryptLayerResponse {
         DecryptLayerResponse {
-            data: d.to_vec(),
+            data: d.to_vec().into(),
             trailer: None,
         }
     }
 
     fn trailer(d: &[u8], size: u64) -> DecryptLayerResponse {
         DecryptLayerResponse {
-            data: d.to_vec(),
+            data: d.to_vec().into(),
             trailer: Some(DecryptLayerTrailer {
                 size,
                 digest: "sha256:ab".into(),

@@ -22,6 +22,7 @@ struct Args {
 }
 
 pub fn main() -> ExitCode {
+    ops::memory::reuse_freed_chunks();
     exit::hook(hook::run(&Args::parse().ipu))
 }
 

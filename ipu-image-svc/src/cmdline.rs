@@ -523,6 +523,7 @@ fn done(result: Result<(), String>) -> ExitCode {
 }
 
 fn serve(c: crate::config::ServeConfig) -> Result<(), String> {
+    ops::memory::reuse_freed_chunks();
     let tcp_exports = match c.export_tcp {
         Some(t) => Some(
             TcpExportFiles {

@@ -56,6 +56,8 @@ impl Ipu {
             ..crate::broker::service_options(d.join("ipu-state"))
         };
         adjust(&mut options);
+        // As `ipu-image-svc serve` runs.
+        ops::memory::reuse_freed_chunks();
         std::env::set_var("TSS2_LOG", "all+NONE");
         let (swtpm, broker) = crate::broker::start_with_tpm();
         let keys = Arc::new(broker.ipu_keys(&swtpm.tcti(), &d.join("ipu-tls")));
@@ -596,7 +598,7 @@ pub fn decrypt_over_api(
             .enumerate()
             .map(|(i, data)| DecryptLayerRequest {
                 header: (i == 0).then(|| header.clone()),
-                data,
+                data: data.into(),
             })
             .collect();
         let mut plaintext = Vec::new();

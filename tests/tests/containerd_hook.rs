@@ -1086,7 +1086,7 @@ fn decrypt_streams_that_never_end_cannot_exhaust_the_ipu() {
             media_type: GZIP_ENCRYPTED.into(),
             payload_descriptor_json: String::new(),
         }),
-        data,
+        data: data.into(),
     };
     let (held, refused) = rt.block_on(async {
         let client = ImageServiceClient::new(api::unix::connect(ipu.api.clone()).await.unwrap());

@@ -73,7 +73,7 @@ type Authenticated = Result<ocicrypt::VerifiedCiphertext, ocicrypt::Error>;
 /// layer it is). The hash or the HMAC and the spool run on a thread each: one SHA-256 pass
 /// alone is about as slow as the stream. The digest is `None` when the HMAC ran instead.
 async fn receive_blob(
-    first: Vec<u8>,
+    first: Chunk,
     inbound: &mut Streaming<DecryptLayerRequest>,
     mut spool: SpoolWriter,
     verifier: Option<ocicrypt::CiphertextVerifier>,
@@ -128,7 +128,7 @@ async fn receive_blob(
                 "a layer blob over {MAX_BLOB} bytes"
             )));
         }
-        let chunk = Arc::new(data);
+        let chunk = data;
         if let Some(to_mac) = &to_mac {
             // The HMAC thread only stops at the end.
             let _ = to_mac.send(chunk.clone()).await;
@@ -213,7 +213,7 @@ impl Api {
     async fn decrypt_held(
         &self,
         header: api::imagesvc::DecryptLayerHeader,
-        first: Vec<u8>,
+        first: Chunk,
         mut inbound: Streaming<DecryptLayerRequest>,
         early: EarlyLayer,
         held: HeldLayer,
@@ -236,7 +236,7 @@ impl Api {
         let mut comparison = BlobComparison::new(&copy, layer.layer_size())
             .map_err(|e| Status::internal(format!("reading the IPU's copy: {e}")))?;
         let digest = layer.layer_digest();
-        let (pieces, mut to_compare) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let (pieces, mut to_compare) = tokio::sync::mpsc::channel::<Chunk>(8);
         let (verdict, verdict_rx) = tokio::sync::oneshot::channel();
         // The comparison reads the copy (memory, or its spool file): a thread of its own.
         tokio::task::spawn_blocking(move || {
@@ -324,8 +324,11 @@ fn send_plaintext<K: Send + 'static>(
             match std::io::Read::read(&mut layer, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    // The buffer itself goes out (no copy); the next read gets a new one.
+                    let mut chunk = std::mem::replace(&mut buf, vec![0u8; CHUNK]);
+                    chunk.truncate(n);
                     let m = DecryptLayerResponse {
-                        data: buf[..n].to_vec(),
+                        data: chunk.into(),
                         trailer: None,
                     };
                     if out.blocking_send(Ok(m)).is_err() {
@@ -354,7 +357,7 @@ fn send_plaintext<K: Send + 'static>(
         }
         let _ = out.blocking_send(match layer.finish() {
             Ok(decrypted) => Ok(DecryptLayerResponse {
-                data: Vec::new(),
+                data: Default::default(),
                 trailer: Some(DecryptLayerTrailer {
                     size: decrypted.size,
                     digest: decrypted.digest,

@@ -325,7 +325,7 @@ impl PrefetchJob {
             }
             verifier.update(&chunk);
             spool
-                .push(Arc::new(chunk))
+                .push(chunk.into())
                 .map_err(|e| format!("holding the copy: {e}"))?;
         }
         let proof = verifier
@@ -441,7 +441,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SpoolWriter::new(budget, &dir.path().join("b"));
         for c in bytes.chunks(3) {
-            w.push(Arc::new(c.to_vec())).unwrap();
+            w.push(c.to_vec().into()).unwrap();
         }
         w.finish().unwrap()
     }

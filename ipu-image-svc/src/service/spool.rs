@@ -19,8 +19,9 @@ use std::sync::Arc;
 /// pulls three at a time).
 pub const DEFAULT_SPOOL_MEMORY: u64 = 1 << 30;
 
-/// One received chunk, shared with the threads hashing and authenticating it.
-pub type Chunk = Arc<Vec<u8>>;
+/// One received chunk (as decoded, no copy), shared with the threads hashing and
+/// authenticating it.
+pub type Chunk = bytes::Bytes;
 
 /// The bytes of received blobs all streams may hold in memory at once.
 #[derive(Debug)]
@@ -225,7 +226,7 @@ mod tests {
     use super::*;
 
     fn chunks(n: usize, len: usize) -> Vec<Chunk> {
-        (0..n).map(|i| Arc::new(vec![i as u8 + 1; len])).collect()
+        (0..n).map(|i| vec![i as u8 + 1; len].into()).collect()
     }
 
     fn read_all(blob: &StoredBlob) -> Vec<u8> {
@@ -261,7 +262,7 @@ mod tests {
         let budget = SpoolBudget::new(2500);
         // Another stream holds some of it.
         let mut other = SpoolWriter::new(budget.clone(), &dir.path().join("other"));
-        other.push(Arc::new(vec![9; 500])).unwrap();
+        other.push(vec![9; 500].into()).unwrap();
         let path = dir.path().join("b");
         let mut w = SpoolWriter::new(budget.clone(), &path);
         for c in chunks(5, 1000) {
@@ -293,7 +294,7 @@ mod tests {
         drop(w);
         assert!(!path.exists());
         let mut w = SpoolWriter::new(budget.clone(), &path);
-        w.push(Arc::new(vec![1; 1000])).unwrap();
+        w.push(vec![1; 1000].into()).unwrap();
         drop(w);
         assert_eq!(budget.used(), 0);
     }
