@@ -56,6 +56,20 @@ fn ipu_with_verified_layer(d: &Path) -> (Ipu, integration_tests::broker::EncSign
     (ipu, layer)
 }
 
+/// The IPU under `d` with the trust policy `policy`, and `tag` of the OCI layout `layout`
+/// verified for tenant acme, function pull; and what `host-attach verify` printed.
+fn ipu_with_layout_verified(d: &Path, policy: &Path, layout: &Path, tag: &str) -> (Ipu, Output) {
+    let ipu = Ipu::start(d, policy.to_str().unwrap());
+    let verified = verify(
+        &ipu,
+        "acme",
+        "pull",
+        &format!("oci:{}:{tag}", layout.display()),
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+    (ipu, verified)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -627,14 +641,7 @@ fn an_uncompressed_encrypted_layer_through_containerd() {
             .arg(format!("oci:{}:enc", layout.display()))
             .arg(format!("docker://{image}")),
     );
-    let ipu = Ipu::start(d, policy.to_str().unwrap());
-    let verified = verify(
-        &ipu,
-        "acme",
-        "pull",
-        &format!("oci:{}:enc", layout.display()),
-    );
-    assert!(verified.status.success(), "{}", text(&verified));
+    let (ipu, verified) = ipu_with_layout_verified(d, &policy, &layout, "enc");
     assert!(text(&verified).contains(&digest), "{}", text(&verified));
     let ctd = Containerd::start(d, &ipu.api, "acme", "pull");
     let pulled = ctd.ctr("tar", &["images", "pull", "--plain-http", &image]);
@@ -691,14 +698,7 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
     std::fs::write(&index_path, index.to_string()).unwrap();
     sign(&layout, d, "bad-hmac");
 
-    let ipu = Ipu::start(d, policy.to_str().unwrap());
-    let verified = verify(
-        &ipu,
-        "acme",
-        "pull",
-        &format!("oci:{}:bad-hmac", layout.display()),
-    );
-    assert!(verified.status.success(), "{}", text(&verified));
+    let (ipu, _) = ipu_with_layout_verified(d, &policy, &layout, "bad-hmac");
     let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
     hook.stdin
         .take()
@@ -774,14 +774,7 @@ fn the_blob_read_from_the_content_store_is_authenticated_like_stdin() {
     let blob = integration_tests::layout_blob(&layout, &blob_digest);
     let chunk = host_attach::hook::CHUNK;
     assert!(blob.len() > 2 * chunk, "{} bytes", blob.len());
-    let ipu = Ipu::start(d, policy.to_str().unwrap());
-    let verified = verify(
-        &ipu,
-        "acme",
-        "pull",
-        &format!("oci:{}:enc", layout.display()),
-    );
-    assert!(verified.status.success(), "{}", text(&verified));
+    let (ipu, _) = ipu_with_layout_verified(d, &policy, &layout, "enc");
     // The plaintext, straight over the API (this uses up the IPU's own copy).
     let pieces = blob.chunks(chunk).map(<[u8]>::to_vec).collect();
     let (plaintext, trailer) = decrypt_over_api(&ipu.api, GZIP_ENCRYPTED, pieces);
@@ -852,14 +845,7 @@ fn a_stream_the_host_stops_reading_is_recorded() {
     let (_, manifest) = integration_tests::layout_manifest(&layout, "enc");
     let blob =
         integration_tests::layout_blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
-    let ipu = Ipu::start(d, policy.to_str().unwrap());
-    let verified = verify(
-        &ipu,
-        "acme",
-        "pull",
-        &format!("oci:{}:enc", layout.display()),
-    );
-    assert!(verified.status.success(), "{}", text(&verified));
+    let (ipu, _) = ipu_with_layout_verified(d, &policy, &layout, "enc");
     let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
     hook.stdin.take().unwrap().write_all(&blob).unwrap();
     let start = Instant::now();
