@@ -286,13 +286,14 @@ fn a_denied_key_and_an_unreachable_ipu_fail_the_pull_clearly() {
 /// and nothing on stdout; a socket leaked on fd 3 is not taken for a payload.
 #[test]
 fn the_hooks_failure_is_one_line_and_exit_1() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let blob = integration_tests::broker::enc_signed_layer();
     let run = |api: &Path| {
         let mut child = spawn_hook(api, GZIP_ENCRYPTED);
-        child.stdin.take().unwrap().write_all(&blob.blob).unwrap();
-        child.wait_with_output().unwrap()
+        let feeder = feed_stdin(&mut child, blob.blob.clone());
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        out
     };
     // The IPU unreachable.
     let out = run(&dir.path().join("nowhere.sock"));
@@ -332,7 +333,7 @@ fn the_hooks_failure_is_one_line_and_exit_1() {
 #[test]
 fn the_hook_holds_no_key_bytes() {
     use base64::Engine;
-    use std::io::{Read, Write};
+    use std::io::Read;
     if !is_root() {
         eprintln!("skipped: reading another process's memory needs root");
         return;
@@ -350,7 +351,7 @@ fn the_hook_holds_no_key_bytes() {
         hex::encode(&key).into_bytes(),
     ];
     let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
-    hook.stdin.take().unwrap().write_all(&layer.blob).unwrap();
+    let _feeder = feed_stdin(&mut hook, layer.blob.clone());
     // The IPU has decrypted (and recorded it); the hook is blocked writing its output.
     let start = Instant::now();
     while !ipu.hook_decrypts().iter().any(|o| o == "success") {
@@ -611,6 +612,19 @@ fn spawn_hook(api: &Path, media_type: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// Writes `blob` to the hook's stdin on a thread of its own, as containerd does: the hook
+/// takes stdin only up to the first chunk when it finds containerd's file of the blob (here,
+/// one this process holds open, such as the IPU's copy of a layout blob), so a write of the
+/// whole blob before reading its output could wait forever. What the hook leaves unread ends
+/// on a closed pipe when it exits, an error containerd ignores, and so does this.
+fn feed_stdin(hook: &mut std::process::Child, blob: Vec<u8>) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let mut input = hook.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&blob);
+    })
+}
+
 /// The uncompressed variant (`tar+encrypted`, returned as `tar`) through containerd: the
 /// IPU verifies the signed image from its layout, containerd pulls the same manifest from a
 /// registry through the hook, and `ctr run` prints the image's output.
@@ -661,7 +675,6 @@ fn an_uncompressed_encrypted_layer_through_containerd() {
 fn a_layer_failing_its_hmac_releases_no_plaintext() {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (layout, policy) = signed_encrypted_image(d, "gzip", 2);
@@ -700,12 +713,12 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
 
     let (ipu, _) = ipu_with_layout_verified(d, &policy, &layout, "bad-hmac");
     let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
-    hook.stdin
-        .take()
-        .unwrap()
-        .write_all(&integration_tests::layout_blob(&layout, &blob_digest))
-        .unwrap();
+    let feeder = feed_stdin(
+        &mut hook,
+        integration_tests::layout_blob(&layout, &blob_digest),
+    );
     let out = hook.wait_with_output().unwrap();
+    feeder.join().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         out.stdout.is_empty(),
@@ -762,7 +775,6 @@ fn a_layer_failing_its_hmac_releases_no_plaintext() {
 /// plaintext, and on the IPU's record.
 #[test]
 fn the_blob_read_from_the_content_store_is_authenticated_like_stdin() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (layout, policy) = signed_encrypted_image(d, "gzip", 3);
@@ -787,12 +799,7 @@ fn the_blob_read_from_the_content_store_is_authenticated_like_stdin() {
         std::fs::write(&path, file).unwrap();
         let _open = std::fs::File::open(&path).unwrap();
         let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
-        let mut input = hook.stdin.take().unwrap();
-        // The hook does not read stdin past the first chunk when it has the file: the rest
-        // is written only as far as it is taken, as containerd does.
-        let feeder = std::thread::spawn(move || {
-            let _ = input.write_all(&stdin);
-        });
+        let feeder = feed_stdin(&mut hook, stdin);
         let out = hook.wait_with_output().unwrap();
         feeder.join().unwrap();
         out
@@ -838,7 +845,6 @@ fn the_blob_read_from_the_content_store_is_authenticated_like_stdin() {
 /// the release.
 #[test]
 fn a_stream_the_host_stops_reading_is_recorded() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (layout, policy) = signed_encrypted_image(d, "gzip", 32);
@@ -847,7 +853,7 @@ fn a_stream_the_host_stops_reading_is_recorded() {
         integration_tests::layout_blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
     let (ipu, _) = ipu_with_layout_verified(d, &policy, &layout, "enc");
     let mut hook = spawn_hook(&ipu.api, GZIP_ENCRYPTED);
-    hook.stdin.take().unwrap().write_all(&blob).unwrap();
+    let _feeder = feed_stdin(&mut hook, blob);
     let start = Instant::now();
     while ipu.hook_decrypts().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(30), "no release");

@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where the open descriptors of one process are listed (`/proc/<pid>/fd`).
@@ -29,12 +29,13 @@ pub struct Finder {
 }
 
 impl Finder {
-    /// The hook's parent (containerd), unless the hook was started some other way.
+    /// The hook's parent (containerd); `None` when it has none in this PID namespace.
     pub fn of_parent() -> Option<Self> {
         // SAFETY: getppid has no preconditions and cannot fail.
         let parent = unsafe { libc::getppid() };
-        // Orphaned (the parent already gone): reparented to init, which holds no blob.
-        (parent > 1).then(|| Self::in_dir(format!("/proc/{parent}/fd")))
+        // 0: the parent is outside this PID namespace. (containerd may be PID 1 in a
+        // container of its own; an orphaned hook's init just holds no blob.)
+        (parent > 0).then(|| Self::in_dir(format!("/proc/{parent}/fd")))
     }
 
     /// The descriptors listed in `fds` (symbolic links to what each is open on).
@@ -50,8 +51,15 @@ impl Finder {
             if !std::fs::read_link(&fd).is_ok_and(|target| is_blob_path(&target)) {
                 continue;
             }
-            // Opening the descriptor's entry opens its file anew, with an offset of its own.
-            let Ok(file) = File::open(&fd) else { continue };
+            // Opening the descriptor's entry opens its file anew, with an offset of its own;
+            // without blocking, should the name be a FIFO's (not a file: skipped below).
+            let Ok(file) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fd)
+            else {
+                continue;
+            };
             let Ok(meta) = file.metadata() else { continue };
             let same_file =
                 |(dev, ino, _): &(u64, u64, File)| (*dev, *ino) == (meta.dev(), meta.ino());
@@ -199,6 +207,27 @@ mod tests {
         assert_eq!(rest(fds.finder().same_blob(b"first chunk")).unwrap(), b"!");
         // Shorter than the start: not that blob.
         assert_eq!(rest(fds.finder().same_blob(b"first chunk!!")), None);
+    }
+
+    #[test]
+    fn a_fifo_named_like_a_blob_is_skipped_without_blocking() {
+        let mut fds = Fds::new();
+        let fifo = fds.store.join("f".repeat(64));
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let fd = fds.dir.path().join("fd/3");
+        std::os::unix::fs::symlink(&fifo, fd).unwrap();
+        fds.next = 4;
+        fds.blob('a', b"first chunk, and more");
+        // Opening a FIFO for reading would wait for a writer: a blocked search fails here.
+        let finder = fds.finder();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(rest(finder.same_blob(b"first chunk"))));
+        let found = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the search blocked on the FIFO");
+        assert_eq!(found.unwrap(), b", and more");
     }
 
     #[test]
