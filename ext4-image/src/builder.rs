@@ -23,7 +23,7 @@ pub struct Builder<S: BlockSink> {
     pub(crate) tree: Tree,
     /// The next block file data may go to.
     pub(crate) cursor: u64,
-    /// A reusable write buffer for file writers.
+    /// A reusable buffer for file writers' partial blocks.
     scratch: Vec<u8>,
     /// Content blocks allocated but not yet written, from `pending_start`: consecutive
     /// small files share one write call.
@@ -296,7 +296,8 @@ impl<S: BlockSink> Builder<S> {
     }
 }
 
-/// Streams a regular file's content to its blocks, in writes of up to 1 MiB. Dropping it
+/// Streams a regular file's content to its blocks, in writes of up to `MAX_WRITE` (1 MiB),
+/// joined by the builder. Dropping it
 /// without [`FileWriter::finish`] removes the file (see [`Builder::create_file`]).
 pub struct FileWriter<'b, S: BlockSink> {
     builder: &'b mut Builder<S>,
@@ -371,25 +372,30 @@ impl<S: BlockSink> io::Write for FileWriter<'_, S> {
             return Err(io::Error::other(format!("an earlier write failed: {e}")));
         }
         let mut rest = data;
-        if !self.buf.is_empty() || rest.len() < MAX_WRITE {
-            let n = rest.len().min(MAX_WRITE - self.buf.len());
+        // The block begun by an earlier write is completed first.
+        if !self.buf.is_empty() {
+            let n = rest.len().min(BLOCK_SIZE - self.buf.len());
             self.buf.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
-            if self.buf.len() == MAX_WRITE {
+            if self.buf.len() == BLOCK_SIZE {
                 if let Err(e) = self.flush_buf(false) {
                     return Err(self.fail(e));
                 }
             }
         }
-        // Whole 1 MiB chunks straight from the caller's buffer.
-        while rest.len() >= MAX_WRITE {
+        // Whole blocks straight from the caller's buffer: the builder joins them with the
+        // blocks before into writes of up to `MAX_WRITE` (`emit`), so this writer holds at
+        // most one partial block (a second 1 MiB buffer cost `image unpack` 1 MiB of its peak
+        // memory).
+        let whole = rest.len() - rest.len() % BLOCK_SIZE;
+        if whole > 0 {
             if let Err(e) = self
                 .builder
-                .write_data(self.node, &self.name, &rest[..MAX_WRITE])
+                .write_data(self.node, &self.name, &rest[..whole])
             {
                 return Err(self.fail(e));
             }
-            rest = &rest[MAX_WRITE..];
+            rest = &rest[whole..];
         }
         self.buf.extend_from_slice(rest);
         self.add_size(data.len());

@@ -92,3 +92,40 @@ fn whole_blocks_each_once_in_large_runs() {
     let m = Mount::new(&path, false);
     compare(m.path(), &entries);
 }
+
+/// A file written in pieces of every size around a block (as a tar stream hands them over)
+/// still reaches the sink in runs of up to 1 MiB, and reads back whole.
+#[test]
+fn small_uneven_writes_are_joined_into_large_runs() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("image.ext4");
+    let rec = Recorder {
+        file: File::create(&path).unwrap(),
+        calls: Vec::new(),
+    };
+    let mut b = Builder::new(rec, Options::default()).unwrap();
+    let data = pattern((3 << 20) + 333, 7);
+    let mut w = b
+        .create_file(b.root(), b"pieces", meta(0o644, 0, 0, 0))
+        .unwrap();
+    let (mut at, mut sizes) = (0, [1, 3, 4095, 4097, 10_000, 65_541, 4096].iter().cycle());
+    while at < data.len() {
+        let n = (*sizes.next().unwrap()).min(data.len() - at);
+        w.write_all(&data[at..at + n]).unwrap();
+        at += n;
+    }
+    w.finish().unwrap();
+    let entries = vec![entry("pieces", meta(0o644, 0, 0, 0), Content::File(data))];
+    let img = b.finish().unwrap();
+    img.sink.file.set_len(img.size_bytes).unwrap();
+    check_calls(&img.sink.calls, img.blocks_count);
+    // Three runs of nearly 1 MiB carry the content (a run ends where the next piece would
+    // take it past 1 MiB); the rest is its tail and the metadata.
+    let calls = &img.sink.calls;
+    let large = calls.iter().filter(|c| c.1 >= 900 << 10).count();
+    assert!(large == 3 && calls.len() <= 8, "{calls:?}");
+    fsck(&path);
+    let m = Mount::new(&path, false);
+    compare(m.path(), &entries);
+}
