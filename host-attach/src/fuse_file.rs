@@ -212,8 +212,12 @@ impl Server {
                 // The request was interrupted before it was read; the next one.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // Unmounted.
-                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => break,
+                // Unmounted: ENODEV, or ECONNABORTED, which this VM's kernel (6.18) returned
+                // now and then to the read after an unmount (also what a connection aborted
+                // through /sys/fs/fuse/connections gives). The connection is gone either way.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ECONNABORTED)) => {
+                    break
+                }
                 Err(e) => return Err(e),
             };
             if n < IN_HEADER {
