@@ -296,9 +296,9 @@ impl<S: BlockSink> Builder<S> {
     }
 }
 
-/// Streams a regular file's content to its blocks, in writes of up to `MAX_WRITE` (1 MiB),
-/// joined by the builder. Dropping it
-/// without [`FileWriter::finish`] removes the file (see [`Builder::create_file`]).
+/// Streams a regular file's content to its blocks, which the builder joins into writes of up
+/// to `MAX_WRITE` (1 MiB). Dropping it without [`FileWriter::finish`] removes the file (see
+/// [`Builder::create_file`]).
 pub struct FileWriter<'b, S: BlockSink> {
     builder: &'b mut Builder<S>,
     node: NodeId,
@@ -388,15 +388,12 @@ impl<S: BlockSink> io::Write for FileWriter<'_, S> {
         // most one partial block (a second 1 MiB buffer cost `image unpack` 1 MiB of its peak
         // memory).
         let whole = rest.len() - rest.len() % BLOCK_SIZE;
-        if whole > 0 {
-            if let Err(e) = self
-                .builder
-                .write_data(self.node, &self.name, &rest[..whole])
-            {
+        for blocks in rest[..whole].chunks(MAX_WRITE) {
+            if let Err(e) = self.builder.write_data(self.node, &self.name, blocks) {
                 return Err(self.fail(e));
             }
-            rest = &rest[whole..];
         }
+        rest = &rest[whole..];
         self.buf.extend_from_slice(rest);
         self.add_size(data.len());
         Ok(data.len())

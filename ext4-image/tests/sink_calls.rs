@@ -94,7 +94,8 @@ fn whole_blocks_each_once_in_large_runs() {
 }
 
 /// A file written in pieces of every size around a block (as a tar stream hands them over)
-/// still reaches the sink in runs of up to 1 MiB, and reads back whole.
+/// still reaches the sink in runs of up to 1 MiB, a file written at once in runs of at most
+/// 1 MiB, and both read back whole.
 #[test]
 fn small_uneven_writes_are_joined_into_large_runs() {
     use std::io::Write;
@@ -116,15 +117,26 @@ fn small_uneven_writes_are_joined_into_large_runs() {
         at += n;
     }
     w.finish().unwrap();
-    let entries = vec![entry("pieces", meta(0o644, 0, 0, 0), Content::File(data))];
+    // And one write of 5 MiB: still calls of at most 1 MiB (`check_calls`).
+    let big = pattern((5 << 20) + 7, 8);
+    let mut w = b
+        .create_file(b.root(), b"big", meta(0o644, 0, 0, 0))
+        .unwrap();
+    w.write_all(&big).unwrap();
+    w.finish().unwrap();
+    let entries = vec![
+        entry("pieces", meta(0o644, 0, 0, 0), Content::File(data)),
+        entry("big", meta(0o644, 0, 0, 0), Content::File(big)),
+    ];
     let img = b.finish().unwrap();
     img.sink.file.set_len(img.size_bytes).unwrap();
     check_calls(&img.sink.calls, img.blocks_count);
-    // Three runs of nearly 1 MiB carry the content (a run ends where the next piece would
-    // take it past 1 MiB); the rest is its tail and the metadata.
+    // Runs of nearly 1 MiB carry the content (a run ends where the next piece would take it
+    // past 1 MiB): three for the pieces, five for the big file; the rest are tails and the
+    // metadata.
     let calls = &img.sink.calls;
     let large = calls.iter().filter(|c| c.1 >= 900 << 10).count();
-    assert!(large == 3 && calls.len() <= 8, "{calls:?}");
+    assert!(large == 8 && calls.len() <= 14, "{calls:?}");
     fsck(&path);
     let m = Mount::new(&path, false);
     compare(m.path(), &entries);
