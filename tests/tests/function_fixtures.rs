@@ -3,7 +3,7 @@
 //! loop device), mount, a hardened OCI bundle from the image's own config (its `Cmd` is
 //! `/hello`), `runc run`; it prints `hello from <tag>`. Then teardown. Every rejected fixture
 //! gets no clone at all, with its reason class. At the end no clone is left, and each of the
-//! four creations has its erase on the record.
+//! four creations has its erase on the record. Thirty starts back to back each detach cleanly.
 
 use std::path::Path;
 use std::process::Command;
