@@ -128,16 +128,16 @@ async fn receive_blob(
                 "a layer blob over {MAX_BLOB} bytes"
             )));
         }
-        let chunk = data;
+        // `Bytes`: the clones share the one decoded buffer.
         if let Some(to_mac) = &to_mac {
             // The HMAC thread only stops at the end.
-            let _ = to_mac.send(chunk.clone()).await;
+            let _ = to_mac.send(data.clone()).await;
         }
         if let Some(to_hasher) = &to_hasher {
             // The hasher only stops at the end.
-            let _ = to_hasher.send(chunk.clone()).await;
+            let _ = to_hasher.send(data.clone()).await;
         }
-        if to_writer.send(chunk).await.is_err() {
+        if to_writer.send(data).await.is_err() {
             // The writer failed; its error is reported below.
             break None;
         }
