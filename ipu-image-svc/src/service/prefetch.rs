@@ -325,7 +325,7 @@ impl PrefetchJob {
             }
             verifier.update(&chunk);
             spool
-                .push(chunk.into())
+                .push(&chunk)
                 .map_err(|e| format!("holding the copy: {e}"))?;
         }
         let proof = verifier
@@ -441,7 +441,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SpoolWriter::new(budget, &dir.path().join("b"));
         for c in bytes.chunks(3) {
-            w.push(c.to_vec().into()).unwrap();
+            w.push(c).unwrap();
         }
         w.finish().unwrap()
     }
