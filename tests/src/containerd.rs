@@ -467,6 +467,12 @@ disabled_plugins = {disabled}
         me
     }
 
+    /// The daemon's process id (its CPU time is in `/proc/<pid>/stat`, and the hook's, its
+    /// child's, once containerd has waited for it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
         Command::new(&self.binaries.ctr)
             .arg("--address")
