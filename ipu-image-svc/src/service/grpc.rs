@@ -107,7 +107,8 @@ async fn receive_blob(
     };
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<StoredBlob> {
         while let Some(chunk) = writes.blocking_recv() {
-            // Copied into the spool's blocks: the decoded buffer goes back at once.
+            // Copied into the spool's blocks: the decoded buffer goes back to the allocator
+            // as soon as the hash thread is done with it too.
             spool.push(&chunk)?;
         }
         spool.finish()

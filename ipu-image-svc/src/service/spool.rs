@@ -12,10 +12,11 @@
 //! In memory, a blob is copied into 1 MiB blocks that the budget keeps for the next blobs
 //! (up to [`RETAINED`] bytes of them), rather than held in the buffers its messages were
 //! decoded into. Those buffers then go back to the allocator at once and serve the next
-//! messages, and the next blob fills blocks that are already mapped: holding the decoded
-//! buffers themselves had every layer take a fresh 200 MB from the kernel, 30,000 to 50,000
-//! page faults per 200 MB layer (0.4 µs each on bare metal, up to 10 µs on a VM whose free
-//! memory the hypervisor takes back), for one copy that costs about 30 ms.
+//! messages, and the next blob fills blocks that are already mapped. Holding the decoded
+//! buffers themselves had a 200 MB layer take up to a fresh 200 MB from the kernel (3,000 to
+//! 59,000 page faults per containerd pull in `containerd_pull`: about 1.5 µs each here on a
+//! page freed recently, up to 10 µs on one the hypervisor had taken back meanwhile), for one
+//! copy that costs about 30 ms.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
