@@ -361,14 +361,20 @@ fn main() {
         &[ratios[ratios.len() - 1]],
         Some(Target::AtMost(1.3)),
     ));
-    emit(&ratio(
-        "containerd_pull",
-        &format!("of which the unpack ({mb} MB layer, ctr's own figure): hook / plain"),
-        ("hook + IPU", &series(&|p| ms(p.unpack), 1)),
-        ("plain", &series(&|p| ms(p.unpack), 0)),
-        "ms",
-        None,
-    ));
+    // (Only where `ctr` printed its unpack times.)
+    if pairs
+        .iter()
+        .all(|(a, b)| !a.unpack.is_zero() && !b.unpack.is_zero())
+    {
+        emit(&ratio(
+            "containerd_pull",
+            &format!("of which the unpack ({mb} MB layer, ctr's own figure): hook / plain"),
+            ("hook + IPU", &series(&|p| ms(p.unpack), 1)),
+            ("plain", &series(&|p| ms(p.unpack), 0)),
+            "ms",
+            None,
+        ));
+    }
     emit(&value(
         "containerd_pull",
         "host-attach verify before the encrypted pull",
