@@ -32,11 +32,6 @@ use integration_tests::bench_report::{emit, ratio, value, Target};
 use integration_tests::containerd::{verify, Containerd, Ipu};
 use integration_tests::{is_root, run_ok, Registry};
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -336,8 +331,6 @@ fn main() {
             None => paths.push((p, 1)),
         }
     }
-    let plain: Vec<Duration> = pairs.iter().map(|(p, _)| p.total).collect();
-    let enc: Vec<Duration> = pairs.iter().map(|(_, e)| e.total).collect();
     let series = |f: &dyn Fn(&Pull) -> f64, side: usize| -> Vec<f64> {
         pairs
             .iter()
@@ -382,7 +375,6 @@ fn main() {
         &series(&|p| ms(p.verify), 1),
         None,
     ));
-    let (p, e) = (median(plain), median(enc));
     let what = if unpack_only {
         "unpack (blob already fetched)"
     } else {
@@ -391,15 +383,13 @@ fn main() {
     let median_ms = |f: &dyn Fn(&Pull) -> f64, side: usize| {
         integration_tests::bench_report::median(&series(f, side))
     };
+    let (p, e) = (
+        median_ms(&|p| ms(p.total), 0),
+        median_ms(&|p| ms(p.total), 1),
+    );
     println!("containerd {what} of one {mb} MB layer, median of {rounds} rounds, same run:");
-    println!(
-        "  plain image:                                   {:8.1} ms",
-        ms(p)
-    );
-    println!(
-        "  encrypted, verify + hook + IPU decryption:     {:8.1} ms",
-        ms(e)
-    );
+    println!("  plain image:                                   {p:8.1} ms");
+    println!("  encrypted, verify + hook + IPU decryption:     {e:8.1} ms");
     println!(
         "    of which host-attach verify:                 {:8.1} ms",
         median_ms(&|p| ms(p.verify), 1)
@@ -419,7 +409,7 @@ fn main() {
     }
     println!(
         "  ratio encrypted / plain: {:.2} (target <= 1.2, no round above 1.3); per round: min {:.2}, max {:.2}",
-        e.as_secs_f64() / p.as_secs_f64(),
+        e / p,
         ratios[0],
         ratios[ratios.len() - 1]
     );

@@ -33,7 +33,7 @@ const BLOCK: usize = 1 << 20;
 
 /// At most this many bytes of free blocks are kept for the next blobs (a 200 MB layer's, with
 /// room): beyond it, the blocks of a blob that goes are freed.
-pub const RETAINED: u64 = 256 << 20;
+const RETAINED: u64 = 256 << 20;
 
 /// One received chunk (as decoded, no copy), shared with the threads hashing and
 /// authenticating it.
@@ -68,12 +68,14 @@ impl SpoolBudget {
     }
 
     /// Blocks allocated since the start (each [`BLOCK`] bytes).
-    pub fn blocks_allocated(&self) -> u64 {
+    #[cfg(test)]
+    fn blocks_allocated(&self) -> u64 {
         self.allocated.load(Ordering::Relaxed)
     }
 
     /// Bytes of free blocks kept for the next blobs.
-    pub fn retained(&self) -> u64 {
+    #[cfg(test)]
+    fn retained(&self) -> u64 {
         (self.free.lock().expect("not poisoned").len() * BLOCK) as u64
     }
 
