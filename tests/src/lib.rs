@@ -404,6 +404,13 @@ impl Swtpm {
                     break; // port taken meanwhile: try another
                 }
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // Whoever answered may be another test's swtpm that took the same free
+                    // port first: then this one fails to bind and exits at once. Only a
+                    // child still running after that moment owns the port.
+                    std::thread::sleep(Duration::from_millis(50));
+                    if !matches!(child.try_wait(), Ok(None)) {
+                        break;
+                    }
                     return Swtpm {
                         child,
                         port,
