@@ -81,6 +81,8 @@ struct Cpu {
     children: f64,
     /// Minor page faults (its own).
     faults: f64,
+    /// Minor page faults of its waited-for children.
+    children_faults: f64,
 }
 
 impl Cpu {
@@ -103,6 +105,8 @@ impl Cpu {
             children: (fields[13] + fields[14]) / hz,
             // minflt: field 10.
             faults: fields[7],
+            // cminflt: field 11.
+            children_faults: fields[8],
         }
     }
 
@@ -112,6 +116,7 @@ impl Cpu {
             system: self.system - before.system,
             children: self.children - before.children,
             faults: self.faults - before.faults,
+            children_faults: self.children_faults - before.children_faults,
         }
     }
 }
@@ -170,7 +175,13 @@ impl Bench<'_> {
             assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
             verified = t.elapsed();
         }
-        let out = ctd.ctr("bench", &["images", "pull", "--plain-http", &image]);
+        // `--debug` turns ctr's progress display off: its 100 ms ticker would otherwise add
+        // up to 100 ms to every pull (the fetch ends only at the display's next tick), noise of
+        // the client, not containerd's work.
+        let out = ctd.ctr(
+            "bench",
+            &["--debug", "images", "pull", "--plain-http", &image],
+        );
         let total = t.elapsed();
         let (containerd, ipu) = (
             Cpu::of(ctd.pid()).since(ctd_before),
@@ -237,7 +248,7 @@ impl Bench<'_> {
 /// system time, which is what varies on this VM whichever side it is.
 fn print_rounds(pairs: &[(Pull, Pull)], a: &str, b: &str) {
     println!(
-        "round  side   pull ms = verify + fetch + unpack   containerd user/sys s   hook s   IPU user/sys s, faults   ratio {b}/{a}"
+        "round  side   pull ms = verify + fetch + unpack   containerd user/sys s   hook s, faults   IPU user/sys s, faults   ratio {b}/{a}"
     );
     for (i, (pa, pb)) in pairs.iter().enumerate() {
         for (side, p) in [(a, pa), (b, pb)] {
@@ -247,7 +258,7 @@ fn print_rounds(pairs: &[(Pull, Pull)], a: &str, b: &str) {
                 String::new()
             };
             println!(
-                "{:>5}  {side:<5} {:7.0} = {:4.0} + {:6.0} + {:6.0}      {:5.2} / {:4.2}          {:5.2}      {:4.2} / {:4.2}, {:6.0}   {ratio}",
+                "{:>5}  {side:<5} {:7.0} = {:4.0} + {:6.0} + {:6.0}      {:5.2} / {:4.2}          {:5.2}, {:6.0}   {:4.2} / {:4.2}, {:6.0}   {ratio}",
                 i + 1,
                 ms(p.total),
                 ms(p.verify),
@@ -256,6 +267,7 @@ fn print_rounds(pairs: &[(Pull, Pull)], a: &str, b: &str) {
                 p.containerd.user,
                 p.containerd.system,
                 p.containerd.children,
+                p.containerd.children_faults,
                 p.ipu.user,
                 p.ipu.system,
                 p.ipu.faults,
