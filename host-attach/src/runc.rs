@@ -68,6 +68,13 @@ pub fn wait_forwarding_stop(
 ) -> Result<ExitStatus, RuncError> {
     let mut stopping_since: Option<Instant> = None;
     let mut killed = false;
+    // Readable once runc has exited: the wait ends then, not at the next check of the stop
+    // flag (`None` on kernels before 5.3, where the wait sleeps between checks).
+    let exited = rustix::process::pidfd_open(
+        rustix::process::Pid::from_child(runc),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .ok();
     loop {
         if let Some(status) = runc.try_wait().map_err(RuncError::Runc)? {
             return Ok(status);
@@ -89,7 +96,23 @@ pub fn wait_forwarding_stop(
             }
             _ => {}
         }
-        std::thread::sleep(Duration::from_millis(20));
+        wait_for_exit(exited.as_ref(), STOP_CHECK);
+    }
+}
+
+/// How often a running function's wait checks whether it was interrupted.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
+/// Waits at most `at_most` for the process whose pidfd is `exited` to exit (a signal may end
+/// the wait early too); without a pidfd, sleeps `at_most`.
+fn wait_for_exit(exited: Option<&std::os::fd::OwnedFd>, at_most: Duration) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    match (exited, Timespec::try_from(at_most)) {
+        (Some(pidfd), Ok(timeout)) => {
+            // An error (EINTR) only ends this wait: the caller checks again.
+            let _ = poll(&mut [PollFd::new(pidfd, PollFlags::IN)], Some(&timeout));
+        }
+        _ => std::thread::sleep(at_most),
     }
 }
 
@@ -129,6 +152,32 @@ mod tests {
             wait_forwarding_stop(&mut child, Path::new("/nonexistent"), "id", &false.into())
                 .unwrap();
         assert_eq!(status.code(), Some(7));
+    }
+
+    #[test]
+    fn the_wait_ends_when_the_process_exits_not_when_its_time_is_up() {
+        let mut child = Command::new("sleep").arg("0.1").spawn().unwrap();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let start = Instant::now();
+        wait_for_exit(Some(&pidfd), Duration::from_secs(60));
+        assert!(start.elapsed() < Duration::from_secs(30));
+        assert!(child.try_wait().unwrap().is_some(), "the wait ended early");
+        // Control: a process that does not exit keeps the wait for its whole time.
+        let mut running = Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_child(&running),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let start = Instant::now();
+        wait_for_exit(Some(&pidfd), Duration::from_millis(200));
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        running.kill().unwrap();
+        running.wait().unwrap();
     }
 
     #[test]
