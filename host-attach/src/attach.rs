@@ -192,6 +192,12 @@ impl Attachment {
             source,
         })?;
         a.loop_device = Some(dev.clone());
+        if let Err(e) = crate::loop_device::set_read_ahead(&dev, READ_AHEAD_KIB) {
+            eprintln!(
+                "host-attach: reading files of {} ahead {READ_AHEAD_KIB} KiB at a time: {e} (the kernel's default stays)",
+                dev.display()
+            );
+        }
         // The deployment policy may give the function a device larger than the image's file
         // system: grow it into the device before mounting.
         let device_bytes = std::fs::metadata(&file).map_err(io_error(&file))?.len();
@@ -413,6 +419,13 @@ fn stop_fuse(fuse: Fuse) -> Result<(), AttachError> {
         }
     }
 }
+
+/// How far the kernel reads ahead in the function's files: one request of the export's FUSE
+/// file (its largest, 1 MiB), instead of the block layer's default 128 KiB. Every read that
+/// misses the page cache is a round trip to the IPU, so a function's first reads of its
+/// binaries take fewer of them: the cold start's run (runc, then `/hello` and its busybox)
+/// took 39 to 43 ms instead of 46 to 49 ms (`cold_start`, two alternated pairs of 7 rounds).
+const READ_AHEAD_KIB: u32 = 1024;
 
 /// How long a FUSE file still held after the loop device is detached is waited for before the unmount fails.
 const FUSE_BUSY_WAIT: Duration = Duration::from_secs(20);

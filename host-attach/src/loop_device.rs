@@ -134,6 +134,19 @@ pub fn detach(device: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets how far the kernel reads ahead on `device` when a file on it is read
+/// (`/sys/block/<device>/queue/read_ahead_kb`).
+pub fn set_read_ahead(device: &Path, kib: u32) -> io::Result<()> {
+    let name = device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other(format!("{} names no device", device.display())))?;
+    std::fs::write(
+        format!("/sys/block/{name}/queue/read_ahead_kb"),
+        kib.to_string(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +177,17 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(backing.trim(), file.to_str().unwrap());
+        let read_ahead = || {
+            std::fs::read_to_string(format!(
+                "/sys/block/{}/queue/read_ahead_kb",
+                device.file_name().unwrap().to_str().unwrap()
+            ))
+            .unwrap()
+        };
+        set_read_ahead(&device, 1024).unwrap();
+        assert_eq!(read_ahead().trim(), "1024");
+        set_read_ahead(&device, 256).unwrap();
+        assert_eq!(read_ahead().trim(), "256");
         assert_eq!(std::fs::read(&device).unwrap(), content);
         detach(&device).unwrap();
         // Detached: the device reads as empty again, and a second detach is refused.
