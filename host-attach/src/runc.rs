@@ -154,25 +154,25 @@ mod tests {
         assert_eq!(status.code(), Some(7));
     }
 
+    fn pidfd_of(child: &Child) -> std::os::fd::OwnedFd {
+        rustix::process::pidfd_open(
+            rustix::process::Pid::from_child(child),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn the_wait_ends_when_the_process_exits_not_when_its_time_is_up() {
         let mut child = Command::new("sleep").arg("0.1").spawn().unwrap();
-        let pidfd = rustix::process::pidfd_open(
-            rustix::process::Pid::from_child(&child),
-            rustix::process::PidfdFlags::empty(),
-        )
-        .unwrap();
+        let pidfd = pidfd_of(&child);
         let start = Instant::now();
         wait_for_exit(Some(&pidfd), Duration::from_secs(60));
         assert!(start.elapsed() < Duration::from_secs(30));
         assert!(child.try_wait().unwrap().is_some(), "the wait ended early");
         // Control: a process that does not exit keeps the wait for its whole time.
         let mut running = Command::new("sleep").arg("30").spawn().unwrap();
-        let pidfd = rustix::process::pidfd_open(
-            rustix::process::Pid::from_child(&running),
-            rustix::process::PidfdFlags::empty(),
-        )
-        .unwrap();
+        let pidfd = pidfd_of(&running);
         let start = Instant::now();
         wait_for_exit(Some(&pidfd), Duration::from_millis(200));
         assert!(start.elapsed() >= Duration::from_millis(200));
