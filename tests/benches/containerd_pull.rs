@@ -430,7 +430,7 @@ fn main() {
         return;
     }
     // The control: the plain image on both sides, the same way. What its rounds spread by is
-    // this machine's, not the hook's.
+    // this machine's, not the hook's. One warm-up round: the plain image was pulled already.
     let control = bench.rounds(
         1,
         control_rounds,

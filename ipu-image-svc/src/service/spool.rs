@@ -88,10 +88,6 @@ impl SpoolBudget {
             .is_ok()
     }
 
-    fn give_back(&self, n: u64) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
-    }
-
     /// A block to fill: a kept one, else a new one.
     fn block(&self) -> Box<[u8]> {
         if let Some(block) = self.free.lock().expect("not poisoned").pop() {
@@ -101,13 +97,15 @@ impl SpoolBudget {
         vec![0u8; BLOCK].into_boxed_slice()
     }
 
-    /// Keeps `blocks` for the next blobs, as far as [`RETAINED`] (or the budget, if smaller)
-    /// allows; frees the rest.
-    fn recycle(&self, blocks: Vec<Box<[u8]>>) {
+    /// Takes back a blob that goes: its bytes return to the budget, and its blocks are kept
+    /// for the next blobs as far as [`RETAINED`] (or the budget, if smaller) allows; the rest
+    /// are freed.
+    fn release(&self, blob: Blocks) {
+        self.used.fetch_sub(blob.len, Ordering::AcqRel);
         let keep = (RETAINED.min(self.limit) as usize).div_ceil(BLOCK);
         let mut free = self.free.lock().expect("not poisoned");
         let room = keep.saturating_sub(free.len());
-        free.extend(blocks.into_iter().take(room));
+        free.extend(blob.blocks.into_iter().take(room));
     }
 }
 
@@ -203,9 +201,7 @@ impl SpoolWriter {
                 return Err(e);
             }
         }
-        let held = std::mem::take(&mut self.held);
-        self.budget.give_back(held.len);
-        self.budget.recycle(held.blocks);
+        self.budget.release(std::mem::take(&mut self.held));
         self.file = Some(file);
         Ok(())
     }
@@ -230,9 +226,7 @@ impl SpoolWriter {
 impl Drop for SpoolWriter {
     /// An unfinished blob goes: its memory back to the budget, its file deleted.
     fn drop(&mut self) {
-        let held = std::mem::take(&mut self.held);
-        self.budget.give_back(held.len);
-        self.budget.recycle(held.blocks);
+        self.budget.release(std::mem::take(&mut self.held));
         if self.file.is_some() {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -257,11 +251,7 @@ enum Stored {
 impl Drop for Stored {
     fn drop(&mut self) {
         match self {
-            Stored::Memory { blob, budget } => {
-                let blob = std::mem::take(blob);
-                budget.give_back(blob.len);
-                budget.recycle(blob.blocks);
-            }
+            Stored::Memory { blob, budget } => budget.release(std::mem::take(blob)),
             Stored::File(path) => {
                 let _ = std::fs::remove_file(path);
             }
